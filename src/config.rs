@@ -1,0 +1,827 @@
+//! Configuration: one TOML file, every value overridable from the environment as
+//! `KEYGATE__SECTION__FIELD` (e.g. `KEYGATE__STORE__REDIS_URL`), read into plain `Raw*` structs
+//! and then checked into typed values. Checking collects every problem, each named by its field
+//! path, so a bad file is fixed in one round; nothing downstream parses strings.
+
+use crate::auth::key::KeyPrefix;
+use http::{HeaderName, Method, Uri};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Raw: what the file and the environment say, with defaults, before any checking.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    proxy: RawProxy,
+    auth: RawAuth,
+    cache: RawCache,
+    store: RawStore,
+    log: RawLog,
+    upstreams: BTreeMap<String, RawUpstream>,
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    trusted_proxies: Vec<String>,
+    allow_ips: Vec<String>,
+    deny_ips: Vec<String>,
+    max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    drain_timeout: Duration,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            trusted_proxies: vec![],
+            allow_ips: vec![],
+            deny_ips: vec![],
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    key_prefix: String,
+    realm: String,
+    sources: Vec<String>,
+    header_name: String,
+    query_param: String,
+    reveal_refusal_reason: bool,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            key_prefix: "kg".into(),
+            realm: "keygate".into(),
+            sources: vec!["bearer".into(), "header".into()],
+            header_name: "x-api-key".into(),
+            query_param: "api_key".into(),
+            reveal_refusal_reason: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    #[serde(with = "humantime_serde")]
+    ttl: Duration,
+    max_entries: u64,
+    #[serde(with = "humantime_serde")]
+    negative_ttl: Duration,
+    negative_max_entries: u64,
+    #[serde(with = "humantime_serde")]
+    stale_for: Duration,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(30),
+            max_entries: 100_000,
+            negative_ttl: Duration::from_secs(5),
+            negative_max_entries: 10_000,
+            stale_for: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    kind: String,
+    path: String,
+    redis_url: String,
+    namespace: String,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            kind: "embedded".into(),
+            path: "keygate.db".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "kg".into(),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    url: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    response_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawRoute {
+    name: String,
+    path_prefix: String,
+    methods: Vec<String>,
+    host: Option<String>,
+    upstream: String,
+    public: bool,
+    scopes: Vec<String>,
+    keep_credential: bool,
+    sources: Option<Vec<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checked: what the rest of the program uses.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub auth: AuthConfig,
+    pub cache: CacheConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Peers whose `X-Forwarded-For`/`Forwarded` we believe.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Empty: every client address may connect.
+    pub allow_ips: Vec<IpNet>,
+    pub deny_ips: Vec<IpNet>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Where a key may be found in a request, tried in the configured order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer <key>`
+    Bearer,
+    /// The configured header (`X-API-Key` by default).
+    Header,
+    /// The configured query parameter (`api_key` by default).
+    Query,
+}
+
+impl std::str::FromStr for KeySource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bearer" => Ok(KeySource::Bearer),
+            "header" => Ok(KeySource::Header),
+            "query" => Ok(KeySource::Query),
+            other => Err(format!(
+                "unknown key source {other:?} (expected bearer, header or query)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub key_prefix: KeyPrefix,
+    pub realm: String,
+    pub sources: Vec<KeySource>,
+    pub header_name: HeaderName,
+    pub query_param: String,
+    /// When true, refusals name the reason (disabled, expired); when false (default) every
+    /// unusable key gets the same `API_KEY_INVALID`, so a caller cannot probe which keys exist.
+    pub reveal_refusal_reason: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub max_entries: u64,
+    pub negative_ttl: Duration,
+    pub negative_max_entries: u64,
+    /// How long past `ttl` a cached key keeps working while the store cannot answer.
+    pub stale_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded {
+        path: PathBuf,
+    },
+    Redis {
+        url: String,
+        namespace: String,
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `http://host:port` with an optional base path prepended to every forwarded path.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    /// Empty: any method.
+    pub methods: Vec<Method>,
+    /// Lowercase host without port; `None`: any host.
+    pub host: Option<String>,
+    pub upstream: String,
+    pub public: bool,
+    pub scopes: Vec<String>,
+    pub keep_credential: bool,
+    /// `None`: the `[auth]` sources.
+    pub sources: Option<Vec<KeySource>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(String),
+    #[error("{}", format_problems(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn format_problems(problems: &[ConfigProblem]) -> String {
+    let mut out = format!("{} problem(s) in the configuration:", problems.len());
+    for p in problems {
+        out.push_str(&format!("\n  {}: {}", p.field, p.reason));
+    }
+    out
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+/// Reads `path` (or nothing, for the built-in defaults) plus the `KEYGATE__*` environment.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = path {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!("{}: no such file", path.display())));
+        }
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    builder = builder.add_source(env_source(std::env::vars()));
+    let raw: RawConfig = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    check(raw)
+}
+
+/// Parses TOML text (for tests and the embedded defaults), without the environment.
+pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    check(raw)
+}
+
+/// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`).
+const ENV_LIST_KEYS: &[&str] = &[
+    "proxy.trusted_proxies",
+    "proxy.allow_ips",
+    "proxy.deny_ips",
+    "auth.sources",
+];
+
+fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
+    let map: config::Map<String, String> = vars
+        .filter(|(k, _)| k.starts_with("KEYGATE__"))
+        .collect();
+    let mut env = config::Environment::with_prefix("KEYGATE")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .source(Some(map));
+    for key in ENV_LIST_KEYS {
+        env = env.with_list_parse_key(key);
+    }
+    env
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking
+
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+fn check(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut p = Problems(Vec::new());
+
+    let proxy = ProxyConfig {
+        listen: parse_socket_addr(&mut p, "proxy.listen", &raw.proxy.listen),
+        trusted_proxies: parse_cidrs(&mut p, "proxy.trusted_proxies", &raw.proxy.trusted_proxies),
+        allow_ips: parse_cidrs(&mut p, "proxy.allow_ips", &raw.proxy.allow_ips),
+        deny_ips: parse_cidrs(&mut p, "proxy.deny_ips", &raw.proxy.deny_ips),
+        max_connections: raw.proxy.max_connections,
+        header_read_timeout: raw.proxy.header_read_timeout,
+        drain_timeout: raw.proxy.drain_timeout,
+    };
+    if proxy.max_connections == 0 {
+        p.add("proxy.max_connections", "must be at least 1");
+    }
+    if proxy.header_read_timeout.is_zero() {
+        p.add("proxy.header_read_timeout", "must be more than zero");
+    }
+
+    let key_prefix = KeyPrefix::new(&raw.auth.key_prefix).unwrap_or_else(|reason| {
+        p.add("auth.key_prefix", reason);
+        KeyPrefix::default()
+    });
+    let header_name = HeaderName::from_bytes(raw.auth.header_name.as_bytes()).unwrap_or_else(|_| {
+        p.add("auth.header_name", "is not a valid HTTP header name");
+        HeaderName::from_static("x-api-key")
+    });
+    if header_name == http::header::AUTHORIZATION {
+        p.add(
+            "auth.header_name",
+            "must not be Authorization (use the \"bearer\" source for it)",
+        );
+    }
+    if raw.auth.realm.contains('"') || raw.auth.realm.contains('\\') {
+        p.add("auth.realm", "must not contain quotes or backslashes");
+    }
+    if raw.auth.query_param.is_empty() {
+        p.add("auth.query_param", "must not be empty");
+    }
+    let sources = parse_sources(&mut p, "auth.sources", &raw.auth.sources);
+    let auth = AuthConfig {
+        key_prefix,
+        realm: raw.auth.realm,
+        sources,
+        header_name,
+        query_param: raw.auth.query_param,
+        reveal_refusal_reason: raw.auth.reveal_refusal_reason,
+    };
+
+    let cache = CacheConfig {
+        ttl: raw.cache.ttl,
+        max_entries: raw.cache.max_entries,
+        negative_ttl: raw.cache.negative_ttl,
+        negative_max_entries: raw.cache.negative_max_entries,
+        stale_for: raw.cache.stale_for,
+    };
+    if cache.ttl.is_zero() {
+        p.add("cache.ttl", "must be more than zero");
+    }
+    if cache.max_entries == 0 {
+        p.add("cache.max_entries", "must be at least 1");
+    }
+
+    let store = match raw.store.kind.as_str() {
+        "embedded" => {
+            if raw.store.path.is_empty() {
+                p.add("store.path", "must not be empty");
+            }
+            StoreConfig::Embedded {
+                path: PathBuf::from(raw.store.path),
+            }
+        }
+        "redis" => {
+            if !(raw.store.redis_url.starts_with("redis://")
+                || raw.store.redis_url.starts_with("rediss://")
+                || raw.store.redis_url.starts_with("redis+unix://")
+                || raw.store.redis_url.starts_with("unix://"))
+            {
+                p.add(
+                    "store.redis_url",
+                    "must start with redis://, rediss://, redis+unix:// or unix://",
+                );
+            }
+            if raw.store.namespace.is_empty()
+                || raw.store.namespace.contains(['{', '}', ' ', ':'])
+            {
+                p.add(
+                    "store.namespace",
+                    "must be non-empty, without braces, spaces or colons",
+                );
+            }
+            if raw.store.timeout.is_zero() {
+                p.add("store.timeout", "must be more than zero");
+            }
+            StoreConfig::Redis {
+                url: raw.store.redis_url,
+                namespace: raw.store.namespace,
+                timeout: raw.store.timeout,
+            }
+        }
+        other => {
+            p.add(
+                "store.kind",
+                format!("unknown store {other:?} (expected embedded or redis)"),
+            );
+            StoreConfig::Embedded {
+                path: PathBuf::new(),
+            }
+        }
+    };
+
+    let log = LogConfig {
+        format: match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                p.add(
+                    "log.format",
+                    format!("unknown format {other:?} (expected text or json)"),
+                );
+                LogFormat::Text
+            }
+        },
+        level: raw.log.level,
+    };
+    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        p.add("log.level", "is not a valid level or filter (e.g. info, keygate=debug)");
+    }
+
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in raw.upstreams {
+        let field = format!("upstreams.{name}.url");
+        let url = match u.url.parse::<Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+                if uri.query().is_some() {
+                    p.add(&field, "must not have a query string");
+                }
+                uri
+            }
+            Ok(uri) if uri.scheme_str() == Some("https") => {
+                p.add(&field, "https upstreams are not supported yet (use http://)");
+                uri
+            }
+            _ => {
+                p.add(&field, format!("{:?} is not an http://host:port URL", u.url));
+                Uri::from_static("http://invalid")
+            }
+        };
+        if u.connect_timeout.is_zero() {
+            p.add(format!("upstreams.{name}.connect_timeout"), "must be more than zero");
+        }
+        if u.response_timeout.is_zero() {
+            p.add(format!("upstreams.{name}.response_timeout"), "must be more than zero");
+        }
+        upstreams.insert(
+            name,
+            UpstreamConfig {
+                url,
+                connect_timeout: u.connect_timeout,
+                response_timeout: u.response_timeout,
+                pool_idle_timeout: u.pool_idle_timeout,
+                pool_max_idle_per_host: u.pool_max_idle_per_host,
+            },
+        );
+    }
+
+    let mut routes = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let at = |f: &str| format!("routes[{i}].{f}");
+        let name = if r.name.is_empty() {
+            format!("route{i}")
+        } else {
+            r.name
+        };
+        if !names.insert(name.clone()) {
+            p.add(at("name"), format!("{name:?} is used by another route"));
+        }
+        if !r.path_prefix.starts_with('/') {
+            p.add(at("path_prefix"), "must start with /");
+        }
+        let methods = r
+            .methods
+            .iter()
+            .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => Some(m),
+                Err(_) => {
+                    p.add(at("methods"), format!("{m:?} is not an HTTP method"));
+                    None
+                }
+            })
+            .collect();
+        if !upstreams.contains_key(&r.upstream) {
+            p.add(
+                at("upstream"),
+                format!("no upstream named {:?} in [upstreams]", r.upstream),
+            );
+        }
+        if r.public && !r.scopes.is_empty() {
+            p.add(at("scopes"), "a public route cannot require scopes");
+        }
+        let sources = r.sources.as_ref().map(|s| parse_sources(&mut p, &at("sources"), s));
+        routes.push(RouteConfig {
+            name,
+            path_prefix: r.path_prefix,
+            methods,
+            host: r.host.map(|h| h.to_ascii_lowercase()),
+            upstream: r.upstream,
+            public: r.public,
+            scopes: r.scopes,
+            keep_credential: r.keep_credential,
+            sources,
+        });
+    }
+
+    if p.0.is_empty() {
+        Ok(Config {
+            proxy,
+            auth,
+            cache,
+            store,
+            log,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(ConfigError::Invalid(p.0))
+    }
+}
+
+fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|_| {
+        p.add(field, format!("{s:?} is not an address:port"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// Parses a list of addresses and CIDR blocks; a bare address is a /32 or /128.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("{s:?} is not an IP address or CIDR block"))
+}
+
+fn parse_cidrs(p: &mut Problems, field: &str, list: &[String]) -> Vec<IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, s)| match parse_cidr(s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                p.add(format!("{field}[{i}]"), e);
+                None
+            }
+        })
+        .collect()
+}
+
+fn parse_sources(p: &mut Problems, field: &str, list: &[String]) -> Vec<KeySource> {
+    if list.is_empty() {
+        p.add(field, "must name at least one source");
+    }
+    let mut out = Vec::new();
+    for (i, s) in list.iter().enumerate() {
+        match s.parse::<KeySource>() {
+            Ok(src) if out.contains(&src) => p.add(format!("{field}[{i}]"), "listed twice"),
+            Ok(src) => out.push(src),
+            Err(e) => p.add(format!("{field}[{i}]"), e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"
+        [proxy]
+        listen = "127.0.0.1:0"
+        trusted_proxies = ["10.0.0.0/8", "::1"]
+        [upstreams.api]
+        url = "http://127.0.0.1:9000"
+        [[routes]]
+        name = "api"
+        path_prefix = "/"
+        upstream = "api"
+        scopes = ["read"]
+    "#;
+
+    #[test]
+    fn good_config_checks() {
+        let c = from_toml(GOOD).unwrap();
+        assert_eq!(c.routes[0].scopes, vec!["read".to_string()]);
+        assert_eq!(c.proxy.trusted_proxies.len(), 2);
+        assert_eq!(c.auth.sources, vec![KeySource::Bearer, KeySource::Header]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let bad = r#"
+            [proxy]
+            listen = "nowhere"
+            trusted_proxies = ["10.0.0.0/33"]
+            [auth]
+            key_prefix = "Bad_Prefix"
+            sources = ["bearer", "cookie"]
+            [store]
+            kind = "mongo"
+            [upstreams.api]
+            url = "ftp://x"
+            [[routes]]
+            path_prefix = "api"
+            upstream = "nope"
+            methods = ["G ET"]
+        "#;
+        let Err(ConfigError::Invalid(problems)) = from_toml(bad) else {
+            panic!("expected problems")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "proxy.listen",
+            "proxy.trusted_proxies[0]",
+            "auth.key_prefix",
+            "auth.sources[1]",
+            "store.kind",
+            "upstreams.api.url",
+            "routes[0].path_prefix",
+            "routes[0].upstream",
+            "routes[0].methods",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = from_toml("[proxy]\nlisten_on = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = from_toml("[cache]\nttl = \"2m\"\nstale_for = \"1h 30m\"").unwrap();
+        assert_eq!(c.cache.ttl, Duration::from_secs(120));
+        assert_eq!(c.cache.stale_for, Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let vars = vec![
+            ("KEYGATE__STORE__KIND".to_string(), "redis".to_string()),
+            (
+                "KEYGATE__STORE__REDIS_URL".to_string(),
+                "redis://10.1.1.1:6380".to_string(),
+            ),
+            (
+                "KEYGATE__PROXY__TRUSTED_PROXIES".to_string(),
+                "10.0.0.0/8,192.168.0.0/16".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(GOOD, config::FileFormat::Toml))
+            .add_source(env_source(vars.into_iter()))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let c = check(raw).unwrap();
+        match c.store {
+            StoreConfig::Redis { url, .. } => assert_eq!(url, "redis://10.1.1.1:6380"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.proxy.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn cidr_forms() {
+        assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+        assert_eq!(parse_cidr(" 2001:db8::/32 ").unwrap().to_string(), "2001:db8::/32");
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("example.com").is_err());
+        assert!(parse_cidr("").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn cidr_parser_never_panics(s in ".{0,60}") {
+            let _ = parse_cidr(&s);
+        }
+
+        #[test]
+        fn cidr_round_trips(a: u8, b: u8, c: u8, d: u8, len in 0u8..=32) {
+            let text = format!("{a}.{b}.{c}.{d}/{len}");
+            let net = parse_cidr(&text).unwrap();
+            prop_assert_eq!(net.prefix_len(), len);
+            let ip: IpAddr = format!("{a}.{b}.{c}.{d}").parse().unwrap();
+            prop_assert!(net.contains(&ip));
+        }
+
+        #[test]
+        fn config_parser_never_panics(s in "(\\[[a-z]{1,8}\\]\n)?([a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n){0,4}") {
+            let _ = from_toml(&s);
+        }
+    }
+}

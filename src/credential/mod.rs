@@ -1,0 +1,255 @@
+//! Where the presented key comes from: `Authorization: Bearer`, a configured header, or a
+//! query parameter, tried in the route's order; the first source that carries a value wins.
+//! Also how that credential is removed before forwarding. Nothing here checks the key itself.
+
+use crate::config::KeySource;
+use http::{HeaderMap, HeaderName, Uri, header::AUTHORIZATION};
+use std::borrow::Cow;
+
+/// A key as presented, with where it came from (needed to strip it later).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Presented<'a> {
+    pub key: Cow<'a, str>,
+    pub source: KeySource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// No source carried a key.
+    #[error("no API key in the request")]
+    Missing,
+    /// A source carried something that cannot be a key (not UTF-8, empty bearer, etc.).
+    #[error("the API key is malformed: {0}")]
+    Malformed(&'static str),
+    /// The same source appears more than once (two Authorization headers, two `api_key`s):
+    /// we refuse to guess which one a proxy upstream of us would have used.
+    #[error("more than one {0} in the request")]
+    Ambiguous(&'static str),
+}
+
+/// Names the extractor needs, taken from the configuration once.
+#[derive(Debug, Clone)]
+pub struct SourceNames {
+    pub header: HeaderName,
+    pub query_param: String,
+}
+
+pub fn extract<'a>(
+    sources: &[KeySource],
+    names: &SourceNames,
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+) -> Result<Presented<'a>, CredentialError> {
+    for &source in sources {
+        let found = match source {
+            KeySource::Bearer => bearer(headers)?,
+            KeySource::Header => header(headers, &names.header)?,
+            KeySource::Query => query(uri, &names.query_param)?,
+        };
+        if let Some(key) = found {
+            return Ok(Presented { key, source });
+        }
+    }
+    Err(CredentialError::Missing)
+}
+
+/// `Authorization: Bearer <token>`; other schemes (Basic…) belong to the upstream, not to us.
+fn bearer(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, CredentialError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(CredentialError::Ambiguous("Authorization header"));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| CredentialError::Malformed("Authorization header is not ASCII"))?;
+    let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(CredentialError::Malformed("empty bearer token"));
+    }
+    Ok(Some(Cow::Borrowed(token)))
+}
+
+fn header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Cow<'a, str>>, CredentialError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(CredentialError::Ambiguous("API key header"));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| CredentialError::Malformed("API key header is not ASCII"))?
+        .trim();
+    if text.is_empty() {
+        return Err(CredentialError::Malformed("empty API key header"));
+    }
+    Ok(Some(Cow::Borrowed(text)))
+}
+
+fn query<'a>(uri: &'a Uri, param: &str) -> Result<Option<Cow<'a, str>>, CredentialError> {
+    let Some(q) = uri.query() else {
+        return Ok(None);
+    };
+    let mut found: Option<Cow<'a, str>> = None;
+    for pair in q.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(name)? != param {
+            continue;
+        }
+        if found.is_some() {
+            return Err(CredentialError::Ambiguous("API key query parameter"));
+        }
+        let value = decode(value)?;
+        if value.is_empty() {
+            return Err(CredentialError::Malformed("empty API key query parameter"));
+        }
+        found = Some(value);
+    }
+    Ok(found)
+}
+
+/// Form-style percent decoding (`+` is a space) that refuses bytes that are not UTF-8.
+fn decode(s: &str) -> Result<Cow<'_, str>, CredentialError> {
+    if !s.contains(['%', '+']) {
+        return Ok(Cow::Borrowed(s));
+    }
+    let replaced = s.replace('+', " ");
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(&replaced).collect();
+    String::from_utf8(bytes)
+        .map(Cow::Owned)
+        .map_err(|_| CredentialError::Malformed("query parameter is not UTF-8"))
+}
+
+/// Removes the credential the key came from, so the upstream never sees it.
+pub fn strip(source: KeySource, names: &SourceNames, headers: &mut HeaderMap, uri: &mut Uri) {
+    match source {
+        KeySource::Bearer => {
+            headers.remove(AUTHORIZATION);
+        }
+        KeySource::Header => {
+            headers.remove(&names.header);
+        }
+        KeySource::Query => {
+            if let Some(stripped) = uri_without_param(uri, &names.query_param) {
+                *uri = stripped;
+            }
+        }
+    }
+}
+
+fn uri_without_param(uri: &Uri, param: &str) -> Option<Uri> {
+    let q = uri.query()?;
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            decode(name).map_or(true, |n| n != param)
+        })
+        .collect();
+    let mut pq = uri.path().to_owned();
+    if !kept.is_empty() {
+        pq.push('?');
+        pq.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn names() -> SourceNames {
+        SourceNames {
+            header: HeaderName::from_static("x-api-key"),
+            query_param: "api_key".into(),
+        }
+    }
+
+    const ALL: [KeySource; 3] = [KeySource::Bearer, KeySource::Header, KeySource::Query];
+
+    fn run(headers: &[(&str, &str)], uri: &str) -> Result<(String, KeySource), CredentialError> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let uri: Uri = uri.parse().unwrap();
+        extract(&ALL, &names(), &h, &uri).map(|p| (p.key.into_owned(), p.source))
+    }
+
+    #[test]
+    fn each_source_in_order() {
+        assert_eq!(run(&[("authorization", "Bearer abc")], "/"), Ok(("abc".into(), KeySource::Bearer)));
+        assert_eq!(run(&[("authorization", "bearer  abc ")], "/"), Ok(("abc".into(), KeySource::Bearer)));
+        assert_eq!(run(&[("x-api-key", "k1")], "/"), Ok(("k1".into(), KeySource::Header)));
+        assert_eq!(run(&[], "/p?a=1&api_key=k%5F2"), Ok(("k_2".into(), KeySource::Query)));
+        assert_eq!(
+            run(&[("authorization", "Bearer b"), ("x-api-key", "h")], "/?api_key=q"),
+            Ok(("b".into(), KeySource::Bearer))
+        );
+    }
+
+    #[test]
+    fn other_auth_schemes_are_not_ours() {
+        assert_eq!(
+            run(&[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", "k")], "/"),
+            Ok(("k".into(), KeySource::Header))
+        );
+        assert_eq!(run(&[("authorization", "Basic dXNlcjpwYXNz")], "/"), Err(CredentialError::Missing));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(run(&[], "/"), Err(CredentialError::Missing));
+        assert!(matches!(run(&[("authorization", "Bearer ")], "/"), Err(CredentialError::Malformed(_))));
+        assert!(matches!(
+            run(&[("authorization", "Bearer a"), ("authorization", "Bearer b")], "/"),
+            Err(CredentialError::Ambiguous(_))
+        ));
+        assert!(matches!(run(&[], "/?api_key=a&api_key=b"), Err(CredentialError::Ambiguous(_))));
+        assert!(matches!(run(&[], "/?api_key=%FF"), Err(CredentialError::Malformed(_))));
+    }
+
+    #[test]
+    fn strip_removes_only_the_credential() {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "Bearer x".parse().unwrap());
+        h.insert("x-api-key", "y".parse().unwrap());
+        let mut uri: Uri = "/p?a=1&api_key=z&b=2".parse().unwrap();
+        strip(KeySource::Query, &names(), &mut h, &mut uri);
+        assert_eq!(uri.to_string(), "/p?a=1&b=2");
+        strip(KeySource::Bearer, &names(), &mut h, &mut uri);
+        assert!(h.get(AUTHORIZATION).is_none());
+        assert!(h.get("x-api-key").is_some());
+        let mut only: Uri = "/p?api_key=z".parse().unwrap();
+        strip(KeySource::Query, &names(), &mut h, &mut only);
+        assert_eq!(only.to_string(), "/p");
+    }
+
+    proptest! {
+        #[test]
+        fn extraction_never_panics(auth in "[ -~]{0,40}", key in "[ -~]{0,40}", q in "[!-~]{0,60}") {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = auth.parse() { h.insert(AUTHORIZATION, v); }
+            if let Ok(v) = key.parse() { h.insert("x-api-key", v); }
+            if let Ok(uri) = format!("/p?{q}").parse::<Uri>() {
+                let _ = extract(&ALL, &names(), &h, &uri);
+                let mut u2 = uri.clone();
+                strip(KeySource::Query, &names(), &mut h, &mut u2);
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Every way a proxied request can fail, and the one place where each becomes an HTTP answer
+//! (status, RFC 6750 challenge, JSON body), an outcome label for logs and metrics. The `match`
+//! is exhaustive on purpose: a new failure cannot ship without deciding its answer.
+
+use crate::auth::policy::PolicyRefusal;
+use crate::auth::verify::VerifyError;
+use crate::credential::CredentialError;
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the client address is not allowed")]
+    ClientIpDenied,
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Policy(#[from] PolicyRefusal),
+    #[error("the upstream cannot be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+}
+
+/// What happened to a request, as a low-cardinality label for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Forwarded,
+    NoRoute,
+    BadRequest,
+    Unauthenticated,
+    Forbidden,
+    StoreUnavailable,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::NoRoute => "no_route",
+            Outcome::BadRequest => "bad_request",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Forbidden => "forbidden",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// The pieces of an answer before it is written out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: &'static str,
+    /// RFC 6750 `error=` value, when the answer carries a Bearer challenge.
+    pub challenge: Option<Challenge>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// No credential at all: RFC 6750 §3.1 says the challenge carries no error code.
+    Bare,
+    InvalidRequest,
+    InvalidToken,
+    InsufficientScope,
+}
+
+/// `reveal_reason`: whether disabled/expired keys are told apart from unknown ones.
+pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
+    use Challenge::*;
+    use StatusCode as S;
+    let a = |status, code, message, challenge, outcome| Answer {
+        status,
+        code,
+        message,
+        challenge,
+        outcome,
+    };
+    let invalid = || {
+        a(
+            S::UNAUTHORIZED,
+            "API_KEY_INVALID",
+            "the API key is not valid",
+            Some(InvalidToken),
+            Outcome::Unauthenticated,
+        )
+    };
+    match err {
+        GatewayError::NoRoute => a(
+            S::NOT_FOUND,
+            "ROUTE_NOT_FOUND",
+            "no route matches this request",
+            None,
+            Outcome::NoRoute,
+        ),
+        GatewayError::ClientIpDenied => a(
+            S::FORBIDDEN,
+            "CLIENT_IP_DENIED",
+            "requests from this address are not allowed",
+            None,
+            Outcome::Forbidden,
+        ),
+        GatewayError::Credential(CredentialError::Missing) => a(
+            S::UNAUTHORIZED,
+            "API_KEY_MISSING",
+            "an API key is required",
+            Some(Bare),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Credential(CredentialError::Malformed(_)) => a(
+            S::UNAUTHORIZED,
+            "API_KEY_MALFORMED",
+            "the API key is malformed",
+            Some(InvalidToken),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Credential(CredentialError::Ambiguous(_)) => a(
+            S::BAD_REQUEST,
+            "API_KEY_AMBIGUOUS",
+            "the request carries more than one API key in the same place",
+            Some(InvalidRequest),
+            Outcome::BadRequest,
+        ),
+        GatewayError::Verify(VerifyError::Malformed(_)) => a(
+            S::UNAUTHORIZED,
+            "API_KEY_MALFORMED",
+            "the API key is malformed",
+            Some(InvalidToken),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Verify(VerifyError::Unknown) => invalid(),
+        GatewayError::Verify(VerifyError::StoreUnavailable) => a(
+            S::SERVICE_UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            "the key store is unavailable; retry shortly",
+            None,
+            Outcome::StoreUnavailable,
+        ),
+        GatewayError::Policy(PolicyRefusal::Disabled) if reveal_reason => a(
+            S::UNAUTHORIZED,
+            "API_KEY_DISABLED",
+            "the API key is disabled",
+            Some(InvalidToken),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Policy(PolicyRefusal::Expired) if reveal_reason => a(
+            S::UNAUTHORIZED,
+            "API_KEY_EXPIRED",
+            "the API key has expired",
+            Some(InvalidToken),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Policy(PolicyRefusal::Disabled | PolicyRefusal::Expired) => invalid(),
+        GatewayError::Policy(PolicyRefusal::IpNotAllowed) => a(
+            S::FORBIDDEN,
+            "API_KEY_IP_NOT_ALLOWED",
+            "the API key may not be used from this address",
+            Some(InsufficientScope),
+            Outcome::Forbidden,
+        ),
+        GatewayError::Policy(PolicyRefusal::ScopeMissing) => a(
+            S::FORBIDDEN,
+            "API_KEY_SCOPE_INSUFFICIENT",
+            "the API key lacks a scope this route requires",
+            Some(InsufficientScope),
+            Outcome::Forbidden,
+        ),
+        GatewayError::UpstreamUnavailable => a(
+            S::BAD_GATEWAY,
+            "UPSTREAM_UNAVAILABLE",
+            "the upstream service cannot be reached",
+            None,
+            Outcome::UpstreamError,
+        ),
+        GatewayError::UpstreamTimeout => a(
+            S::GATEWAY_TIMEOUT,
+            "UPSTREAM_TIMEOUT",
+            "the upstream service did not answer in time",
+            None,
+            Outcome::UpstreamError,
+        ),
+    }
+}
+
+/// The JSON envelope shared with the admin API.
+pub fn json_error_body(request_id: &str, code: &str, message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "meta": { "request_id": request_id },
+        "error": { "code": code, "message": message },
+    });
+    Bytes::from(body.to_string())
+}
+
+/// Writes an answer. `scopes` fills the `scope=` of an insufficient-scope challenge.
+pub fn render(
+    answer: &Answer,
+    realm: &str,
+    request_id: &str,
+    scopes: &[String],
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(json_error_body(
+        request_id,
+        answer.code,
+        answer.message,
+    )));
+    *resp.status_mut() = answer.status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(challenge) = answer.challenge {
+        let mut value = format!("Bearer realm=\"{realm}\"");
+        match challenge {
+            Challenge::Bare => {}
+            Challenge::InvalidRequest => value.push_str(", error=\"invalid_request\""),
+            Challenge::InvalidToken => value.push_str(", error=\"invalid_token\""),
+            Challenge::InsufficientScope => {
+                value.push_str(", error=\"insufficient_scope\"");
+                if !scopes.is_empty() {
+                    value.push_str(&format!(", scope=\"{}\"", scopes.join(" ")));
+                }
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::key::KeyFormatError;
+
+    #[test]
+    fn refusals_map_to_rfc6750_answers() {
+        let cases: Vec<(GatewayError, u16, &str, Option<Challenge>)> = vec![
+            (CredentialError::Missing.into(), 401, "API_KEY_MISSING", Some(Challenge::Bare)),
+            (VerifyError::Malformed(KeyFormatError::BadChecksum).into(), 401, "API_KEY_MALFORMED", Some(Challenge::InvalidToken)),
+            (VerifyError::Unknown.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
+            (PolicyRefusal::Disabled.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
+            (PolicyRefusal::Expired.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
+            (PolicyRefusal::IpNotAllowed.into(), 403, "API_KEY_IP_NOT_ALLOWED", Some(Challenge::InsufficientScope)),
+            (PolicyRefusal::ScopeMissing.into(), 403, "API_KEY_SCOPE_INSUFFICIENT", Some(Challenge::InsufficientScope)),
+            (VerifyError::StoreUnavailable.into(), 503, "STORE_UNAVAILABLE", None),
+            (GatewayError::UpstreamUnavailable, 502, "UPSTREAM_UNAVAILABLE", None),
+            (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
+            (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),
+        ];
+        for (err, status, code, challenge) in cases {
+            let a = classify(&err, false);
+            assert_eq!((a.status.as_u16(), a.code, a.challenge), (status, code, challenge), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_revealed_only_when_enabled() {
+        assert_eq!(classify(&PolicyRefusal::Disabled.into(), true).code, "API_KEY_DISABLED");
+        assert_eq!(classify(&PolicyRefusal::Expired.into(), true).code, "API_KEY_EXPIRED");
+    }
+
+    #[test]
+    fn rendered_answer_has_challenge_body_and_retry() {
+        let a = classify(&PolicyRefusal::ScopeMissing.into(), false);
+        let r = render(&a, "keygate", "req-1", &["write".into()]);
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"write\""
+        );
+        let a = classify(&VerifyError::StoreUnavailable.into(), false);
+        let r = render(&a, "keygate", "req-1", &[]);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+}

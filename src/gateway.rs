@@ -1,0 +1,185 @@
+//! The request handler. [`Gateway::handle`] is the outer half: it owns the request id, turns
+//! any error into its answer (through [`crate::error`]) and writes the access-log line.
+//! [`Gateway::authorize_and_forward`] is the inner half, the request path in order, written
+//! with `?` only: client address → route → credential → verify → policy → forward.
+
+use crate::auth::policy;
+use crate::auth::record::KeyRecord;
+use crate::auth::verify::Verifier;
+use crate::client_ip::{self, canonical};
+use crate::config::{Config, ProxyConfig};
+use crate::credential::{self, SourceNames};
+use crate::error::{self, GatewayError, Outcome};
+use crate::proxy::{Upstream, headers};
+use crate::request_id;
+use crate::route::{self, RouteTable};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+pub struct Gateway {
+    routes: RouteTable,
+    upstreams: Vec<Upstream>,
+    verifier: Arc<Verifier>,
+    names: SourceNames,
+    realm: String,
+    reveal_refusal_reason: bool,
+    trusted_proxies: Vec<IpNet>,
+    allow_ips: Vec<IpNet>,
+    deny_ips: Vec<IpNet>,
+}
+
+/// What the inner handler learned, for the access log even when it fails.
+#[derive(Default)]
+struct Trace {
+    route: Option<usize>,
+    key: Option<Arc<KeyRecord>>,
+    client_ip: Option<IpAddr>,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, verifier: Arc<Verifier>) -> Self {
+        let upstream_names: Vec<&String> = config.upstreams.keys().collect();
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|(name, cfg)| Upstream::new(name, cfg))
+            .collect();
+        let routes = RouteTable::new(&config.routes, &config.auth.sources, |name| {
+            upstream_names
+                .iter()
+                .position(|n| n.as_str() == name)
+                .unwrap_or(0)
+        });
+        let ProxyConfig {
+            trusted_proxies,
+            allow_ips,
+            deny_ips,
+            ..
+        } = config.proxy.clone();
+        Self {
+            routes,
+            upstreams,
+            verifier,
+            names: SourceNames {
+                header: config.auth.header_name.clone(),
+                query_param: config.auth.query_param.clone(),
+            },
+            realm: config.auth.realm.clone(),
+            reveal_refusal_reason: config.auth.reveal_refusal_reason,
+            trusted_proxies,
+            allow_ips,
+            deny_ips,
+        }
+    }
+
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let request_id = request_id::take_or_make(req.headers());
+        let method = req.method().clone();
+        let mut trace = Trace::default();
+        let result = self
+            .authorize_and_forward(req, peer, &request_id, &mut trace)
+            .await;
+        let route = trace.route.and_then(|i| self.routes.get(i));
+        let (mut resp, outcome, code) = match result {
+            Ok(resp) => (resp.map(Either::Left), Outcome::Forwarded, ""),
+            Err(err) => {
+                let answer = error::classify(&err, self.reveal_refusal_reason);
+                let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
+                let id = request_id.to_str().unwrap_or("");
+                let resp = error::render(&answer, &self.realm, id, scopes).map(Either::Right);
+                if answer.outcome != Outcome::Forwarded {
+                    tracing::debug!(request_id = id, reason = %err, "request refused");
+                }
+                (resp, answer.outcome, answer.code)
+            }
+        };
+        resp.headers_mut()
+            .insert(request_id::HEADER, request_id.clone());
+        tracing::info!(
+            target: "keygate::access",
+            request_id = request_id.to_str().unwrap_or(""),
+            method = %method,
+            route = route.map_or("-", |r| r.name.as_str()),
+            status = resp.status().as_u16(),
+            outcome = outcome.as_str(),
+            code,
+            key_id = trace.key.as_ref().map_or("-", |k| k.api_key_id.as_str()),
+            client_ip = %trace.client_ip.unwrap_or(peer.ip()),
+            duration_us = started.elapsed().as_micros() as u64,
+        );
+        resp
+    }
+
+    async fn authorize_and_forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        trace: &mut Trace,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let peer_ip = canonical(peer.ip());
+        let client_ip = client_ip::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
+        trace.client_ip = Some(client_ip);
+        self.check_network(client_ip)?;
+
+        let host = route::request_host(&req);
+        let route_index = self
+            .routes
+            .find_index(req.method(), host.as_deref(), req.uri().path())
+            .ok_or(GatewayError::NoRoute)?;
+        trace.route = Some(route_index);
+        let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
+
+        // Identity headers are ours alone, on every route, public ones included.
+        headers::remove_identity(req.headers_mut());
+        if !route.public {
+            let now = chrono::Utc::now();
+            let presented =
+                credential::extract(&route.sources, &self.names, req.headers(), req.uri())?;
+            let source = presented.source;
+            let key = self.verifier.verify(&presented.key, now).await?;
+            trace.key = Some(key.clone());
+            policy::authorize(&key, &route.scopes, client_ip, now)?;
+            if !route.keep_credential {
+                let (mut parts, body) = req.into_parts();
+                credential::strip(source, &self.names, &mut parts.headers, &mut parts.uri);
+                req = Request::from_parts(parts, body);
+            }
+            headers::set_identity(req.headers_mut(), &key);
+        }
+
+        let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+        let h = req.headers_mut();
+        headers::remove_hop_by_hop(h);
+        headers::set_forwarded(h, peer_ip, peer_is_trusted, "http", host.as_deref());
+        h.insert(request_id::HEADER, request_id.clone());
+        let upstream = self
+            .upstreams
+            .get(route.upstream)
+            .ok_or(GatewayError::UpstreamUnavailable)?;
+        upstream.send(req).await
+    }
+
+    /// Listener-wide address rules: deny wins, then the allow list when there is one.
+    fn check_network(&self, ip: IpAddr) -> Result<(), GatewayError> {
+        if self.deny_ips.iter().any(|n| n.contains(&ip))
+            || (!self.allow_ips.is_empty() && !self.allow_ips.iter().any(|n| n.contains(&ip)))
+        {
+            return Err(GatewayError::ClientIpDenied);
+        }
+        Ok(())
+    }
+}

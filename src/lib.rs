@@ -1,0 +1,31 @@
+//! keygate: an API-key authentication gateway.
+//!
+//! Module map, in the order a request meets them:
+//! - [`server`]: listeners, connection limits, graceful shutdown.
+//! - [`client_ip`]: the client's address (peer, or forwarded by a trusted proxy).
+//! - [`route`]: which upstream and which key rules apply to a request.
+//! - [`credential`]: where the presented key comes from (headers, query).
+//! - [`auth`]: key format, hash, cached verification and policy.
+//! - [`proxy`]: forwarding to the upstream (header rules, pooled client).
+//! - [`gateway`]: the request handler that strings the above together, and
+//!   [`error`], the one place where a refusal becomes an HTTP answer.
+//!
+//! Around them: [`config`] (raw TOML → checked values), [`store`] (Redis and embedded),
+//! [`keys`] (key lifecycle operations shared by the CLI and, later, the admin API),
+//! [`app`] (wiring), [`dev`] (the echo upstream), [`telemetry`] (logs).
+
+// pub mod app; (enabled once the stores land)
+pub mod auth;
+pub mod client_ip;
+pub mod config;
+pub mod credential;
+pub mod dev;
+pub mod error;
+pub mod gateway;
+pub mod keys;
+pub mod proxy;
+pub mod request_id;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,353 @@
+//! The `keygate` command: `serve`, `check-config`, `keys …`. Parsing and printing only; the
+//! work is in the library.
+
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use keygate::auth::record::KeyType;
+use keygate::config::{self, Config, StoreConfig};
+use keygate::keys::{CreateKey, KeyService};
+use keygate::store::{KeyFilter, Page};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "keygate", version, about = "API-key authentication gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Check a configuration file (and the KEYGATE__* environment) without serving.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Manage keys directly in the configured store.
+    Keys {
+        /// Configuration file naming the store (default: built-in defaults + environment).
+        #[arg(long, short, env = "KEYGATE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Run only the echo upstream (for trying things out and for load tests).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML). Every value can be overridden by KEYGATE__SECTION__FIELD.
+    #[arg(long, short, env = "KEYGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Try-it-out mode: temporary embedded store, built-in echo upstream when no route is
+    /// configured, and a fresh key printed with a ready curl line.
+    #[arg(long)]
+    dev: bool,
+    /// Overrides `proxy.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Comma-separated scope names.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// An address or CIDR block the key may be used from; repeat for several.
+        #[arg(long = "allow-ip")]
+        allow_ip: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h; absent: permanent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        #[arg(long = "type", default_value = "shared")]
+        key_type: KeyType,
+        /// The user a `user` key acts for.
+        #[arg(long)]
+        user: Option<String>,
+        /// Create the key disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List keys (never their values).
+    List {
+        #[arg(long)]
+        team: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a key (it can be enabled again).
+    Disable { id: String },
+    /// Enable a disabled key.
+    Enable { id: String },
+    /// Delete a key for good.
+    Revoke { id: String },
+    /// Give a key a new value; the old one keeps working for the grace period.
+    Rotate {
+        id: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        grace: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keygate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::CheckConfig { file } => check_config(&file),
+            Command::Keys { config, command } => keys(config, command).await,
+            Command::Echo { listen } => echo(listen).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("keygate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
+    config::load(path).map_err(|e| e.to_string())
+}
+
+fn check_config(file: &std::path::Path) -> Result<(), String> {
+    let cfg = load_config(Some(file))?;
+    println!(
+        "{}: ok ({} route(s), {} upstream(s), {} store)",
+        file.display(),
+        cfg.routes.len(),
+        cfg.upstreams.len(),
+        match cfg.store {
+            StoreConfig::Embedded { .. } => "embedded",
+            StoreConfig::Redis { .. } => "redis",
+        }
+    );
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut cfg = load_config(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        cfg.proxy.listen = listen;
+    }
+    keygate::telemetry::init_logging(&cfg.log);
+
+    // Dev mode keeps its temporary directory alive for the whole run.
+    let mut _dev_dir = None;
+    let mut dev_banner = None;
+    if args.dev {
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        cfg.store = StoreConfig::Embedded {
+            path: dir.path().join("keygate.db"),
+        };
+        _dev_dir = Some(dir);
+        if cfg.routes.is_empty() {
+            let echo = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| format!("cannot start the echo upstream: {e}"))?;
+            let echo_addr =
+                keygate::dev::spawn_echo(echo).map_err(|e| format!("echo upstream: {e}"))?;
+            cfg = with_echo_route(&cfg, echo_addr)?;
+            dev_banner = Some(format!("echo upstream on http://{echo_addr}"));
+        }
+    } else if cfg.routes.is_empty() {
+        return Err(
+            "no routes configured: pass --config FILE (examples in config/) or try --dev".into(),
+        );
+    }
+
+    let store = keygate::app::open_store(&cfg.store)
+        .await
+        .map_err(|e| format!("cannot open the key store: {e}"))?;
+    let listener = TcpListener::bind(cfg.proxy.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.proxy.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    // Tools and tests read this line to learn the port when `listen` used port 0.
+    println!("keygate: proxy listening on http://{addr}");
+
+    if args.dev {
+        let service = KeyService::new(store.clone(), cfg.auth.key_prefix.clone(), None);
+        let mut req = CreateKey::new(KeyType::Shared);
+        req.team_id = Some("dev".into());
+        req.name = Some("dev key".into());
+        req.scope_names = cfg.routes.iter().flat_map(|r| r.scopes.clone()).collect();
+        let (key, record) = service
+            .create(req, Utc::now())
+            .await
+            .map_err(|e| format!("cannot create the dev key: {e}"))?;
+        println!();
+        println!("keygate dev mode: temporary store, deleted on exit. Do not use in production.");
+        if let Some(b) = &dev_banner {
+            println!("  upstream: {b}");
+        }
+        println!("  key id:   {}", record.api_key_id);
+        println!("  API key:  {}   (shown once)", key.expose());
+        println!();
+        println!("  curl -H 'Authorization: Bearer {}' http://{addr}/hello", key.expose());
+        println!("  curl -i http://{addr}/hello        # no key: 401");
+        println!();
+    }
+
+    keygate::app::run(&cfg, store, listener, keygate::app::shutdown_signal()).await;
+    Ok(())
+}
+
+fn with_echo_route(cfg: &Config, echo: SocketAddr) -> Result<Config, String> {
+    // Re-checked through the normal path so dev mode cannot build a config that files can't.
+    let text = format!(
+        "[upstreams.echo]\nurl = \"http://{echo}\"\n[[routes]]\nname = \"echo\"\npath_prefix = \"/\"\nupstream = \"echo\"\n"
+    );
+    let extra = config::from_toml(&text).map_err(|e| e.to_string())?;
+    let mut cfg = cfg.clone();
+    cfg.upstreams = extra.upstreams;
+    cfg.routes = extra.routes;
+    Ok(cfg)
+}
+
+async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), String> {
+    let cfg = load_config(config_path.as_deref())?;
+    let store = keygate::app::open_store(&cfg.store)
+        .await
+        .map_err(|e| format!("cannot open the key store: {e}"))?;
+    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), None);
+    let now = Utc::now();
+    let fail = |e: keygate::keys::KeyError| e.to_string();
+    match command {
+        KeysCommand::Create {
+            team,
+            name,
+            description,
+            scopes,
+            allow_ip,
+            expires_in,
+            key_type,
+            user,
+            disabled,
+        } => {
+            let mut req = CreateKey::new(key_type);
+            req.team_id = team;
+            req.name = name;
+            req.description = description;
+            req.scope_names = scopes.into_iter().filter(|s| !s.is_empty()).collect();
+            req.allow_ips = allow_ip
+                .iter()
+                .map(|s| config::parse_cidr(s).map_err(|e| format!("--allow-ip: {e}")))
+                .collect::<Result<_, _>>()?;
+            req.behalf_of_user_id = user;
+            req.is_enabled = !disabled;
+            if let Some(d) = expires_in {
+                let d = chrono::Duration::from_std(d).map_err(|_| "--expires-in: too long")?;
+                req.expires_time = Some(now + d);
+            }
+            req.created_by = Some("cli".into());
+            let (key, record) = service.create(req, now).await.map_err(fail)?;
+            println!("{}", key.expose());
+            eprintln!(
+                "created {} ({}); the key above is shown only once",
+                record.api_key_id, record.name
+            );
+        }
+        KeysCommand::List { team, json } => {
+            let filter = KeyFilter {
+                team_id: team,
+                ..KeyFilter::default()
+            };
+            let mut page = 1;
+            if !json {
+                println!(
+                    "{:<26} {:<12} {:<8} {:<8} {:<12} {:<20} NAME",
+                    "ID", "TEAM", "TYPE", "ENABLED", "KEY START", "SCOPES"
+                );
+            }
+            loop {
+                let (records, total) = service
+                    .list(&filter, Page { page, per_page: 100 })
+                    .await
+                    .map_err(fail)?;
+                for r in &records {
+                    if json {
+                        println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+                    } else {
+                        println!(
+                            "{:<26} {:<12} {:<8} {:<8} {:<12} {:<20} {}",
+                            r.api_key_id,
+                            r.team_id.as_deref().unwrap_or("-"),
+                            r.key_type.as_str(),
+                            r.is_enabled,
+                            r.key_start,
+                            r.scope_names.join(","),
+                            r.name
+                        );
+                    }
+                }
+                if records.is_empty() || u64::from(page) * 100 >= total {
+                    break;
+                }
+                page += 1;
+            }
+        }
+        KeysCommand::Disable { id } => {
+            service.set_enabled(&id, false, now).await.map_err(fail)?;
+            println!("disabled {id}");
+        }
+        KeysCommand::Enable { id } => {
+            service.set_enabled(&id, true, now).await.map_err(fail)?;
+            println!("enabled {id}");
+        }
+        KeysCommand::Revoke { id } => {
+            service.revoke(&id).await.map_err(fail)?;
+            println!("revoked {id}");
+        }
+        KeysCommand::Rotate { id, grace } => {
+            let (key, _) = service.rotate(&id, grace, now).await.map_err(fail)?;
+            println!("{}", key.expose());
+            eprintln!(
+                "rotated {id}; the previous value works for {}",
+                humantime::format_duration(grace)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn echo(listen: SocketAddr) -> Result<(), String> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = keygate::dev::spawn_echo(listener).map_err(|e| e.to_string())?;
+    println!("keygate: echo listening on http://{addr}");
+    keygate::app::shutdown_signal().await;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! `X-Request-Id`: the client's when it looks like an id (so traces join up across services),
+//! a fresh random one otherwise. Passed upstream and returned to the client.
+
+use http::{HeaderMap, HeaderValue};
+use rand::Rng;
+
+pub const HEADER: &str = "x-request-id";
+const MAX_LEN: usize = 128;
+
+pub fn take_or_make(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(HEADER) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= MAX_LEN
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            return v.clone();
+        }
+    }
+    let n: u128 = rand::rng().random();
+    // 32 hex characters, always a valid header value.
+    HeaderValue::from_str(&format!("{n:032x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_good_ids_and_replaces_bad_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER, "abc-123".parse().unwrap());
+        assert_eq!(take_or_make(&h), "abc-123");
+        h.insert(HEADER, "has space".parse().unwrap());
+        assert_eq!(take_or_make(&h).len(), 32);
+        h.insert(HEADER, "x".repeat(200).parse().unwrap());
+        assert_eq!(take_or_make(&h).len(), 32);
+        assert_ne!(take_or_make(&HeaderMap::new()), take_or_make(&HeaderMap::new()));
+    }
+}

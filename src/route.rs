@@ -1,0 +1,164 @@
+//! Route matching: which upstream a request goes to and which key rules apply. Longest path
+//! prefix wins; a route with a host beats one without at the same prefix length.
+
+use crate::config::{KeySource, RouteConfig};
+use http::Method;
+
+/// A checked route, ready for matching.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    path_prefix: String,
+    methods: Vec<Method>,
+    host: Option<String>,
+    /// Index into the gateway's upstream list.
+    pub upstream: usize,
+    pub public: bool,
+    pub scopes: Vec<String>,
+    pub keep_credential: bool,
+    pub sources: Vec<KeySource>,
+}
+
+impl Route {
+    fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self.host.as_deref().is_none_or(|h| Some(h) == host)
+            && path_has_prefix(path, &self.path_prefix)
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// `upstream_index` maps an upstream name (checked to exist by the config) to its index.
+    pub fn new(
+        configs: &[RouteConfig],
+        default_sources: &[KeySource],
+        upstream_index: impl Fn(&str) -> usize,
+    ) -> Self {
+        let mut routes: Vec<Route> = configs
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.clone(),
+                host: r.host.clone(),
+                upstream: upstream_index(&r.upstream),
+                public: r.public,
+                scopes: r.scopes.clone(),
+                keep_credential: r.keep_credential,
+                sources: r.sources.clone().unwrap_or_else(|| default_sources.to_vec()),
+            })
+            .collect();
+        // Stable sort keeps the file's order among equals.
+        routes.sort_by_key(|r| {
+            (
+                std::cmp::Reverse(r.path_prefix.len()),
+                r.host.is_none(),
+                r.methods.is_empty(),
+            )
+        });
+        Self { routes }
+    }
+
+    /// `host` is the request's host without port, lowercase.
+    pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.find_index(method, host, path).and_then(|i| self.get(i))
+    }
+
+    pub fn find_index(&self, method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(method, host, path))
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
+    }
+}
+
+/// The host a request names (`:authority` for HTTP/2, `Host` for HTTP/1.1), lowercased, port
+/// removed; `None` when absent or not valid.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    let raw = match req.uri().host() {
+        Some(h) => h.to_owned(),
+        None => {
+            let value = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = value.parse().ok()?;
+            authority.host().to_owned()
+        }
+    };
+    Some(raw.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, prefix: &str, host: Option<&str>, methods: &[Method]) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            methods: methods.to_vec(),
+            host: host.map(Into::into),
+            upstream: "u".into(),
+            public: false,
+            scopes: vec![],
+            keep_credential: false,
+            sources: None,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(
+            &[
+                route("root", "/", None, &[]),
+                route("api", "/api", None, &[]),
+                route("api-write", "/api", None, &[Method::POST]),
+                route("api-host", "/api", Some("a.example"), &[]),
+                route("health", "/health/", None, &[Method::GET]),
+            ],
+            &[KeySource::Bearer],
+            |_| 0,
+        )
+    }
+
+    fn name(m: Method, host: Option<&str>, path: &str) -> Option<String> {
+        table().find(&m, host, path).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn longest_prefix_and_specific_routes_win() {
+        assert_eq!(name(Method::GET, None, "/api/x").as_deref(), Some("api"));
+        assert_eq!(name(Method::POST, None, "/api/x").as_deref(), Some("api-write"));
+        assert_eq!(name(Method::GET, Some("a.example"), "/api").as_deref(), Some("api-host"));
+        assert_eq!(name(Method::GET, None, "/apix").as_deref(), Some("root"));
+        assert_eq!(name(Method::GET, None, "/health/live").as_deref(), Some("health"));
+        assert_eq!(name(Method::POST, None, "/health/live").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn no_route_without_catch_all() {
+        let t = RouteTable::new(&[route("api", "/api", None, &[])], &[], |_| 0);
+        assert!(t.find(&Method::GET, None, "/other").is_none());
+    }
+
+    #[test]
+    fn host_comes_from_uri_or_header() {
+        let req = http::Request::get("/x").header("host", "API.Example:8080").body(()).unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("api.example"));
+        let req = http::Request::get("http://h2.example/x").body(()).unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("h2.example"));
+        let req = http::Request::get("/x").header("host", "bad host").body(()).unwrap();
+        assert_eq!(request_host(&req), None);
+    }
+}

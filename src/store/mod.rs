@@ -1,0 +1,125 @@
+//! Where key records live. One small trait, two implementations that pass the same
+//! conformance suite (`tests/it/store_conformance.rs`):
+//! - [`redis::RedisStore`]: production, shared by every gateway replica; the hot path is one
+//!   `GET` by hash; every change is published so all replicas drop their cached copy.
+//! - [`embedded::EmbeddedStore`]: the default, a SQLite file on local disk (WAL mode), usable
+//!   by `keygate serve` and the `keygate keys` CLI at the same time; changes reach other
+//!   processes through a change table that the gateway polls.
+//!
+//! The store knows nothing of HTTP or of the cache; it never sees a plaintext key.
+
+pub mod embedded;
+pub mod redis;
+
+use crate::auth::key::KeyHash;
+use crate::auth::record::{KeyRecord, KeyType};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not answer (connection refused, timeout, I/O). The gateway turns this
+    /// into 503 for uncached keys, never into a pass or a 401.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("no key with that id")]
+    NotFound,
+    #[error("the team already has {limit} keys")]
+    LimitExceeded { limit: u32 },
+    /// A stored value could not be decoded: a bug or a foreign writer, never the client's fault.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Filters for listing keys; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub team_id: Option<String>,
+    pub key_type: Option<KeyType>,
+    pub is_enabled: Option<bool>,
+}
+
+impl KeyFilter {
+    pub fn matches(&self, r: &KeyRecord) -> bool {
+        self.team_id
+            .as_ref()
+            .is_none_or(|t| r.team_id.as_ref() == Some(t))
+            && self.key_type.is_none_or(|k| r.key_type == k)
+            && self.is_enabled.is_none_or(|e| r.is_enabled == e)
+    }
+}
+
+/// 1-based page of a listing.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub page: u32,
+    pub per_page: u32,
+}
+
+/// What the change feed says: these hashes changed (drop them from every cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Keys(Vec<KeyHash>),
+    /// Something changed that cannot be pinned to hashes: drop everything.
+    All,
+}
+
+/// A live feed of changes. When the receiver yields `None` the feed was lost: the caller must
+/// assume it missed changes (flush its cache) and ask for a new feed.
+pub type ChangeFeed = mpsc::Receiver<Change>;
+
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The hot path: the record that `hash` belongs to, if `hash` is the key's current hash or
+    /// a previous one still inside its rotation grace period at `now`.
+    async fn find_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Stores a new record under `hash`. With `team_limit`, refuses with `LimitExceeded` when the
+    /// record's team already holds that many keys (enabled or not), atomically: concurrent
+    /// creates never overshoot.
+    async fn create(
+        &self,
+        record: &KeyRecord,
+        hash: &KeyHash,
+        team_limit: Option<u32>,
+    ) -> Result<(), StoreError>;
+
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Replaces the record with the same `api_key_id` (`NotFound` if there is none), for every
+    /// hash that still leads to it, and publishes the change.
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Gives the key a new hash. The previous current hash keeps working until `now + grace`
+    /// (not at all when `grace` is zero), then stops by itself. Returns the updated record.
+    async fn rotate(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_key_start: &str,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError>;
+
+    /// Removes the key and all its hashes for good (`NotFound` if there is none).
+    async fn delete(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Records matching `filter`, oldest first, one page of them, and the total that matched.
+    async fn list(
+        &self,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError>;
+
+    /// Cheap reachability check for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Subscribes to changes made by any process using the same store.
+    async fn changes(&self) -> Result<ChangeFeed, StoreError>;
+}

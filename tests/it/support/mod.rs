@@ -1,0 +1,3 @@
+//! Test harness: real processes on ephemeral loopback ports, cleaned up on drop.
+
+pub mod redis;
