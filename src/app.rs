@@ -12,6 +12,8 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, StoreError> {
     Ok(match cfg {
         StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
@@ -35,7 +37,17 @@ pub async fn run(
         store.clone(),
         &config.cache,
     ));
-    let follower = tokio::spawn(follow_changes(verifier.clone(), store));
+    // Subscribe before accepting, so every change made after start-up reaches the cache. A
+    // store that is down now is retried in the background; serving starts regardless.
+    let first_feed = match tokio::time::timeout(SUBSCRIBE_WAIT, store.changes()).await {
+        Ok(Ok(feed)) => Some(feed),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot subscribe to key changes yet; retrying");
+            None
+        }
+        Err(_) => None,
+    };
+    let follower = tokio::spawn(follow_changes(verifier.clone(), store, first_feed));
     let gateway = Arc::new(Gateway::new(config, verifier));
     let opts = ServeOptions {
         max_connections: config.proxy.max_connections,

@@ -72,7 +72,9 @@ fn parse_xff_element(s: &str) -> Option<IpAddr> {
         return Some(canonical(ip));
     }
     // Some proxies append the port: `1.2.3.4:5678` or `[::1]:5678`.
-    s.parse::<std::net::SocketAddr>().ok().map(|a| canonical(a.ip()))
+    s.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| canonical(a.ip()))
 }
 
 /// RFC 7239 node: `1.2.3.4`, `"1.2.3.4:80"`, `"[2001:db8::1]:443"`, or an obfuscated name.
@@ -116,19 +118,31 @@ mod tests {
     #[test]
     fn untrusted_peer_is_the_client_whatever_it_says() {
         let h = headers(&[("x-forwarded-for", "1.1.1.1")]);
-        assert_eq!(client_ip(ip("203.0.113.9"), &h, &trusted()), ip("203.0.113.9"));
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &h, &trusted()),
+            ip("203.0.113.9")
+        );
     }
 
     #[test]
     fn trusted_peer_gives_rightmost_untrusted_hop() {
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted()), ip("198.51.100.7"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted()),
+            ip("198.51.100.7")
+        );
     }
 
     #[test]
     fn several_xff_headers_are_one_list() {
-        let h = headers(&[("x-forwarded-for", "198.51.100.7"), ("x-forwarded-for", "10.1.1.1")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted()), ip("198.51.100.7"));
+        let h = headers(&[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ]);
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted()),
+            ip("198.51.100.7")
+        );
     }
 
     #[test]
@@ -139,7 +153,10 @@ mod tests {
 
     #[test]
     fn forwarded_header_is_used_without_xff() {
-        let h = headers(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8::7]:443\"")]);
+        let h = headers(&[(
+            "forwarded",
+            "for=192.0.2.60;proto=http, for=\"[2001:db8::7]:443\"",
+        )]);
         assert_eq!(client_ip(ip("fd00::1"), &h, &trusted()), ip("2001:db8::7"));
     }
 

@@ -347,7 +347,10 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(path) = path {
         if !path.exists() {
-            return Err(ConfigError::Load(format!("{}: no such file", path.display())));
+            return Err(ConfigError::Load(format!(
+                "{}: no such file",
+                path.display()
+            )));
         }
         builder = builder.add_source(
             config::File::from(path)
@@ -382,9 +385,8 @@ const ENV_LIST_KEYS: &[&str] = &[
 ];
 
 fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
-    let map: config::Map<String, String> = vars
-        .filter(|(k, _)| k.starts_with("KEYGATE__"))
-        .collect();
+    let map: config::Map<String, String> =
+        vars.filter(|(k, _)| k.starts_with("KEYGATE__")).collect();
     let mut env = config::Environment::with_prefix("KEYGATE")
         .prefix_separator("__")
         .separator("__")
@@ -434,10 +436,11 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         p.add("auth.key_prefix", reason);
         KeyPrefix::default()
     });
-    let header_name = HeaderName::from_bytes(raw.auth.header_name.as_bytes()).unwrap_or_else(|_| {
-        p.add("auth.header_name", "is not a valid HTTP header name");
-        HeaderName::from_static("x-api-key")
-    });
+    let header_name =
+        HeaderName::from_bytes(raw.auth.header_name.as_bytes()).unwrap_or_else(|_| {
+            p.add("auth.header_name", "is not a valid HTTP header name");
+            HeaderName::from_static("x-api-key")
+        });
     if header_name == http::header::AUTHORIZATION {
         p.add(
             "auth.header_name",
@@ -494,8 +497,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                     "must start with redis://, rediss://, redis+unix:// or unix://",
                 );
             }
-            if raw.store.namespace.is_empty()
-                || raw.store.namespace.contains(['{', '}', ' ', ':'])
+            if raw.store.namespace.is_empty() || raw.store.namespace.contains(['{', '}', ' ', ':'])
             {
                 p.add(
                     "store.namespace",
@@ -537,7 +539,10 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         level: raw.log.level,
     };
     if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        p.add("log.level", "is not a valid level or filter (e.g. info, keygate=debug)");
+        p.add(
+            "log.level",
+            "is not a valid level or filter (e.g. info, keygate=debug)",
+        );
     }
 
     let mut upstreams = BTreeMap::new();
@@ -551,19 +556,31 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 uri
             }
             Ok(uri) if uri.scheme_str() == Some("https") => {
-                p.add(&field, "https upstreams are not supported yet (use http://)");
+                p.add(
+                    &field,
+                    "https upstreams are not supported yet (use http://)",
+                );
                 uri
             }
             _ => {
-                p.add(&field, format!("{:?} is not an http://host:port URL", u.url));
+                p.add(
+                    &field,
+                    format!("{:?} is not an http://host:port URL", u.url),
+                );
                 Uri::from_static("http://invalid")
             }
         };
         if u.connect_timeout.is_zero() {
-            p.add(format!("upstreams.{name}.connect_timeout"), "must be more than zero");
+            p.add(
+                format!("upstreams.{name}.connect_timeout"),
+                "must be more than zero",
+            );
         }
         if u.response_timeout.is_zero() {
-            p.add(format!("upstreams.{name}.response_timeout"), "must be more than zero");
+            p.add(
+                format!("upstreams.{name}.response_timeout"),
+                "must be more than zero",
+            );
         }
         upstreams.insert(
             name,
@@ -595,13 +612,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         let methods = r
             .methods
             .iter()
-            .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                Ok(m) => Some(m),
-                Err(_) => {
-                    p.add(at("methods"), format!("{m:?} is not an HTTP method"));
-                    None
-                }
-            })
+            .filter_map(
+                |m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        p.add(at("methods"), format!("{m:?} is not an HTTP method"));
+                        None
+                    }
+                },
+            )
             .collect();
         if !upstreams.contains_key(&r.upstream) {
             p.add(
@@ -612,7 +631,10 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         if r.public && !r.scopes.is_empty() {
             p.add(at("scopes"), "a public route cannot require scopes");
         }
-        let sources = r.sources.as_ref().map(|s| parse_sources(&mut p, &at("sources"), s));
+        let sources = r
+            .sources
+            .as_ref()
+            .map(|s| parse_sources(&mut p, &at("sources"), s));
         routes.push(RouteConfig {
             name,
             path_prefix: r.path_prefix,
@@ -797,8 +819,14 @@ mod tests {
     fn cidr_forms() {
         assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
-        assert_eq!(parse_cidr(" 2001:db8::/32 ").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert_eq!(
+            parse_cidr(" 2001:db8::/32 ").unwrap().to_string(),
+            "2001:db8::/32"
+        );
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("example.com").is_err());
         assert!(parse_cidr("").is_err());

@@ -213,7 +213,10 @@ pub fn render(
     )));
     *resp.status_mut() = answer.status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(challenge) = answer.challenge {
         let mut value = format!("Bearer realm=\"{realm}\"");
@@ -246,28 +249,83 @@ mod tests {
     #[test]
     fn refusals_map_to_rfc6750_answers() {
         let cases: Vec<(GatewayError, u16, &str, Option<Challenge>)> = vec![
-            (CredentialError::Missing.into(), 401, "API_KEY_MISSING", Some(Challenge::Bare)),
-            (VerifyError::Malformed(KeyFormatError::BadChecksum).into(), 401, "API_KEY_MALFORMED", Some(Challenge::InvalidToken)),
-            (VerifyError::Unknown.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
-            (PolicyRefusal::Disabled.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
-            (PolicyRefusal::Expired.into(), 401, "API_KEY_INVALID", Some(Challenge::InvalidToken)),
-            (PolicyRefusal::IpNotAllowed.into(), 403, "API_KEY_IP_NOT_ALLOWED", Some(Challenge::InsufficientScope)),
-            (PolicyRefusal::ScopeMissing.into(), 403, "API_KEY_SCOPE_INSUFFICIENT", Some(Challenge::InsufficientScope)),
-            (VerifyError::StoreUnavailable.into(), 503, "STORE_UNAVAILABLE", None),
-            (GatewayError::UpstreamUnavailable, 502, "UPSTREAM_UNAVAILABLE", None),
+            (
+                CredentialError::Missing.into(),
+                401,
+                "API_KEY_MISSING",
+                Some(Challenge::Bare),
+            ),
+            (
+                VerifyError::Malformed(KeyFormatError::BadChecksum).into(),
+                401,
+                "API_KEY_MALFORMED",
+                Some(Challenge::InvalidToken),
+            ),
+            (
+                VerifyError::Unknown.into(),
+                401,
+                "API_KEY_INVALID",
+                Some(Challenge::InvalidToken),
+            ),
+            (
+                PolicyRefusal::Disabled.into(),
+                401,
+                "API_KEY_INVALID",
+                Some(Challenge::InvalidToken),
+            ),
+            (
+                PolicyRefusal::Expired.into(),
+                401,
+                "API_KEY_INVALID",
+                Some(Challenge::InvalidToken),
+            ),
+            (
+                PolicyRefusal::IpNotAllowed.into(),
+                403,
+                "API_KEY_IP_NOT_ALLOWED",
+                Some(Challenge::InsufficientScope),
+            ),
+            (
+                PolicyRefusal::ScopeMissing.into(),
+                403,
+                "API_KEY_SCOPE_INSUFFICIENT",
+                Some(Challenge::InsufficientScope),
+            ),
+            (
+                VerifyError::StoreUnavailable.into(),
+                503,
+                "STORE_UNAVAILABLE",
+                None,
+            ),
+            (
+                GatewayError::UpstreamUnavailable,
+                502,
+                "UPSTREAM_UNAVAILABLE",
+                None,
+            ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
             (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),
         ];
         for (err, status, code, challenge) in cases {
             let a = classify(&err, false);
-            assert_eq!((a.status.as_u16(), a.code, a.challenge), (status, code, challenge), "{err:?}");
+            assert_eq!(
+                (a.status.as_u16(), a.code, a.challenge),
+                (status, code, challenge),
+                "{err:?}"
+            );
         }
     }
 
     #[test]
     fn reasons_are_revealed_only_when_enabled() {
-        assert_eq!(classify(&PolicyRefusal::Disabled.into(), true).code, "API_KEY_DISABLED");
-        assert_eq!(classify(&PolicyRefusal::Expired.into(), true).code, "API_KEY_EXPIRED");
+        assert_eq!(
+            classify(&PolicyRefusal::Disabled.into(), true).code,
+            "API_KEY_DISABLED"
+        );
+        assert_eq!(
+            classify(&PolicyRefusal::Expired.into(), true).code,
+            "API_KEY_EXPIRED"
+        );
     }
 
     #[test]

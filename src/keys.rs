@@ -132,7 +132,10 @@ impl KeyService {
     }
 
     pub async fn get(&self, id: &str) -> Result<KeyRecord, KeyError> {
-        self.store.get(id).await?.ok_or(KeyError::Store(StoreError::NotFound))
+        self.store
+            .get(id)
+            .await?
+            .ok_or(KeyError::Store(StoreError::NotFound))
     }
 
     pub async fn set_enabled(

@@ -111,7 +111,10 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keygate: cannot start the runtime: {e}");
@@ -165,7 +168,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let mut _dev_dir = None;
     let mut dev_banner = None;
     if args.dev {
-        let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let dir =
+            tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         cfg.store = StoreConfig::Embedded {
             path: dir.path().join("keygate.db"),
         };
@@ -215,7 +219,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         println!("  key id:   {}", record.api_key_id);
         println!("  API key:  {}   (shown once)", key.expose());
         println!();
-        println!("  curl -H 'Authorization: Bearer {}' http://{addr}/hello", key.expose());
+        println!(
+            "  curl -H 'Authorization: Bearer {}' http://{addr}/hello",
+            key.expose()
+        );
         println!("  curl -i http://{addr}/hello        # no key: 401");
         println!();
     }
@@ -293,7 +300,13 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             }
             loop {
                 let (records, total) = service
-                    .list(&filter, Page { page, per_page: 100 })
+                    .list(
+                        &filter,
+                        Page {
+                            page,
+                            per_page: 100,
+                        },
+                    )
                     .await
                     .map_err(fail)?;
                 for r in &records {

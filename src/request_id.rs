@@ -36,6 +36,9 @@ mod tests {
         assert_eq!(take_or_make(&h).len(), 32);
         h.insert(HEADER, "x".repeat(200).parse().unwrap());
         assert_eq!(take_or_make(&h).len(), 32);
-        assert_ne!(take_or_make(&HeaderMap::new()), take_or_make(&HeaderMap::new()));
+        assert_ne!(
+            take_or_make(&HeaderMap::new()),
+            take_or_make(&HeaderMap::new())
+        );
     }
 }

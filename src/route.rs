@@ -58,7 +58,10 @@ impl RouteTable {
                 public: r.public,
                 scopes: r.scopes.clone(),
                 keep_credential: r.keep_credential,
-                sources: r.sources.clone().unwrap_or_else(|| default_sources.to_vec()),
+                sources: r
+                    .sources
+                    .clone()
+                    .unwrap_or_else(|| default_sources.to_vec()),
             })
             .collect();
         // Stable sort keeps the file's order among equals.
@@ -74,11 +77,14 @@ impl RouteTable {
 
     /// `host` is the request's host without port, lowercase.
     pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.find_index(method, host, path).and_then(|i| self.get(i))
+        self.find_index(method, host, path)
+            .and_then(|i| self.get(i))
     }
 
     pub fn find_index(&self, method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| r.matches(method, host, path))
+        self.routes
+            .iter()
+            .position(|r| r.matches(method, host, path))
     }
 
     pub fn get(&self, index: usize) -> Option<&Route> {
@@ -139,11 +145,23 @@ mod tests {
     #[test]
     fn longest_prefix_and_specific_routes_win() {
         assert_eq!(name(Method::GET, None, "/api/x").as_deref(), Some("api"));
-        assert_eq!(name(Method::POST, None, "/api/x").as_deref(), Some("api-write"));
-        assert_eq!(name(Method::GET, Some("a.example"), "/api").as_deref(), Some("api-host"));
+        assert_eq!(
+            name(Method::POST, None, "/api/x").as_deref(),
+            Some("api-write")
+        );
+        assert_eq!(
+            name(Method::GET, Some("a.example"), "/api").as_deref(),
+            Some("api-host")
+        );
         assert_eq!(name(Method::GET, None, "/apix").as_deref(), Some("root"));
-        assert_eq!(name(Method::GET, None, "/health/live").as_deref(), Some("health"));
-        assert_eq!(name(Method::POST, None, "/health/live").as_deref(), Some("root"));
+        assert_eq!(
+            name(Method::GET, None, "/health/live").as_deref(),
+            Some("health")
+        );
+        assert_eq!(
+            name(Method::POST, None, "/health/live").as_deref(),
+            Some("root")
+        );
     }
 
     #[test]
@@ -154,11 +172,17 @@ mod tests {
 
     #[test]
     fn host_comes_from_uri_or_header() {
-        let req = http::Request::get("/x").header("host", "API.Example:8080").body(()).unwrap();
+        let req = http::Request::get("/x")
+            .header("host", "API.Example:8080")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("api.example"));
         let req = http::Request::get("http://h2.example/x").body(()).unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("h2.example"));
-        let req = http::Request::get("/x").header("host", "bad host").body(()).unwrap();
+        let req = http::Request::get("/x")
+            .header("host", "bad host")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&req), None);
     }
 }

@@ -60,12 +60,24 @@ mod tests {
         k.expires_time = Some(now - Duration::seconds(1));
         k.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
         let need = vec!["write".to_string()];
-        assert_eq!(authorize(&k, &need, ip("1.1.1.1"), now), Err(PolicyRefusal::Disabled));
+        assert_eq!(
+            authorize(&k, &need, ip("1.1.1.1"), now),
+            Err(PolicyRefusal::Disabled)
+        );
         k.is_enabled = true;
-        assert_eq!(authorize(&k, &need, ip("1.1.1.1"), now), Err(PolicyRefusal::Expired));
+        assert_eq!(
+            authorize(&k, &need, ip("1.1.1.1"), now),
+            Err(PolicyRefusal::Expired)
+        );
         k.expires_time = Some(now + Duration::seconds(60));
-        assert_eq!(authorize(&k, &need, ip("1.1.1.1"), now), Err(PolicyRefusal::IpNotAllowed));
-        assert_eq!(authorize(&k, &need, ip("10.2.3.4"), now), Err(PolicyRefusal::ScopeMissing));
+        assert_eq!(
+            authorize(&k, &need, ip("1.1.1.1"), now),
+            Err(PolicyRefusal::IpNotAllowed)
+        );
+        assert_eq!(
+            authorize(&k, &need, ip("10.2.3.4"), now),
+            Err(PolicyRefusal::ScopeMissing)
+        );
         k.scope_names.push("write".into());
         assert_eq!(authorize(&k, &need, ip("10.2.3.4"), now), Ok(()));
     }
@@ -75,18 +87,30 @@ mod tests {
         let now = Utc::now();
         let mut k = sample_record("apk_1");
         k.expires_time = Some(now);
-        assert_eq!(authorize(&k, &[], ip("1.1.1.1"), now), Err(PolicyRefusal::Expired));
+        assert_eq!(
+            authorize(&k, &[], ip("1.1.1.1"), now),
+            Err(PolicyRefusal::Expired)
+        );
     }
 
     #[test]
     fn ipv6_allow_list() {
         let now = Utc::now();
         let mut k = sample_record("apk_1");
-        k.allow_ips = vec!["2001:db8::/32".parse().unwrap(), "192.0.2.1/32".parse().unwrap()];
+        k.allow_ips = vec![
+            "2001:db8::/32".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ];
         assert_eq!(authorize(&k, &[], ip("2001:db8::42"), now), Ok(()));
         assert_eq!(authorize(&k, &[], ip("192.0.2.1"), now), Ok(()));
-        assert_eq!(authorize(&k, &[], ip("2001:db9::1"), now), Err(PolicyRefusal::IpNotAllowed));
-        assert_eq!(authorize(&k, &[], ip("192.0.2.2"), now), Err(PolicyRefusal::IpNotAllowed));
+        assert_eq!(
+            authorize(&k, &[], ip("2001:db9::1"), now),
+            Err(PolicyRefusal::IpNotAllowed)
+        );
+        assert_eq!(
+            authorize(&k, &[], ip("192.0.2.2"), now),
+            Err(PolicyRefusal::IpNotAllowed)
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ impl std::str::FromStr for KeyType {
         match s {
             "user" => Ok(KeyType::User),
             "shared" => Ok(KeyType::Shared),
-            other => Err(format!("unknown key type {other:?} (expected user or shared)")),
+            other => Err(format!(
+                "unknown key type {other:?} (expected user or shared)"
+            )),
         }
     }
 }

@@ -197,11 +197,20 @@ impl Verifier {
 }
 
 /// Keeps the verifier subscribed to the store's changes for as long as the process runs:
-/// on every (re)subscription and on every loss, the fresh caches are flushed.
-pub async fn follow_changes(verifier: Arc<Verifier>, store: Arc<dyn KeyStore>) {
+/// on every (re)subscription and on every loss, the fresh caches are flushed. `first` is a feed
+/// opened before serving began, so no change made after start-up can be missed.
+pub async fn follow_changes(
+    verifier: Arc<Verifier>,
+    store: Arc<dyn KeyStore>,
+    mut first: Option<crate::store::ChangeFeed>,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match store.changes().await {
+        let feed = match first.take() {
+            Some(feed) => Ok(feed),
+            None => store.changes().await,
+        };
+        match feed {
             Ok(mut feed) => {
                 // Whatever changed while we were not listening is unknown: start clean.
                 verifier.feed_lost();

@@ -184,7 +184,10 @@ mod tests {
     fn run(headers: &[(&str, &str)], uri: &str) -> Result<(String, KeySource), CredentialError> {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let uri: Uri = uri.parse().unwrap();
         extract(&ALL, &names(), &h, &uri).map(|p| (p.key.into_owned(), p.source))
@@ -192,12 +195,27 @@ mod tests {
 
     #[test]
     fn each_source_in_order() {
-        assert_eq!(run(&[("authorization", "Bearer abc")], "/"), Ok(("abc".into(), KeySource::Bearer)));
-        assert_eq!(run(&[("authorization", "bearer  abc ")], "/"), Ok(("abc".into(), KeySource::Bearer)));
-        assert_eq!(run(&[("x-api-key", "k1")], "/"), Ok(("k1".into(), KeySource::Header)));
-        assert_eq!(run(&[], "/p?a=1&api_key=k%5F2"), Ok(("k_2".into(), KeySource::Query)));
         assert_eq!(
-            run(&[("authorization", "Bearer b"), ("x-api-key", "h")], "/?api_key=q"),
+            run(&[("authorization", "Bearer abc")], "/"),
+            Ok(("abc".into(), KeySource::Bearer))
+        );
+        assert_eq!(
+            run(&[("authorization", "bearer  abc ")], "/"),
+            Ok(("abc".into(), KeySource::Bearer))
+        );
+        assert_eq!(
+            run(&[("x-api-key", "k1")], "/"),
+            Ok(("k1".into(), KeySource::Header))
+        );
+        assert_eq!(
+            run(&[], "/p?a=1&api_key=k%5F2"),
+            Ok(("k_2".into(), KeySource::Query))
+        );
+        assert_eq!(
+            run(
+                &[("authorization", "Bearer b"), ("x-api-key", "h")],
+                "/?api_key=q"
+            ),
             Ok(("b".into(), KeySource::Bearer))
         );
     }
@@ -205,22 +223,40 @@ mod tests {
     #[test]
     fn other_auth_schemes_are_not_ours() {
         assert_eq!(
-            run(&[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", "k")], "/"),
+            run(
+                &[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", "k")],
+                "/"
+            ),
             Ok(("k".into(), KeySource::Header))
         );
-        assert_eq!(run(&[("authorization", "Basic dXNlcjpwYXNz")], "/"), Err(CredentialError::Missing));
+        assert_eq!(
+            run(&[("authorization", "Basic dXNlcjpwYXNz")], "/"),
+            Err(CredentialError::Missing)
+        );
     }
 
     #[test]
     fn refusals() {
         assert_eq!(run(&[], "/"), Err(CredentialError::Missing));
-        assert!(matches!(run(&[("authorization", "Bearer ")], "/"), Err(CredentialError::Malformed(_))));
         assert!(matches!(
-            run(&[("authorization", "Bearer a"), ("authorization", "Bearer b")], "/"),
+            run(&[("authorization", "Bearer ")], "/"),
+            Err(CredentialError::Malformed(_))
+        ));
+        assert!(matches!(
+            run(
+                &[("authorization", "Bearer a"), ("authorization", "Bearer b")],
+                "/"
+            ),
             Err(CredentialError::Ambiguous(_))
         ));
-        assert!(matches!(run(&[], "/?api_key=a&api_key=b"), Err(CredentialError::Ambiguous(_))));
-        assert!(matches!(run(&[], "/?api_key=%FF"), Err(CredentialError::Malformed(_))));
+        assert!(matches!(
+            run(&[], "/?api_key=a&api_key=b"),
+            Err(CredentialError::Ambiguous(_))
+        ));
+        assert!(matches!(
+            run(&[], "/?api_key=%FF"),
+            Err(CredentialError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -154,7 +154,13 @@ mod tests {
     fn forwarded_headers_trust_only_trusted_peers() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
-        set_forwarded(&mut h, "203.0.113.1".parse().unwrap(), false, "http", Some("api.example"));
+        set_forwarded(
+            &mut h,
+            "203.0.113.1".parse().unwrap(),
+            false,
+            "http",
+            Some("api.example"),
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.1");
         assert_eq!(h["x-forwarded-host"], "api.example");
         let mut h = HeaderMap::new();

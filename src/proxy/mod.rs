@@ -67,13 +67,17 @@ impl Upstream {
 
     /// Sends the prepared request (identity and forwarding headers already set) and waits for
     /// the response headers; the body streams afterwards.
-    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, GatewayError> {
+    pub async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, GatewayError> {
         *req.uri_mut() = self.target(req.uri())?;
         // The pooled client speaks HTTP/1.1 to upstreams whatever the client spoke to us, and
         // sets Host from the target URI.
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut().remove(http::header::HOST);
-        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
+        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(req))
+            .await
         {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {

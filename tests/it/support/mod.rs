@@ -1,3 +1,56 @@
 //! Test harness: real processes on ephemeral loopback ports, cleaned up on drop.
 
+pub mod gateway;
 pub mod redis;
+pub mod upstream;
+
+use keygate::auth::key::KeyPrefix;
+use keygate::auth::record::{KeyRecord, KeyType};
+use keygate::keys::{CreateKey, KeyService};
+use keygate::store::KeyStore;
+use std::sync::Arc;
+
+/// Creates a key directly in `store` and returns its value and record.
+pub async fn create_key(
+    store: &Arc<dyn KeyStore>,
+    edit: impl FnOnce(&mut CreateKey),
+) -> (String, KeyRecord) {
+    let service = KeyService::new(store.clone(), KeyPrefix::default(), None);
+    let mut req = CreateKey::new(KeyType::Shared);
+    req.team_id = Some("team1".into());
+    edit(&mut req);
+    let (key, record) = service
+        .create(req, chrono::Utc::now())
+        .await
+        .expect("create key");
+    (key.expose().to_owned(), record)
+}
+
+pub fn service(store: &Arc<dyn KeyStore>) -> KeyService {
+    KeyService::new(store.clone(), KeyPrefix::default(), None)
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client")
+}
+
+/// Polls `check` every 20 ms until it is true or `within` passes.
+pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,121 @@
+//! The command line: configuration checking and dev mode, as a user runs them.
+
+use crate::support::client;
+use crate::support::gateway::{BIN, spawn_and_read_addr};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+#[test]
+fn check_config_accepts_the_shipped_examples() {
+    for file in [
+        "config/dev.toml",
+        "config/production-redis.toml",
+        "config/sidecar.toml",
+    ] {
+        let out = Command::new(BIN)
+            .args(["check-config", file])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+    }
+}
+
+#[test]
+fn check_config_names_every_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = \"nope\"\n[cache]\nttl = \"0s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"missing\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["proxy.listen", "cache.ttl", "routes[0].upstream"] {
+        assert!(err.contains(field), "{field} not named in: {err}");
+    }
+    // The environment overrides the file, and is checked the same way.
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env("KEYGATE__STORE__KIND", "mongo")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.kind"));
+    let out = Command::new(BIN)
+        .args(["check-config", "does-not-exist.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}
+
+#[test]
+fn serve_without_routes_explains_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_mode_prints_a_working_key_and_curl_line() {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addr = None;
+    let mut key = None;
+    while key.is_none() {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("dev mode output");
+        if let Some(a) = line.strip_prefix("keygate: proxy listening on http://") {
+            addr = Some(a.trim().to_owned());
+        }
+        if let Some(k) = line.trim().strip_prefix("API key:") {
+            key = k.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    let (addr, key) = (addr.unwrap(), key.unwrap());
+    let ok = client()
+        .get(format!("http://{addr}/hello"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let no = client()
+        .get(format!("http://{addr}/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no.status(), 401);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = spawn_and_read_addr; // shared helper, used by other tests
+}

@@ -1,0 +1,614 @@
+//! The request path end to end on the embedded store: a real gateway process, a real echo
+//! upstream, real HTTP clients.
+
+use crate::support::gateway::Gateway;
+use crate::support::{client, create_key, eventually, service, upstream};
+use keygate::store::KeyStore;
+use keygate::store::embedded::EmbeddedStore;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Env {
+    store: Arc<dyn KeyStore>,
+    gw: Gateway,
+    _dir: tempfile::TempDir,
+}
+
+async fn env_with(proxy_section: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let echo = upstream::echo().await;
+    let silent = upstream::silent().await;
+    let closed = upstream::closed();
+    let config = format!(
+        r#"
+        [proxy]
+        {proxy_section}
+        [store]
+        kind = "embedded"
+        path = "{db}"
+        [upstreams.echo]
+        url = "http://{echo}"
+        [upstreams.based]
+        url = "http://{echo}/base/"
+        [upstreams.down]
+        url = "http://{closed}"
+        [upstreams.slow]
+        url = "http://{silent}"
+        response_timeout = "300ms"
+        [[routes]]
+        name = "public"
+        path_prefix = "/public"
+        upstream = "echo"
+        public = true
+        [[routes]]
+        name = "admin"
+        path_prefix = "/admin"
+        upstream = "echo"
+        scopes = ["admin"]
+        [[routes]]
+        name = "query"
+        path_prefix = "/q"
+        upstream = "echo"
+        sources = ["query", "bearer"]
+        [[routes]]
+        name = "keep"
+        path_prefix = "/keep"
+        upstream = "echo"
+        keep_credential = true
+        [[routes]]
+        name = "based"
+        path_prefix = "/based"
+        upstream = "based"
+        [[routes]]
+        name = "down"
+        path_prefix = "/down"
+        upstream = "down"
+        [[routes]]
+        name = "slow"
+        path_prefix = "/slow"
+        upstream = "slow"
+        [[routes]]
+        name = "writes"
+        path_prefix = "/api"
+        methods = ["POST", "DELETE"]
+        upstream = "echo"
+        scopes = ["write"]
+        [[routes]]
+        name = "api"
+        path_prefix = "/api"
+        upstream = "echo"
+        "#,
+        db = db.display()
+    );
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let gw = Gateway::start(&config);
+    Env {
+        store,
+        gw,
+        _dir: dir,
+    }
+}
+
+async fn env() -> Env {
+    env_with("trusted_proxies = [\"127.0.0.1/32\"]").await
+}
+
+fn www_auth(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+async fn error_code(r: reqwest::Response) -> String {
+    let v: Value = r.json().await.unwrap();
+    assert!(v["meta"]["request_id"].is_string(), "{v}");
+    v["error"]["code"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn valid_key_reaches_upstream_with_identity_and_without_credential() {
+    let e = env().await;
+    let (key, record) = create_key(&e.store, |r| {
+        r.scope_names = vec!["read".into()];
+        r.key_type = keygate::auth::record::KeyType::User;
+        r.behalf_of_user_id = Some("user-7".into());
+    })
+    .await;
+    let r = client()
+        .get(e.gw.url("/api/items?x=1"))
+        .bearer_auth(&key)
+        .header("x-keygate-key-id", "apk_forged")
+        .header("x-keygate-scopes", "admin")
+        .header("x-request-id", "trace-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "trace-123");
+    let seen: Value = r.json().await.unwrap();
+    let h = &seen["headers"];
+    assert_eq!(seen["path"], "/api/items");
+    assert_eq!(seen["query"], "x=1");
+    assert_eq!(h["x-keygate-key-id"][0], record.api_key_id.as_str());
+    assert_eq!(h["x-keygate-key-id"].as_array().unwrap().len(), 1);
+    assert_eq!(h["x-keygate-team-id"][0], "team1");
+    assert_eq!(h["x-keygate-user-id"][0], "user-7");
+    assert_eq!(h["x-keygate-key-type"][0], "user");
+    assert_eq!(h["x-keygate-scopes"][0], "read");
+    assert_eq!(h["x-request-id"][0], "trace-123");
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert!(
+        h.get("authorization").is_none(),
+        "credential forwarded: {h}"
+    );
+    assert!(!seen.to_string().contains(&key), "key leaked upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn header_and_query_sources_are_stripped_unless_kept() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert!(seen["headers"].get("x-api-key").is_none());
+
+    let r = client()
+        .get(e.gw.url(&format!("/q/x?a=1&api_key={key}&b=2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["query"], "a=1&b=2");
+
+    // Query is not a source on the default routes.
+    let r = client()
+        .get(e.gw.url(&format!("/api/x?api_key={key}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let r = client()
+        .get(e.gw.url("/keep/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["headers"]["authorization"][0], format!("Bearer {key}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_base_path_is_prepended() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let r = client()
+        .get(e.gw.url("/based/v1?z=9"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["path"], "/base/based/v1");
+    assert_eq!(seen["query"], "z=9");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_malformed_and_unknown_keys_get_401_with_bearer_challenge() {
+    let e = env().await;
+    let r = client().get(e.gw.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(www_auth(&r), "Bearer realm=\"keygate\"");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(error_code(r).await, "API_KEY_MISSING");
+
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth("kg_notavalidkey")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        www_auth(&r),
+        "Bearer realm=\"keygate\", error=\"invalid_token\""
+    );
+    assert_eq!(error_code(r).await, "API_KEY_MALFORMED");
+
+    // Well-formed (checksum correct) but never issued.
+    let unknown = keygate::auth::key::NewKey::generate(&Default::default());
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(unknown.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        www_auth(&r),
+        "Bearer realm=\"keygate\", error=\"invalid_token\""
+    );
+    let body = r.text().await.unwrap();
+    assert!(body.contains("API_KEY_INVALID"), "{body}");
+    assert!(!body.contains(unknown.expose()), "key echoed in error");
+
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .header("authorization", "Bearer a")
+        .header("authorization", "Bearer b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "API_KEY_AMBIGUOUS");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_and_expired_keys_are_refused_like_unknown_ones() {
+    let e = env().await;
+    let (disabled, _) = create_key(&e.store, |r| r.is_enabled = false).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&disabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(www_auth(&r).contains("invalid_token"));
+    assert_eq!(error_code(r).await, "API_KEY_INVALID");
+
+    let (expiring, _) = create_key(&e.store, |r| {
+        r.expires_time = Some(chrono::Utc::now() + chrono::Duration::milliseconds(600));
+    })
+    .await;
+    let ok = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&expiring)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    // Expiry is checked on every request, even from the cache.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            client()
+                .get(e.gw.url("/api/x"))
+                .bearer_auth(&expiring)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 401
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scopes_are_enforced_per_route_and_method() {
+    let e = env().await;
+    let (reader, _) = create_key(&e.store, |r| r.scope_names = vec!["read".into()]).await;
+    let (writer, _) = create_key(&e.store, |r| r.scope_names = vec!["write".into()]).await;
+    let c = client();
+    assert_eq!(
+        c.get(e.gw.url("/api/x"))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = c
+        .post(e.gw.url("/api/x"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        www_auth(&r),
+        "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"write\""
+    );
+    assert_eq!(error_code(r).await, "API_KEY_SCOPE_INSUFFICIENT");
+    assert_eq!(
+        c.post(e.gw.url("/api/x"))
+            .bearer_auth(&writer)
+            .body("hello")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(e.gw.url("/admin"))
+            .bearer_auth(&writer)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn public_route_needs_no_key_but_still_drops_spoofed_identity() {
+    let e = env().await;
+    let r = client()
+        .get(e.gw.url("/public/status"))
+        .header("x-keygate-key-id", "apk_forged")
+        .header("X-Keygate-Team-Id", "admins")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    let h = seen["headers"].as_object().unwrap();
+    assert!(h.keys().all(|k| !k.starts_with("x-keygate-")), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_ips_ipv4_and_ipv6_through_a_trusted_proxy() {
+    let e = env().await;
+    let (v4, _) = create_key(&e.store, |r| {
+        r.allow_ips = vec!["198.51.100.0/24".parse().unwrap()]
+    })
+    .await;
+    let (v6, _) = create_key(&e.store, |r| {
+        r.allow_ips = vec!["2001:db8::/32".parse().unwrap()]
+    })
+    .await;
+    let status = |key: String, xff: &'static str| {
+        let url = e.gw.url("/api/x");
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(key)
+                .header("x-forwarded-for", xff)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(v4.clone(), "198.51.100.7").await, 200);
+    assert_eq!(status(v4.clone(), "203.0.113.7").await, 403);
+    assert_eq!(status(v6.clone(), "2001:db8::42").await, 200);
+    assert_eq!(status(v6.clone(), "2001:db9::1").await, 403);
+    // The rightmost untrusted hop counts, not what the client wrote further left.
+    assert_eq!(status(v4.clone(), "198.51.100.7, 203.0.113.7").await, 403);
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&v4)
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert!(www_auth(&r).contains("insufficient_scope"));
+    assert_eq!(error_code(r).await, "API_KEY_IP_NOT_ALLOWED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let e = env_with("trusted_proxies = []").await;
+    let (key, _) = create_key(&e.store, |r| {
+        r.allow_ips = vec!["198.51.100.0/24".parse().unwrap()]
+    })
+    .await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .header("x-forwarded-for", "198.51.100.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (open, _) = create_key(&e.store, |_| {}).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&open)
+        .header("x-forwarded-for", "198.51.100.7")
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = r.json().await.unwrap();
+    // The spoofed chain is replaced by the real peer.
+    assert_eq!(seen["headers"]["x-forwarded-for"][0], "127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_deny_and_allow_lists() {
+    let e = env_with("deny_ips = [\"127.0.0.0/8\"]").await;
+    let r = client().get(e.gw.url("/public/x")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "CLIENT_IP_DENIED");
+    let e = env_with("allow_ips = [\"10.0.0.0/8\"]").await;
+    assert_eq!(
+        client()
+            .get(e.gw.url("/public/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let e = env_with("allow_ips = [\"127.0.0.1\"]").await;
+    assert_eq!(
+        client()
+            .get(e.gw.url("/public/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_upstream_is_502_and_slow_one_504() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let r = client()
+        .get(e.gw.url("/down"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "UPSTREAM_UNAVAILABLE");
+    let r = client()
+        .get(e.gw.url("/slow"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(r).await, "UPSTREAM_TIMEOUT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_route_is_404() {
+    let e = env().await;
+    let r = client()
+        .get(e.gw.url("/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "ROUTE_NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_stream_through_byte_exact() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |r| r.scope_names = vec!["write".into()]).await;
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&body))
+    };
+    let r = client()
+        .post(e.gw.url("/api/upload"))
+        .bearer_auth(&key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["body_len"], 3_000_000);
+    assert_eq!(seen["body_sha256"], expected.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_cleartext_clients_are_served() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    // Upstream is spoken to in HTTP/1.1 with the Host of the upstream.
+    assert_eq!(seen["version"], "HTTP/1.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_from_another_process_reach_the_gateway_cache() {
+    let e = env().await;
+    let (key, record) = create_key(&e.store, |_| {}).await;
+    let get = || async {
+        client()
+            .get(e.gw.url("/api/x"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get().await, 200);
+    // The test process is "another process" writing to the same embedded file.
+    service(&e.store)
+        .set_enabled(&record.api_key_id, false, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { get().await == 401 }).await);
+    service(&e.store)
+        .set_enabled(&record.api_key_id, true, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { get().await == 200 }).await);
+    service(&e.store).revoke(&record.api_key_id).await.unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { get().await == 401 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_keeps_the_old_key_for_the_grace_period_only() {
+    let e = env().await;
+    let (old, record) = create_key(&e.store, |_| {}).await;
+    let status = |key: String| {
+        let url = e.gw.url("/api/x");
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(old.clone()).await, 200);
+    let (new, _) = service(&e.store)
+        .rotate(
+            &record.api_key_id,
+            Duration::from_secs(1),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    let new = new.expose().to_owned();
+    assert_eq!(status(new.clone()).await, 200);
+    assert_eq!(status(old.clone()).await, 200);
+    assert!(
+        eventually(Duration::from_secs(4), || status(old.clone())
+            .then_some_401())
+        .await
+    );
+    assert_eq!(status(new).await, 200);
+}
+
+trait Is401 {
+    fn then_some_401(self) -> impl std::future::Future<Output = bool>;
+}
+
+impl<F: std::future::Future<Output = u16>> Is401 for F {
+    async fn then_some_401(self) -> bool {
+        self.await == 401
+    }
+}

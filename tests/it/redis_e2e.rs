@@ -1,0 +1,215 @@
+//! The gateway on a real Redis: revocation seen by a second gateway process within a second,
+//! and behaviour through a Redis outage (cached keys keep working for the stale period,
+//! uncached ones get 503, recovery without restart).
+
+use crate::support::gateway::Gateway;
+use crate::support::redis::RedisServer;
+use crate::support::{client, create_key, eventually, service, upstream};
+use keygate::store::KeyStore;
+use keygate::store::redis::RedisStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn config_for(redis: &RedisServer, namespace: &str, cache: &str) -> String {
+    let echo = upstream::echo().await;
+    format!(
+        r#"
+        [store]
+        kind = "redis"
+        redis_url = "{url}"
+        namespace = "{namespace}"
+        timeout = "300ms"
+        [cache]
+        {cache}
+        [upstreams.echo]
+        url = "http://{echo}"
+        [[routes]]
+        name = "api"
+        path_prefix = "/"
+        upstream = "echo"
+        "#,
+        url = redis.url()
+    )
+}
+
+async fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<dyn KeyStore> {
+    Arc::new(
+        RedisStore::connect(&redis.url(), namespace, Duration::from_millis(500))
+            .await
+            .unwrap(),
+    )
+}
+
+async fn status(gw: &Gateway, key: &str) -> u16 {
+    client()
+        .get(gw.url("/x"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_reaches_a_second_gateway_within_a_second() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "kgrev").await;
+    // A long TTL: only the invalidation message can explain a quick refusal.
+    let cfg = config_for(&redis, "kgrev", "ttl = \"10m\"").await;
+    let gw_a = Gateway::start(&cfg);
+    let gw_b = Gateway::start(&cfg);
+    let (key, record) = create_key(&store, |_| {}).await;
+    let (other, other_record) = create_key(&store, |_| {}).await;
+    for gw in [&gw_a, &gw_b] {
+        assert_eq!(status(gw, &key).await, 200);
+        assert_eq!(status(gw, &other).await, 200);
+    }
+    // Each gateway subscribed to changes before it started accepting requests.
+    service(&store).revoke(&record.api_key_id).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw_b, &key).await == 401
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw_a, &key).await == 401
+        })
+        .await
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Disabling works the same way, and enabling again too.
+    service(&store)
+        .set_enabled(&other_record.api_key_id, false, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw_b, &other).await == 401
+        })
+        .await
+    );
+    service(&store)
+        .set_enabled(&other_record.api_key_id, true, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw_a, &other).await == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage_serves_cached_keys_refuses_uncached_with_503_and_recovers() {
+    let mut redis = RedisServer::start();
+    let store = redis_store(&redis, "kgout").await;
+    let cfg = config_for(&redis, "kgout", "ttl = \"1s\"\nstale_for = \"1m\"").await;
+    let gw = Gateway::start(&cfg);
+    let (seen, _) = create_key(&store, |_| {}).await;
+    let (unseen, _) = create_key(&store, |_| {}).await;
+    assert_eq!(status(&gw, &seen).await, 200);
+
+    redis.stop();
+    // Past the fresh TTL the gateway must ask Redis, cannot, and falls back to the stale copy.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(status(&gw, &seen).await, 200);
+    let r = client()
+        .get(gw.url("/x"))
+        .bearer_auth(&unseen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body = r.text().await.unwrap();
+    assert!(body.contains("STORE_UNAVAILABLE"), "{body}");
+
+    // Redis is back (same data is gone: it ran without persistence, so recreate the key).
+    redis.restart();
+    let store = redis_store(&redis, "kgout").await;
+    let (fresh, _) = create_key(&store, |_| {}).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(&gw, &fresh).await == 200
+        })
+        .await,
+        "gateway did not recover after Redis came back"
+    );
+    // The keys that Redis lost are now refused: answers come from the store again.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(&gw, &seen).await == 401
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_manages_keys_in_redis() {
+    let redis = RedisServer::start();
+    let cfg = config_for(&redis, "kgcli", "").await;
+    let gw = Gateway::start(&cfg);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::gateway::BIN)
+            .arg("keys")
+            .arg("--config")
+            .arg(gw.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (key, note) = cli(&[
+        "create", "--team", "acme", "--scopes", "a,b", "--name", "ci",
+    ]);
+    let key = key.trim().to_owned();
+    assert!(key.starts_with("kg_"));
+    let id = note.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(id.starts_with("apk_"), "{note}");
+    assert_eq!(status(&gw, &key).await, 200);
+    let (list, _) = cli(&["list", "--team", "acme"]);
+    assert!(list.contains(&id) && list.contains(&key[..10]) && !list.contains(&key));
+    cli(&["disable", &id]);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &key).await == 401
+        })
+        .await
+    );
+    cli(&["enable", &id]);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &key).await == 200
+        })
+        .await
+    );
+    let (rotated, _) = cli(&["rotate", &id]);
+    let rotated = rotated.trim().to_owned();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &key).await == 401
+        })
+        .await
+    );
+    assert_eq!(status(&gw, &rotated).await, 200);
+    cli(&["revoke", &id]);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &rotated).await == 401
+        })
+        .await
+    );
+}

@@ -1,0 +1,102 @@
+//! Starts the real `keygate` binary on an ephemeral port with a generated configuration, and
+//! stops it on drop. The port is learned from the line the binary prints at start, so there is
+//! no port race and no sleep.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// `config` is TOML; `proxy.listen` is forced to `127.0.0.1:0`.
+    pub fn start(config: &str) -> Gateway {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("keygate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (child, addr) = spawn_and_read_addr(cmd, "keygate: proxy listening on http://");
+        Gateway {
+            child,
+            addr,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait for keygate")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd`, reads its stdout until a line starting with `marker`, and returns the address
+/// after it. Stdout keeps being drained in the background so the child never blocks on it.
+pub fn spawn_and_read_addr(mut cmd: Command, marker: &'static str) -> (Child, SocketAddr) {
+    let mut child = cmd.spawn().expect("start keygate");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix(marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => (child, addr.parse().expect("address in the start line")),
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().ok();
+            panic!("keygate did not start: {out:?}");
+        }
+    }
+}
