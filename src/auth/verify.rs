@@ -58,6 +58,8 @@ pub struct Verifier {
     /// Milliseconds since `epoch` until which the store is not asked (0: ask).
     store_backoff_until_ms: AtomicI64,
     epoch: Instant,
+    /// Bumped by every applied change; see `verify`.
+    generation: AtomicU64,
     pub stats: VerifyStats,
 }
 
@@ -80,6 +82,7 @@ impl Verifier {
                 .build(),
             store_backoff_until_ms: AtomicI64::new(0),
             epoch: Instant::now(),
+            generation: AtomicU64::new(0),
             stats: VerifyStats::default(),
         }
     }
@@ -108,6 +111,9 @@ impl Verifier {
         if self.store_in_backoff() {
             return self.stale_or_unavailable(&hash).await;
         }
+        // A change that lands while the load is in flight may describe a newer state than the
+        // one loaded; then the loaded copy must not stay cached.
+        let generation = self.generation.load(Ordering::Acquire);
         let loaded = self
             .fresh
             .try_get_with(hash, async {
@@ -124,7 +130,12 @@ impl Verifier {
             })
             .await;
         match loaded {
-            Ok(record) => Ok(record),
+            Ok(record) => {
+                if self.generation.load(Ordering::Acquire) != generation {
+                    self.fresh.invalidate(&hash).await;
+                }
+                Ok(record)
+            }
             Err(e) => match &*e {
                 LoadError::Unknown => {
                     // A key known a moment ago may have been deleted: its stale copy must not
@@ -168,6 +179,7 @@ impl Verifier {
 
     /// Applies a change from the store's feed.
     pub async fn apply(&self, change: &Change) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
             Change::Keys(hashes) => {
                 for h in hashes {
@@ -187,6 +199,7 @@ impl Verifier {
     /// The change feed was lost: changes may have been missed. Answers must come from the store
     /// again, but the stale copies stay for outages (bounded by `stale_for`).
     pub fn feed_lost(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.fresh.invalidate_all();
         self.negative.invalidate_all();
     }

@@ -1,1 +1,499 @@
-//! Embedded store (being written).
+//! [`EmbeddedStore`]: the default [`KeyStore`], one SQLite file on local disk.
+//!
+//! The file is opened in WAL mode with a 5 s busy timeout, so a `keygate serve` process and a
+//! `keygate keys` CLI process can use it at the same time: readers never block on the writer,
+//! and writers queue behind each other. Layout:
+//! - `keys(id PRIMARY KEY, team_id, created_ms, record)`: `record` is the [`KeyRecord`] as JSON;
+//!   `team_id` and `created_ms` are copies kept as columns for the team limit and the ordering.
+//! - `hashes(hash BLOB PRIMARY KEY, key_id, valid_until_ms)`: every hash that leads to a key;
+//!   `valid_until_ms` is NULL for the current hash and set for hashes rotated out with a grace.
+//! - `changes(seq AUTOINCREMENT, hashes, at_ms)`: one row per write, with the touched hashes as
+//!   space-separated hex (`*`: everything). Other processes learn about changes by polling it.
+//!
+//! Every write runs in a `BEGIN IMMEDIATE` transaction (it takes the write lock up front, so the
+//! team-limit count and the insert cannot interleave with another writer, even in another
+//! process) and appends its change row in the same transaction. Writes also prune change rows
+//! older than [`CHANGE_RETENTION`] and hashes past their grace, so readers never write.
+//!
+//! The connection sits behind a `std::sync::Mutex` and is only used inside `spawn_blocking`;
+//! the lock is never held across an `.await`.
+
+use super::{Change, ChangeFeed, KeyFilter, KeyStore, Page, StoreError};
+use crate::auth::key::KeyHash;
+use crate::auth::record::KeyRecord;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL_EVERY: Duration = Duration::from_millis(200);
+/// Change rows older than this are pruned. A feed that could not poll for half of it (a
+/// suspended machine) may have missed rows and reports `Change::All`.
+pub const CHANGE_RETENTION: Duration = Duration::from_secs(600);
+const FEED_CAPACITY: usize = 256;
+/// Rows forwarded per poll; the rest come on the next one.
+const POLL_BATCH: i64 = 1000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    team_id TEXT,
+    created_ms INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_team ON keys(team_id);
+CREATE INDEX IF NOT EXISTS keys_created ON keys(created_ms, id);
+CREATE TABLE IF NOT EXISTS hashes (
+    hash BLOB PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    valid_until_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS hashes_key ON hashes(key_id);
+CREATE INDEX IF NOT EXISTS hashes_grace ON hashes(valid_until_ms) WHERE valid_until_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    hashes TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+";
+
+pub struct EmbeddedStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if absent) the database at `path` and its schema. Blocking, but brief:
+    /// meant for start-up.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // Happens on file systems without shared memory; still correct, just less
+            // concurrent.
+            tracing::warn!(%mode, "sqlite refused WAL mode");
+        }
+        // With WAL, NORMAL only risks the last commits on power loss, never corruption.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        tx.execute_batch(SCHEMA).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection on the blocking pool.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        run_blocking(self.conn.clone(), f).await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    conn: Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        // A panic while locked rolled its transaction back on unwind (Transaction's Drop), so
+        // the connection is still sound: recover it rather than fail for ever.
+        let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("sqlite task failed: {e}")))?
+}
+
+#[async_trait]
+impl KeyStore for EmbeddedStore {
+    async fn find_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let hash = *hash;
+        let now_ms = now.timestamp_millis();
+        let row: Option<(String, Option<i64>)> = self
+            .call(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT k.record, h.valid_until_ms FROM hashes h \
+                         JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1",
+                    )
+                    .map_err(db_err)?;
+                stmt.query_row([&hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(db_err)
+            })
+            .await?;
+        match row {
+            // Past its grace: refused here; a later write deletes the row (no write on the
+            // hot path, which would queue behind other writers).
+            Some((_, Some(until))) if now_ms >= until => Ok(None),
+            Some((json, _)) => decode(&json).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn create(
+        &self,
+        record: &KeyRecord,
+        hash: &KeyHash,
+        team_limit: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let json = encode(record)?;
+        let id = record.api_key_id.clone();
+        let team = record.team_id.clone();
+        let created_ms = record.created_time.timestamp_millis();
+        let hash = *hash;
+        self.call(move |conn| {
+            let tx = begin(conn)?;
+            // Keys without a team are never limited (same rule as the Redis store).
+            if let (Some(limit), Some(team)) = (team_limit, &team) {
+                let count: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM keys WHERE team_id = ?1",
+                        [team],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                if count >= i64::from(limit) {
+                    return Err(StoreError::LimitExceeded { limit });
+                }
+            }
+            tx.execute(
+                "INSERT INTO keys (id, team_id, created_ms, record) VALUES (?1, ?2, ?3, ?4)",
+                params![id, team, created_ms, json],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO hashes (hash, key_id, valid_until_ms) VALUES (?1, ?2, NULL)",
+                params![&hash.0[..], id],
+            )
+            .map_err(db_err)?;
+            log_change(&tx, &[hash.to_hex()])?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        let json: Option<String> = self
+            .call(move |conn| {
+                conn.query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)
+            })
+            .await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let json = encode(record)?;
+        let id = record.api_key_id.clone();
+        let team = record.team_id.clone();
+        let created_ms = record.created_time.timestamp_millis();
+        self.call(move |conn| {
+            let tx = begin(conn)?;
+            let n = tx
+                .execute(
+                    "UPDATE keys SET team_id = ?2, created_ms = ?3, record = ?4 WHERE id = ?1",
+                    params![id, team, created_ms, json],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            // Every hash of the key reads the record through the join, so announcing them is
+            // all that is left to do.
+            let hashes = hashes_of(&tx, &id)?;
+            log_change(&tx, &hashes)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn rotate(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_key_start: &str,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        let id = id.to_owned();
+        let new_hash = *new_hash;
+        let new_key_start = new_key_start.to_owned();
+        let now_ms = now.timestamp_millis();
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4);
+        // Nothing older than the new key outlives now + grace: a zero-grace rotation (a leaked
+        // key) also ends the grace of earlier rotations, and no rotation extends one.
+        let deadline = now_ms.saturating_add(grace_ms);
+        self.call(move |conn| {
+            let tx = begin(conn)?;
+            let json: String = tx
+                .query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?
+                .ok_or(StoreError::NotFound)?;
+            let mut record: KeyRecord = decode(&json)?;
+            record.key_start = new_key_start;
+            record.updated_time = now;
+            let mut announce = hashes_of(&tx, &id)?;
+            tx.execute(
+                "UPDATE hashes SET valid_until_ms = MIN(COALESCE(valid_until_ms, ?2), ?2) \
+                 WHERE key_id = ?1",
+                params![id, deadline],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "DELETE FROM hashes WHERE key_id = ?1 AND valid_until_ms <= ?2",
+                params![id, now_ms],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO hashes (hash, key_id, valid_until_ms) VALUES (?1, ?2, NULL)",
+                params![&new_hash.0[..], id],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "UPDATE keys SET record = ?2 WHERE id = ?1",
+                params![id, encode(&record)?],
+            )
+            .map_err(db_err)?;
+            announce.push(new_hash.to_hex());
+            log_change(&tx, &announce)?;
+            tx.commit().map_err(db_err)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            let tx = begin(conn)?;
+            let hashes = hashes_of(&tx, &id)?;
+            let n = tx
+                .execute("DELETE FROM keys WHERE id = ?1", [&id])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.execute("DELETE FROM hashes WHERE key_id = ?1", [&id])
+                .map_err(db_err)?;
+            log_change(&tx, &hashes)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let team = filter.team_id.clone();
+        let rows: Vec<String> = self
+            .call(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT record FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
+                         ORDER BY created_ms, id",
+                    )
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([team], |r| r.get(0))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<String>, _>>()
+                    .map_err(db_err)?;
+                Ok(rows)
+            })
+            .await?;
+        // The other filters apply to the decoded record, exactly as the Redis store does.
+        let mut matched = Vec::new();
+        for json in &rows {
+            let record: KeyRecord = decode(json)?;
+            if filter.matches(&record) {
+                matched.push(record);
+            }
+        }
+        let total = matched.len() as u64;
+        let per = page.per_page as usize;
+        let skip = page.page.saturating_sub(1) as usize * per;
+        Ok((matched.into_iter().skip(skip).take(per).collect(), total))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(drop)
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn changes(&self) -> Result<ChangeFeed, StoreError> {
+        // Only changes after this point are forwarded: the caller starts from a flushed cache.
+        let start: i64 = self
+            .call(|conn| {
+                conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db_err)
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(FEED_CAPACITY);
+        tokio::spawn(poll_changes(self.conn.clone(), start, tx));
+        Ok(rx)
+    }
+}
+
+/// Forwards new change rows until the receiver goes away or the database fails; returning
+/// drops `tx`, which tells the caller to flush and subscribe again.
+async fn poll_changes(conn: Arc<Mutex<Connection>>, mut last: i64, tx: mpsc::Sender<Change>) {
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            () = tx.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let after = last;
+        let rows = run_blocking(conn.clone(), move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, hashes FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after, POLL_BATCH], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            Ok(rows)
+        })
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded change feed ended");
+                return;
+            }
+        };
+        // Rows may have been pruned while we were not looking: assume the worst.
+        if last_ok.elapsed() > CHANGE_RETENTION / 2 && tx.send(Change::All).await.is_err() {
+            return;
+        }
+        last_ok = Instant::now();
+        for (seq, text) in rows {
+            last = seq;
+            if let Some(change) = parse_change(&text)
+                && tx.send(change).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+fn begin(conn: &mut Connection) -> Result<Transaction<'_>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)
+}
+
+/// Hex of every hash that leads to `id`.
+fn hashes_of(tx: &Transaction<'_>, id: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached("SELECT hash FROM hashes WHERE key_id = ?1")
+        .map_err(db_err)?;
+    let blobs = stmt
+        .query_map([id], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    Ok(blobs.iter().map(hex::encode).collect())
+}
+
+/// Appends a change row and prunes what has outlived its use, inside the caller's write
+/// transaction (so a reader-only process never needs the write lock).
+fn log_change(tx: &Transaction<'_>, hashes: &[String]) -> Result<(), StoreError> {
+    let now_ms = Utc::now().timestamp_millis();
+    let retention_ms = i64::try_from(CHANGE_RETENTION.as_millis()).unwrap_or(i64::MAX);
+    tx.execute(
+        "DELETE FROM changes WHERE at_ms < ?1",
+        [now_ms.saturating_sub(retention_ms)],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "DELETE FROM hashes WHERE valid_until_ms IS NOT NULL AND valid_until_ms <= ?1",
+        [now_ms],
+    )
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO changes (hashes, at_ms) VALUES (?1, ?2)",
+        params![hashes.join(" "), now_ms],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// `*` → everything; otherwise hex hashes. Anything unreadable also means everything: dropping
+/// too much from a cache is safe, keeping a stale entry is not.
+fn parse_change(text: &str) -> Option<Change> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if text == "*" {
+        return Some(Change::All);
+    }
+    let hashes: Option<Vec<KeyHash>> = text.split_whitespace().map(KeyHash::from_hex).collect();
+    Some(hashes.map_or(Change::All, Change::Keys))
+}
+
+fn encode(record: &KeyRecord) -> Result<String, StoreError> {
+    serde_json::to_string(record).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+fn decode(json: &str) -> Result<KeyRecord, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("bad stored record: {e}")))
+}
+
+/// Busy past the timeout, I/O and the like mean the database cannot answer now; a constraint
+/// violation (an id or hash stored twice) or an unreadable column means the data is wrong.
+fn db_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            StoreError::Corrupt(format!("sqlite: {e}"))
+        }
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
+            StoreError::Corrupt(format!("sqlite: {e}"))
+        }
+        _ => StoreError::Unavailable(format!("sqlite: {e}")),
+    }
+}

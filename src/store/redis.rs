@@ -1,1 +1,661 @@
-//! Redis store (being written).
+//! [`RedisStore`]: the production [`KeyStore`], shared by every gateway replica.
+//!
+//! Layout (`{ns}` is the configured namespace; the braces after it are Redis hash tags, so in a
+//! cluster each hash and each id lands on its own slot):
+//! - `{ns}:h:{<hash hex>}` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path is one
+//!   `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so Redis drops
+//!   them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`] refuses them at
+//!   `now` even before Redis has expired them.
+//! - `{ns}:k:{<id>}` → `{"record": {...}, "hashes": [{"hash": <hex>, "valid_until": ...}]}`:
+//!   the authoritative copy, by id.
+//! - `{ns}:team:{<team>}` → SET of the ids of that team, for the atomic team limit. Keys without
+//!   a team belong to no set and are never limited (same rule as the embedded store).
+//! - `{ns}:all` → ZSET of every id scored by `created_time` in milliseconds (listing order).
+//! - channel `{ns}:changes` ← the hex hashes touched by each write, space-separated; `*` means
+//!   "drop everything".
+//!
+//! Writes run as Lua scripts, which Redis executes atomically (like MULTI/EXEC, all or nothing
+//! as far as other clients can see), because each write needs a check before it writes:
+//! - create checks the team limit and the id together with the writes, so 20 concurrent creates
+//!   against a limit of 5 leave exactly 5, and a failure half-way can never leave a reserved team
+//!   slot without its key (which a limit script followed by a separate MULTI/EXEC could).
+//! - update, rotate and delete read `{ns}:k:{id}`, compute the new state here, and apply it with a
+//!   compare-and-set script that first checks the id key still holds what was read (and retries
+//!   if not). `WATCH` cannot be used: the [`ConnectionManager`] multiplexes every task over one
+//!   connection, and WATCH state belongs to the connection. Last-writer-wins is not acceptable
+//!   either: two racing rotations would leave a valid hash that the key no longer lists (and
+//!   that delete would miss), and an update racing a rotate could revive a rotated-out hash.
+//!
+//! Every key a script touches is passed in `KEYS` (none is built inside Lua). On a single Redis
+//! (what [`ConnectionManager`] talks to) this is all that is needed; on a cluster, multi-key
+//! writes would need one slot, like MULTI/EXEC would, while the hot path already works as is.
+
+use super::{Change, ChangeFeed, KeyFilter, KeyStore, Page, StoreError};
+use crate::auth::key::KeyHash;
+use crate::auth::record::KeyRecord;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, ErrorKind, FromRedisValue, RedisError, Script};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How many times a compare-and-set write is tried when other writers change the same key in
+/// between. Each lost round is another writer's win, so N concurrent writers on one key all
+/// finish within N tries; more than this means something is hammering one key.
+const CAS_ATTEMPTS: usize = 16;
+/// Ids fetched per `MGET` while listing.
+const LIST_CHUNK: usize = 500;
+const FEED_CAPACITY: usize = 256;
+/// A pub/sub connection whose peer vanished without a FIN would stay silent for ever; pinging it
+/// now and then turns that into an error, which ends the feed (the caller then resubscribes).
+const PUBSUB_PING_EVERY: Duration = Duration::from_secs(15);
+
+/// Create: KEYS = id key, hash key, `{ns}:all`, [team key]; ARGV = id JSON, hash JSON, score,
+/// id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
+const CREATE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'exists'
+end
+if KEYS[4] then
+  if ARGV[5] ~= '' and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[5]) then
+    return 'limit'
+  end
+  redis.call('SADD', KEYS[4], ARGV[4])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 'ok'
+";
+
+/// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
+/// ARGV[3] the message; then one (op, a, b) triple per key, in KEYS order. Ops are validated
+/// before anything is written, because a Lua error half-way would not roll back.
+/// Returns 1 when applied, 0 when the id key changed meanwhile.
+const APPLY_LUA: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local known = {set=true, del=true, sadd=true, srem=true, zadd=true, zrem=true}
+for i = 1, #KEYS do
+  if not known[ARGV[4 + 3 * (i - 1)]] then return redis.error_reply('keygate: bad op') end
+end
+for i, key in ipairs(KEYS) do
+  local j = 4 + 3 * (i - 1)
+  local op, a, b = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+  if op == 'set' then
+    if b == '0' then redis.call('SET', key, a) else redis.call('SET', key, a, 'PX', b) end
+  elseif op == 'del' then redis.call('DEL', key)
+  elseif op == 'sadd' then redis.call('SADD', key, a)
+  elseif op == 'srem' then redis.call('SREM', key, a)
+  elseif op == 'zadd' then redis.call('ZADD', key, a, b)
+  elseif op == 'zrem' then redis.call('ZREM', key, a)
+  end
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// Value of `{ns}:h:{hash}`.
+#[derive(Serialize, Deserialize)]
+struct HashEntry<R> {
+    valid_until: Option<i64>,
+    record: R,
+}
+
+/// Value of `{ns}:k:{id}`.
+#[derive(Serialize, Deserialize)]
+struct IdEntry<R, H> {
+    record: R,
+    hashes: H,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HashRef {
+    hash: String,
+    valid_until: Option<i64>,
+}
+
+type StoredId = IdEntry<KeyRecord, Vec<HashRef>>;
+
+/// One write of the compare-and-set script.
+enum Op {
+    /// `SET`, with `PX` when given (at least 1 ms).
+    Set(String, Option<i64>),
+    Del,
+    SAdd(String),
+    SRem(String),
+    ZAdd(i64, String),
+    ZRem(String),
+}
+
+/// The keys and ops of one compare-and-set; the id key always comes first.
+#[derive(Default)]
+struct Writes {
+    keys: Vec<String>,
+    ops: Vec<String>,
+}
+
+impl Writes {
+    fn new(id_key: String, op: Op) -> Self {
+        let mut w = Self::default();
+        w.push(id_key, op);
+        w
+    }
+
+    fn push(&mut self, key: String, op: Op) {
+        let (name, a, b) = match op {
+            Op::Set(v, px) => ("set", v, px.map_or(0, |p| p.max(1)).to_string()),
+            Op::Del => ("del", String::new(), String::new()),
+            Op::SAdd(m) => ("sadd", m, String::new()),
+            Op::SRem(m) => ("srem", m, String::new()),
+            Op::ZAdd(score, m) => ("zadd", score.to_string(), m),
+            Op::ZRem(m) => ("zrem", m, String::new()),
+        };
+        self.keys.push(key);
+        self.ops.extend([name.to_owned(), a, b]);
+    }
+}
+
+/// Key names for one namespace.
+struct Names {
+    ns: String,
+}
+
+impl Names {
+    fn hash(&self, hex: &str) -> String {
+        format!("{}:h:{{{hex}}}", self.ns)
+    }
+    fn id(&self, id: &str) -> String {
+        format!("{}:k:{{{id}}}", self.ns)
+    }
+    fn team(&self, team: &str) -> String {
+        format!("{}:team:{{{team}}}", self.ns)
+    }
+    fn all(&self) -> String {
+        format!("{}:all", self.ns)
+    }
+    fn channel(&self) -> String {
+        format!("{}:changes", self.ns)
+    }
+}
+
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    names: Names,
+    op_timeout: Duration,
+    create_script: Script,
+    apply_script: Script,
+}
+
+impl RedisStore {
+    /// Prepares a store on `url`. Performs no I/O that can fail: the connection is made lazily
+    /// by the [`ConnectionManager`] (and re-made after any loss), so the gateway starts while
+    /// Redis is down and answers `Unavailable` until it is back. Fails only on a malformed URL.
+    /// `namespace` is used verbatim and must not contain braces (the config checks that).
+    pub async fn connect(
+        url: &str,
+        namespace: &str,
+        op_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        // The URL may carry a password; redis-rs's parse errors do not echo the URL.
+        let client = Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
+        // Reconnection backoff capped at 1 s so that recovery after an outage is quick; each
+        // connection attempt and each answer bounded like the operations themselves.
+        let config = ConnectionManagerConfig::new()
+            .set_max_delay(Duration::from_secs(1))
+            .set_connection_timeout(Some(op_timeout))
+            .set_response_timeout(Some(op_timeout));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let store = Self {
+            client,
+            conn,
+            names: Names {
+                ns: namespace.to_owned(),
+            },
+            op_timeout,
+            create_script: Script::new(CREATE_LUA),
+            apply_script: Script::new(APPLY_LUA),
+        };
+        // Warm the connection in the background so the first request does not pay for it; a
+        // failure here only means Redis is not up yet.
+        let mut warm = store.conn.clone();
+        tokio::spawn(async move {
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout(op_timeout, ping.query_async::<redis::Value>(&mut warm))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis not reachable yet; will retry"),
+                Err(_) => tracing::warn!("redis did not answer yet; will retry"),
+            }
+        });
+        Ok(store)
+    }
+
+    /// Runs `fut` within the operation timeout; running out of time means Unavailable.
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.op_timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "redis did not answer within {:?}",
+                    self.op_timeout
+                )))
+            })
+    }
+
+    /// One command on the shared connection (a cheap handle clone; the manager multiplexes).
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        cmd.query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_err)
+    }
+
+    /// The raw and decoded value of `{ns}:k:{id}`; the raw text is what compare-and-set checks.
+    async fn read_id(&self, id: &str) -> Result<Option<(String, StoredId)>, StoreError> {
+        let raw: Option<String> = self.query(redis::cmd("GET").arg(self.names.id(id))).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let entry = decode(&raw)?;
+        Ok(Some((raw, entry)))
+    }
+
+    /// Applies `writes` if the id key still holds `expected`; false if someone got there first.
+    async fn apply(
+        &self,
+        expected: &str,
+        hashes: &[String],
+        writes: Writes,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.apply_script.prepare_invoke();
+        for k in &writes.keys {
+            inv.key(k);
+        }
+        inv.arg(expected)
+            .arg(self.names.channel())
+            .arg(hashes.join(" "));
+        for a in &writes.ops {
+            inv.arg(a);
+        }
+        let applied: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_err)?;
+        Ok(applied == 1)
+    }
+
+    /// Read-modify-write loop: `plan` turns the current state into writes (plus the hashes to
+    /// announce and a result), applied by compare-and-set, retried if the key moved meanwhile.
+    async fn modify<T>(
+        &self,
+        id: &str,
+        plan: impl Fn(StoredId) -> Result<(Writes, Vec<String>, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((raw, entry)) = self.read_id(id).await? else {
+                return Err(StoreError::NotFound);
+            };
+            let (writes, hashes, out) = plan(entry)?;
+            if self.apply(&raw, &hashes, writes).await? {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "key {id} kept changing under concurrent writers"
+        )))
+    }
+
+    /// Writes that leave `id` holding `record` reached by `hashes` (those with a deadline expire
+    /// by themselves when it passes, counted from `now_ms`), and remove the `gone` hashes.
+    fn state_writes(
+        &self,
+        id: &str,
+        record: &KeyRecord,
+        hashes: &[HashRef],
+        gone: &[String],
+        now_ms: i64,
+    ) -> Result<Writes, StoreError> {
+        let by_id = encode(&IdEntry { record, hashes })?;
+        let mut writes = Writes::new(self.names.id(id), Op::Set(by_id, None));
+        for h in hashes {
+            let valid_until = h.valid_until;
+            let json = encode(&HashEntry {
+                valid_until,
+                record,
+            })?;
+            let px = valid_until.map(|until| until - now_ms);
+            writes.push(self.names.hash(&h.hash), Op::Set(json, px));
+        }
+        for hex in gone {
+            writes.push(self.names.hash(hex), Op::Del);
+        }
+        Ok(writes)
+    }
+
+    async fn fetch_records(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LIST_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|id| self.names.id(id)).collect();
+            let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&keys)).await?;
+            // An id whose key is missing was deleted between the two reads: skip it.
+            for raw in values.into_iter().flatten() {
+                out.push(decode::<StoredId>(&raw)?.record);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_inner(
+        &self,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let (skip, take) = page_window(page);
+        let all = self.names.all();
+        if filter.team_id.is_none() && filter.key_type.is_none() && filter.is_enabled.is_none() {
+            // No filter: let the ZSET do the paging instead of loading every record.
+            let total: u64 = self.query(redis::cmd("ZCARD").arg(&all)).await?;
+            if take == 0 || skip as u64 >= total {
+                return Ok((Vec::new(), total));
+            }
+            let range = redis::cmd("ZRANGE")
+                .arg(&all)
+                .arg(skip)
+                .arg(skip + take - 1)
+                .clone();
+            let ids: Vec<String> = self.query(&range).await?;
+            return Ok((self.fetch_records(&ids).await?, total));
+        }
+        let ids: Vec<String> = match &filter.team_id {
+            Some(team) => {
+                self.query(redis::cmd("SMEMBERS").arg(self.names.team(team)))
+                    .await?
+            }
+            None => {
+                self.query(redis::cmd("ZRANGE").arg(&all).arg(0).arg(-1))
+                    .await?
+            }
+        };
+        let mut records: Vec<KeyRecord> = self
+            .fetch_records(&ids)
+            .await?
+            .into_iter()
+            .filter(|r| filter.matches(r))
+            .collect();
+        // Same order as the ZSET: by creation millis, then by id.
+        records.sort_by(|a, b| {
+            (a.created_time.timestamp_millis(), &a.api_key_id)
+                .cmp(&(b.created_time.timestamp_millis(), &b.api_key_id))
+        });
+        let total = records.len() as u64;
+        Ok((records.into_iter().skip(skip).take(take).collect(), total))
+    }
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn find_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let get = redis::cmd("GET")
+            .arg(self.names.hash(&hash.to_hex()))
+            .clone();
+        let raw: Option<String> = self.bounded(self.query(&get)).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let entry: HashEntry<KeyRecord> = decode(&raw)?;
+        // Redis expiry is approximate; the recorded deadline is what counts.
+        if entry
+            .valid_until
+            .is_some_and(|until| now.timestamp_millis() >= until)
+        {
+            return Ok(None);
+        }
+        Ok(Some(entry.record))
+    }
+
+    async fn create(
+        &self,
+        record: &KeyRecord,
+        hash: &KeyHash,
+        team_limit: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let (hex, valid_until) = (hash.to_hex(), None);
+        let hashes = [HashRef {
+            hash: hex.clone(),
+            valid_until,
+        }];
+        let id_json = encode(&IdEntry { record, hashes })?;
+        let hash_json = encode(&HashEntry {
+            valid_until,
+            record,
+        })?;
+        let id = &record.api_key_id;
+        let mut inv = self.create_script.prepare_invoke();
+        inv.key(self.names.id(id))
+            .key(self.names.hash(&hex))
+            .key(self.names.all());
+        if let Some(team) = &record.team_id {
+            inv.key(self.names.team(team));
+        }
+        inv.arg(id_json)
+            .arg(hash_json)
+            .arg(record.created_time.timestamp_millis())
+            .arg(id)
+            .arg(team_limit.map(|l| l.to_string()).unwrap_or_default())
+            .arg(self.names.channel())
+            .arg(&hex);
+        let mut conn = self.conn.clone();
+        let outcome: String = self
+            .bounded(async { inv.invoke_async(&mut conn).await.map_err(redis_err) })
+            .await?;
+        match (outcome.as_str(), team_limit) {
+            ("ok", _) => Ok(()),
+            ("limit", Some(limit)) => Err(StoreError::LimitExceeded { limit }),
+            // Ids are 119 random bits: a clash means a foreign writer or a bug.
+            ("exists", _) => Err(StoreError::Corrupt(format!(
+                "key id {id} or its hash is already stored"
+            ))),
+            (other, _) => Err(StoreError::Corrupt(format!(
+                "unexpected create script answer {other:?}"
+            ))),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.bounded(async { Ok(self.read_id(id).await?.map(|(_, e)| e.record)) })
+            .await
+    }
+
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let id = record.api_key_id.as_str();
+        self.bounded(self.modify(id, |current| {
+            let now_ms = Utc::now().timestamp_millis();
+            let (live, dead): (Vec<HashRef>, Vec<HashRef>) = current
+                .hashes
+                .into_iter()
+                .partition(|h| h.valid_until.is_none_or(|u| u > now_ms));
+            let dead: Vec<String> = dead.into_iter().map(|h| h.hash).collect();
+            let mut writes = self.state_writes(id, record, &live, &dead, now_ms)?;
+            if current.record.team_id != record.team_id {
+                if let Some(t) = &current.record.team_id {
+                    writes.push(self.names.team(t), Op::SRem(id.to_owned()));
+                }
+                if let Some(t) = &record.team_id {
+                    writes.push(self.names.team(t), Op::SAdd(id.to_owned()));
+                }
+            }
+            let score = record.created_time.timestamp_millis();
+            writes.push(self.names.all(), Op::ZAdd(score, id.to_owned()));
+            let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
+            Ok((writes, announce, ()))
+        }))
+        .await
+    }
+
+    async fn rotate(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_key_start: &str,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        let now_ms = now.timestamp_millis();
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4);
+        // Nothing older than the new key outlives now + grace: a zero-grace rotation (a leaked
+        // key) also ends the grace of earlier rotations, and no rotation extends one.
+        let deadline = now_ms.saturating_add(grace_ms);
+        self.bounded(self.modify(id, |current| {
+            let mut record = current.record;
+            record.key_start = new_key_start.to_owned();
+            record.updated_time = now;
+            let (mut hashes, mut gone) = (Vec::new(), Vec::new());
+            for h in current.hashes {
+                let until = h.valid_until.map_or(deadline, |u| u.min(deadline));
+                if until > now_ms {
+                    let valid_until = Some(until);
+                    hashes.push(HashRef { valid_until, ..h });
+                } else {
+                    gone.push(h.hash);
+                }
+            }
+            let (hash, valid_until) = (new_hash.to_hex(), None);
+            hashes.push(HashRef { hash, valid_until });
+            let writes = self.state_writes(id, &record, &hashes, &gone, now_ms)?;
+            let announce = hashes.into_iter().map(|h| h.hash).chain(gone).collect();
+            Ok((writes, announce, record))
+        }))
+        .await
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.bounded(self.modify(id, |current| {
+            let mut writes = Writes::new(self.names.id(id), Op::Del);
+            for h in &current.hashes {
+                writes.push(self.names.hash(&h.hash), Op::Del);
+            }
+            if let Some(t) = &current.record.team_id {
+                writes.push(self.names.team(t), Op::SRem(id.to_owned()));
+            }
+            writes.push(self.names.all(), Op::ZRem(id.to_owned()));
+            let announce = current.hashes.into_iter().map(|h| h.hash).collect();
+            Ok((writes, announce, ()))
+        }))
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        self.bounded(self.list_inner(filter, page)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let ping = redis::cmd("PING");
+        self.bounded(self.query::<redis::Value>(&ping))
+            .await
+            .map(drop)
+    }
+
+    async fn changes(&self) -> Result<ChangeFeed, StoreError> {
+        let channel = self.names.channel();
+        let client = self.client.clone();
+        // A dedicated connection: a subscribed connection can do nothing else.
+        let (mut sink, mut stream) = self
+            .bounded(async move {
+                let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+                pubsub.subscribe(&channel).await.map_err(unavailable)?;
+                Ok(pubsub.split())
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(FEED_CAPACITY);
+        let op_timeout = self.op_timeout;
+        tokio::spawn(async move {
+            let mut ping = tokio::time::interval(PUBSUB_PING_EVERY);
+            ping.tick().await; // the first tick is immediate
+            loop {
+                tokio::select! {
+                    () = tx.closed() => break,
+                    msg = stream.next() => {
+                        // None: the connection is gone. Ending drops `tx`, which tells the
+                        // caller to flush and resubscribe.
+                        let Some(msg) = msg else { break };
+                        let Some(change) = parse_change(msg.get_payload_bytes()) else {
+                            continue;
+                        };
+                        if tx.send(change).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = ping.tick() => {
+                        let pong = sink.ping::<redis::Value>();
+                        if !matches!(tokio::time::timeout(op_timeout, pong).await, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+            tracing::debug!("redis change feed ended");
+        });
+        Ok(rx)
+    }
+}
+
+/// `*` → everything; otherwise hex hashes. Anything unreadable also means everything: dropping
+/// too much from a cache is safe, keeping a stale entry is not.
+fn parse_change(payload: &[u8]) -> Option<Change> {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Some(Change::All);
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if text == "*" {
+        return Some(Change::All);
+    }
+    let hashes: Option<Vec<KeyHash>> = text.split_whitespace().map(KeyHash::from_hex).collect();
+    Some(hashes.map_or(Change::All, Change::Keys))
+}
+
+/// 1-based page → (items to skip, items to take).
+fn page_window(page: Page) -> (usize, usize) {
+    let per = page.per_page as usize;
+    (page.page.saturating_sub(1) as usize * per, per)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(raw: &str) -> Result<T, StoreError> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+/// Decoding and type errors are about the data; anything else (refused, dropped, timed out,
+/// LOADING, READONLY...) means Redis cannot answer right now.
+fn redis_err(e: RedisError) -> StoreError {
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
+            StoreError::Corrupt(format!("redis: {e}"))
+        }
+        _ => unavailable(e),
+    }
+}
