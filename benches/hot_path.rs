@@ -3,6 +3,8 @@
 //! the hit never reaches it). Targets are in issue "Benchmarks"; results go to
 //! docs/benchmarks.md with the machine they ran on.
 
+#![allow(clippy::unwrap_used)] // benchmark set-up: a panic is a broken bench
+
 use chrono::Utc;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, Uri};

@@ -487,14 +487,18 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         }
         "redis" => {
-            if !(raw.store.redis_url.starts_with("redis://")
-                || raw.store.redis_url.starts_with("rediss://")
+            if raw.store.redis_url.starts_with("rediss://") {
+                p.add(
+                    "store.redis_url",
+                    "TLS to Redis (rediss://) is not supported yet; use redis:// or a unix socket",
+                );
+            } else if !(raw.store.redis_url.starts_with("redis://")
                 || raw.store.redis_url.starts_with("redis+unix://")
                 || raw.store.redis_url.starts_with("unix://"))
             {
                 p.add(
                     "store.redis_url",
-                    "must start with redis://, rediss://, redis+unix:// or unix://",
+                    "must start with redis://, redis+unix:// or unix://",
                 );
             }
             if raw.store.namespace.is_empty() || raw.store.namespace.contains(['{', '}', ' ', ':'])

@@ -6,7 +6,9 @@
 //! - `keys(id PRIMARY KEY, team_id, created_ms, record)`: `record` is the [`KeyRecord`] as JSON;
 //!   `team_id` and `created_ms` are copies kept as columns for the team limit and the ordering.
 //! - `hashes(hash BLOB PRIMARY KEY, key_id, valid_until_ms)`: every hash that leads to a key;
-//!   `valid_until_ms` is NULL for the current hash and set for hashes rotated out with a grace.
+//!   `valid_until_ms` is NULL for the current hash and set for hashes rotated out with a grace
+//!   (found through such a hash, the record's `expires_time` is clipped to it, so that cached
+//!   copies stop working at the end of the grace too).
 //! - `changes(seq AUTOINCREMENT, hashes, at_ms)`: one row per write, with the touched hashes as
 //!   space-separated hex (`*`: everything). Other processes learn about changes by polling it.
 //!
@@ -150,7 +152,13 @@ impl KeyStore for EmbeddedStore {
             // Past its grace: refused here; a later write deletes the row (no write on the
             // hot path, which would queue behind other writers).
             Some((_, Some(until))) if now_ms >= until => Ok(None),
-            Some((json, _)) => decode(&json).map(Some),
+            Some((json, until)) => {
+                let mut record = decode(&json)?;
+                if let Some(until) = until {
+                    expire_at_grace_end(&mut record, until);
+                }
+                Ok(Some(record))
+            }
             None => Ok(None),
         }
     }
@@ -210,12 +218,25 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let json = encode(record)?;
+        let mut record = record.clone();
         let id = record.api_key_id.clone();
         let team = record.team_id.clone();
         let created_ms = record.created_time.timestamp_millis();
         self.call(move |conn| {
             let tx = begin(conn)?;
+            // `key_start` belongs to rotation: an update computed from a copy read before a
+            // rotation must not bring the old hint back.
+            let current: Option<String> = tx
+                .query_row("SELECT record FROM keys WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db_err)?;
+            let Some(current) = current else {
+                return Err(StoreError::NotFound);
+            };
+            record.key_start = decode(&current)?.key_start;
+            let json = encode(&record)?;
             let n = tx
                 .execute(
                     "UPDATE keys SET team_id = ?2, created_ms = ?3, record = ?4 WHERE id = ?1",
@@ -460,6 +481,17 @@ fn log_change(tx: &Transaction<'_>, hashes: &[String]) -> Result<(), StoreError>
     )
     .map_err(db_err)?;
     Ok(())
+}
+
+/// A hash in its rotation grace yields the record with `expires_time` no later than the end of
+/// the grace, so that a gateway which caches the answer (and its stale copy for outages) still
+/// refuses the old key on time: nothing needs to be published when a grace ends.
+fn expire_at_grace_end(record: &mut KeyRecord, until_ms: i64) {
+    let end = DateTime::<Utc>::from_timestamp_millis(until_ms);
+    record.expires_time = match (record.expires_time, end) {
+        (Some(own), Some(end)) => Some(own.min(end)),
+        (own, end) => own.or(end),
+    };
 }
 
 /// `*` → everything; otherwise hex hashes. Anything unreadable also means everything: dropping

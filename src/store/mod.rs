@@ -73,7 +73,9 @@ pub type ChangeFeed = mpsc::Receiver<Change>;
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// The hot path: the record that `hash` belongs to, if `hash` is the key's current hash or
-    /// a previous one still inside its rotation grace period at `now`.
+    /// a previous one still inside its rotation grace period at `now`. For a hash in its grace
+    /// period, `expires_time` comes back clipped to the end of the grace, so a cached copy stops
+    /// working on time without the cache knowing about rotations.
     async fn find_by_hash(
         &self,
         hash: &KeyHash,
@@ -93,7 +95,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Replaces the record with the same `api_key_id` (`NotFound` if there is none), for every
-    /// hash that still leads to it, and publishes the change.
+    /// hash that still leads to it, and publishes the change. `key_start` is kept from the
+    /// stored record: only `rotate` changes it.
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
     /// Gives the key a new hash. The previous current hash keeps working until `now + grace`

@@ -5,7 +5,8 @@
 //! - `{ns}:h:{<hash hex>}` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path is one
 //!   `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so Redis drops
 //!   them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`] refuses them at
-//!   `now` even before Redis has expired them.
+//!   `now` even before Redis has expired them (and, before that, answers with `expires_time`
+//!   clipped to it, so cached copies stop at the end of the grace too).
 //! - `{ns}:k:{<id>}` → `{"record": {...}, "hashes": [{"hash": <hex>, "valid_until": ...}]}`:
 //!   the authoritative copy, by id.
 //! - `{ns}:team:{<team>}` → SET of the ids of that team, for the atomic team limit. Keys without
@@ -414,14 +415,15 @@ impl KeyStore for RedisStore {
         let raw: Option<String> = self.bounded(self.query(&get)).await?;
         let Some(raw) = raw else { return Ok(None) };
         let entry: HashEntry<KeyRecord> = decode(&raw)?;
-        // Redis expiry is approximate; the recorded deadline is what counts.
-        if entry
-            .valid_until
-            .is_some_and(|until| now.timestamp_millis() >= until)
-        {
-            return Ok(None);
+        let mut record = entry.record;
+        if let Some(until) = entry.valid_until {
+            // Redis expiry is approximate; the recorded deadline is what counts.
+            if now.timestamp_millis() >= until {
+                return Ok(None);
+            }
+            expire_at_grace_end(&mut record, until);
         }
-        Ok(Some(entry.record))
+        Ok(Some(record))
     }
 
     async fn create(
@@ -486,6 +488,11 @@ impl KeyStore for RedisStore {
                 .into_iter()
                 .partition(|h| h.valid_until.is_none_or(|u| u > now_ms));
             let dead: Vec<String> = dead.into_iter().map(|h| h.hash).collect();
+            // `key_start` belongs to rotation: an update computed from a copy read before a
+            // rotation must not bring the old hint back.
+            let mut record = record.clone();
+            record.key_start = current.record.key_start.clone();
+            let record = &record;
             let mut writes = self.state_writes(id, record, &live, &dead, now_ms)?;
             if current.record.team_id != record.team_id {
                 if let Some(t) = &current.record.team_id {
@@ -629,6 +636,17 @@ fn parse_change(payload: &[u8]) -> Option<Change> {
     }
     let hashes: Option<Vec<KeyHash>> = text.split_whitespace().map(KeyHash::from_hex).collect();
     Some(hashes.map_or(Change::All, Change::Keys))
+}
+
+/// A hash in its rotation grace yields the record with `expires_time` no later than the end of
+/// the grace, so that a gateway which caches the answer (and its stale copy for outages) still
+/// refuses the old key on time: nothing needs to be published when a grace ends.
+fn expire_at_grace_end(record: &mut KeyRecord, until_ms: i64) {
+    let end = DateTime::<Utc>::from_timestamp_millis(until_ms);
+    record.expires_time = match (record.expires_time, end) {
+        (Some(own), Some(end)) => Some(own.min(end)),
+        (own, end) => own.or(end),
+    };
 }
 
 /// 1-based page → (items to skip, items to take).

@@ -1,5 +1,8 @@
 //! All end-to-end tests in one binary (one link, shared helpers).
 
+// Test code: a panic is a failed test, not an outage.
+#![allow(clippy::unwrap_used)]
+
 mod cli;
 mod proxy;
 mod redis_e2e;

@@ -612,3 +612,25 @@ impl<F: std::future::Future<Output = u16>> Is401 for F {
         self.await == 401
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let mut e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    // The slow route answers 504 after 300 ms: in flight while the signal arrives.
+    let url = e.gw.url("/slow");
+    let in_flight = tokio::spawn(async move {
+        client()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = tokio::task::spawn_blocking(move || e.gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(in_flight.await.unwrap().unwrap(), 504);
+}

@@ -105,6 +105,7 @@ conformance!(
     team_limit_holds_under_concurrency,
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
+    update_keeps_the_rotated_key_start,
 );
 
 fn new_hash() -> KeyHash {
@@ -241,7 +242,14 @@ async fn rotate_with_grace(h: Harness) {
     assert_eq!(s.get(&id).await.unwrap(), Some(rotated.clone()));
     // Both hashes lead to the new record during the grace; the old one stops at now + grace.
     assert_eq!(find(s, &k2, now).await, Some(rotated.clone()));
-    assert_eq!(find(s, &k1, now).await, Some(rotated.clone()));
+    // Through the old hash, the key expires when the grace ends: a gateway that caches this
+    // answer still refuses the old key on time, with nothing to invalidate.
+    let grace_end = DateTime::from_timestamp_millis((now + secs(60)).timestamp_millis()).unwrap();
+    let old_view = |r: &KeyRecord| KeyRecord {
+        expires_time: Some(grace_end),
+        ..r.clone()
+    };
+    assert_eq!(find(s, &k1, now).await, Some(old_view(&rotated)));
     assert!(find(s, &k1, now + secs(59)).await.is_some());
     assert_eq!(find(s, &k1, now + secs(60)).await, None);
     assert_eq!(find(s, &k1, now + secs(61)).await, None);
@@ -251,7 +259,7 @@ async fn rotate_with_grace(h: Harness) {
     let mut updated = rotated.clone();
     updated.name = "updated in grace".into();
     s.update(&updated).await.unwrap();
-    assert_eq!(find(s, &k1, now + secs(59)).await, Some(updated.clone()));
+    assert_eq!(find(s, &k1, now + secs(59)).await, Some(old_view(&updated)));
     assert_eq!(find(s, &k1, now + secs(61)).await, None);
 
     // A later rotation with a longer grace never extends an earlier one...
@@ -270,6 +278,17 @@ async fn rotate_with_grace(h: Harness) {
         assert_eq!(find(s, old, now + secs(20)).await, None);
     }
     assert_eq!(find(s, &k4, now + secs(20)).await, Some(last));
+
+    // A key that expires before the grace ends keeps its own expiry through the old hash.
+    let mut short = record(None, now);
+    short.expires_time = Some(now + secs(30));
+    let (s1, s2) = (new_hash(), new_hash());
+    s.create(&short, &s1, None).await.unwrap();
+    s.rotate(&short.api_key_id, &s2, "kg_short", MINUTE, now)
+        .await
+        .unwrap();
+    let seen = find(s, &s1, now).await.unwrap();
+    assert_eq!(seen.expires_time, short.expires_time);
 
     assert_not_found(
         s.rotate("apk_doesnotexist", &new_hash(), "kg_x", Duration::ZERO, now)
@@ -290,6 +309,29 @@ async fn rotate_with_zero_grace(h: Harness) {
     assert_eq!(find(s, &old, now).await, None);
     assert_eq!(find(s, &new, now).await, Some(rotated.clone()));
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(rotated));
+}
+
+async fn update_keeps_the_rotated_key_start(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(None, now);
+    s.create(&r, &new_hash(), None).await.unwrap();
+    // An update computed from a copy read before the rotation.
+    let mut stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
+    s.rotate(
+        &r.api_key_id,
+        &new_hash(),
+        "kg_rotated",
+        Duration::ZERO,
+        now,
+    )
+    .await
+    .unwrap();
+    stale_copy.name = "renamed".into();
+    s.update(&stale_copy).await.unwrap();
+    let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
+    assert_eq!(stored.name, "renamed");
+    assert_eq!(stored.key_start, "kg_rotated");
 }
 
 async fn delete_removes_every_hash(h: Harness) {
