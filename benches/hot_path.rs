@@ -14,7 +14,7 @@ use keygate::auth::record::KeyType;
 use keygate::auth::verify::Verifier;
 use keygate::config::{CacheConfig, KeySource};
 use keygate::credential::{SourceNames, extract};
-use keygate::keys::{CreateKey, KeyService};
+use keygate::keys::{Actor, CreateKey, KeyRules, KeyService};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use std::sync::Arc;
@@ -48,10 +48,10 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&dir.path().join("b.db")).unwrap());
     let (cached_key, mut record) = rt.block_on(async {
-        let service = KeyService::new(store.clone(), prefix.clone(), None);
+        let service = KeyService::new(store.clone(), prefix.clone(), KeyRules::permissive());
         let mut req = CreateKey::new(KeyType::Shared);
         req.scope_names = vec!["read".into(), "write".into()];
-        service.create(req, Utc::now()).await.unwrap()
+        service.create(req, &Actor::cli(), Utc::now()).await.unwrap()
     });
     record.allow_ips = (0..20)
         .map(|i| format!("10.{i}.0.0/16").parse().unwrap())

@@ -1,7 +1,9 @@
 //! Wiring: opens the store, builds the verifier and the gateway, keeps the cache subscribed to
 //! the store's changes, and runs the proxy listener until shutdown. Nothing clever lives here.
 
+use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
+use crate::keys::{KeyRules, KeyService};
 use crate::config::{Config, StoreConfig};
 use crate::gateway::Gateway;
 use crate::server::{self, ServeOptions};
@@ -10,7 +12,9 @@ use crate::store::redis::RedisStore;
 use crate::store::{KeyStore, StoreError};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -25,11 +29,20 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, StoreErr
     })
 }
 
-/// Runs the proxy on `listener` until `shutdown` resolves and in-flight requests drain.
+/// The sockets `run` serves; bound by the caller so it can print the addresses first.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    /// `None` when the admin API is disabled.
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs the proxy (and the admin API) until `shutdown` resolves, then turns unready, stops
+/// accepting and lets in-flight requests drain.
 pub async fn run(
     config: &Config,
     store: Arc<dyn KeyStore>,
-    listener: TcpListener,
+    listeners: Listeners,
+    bootstrap_token: Option<Vec<u8>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let verifier = Arc::new(Verifier::new(
@@ -47,16 +60,22 @@ pub async fn run(
         }
         Err(_) => None,
     };
-    let follower = tokio::spawn(follow_changes(verifier.clone(), store, first_feed));
-    let gateway = Arc::new(Gateway::new(config, verifier));
+    let follower = tokio::spawn(follow_changes(verifier.clone(), store.clone(), first_feed));
+    let gateway = Arc::new(Gateway::new(config, verifier.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     let opts = ServeOptions {
         max_connections: config.proxy.max_connections,
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
     };
-    server::serve(
-        listener,
-        opts,
+
+    let proxy = server::serve(
+        listeners.proxy,
+        opts.clone(),
         move |peer| {
             let gateway = gateway.clone();
             hyper::service::service_fn(move |req| {
@@ -64,9 +83,49 @@ pub async fn run(
                 async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
             })
         },
-        shutdown,
-    )
-    .await;
+        stopped(stop_rx.clone()),
+    );
+
+    let admin = async {
+        let Some(listener) = listeners.admin else {
+            return;
+        };
+        let api = Arc::new(AdminApi::new(
+            KeyService::new(store.clone(), config.auth.key_prefix.clone(), KeyRules::from_config(config)),
+            verifier.clone(),
+            bootstrap_token,
+            config.scopes.clone(),
+            config.proxy.trusted_proxies.clone(),
+            config.admin.max_body_bytes,
+            ready.clone(),
+        ));
+        server::serve(
+            listener,
+            ServeOptions {
+                max_connections: 1024,
+                ..opts.clone()
+            },
+            move |peer| {
+                let api = api.clone();
+                hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, std::convert::Infallible>(api.handle(req, peer).await) }
+                })
+            },
+            stopped(stop_rx.clone()),
+        )
+        .await;
+    };
+
+    let control = async {
+        ready.store(true, Ordering::Release);
+        shutdown.await;
+        // Unready first, so probes stop sending traffic, then stop accepting and drain.
+        ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+    };
+
+    tokio::join!(proxy, admin, control);
     follower.abort();
 }
 

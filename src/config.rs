@@ -20,6 +20,8 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     proxy: RawProxy,
+    admin: RawAdmin,
+    scopes: Vec<RawScope>,
     auth: RawAuth,
     cache: RawCache,
     store: RawStore,
@@ -54,6 +56,38 @@ impl Default for RawProxy {
             drain_timeout: Duration::from_secs(20),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    enabled: bool,
+    listen: String,
+    #[serde(with = "humantime_serde")]
+    reveal_window: Duration,
+    team_key_limit: u32,
+    bootstrap_token_env: String,
+    max_body_bytes: usize,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9090".into(),
+            reveal_window: Duration::from_secs(60),
+            team_key_limit: 5,
+            bootstrap_token_env: "KEYGATE_ADMIN_TOKEN".into(),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawScope {
+    name: String,
+    description: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +223,10 @@ struct RawRoute {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    /// The scope catalogue: configured scopes, every scope a route requires, and the two
+    /// built-in admin scopes. Keys may only carry scopes from it.
+    pub scopes: Vec<ScopeConfig>,
     pub auth: AuthConfig,
     pub cache: CacheConfig,
     pub store: StoreConfig,
@@ -209,6 +247,28 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
 }
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// How long after create/rotate `show_key_value=true` still returns the value (0: never).
+    pub reveal_window: Duration,
+    /// Keys per team, enabled or not (0: no limit).
+    pub team_key_limit: u32,
+    /// Name of the environment variable holding the bootstrap admin token (unset: none).
+    pub bootstrap_token_env: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ScopeConfig {
+    pub name: String,
+    pub description: String,
+}
+
+pub const SCOPE_KEYS_READ: &str = "api_keys_read";
+pub const SCOPE_KEYS_WRITE: &str = "api_keys_write";
 
 /// Where a key may be found in a request, tried in the configured order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -652,9 +712,24 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
 
+    let admin = AdminConfig {
+        enabled: raw.admin.enabled,
+        listen: parse_socket_addr(&mut p, "admin.listen", &raw.admin.listen),
+        reveal_window: raw.admin.reveal_window,
+        team_key_limit: raw.admin.team_key_limit,
+        bootstrap_token_env: raw.admin.bootstrap_token_env,
+        max_body_bytes: raw.admin.max_body_bytes,
+    };
+    if admin.max_body_bytes < 1024 {
+        p.add("admin.max_body_bytes", "must be at least 1024");
+    }
+    let scopes = scope_catalogue(&mut p, raw.scopes, &routes);
+
     if p.0.is_empty() {
         Ok(Config {
             proxy,
+            admin,
+            scopes,
             auth,
             cache,
             store,
@@ -665,6 +740,48 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     } else {
         Err(ConfigError::Invalid(p.0))
     }
+}
+
+fn valid_scope_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.' | b'/'))
+}
+
+fn scope_catalogue(p: &mut Problems, raw: Vec<RawScope>, routes: &[RouteConfig]) -> Vec<ScopeConfig> {
+    let mut out: Vec<ScopeConfig> = Vec::new();
+    let mut add = |name: &str, description: &str| {
+        if !out.iter().any(|s| s.name == name) {
+            out.push(ScopeConfig {
+                name: name.to_owned(),
+                description: description.to_owned(),
+            });
+        }
+    };
+    add(SCOPE_KEYS_READ, "Read API keys through the admin API");
+    add(SCOPE_KEYS_WRITE, "Create, change and delete API keys through the admin API");
+    for (i, s) in raw.iter().enumerate() {
+        if !valid_scope_name(&s.name) {
+            p.add(
+                format!("scopes[{i}].name"),
+                format!("{:?} is not a scope name (1-64 of A-Z a-z 0-9 _ - : . /)", s.name),
+            );
+            continue;
+        }
+        add(&s.name, &s.description);
+    }
+    for (i, r) in routes.iter().enumerate() {
+        for s in &r.scopes {
+            if !valid_scope_name(s) {
+                p.add(format!("routes[{i}].scopes"), format!("{s:?} is not a scope name"));
+                continue;
+            }
+            add(s, &format!("Required by route {}", r.name));
+        }
+    }
+    out
 }
 
 fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {

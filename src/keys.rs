@@ -1,10 +1,13 @@
-//! Key lifecycle operations: create, list, enable/disable, revoke, rotate. One implementation of
-//! the rules, used by the `keygate keys` CLI today and by the admin API later, so the two can
-//! never disagree. Plaintext keys leave this module only inside [`NewKey`], to be shown once.
+//! Key lifecycle: create, list, get, change, enable/disable, rotate, revoke, team membership,
+//! and the audit trail of all of it. One implementation of the rules, used by the admin API and
+//! the `keygate keys` CLI alike, so the two can never disagree. Plaintext keys leave this
+//! module only inside [`NewKey`] (to be shown once) and through the reveal window.
 
 use crate::auth::key::{KeyPrefix, NewKey, new_key_id};
 use crate::auth::record::{KeyRecord, KeyType};
-use crate::store::{KeyFilter, KeyStore, Page, StoreError};
+use crate::store::{
+    AuditAction, AuditEvent, AuditFilter, KeyFilter, KeyStore, Member, Page, Role, StoreError,
+};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -13,10 +16,81 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    #[error("no API key with that id")]
+    NotFound,
+    #[error("the team already has its maximum of {limit} keys")]
+    LimitExceeded { limit: u32 },
+    #[error("unknown scope {0:?}")]
+    ScopeInvalid(String),
+    #[error("{0}")]
+    AllowIpInvalid(String),
+    #[error("{0}")]
+    UserInvalid(String),
+    #[error("no member {user:?} in team {team:?}")]
+    MemberNotFound { team: String, user: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for KeyError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => KeyError::NotFound,
+            StoreError::LimitExceeded { limit } => KeyError::LimitExceeded { limit },
+            other => KeyError::Store(other),
+        }
+    }
+}
+
+/// Who asks, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Admin key id, `bootstrap` or `cli`.
+    pub id: String,
+    pub client_ip: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl Actor {
+    pub fn cli() -> Self {
+        Self {
+            id: "cli".into(),
+            client_ip: None,
+            request_id: None,
+        }
+    }
+}
+
+/// The rules keys are created and changed under, from the configuration.
+#[derive(Debug, Clone)]
+pub struct KeyRules {
+    /// Keys per team, enabled or not; `None`: unlimited.
+    pub team_limit: Option<u32>,
+    /// Scope names keys may carry; `None` accepts any well-formed name (embedders and tests).
+    pub scope_catalogue: Option<Vec<String>>,
+    /// How long `reveal` still returns a new key's value (zero: never).
+    pub reveal_window: Duration,
+}
+
+impl KeyRules {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            team_limit: (cfg.admin.team_key_limit > 0).then_some(cfg.admin.team_key_limit),
+            scope_catalogue: Some(cfg.scopes.iter().map(|s| s.name.clone()).collect()),
+            reveal_window: cfg.admin.reveal_window,
+        }
+    }
+
+    /// Unlimited, any scope, no reveal window.
+    pub fn permissive() -> Self {
+        Self {
+            team_limit: None,
+            scope_catalogue: None,
+            reveal_window: Duration::ZERO,
+        }
+    }
 }
 
 /// What a caller may set when creating a key.
@@ -32,7 +106,6 @@ pub struct CreateKey {
     pub behalf_of_user_id: Option<String>,
     pub expires_time: Option<DateTime<Utc>>,
     pub metadata: BTreeMap<String, String>,
-    pub created_by: Option<String>,
 }
 
 impl CreateKey {
@@ -48,64 +121,219 @@ impl CreateKey {
             behalf_of_user_id: None,
             expires_time: None,
             metadata: BTreeMap::new(),
-            created_by: None,
         }
     }
+}
+
+/// A change to a key; `None` leaves a field as it is. The inner `Option`s can clear a field.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChange {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub scope_names: Option<Vec<String>>,
+    pub allow_ips: Option<Vec<IpNet>>,
+    pub is_enabled: Option<bool>,
+    pub behalf_of_user_id: Option<Option<String>>,
+    pub expires_time: Option<Option<DateTime<Utc>>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+pub const MAX_NAME_LEN: usize = 200;
+pub const MAX_DESCRIPTION_LEN: usize = 2000;
+pub const MAX_SCOPES: usize = 100;
+pub const MAX_ALLOW_IPS: usize = 100;
+pub const MAX_METADATA_ENTRIES: usize = 50;
+pub const MAX_METADATA_LEN: usize = 500;
+
+/// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
+pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
+    if list.len() > MAX_ALLOW_IPS {
+        return Err(KeyError::AllowIpInvalid(format!(
+            "at most {MAX_ALLOW_IPS} entries"
+        )));
+    }
+    list.iter()
+        .map(|s| crate::config::parse_cidr(s).map_err(KeyError::AllowIpInvalid))
+        .collect()
 }
 
 pub struct KeyService {
     store: Arc<dyn KeyStore>,
     prefix: KeyPrefix,
-    team_limit: Option<u32>,
+    rules: KeyRules,
+    /// New key values by key id, for `rules.reveal_window` after create/rotate. Memory only:
+    /// never written to the store, gone on restart, and only on the process that made the key.
+    reveal: moka::sync::Cache<String, Arc<String>>,
 }
 
 impl KeyService {
-    pub fn new(store: Arc<dyn KeyStore>, prefix: KeyPrefix, team_limit: Option<u32>) -> Self {
+    pub fn new(store: Arc<dyn KeyStore>, prefix: KeyPrefix, rules: KeyRules) -> Self {
+        let reveal = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(rules.reveal_window.max(Duration::from_millis(1)))
+            .build();
         Self {
             store,
             prefix,
-            team_limit,
+            rules,
+            reveal,
         }
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    fn check_scopes(&self, scopes: &[String]) -> Result<(), KeyError> {
+        if scopes.len() > MAX_SCOPES {
+            return Err(KeyError::Invalid {
+                field: "scope_names",
+                reason: format!("at most {MAX_SCOPES} scopes"),
+            });
+        }
+        for s in scopes {
+            let known = match &self.rules.scope_catalogue {
+                Some(catalogue) => catalogue.iter().any(|c| c == s),
+                None => !s.is_empty() && !s.contains(char::is_whitespace),
+            };
+            if !known {
+                return Err(KeyError::ScopeInvalid(s.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), KeyError> {
+        if value.chars().count() > max {
+            return Err(KeyError::Invalid {
+                field,
+                reason: format!("at most {max} characters"),
+            });
+        }
+        if value.chars().any(char::is_control) {
+            return Err(KeyError::Invalid {
+                field,
+                reason: "must not contain control characters".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), KeyError> {
+        if metadata.len() > MAX_METADATA_ENTRIES {
+            return Err(KeyError::Invalid {
+                field: "metadata",
+                reason: format!("at most {MAX_METADATA_ENTRIES} entries"),
+            });
+        }
+        for (k, v) in metadata {
+            if k.is_empty() || k.len() > 100 || v.len() > MAX_METADATA_LEN {
+                return Err(KeyError::Invalid {
+                    field: "metadata",
+                    reason: format!(
+                        "keys must be 1-100 characters and values at most {MAX_METADATA_LEN}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `behalf_of_user_id` must name a member of the key's team.
+    async fn check_user(&self, team: Option<&str>, user: Option<&str>) -> Result<(), KeyError> {
+        let Some(user) = user else { return Ok(()) };
+        let Some(team) = team else {
+            return Err(KeyError::UserInvalid(
+                "behalf_of_user_id needs the key to belong to a team".into(),
+            ));
+        };
+        match self.store.get_member(team, user).await? {
+            Some(_) => Ok(()),
+            None => Err(KeyError::UserInvalid(format!(
+                "user {user:?} is not a member of team {team:?}"
+            ))),
+        }
+    }
+
+    fn check_expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Result<(), KeyError> {
+        if t.is_some_and(|t| t <= now) {
+            return Err(KeyError::Invalid {
+                field: "expires_at",
+                reason: "must be in the future".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        key: Option<&KeyRecord>,
+        details: BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
+        let event = AuditEvent {
+            event_id: String::new(),
+            time: now,
+            actor: actor.id.clone(),
+            action,
+            api_key_id: key.map(|k| k.api_key_id.clone()),
+            team_id: key.and_then(|k| k.team_id.clone()),
+            user_id: key.and_then(|k| k.behalf_of_user_id.clone()),
+            client_ip: actor.client_ip.clone(),
+            request_id: actor.request_id.clone(),
+            details,
+        };
+        self.store.append_audit(&event).await?;
+        Ok(())
     }
 
     pub async fn create(
         &self,
         req: CreateKey,
+        actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(NewKey, KeyRecord), KeyError> {
         if req.key_type == KeyType::User && req.behalf_of_user_id.is_none() {
-            return Err(KeyError::Invalid {
-                field: "behalf_of_user_id",
-                reason: "a user key must name the user it acts for".into(),
-            });
+            return Err(KeyError::UserInvalid(
+                "a user key must name the user it acts for (behalf_of_user_id)".into(),
+            ));
         }
-        if let Some(t) = req.expires_time
-            && t <= now
+        if let Some(name) = &req.name {
+            Self::check_text("name", name, MAX_NAME_LEN)?;
+        }
+        if let Some(d) = &req.description {
+            Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
+        }
+        if let Some(t) = &req.team_id
+            && (t.is_empty() || t.len() > 100 || t.contains(['{', '}', '/']))
         {
             return Err(KeyError::Invalid {
-                field: "expires_time",
-                reason: "must be in the future".into(),
+                field: "team_id",
+                reason: "must be 1-100 characters, without braces or slashes".into(),
             });
         }
-        for s in &req.scope_names {
-            if s.is_empty() || s.contains(char::is_whitespace) {
-                return Err(KeyError::Invalid {
-                    field: "scope_names",
-                    reason: format!("{s:?} is not a scope name (no spaces, not empty)"),
-                });
-            }
+        Self::check_expiry(req.expires_time, now)?;
+        self.check_scopes(&req.scope_names)?;
+        Self::check_metadata(&req.metadata)?;
+        if req.allow_ips.len() > MAX_ALLOW_IPS {
+            return Err(KeyError::AllowIpInvalid(format!(
+                "at most {MAX_ALLOW_IPS} entries"
+            )));
         }
+        self.check_user(req.team_id.as_deref(), req.behalf_of_user_id.as_deref())
+            .await?;
         let key = NewKey::generate(&self.prefix);
-        let id = new_key_id();
         let record = KeyRecord {
             name: req
                 .name
-                .unwrap_or_else(|| format!("key {}", now.format("%Y-%m-%d %H:%M:%S"))),
-            api_key_id: id,
+                .unwrap_or_else(|| format!("API key {}", now.format("%Y-%m-%d %H:%M:%S"))),
+            api_key_id: new_key_id(),
             description: req.description,
             key_type: req.key_type,
             team_id: req.team_id,
-            created_by: req.created_by,
+            created_by: Some(actor.id.clone()),
             behalf_of_user_id: req.behalf_of_user_id,
             scope_names: req.scope_names,
             allow_ips: req.allow_ips,
@@ -118,9 +346,34 @@ impl KeyService {
             key_start: key.key_start(),
         };
         self.store
-            .create(&record, &key.hash(), self.team_limit)
+            .create(&record, &key.hash(), self.rules.team_limit)
+            .await?;
+        self.remember_for_reveal(&record.api_key_id, &key);
+        self.audit(actor, AuditAction::Create, Some(&record), BTreeMap::new(), now)
             .await?;
         Ok((key, record))
+    }
+
+    fn remember_for_reveal(&self, id: &str, key: &NewKey) {
+        if !self.rules.reveal_window.is_zero() {
+            self.reveal
+                .insert(id.to_owned(), Arc::new(key.expose().to_owned()));
+        }
+    }
+
+    /// The key's value while inside the reveal window (each read audited), else `None`.
+    pub async fn reveal(
+        &self,
+        record: &KeyRecord,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Arc<String>>, KeyError> {
+        let Some(value) = self.reveal.get(&record.api_key_id) else {
+            return Ok(None);
+        };
+        self.audit(actor, AuditAction::Reveal, Some(record), BTreeMap::new(), now)
+            .await?;
+        Ok(Some(value))
     }
 
     pub async fn list(
@@ -132,33 +385,115 @@ impl KeyService {
     }
 
     pub async fn get(&self, id: &str) -> Result<KeyRecord, KeyError> {
-        self.store
-            .get(id)
-            .await?
-            .ok_or(KeyError::Store(StoreError::NotFound))
+        self.store.get(id).await?.ok_or(KeyError::NotFound)
+    }
+
+    pub async fn change(
+        &self,
+        id: &str,
+        change: KeyChange,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, KeyError> {
+        let mut record = self.get(id).await?;
+        let mut fields: Vec<&str> = Vec::new();
+        if let Some(name) = change.name {
+            Self::check_text("name", &name, MAX_NAME_LEN)?;
+            record.name = name;
+            fields.push("name");
+        }
+        if let Some(d) = change.description {
+            if let Some(d) = &d {
+                Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
+            }
+            record.description = d;
+            fields.push("description");
+        }
+        if let Some(scopes) = change.scope_names {
+            self.check_scopes(&scopes)?;
+            record.scope_names = scopes;
+            fields.push("scope_names");
+        }
+        if let Some(ips) = change.allow_ips {
+            if ips.len() > MAX_ALLOW_IPS {
+                return Err(KeyError::AllowIpInvalid(format!(
+                    "at most {MAX_ALLOW_IPS} entries"
+                )));
+            }
+            record.allow_ips = ips;
+            fields.push("allow_ips");
+        }
+        if let Some(user) = change.behalf_of_user_id {
+            self.check_user(record.team_id.as_deref(), user.as_deref())
+                .await?;
+            if user.is_none() && record.key_type == KeyType::User {
+                return Err(KeyError::UserInvalid(
+                    "a user key must keep the user it acts for".into(),
+                ));
+            }
+            record.behalf_of_user_id = user;
+            fields.push("behalf_of_user_id");
+        }
+        if let Some(t) = change.expires_time {
+            Self::check_expiry(t, now)?;
+            record.expires_time = t;
+            fields.push("expires_time");
+        }
+        if let Some(m) = change.metadata {
+            Self::check_metadata(&m)?;
+            record.metadata = m;
+            fields.push("metadata");
+        }
+        let toggled = change
+            .is_enabled
+            .filter(|e| *e != record.is_enabled)
+            .inspect(|e| record.is_enabled = *e);
+        record.updated_time = now;
+        self.store.update(&record).await?;
+        if !fields.is_empty() {
+            let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
+            self.audit(actor, AuditAction::Update, Some(&record), details, now)
+                .await?;
+        }
+        if let Some(enabled) = toggled {
+            let action = if enabled {
+                AuditAction::Enable
+            } else {
+                AuditAction::Disable
+            };
+            self.audit(actor, action, Some(&record), BTreeMap::new(), now)
+                .await?;
+        }
+        Ok(record)
     }
 
     pub async fn set_enabled(
         &self,
         id: &str,
         enabled: bool,
+        actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, KeyError> {
-        let mut record = self.get(id).await?;
-        record.is_enabled = enabled;
-        record.updated_time = now;
-        self.store.update(&record).await?;
-        Ok(record)
+        let change = KeyChange {
+            is_enabled: Some(enabled),
+            ..KeyChange::default()
+        };
+        self.change(id, change, actor, now).await
     }
 
-    pub async fn revoke(&self, id: &str) -> Result<(), KeyError> {
-        Ok(self.store.delete(id).await?)
+    pub async fn revoke(&self, id: &str, actor: &Actor, now: DateTime<Utc>) -> Result<(), KeyError> {
+        let record = self.get(id).await?;
+        self.store.delete(id).await?;
+        self.reveal.invalidate(id);
+        self.audit(actor, AuditAction::Delete, Some(&record), BTreeMap::new(), now)
+            .await
     }
 
     pub async fn rotate(
         &self,
         id: &str,
         grace: Duration,
+        actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(NewKey, KeyRecord), KeyError> {
         let key = NewKey::generate(&self.prefix);
@@ -166,6 +501,132 @@ impl KeyService {
             .store
             .rotate(id, &key.hash(), &key.key_start(), grace, now)
             .await?;
+        self.remember_for_reveal(id, &key);
+        let details = BTreeMap::from([("grace_seconds".to_owned(), grace.as_secs().to_string())]);
+        self.audit(actor, AuditAction::Rotate, Some(&record), details, now)
+            .await?;
         Ok((key, record))
+    }
+
+    pub async fn put_member(
+        &self,
+        team: &str,
+        user: &str,
+        role: Role,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Member, KeyError> {
+        for (field, v) in [("team_id", team), ("user_id", user)] {
+            if v.is_empty() || v.len() > 100 || v.contains(['{', '}', '/']) || v.chars().any(char::is_control) {
+                return Err(KeyError::Invalid {
+                    field,
+                    reason: "must be 1-100 characters, without braces, slashes or control characters".into(),
+                });
+            }
+        }
+        let member = self
+            .store
+            .put_member(&Member {
+                team_id: team.to_owned(),
+                user_id: user.to_owned(),
+                role,
+                added_time: now,
+            })
+            .await?;
+        let event = AuditEvent {
+            event_id: String::new(),
+            time: now,
+            actor: actor.id.clone(),
+            action: AuditAction::MemberPut,
+            api_key_id: None,
+            team_id: Some(team.to_owned()),
+            user_id: Some(user.to_owned()),
+            client_ip: actor.client_ip.clone(),
+            request_id: actor.request_id.clone(),
+            details: BTreeMap::from([("role".to_owned(), format!("{role:?}").to_lowercase())]),
+        };
+        self.store.append_audit(&event).await?;
+        Ok(member)
+    }
+
+    /// Removes a member. Their `user` keys in the team are disabled; `shared` keys that acted
+    /// for them fall back to the team's first owner (else admin), or to nobody.
+    /// Returns the keys that changed.
+    pub async fn remove_member(
+        &self,
+        team: &str,
+        user: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<KeyRecord>, KeyError> {
+        let removed = self.store.remove_member(team, user).await?;
+        if removed.is_none() {
+            return Err(KeyError::MemberNotFound {
+                team: team.to_owned(),
+                user: user.to_owned(),
+            });
+        }
+        let event = AuditEvent {
+            event_id: String::new(),
+            time: now,
+            actor: actor.id.clone(),
+            action: AuditAction::MemberRemove,
+            api_key_id: None,
+            team_id: Some(team.to_owned()),
+            user_id: Some(user.to_owned()),
+            client_ip: actor.client_ip.clone(),
+            request_id: actor.request_id.clone(),
+            details: BTreeMap::new(),
+        };
+        self.store.append_audit(&event).await?;
+
+        let members = self.store.list_members(team).await?;
+        let fallback = members
+            .iter()
+            .find(|m| m.role == Role::Owner)
+            .or_else(|| members.iter().find(|m| m.role == Role::Admin))
+            .map(|m| m.user_id.clone());
+        let filter = KeyFilter {
+            team_id: Some(team.to_owned()),
+            ..KeyFilter::default()
+        };
+        let mut changed = Vec::new();
+        let mut page = 1;
+        loop {
+            let (records, total) = self.store.list(&filter, Page { page, per_page: 500 }).await?;
+            for r in &records {
+                if r.behalf_of_user_id.as_deref() != Some(user) {
+                    continue;
+                }
+                let change = match r.key_type {
+                    KeyType::User => KeyChange {
+                        is_enabled: Some(false),
+                        ..KeyChange::default()
+                    },
+                    KeyType::Shared => KeyChange {
+                        behalf_of_user_id: Some(fallback.clone()),
+                        ..KeyChange::default()
+                    },
+                };
+                changed.push(self.change(&r.api_key_id, change, actor, now).await?);
+            }
+            if records.is_empty() || u64::from(page) * 500 >= total {
+                break;
+            }
+            page += 1;
+        }
+        Ok(changed)
+    }
+
+    pub async fn list_members(&self, team: &str) -> Result<Vec<Member>, KeyError> {
+        Ok(self.store.list_members(team).await?)
+    }
+
+    pub async fn audit_log(
+        &self,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<(Vec<AuditEvent>, u64), KeyError> {
+        Ok(self.store.list_audit(filter, page).await?)
     }
 }

@@ -14,6 +14,7 @@
 //! [`keys`] (key lifecycle operations shared by the CLI and, later, the admin API),
 //! [`app`] (wiring), [`dev`] (the echo upstream), [`telemetry`] (logs).
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod client_ip;

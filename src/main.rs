@@ -5,7 +5,7 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use keygate::auth::record::KeyType;
 use keygate::config::{self, Config, StoreConfig};
-use keygate::keys::{CreateKey, KeyService};
+use keygate::keys::{Actor, CreateKey, KeyRules, KeyService};
 use keygate::store::{KeyFilter, Page};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Overrides `proxy.listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Overrides `admin.listen`.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +165,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(listen) = args.listen {
         cfg.proxy.listen = listen;
     }
+    if let Some(listen) = args.admin_listen {
+        cfg.admin.listen = listen;
+    }
+    let mut bootstrap = bootstrap_token(&cfg)?;
+    if args.dev && bootstrap.is_none() && cfg.admin.enabled {
+        bootstrap = Some(keygate::auth::key::NewKey::generate(&cfg.auth.key_prefix).expose().to_owned());
+    }
     keygate::telemetry::init_logging(&cfg.log);
 
     // Dev mode keeps its temporary directory alive for the whole run.
@@ -198,17 +208,35 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
-    // Tools and tests read this line to learn the port when `listen` used port 0.
+    // Tools and tests read these lines to learn the ports when `listen` used port 0.
     println!("keygate: proxy listening on http://{addr}");
+    let admin_listener = if cfg.admin.enabled {
+        let l = TcpListener::bind(cfg.admin.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (admin.listen): {e}", cfg.admin.listen))?;
+        let admin_addr = l
+            .local_addr()
+            .map_err(|e| format!("cannot read the admin address: {e}"))?;
+        println!("keygate: admin listening on http://{admin_addr}");
+        Some((l, admin_addr))
+    } else {
+        None
+    };
 
     if args.dev {
-        let service = KeyService::new(store.clone(), cfg.auth.key_prefix.clone(), None);
+        let service = KeyService::new(
+            store.clone(),
+            cfg.auth.key_prefix.clone(),
+            KeyRules::from_config(&cfg),
+        );
         let mut req = CreateKey::new(KeyType::Shared);
         req.team_id = Some("dev".into());
         req.name = Some("dev key".into());
         req.scope_names = cfg.routes.iter().flat_map(|r| r.scopes.clone()).collect();
+        req.scope_names.sort();
+        req.scope_names.dedup();
         let (key, record) = service
-            .create(req, Utc::now())
+            .create(req, &Actor::cli(), Utc::now())
             .await
             .map_err(|e| format!("cannot create the dev key: {e}"))?;
         println!();
@@ -227,8 +255,41 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         println!();
     }
 
-    keygate::app::run(&cfg, store, listener, keygate::app::shutdown_signal()).await;
+    if args.dev
+        && let (Some((_, admin_addr)), Some(token)) = (&admin_listener, &bootstrap)
+    {
+        println!("  admin API: http://{admin_addr}   bootstrap token: {token}");
+        println!("  curl -H 'Authorization: Bearer {token}' http://{admin_addr}/v1/keys");
+        println!();
+    }
+
+    let listeners = keygate::app::Listeners {
+        proxy: listener,
+        admin: admin_listener.map(|(l, _)| l),
+    };
+    keygate::app::run(
+        &cfg,
+        store,
+        listeners,
+        bootstrap.map(String::into_bytes),
+        keygate::app::shutdown_signal(),
+    )
+    .await;
     Ok(())
+}
+
+/// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.
+fn bootstrap_token(cfg: &Config) -> Result<Option<String>, String> {
+    let name = &cfg.admin.bootstrap_token_env;
+    match std::env::var(name) {
+        Ok(t) if t.len() < keygate::admin::auth::MIN_BOOTSTRAP_LEN => Err(format!(
+            "{name}: the bootstrap admin token must be at least {} characters",
+            keygate::admin::auth::MIN_BOOTSTRAP_LEN
+        )),
+        Ok(t) => Ok(Some(t)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name}: not valid UTF-8")),
+    }
 }
 
 fn with_echo_route(cfg: &Config, echo: SocketAddr) -> Result<Config, String> {
@@ -248,7 +309,8 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
-    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), None);
+    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), KeyRules::from_config(&cfg));
+    let actor = Actor::cli();
     let now = Utc::now();
     let fail = |e: keygate::keys::KeyError| e.to_string();
     match command {
@@ -278,8 +340,7 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 let d = chrono::Duration::from_std(d).map_err(|_| "--expires-in: too long")?;
                 req.expires_time = Some(now + d);
             }
-            req.created_by = Some("cli".into());
-            let (key, record) = service.create(req, now).await.map_err(fail)?;
+            let (key, record) = service.create(req, &actor, now).await.map_err(fail)?;
             println!("{}", key.expose());
             eprintln!(
                 "created {} ({}); the key above is shown only once",
@@ -332,19 +393,19 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             }
         }
         KeysCommand::Disable { id } => {
-            service.set_enabled(&id, false, now).await.map_err(fail)?;
+            service.set_enabled(&id, false, &actor, now).await.map_err(fail)?;
             println!("disabled {id}");
         }
         KeysCommand::Enable { id } => {
-            service.set_enabled(&id, true, now).await.map_err(fail)?;
+            service.set_enabled(&id, true, &actor, now).await.map_err(fail)?;
             println!("enabled {id}");
         }
         KeysCommand::Revoke { id } => {
-            service.revoke(&id).await.map_err(fail)?;
+            service.revoke(&id, &actor, now).await.map_err(fail)?;
             println!("revoked {id}");
         }
         KeysCommand::Rotate { id, grace } => {
-            let (key, _) = service.rotate(&id, grace, now).await.map_err(fail)?;
+            let (key, _) = service.rotate(&id, grace, &actor, now).await.map_err(fail)?;
             println!("{}", key.expose());
             eprintln!(
                 "rotated {id}; the previous value works for {}",

@@ -128,6 +128,30 @@ async fn run_blocking<T: Send + 'static>(
 
 #[async_trait]
 impl KeyStore for EmbeddedStore {
+    // --- members and audit: placeholders until implemented (helper in progress) ---
+    async fn put_member(&self, _m: &super::Member) -> Result<super::Member, StoreError> {
+        Err(StoreError::Unavailable("members not implemented yet".into()))
+    }
+    async fn remove_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
+        Err(StoreError::Unavailable("members not implemented yet".into()))
+    }
+    async fn get_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
+        Err(StoreError::Unavailable("members not implemented yet".into()))
+    }
+    async fn list_members(&self, _t: &str) -> Result<Vec<super::Member>, StoreError> {
+        Err(StoreError::Unavailable("members not implemented yet".into()))
+    }
+    async fn append_audit(&self, _e: &super::AuditEvent) -> Result<super::AuditEvent, StoreError> {
+        Err(StoreError::Unavailable("audit not implemented yet".into()))
+    }
+    async fn list_audit(
+        &self,
+        _f: &super::AuditFilter,
+        _p: Page,
+    ) -> Result<(Vec<super::AuditEvent>, u64), StoreError> {
+        Err(StoreError::Unavailable("audit not implemented yet".into()))
+    }
+
     async fn find_by_hash(
         &self,
         hash: &KeyHash,

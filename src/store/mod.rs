@@ -15,6 +15,7 @@ use crate::auth::key::KeyHash;
 use crate::auth::record::{KeyRecord, KeyType};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -56,6 +57,68 @@ impl KeyFilter {
 pub struct Page {
     pub page: u32,
     pub per_page: u32,
+}
+
+/// A user's role in a team. The first owner (else admin) by `added_time` inherits the shared
+/// keys that acted for a removed member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub team_id: String,
+    pub user_id: String,
+    pub role: Role,
+    pub added_time: DateTime<Utc>,
+}
+
+/// What an audit event records. Serialized in snake_case (`create`, `member_remove`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    Create,
+    Update,
+    Disable,
+    Enable,
+    Delete,
+    Rotate,
+    Reveal,
+    MemberPut,
+    MemberRemove,
+}
+
+/// One audit entry: who did what to which key, when, from where. Never holds a key value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEvent {
+    /// Unique and increasing with time within one store (assigned by the store on append;
+    /// callers pass an empty string).
+    pub event_id: String,
+    pub time: DateTime<Utc>,
+    /// The admin key id, `bootstrap` for the bootstrap token, `cli` for the CLI.
+    pub actor: String,
+    pub action: AuditAction,
+    pub api_key_id: Option<String>,
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    pub client_ip: Option<String>,
+    pub request_id: Option<String>,
+    /// Small free-form facts (changed field names, grace seconds…), never secrets.
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+}
+
+/// Audit listing filter; `None` matches everything. `since` inclusive, `until` exclusive.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub api_key_id: Option<String>,
+    pub team_id: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// What the change feed says: these hashes changed (drop them from every cache).
@@ -125,4 +188,31 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Subscribes to changes made by any process using the same store.
     async fn changes(&self) -> Result<ChangeFeed, StoreError>;
+
+    /// Adds a member or changes their role (keeping the original `added_time` when present).
+    async fn put_member(&self, member: &Member) -> Result<Member, StoreError>;
+
+    /// Removes a member; `None` when they were not one.
+    async fn remove_member(&self, team_id: &str, user_id: &str)
+    -> Result<Option<Member>, StoreError>;
+
+    async fn get_member(&self, team_id: &str, user_id: &str)
+    -> Result<Option<Member>, StoreError>;
+
+    /// A team's members, oldest `added_time` first.
+    async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError>;
+
+    /// Appends an audit event (the store assigns `event_id`); the log is capped at
+    /// `AUDIT_CAP` entries, the oldest dropped first. Returns the stored event.
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditEvent, StoreError>;
+
+    /// Audit events matching `filter`, newest first, one page, and the total that matched.
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<(Vec<AuditEvent>, u64), StoreError>;
 }
+
+/// How many audit events a store keeps.
+pub const AUDIT_CAP: usize = 100_000;

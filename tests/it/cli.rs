@@ -75,7 +75,14 @@ fn serve_without_routes_explains_what_to_do() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_mode_prints_a_working_key_and_curl_line() {
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+    cmd.args([
+        "serve",
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();

@@ -3,6 +3,7 @@
 // Test code: a panic is a failed test, not an outage.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod cli;
 mod proxy;
 mod redis_e2e;

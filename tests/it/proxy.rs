@@ -2,7 +2,7 @@
 //! upstream, real HTTP clients.
 
 use crate::support::gateway::Gateway;
-use crate::support::{client, create_key, eventually, service, upstream};
+use crate::support::{cli, client, create_key, eventually, service, upstream};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use serde_json::Value;
@@ -111,6 +111,16 @@ async fn error_code(r: reqwest::Response) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn valid_key_reaches_upstream_with_identity_and_without_credential() {
     let e = env().await;
+    service(&e.store)
+        .put_member(
+            "team1",
+            "user-7",
+            keygate::store::Role::Member,
+            &cli(),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
     let (key, record) = create_key(&e.store, |r| {
         r.scope_names = vec!["read".into()];
         r.key_type = keygate::auth::record::KeyType::User;
@@ -553,16 +563,16 @@ async fn changes_from_another_process_reach_the_gateway_cache() {
     assert_eq!(get().await, 200);
     // The test process is "another process" writing to the same embedded file.
     service(&e.store)
-        .set_enabled(&record.api_key_id, false, chrono::Utc::now())
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(2), || async { get().await == 401 }).await);
     service(&e.store)
-        .set_enabled(&record.api_key_id, true, chrono::Utc::now())
+        .set_enabled(&record.api_key_id, true, &cli(), chrono::Utc::now())
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(2), || async { get().await == 200 }).await);
-    service(&e.store).revoke(&record.api_key_id).await.unwrap();
+    service(&e.store).revoke(&record.api_key_id, &cli(), chrono::Utc::now()).await.unwrap();
     assert!(eventually(Duration::from_secs(2), || async { get().await == 401 }).await);
 }
 
@@ -588,6 +598,7 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_only() {
         .rotate(
             &record.api_key_id,
             Duration::from_secs(1),
+            &cli(),
             chrono::Utc::now(),
         )
         .await

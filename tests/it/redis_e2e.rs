@@ -4,7 +4,7 @@
 
 use crate::support::gateway::Gateway;
 use crate::support::redis::RedisServer;
-use crate::support::{client, create_key, eventually, service, upstream};
+use crate::support::{cli, client, create_key, eventually, service, upstream};
 use keygate::store::KeyStore;
 use keygate::store::redis::RedisStore;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ async fn revocation_reaches_a_second_gateway_within_a_second() {
         assert_eq!(status(gw, &other).await, 200);
     }
     // Each gateway subscribed to changes before it started accepting requests.
-    service(&store).revoke(&record.api_key_id).await.unwrap();
+    service(&store).revoke(&record.api_key_id, &cli(), chrono::Utc::now()).await.unwrap();
     let started = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(1), || async {
@@ -83,7 +83,7 @@ async fn revocation_reaches_a_second_gateway_within_a_second() {
     assert!(started.elapsed() < Duration::from_secs(2));
     // Disabling works the same way, and enabling again too.
     service(&store)
-        .set_enabled(&other_record.api_key_id, false, chrono::Utc::now())
+        .set_enabled(&other_record.api_key_id, false, &cli(), chrono::Utc::now())
         .await
         .unwrap();
     assert!(
@@ -93,7 +93,7 @@ async fn revocation_reaches_a_second_gateway_within_a_second() {
         .await
     );
     service(&store)
-        .set_enabled(&other_record.api_key_id, true, chrono::Utc::now())
+        .set_enabled(&other_record.api_key_id, true, &cli(), chrono::Utc::now())
         .await
         .unwrap();
     assert!(

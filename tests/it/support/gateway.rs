@@ -14,6 +14,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin: SocketAddr,
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -34,16 +36,25 @@ impl Gateway {
             .arg(&config_path)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let (child, addr) = spawn_and_read_addr(cmd, "keygate: proxy listening on http://");
+        let (child, addrs) = spawn_and_read_addrs(
+            cmd,
+            &[
+                "keygate: proxy listening on http://",
+                "keygate: admin listening on http://",
+            ],
+        );
         Gateway {
             child,
-            addr,
+            addr: addrs[0],
+            admin: addrs[1],
             config_path,
             _dir: dir,
         }
@@ -51,6 +62,10 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     pub fn config_path(&self) -> &Path {
@@ -76,27 +91,42 @@ impl Drop for Gateway {
 
 /// Spawns `cmd`, reads its stdout until a line starting with `marker`, and returns the address
 /// after it. Stdout keeps being drained in the background so the child never blocks on it.
-pub fn spawn_and_read_addr(mut cmd: Command, marker: &'static str) -> (Child, SocketAddr) {
+pub fn spawn_and_read_addr(cmd: Command, marker: &'static str) -> (Child, SocketAddr) {
+    let (child, addrs) = spawn_and_read_addrs(cmd, &[marker]);
+    (child, addrs[0])
+}
+
+/// Like [`spawn_and_read_addr`], for several start lines, returned in the order of `markers`.
+pub fn spawn_and_read_addrs(
+    mut cmd: Command,
+    markers: &[&'static str],
+) -> (Child, Vec<SocketAddr>) {
     let mut child = cmd.spawn().expect("start keygate");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel::<(usize, String)>();
+    let wanted: Vec<&'static str> = markers.to_vec();
     std::thread::spawn(move || {
-        let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix(marker)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(rest.trim().to_owned());
+            for (i, marker) in wanted.iter().enumerate() {
+                if let Some(rest) = line.strip_prefix(marker) {
+                    let _ = tx.send((i, rest.trim().to_owned()));
+                }
             }
         }
     });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => (child, addr.parse().expect("address in the start line")),
-        Err(_) => {
-            let _ = child.kill();
-            let out = child.wait_with_output().ok();
-            panic!("keygate did not start: {out:?}");
+    let mut found: Vec<Option<SocketAddr>> = vec![None; markers.len()];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, addr)) => found[i] = Some(addr.parse().expect("address in the start line")),
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().ok();
+                panic!("keygate did not start: {out:?}");
+            }
         }
     }
+    (child, found.into_iter().flatten().collect())
 }

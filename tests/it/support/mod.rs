@@ -6,7 +6,7 @@ pub mod upstream;
 
 use keygate::auth::key::KeyPrefix;
 use keygate::auth::record::{KeyRecord, KeyType};
-use keygate::keys::{CreateKey, KeyService};
+use keygate::keys::{Actor, CreateKey, KeyRules, KeyService};
 use keygate::store::KeyStore;
 use std::sync::Arc;
 
@@ -15,19 +15,24 @@ pub async fn create_key(
     store: &Arc<dyn KeyStore>,
     edit: impl FnOnce(&mut CreateKey),
 ) -> (String, KeyRecord) {
-    let service = KeyService::new(store.clone(), KeyPrefix::default(), None);
+    let service = service(store);
     let mut req = CreateKey::new(KeyType::Shared);
     req.team_id = Some("team1".into());
     edit(&mut req);
     let (key, record) = service
-        .create(req, chrono::Utc::now())
+        .create(req, &Actor::cli(), chrono::Utc::now())
         .await
         .expect("create key");
     (key.expose().to_owned(), record)
 }
 
+/// Key operations with no team limit and any scope name (the tests' routes use ad-hoc scopes).
 pub fn service(store: &Arc<dyn KeyStore>) -> KeyService {
-    KeyService::new(store.clone(), KeyPrefix::default(), None)
+    KeyService::new(store.clone(), KeyPrefix::default(), KeyRules::permissive())
+}
+
+pub fn cli() -> Actor {
+    Actor::cli()
 }
 
 pub fn client() -> reqwest::Client {

@@ -1,0 +1,131 @@
+//! Every way an admin request can fail, and its answer: status and error code (the seeds'
+//! codes where they exist). The one place where admin errors become HTTP; the match is
+//! exhaustive on purpose.
+
+use crate::keys::KeyError;
+use crate::store::StoreError;
+use http::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("authentication required: send Authorization: Bearer <admin key or token>")]
+    Unauthenticated,
+    #[error("the admin credential is not valid")]
+    InvalidCredential,
+    #[error("this key lacks the {0} scope")]
+    InsufficientScope(&'static str),
+    #[error("this key may not be used from this address")]
+    AddressNotAllowed,
+    #[error("no such endpoint")]
+    NoEndpoint,
+    #[error("method not allowed here")]
+    MethodNotAllowed(&'static str),
+    #[error("no team {0:?}")]
+    TeamNotFound(String),
+    #[error("{field}: {message}")]
+    BadRequest { field: String, message: String },
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("the key store is unavailable; retry shortly")]
+    StoreUnavailable,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl AdminError {
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        AdminError::BadRequest {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Status and code. Internal failures are logged by the caller and shown opaquely.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            AdminError::Unauthenticated => (S::UNAUTHORIZED, "UNAUTHENTICATED"),
+            AdminError::InvalidCredential => (S::UNAUTHORIZED, "INVALID_CREDENTIAL"),
+            AdminError::InsufficientScope(_) => (S::FORBIDDEN, "INSUFFICIENT_SCOPE"),
+            AdminError::AddressNotAllowed => (S::FORBIDDEN, "API_KEY_IP_NOT_ALLOWED"),
+            AdminError::NoEndpoint => (S::NOT_FOUND, "NOT_FOUND"),
+            AdminError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            AdminError::TeamNotFound(_) => (S::NOT_FOUND, "TEAM_NOT_FOUND"),
+            AdminError::BadRequest { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
+            AdminError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
+            AdminError::UnsupportedMediaType => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
+            }
+            AdminError::StoreUnavailable => (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
+            AdminError::Key(e) => match e {
+                KeyError::NotFound => (S::NOT_FOUND, "API_KEY_NOT_FOUND"),
+                KeyError::LimitExceeded { .. } => (S::FORBIDDEN, "API_KEY_LIMIT_EXCEEDED"),
+                KeyError::ScopeInvalid(_) => (S::BAD_REQUEST, "API_KEY_SCOPE_NAME_INVALID"),
+                KeyError::AllowIpInvalid(_) => (S::BAD_REQUEST, "API_KEY_ALLOW_IP_INVALID"),
+                KeyError::UserInvalid(_) => (S::BAD_REQUEST, "API_KEY_USER_INVALID"),
+                KeyError::MemberNotFound { .. } => (S::NOT_FOUND, "MEMBER_NOT_FOUND"),
+                KeyError::Invalid { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
+                KeyError::Store(StoreError::Unavailable(_)) => {
+                    (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE")
+                }
+                KeyError::Store(
+                    StoreError::NotFound
+                    | StoreError::LimitExceeded { .. }
+                    | StoreError::Corrupt(_),
+                ) => (S::INTERNAL_SERVER_ERROR, "API_KEY_UPDATE_FAILED"),
+            },
+        }
+    }
+
+    /// The message shown to the client: internal details stay in the log.
+    pub fn public_message(&self) -> String {
+        match self {
+            AdminError::Key(KeyError::Store(StoreError::Unavailable(_))) => {
+                "the key store is unavailable; retry shortly".into()
+            }
+            AdminError::Key(KeyError::Store(_)) => {
+                "the key could not be updated because of an internal error; retry".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    pub fn is_internal(&self) -> bool {
+        self.status_and_code().0.is_server_error()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_codes_and_statuses() {
+        let cases: Vec<(AdminError, u16, &str)> = vec![
+            (KeyError::NotFound.into(), 404, "API_KEY_NOT_FOUND"),
+            (KeyError::LimitExceeded { limit: 5 }.into(), 403, "API_KEY_LIMIT_EXCEEDED"),
+            (KeyError::ScopeInvalid("x".into()).into(), 400, "API_KEY_SCOPE_NAME_INVALID"),
+            (KeyError::AllowIpInvalid("x".into()).into(), 400, "API_KEY_ALLOW_IP_INVALID"),
+            (KeyError::UserInvalid("x".into()).into(), 400, "API_KEY_USER_INVALID"),
+            (
+                KeyError::Store(StoreError::Corrupt("x".into())).into(),
+                500,
+                "API_KEY_UPDATE_FAILED",
+            ),
+            (AdminError::bad("name", "too long"), 400, "INVALID_REQUEST"),
+            (AdminError::TeamNotFound("t".into()), 404, "TEAM_NOT_FOUND"),
+        ];
+        for (e, status, code) in cases {
+            let (s, c) = e.status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn internal_details_are_not_shown() {
+        let e: AdminError = KeyError::Store(StoreError::Corrupt("row 7 bad json".into())).into();
+        assert!(!e.public_message().contains("row 7"));
+    }
+}

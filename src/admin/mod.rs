@@ -1,0 +1,599 @@
+//! The admin API, on its own listener (default `127.0.0.1:9090`): the keys' whole life over
+//! REST + JSON, team membership, the audit log, the scope catalogue, and the health endpoints.
+//! [`AdminApi::handle`] is the outer half (request id, envelope, error answers, log line);
+//! [`AdminApi::route`] dispatches to one small handler per endpoint, each written with `?`.
+//! The rules themselves live in [`crate::keys`], shared with the CLI.
+
+pub mod auth;
+pub mod error;
+pub mod json;
+
+use crate::auth::record::KeyType;
+use crate::auth::verify::Verifier;
+use crate::client_ip::{canonical, client_ip};
+use crate::config::{SCOPE_KEYS_READ, SCOPE_KEYS_WRITE, ScopeConfig};
+use crate::keys::{Actor, CreateKey, KeyChange, KeyService, parse_allow_ips};
+use crate::request_id;
+use crate::store::{AuditFilter, KeyFilter, Page};
+use auth::Admin;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use error::AdminError;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub type AdminResponse = Response<Full<Bytes>>;
+
+const DEFAULT_PER_PAGE: u32 = 20;
+const MAX_PER_PAGE: u32 = 100;
+const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct AdminApi {
+    pub service: KeyService,
+    verifier: Arc<Verifier>,
+    bootstrap: Option<Vec<u8>>,
+    scopes: Vec<ScopeConfig>,
+    trusted_proxies: Vec<IpNet>,
+    max_body_bytes: usize,
+    /// False until the listeners are up, and again from the moment shutdown begins.
+    ready: Arc<AtomicBool>,
+}
+
+/// A successful answer: status and the `data` of the envelope, plus optional extra `meta`.
+struct Reply {
+    status: StatusCode,
+    data: Value,
+    meta: Option<serde_json::Map<String, Value>>,
+}
+
+impl Reply {
+    fn ok(data: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            data,
+            meta: None,
+        }
+    }
+}
+
+/// What a handler knows about the request.
+struct Ctx<'a> {
+    method: &'a Method,
+    query: json::Query,
+    body: Bytes,
+    actor: Option<Admin>,
+    client_ip: IpAddr,
+    request_id: &'a str,
+    now: DateTime<Utc>,
+}
+
+impl Ctx<'_> {
+    fn admin(&self) -> Result<&Admin, AdminError> {
+        self.actor.as_ref().ok_or(AdminError::Unauthenticated)
+    }
+
+    fn audit_actor(&self) -> Result<Actor, AdminError> {
+        Ok(Actor {
+            id: self.admin()?.actor_id.clone(),
+            client_ip: Some(self.client_ip.to_string()),
+            request_id: Some(self.request_id.to_owned()),
+        })
+    }
+
+    fn page(&self) -> Result<Page, AdminError> {
+        Ok(Page {
+            page: self.query.u32_in(&["page"], 1, 1_000_000)?,
+            per_page: self
+                .query
+                .u32_in(&["per_page", "perPage"], DEFAULT_PER_PAGE, MAX_PER_PAGE)?,
+        })
+    }
+}
+
+fn paged_meta(page: Page, total: u64) -> serde_json::Map<String, Value> {
+    let per = u64::from(page.per_page);
+    let mut m = serde_json::Map::new();
+    m.insert("total".into(), json!(total));
+    m.insert("total_pages".into(), json!(total.div_ceil(per)));
+    m.insert("per_page".into(), json!(page.per_page));
+    m.insert("page".into(), json!(page.page));
+    m
+}
+
+impl AdminApi {
+    pub fn new(
+        service: KeyService,
+        verifier: Arc<Verifier>,
+        bootstrap: Option<Vec<u8>>,
+        scopes: Vec<ScopeConfig>,
+        trusted_proxies: Vec<IpNet>,
+        max_body_bytes: usize,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            service,
+            verifier,
+            bootstrap,
+            scopes,
+            trusted_proxies,
+            max_body_bytes,
+            ready,
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> AdminResponse {
+        let request_id = request_id::take_or_make(req.headers());
+        let id = request_id.to_str().unwrap_or("").to_owned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let result = self.dispatch(req, peer, &id).await;
+        let mut resp = match result {
+            Ok(reply) => {
+                let mut meta = reply.meta.unwrap_or_default();
+                meta.insert("request_id".into(), json!(id));
+                envelope(reply.status, json!({"meta": meta, "data": reply.data}))
+            }
+            Err(err) => {
+                let (status, code) = err.status_and_code();
+                if err.is_internal() {
+                    tracing::error!(request_id = %id, error = %err, "admin request failed");
+                }
+                let mut resp = envelope(
+                    status,
+                    json!({
+                        "meta": {"request_id": id},
+                        "error": {"code": code, "message": err.public_message()},
+                    }),
+                );
+                match &err {
+                    AdminError::Unauthenticated | AdminError::InvalidCredential => {
+                        let challenge = if matches!(err, AdminError::Unauthenticated) {
+                            "Bearer realm=\"keygate-admin\""
+                        } else {
+                            "Bearer realm=\"keygate-admin\", error=\"invalid_token\""
+                        };
+                        resp.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static(challenge),
+                        );
+                    }
+                    AdminError::InsufficientScope(_) => {
+                        resp.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static(
+                                "Bearer realm=\"keygate-admin\", error=\"insufficient_scope\"",
+                            ),
+                        );
+                    }
+                    AdminError::MethodNotAllowed(allow) => {
+                        resp.headers_mut()
+                            .insert(header::ALLOW, HeaderValue::from_static(allow));
+                    }
+                    AdminError::StoreUnavailable => {
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    }
+                    _ => {}
+                }
+                resp
+            }
+        };
+        resp.headers_mut().insert(request_id::HEADER, request_id);
+        tracing::info!(
+            target: "keygate::admin",
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            client = %peer.ip(),
+        );
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Result<Reply, AdminError> {
+        let peer_ip = canonical(peer.ip());
+        let client_ip = client_ip(peer_ip, req.headers(), &self.trusted_proxies);
+        let now = Utc::now();
+        let segments: Vec<String> = req
+            .uri()
+            .path()
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|c| c.into_owned())
+                    .map_err(|_| AdminError::bad("path", "is not valid UTF-8"))
+            })
+            .collect::<Result<_, _>>()?;
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let method = req.method().clone();
+
+        // Health endpoints need no credential: probes do not carry one.
+        match segs.as_slice() {
+            ["healthz"] => return only_get(&method).map(|()| Reply::ok(json!({"status": "ok"}))),
+            ["readyz"] => {
+                only_get(&method)?;
+                return self.readyz().await;
+            }
+            _ => {}
+        }
+        if !matches!(segs.first(), Some(&"v1")) {
+            return Err(AdminError::NoEndpoint);
+        }
+
+        let query = json::Query::parse(req.uri().query())?;
+        let required = if method == Method::GET || method == Method::HEAD {
+            SCOPE_KEYS_READ
+        } else {
+            SCOPE_KEYS_WRITE
+        };
+        let actor = auth::authenticate(
+            req.headers(),
+            self.bootstrap.as_deref(),
+            &self.verifier,
+            client_ip,
+            required,
+            now,
+        )
+        .await?;
+        let body = self.read_body(req).await?;
+        let ctx = Ctx {
+            method: &method,
+            query,
+            body,
+            actor: Some(actor),
+            client_ip,
+            request_id,
+            now,
+        };
+        self.route(&segs[1..], &ctx).await
+    }
+
+    async fn route(&self, segs: &[&str], ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let m = ctx.method;
+        match segs {
+            ["keys"] => match *m {
+                Method::GET => self.list_keys(ctx).await,
+                Method::POST => self.create_key(ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET, POST")),
+            },
+            ["keys", id] => match *m {
+                Method::GET => self.get_key(id, ctx).await,
+                Method::PATCH => self.patch_key(id, ctx).await,
+                Method::DELETE => self.delete_key(id, ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE")),
+            },
+            ["keys", id, "rotate"] => match *m {
+                Method::POST => self.rotate_key(id, ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("POST")),
+            },
+            ["scopes"] => match *m {
+                Method::GET => Ok(Reply::ok(json!(self.scopes))),
+                _ => Err(AdminError::MethodNotAllowed("GET")),
+            },
+            ["teams", team, "members"] => match *m {
+                Method::GET => self.list_members(team, ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET")),
+            },
+            ["teams", team, "members", user] => match *m {
+                Method::PUT => self.put_member(team, user, ctx).await,
+                Method::DELETE => self.remove_member(team, user, ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("PUT, DELETE")),
+            },
+            ["audit"] => match *m {
+                Method::GET => self.audit(ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET")),
+            },
+            _ => Err(AdminError::NoEndpoint),
+        }
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, AdminError> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(AdminError::BodyTooLarge(self.max_body_bytes));
+        }
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+        let collected = Limited::new(req.into_body(), self.max_body_bytes)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    AdminError::BodyTooLarge(self.max_body_bytes)
+                } else {
+                    AdminError::bad("body", format!("could not be read: {e}"))
+                }
+            })?
+            .to_bytes();
+        if !collected.is_empty()
+            && let Some(ct) = content_type
+            && !(ct.starts_with("application/json") || ct.contains("+json"))
+        {
+            return Err(AdminError::UnsupportedMediaType);
+        }
+        Ok(collected)
+    }
+
+    async fn readyz(&self) -> Result<Reply, AdminError> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Ok(Reply {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                data: json!({"status": "not ready", "reason": "starting or shutting down"}),
+                meta: None,
+            });
+        }
+        match tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await {
+            Ok(Ok(())) => Ok(Reply::ok(json!({"status": "ready"}))),
+            _ => Ok(Reply {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                data: json!({"status": "not ready", "reason": "key store unreachable"}),
+                meta: None,
+            }),
+        }
+    }
+
+    /// Loads a key the admin may see; another team's key is "not found".
+    async fn visible_key(
+        &self,
+        id: &str,
+        ctx: &Ctx<'_>,
+    ) -> Result<crate::auth::record::KeyRecord, AdminError> {
+        let record = self.service.get(id).await?;
+        if !ctx.admin()?.may_access(record.team_id.as_deref()) {
+            return Err(crate::keys::KeyError::NotFound.into());
+        }
+        Ok(record)
+    }
+
+    fn visible_team(&self, team: &str, ctx: &Ctx<'_>) -> Result<(), AdminError> {
+        if ctx.admin()?.may_access(Some(team)) {
+            Ok(())
+        } else {
+            Err(AdminError::TeamNotFound(team.to_owned()))
+        }
+    }
+
+    async fn list_keys(&self, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let q = &ctx.query;
+        let key_type = q
+            .str("key_type")
+            .map(|t| {
+                t.parse::<KeyType>()
+                    .map_err(|_| AdminError::bad("key_type", "must be user or shared"))
+            })
+            .transpose()?;
+        let mut team_id = q.str("team_id").map(str::to_owned);
+        if let Some(t) = &team_id {
+            self.visible_team(t, ctx)?;
+        }
+        if team_id.is_none() {
+            team_id = ctx.admin()?.team.clone();
+        }
+        let filter = KeyFilter {
+            team_id,
+            key_type,
+            is_enabled: q.bool("is_enabled")?,
+        };
+        let page = ctx.page()?;
+        let (records, total) = self.service.list(&filter, page).await?;
+        Ok(Reply {
+            status: StatusCode::OK,
+            data: Value::Array(records.iter().map(|r| json::key(r, false, None)).collect()),
+            meta: Some(paged_meta(page, total)),
+        })
+    }
+
+    async fn create_key(&self, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        if ctx.body.is_empty() {
+            return Err(AdminError::bad("body", "a JSON object is required"));
+        }
+        let body: json::CreateBody = json::parse_body(&ctx.body)?;
+        let admin = ctx.admin()?;
+        let team_id = match (body.team_id, &admin.team) {
+            (Some(t), _) => {
+                self.visible_team(&t, ctx)?;
+                Some(t)
+            }
+            (None, own) => own.clone(),
+        };
+        if body.expires_in.is_some() && body.expires_at.is_some() {
+            return Err(AdminError::bad("expires_in", "give expires_in or expires_at, not both"));
+        }
+        let expires_time = match (body.expires_in, body.expires_at) {
+            (Some(d), _) => Some(
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| ctx.now.checked_add_signed(d))
+                    .ok_or_else(|| AdminError::bad("expires_in", "is too long"))?,
+            ),
+            (None, at) => at,
+        };
+        let req = CreateKey {
+            key_type: body.key_type,
+            name: body.name,
+            description: body.description,
+            team_id,
+            scope_names: body.scope_names.unwrap_or_default(),
+            allow_ips: parse_allow_ips(&body.allow_ips.unwrap_or_default())?,
+            is_enabled: body.is_enabled.unwrap_or(true),
+            behalf_of_user_id: body.behalf_of_user_id,
+            expires_time,
+            metadata: body.metadata.unwrap_or_default(),
+        };
+        let (key, record) = self
+            .service
+            .create(req, &ctx.audit_actor()?, ctx.now)
+            .await?;
+        Ok(Reply {
+            status: StatusCode::CREATED,
+            data: json::key(&record, true, Some(key.expose())),
+            meta: None,
+        })
+    }
+
+    async fn get_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let record = self.visible_key(id, ctx).await?;
+        let value = if ctx.query.bool("show_key_value")? == Some(true) {
+            self.service
+                .reveal(&record, &ctx.audit_actor()?, ctx.now)
+                .await?
+        } else {
+            None
+        };
+        Ok(Reply::ok(json::key(&record, true, value.as_deref().map(String::as_str))))
+    }
+
+    async fn patch_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let body: json::PatchBody = if ctx.body.is_empty() {
+            json::PatchBody::default()
+        } else {
+            json::parse_body(&ctx.body)?
+        };
+        self.visible_key(id, ctx).await?;
+        let change = KeyChange {
+            name: body.name,
+            description: body.description,
+            scope_names: body.scope_names,
+            allow_ips: body.allow_ips.map(|l| parse_allow_ips(&l)).transpose()?,
+            is_enabled: body.is_enabled,
+            behalf_of_user_id: body.behalf_of_user_id,
+            expires_time: body.expires_at,
+            metadata: body.metadata,
+        };
+        let record = self
+            .service
+            .change(id, change, &ctx.audit_actor()?, ctx.now)
+            .await?;
+        Ok(Reply::ok(json::key(&record, true, None)))
+    }
+
+    async fn delete_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        self.visible_key(id, ctx).await?;
+        self.service.revoke(id, &ctx.audit_actor()?, ctx.now).await?;
+        Ok(Reply::ok(json!({"api_key_id": id, "deleted": true})))
+    }
+
+    async fn rotate_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let body: json::RotateBody = if ctx.body.is_empty() {
+            json::RotateBody::default()
+        } else {
+            json::parse_body(&ctx.body)?
+        };
+        if body.grace_seconds > 30 * 86_400 {
+            return Err(AdminError::bad("grace_seconds", "at most 30 days (2592000)"));
+        }
+        self.visible_key(id, ctx).await?;
+        let (key, record) = self
+            .service
+            .rotate(
+                id,
+                Duration::from_secs(body.grace_seconds),
+                &ctx.audit_actor()?,
+                ctx.now,
+            )
+            .await?;
+        Ok(Reply::ok(json::key(&record, true, Some(key.expose()))))
+    }
+
+    async fn list_members(&self, team: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        self.visible_team(team, ctx)?;
+        let members = self.service.list_members(team).await?;
+        Ok(Reply::ok(Value::Array(members.iter().map(json::member).collect())))
+    }
+
+    async fn put_member(&self, team: &str, user: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        self.visible_team(team, ctx)?;
+        if ctx.body.is_empty() {
+            return Err(AdminError::bad("body", "a JSON object with a role is required"));
+        }
+        let body: json::MemberBody = json::parse_body(&ctx.body)?;
+        let member = self
+            .service
+            .put_member(team, user, body.role, &ctx.audit_actor()?, ctx.now)
+            .await?;
+        Ok(Reply::ok(json::member(&member)))
+    }
+
+    async fn remove_member(
+        &self,
+        team: &str,
+        user: &str,
+        ctx: &Ctx<'_>,
+    ) -> Result<Reply, AdminError> {
+        self.visible_team(team, ctx)?;
+        let changed = self
+            .service
+            .remove_member(team, user, &ctx.audit_actor()?, ctx.now)
+            .await?;
+        Ok(Reply::ok(json!({
+            "team_id": team,
+            "user_id": user,
+            "removed": true,
+            "changed_keys": changed.iter().map(|k| json::key(k, false, None)).collect::<Vec<_>>(),
+        })))
+    }
+
+    async fn audit(&self, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
+        let q = &ctx.query;
+        let mut team_id = q.str("team_id").map(str::to_owned);
+        if let Some(t) = &team_id {
+            self.visible_team(t, ctx)?;
+        }
+        if team_id.is_none() {
+            team_id = ctx.admin()?.team.clone();
+        }
+        let filter = AuditFilter {
+            api_key_id: q.str("api_key_id").map(str::to_owned),
+            team_id,
+            since: q.time("since")?,
+            until: q.time("until")?,
+        };
+        let page = ctx.page()?;
+        let (events, total) = self.service.audit_log(&filter, page).await?;
+        Ok(Reply {
+            status: StatusCode::OK,
+            data: Value::Array(events.iter().map(json::audit_event).collect()),
+            meta: Some(paged_meta(page, total)),
+        })
+    }
+}
+
+fn only_get(method: &Method) -> Result<(), AdminError> {
+    if method == Method::GET {
+        Ok(())
+    } else {
+        Err(AdminError::MethodNotAllowed("GET"))
+    }
+}
+
+fn envelope(status: StatusCode, body: Value) -> AdminResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
