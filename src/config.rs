@@ -215,6 +215,11 @@ struct RawRoute {
     scopes: Vec<String>,
     keep_credential: bool,
     sources: Option<Vec<String>>,
+    form_fields: Option<Vec<String>>,
+    max_peek_bytes: Option<usize>,
+    #[serde(with = "humantime_serde")]
+    peek_timeout: Option<Duration>,
+    strip_form_field: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,6 +284,29 @@ pub enum KeySource {
     Header,
     /// The configured query parameter (`api_key` by default).
     Query,
+    /// A field of an `application/x-www-form-urlencoded` or `multipart/form-data` body (the
+    /// route's `form_fields`).
+    Form,
+    /// A top-level string field of an `application/json` body (the route's `form_fields`).
+    Json,
+}
+
+impl KeySource {
+    /// Whether finding the key means reading the request body.
+    pub fn is_body(self) -> bool {
+        matches!(self, KeySource::Form | KeySource::Json)
+    }
+
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Bearer => "bearer",
+            KeySource::Header => "header",
+            KeySource::Query => "query",
+            KeySource::Form => "form",
+            KeySource::Json => "json",
+        }
+    }
 }
 
 impl std::str::FromStr for KeySource {
@@ -288,8 +316,10 @@ impl std::str::FromStr for KeySource {
             "bearer" => Ok(KeySource::Bearer),
             "header" => Ok(KeySource::Header),
             "query" => Ok(KeySource::Query),
+            "form" => Ok(KeySource::Form),
+            "json" => Ok(KeySource::Json),
             other => Err(format!(
-                "unknown key source {other:?} (expected bearer, header or query)"
+                "unknown key source {other:?} (expected bearer, header, query, form or json)"
             )),
         }
     }
@@ -365,6 +395,41 @@ pub struct RouteConfig {
     pub keep_credential: bool,
     /// `None`: the `[auth]` sources.
     pub sources: Option<Vec<KeySource>>,
+    /// How the `form` and `json` sources read the body.
+    pub body: BodyKeyConfig,
+}
+
+/// A route's settings for keys in request bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyKeyConfig {
+    /// Field names that carry the key, in form and JSON bodies alike.
+    pub fields: Vec<String>,
+    /// How much of the body may be read while looking for the key.
+    pub max_peek_bytes: usize,
+    /// How long the client may take to send those bytes.
+    pub peek_timeout: Duration,
+    /// Remove the key field from `application/x-www-form-urlencoded` bodies before forwarding
+    /// (multipart and JSON bodies are always forwarded unchanged).
+    pub strip_form_field: bool,
+}
+
+pub const DEFAULT_FORM_FIELD: &str = "clientKey";
+pub const DEFAULT_MAX_PEEK_BYTES: usize = 64 * 1024;
+/// Large enough for any sensible form prelude, small enough that a request's peek buffer
+/// cannot become a memory problem.
+pub const MAX_MAX_PEEK_BYTES: usize = 16 * 1024 * 1024;
+pub const MIN_MAX_PEEK_BYTES: usize = 1024;
+const MAX_FORM_FIELD_LEN: usize = 256;
+
+impl Default for BodyKeyConfig {
+    fn default() -> Self {
+        Self {
+            fields: vec![DEFAULT_FORM_FIELD.to_owned()],
+            max_peek_bytes: DEFAULT_MAX_PEEK_BYTES,
+            peek_timeout: Duration::from_secs(10),
+            strip_form_field: false,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,6 +764,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             .sources
             .as_ref()
             .map(|s| parse_sources(&mut p, &at("sources"), s));
+        let effective = sources.as_deref().unwrap_or(&auth.sources);
+        let raw_body = RawBodyKeys {
+            form_fields: r.form_fields.as_deref(),
+            max_peek_bytes: r.max_peek_bytes,
+            peek_timeout: r.peek_timeout,
+            strip_form_field: r.strip_form_field,
+            keep_credential: r.keep_credential,
+        };
+        let body = check_body_keys(&mut p, &at, &raw_body, effective);
         routes.push(RouteConfig {
             name,
             path_prefix: r.path_prefix,
@@ -709,6 +783,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             scopes: r.scopes,
             keep_credential: r.keep_credential,
             sources,
+            body,
         });
     }
 
@@ -740,6 +815,84 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     } else {
         Err(ConfigError::Invalid(p.0))
     }
+}
+
+/// A route's body-key settings; settings that cannot take effect are refused rather than
+/// ignored, so a route never silently accepts fewer places than its author meant.
+struct RawBodyKeys<'a> {
+    form_fields: Option<&'a [String]>,
+    max_peek_bytes: Option<usize>,
+    peek_timeout: Option<Duration>,
+    strip_form_field: bool,
+    keep_credential: bool,
+}
+
+fn check_body_keys(
+    p: &mut Problems,
+    at: &dyn Fn(&str) -> String,
+    r: &RawBodyKeys<'_>,
+    sources: &[KeySource],
+) -> BodyKeyConfig {
+    let mut body = BodyKeyConfig::default();
+    let reads_body = sources.iter().any(|s| s.is_body());
+    let has_form = sources.contains(&KeySource::Form);
+    let unused = "has no effect: the route's sources include neither \"form\" nor \"json\"";
+    if let Some(fields) = &r.form_fields {
+        if !reads_body {
+            p.add(at("form_fields"), unused);
+        }
+        if fields.is_empty() {
+            p.add(at("form_fields"), "must name at least one field");
+        }
+        for (j, f) in fields.iter().enumerate() {
+            let field = format!("{}[{j}]", at("form_fields"));
+            if f.is_empty() || f.len() > MAX_FORM_FIELD_LEN {
+                p.add(field, format!("must be 1-{MAX_FORM_FIELD_LEN} bytes long"));
+            } else if f.chars().any(|c| c.is_control() || c == '"') {
+                p.add(field, "must not contain control characters or quotes");
+            } else if fields[..j].contains(f) {
+                p.add(field, "listed twice");
+            }
+        }
+        body.fields = fields.to_vec();
+    }
+    if let Some(n) = r.max_peek_bytes {
+        if !reads_body {
+            p.add(at("max_peek_bytes"), unused);
+        }
+        if !(MIN_MAX_PEEK_BYTES..=MAX_MAX_PEEK_BYTES).contains(&n) {
+            p.add(
+                at("max_peek_bytes"),
+                format!("must be between {MIN_MAX_PEEK_BYTES} and {MAX_MAX_PEEK_BYTES}"),
+            );
+        }
+        body.max_peek_bytes = n;
+    }
+    if let Some(t) = r.peek_timeout {
+        if !reads_body {
+            p.add(at("peek_timeout"), unused);
+        }
+        if t.is_zero() {
+            p.add(at("peek_timeout"), "must be more than zero");
+        }
+        body.peek_timeout = t;
+    }
+    if r.strip_form_field {
+        if !has_form {
+            p.add(
+                at("strip_form_field"),
+                "has no effect: the route's sources do not include \"form\"",
+            );
+        }
+        if r.keep_credential {
+            p.add(
+                at("strip_form_field"),
+                "contradicts keep_credential = true on the same route",
+            );
+        }
+        body.strip_form_field = true;
+    }
+    body
 }
 
 fn valid_scope_name(s: &str) -> bool {
@@ -892,6 +1045,72 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn body_key_settings_have_defaults_and_are_checked() {
+        let c = from_toml(&format!(
+            "{GOOD}\n[[routes]]\nname = \"form\"\npath_prefix = \"/f\"\nupstream = \"api\"\n\
+             sources = [\"bearer\", \"form\"]\nform_fields = [\"clientKey\", \"api_key\"]\n\
+             max_peek_bytes = 4096\npeek_timeout = \"2s\"\nstrip_form_field = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].body, BodyKeyConfig::default());
+        let b = &c.routes[1].body;
+        assert_eq!(c.routes[1].sources, Some(vec![KeySource::Bearer, KeySource::Form]));
+        assert_eq!(b.fields, vec!["clientKey".to_string(), "api_key".to_string()]);
+        assert_eq!(
+            (b.max_peek_bytes, b.peek_timeout, b.strip_form_field),
+            (4096, Duration::from_secs(2), true)
+        );
+
+        let bad = r#"
+            [upstreams.api]
+            url = "http://127.0.0.1:9000"
+            [[routes]]
+            path_prefix = "/a"
+            upstream = "api"
+            form_fields = ["clientKey"]
+            strip_form_field = true
+            [[routes]]
+            path_prefix = "/b"
+            upstream = "api"
+            sources = ["form"]
+            form_fields = ["", "k", "k"]
+            max_peek_bytes = 10
+            peek_timeout = "0s"
+            [[routes]]
+            path_prefix = "/c"
+            upstream = "api"
+            sources = ["json"]
+            form_fields = []
+            strip_form_field = true
+            keep_credential = true
+        "#;
+        let Err(ConfigError::Invalid(problems)) = from_toml(bad) else {
+            panic!("expected problems")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "routes[0].form_fields",
+            "routes[0].strip_form_field",
+            "routes[1].form_fields[0]",
+            "routes[1].form_fields[2]",
+            "routes[1].max_peek_bytes",
+            "routes[1].peek_timeout",
+            "routes[2].form_fields",
+            "routes[2].strip_form_field",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.field == "routes[2].strip_form_field")
+                .count(),
+            2,
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use crate::auth::policy::PolicyRefusal;
 use crate::auth::verify::VerifyError;
 use crate::credential::CredentialError;
+use crate::credential::body::{BodyError, PeekError};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
@@ -18,6 +19,8 @@ pub enum GatewayError {
     #[error(transparent)]
     Credential(#[from] CredentialError),
     #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Policy(#[from] PolicyRefusal),
@@ -27,12 +30,23 @@ pub enum GatewayError {
     UpstreamTimeout,
 }
 
+impl From<PeekError> for GatewayError {
+    fn from(e: PeekError) -> Self {
+        match e {
+            PeekError::Credential(c) => GatewayError::Credential(c),
+            PeekError::Body(b) => GatewayError::Body(b),
+        }
+    }
+}
+
 /// What happened to a request, as a low-cardinality label for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Forwarded,
     NoRoute,
     BadRequest,
+    /// The client was too slow sending what the gateway had to read.
+    ClientTimeout,
     Unauthenticated,
     Forbidden,
     StoreUnavailable,
@@ -45,6 +59,7 @@ impl Outcome {
             Outcome::Forwarded => "forwarded",
             Outcome::NoRoute => "no_route",
             Outcome::BadRequest => "bad_request",
+            Outcome::ClientTimeout => "client_timeout",
             Outcome::Unauthenticated => "unauthenticated",
             Outcome::Forbidden => "forbidden",
             Outcome::StoreUnavailable => "store_unavailable",
@@ -128,6 +143,39 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             "the request carries more than one API key in the same place",
             Some(InvalidRequest),
             Outcome::BadRequest,
+        ),
+        // The reason is a fixed text naming what is wrong (never a piece of the body), so it
+        // is safe and useful to show.
+        GatewayError::Body(BodyError::Malformed(reason)) => a(
+            S::BAD_REQUEST,
+            "BODY_MALFORMED",
+            reason,
+            Some(InvalidRequest),
+            Outcome::BadRequest,
+        ),
+        GatewayError::Body(BodyError::Unreadable) => a(
+            S::BAD_REQUEST,
+            "BODY_MALFORMED",
+            "the request body could not be read to the end",
+            Some(InvalidRequest),
+            Outcome::BadRequest,
+        ),
+        // Same code as any missing key (clients need no new case); the message says where
+        // keygate stopped looking.
+        GatewayError::Body(BodyError::NotWithinLimit(_)) => a(
+            S::UNAUTHORIZED,
+            "API_KEY_MISSING",
+            "an API key is required; none was found in the headers or in the part of the body \
+             keygate reads (put the key field first)",
+            Some(Bare),
+            Outcome::Unauthenticated,
+        ),
+        GatewayError::Body(BodyError::Timeout) => a(
+            S::REQUEST_TIMEOUT,
+            "REQUEST_TIMEOUT",
+            "the request body did not arrive in time",
+            None,
+            Outcome::ClientTimeout,
         ),
         GatewayError::Verify(VerifyError::Malformed(_)) => a(
             S::UNAUTHORIZED,
@@ -305,6 +353,38 @@ mod tests {
             ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
             (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),
+            (
+                BodyError::Malformed("a multipart part is truncated").into(),
+                400,
+                "BODY_MALFORMED",
+                Some(Challenge::InvalidRequest),
+            ),
+            (
+                BodyError::Unreadable.into(),
+                400,
+                "BODY_MALFORMED",
+                Some(Challenge::InvalidRequest),
+            ),
+            (
+                BodyError::NotWithinLimit(65536).into(),
+                401,
+                "API_KEY_MISSING",
+                Some(Challenge::Bare),
+            ),
+            (BodyError::Timeout.into(), 408, "REQUEST_TIMEOUT", None),
+            (
+                PeekError::Credential(CredentialError::Ambiguous("API key body field")).into(),
+                400,
+                "API_KEY_AMBIGUOUS",
+                Some(Challenge::InvalidRequest),
+            ),
+            (
+                PeekError::Credential(CredentialError::Malformed("empty API key body field"))
+                    .into(),
+                401,
+                "API_KEY_MALFORMED",
+                Some(Challenge::InvalidToken),
+            ),
         ];
         for (err, status, code, challenge) in cases {
             let a = classify(&err, false);
@@ -314,6 +394,21 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    #[test]
+    fn body_answers_name_the_problem_and_the_outcome() {
+        let a = classify(&BodyError::Malformed("a multipart part is truncated").into(), false);
+        assert_eq!(a.message, "a multipart part is truncated");
+        assert_eq!(a.outcome, Outcome::BadRequest);
+        let a = classify(&BodyError::Timeout.into(), false);
+        assert_eq!(a.outcome.as_str(), "client_timeout");
+        let r = render(&a, "keygate", "req-1", &[]);
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
+        let a = classify(&BodyError::NotWithinLimit(1024).into(), false);
+        assert!(a.message.contains("part of the body"), "{}", a.message);
+        assert_eq!(a.outcome, Outcome::Unauthenticated);
     }
 
     #[test]

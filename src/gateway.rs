@@ -1,24 +1,31 @@
 //! The request handler. [`Gateway::handle`] is the outer half: it owns the request id, turns
 //! any error into its answer (through [`crate::error`]) and writes the access-log line.
 //! [`Gateway::authorize_and_forward`] is the inner half, the request path in order, written
-//! with `?` only: client address → route → credential → verify → policy → forward.
+//! with `?` only: client address → route → credential → verify → policy → forward. The
+//! credential may come from the body ([`crate::credential::body`]); the body is then forwarded
+//! as a replay of what was read followed by the rest of the stream.
 
 use crate::auth::policy;
 use crate::auth::record::KeyRecord;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{self, canonical};
 use crate::config::{Config, ProxyConfig};
-use crate::credential::{self, SourceNames};
+use crate::config::KeySource;
+use crate::credential::body::{self as body_key, BodyError};
+use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
-use crate::proxy::{Upstream, headers};
+use crate::proxy::{ForwardBody, Upstream, headers};
 use crate::request_id;
-use crate::route::{self, RouteTable};
+use crate::route::{self, Route, RouteTable};
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +41,15 @@ pub struct Gateway {
     trusted_proxies: Vec<IpNet>,
     allow_ips: Vec<IpNet>,
     deny_ips: Vec<IpNet>,
+}
+
+/// A presented key, where it came from, the body to forward, and (urlencoded bodies) where the
+/// key field lies in it.
+struct Found<'p> {
+    key: Cow<'p, str>,
+    source: KeySource,
+    body: ForwardBody,
+    field: Option<Range<u64>>,
 }
 
 /// What the inner handler learned, for the access log even when it fails.
@@ -125,7 +141,7 @@ impl Gateway {
 
     async fn authorize_and_forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         peer: SocketAddr,
         request_id: &HeaderValue,
         trace: &mut Trace,
@@ -143,23 +159,30 @@ impl Gateway {
         trace.route = Some(route_index);
         let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
 
+        let (mut parts, incoming) = req.into_parts();
         // Identity headers are ours alone, on every route, public ones included.
-        headers::remove_identity(req.headers_mut());
-        if !route.public {
+        headers::remove_identity(&mut parts.headers);
+        let body = if route.public {
+            ForwardBody::Direct(incoming)
+        } else {
             let now = chrono::Utc::now();
-            let presented =
-                credential::extract(&route.sources, &self.names, req.headers(), req.uri())?;
-            let source = presented.source;
-            let key = self.verifier.verify(&presented.key, now).await?;
+            let found = self.find_key(route, &parts, incoming).await?;
+            let (source, field, mut body) = (found.source, found.field, found.body);
+            let key = self.verifier.verify(&found.key, now).await?;
             trace.key = Some(key.clone());
             policy::authorize(&key, &route.scopes, client_ip, now)?;
             if !route.keep_credential {
-                let (mut parts, body) = req.into_parts();
                 credential::strip(source, &self.names, &mut parts.headers, &mut parts.uri);
-                req = Request::from_parts(parts, body);
+                if let (true, Some(range), ForwardBody::Replay(replay)) =
+                    (route.body.strip_form_field, field, &mut body)
+                {
+                    body_key::strip_field(replay, &mut parts.headers, range);
+                }
             }
-            headers::set_identity(req.headers_mut(), &key);
-        }
+            headers::set_identity(&mut parts.headers, &key);
+            body
+        };
+        let mut req = Request::from_parts(parts, body);
 
         let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
         let h = req.headers_mut();
@@ -171,6 +194,56 @@ impl Gateway {
             .get(route.upstream)
             .ok_or(GatewayError::UpstreamUnavailable)?;
         upstream.send(req).await
+    }
+
+    /// The route's sources in order. Header sources before the first body source are tried
+    /// without touching the body; then the body is peeked (once, whatever body sources the
+    /// route lists: the `Content-Type` picks one); then the remaining header sources.
+    async fn find_key<'p>(
+        &self,
+        route: &Route,
+        parts: &'p Parts,
+        incoming: Incoming,
+    ) -> Result<Found<'p>, GatewayError> {
+        let sources = &route.sources[..];
+        let split = sources
+            .iter()
+            .position(|s| s.is_body())
+            .unwrap_or(sources.len());
+        let (before, after) = sources.split_at(split);
+        if let Some(p) = credential::find(before, &self.names, &parts.headers, &parts.uri)? {
+            return Ok(Found {
+                key: p.key,
+                source: p.source,
+                body: ForwardBody::Direct(incoming),
+                field: None,
+            });
+        }
+        if after.is_empty() {
+            return Err(CredentialError::Missing.into());
+        }
+        let peeked = body_key::peek(&route.body, after, &parts.headers, incoming).await?;
+        let body = ForwardBody::from(peeked.body);
+        if let Some(k) = peeked.key {
+            return Ok(Found {
+                key: Cow::Owned(k.value),
+                source: k.source,
+                body,
+                field: k.strip,
+            });
+        }
+        match credential::find(after, &self.names, &parts.headers, &parts.uri)? {
+            Some(p) => Ok(Found {
+                key: p.key,
+                source: p.source,
+                body,
+                field: None,
+            }),
+            None if peeked.limit_reached => {
+                Err(BodyError::NotWithinLimit(route.body.max_peek_bytes).into())
+            }
+            None => Err(CredentialError::Missing.into()),
+        }
     }
 
     /// Listener-wide address rules: deny wins, then the allow list when there is one.

@@ -37,6 +37,14 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage team membership directly in the configured store.
+    Teams {
+        /// Configuration file naming the store (default: built-in defaults + environment).
+        #[arg(long, short, env = "KEYGATE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: TeamsCommand,
+    },
     /// Run only the echo upstream (for trying things out and for load tests).
     #[command(hide = true)]
     Echo {
@@ -112,6 +120,26 @@ enum KeysCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Add a member (or change their role).
+    AddMember {
+        team: String,
+        user: String,
+        #[arg(long, default_value = "member", value_parser = parse_role)]
+        role: keygate::store::Role,
+    },
+    /// Remove a member: their user keys are disabled, shared keys fall back to an owner/admin.
+    RemoveMember { team: String, user: String },
+    /// List a team's members.
+    Members { team: String },
+}
+
+fn parse_role(s: &str) -> Result<keygate::store::Role, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("{s:?} is not a role (owner, admin, member)"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -129,6 +157,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::CheckConfig { file } => check_config(&file),
             Command::Keys { config, command } => keys(config, command).await,
+            Command::Teams { config, command } => teams(config, command).await,
             Command::Echo { listen } => echo(listen).await,
         }
     });
@@ -293,9 +322,15 @@ fn bootstrap_token(cfg: &Config) -> Result<Option<String>, String> {
 }
 
 fn with_echo_route(cfg: &Config, echo: SocketAddr) -> Result<Config, String> {
+    // Form bodies (`clientKey`) are a source too, after the configured ones, so
+    // `curl -F clientKey=…` works out of the box.
+    let mut sources: Vec<&str> = cfg.auth.sources.iter().map(|s| s.as_str()).collect();
+    if !sources.contains(&"form") {
+        sources.push("form");
+    }
     // Re-checked through the normal path so dev mode cannot build a config that files can't.
     let text = format!(
-        "[upstreams.echo]\nurl = \"http://{echo}\"\n[[routes]]\nname = \"echo\"\npath_prefix = \"/\"\nupstream = \"echo\"\n"
+        "[upstreams.echo]\nurl = \"http://{echo}\"\n[[routes]]\nname = \"echo\"\npath_prefix = \"/\"\nupstream = \"echo\"\nsources = {sources:?}\n"
     );
     let extra = config::from_toml(&text).map_err(|e| e.to_string())?;
     let mut cfg = cfg.clone();
@@ -411,6 +446,38 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 "rotated {id}; the previous value works for {}",
                 humantime::format_duration(grace)
             );
+        }
+    }
+    Ok(())
+}
+
+async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<(), String> {
+    let cfg = load_config(config_path.as_deref())?;
+    let store = keygate::app::open_store(&cfg.store)
+        .await
+        .map_err(|e| format!("cannot open the key store: {e}"))?;
+    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), KeyRules::from_config(&cfg));
+    let actor = Actor::cli();
+    let fail = |e: keygate::keys::KeyError| e.to_string();
+    match command {
+        TeamsCommand::AddMember { team, user, role } => {
+            let m = service
+                .put_member(&team, &user, role, &actor, Utc::now())
+                .await
+                .map_err(fail)?;
+            println!("{} is {:?} of {}", m.user_id, m.role, m.team_id);
+        }
+        TeamsCommand::RemoveMember { team, user } => {
+            let changed = service
+                .remove_member(&team, &user, &actor, Utc::now())
+                .await
+                .map_err(fail)?;
+            println!("removed {user} from {team}; {} key(s) changed", changed.len());
+        }
+        TeamsCommand::Members { team } => {
+            for m in service.list_members(&team).await.map_err(fail)? {
+                println!("{:<24} {:?}", m.user_id, m.role);
+            }
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! Route matching: which upstream a request goes to and which key rules apply. Longest path
 //! prefix wins; a route with a host beats one without at the same prefix length.
 
-use crate::config::{KeySource, RouteConfig};
+use crate::config::{BodyKeyConfig, KeySource, RouteConfig};
 use http::Method;
 
 /// A checked route, ready for matching.
@@ -17,6 +17,7 @@ pub struct Route {
     pub scopes: Vec<String>,
     pub keep_credential: bool,
     pub sources: Vec<KeySource>,
+    pub body: BodyKeyConfig,
 }
 
 impl Route {
@@ -62,6 +63,7 @@ impl RouteTable {
                     .sources
                     .clone()
                     .unwrap_or_else(|| default_sources.to_vec()),
+                body: r.body.clone(),
             })
             .collect();
         // Stable sort keeps the file's order among equals.
@@ -121,6 +123,7 @@ mod tests {
             scopes: vec![],
             keep_credential: false,
             sources: None,
+            body: BodyKeyConfig::default(),
         }
     }
 

@@ -18,3 +18,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 cargo test --locked "$@"
+
+# The admin API against its OpenAPI document (installs schemathesis in a venv under target/).
+bash tests/schemathesis.sh

@@ -1,6 +1,10 @@
-//! Where the presented key comes from: `Authorization: Bearer`, a configured header, or a
-//! query parameter, tried in the route's order; the first source that carries a value wins.
-//! Also how that credential is removed before forwarding. Nothing here checks the key itself.
+//! Where the presented key comes from: `Authorization: Bearer`, a configured header, a query
+//! parameter, or a field of the request body ([`body`], [`form`]), tried in the route's order;
+//! the first source that carries a value wins. Also how that credential is removed before
+//! forwarding. Nothing here checks the key itself.
+
+pub mod body;
+pub mod form;
 
 use crate::config::KeySource;
 use http::{HeaderMap, HeaderName, Uri, header::AUTHORIZATION};
@@ -34,23 +38,36 @@ pub struct SourceNames {
     pub query_param: String,
 }
 
+/// The key from the first of `sources` that carries one; body sources are skipped (see
+/// [`find`] and [`body::peek`] for routes that read bodies).
 pub fn extract<'a>(
     sources: &[KeySource],
     names: &SourceNames,
     headers: &'a HeaderMap,
     uri: &'a Uri,
 ) -> Result<Presented<'a>, CredentialError> {
+    find(sources, names, headers, uri)?.ok_or(CredentialError::Missing)
+}
+
+/// Like [`extract`], with `None` when no source (body sources excepted) carries a key.
+pub fn find<'a>(
+    sources: &[KeySource],
+    names: &SourceNames,
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+) -> Result<Option<Presented<'a>>, CredentialError> {
     for &source in sources {
         let found = match source {
             KeySource::Bearer => bearer(headers)?,
             KeySource::Header => header(headers, &names.header)?,
             KeySource::Query => query(uri, &names.query_param)?,
+            KeySource::Form | KeySource::Json => None,
         };
         if let Some(key) = found {
-            return Ok(Presented { key, source });
+            return Ok(Some(Presented { key, source }));
         }
     }
-    Err(CredentialError::Missing)
+    Ok(None)
 }
 
 /// `Authorization: Bearer <token>`; other schemes (Basic…) belong to the upstream, not to us.
@@ -145,6 +162,8 @@ pub fn strip(source: KeySource, names: &SourceNames, headers: &mut HeaderMap, ur
                 *uri = stripped;
             }
         }
+        // Bodies are stripped by `body::strip_field`, only when the route asks for it.
+        KeySource::Form | KeySource::Json => {}
     }
 }
 

@@ -1,18 +1,71 @@
 //! Forwarding to an upstream over a pooled HTTP/1.1 client: the target URI, the header rules
 //! in [`headers`], and the connect and response-header timeouts that turn a dead or slow
-//! upstream into 502/504. Bodies stream both ways; nothing here buffers them.
+//! upstream into 502/504. Bodies stream both ways; nothing here buffers them. A request body
+//! is the client's own stream, or, when the key was read from it, the [`Replay`] of the
+//! peeked bytes followed by the rest of that stream ([`ForwardBody`]).
 
 pub mod headers;
 
 use crate::config::UpstreamConfig;
+use crate::credential::body::Replay;
 use crate::error::GatewayError;
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+/// The body sent upstream. An enum rather than a boxed body, so requests whose key is in a
+/// header (the hot path) forward the client's stream with no allocation.
+pub enum ForwardBody {
+    Direct(Incoming),
+    /// Boxed: only body-key requests pay for it, and it keeps the common variant small.
+    Replay(Box<Replay<Incoming>>),
+}
+
+impl From<Replay<Incoming>> for ForwardBody {
+    fn from(replay: Replay<Incoming>) -> Self {
+        match replay.into_untouched() {
+            Ok(body) => ForwardBody::Direct(body),
+            Err(replay) => ForwardBody::Replay(Box::new(replay)),
+        }
+    }
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx),
+            ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Direct(b) => b.is_end_stream(),
+            ForwardBody::Replay(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Direct(b) => b.size_hint(),
+            ForwardBody::Replay(b) => b.size_hint(),
+        }
+    }
+}
 
 pub struct Upstream {
     pub name: String,
@@ -21,7 +74,7 @@ pub struct Upstream {
     /// Prepended to every forwarded path; empty for `http://host:port`.
     base_path: String,
     response_timeout: Duration,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ForwardBody>,
 }
 
 impl Upstream {
@@ -69,7 +122,7 @@ impl Upstream {
     /// the response headers; the body streams afterwards.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         *req.uri_mut() = self.target(req.uri())?;
         // The pooled client speaks HTTP/1.1 to upstreams whatever the client spoke to us, and

@@ -11,23 +11,38 @@
 //!   copies stop working at the end of the grace too).
 //! - `changes(seq AUTOINCREMENT, hashes, at_ms)`: one row per write, with the touched hashes as
 //!   space-separated hex (`*`: everything). Other processes learn about changes by polling it.
+//! - `members(team_id, user_id, role, added_s, added_ns)`, keyed by (team, user): `added_time`
+//!   as seconds and nanoseconds, so that listing orders by the exact time in SQL.
+//! - `audit(seq AUTOINCREMENT, time_s, time_ns, api_key_id, team_id, event)`: `event` is the
+//!   [`AuditEvent`] as JSON (its `event_id` left empty: `seq` is the event id, rendered as a
+//!   zero-padded decimal); the other columns are indexed copies for filtering. Rows beyond the
+//!   cap are deleted by the append that lands on every 1% of the cap (at most every 1000
+//!   appends), so the table may hold up to 1% more than the cap.
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction (it takes the write lock up front, so the
 //! team-limit count and the insert cannot interleave with another writer, even in another
-//! process) and appends its change row in the same transaction. Writes also prune change rows
-//! older than [`CHANGE_RETENTION`] and hashes past their grace, so readers never write.
+//! process). Key writes append their change row in the same transaction, and also prune change
+//! rows older than [`CHANGE_RETENTION`] and hashes past their grace, so readers never write.
+//! Member and audit writes log no change: no cache holds what they touch.
 //!
 //! The connection sits behind a `std::sync::Mutex` and is only used inside `spawn_blocking`;
 //! the lock is never held across an `.await`.
 
-use super::{Change, ChangeFeed, KeyFilter, KeyStore, Page, StoreError};
+use super::{
+    AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
+    Role, StoreError,
+};
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use rusqlite::types::Value;
 use rusqlite::{
     Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params,
+    params_from_iter,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -63,10 +78,32 @@ CREATE TABLE IF NOT EXISTS changes (
     hashes TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS members (
+    team_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    added_s INTEGER NOT NULL,
+    added_ns INTEGER NOT NULL,
+    PRIMARY KEY (team_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS members_added ON members(team_id, added_s, added_ns, user_id);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_s INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    api_key_id TEXT,
+    team_id TEXT,
+    event TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_key ON audit(api_key_id) WHERE api_key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_team ON audit(team_id) WHERE team_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_time ON audit(time_s, time_ns);
 ";
 
 pub struct EmbeddedStore {
     conn: Arc<Mutex<Connection>>,
+    /// [`AUDIT_CAP`], except in tests (see [`EmbeddedStore::with_audit_cap`]).
+    audit_cap: usize,
 }
 
 impl EmbeddedStore {
@@ -100,7 +137,17 @@ impl EmbeddedStore {
         tx.commit().map_err(db_err)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            audit_cap: AUDIT_CAP,
         })
+    }
+
+    /// Keeps about `cap` audit events (at least 1) instead of [`AUDIT_CAP`]. For tests only:
+    /// checking the cap would otherwise take a hundred thousand appends.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_audit_cap(mut self, cap: usize) -> Self {
+        self.audit_cap = cap.max(1);
+        self
     }
 
     /// Runs `f` on the connection on the blocking pool.
@@ -128,30 +175,6 @@ async fn run_blocking<T: Send + 'static>(
 
 #[async_trait]
 impl KeyStore for EmbeddedStore {
-    // --- members and audit: placeholders until implemented (helper in progress) ---
-    async fn put_member(&self, _m: &super::Member) -> Result<super::Member, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn remove_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn get_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn list_members(&self, _t: &str) -> Result<Vec<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn append_audit(&self, _e: &super::AuditEvent) -> Result<super::AuditEvent, StoreError> {
-        Err(StoreError::Unavailable("audit not implemented yet".into()))
-    }
-    async fn list_audit(
-        &self,
-        _f: &super::AuditFilter,
-        _p: Page,
-    ) -> Result<(Vec<super::AuditEvent>, u64), StoreError> {
-        Err(StoreError::Unavailable("audit not implemented yet".into()))
-    }
-
     async fn find_by_hash(
         &self,
         hash: &KeyHash,
@@ -259,7 +282,7 @@ impl KeyStore for EmbeddedStore {
             let Some(current) = current else {
                 return Err(StoreError::NotFound);
             };
-            record.key_start = decode(&current)?.key_start;
+            record.key_start = decode::<KeyRecord>(&current)?.key_start;
             let json = encode(&record)?;
             let n = tx
                 .execute(
@@ -413,6 +436,222 @@ impl KeyStore for EmbeddedStore {
         tokio::spawn(poll_changes(self.conn.clone(), start, tx));
         Ok(rx)
     }
+
+    async fn put_member(&self, member: &Member) -> Result<Member, StoreError> {
+        let Member {
+            team_id,
+            user_id,
+            role,
+            added_time,
+        } = member.clone();
+        let role = role_text(role)?;
+        let (added_s, added_ns) = split_time(added_time);
+        let (role, added_s, added_ns) = self
+            .call(move |conn| {
+                let tx = begin(conn)?;
+                // One statement, so that the first put's `added_time` is the one kept even when
+                // puts race; RETURNING gives back what is stored, not what was asked for.
+                let row = tx
+                    .query_row(
+                        "INSERT INTO members (team_id, user_id, role, added_s, added_ns) \
+                         VALUES (?1, ?2, ?3, ?4, ?5) \
+                         ON CONFLICT (team_id, user_id) DO UPDATE SET role = excluded.role \
+                         RETURNING role, added_s, added_ns",
+                        params![team_id, user_id, role, added_s, added_ns],
+                        |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(row)
+            })
+            .await?;
+        Ok(Member {
+            team_id: member.team_id.clone(),
+            user_id: member.user_id.clone(),
+            role: parse_role(role)?,
+            added_time: join_time(added_s, added_ns)?,
+        })
+    }
+
+    async fn remove_member(
+        &self,
+        team_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Member>, StoreError> {
+        let (team, user) = (team_id.to_owned(), user_id.to_owned());
+        let row: Option<(String, i64, i64)> = self
+            .call(move |conn| {
+                let tx = begin(conn)?;
+                let row = tx
+                    .query_row(
+                        "DELETE FROM members WHERE team_id = ?1 AND user_id = ?2 \
+                         RETURNING role, added_s, added_ns",
+                        params![team, user],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
+                    .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(row)
+            })
+            .await?;
+        row.map(|(role, s, ns)| member_from_row(team_id, user_id.to_owned(), role, s, ns))
+            .transpose()
+    }
+
+    async fn get_member(&self, team_id: &str, user_id: &str) -> Result<Option<Member>, StoreError> {
+        let (team, user) = (team_id.to_owned(), user_id.to_owned());
+        let row: Option<(String, i64, i64)> = self
+            .call(move |conn| {
+                conn.query_row(
+                    "SELECT role, added_s, added_ns FROM members \
+                     WHERE team_id = ?1 AND user_id = ?2",
+                    params![team, user],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db_err)
+            })
+            .await?;
+        row.map(|(role, s, ns)| member_from_row(team_id, user_id.to_owned(), role, s, ns))
+            .transpose()
+    }
+
+    async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError> {
+        let team = team_id.to_owned();
+        let rows: Vec<(String, String, i64, i64)> = self
+            .call(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT user_id, role, added_s, added_ns FROM members \
+                         WHERE team_id = ?1 ORDER BY added_s, added_ns, user_id",
+                    )
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([team], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(user, role, s, ns)| member_from_row(team_id, user, role, s, ns))
+            .collect()
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditEvent, StoreError> {
+        // `seq` is the event id; storing it in the JSON as well could only disagree.
+        let mut stored = AuditEvent {
+            event_id: String::new(),
+            ..event.clone()
+        };
+        let json = encode(&stored)?;
+        let (time_s, time_ns) = split_time(stored.time);
+        let (key, team) = (stored.api_key_id.clone(), stored.team_id.clone());
+        let cap = i64::try_from(self.audit_cap).unwrap_or(i64::MAX);
+        let every = prune_every(self.audit_cap);
+        let seq = self
+            .call(move |conn| {
+                let tx = begin(conn)?;
+                tx.execute(
+                    "INSERT INTO audit (time_s, time_ns, api_key_id, team_id, event) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![time_s, time_ns, key, team, json],
+                )
+                .map_err(db_err)?;
+                let seq = tx.last_insert_rowid();
+                if seq % every == 0 {
+                    // Everything older than the cap-th newest row goes (the subquery walks the
+                    // primary key, newest first; fewer rows than the cap: NULL, nothing goes).
+                    tx.execute(
+                        "DELETE FROM audit WHERE seq < \
+                         (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+                        [cap - 1],
+                    )
+                    .map_err(db_err)?;
+                }
+                tx.commit().map_err(db_err)?;
+                Ok(seq)
+            })
+            .await?;
+        stored.event_id = event_id(seq);
+        Ok(stored)
+    }
+
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
+        // Only the filters that are set become SQL terms, so that SQLite can pick the index of
+        // the most selective one (`?1 IS NULL OR …` would defeat every index).
+        let (mut terms, mut args): (Vec<&str>, Vec<Value>) = (Vec::new(), Vec::new());
+        if let Some(key) = &filter.api_key_id {
+            terms.push("api_key_id = ?");
+            args.push(Value::Text(key.clone()));
+        }
+        if let Some(team) = &filter.team_id {
+            terms.push("team_id = ?");
+            args.push(Value::Text(team.clone()));
+        }
+        if let Some(since) = filter.since {
+            let (s, ns) = split_time(since);
+            terms.push("(time_s, time_ns) >= (?, ?)");
+            args.extend([Value::Integer(s), Value::Integer(ns)]);
+        }
+        if let Some(until) = filter.until {
+            let (s, ns) = split_time(until);
+            terms.push("(time_s, time_ns) < (?, ?)");
+            args.extend([Value::Integer(s), Value::Integer(ns)]);
+        }
+        let where_sql = if terms.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", terms.join(" AND "))
+        };
+        let per = i64::from(page.per_page);
+        let skip = i64::from(page.page.saturating_sub(1)).saturating_mul(per);
+        let (rows, total) = self
+            .call(move |conn| {
+                // One read transaction: the page and the total come from the same snapshot.
+                let tx = conn.transaction().map_err(db_err)?;
+                let total: i64 = tx
+                    .query_row(
+                        &format!("SELECT COUNT(*) FROM audit{where_sql}"),
+                        params_from_iter(&args),
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                args.extend([Value::Integer(per), Value::Integer(skip)]);
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT seq, event FROM audit{where_sql} \
+                         ORDER BY seq DESC LIMIT ? OFFSET ?"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(params_from_iter(&args), |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                drop(stmt);
+                tx.commit().map_err(db_err)?;
+                Ok((rows, total))
+            })
+            .await?;
+        let events = rows
+            .into_iter()
+            .map(|(seq, json)| {
+                let mut event: AuditEvent = decode(&json)?;
+                event.event_id = event_id(seq);
+                Ok(event)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((events, u64::try_from(total).unwrap_or(0)))
+    }
 }
 
 /// Forwards new change rows until the receiver goes away or the database fails; returning
@@ -532,12 +771,66 @@ fn parse_change(text: &str) -> Option<Change> {
     Some(hashes.map_or(Change::All, Change::Keys))
 }
 
-fn encode(record: &KeyRecord) -> Result<String, StoreError> {
-    serde_json::to_string(record).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+/// How many audit inserts between two prunings for a given cap: a pruning walks `cap` index
+/// entries, so doing it on every insert would cost that much each time; every 1% of the cap (at
+/// most every 1000 inserts) keeps the cost amortized and the overshoot at 1% of the cap.
+fn prune_every(cap: usize) -> i64 {
+    i64::try_from(cap / 100).unwrap_or(i64::MAX).clamp(1, 1000)
 }
 
-fn decode(json: &str) -> Result<KeyRecord, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("bad stored record: {e}")))
+/// The event id of audit row `seq`: zero-padded, so that ids also sort as text.
+fn event_id(seq: i64) -> String {
+    format!("{seq:020}")
+}
+
+/// A time as (seconds, nanoseconds): exact, and ordered like the time itself.
+fn split_time(t: DateTime<Utc>) -> (i64, i64) {
+    (t.timestamp(), i64::from(t.timestamp_subsec_nanos()))
+}
+
+fn join_time(s: i64, ns: i64) -> Result<DateTime<Utc>, StoreError> {
+    u32::try_from(ns)
+        .ok()
+        .and_then(|ns| DateTime::from_timestamp(s, ns))
+        .ok_or_else(|| StoreError::Corrupt(format!("bad stored time {s}.{ns:09}")))
+}
+
+/// The role as its serde name (`owner`…), so the column reads like the API.
+fn role_text(role: Role) -> Result<String, StoreError> {
+    match serde_json::to_value(role) {
+        Ok(serde_json::Value::String(text)) => Ok(text),
+        other => Err(StoreError::Corrupt(format!(
+            "cannot encode role {role:?}: {other:?}"
+        ))),
+    }
+}
+
+fn parse_role(text: String) -> Result<Role, StoreError> {
+    serde_json::from_value(serde_json::Value::String(text))
+        .map_err(|e| StoreError::Corrupt(format!("bad stored role: {e}")))
+}
+
+fn member_from_row(
+    team_id: &str,
+    user_id: String,
+    role: String,
+    added_s: i64,
+    added_ns: i64,
+) -> Result<Member, StoreError> {
+    Ok(Member {
+        team_id: team_id.to_owned(),
+        user_id,
+        role: parse_role(role)?,
+        added_time: join_time(added_s, added_ns)?,
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
 }
 
 /// Busy past the timeout, I/O and the like mean the database cannot answer now; a constraint

@@ -12,6 +12,13 @@
 //! - `{ns}:team:{<team>}` → SET of the ids of that team, for the atomic team limit. Keys without
 //!   a team belong to no set and are never limited (same rule as the embedded store).
 //! - `{ns}:all` → ZSET of every id scored by `created_time` in milliseconds (listing order).
+//! - `{ns}:members:{<team>}` → HASH user id → [`Member`] JSON, the team's members. Not
+//!   `{ns}:team:{<team>}`, which is already the team's SET of key ids. Emptied, Redis drops it.
+//! - `{ns}:audit` → STREAM of audit events, one entry per event with a single field `event`
+//!   holding the [`AuditEvent`] JSON (its `event_id` left empty: the entry id is the event id).
+//!   Capped by `XADD … MAXLEN ~ AUDIT_CAP`: Redis trims whole stream nodes, so it may hold a few
+//!   more than the cap, never fewer while that many were appended; listing scans it newest first
+//!   with `XREVRANGE` in chunks and filters the decoded events here.
 //! - channel `{ns}:changes` ← the hex hashes touched by each write, space-separated; `*` means
 //!   "drop everything".
 //!
@@ -27,11 +34,18 @@
 //!   either: two racing rotations would leave a valid hash that the key no longer lists (and
 //!   that delete would miss), and an update racing a rotate could revive a rotated-out hash.
 //!
+//! Member writes are compare-and-set too (a script that checks the member's hash field still
+//! holds what was read), so that a role change never loses the original `added_time` to a racing
+//! first put, and a removal returns exactly what it removed.
+//!
 //! Every key a script touches is passed in `KEYS` (none is built inside Lua). On a single Redis
 //! (what [`ConnectionManager`] talks to) this is all that is needed; on a cluster, multi-key
 //! writes would need one slot, like MULTI/EXEC would, while the hot path already works as is.
 
-use super::{Change, ChangeFeed, KeyFilter, KeyStore, Page, StoreError};
+use super::{
+    AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
+    StoreError,
+};
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
 use async_trait::async_trait;
@@ -51,6 +65,11 @@ const CAS_ATTEMPTS: usize = 16;
 /// Ids fetched per `MGET` while listing.
 const LIST_CHUNK: usize = 500;
 const FEED_CAPACITY: usize = 256;
+/// Stream entries read per `XREVRANGE` while listing the audit log: a full scan of a capped log
+/// is about a hundred round trips, none of them a huge reply.
+const AUDIT_CHUNK: usize = 1000;
+/// The stream field that holds an audit event's JSON.
+const AUDIT_FIELD: &str = "event";
 /// A pub/sub connection whose peer vanished without a FIN would stay silent for ever; pinging it
 /// now and then turns that into an error, which ends the feed (the caller then resubscribes).
 const PUBSUB_PING_EVERY: Duration = Duration::from_secs(15);
@@ -97,6 +116,20 @@ for i, key in ipairs(KEYS) do
   end
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// Member compare-and-set: KEYS[1] is the team's member hash; ARGV = user id, the JSON its
+/// field must still hold ('' when absent), the new JSON ('' to remove the member).
+/// Returns 1 when applied, 0 when the field changed meanwhile.
+const MEMBER_LUA: &str = r"
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
 return 1
 ";
 
@@ -179,6 +212,12 @@ impl Names {
     fn all(&self) -> String {
         format!("{}:all", self.ns)
     }
+    fn members(&self, team: &str) -> String {
+        format!("{}:members:{{{team}}}", self.ns)
+    }
+    fn audit(&self) -> String {
+        format!("{}:audit", self.ns)
+    }
     fn channel(&self) -> String {
         format!("{}:changes", self.ns)
     }
@@ -191,6 +230,9 @@ pub struct RedisStore {
     op_timeout: Duration,
     create_script: Script,
     apply_script: Script,
+    member_script: Script,
+    /// [`AUDIT_CAP`], except in tests (see [`RedisStore::with_audit_cap`]).
+    audit_cap: usize,
 }
 
 impl RedisStore {
@@ -223,6 +265,8 @@ impl RedisStore {
             op_timeout,
             create_script: Script::new(CREATE_LUA),
             apply_script: Script::new(APPLY_LUA),
+            member_script: Script::new(MEMBER_LUA),
+            audit_cap: AUDIT_CAP,
         };
         // Warm the connection in the background so the first request does not pay for it; a
         // failure here only means Redis is not up yet.
@@ -238,6 +282,15 @@ impl RedisStore {
             }
         });
         Ok(store)
+    }
+
+    /// Keeps about `cap` audit events (at least 1) instead of [`AUDIT_CAP`]. For tests only:
+    /// checking the cap would otherwise take a hundred thousand appends.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_audit_cap(mut self, cap: usize) -> Self {
+        self.audit_cap = cap.max(1);
+        self
     }
 
     /// Runs `fut` within the operation timeout; running out of time means Unavailable.
@@ -400,34 +453,134 @@ impl RedisStore {
         let total = records.len() as u64;
         Ok((records.into_iter().skip(skip).take(take).collect(), total))
     }
+
+    /// Read-modify-write of one member: `plan` turns the current member (if any) into the new
+    /// one (`None`: none) and a result; applied by compare-and-set on the member's hash field,
+    /// retried if another writer changed it in between.
+    async fn modify_member<T>(
+        &self,
+        team: &str,
+        user: &str,
+        plan: impl Fn(Option<Member>) -> (Option<Member>, T),
+    ) -> Result<T, StoreError> {
+        let key = self.names.members(team);
+        for _ in 0..CAS_ATTEMPTS {
+            let raw: Option<String> = self.query(redis::cmd("HGET").arg(&key).arg(user)).await?;
+            let current = raw.as_deref().map(decode::<Member>).transpose()?;
+            let (next, out) = plan(current);
+            let next = next.as_ref().map(encode).transpose()?;
+            if raw.is_none() && next.is_none() {
+                return Ok(out); // nothing there and nothing to write
+            }
+            let mut inv = self.member_script.prepare_invoke();
+            inv.key(&key)
+                .arg(user)
+                .arg(raw.unwrap_or_default())
+                .arg(next.unwrap_or_default());
+            let applied: i64 = inv
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(redis_err)?;
+            if applied == 1 {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "member {user} of team {team} kept changing under concurrent writers"
+        )))
+    }
+
+    async fn list_members_inner(&self, team: &str) -> Result<Vec<Member>, StoreError> {
+        let raw: Vec<String> = self
+            .query(redis::cmd("HVALS").arg(self.names.members(team)))
+            .await?;
+        let mut members = raw
+            .iter()
+            .map(|json| decode::<Member>(json))
+            .collect::<Result<Vec<_>, _>>()?;
+        members.sort_by(|a, b| (a.added_time, &a.user_id).cmp(&(b.added_time, &b.user_id)));
+        Ok(members)
+    }
+
+    /// Walks the audit stream newest first, `AUDIT_CHUNK` entries per `XREVRANGE`, filtering the
+    /// decoded events. The stream ids' milliseconds are Redis' append time while the filter is on
+    /// the event's own `time` (set by the caller, on another clock), so they cannot bound the
+    /// range without assuming synchronized clocks: a filtered listing reads the whole (capped)
+    /// log. Each round trip, not the whole walk, gets the operation timeout: a walk of a full log
+    /// is legitimately longer than one answer, and every step still fails fast when Redis does.
+    async fn list_audit_inner(
+        &self,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
+        let (skip, take) = page_window(page);
+        let key = self.names.audit();
+        let unfiltered = filter.api_key_id.is_none()
+            && filter.team_id.is_none()
+            && filter.since.is_none()
+            && filter.until.is_none();
+        // Without a filter the stream's length is the total, and the walk stops after the page.
+        let known_total = if unfiltered {
+            let total: u64 = self
+                .bounded(self.query(redis::cmd("XLEN").arg(&key)))
+                .await?;
+            if take == 0 || skip as u64 >= total {
+                return Ok((Vec::new(), total));
+            }
+            Some(total)
+        } else {
+            None
+        };
+        let (mut out, mut matched) = (Vec::new(), 0usize);
+        let mut end = "+".to_owned();
+        loop {
+            let count = match known_total {
+                Some(_) => (skip + take).saturating_sub(matched).clamp(1, AUDIT_CHUNK),
+                None => AUDIT_CHUNK,
+            };
+            let range = redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(count)
+                .clone();
+            let entries: Vec<(String, Vec<String>)> = self.bounded(self.query(&range)).await?;
+            let complete = entries.len() < count;
+            let mut last = None;
+            for (id, fields) in entries {
+                if unfiltered {
+                    // Only the page's entries are decoded; the rest are just counted.
+                    if matched >= skip && out.len() < take {
+                        out.push(decode_audit(&id, &fields)?);
+                    }
+                    matched += 1;
+                } else {
+                    let event = decode_audit(&id, &fields)?;
+                    if audit_matches(filter, &event) {
+                        if matched >= skip && out.len() < take {
+                            out.push(event);
+                        }
+                        matched += 1;
+                    }
+                }
+                last = Some(id);
+            }
+            if complete || (unfiltered && out.len() >= take) {
+                break;
+            }
+            // The next chunk ends just before the oldest entry of this one.
+            match last.as_deref().map(stream_id_before).transpose()?.flatten() {
+                Some(before) => end = before,
+                None => break,
+            }
+        }
+        Ok((out, known_total.unwrap_or(matched as u64)))
+    }
 }
 
 #[async_trait]
 impl KeyStore for RedisStore {
-    // --- members and audit: placeholders until implemented (helper in progress) ---
-    async fn put_member(&self, _m: &super::Member) -> Result<super::Member, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn remove_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn get_member(&self, _t: &str, _u: &str) -> Result<Option<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn list_members(&self, _t: &str) -> Result<Vec<super::Member>, StoreError> {
-        Err(StoreError::Unavailable("members not implemented yet".into()))
-    }
-    async fn append_audit(&self, _e: &super::AuditEvent) -> Result<super::AuditEvent, StoreError> {
-        Err(StoreError::Unavailable("audit not implemented yet".into()))
-    }
-    async fn list_audit(
-        &self,
-        _f: &super::AuditFilter,
-        _p: Page,
-    ) -> Result<(Vec<super::AuditEvent>, u64), StoreError> {
-        Err(StoreError::Unavailable("audit not implemented yet".into()))
-    }
-
     async fn find_by_hash(
         &self,
         hash: &KeyHash,
@@ -643,6 +796,120 @@ impl KeyStore for RedisStore {
         });
         Ok(rx)
     }
+
+    async fn put_member(&self, member: &Member) -> Result<Member, StoreError> {
+        self.bounded(
+            self.modify_member(&member.team_id, &member.user_id, |current| {
+                // An existing member keeps the time they joined; only the role changes.
+                let stored = match current {
+                    Some(current) => Member {
+                        role: member.role,
+                        ..current
+                    },
+                    None => member.clone(),
+                };
+                (Some(stored.clone()), stored)
+            }),
+        )
+        .await
+    }
+
+    async fn remove_member(
+        &self,
+        team_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Member>, StoreError> {
+        self.bounded(self.modify_member(team_id, user_id, |current| (None, current)))
+            .await
+    }
+
+    async fn get_member(&self, team_id: &str, user_id: &str) -> Result<Option<Member>, StoreError> {
+        let get = redis::cmd("HGET")
+            .arg(self.names.members(team_id))
+            .arg(user_id)
+            .clone();
+        let raw: Option<String> = self.bounded(self.query(&get)).await?;
+        raw.as_deref().map(decode).transpose()
+    }
+
+    async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError> {
+        self.bounded(self.list_members_inner(team_id)).await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditEvent, StoreError> {
+        // The entry id is the event id; storing it in the JSON as well could only disagree.
+        let mut stored = AuditEvent {
+            event_id: String::new(),
+            ..event.clone()
+        };
+        let json = encode(&stored)?;
+        // `~`: Redis trims whole stream nodes only, much cheaper than an exact cap.
+        let add = redis::cmd("XADD")
+            .arg(self.names.audit())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.audit_cap)
+            .arg("*")
+            .arg(AUDIT_FIELD)
+            .arg(json)
+            .clone();
+        stored.event_id = self.bounded(self.query(&add)).await?;
+        Ok(stored)
+    }
+
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
+        // Bounded per round trip inside (see there).
+        self.list_audit_inner(filter, page).await
+    }
+}
+
+/// The event of one audit stream entry, with the entry id as its `event_id`.
+fn decode_audit(id: &str, fields: &[String]) -> Result<AuditEvent, StoreError> {
+    let json = fields
+        .chunks_exact(2)
+        .find_map(|kv| match kv {
+            [k, v] if k == AUDIT_FIELD => Some(v),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!("audit entry {id} has no {AUDIT_FIELD} field"))
+        })?;
+    let mut event: AuditEvent = decode(json)?;
+    event.event_id = id.to_owned();
+    Ok(event)
+}
+
+fn audit_matches(filter: &AuditFilter, e: &AuditEvent) -> bool {
+    filter
+        .api_key_id
+        .as_ref()
+        .is_none_or(|k| e.api_key_id.as_ref() == Some(k))
+        && filter
+            .team_id
+            .as_ref()
+            .is_none_or(|t| e.team_id.as_ref() == Some(t))
+        && filter.since.is_none_or(|since| e.time >= since)
+        && filter.until.is_none_or(|until| e.time < until)
+}
+
+/// The greatest stream id below `id` (`<ms>-<seq>`), as an inclusive `XREVRANGE` end; `None`
+/// below `0-0`. Computed rather than written `(id` so that Redis before 6.2 works too.
+fn stream_id_before(id: &str) -> Result<Option<String>, StoreError> {
+    let parsed = id
+        .split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?)));
+    let Some((ms, seq)) = parsed else {
+        return Err(StoreError::Corrupt(format!("bad stream id {id:?}")));
+    };
+    Ok(match (ms, seq) {
+        (0, 0) => None,
+        (ms, 0) => Some(format!("{}-{}", ms - 1, u64::MAX)),
+        (ms, seq) => Some(format!("{ms}-{}", seq - 1)),
+    })
 }
 
 /// `*` → everything; otherwise hex hashes. Anything unreadable also means everything: dropping
@@ -699,5 +966,25 @@ fn redis_err(e: RedisError) -> StoreError {
             StoreError::Corrupt(format!("redis: {e}"))
         }
         _ => unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_id_before_steps_back_one_id() {
+        let before = |id: &str| stream_id_before(id).ok();
+        assert_eq!(before("5-3"), Some(Some("5-2".to_owned())));
+        assert_eq!(before("5-0"), Some(Some(format!("4-{}", u64::MAX))));
+        assert_eq!(before("0-1"), Some(Some("0-0".to_owned())));
+        assert_eq!(before("0-0"), Some(None));
+        for bad in ["", "5", "5-", "-3", "a-b", "5-3-1"] {
+            assert!(
+                matches!(stream_id_before(bad), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

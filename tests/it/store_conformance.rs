@@ -14,7 +14,10 @@ use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
-use keygate::store::{Change, ChangeFeed, KeyFilter, KeyStore, Page, StoreError};
+use keygate::store::{
+    AuditAction, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
+    Role, StoreError,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -71,6 +74,24 @@ impl Harness {
             ),
         }
     }
+
+    /// Another store on the same data that keeps about `cap` audit events, through the stores'
+    /// test-only `with_audit_cap` (checking the real cap would take 100 000 appends).
+    async fn with_audit_cap(&self, cap: usize) -> Arc<dyn KeyStore> {
+        match &self.backing {
+            Backing::Embedded(dir) => Arc::new(
+                EmbeddedStore::open(&dir.path().join("keys.db"))
+                    .unwrap()
+                    .with_audit_cap(cap),
+            ),
+            Backing::Redis { server, ns } => Arc::new(
+                RedisStore::connect(&server.url(), ns, OP_TIMEOUT)
+                    .await
+                    .unwrap()
+                    .with_audit_cap(cap),
+            ),
+        }
+    }
 }
 
 macro_rules! conformance {
@@ -106,6 +127,14 @@ conformance!(
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
     update_keeps_the_rotated_key_start,
+    members_put_get_remove,
+    members_list_oldest_first,
+    member_put_races_keep_the_first_added_time,
+    audit_append_assigns_increasing_ids,
+    audit_lists_newest_first_and_filters,
+    audit_pages_and_totals,
+    audit_pages_across_a_long_log,
+    audit_is_capped,
 );
 
 fn new_hash() -> KeyHash {
@@ -519,6 +548,420 @@ async fn concurrent_rotations_leave_one_hash(h: Harness) {
     }
 }
 
+// ---- members ----
+
+fn member(team: &str, user: &str, role: Role, added: DateTime<Utc>) -> Member {
+    Member {
+        team_id: team.into(),
+        user_id: user.into(),
+        role,
+        added_time: added,
+    }
+}
+
+async fn members_put_get_remove(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    assert_eq!(s.get_member("team-a", "alice").await.unwrap(), None);
+    let alice = member("team-a", "alice", Role::Member, now);
+    assert_eq!(s.put_member(&alice).await.unwrap(), alice);
+    assert_eq!(
+        s.get_member("team-a", "alice").await.unwrap(),
+        Some(alice.clone())
+    );
+
+    // A role change keeps the original added_time, whatever the caller passes.
+    let promoted = member("team-a", "alice", Role::Owner, now + secs(60));
+    let stored = s.put_member(&promoted).await.unwrap();
+    let expected = Member {
+        role: Role::Owner,
+        ..alice.clone()
+    };
+    assert_eq!(stored, expected);
+    assert_eq!(
+        s.get_member("team-a", "alice").await.unwrap(),
+        Some(expected.clone())
+    );
+
+    // The same user in another team is another membership.
+    assert_eq!(s.get_member("team-b", "alice").await.unwrap(), None);
+    let elsewhere = member("team-b", "alice", Role::Admin, now + secs(5));
+    assert_eq!(s.put_member(&elsewhere).await.unwrap(), elsewhere);
+
+    // Removing returns what was removed, once.
+    assert_eq!(
+        s.remove_member("team-a", "alice").await.unwrap(),
+        Some(expected)
+    );
+    assert_eq!(s.remove_member("team-a", "alice").await.unwrap(), None);
+    assert_eq!(s.get_member("team-a", "alice").await.unwrap(), None);
+    assert_eq!(s.remove_member("team-x", "nobody").await.unwrap(), None);
+    assert_eq!(
+        s.get_member("team-b", "alice").await.unwrap(),
+        Some(elsewhere)
+    );
+
+    // Coming back after a removal is a new membership, with the new added_time.
+    let again = member("team-a", "alice", Role::Member, now + secs(120));
+    assert_eq!(s.put_member(&again).await.unwrap(), again);
+    assert_eq!(s.get_member("team-a", "alice").await.unwrap(), Some(again));
+}
+
+async fn members_list_oldest_first(h: Harness) {
+    let s = &*h.store;
+    let base = Utc::now();
+    let at = |n: i64| base + secs(n);
+    let ns = chrono::Duration::nanoseconds(1);
+    let joined = [
+        member("team-a", "dave", Role::Member, at(3)),
+        member("team-a", "carol", Role::Admin, at(1)),
+        // One nanosecond apart: ordered by the exact time, not by the name (nor by milliseconds).
+        member("team-a", "aaron", Role::Member, base + ns),
+        member("team-a", "zed", Role::Owner, base),
+        // Same instant: by user id.
+        member("team-a", "bob", Role::Member, at(1)),
+        member("team-b", "erin", Role::Owner, at(0)),
+    ];
+    for m in &joined {
+        s.put_member(m).await.unwrap();
+    }
+    let names =
+        |members: &[Member]| -> Vec<String> { members.iter().map(|m| m.user_id.clone()).collect() };
+    let listed = s.list_members("team-a").await.unwrap();
+    assert_eq!(names(&listed), ["zed", "aaron", "bob", "carol", "dave"]);
+    // Every member comes back whole.
+    for m in &listed {
+        assert!(joined.contains(m), "{m:?}");
+    }
+    assert_eq!(
+        s.list_members("team-b").await.unwrap(),
+        vec![joined[5].clone()]
+    );
+    assert_eq!(s.list_members("nobody").await.unwrap(), vec![]);
+
+    // A role change does not move anyone; a removal does.
+    s.put_member(&member("team-a", "dave", Role::Owner, at(100)))
+        .await
+        .unwrap();
+    s.remove_member("team-a", "aaron").await.unwrap();
+    let listed = s.list_members("team-a").await.unwrap();
+    assert_eq!(names(&listed), ["zed", "bob", "carol", "dave"]);
+    assert_eq!(listed[3].role, Role::Owner);
+    assert_eq!(listed[3].added_time, at(3));
+}
+
+async fn member_put_races_keep_the_first_added_time(h: Harness) {
+    // Racing first puts of one member, through two store instances: one added_time wins, and
+    // every put answers with it (none may overwrite it, none may report its own).
+    let stores = [h.store.clone(), h.second().await];
+    let base = Utc::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            let role = if i % 2 == 0 {
+                Role::Member
+            } else {
+                Role::Admin
+            };
+            let m = member("race", "u", role, base + secs(i as i64));
+            tokio::spawn(async move { store.put_member(&m).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap().unwrap());
+    }
+    let stored = h.store.get_member("race", "u").await.unwrap().unwrap();
+    assert!(
+        (0..8).any(|i| stored.added_time == base + secs(i)),
+        "{stored:?}"
+    );
+    for a in &answers {
+        assert_eq!(a.added_time, stored.added_time, "{answers:?}");
+    }
+    assert_eq!(h.store.list_members("race").await.unwrap(), vec![stored]);
+}
+
+// ---- audit ----
+
+fn event(
+    action: AuditAction,
+    key: Option<&str>,
+    team: Option<&str>,
+    time: DateTime<Utc>,
+) -> AuditEvent {
+    AuditEvent {
+        event_id: String::new(),
+        time,
+        actor: "apk_admin".into(),
+        action,
+        api_key_id: key.map(str::to_owned),
+        team_id: team.map(str::to_owned),
+        user_id: None,
+        client_ip: None,
+        request_id: None,
+        details: BTreeMap::new(),
+    }
+}
+
+/// Event ids are plain numbers (embedded) or `<ms>-<seq>` stream ids (Redis): compared here by
+/// their numeric parts, in order.
+fn id_order(id: &str) -> Vec<u64> {
+    id.split('-')
+        .map(|part| part.parse().unwrap_or_else(|_| panic!("event id {id:?}")))
+        .collect()
+}
+
+/// What the filter means, spelled out: the expectation the stores are checked against.
+fn audit_matches(f: &AuditFilter, e: &AuditEvent) -> bool {
+    (f.api_key_id.is_none() || f.api_key_id == e.api_key_id)
+        && (f.team_id.is_none() || f.team_id == e.team_id)
+        && f.since.is_none_or(|t| e.time >= t)
+        && f.until.is_none_or(|t| e.time < t)
+}
+
+fn audit_filter(
+    key: Option<&str>,
+    team: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> AuditFilter {
+    AuditFilter {
+        api_key_id: key.map(str::to_owned),
+        team_id: team.map(str::to_owned),
+        since,
+        until,
+    }
+}
+
+async fn audit_append_assigns_increasing_ids(h: Harness) {
+    // Appends alternate between two instances: ids are unique for the store, not per process.
+    let stores = [h.store.clone(), h.second().await];
+    let now = Utc::now();
+    let mut appended: Vec<AuditEvent> = Vec::new();
+    for i in 0..10 {
+        let mut e = event(AuditAction::Update, Some("apk_1"), Some("team-a"), now);
+        e.details.insert("n".into(), i.to_string());
+        if i == 0 {
+            // Every field survives the round trip.
+            e.user_id = Some("user-7".into());
+            e.client_ip = Some("203.0.113.9".into());
+            e.request_id = Some("req-1".into());
+            e.details.insert("fields".into(), "name,scopes".into());
+        }
+        let stored = stores[i % 2].append_audit(&e).await.unwrap();
+        assert!(!stored.event_id.is_empty());
+        let without_id = AuditEvent {
+            event_id: String::new(),
+            ..stored.clone()
+        };
+        assert_eq!(without_id, e);
+        if let Some(prev) = appended.last() {
+            assert!(
+                id_order(&prev.event_id) < id_order(&stored.event_id),
+                "{} then {}",
+                prev.event_id,
+                stored.event_id
+            );
+        }
+        appended.push(stored);
+    }
+    // The listing gives back exactly the stored events, ids included, newest first.
+    let (listed, total) = h
+        .store
+        .list_audit(&AuditFilter::default(), page(1, 100))
+        .await
+        .unwrap();
+    appended.reverse();
+    assert_eq!((listed, total), (appended, 10));
+}
+
+async fn audit_lists_newest_first_and_filters(h: Harness) {
+    let s = &*h.store;
+    let base = Utc::now();
+    let at = |n: i64| base + secs(n);
+    let specs = [
+        (AuditAction::Create, Some("k1"), Some("ta")),
+        (AuditAction::Update, Some("k1"), Some("ta")),
+        (AuditAction::Create, Some("k2"), Some("tb")),
+        (AuditAction::MemberPut, None, Some("ta")),
+        (AuditAction::Rotate, Some("k2"), Some("tb")),
+        (AuditAction::Delete, Some("k1"), Some("ta")),
+        (AuditAction::Create, Some("k3"), None),
+        (AuditAction::MemberRemove, None, Some("tb")),
+    ];
+    let mut appended = Vec::new();
+    for (&(action, key, team), i) in specs.iter().zip(0..) {
+        let e = event(action, key, team, at(i));
+        appended.push(s.append_audit(&e).await.unwrap());
+    }
+    let ns = chrono::Duration::nanoseconds(1);
+    let filters = [
+        AuditFilter::default(),
+        audit_filter(Some("k1"), None, None, None),
+        audit_filter(Some("k2"), None, None, None),
+        audit_filter(Some("nope"), None, None, None),
+        audit_filter(None, Some("ta"), None, None),
+        audit_filter(None, Some("tb"), None, None),
+        audit_filter(Some("k2"), Some("tb"), None, None),
+        audit_filter(Some("k1"), Some("tb"), None, None),
+        // `since` is inclusive and `until` exclusive, to the nanosecond.
+        audit_filter(None, None, Some(at(3)), None),
+        audit_filter(None, None, Some(at(3) + ns), None),
+        audit_filter(None, None, None, Some(at(3))),
+        audit_filter(None, None, None, Some(at(3) + ns)),
+        audit_filter(None, None, Some(at(2)), Some(at(5))),
+        audit_filter(None, Some("ta"), Some(at(1)), Some(at(5))),
+        audit_filter(Some("k1"), Some("ta"), Some(at(1)), None),
+        audit_filter(None, None, Some(at(4)), Some(at(4))),
+        audit_filter(None, None, Some(at(100)), None),
+    ];
+    for f in &filters {
+        let expected: Vec<AuditEvent> = appended
+            .iter()
+            .rev()
+            .filter(|e| audit_matches(f, e))
+            .cloned()
+            .collect();
+        let (got, total) = s.list_audit(f, page(1, 100)).await.unwrap();
+        assert_eq!(total, expected.len() as u64, "{f:?}");
+        assert_eq!(got, expected, "{f:?}");
+    }
+    // Spot checks that the expectations above are not vacuous.
+    let k1 = &filters[1];
+    let (got, _) = s.list_audit(k1, page(1, 100)).await.unwrap();
+    let actions: Vec<AuditAction> = got.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::Delete,
+            AuditAction::Update,
+            AuditAction::Create
+        ]
+    );
+    let (window, _) = s.list_audit(&filters[12], page(1, 100)).await.unwrap();
+    assert_eq!(
+        window,
+        vec![
+            appended[4].clone(),
+            appended[3].clone(),
+            appended[2].clone()
+        ]
+    );
+}
+
+async fn audit_pages_and_totals(h: Harness) {
+    let s = &*h.store;
+    let base = Utc::now();
+    let mut appended = Vec::new();
+    for i in 0..7 {
+        let team = if i % 2 == 0 { "ta" } else { "tb" };
+        let e = event(AuditAction::Update, None, Some(team), base + secs(i));
+        appended.push(s.append_audit(&e).await.unwrap());
+    }
+    let newest: Vec<AuditEvent> = appended.iter().rev().cloned().collect();
+    let all = AuditFilter::default();
+    for (n, want) in [
+        (1, &newest[0..3]),
+        (2, &newest[3..6]),
+        (3, &newest[6..]),
+        (4, &[][..]),
+    ] {
+        let (got, total) = s.list_audit(&all, page(n, 3)).await.unwrap();
+        assert_eq!((got.as_slice(), total), (want, 7), "page {n}");
+    }
+    let (got, total) = s.list_audit(&all, page(1, 0)).await.unwrap();
+    assert_eq!((got.len(), total), (0, 7));
+
+    // A filtered listing pages the same way, with the filtered total.
+    let ta = audit_filter(None, Some("ta"), None, None);
+    let ta_newest: Vec<AuditEvent> = newest
+        .iter()
+        .filter(|e| e.team_id.as_deref() == Some("ta"))
+        .cloned()
+        .collect();
+    assert_eq!(ta_newest.len(), 4);
+    for (n, want) in [(1, &ta_newest[0..3]), (2, &ta_newest[3..]), (3, &[][..])] {
+        let (got, total) = s.list_audit(&ta, page(n, 3)).await.unwrap();
+        assert_eq!((got.as_slice(), total), (want, 4), "page {n}");
+    }
+    let (got, total) = s.list_audit(&ta, page(2, 2)).await.unwrap();
+    assert_eq!((got.as_slice(), total), (&ta_newest[2..4], 4));
+}
+
+async fn audit_pages_across_a_long_log(h: Harness) {
+    // More events than one read of the Redis store fetches (1000), so that listings, filtered or
+    // not, continue from one chunk to the next.
+    let s = &*h.store;
+    let base = Utc::now();
+    let at = |n: i64| base + secs(n);
+    let mut appended = Vec::new();
+    for i in 0..2500 {
+        let key = format!("k{}", i % 3);
+        let team = if i % 2 == 0 { "ta" } else { "tb" };
+        let e = event(AuditAction::Update, Some(&key), Some(team), at(i));
+        appended.push(s.append_audit(&e).await.unwrap());
+    }
+    appended.reverse(); // newest first, like the listings
+    let cases = [
+        (AuditFilter::default(), page(3, 1000)),
+        (AuditFilter::default(), page(2, 999)),
+        (AuditFilter::default(), page(1, 2500)),
+        (audit_filter(Some("k1"), None, None, None), page(2, 300)),
+        (
+            audit_filter(Some("k1"), Some("tb"), None, None),
+            page(1, 1000),
+        ),
+        (
+            audit_filter(None, None, Some(at(500)), Some(at(1700))),
+            page(1, 5000),
+        ),
+        (
+            audit_filter(None, Some("ta"), Some(at(100)), None),
+            page(5, 200),
+        ),
+    ];
+    for (f, p) in &cases {
+        let matched: Vec<&AuditEvent> = appended.iter().filter(|e| audit_matches(f, e)).collect();
+        let skip = (p.page as usize - 1) * p.per_page as usize;
+        let want: Vec<AuditEvent> = matched
+            .iter()
+            .skip(skip)
+            .take(p.per_page as usize)
+            .map(|e| (*e).clone())
+            .collect();
+        let (got, total) = s.list_audit(f, *p).await.unwrap();
+        assert_eq!(total, matched.len() as u64, "{f:?} {p:?}");
+        assert!(!want.is_empty(), "{f:?} {p:?}");
+        assert!(got == want, "{f:?} {p:?}: got {} events", got.len());
+    }
+}
+
+async fn audit_is_capped(h: Harness) {
+    // With a cap of 10 (test-only constructor). Both stores trim approximately: Redis'
+    // `MAXLEN ~` drops whole stream nodes (at most 100 entries each), the embedded store prunes
+    // every 1% of the cap. So: at least the cap, never a node more; always the newest ones.
+    const CAP: u64 = 10;
+    let s = h.with_audit_cap(CAP as usize).await;
+    let base = Utc::now();
+    let mut appended = Vec::new();
+    for i in 0..300 {
+        let e = event(AuditAction::Reveal, Some("k"), None, base + secs(i));
+        appended.push(s.append_audit(&e).await.unwrap());
+    }
+    let (listed, total) = s
+        .list_audit(&AuditFilter::default(), page(1, 1000))
+        .await
+        .unwrap();
+    assert!((CAP..CAP + 100).contains(&total), "{total} events kept");
+    assert_eq!(listed.len() as u64, total);
+    let newest: Vec<AuditEvent> = appended.iter().rev().take(listed.len()).cloned().collect();
+    assert_eq!(listed, newest);
+    // A filter sees the same capped log.
+    let by_key = audit_filter(Some("k"), None, None, None);
+    assert_eq!(s.list_audit(&by_key, page(1, 1)).await.unwrap().1, total);
+}
+
 /// Waits (up to 2 s) for a change that covers all of `hashes`; `All` covers everything.
 async fn expect_change(feed: &mut ChangeFeed, hashes: &[KeyHash]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -646,6 +1089,73 @@ async fn redis_layout_is_as_documented() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_members_and_audit_layout_is_as_documented() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let mut raw = raw_conn(server);
+    let s = &*h.store;
+    let now = Utc::now();
+    // A team with a key and a member: the key set and the member hash are distinct keys.
+    s.create(&record(Some("team-a"), now), &new_hash(), Some(5))
+        .await
+        .unwrap();
+    s.put_member(&member("team-a", "alice", Role::Admin, now))
+        .await
+        .unwrap();
+    let members_key = format!("{ns}:members:{{team-a}}");
+    let kind: String = ::redis::cmd("TYPE")
+        .arg(&members_key)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(kind, "hash");
+    let json: String = ::redis::cmd("HGET")
+        .arg(&members_key)
+        .arg("alice")
+        .query(&mut raw)
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(stored["role"], "admin");
+    assert_eq!(stored["user_id"], "alice");
+    let kind: String = ::redis::cmd("TYPE")
+        .arg(format!("{ns}:team:{{team-a}}"))
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(kind, "set");
+    // Removing the last member leaves no empty hash behind.
+    s.remove_member("team-a", "alice").await.unwrap();
+    let exists: i64 = ::redis::cmd("EXISTS")
+        .arg(&members_key)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(exists, 0);
+
+    // The audit log is a stream; the entry id is the event id, the field `event` its JSON.
+    let e = event(AuditAction::Create, Some("k1"), Some("team-a"), now);
+    let appended = s.append_audit(&e).await.unwrap();
+    let audit_key = format!("{ns}:audit");
+    let kind: String = ::redis::cmd("TYPE")
+        .arg(&audit_key)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(kind, "stream");
+    let entries: Vec<(String, Vec<String>)> = ::redis::cmd("XRANGE")
+        .arg(&audit_key)
+        .arg("-")
+        .arg("+")
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let (id, fields) = &entries[0];
+    assert_eq!(id, &appended.event_id);
+    assert_eq!(fields[0], "event");
+    let stored: serde_json::Value = serde_json::from_str(&fields[1]).unwrap();
+    assert_eq!(stored["action"], "create");
+    assert_eq!(stored["api_key_id"], "k1");
+}
+
 fn assert_not_found<T: std::fmt::Debug>(result: Result<T, StoreError>) {
     assert!(matches!(result, Err(StoreError::NotFound)), "{result:?}");
 }
@@ -695,6 +1205,23 @@ async fn redis_outage_is_unavailable_and_recovers() {
     assert_unavailable("list", store.list(&all_filter(), page(1, 10)).await);
     assert_unavailable("ping", store.ping().await);
     assert_unavailable("changes", store.changes().await);
+    let m = member("team-a", "alice", Role::Member, now);
+    assert_unavailable("put_member", store.put_member(&m).await);
+    assert_unavailable("get_member", store.get_member("team-a", "alice").await);
+    assert_unavailable(
+        "remove_member",
+        store.remove_member("team-a", "alice").await,
+    );
+    assert_unavailable("list_members", store.list_members("team-a").await);
+    let e = event(AuditAction::Create, None, None, now);
+    assert_unavailable("append_audit", store.append_audit(&e).await);
+    let everything = AuditFilter::default();
+    assert_unavailable(
+        "list_audit",
+        store.list_audit(&everything, page(1, 10)).await,
+    );
+    let by_team = audit_filter(None, Some("team-a"), None, None);
+    assert_unavailable("list_audit", store.list_audit(&by_team, page(1, 10)).await);
     // The feed ends, telling its reader to flush and resubscribe.
     let end = tokio::time::timeout(Duration::from_secs(5), feed.recv()).await;
     assert!(matches!(end, Ok(None)), "{end:?}");

@@ -72,6 +72,11 @@ impl Gateway {
         &self.config_path
     }
 
+    /// The gateway process's id (to read its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

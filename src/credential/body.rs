@@ -1,0 +1,820 @@
+//! Keys in request bodies: read the body only until the key field is complete, keep every
+//! frame read, and hand back a [`Replay`] body that yields those same frames and then the rest
+//! of the stream, so the upstream receives exactly what the client sent.
+//!
+//! How much is read: at most `max_peek_bytes` are given to the parser; the key field (with the
+//! delimiter that ends it) must be complete within them. A body whose exact length is known
+//! and fits within the limit is read to its end, so a second key field there is refused as
+//! ambiguous; a longer or chunked body stops at the first key field, so a large upload after
+//! the key is never waited for. Memory is the limit plus at most one frame, whatever the body
+//! size.
+
+use super::CredentialError;
+use super::form::{self, BodyKind, Progress, UrlencodedScanner};
+use crate::config::{BodyKeyConfig, KeySource};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, header::CONTENT_LENGTH};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// The body could not be used to find a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Bad framing or encoding (boundary, truncated part, percent-encoding, non-UTF-8 key,
+    /// invalid JSON). The reason is a fixed text, never a piece of the body.
+    #[error("the request body is malformed: {0}")]
+    Malformed(&'static str),
+    /// The key field was not complete within the route's `max_peek_bytes`.
+    #[error("no API key within the first {0} bytes of the body")]
+    NotWithinLimit(usize),
+    /// The client did not send enough of the body within the route's `peek_timeout`.
+    #[error("the client did not send the body in time")]
+    Timeout,
+    /// The client's body failed mid-way (connection closed, bad chunked encoding).
+    #[error("the request body could not be read")]
+    Unreadable,
+}
+
+/// A body peek failed either on the key (empty, ambiguous: the same answers as for headers)
+/// or on the body itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeekError {
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+}
+
+/// A key found in the body.
+#[derive(Debug)]
+pub struct BodyKey {
+    pub value: String,
+    pub source: KeySource,
+    /// Stream offsets to remove to strip the key field (urlencoded bodies only).
+    pub strip: Option<Range<u64>>,
+}
+
+/// What a peek learned, and the body to forward in place of the original.
+pub struct Peeked<B> {
+    pub key: Option<BodyKey>,
+    /// No key, and the limit was reached before the body ended (a key may lie beyond it).
+    pub limit_reached: bool,
+    pub body: Replay<B>,
+}
+
+/// Looks for the key in `body` as `sources` (the route's body sources) and `headers` allow.
+/// A body that no enabled source reads is not touched.
+pub async fn peek<B>(
+    cfg: &BodyKeyConfig,
+    sources: &[KeySource],
+    headers: &HeaderMap,
+    body: B,
+) -> Result<Peeked<B>, PeekError>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+{
+    let form = sources.contains(&KeySource::Form);
+    let json = sources.contains(&KeySource::Json);
+    let untouched = |body| Peeked {
+        key: None,
+        limit_reached: false,
+        body: Replay::untouched(body),
+    };
+    let Some(kind) = form::body_kind(headers, form, json)? else {
+        return Ok(untouched(body));
+    };
+    if body.is_end_stream() {
+        return Ok(untouched(body));
+    }
+    let exact = body.size_hint().exact();
+    let limit = cfg.max_peek_bytes;
+    if kind == BodyKind::Json && exact.is_some_and(|n| n > limit as u64) {
+        // JSON is read whole: a body declared larger than the limit cannot pass.
+        return Ok(Peeked {
+            key: None,
+            limit_reached: true,
+            body: Replay::untouched(body),
+        });
+    }
+    let want_all = exact.is_some_and(|n| n <= limit as u64);
+    let mut tap = Tap::new(body, limit);
+    let found = match tokio::time::timeout(
+        cfg.peek_timeout,
+        find(&mut tap, &kind, &cfg.fields, want_all),
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(_) => return Err(BodyError::Timeout.into()),
+    };
+    // A failed read may have ended the stream early: never forward a cut body as whole.
+    if tap.failed {
+        return Err(BodyError::Unreadable.into());
+    }
+    let found = found?;
+    let limit_reached = found.is_none() && tap.limit_hit;
+    let key = found.map(|(value, strip)| BodyKey {
+        value,
+        source: if kind == BodyKind::Json {
+            KeySource::Json
+        } else {
+            KeySource::Form
+        },
+        strip,
+    });
+    Ok(Peeked {
+        key,
+        limit_reached,
+        body: tap.into_replay(),
+    })
+}
+
+/// Runs the parser for `kind` over the tap. `Ok(None)`: no key in what was read.
+async fn find<B>(
+    tap: &mut Tap<B>,
+    kind: &BodyKind,
+    fields: &[String],
+    want_all: bool,
+) -> Result<Option<(String, Option<Range<u64>>)>, PeekError>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+{
+    match kind {
+        BodyKind::Urlencoded => {
+            let mut scanner = UrlencodedScanner::new(fields, want_all);
+            while let Some(chunk) = tap.next_chunk().await {
+                if scanner.feed(&chunk)? == Progress::Done {
+                    break;
+                }
+            }
+            let found = if tap.ended {
+                scanner.finish()?
+            } else {
+                scanner.into_found()
+            };
+            Ok(found.map(|f| {
+                let strip = f.strip_range();
+                (f.value, Some(strip))
+            }))
+        }
+        BodyKind::Multipart { boundary } => {
+            let result = multipart_key(tap, boundary, fields, want_all).await;
+            match result {
+                Ok(found) => Ok(found.map(|v| (v, None))),
+                Err(MultipartFail::Key(e)) => Err(e),
+                // multer saw an end that was really the limit (or a failed read): the body
+                // was cut by us, not by the client.
+                Err(MultipartFail::Parse(_)) if tap.limit_hit || tap.failed => Ok(None),
+                Err(MultipartFail::Parse(e)) => Err(BodyError::Malformed(multer_reason(&e)).into()),
+            }
+        }
+        BodyKind::Json => {
+            let mut whole = BytesMut::new();
+            while let Some(chunk) = tap.next_chunk().await {
+                whole.extend_from_slice(&chunk);
+            }
+            if !tap.ended {
+                return Ok(None);
+            }
+            Ok(form::json_key(&whole, fields)?.map(|v| (v, None)))
+        }
+    }
+}
+
+enum MultipartFail {
+    Key(PeekError),
+    Parse(multer::Error),
+}
+
+/// multer parses; the tap keeps the raw bytes. multer reads ahead whatever the tap yields, all
+/// of which the tap has recorded, so nothing it consumed is lost to the replay.
+async fn multipart_key<B>(
+    tap: &mut Tap<B>,
+    boundary: &str,
+    fields: &[String],
+    want_all: bool,
+) -> Result<Option<String>, MultipartFail>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+{
+    let stream = futures_util::stream::unfold(tap, |tap| async move {
+        let chunk = tap.next_chunk().await?;
+        Some((Ok::<Bytes, Infallible>(chunk), tap))
+    });
+    let mut parts = multer::Multipart::new(stream, boundary);
+    let mut found: Option<String> = None;
+    while let Some(mut field) = parts.next_field().await.map_err(MultipartFail::Parse)? {
+        let ours = field.name().is_some_and(|n| fields.iter().any(|f| f == n));
+        if !ours {
+            continue;
+        }
+        if found.is_some() {
+            return Err(MultipartFail::Key(
+                CredentialError::Ambiguous("API key body field").into(),
+            ));
+        }
+        let mut value = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(MultipartFail::Parse)? {
+            if value.len() + chunk.len() > form::MAX_KEY_LEN {
+                return Err(MultipartFail::Key(
+                    CredentialError::Malformed("API key body field is too long").into(),
+                ));
+            }
+            value.extend_from_slice(&chunk);
+        }
+        let value = String::from_utf8(value).map_err(|_| {
+            MultipartFail::Key(BodyError::Malformed("the API key field is not UTF-8").into())
+        })?;
+        found = Some(form::accept_key(value).map_err(MultipartFail::Key)?);
+        if !want_all {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+fn multer_reason(e: &multer::Error) -> &'static str {
+    match e {
+        multer::Error::IncompleteFieldData { .. } => "a multipart part is truncated",
+        multer::Error::IncompleteStream => {
+            "the multipart body ends early or does not use the boundary of its Content-Type"
+        }
+        multer::Error::IncompleteHeaders
+        | multer::Error::ReadHeaderFailed(_)
+        | multer::Error::DecodeHeaderName { .. }
+        | multer::Error::DecodeHeaderValue { .. } => "a multipart part has malformed headers",
+        _ => "the multipart body is malformed",
+    }
+}
+
+/// Reads the client's body frame by frame, records every frame for the replay, and gives the
+/// parser at most `limit` bytes. Reaching the limit, the end, or a read failure all look like
+/// the end to the parser; the flags tell them apart afterwards.
+struct Tap<B> {
+    body: B,
+    frames: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// Bytes given to the parser.
+    fed: usize,
+    limit: usize,
+    /// The body is longer than the limit.
+    limit_hit: bool,
+    /// The body's real end was read.
+    ended: bool,
+    failed: bool,
+}
+
+impl<B> Tap<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+{
+    fn new(body: B, limit: usize) -> Self {
+        Self {
+            body,
+            frames: VecDeque::new(),
+            trailers: None,
+            fed: 0,
+            limit,
+            limit_hit: false,
+            ended: false,
+            failed: false,
+        }
+    }
+
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if self.ended || self.failed || self.limit_hit {
+                return None;
+            }
+            let frame = match self.body.frame().await {
+                None => {
+                    self.ended = true;
+                    return None;
+                }
+                Some(Err(_)) => {
+                    self.failed = true;
+                    return None;
+                }
+                Some(Ok(frame)) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        self.trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                    }
+                    continue;
+                }
+            };
+            if data.is_empty() {
+                continue;
+            }
+            self.frames.push_back(data.clone());
+            let room = self.limit - self.fed;
+            if data.len() > room {
+                self.limit_hit = true;
+                if room == 0 {
+                    return None;
+                }
+                self.fed = self.limit;
+                return Some(data.slice(..room));
+            }
+            self.fed += data.len();
+            return Some(data);
+        }
+    }
+
+    fn into_replay(self) -> Replay<B> {
+        Replay {
+            prefix: self.frames,
+            trailers: self.trailers,
+            rest: if self.ended { None } else { Some(self.body) },
+        }
+    }
+}
+
+/// The frames read during the peek, then the rest of the client's body, unchanged.
+pub struct Replay<B> {
+    prefix: VecDeque<Bytes>,
+    /// Trailers seen during the peek (the body had ended then).
+    trailers: Option<HeaderMap>,
+    /// `None` once the client's body has ended.
+    rest: Option<B>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Replay<B> {
+    pub fn untouched(body: B) -> Self {
+        Self {
+            prefix: VecDeque::new(),
+            trailers: None,
+            rest: Some(body),
+        }
+    }
+
+    /// The original body when nothing was read from it, so the caller can forward it as is.
+    pub fn into_untouched(self) -> Result<B, Self> {
+        match self {
+            Replay {
+                prefix,
+                trailers: None,
+                rest: Some(body),
+            } if prefix.is_empty() => Ok(body),
+            other => Err(other),
+        }
+    }
+
+    fn prefix_len(&self) -> u64 {
+        self.prefix.iter().map(|b| b.len() as u64).sum()
+    }
+
+    /// Removes the stream bytes in `range` from the replayed prefix; returns how many were
+    /// removed (0 when the range is not wholly inside the prefix, which the scanner never
+    /// produces).
+    pub fn remove(&mut self, range: Range<u64>) -> u64 {
+        let len = self.prefix_len();
+        if range.start > range.end || range.end > len {
+            return 0;
+        }
+        let mut whole = BytesMut::with_capacity(len as usize);
+        for b in self.prefix.drain(..) {
+            whole.extend_from_slice(&b);
+        }
+        // Both bounds are within `whole`, checked above.
+        let (start, end) = (range.start as usize, range.end as usize);
+        let tail = whole.split_off(end);
+        whole.truncate(start);
+        whole.extend_from_slice(&tail);
+        if !whole.is_empty() {
+            self.prefix.push_back(whole.freeze());
+        }
+        range.end - range.start
+    }
+}
+
+impl<B> Body for Replay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(rest) = this.rest.as_mut() {
+            match Pin::new(rest).poll_frame(cx) {
+                Poll::Ready(None) => this.rest = None,
+                other => return other,
+            }
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty()
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix_len();
+        match &self.rest {
+            None => SizeHint::with_exact(prefix),
+            Some(rest) => {
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower().saturating_add(prefix));
+                if let Some(upper) = r.upper() {
+                    hint.set_upper(upper.saturating_add(prefix));
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Strips the key field found at `range` from the replayed body and fixes `Content-Length`.
+pub fn strip_field<B: Body<Data = Bytes> + Unpin>(
+    body: &mut Replay<B>,
+    headers: &mut HeaderMap,
+    range: Range<u64>,
+) {
+    let removed = body.remove(range);
+    if removed == 0 {
+        return;
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        headers.insert(
+            CONTENT_LENGTH,
+            HeaderValue::from(n.saturating_sub(removed)),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::CONTENT_TYPE;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    /// A client body: given pieces, optionally an exact length, optionally a failure or a
+    /// stall after the pieces.
+    struct Client {
+        pieces: VecDeque<Bytes>,
+        exact: Option<u64>,
+        then: Then,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Then {
+        End,
+        Fail,
+        Stall,
+    }
+
+    impl Client {
+        fn new(body: &[u8], split: usize, exact: bool) -> Self {
+            Self {
+                pieces: body
+                    .chunks(split.max(1))
+                    .map(Bytes::copy_from_slice)
+                    .collect(),
+                exact: exact.then_some(body.len() as u64),
+                then: Then::End,
+            }
+        }
+    }
+
+    impl Body for Client {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            let this = self.get_mut();
+            match this.pieces.pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => match this.then {
+                    Then::End => Poll::Ready(None),
+                    Then::Fail => Poll::Ready(Some(Err(std::io::Error::other("reset")))),
+                    Then::Stall => Poll::Pending,
+                },
+            }
+        }
+        fn size_hint(&self) -> SizeHint {
+            self.exact.map_or_else(SizeHint::new, SizeHint::with_exact)
+        }
+    }
+
+    fn cfg(limit: usize) -> BodyKeyConfig {
+        BodyKeyConfig {
+            max_peek_bytes: limit,
+            peek_timeout: Duration::from_millis(200),
+            ..BodyKeyConfig::default()
+        }
+    }
+
+    fn headers(ct: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, ct.parse().unwrap());
+        h
+    }
+
+    const MP: &str = "multipart/form-data; boundary=XyZ";
+
+    fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in parts {
+            out.extend_from_slice(
+                format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+                    .as_bytes(),
+            );
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"--XyZ--\r\n");
+        out
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    async fn collect<B: Body<Data = Bytes> + Unpin>(body: B) -> Vec<u8>
+    where
+        B::Error: std::fmt::Debug,
+    {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    fn run(
+        ct: &str,
+        client: Client,
+        limit: usize,
+    ) -> Result<(Option<String>, bool, Vec<u8>), PeekError> {
+        rt().block_on(async {
+            let p = peek(&cfg(limit), &[KeySource::Form, KeySource::Json], &headers(ct), client)
+                .await?;
+            let forwarded = collect(p.body).await;
+            Ok((p.key.map(|k| k.value), p.limit_reached, forwarded))
+        })
+    }
+
+    #[test]
+    fn multipart_key_first_before_a_large_part_reads_only_the_start() {
+        let big = vec![7u8; 1 << 20];
+        let body = multipart(&[("clientKey", b"kg_1"), ("page", b"2"), ("file", &big)]);
+        let client = Client::new(&body, 8192, true);
+        rt().block_on(async {
+            let p = peek(&cfg(65536), &[KeySource::Form], &headers(MP), client)
+                .await
+                .unwrap();
+            assert_eq!(p.key.as_ref().unwrap().value, "kg_1");
+            assert_eq!(p.key.as_ref().unwrap().source, KeySource::Form);
+            assert!(p.body.prefix_len() <= 65536 + 8192, "{}", p.body.prefix_len());
+            assert_eq!(collect(p.body).await, body);
+        });
+    }
+
+    #[test]
+    fn multipart_key_after_a_part_within_the_limit() {
+        let part = vec![b'x'; 40_000];
+        let body = multipart(&[("file", &part), ("clientKey", b"kg_2")]);
+        let (key, _, fwd) = run(MP, Client::new(&body, 1000, false), 65536).unwrap();
+        assert_eq!(key.as_deref(), Some("kg_2"));
+        assert_eq!(fwd, body);
+        // Beyond the limit: not found, and said so.
+        let (key, limit, fwd) = run(MP, Client::new(&body, 1000, false), 16384).unwrap();
+        assert_eq!((key, limit), (None, true));
+        assert_eq!(fwd, body);
+    }
+
+    #[test]
+    fn small_bodies_are_read_whole_and_two_keys_are_refused() {
+        let body = multipart(&[("clientKey", b"a"), ("clientKey", b"b")]);
+        assert!(matches!(
+            run(MP, Client::new(&body, 7, true), 65536),
+            Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+        ));
+        // Unknown length: the first key wins and the rest is not waited for.
+        let (key, _, fwd) = run(MP, Client::new(&body, 7, false), 65536).unwrap();
+        assert_eq!(key.as_deref(), Some("a"));
+        assert_eq!(fwd, body);
+        let form = b"clientKey=a&clientKey=b";
+        assert!(matches!(
+            run(
+                "application/x-www-form-urlencoded",
+                Client::new(form, 3, true),
+                65536
+            ),
+            Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+        ));
+    }
+
+    #[test]
+    fn malformed_multipart_is_refused() {
+        let body = multipart(&[("clientKey", b"a")]);
+        let cut = &body[..body.len() - 12];
+        assert!(matches!(
+            run(MP, Client::new(cut, 5, true), 65536),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+        let wrong = run(
+            "multipart/form-data; boundary=Other",
+            Client::new(&body, 5, true),
+            65536,
+        );
+        assert!(matches!(wrong, Err(PeekError::Body(BodyError::Malformed(_)))));
+        let bad_headers = b"--XyZ\r\nContent-Disposition form-data\r\n\r\nv\r\n--XyZ--\r\n";
+        assert!(matches!(
+            run(MP, Client::new(bad_headers, 5, true), 65536),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+        let not_utf8 = multipart(&[("clientKey", &[0xff, 0xfe])]);
+        assert!(matches!(
+            run(MP, Client::new(&not_utf8, 5, true), 65536),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn urlencoded_limit_is_exact_whatever_the_pieces() {
+        let mut body = vec![b'a'; 2000];
+        body.extend_from_slice(b"&clientKey=kg_3&b=1");
+        let end_of_key = 2000 + "&clientKey=kg_3&".len();
+        for split in [1, 7, 500, 5000] {
+            let (key, _, fwd) = run(
+                "application/x-www-form-urlencoded",
+                Client::new(&body, split, false),
+                end_of_key,
+            )
+            .unwrap();
+            assert_eq!(key.as_deref(), Some("kg_3"), "split {split}");
+            assert_eq!(fwd, body);
+            let (key, limit, fwd) = run(
+                "application/x-www-form-urlencoded",
+                Client::new(&body, split, false),
+                end_of_key - 1,
+            )
+            .unwrap();
+            assert_eq!((key, limit), (None, true), "split {split}");
+            assert_eq!(fwd, body);
+        }
+    }
+
+    #[test]
+    fn stripping_removes_the_field_and_fixes_the_length() {
+        let body = b"page=2&clientKey=kg_4&perPage=10";
+        rt().block_on(async {
+            let mut h = headers("application/x-www-form-urlencoded");
+            h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let p = peek(&cfg(65536), &[KeySource::Form], &h, Client::new(body, 4, true))
+                .await
+                .unwrap();
+            let key = p.key.unwrap();
+            let mut replay = p.body;
+            strip_field(&mut replay, &mut h, key.strip.unwrap());
+            assert_eq!(h[CONTENT_LENGTH], "17");
+            assert_eq!(replay.size_hint().exact(), Some(17));
+            assert_eq!(collect(replay).await, b"page=2&perPage=10");
+        });
+    }
+
+    #[test]
+    fn other_bodies_are_not_touched() {
+        rt().block_on(async {
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers("application/json"),
+                Client::new(b"{\"clientKey\":\"k\"}", 3, true),
+            )
+            .await
+            .unwrap();
+            assert!(p.key.is_none());
+            assert!(p.body.into_untouched().is_ok());
+        });
+    }
+
+    #[test]
+    fn json_is_read_whole_within_the_limit() {
+        let body = br#"{"page":2,"clientKey":"kg_5"}"#;
+        let (key, _, fwd) = run("application/json", Client::new(body, 4, false), 65536).unwrap();
+        assert_eq!(key.as_deref(), Some("kg_5"));
+        assert_eq!(fwd, body);
+        let big = format!(r#"{{"clientKey":"kg_5","pad":"{}"}}"#, "x".repeat(3000));
+        let (key, limit, fwd) =
+            run("application/json", Client::new(big.as_bytes(), 100, false), 1024).unwrap();
+        assert_eq!((key, limit), (None, true));
+        assert_eq!(fwd, big.as_bytes());
+    }
+
+    #[test]
+    fn a_failing_or_stalling_client_is_refused() {
+        let mut c = Client::new(b"clientKey=kg_6", 3, false);
+        c.then = Then::Fail;
+        assert_eq!(
+            run("application/x-www-form-urlencoded", c, 65536).unwrap_err(),
+            PeekError::Body(BodyError::Unreadable)
+        );
+        let mut c = Client::new(b"page=1&client", 3, false);
+        c.then = Then::Stall;
+        assert_eq!(
+            run("application/x-www-form-urlencoded", c, 65536).unwrap_err(),
+            PeekError::Body(BodyError::Timeout)
+        );
+    }
+
+    #[test]
+    fn trailers_seen_during_the_peek_are_replayed() {
+        struct WithTrailers(Option<Frame<Bytes>>, Option<Frame<Bytes>>);
+        impl Body for WithTrailers {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                Poll::Ready(self.0.take().or_else(|| self.1.take()).map(Ok))
+            }
+        }
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "1".parse().unwrap());
+        let body = WithTrailers(
+            Some(Frame::data(Bytes::from_static(b"clientKey=kg_7"))),
+            Some(Frame::trailers(t)),
+        );
+        rt().block_on(async {
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers("application/x-www-form-urlencoded"),
+                body,
+            )
+            .await
+            .unwrap();
+            assert_eq!(p.key.unwrap().value, "kg_7");
+            let all = p.body.collect().await.unwrap();
+            assert_eq!(all.trailers().unwrap()["x-checksum"], "1");
+            assert_eq!(all.to_bytes(), "clientKey=kg_7");
+        });
+    }
+
+    proptest! {
+        // Whatever the body, the cut and the limit: no panic, and whatever was read is
+        // forwarded byte for byte.
+        #[test]
+        fn forwarded_bytes_are_the_received_bytes(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            split in 1usize..300,
+            limit in 1024usize..4096,
+            exact: bool,
+            ct in prop_oneof![
+                Just("application/x-www-form-urlencoded"),
+                Just(MP),
+                Just("application/json"),
+            ],
+        ) {
+            if let Ok((_, _, fwd)) = run(ct, Client::new(&body, split, exact), limit) {
+                prop_assert_eq!(fwd, body);
+            }
+        }
+
+        #[test]
+        fn multipart_key_is_found_in_any_position(
+            before in 0usize..6,
+            after in 0usize..6,
+            size in 0usize..2000,
+            split in 1usize..700,
+            key in "[a-zA-Z0-9_]{1,40}",
+        ) {
+            let filler = vec![b'-'; size];
+            let mut parts: Vec<(&str, &[u8])> = vec![("field", &filler[..]); before];
+            parts.push(("clientKey", key.as_bytes()));
+            parts.extend(std::iter::repeat_n(("field", &filler[..]), after));
+            let body = multipart(&parts);
+            let (found, _, fwd) = run(MP, Client::new(&body, split, false), 1 << 20).unwrap();
+            prop_assert_eq!(found, Some(key));
+            prop_assert_eq!(fwd, body);
+        }
+    }
+}

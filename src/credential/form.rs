@@ -1,0 +1,647 @@
+//! The pure half of keys in request bodies: which body kind a `Content-Type` names, an
+//! incremental `application/x-www-form-urlencoded` scanner, and the JSON top-level field
+//! lookup. No I/O here, so property tests can drive every function directly; the reading,
+//! limits and replay are in [`super::body`].
+
+use super::CredentialError;
+use super::body::{BodyError, PeekError};
+use http::HeaderMap;
+use http::header::CONTENT_TYPE;
+use std::ops::Range;
+
+/// Longest key value taken from a body. Real keys are about 40 characters; the cap keeps a
+/// hostile "key" field from becoming a large allocation or a long store lookup.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Longest field name worth decoding; longer names cannot be one of ours (config caps them
+/// at 256 bytes, and percent-encoding at most triples that).
+const MAX_NAME_LEN: usize = 3 * 256;
+
+/// RFC 2046 §5.1.1: 1 to 70 characters.
+const MAX_BOUNDARY_LEN: usize = 70;
+
+/// What kind of body carries the key, as far as the `Content-Type` tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyKind {
+    Urlencoded,
+    Multipart { boundary: String },
+    Json,
+}
+
+/// The body kind to parse, or `None` when the body is not one the enabled sources read (then
+/// it is not read at all). A `Content-Type` that claims a form but cannot be parsed is an
+/// error, not a pass: the upstream would not parse it either.
+pub fn body_kind(headers: &HeaderMap, form: bool, json: bool) -> Result<Option<BodyKind>, PeekError> {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(malformed("more than one Content-Type header"));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| malformed("the Content-Type header is not ASCII"))?;
+    let media = text.split(';').next().unwrap_or("").trim();
+    if form && media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Ok(Some(BodyKind::Urlencoded));
+    }
+    if form && media.eq_ignore_ascii_case("multipart/form-data") {
+        let boundary = multer::parse_boundary(text)
+            .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))?;
+        if boundary.is_empty() || boundary.len() > MAX_BOUNDARY_LEN {
+            return Err(malformed("the multipart boundary must be 1 to 70 characters"));
+        }
+        return Ok(Some(BodyKind::Multipart { boundary }));
+    }
+    let is_json = media.eq_ignore_ascii_case("application/json")
+        || (media.len() > 5
+            && media.is_char_boundary(media.len() - 5)
+            && media[media.len() - 5..].eq_ignore_ascii_case("+json"));
+    if json && is_json {
+        return Ok(Some(BodyKind::Json));
+    }
+    Ok(None)
+}
+
+fn malformed(reason: &'static str) -> PeekError {
+    PeekError::Body(BodyError::Malformed(reason))
+}
+
+/// Checks a decoded key value the way header values are checked: trimmed, not empty, not
+/// absurdly long. An empty or oversized value is a malformed *key* (401), like in headers.
+pub fn accept_key(value: String) -> Result<String, PeekError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(CredentialError::Malformed("empty API key body field").into());
+    }
+    if trimmed.len() > MAX_KEY_LEN {
+        return Err(CredentialError::Malformed("API key body field is too long").into());
+    }
+    Ok(if trimmed.len() == value.len() {
+        value
+    } else {
+        trimmed.to_owned()
+    })
+}
+
+/// A key found in an urlencoded body, with where its `name=value` pair was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundKey {
+    pub value: String,
+    /// Stream offsets of the pair, without separators.
+    pub pair: Range<u64>,
+    /// Whether a `&` follows the pair (it is not the body's last).
+    pub followed_by_amp: bool,
+}
+
+impl FoundKey {
+    /// The bytes to remove so the body reads as if the pair had never been there: the pair
+    /// and the `&` after it, or, for the last pair, the `&` before it.
+    pub fn strip_range(&self) -> Range<u64> {
+        if self.followed_by_amp {
+            self.pair.start..self.pair.end + 1
+        } else if self.pair.start > 0 {
+            self.pair.start - 1..self.pair.end
+        } else {
+            self.pair.clone()
+        }
+    }
+}
+
+/// Whether the scanner wants more input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    NeedMore,
+    /// The key field is complete and nothing more needs reading.
+    Done,
+}
+
+enum State {
+    /// Reading a field name (still percent-encoded).
+    Name(Vec<u8>),
+    /// Reading the value of one of our fields.
+    KeyValue(Vec<u8>),
+    /// Inside a pair that is not ours: everything up to the next `&` is skipped unread.
+    Skip,
+}
+
+/// Finds the key in an `application/x-www-form-urlencoded` body fed in arbitrary pieces. It
+/// holds only the pair being read (capped), never the body. With `want_all`, it reads to the
+/// end and refuses a second key field; without, it stops once the first key field is complete.
+pub struct UrlencodedScanner<'f> {
+    fields: &'f [String],
+    want_all: bool,
+    /// Stream offset of the next byte fed.
+    pos: u64,
+    pair_start: u64,
+    state: State,
+    found: Option<FoundKey>,
+    done: bool,
+}
+
+impl<'f> UrlencodedScanner<'f> {
+    pub fn new(fields: &'f [String], want_all: bool) -> Self {
+        Self {
+            fields,
+            want_all,
+            pos: 0,
+            pair_start: 0,
+            state: State::Name(Vec::new()),
+            found: None,
+            done: false,
+        }
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<Progress, PeekError> {
+        while !chunk.is_empty() && !self.done {
+            let used = match &mut self.state {
+                State::Name(name) => match memchr::memchr2(b'=', b'&', chunk) {
+                    // Too long to be one of ours: skipping to the next `&` is right whether
+                    // or not the pair has a value.
+                    Some(i) if name.len() + i > MAX_NAME_LEN => {
+                        self.state = State::Skip;
+                        0
+                    }
+                    Some(i) => {
+                        name.extend_from_slice(&chunk[..i]);
+                        let raw = std::mem::take(name);
+                        let ours = self.name_is_ours(&raw)?;
+                        if chunk[i] == b'=' {
+                            self.state = if ours {
+                                State::KeyValue(Vec::new())
+                            } else {
+                                State::Skip
+                            };
+                            self.pos += (i + 1) as u64;
+                        } else {
+                            // A bare `clientKey` with no `=`: ours, with an empty value.
+                            self.pos += i as u64;
+                            if ours {
+                                self.end_key_pair(Vec::new(), true)?;
+                            }
+                            self.next_pair();
+                        }
+                        i + 1
+                    }
+                    None if name.len() + chunk.len() > MAX_NAME_LEN => {
+                        self.state = State::Skip;
+                        0
+                    }
+                    None => {
+                        name.extend_from_slice(chunk);
+                        self.pos += chunk.len() as u64;
+                        chunk.len()
+                    }
+                },
+                State::KeyValue(value) => {
+                    let end = memchr::memchr(b'&', chunk);
+                    let piece = &chunk[..end.unwrap_or(chunk.len())];
+                    // Percent-encoding triples a character at most.
+                    if value.len() + piece.len() > 3 * MAX_KEY_LEN {
+                        return Err(
+                            CredentialError::Malformed("API key body field is too long").into()
+                        );
+                    }
+                    value.extend_from_slice(piece);
+                    self.pos += piece.len() as u64;
+                    match end {
+                        Some(i) => {
+                            let value = std::mem::take(value);
+                            self.end_key_pair(value, true)?;
+                            self.next_pair();
+                            i + 1
+                        }
+                        None => chunk.len(),
+                    }
+                }
+                State::Skip => match memchr::memchr(b'&', chunk) {
+                    Some(i) => {
+                        self.pos += i as u64;
+                        self.next_pair();
+                        i + 1
+                    }
+                    None => {
+                        self.pos += chunk.len() as u64;
+                        chunk.len()
+                    }
+                },
+            };
+            chunk = &chunk[used..];
+        }
+        Ok(if self.done {
+            Progress::Done
+        } else {
+            Progress::NeedMore
+        })
+    }
+
+    /// The body ended: the pair being read is complete. Returns the key, if any.
+    pub fn finish(mut self) -> Result<Option<FoundKey>, PeekError> {
+        if !self.done {
+            match std::mem::replace(&mut self.state, State::Skip) {
+                State::Name(name) => {
+                    if self.name_is_ours(&name)? {
+                        self.end_key_pair(Vec::new(), false)?;
+                    }
+                }
+                State::KeyValue(value) => self.end_key_pair(value, false)?,
+                State::Skip => {}
+            }
+        }
+        Ok(self.found)
+    }
+
+    /// The key found so far, for a caller that stops before the end of the body (the pair
+    /// being read then is incomplete and is not looked at).
+    pub fn into_found(self) -> Option<FoundKey> {
+        self.found
+    }
+
+    fn name_is_ours(&self, raw: &[u8]) -> Result<bool, PeekError> {
+        if raw.is_empty() {
+            return Ok(false);
+        }
+        let name = decode_strict(raw)
+            .map_err(|()| malformed("invalid percent-encoding in a form field name"))?;
+        Ok(self.fields.iter().any(|f| f.as_bytes() == name.as_slice()))
+    }
+
+    /// A pair of ours ends at `self.pos` (the `&` or the end of the body).
+    fn end_key_pair(&mut self, raw: Vec<u8>, followed_by_amp: bool) -> Result<(), PeekError> {
+        if self.found.is_some() {
+            return Err(CredentialError::Ambiguous("API key body field").into());
+        }
+        let bytes = decode_strict(&raw)
+            .map_err(|()| malformed("invalid percent-encoding in the API key field"))?;
+        let value =
+            String::from_utf8(bytes).map_err(|_| malformed("the API key field is not UTF-8"))?;
+        let value = accept_key(value)?;
+        self.found = Some(FoundKey {
+            value,
+            pair: self.pair_start..self.pos,
+            followed_by_amp,
+        });
+        if !self.want_all && followed_by_amp {
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    /// Moves past the `&` at `self.pos`.
+    fn next_pair(&mut self) {
+        self.pos += 1;
+        self.pair_start = self.pos;
+        self.state = State::Name(Vec::new());
+    }
+}
+
+/// Form decoding (`+` is a space, `%XX` a byte) that refuses a `%` not followed by two hex
+/// digits instead of passing it through as lenient decoders do: a key must mean one thing.
+pub fn decode_strict(raw: &[u8]) -> Result<Vec<u8>, ()> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hi = raw.get(i + 1).and_then(|h| hex(*h)).ok_or(())?;
+                let lo = raw.get(i + 2).and_then(|h| hex(*h)).ok_or(())?;
+                out.push(hi << 4 | lo);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Finds the key among the top-level fields of a whole JSON body. Not an object: no key.
+/// Two key fields: ambiguous. A key field that is not a string: malformed.
+pub fn json_key(body: &[u8], fields: &[String]) -> Result<Option<String>, PeekError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = serde::Deserializer::deserialize_any(&mut de, TopLevel { fields })
+        .and_then(|found| de.end().map(|()| found))
+        .map_err(|_| malformed("the body is not valid JSON"))?;
+    found?.map(accept_key).transpose()
+}
+
+struct TopLevel<'f> {
+    fields: &'f [String],
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
+    /// Syntax errors are the deserializer's; the inner result is about the key.
+    type Value = Result<Option<String>, PeekError>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: Option<String> = None;
+        let mut problem: Option<PeekError> = None;
+        // Read to the end even after a problem, so a syntax error later still wins (400
+        // either way, but the reason stays accurate).
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if !self.fields.iter().any(|f| *f == name) {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            match map.next_value::<serde_json::Value>()? {
+                serde_json::Value::String(s) if found.is_none() => found = Some(s),
+                serde_json::Value::String(_) => {
+                    problem.get_or_insert(CredentialError::Ambiguous("API key body field").into());
+                }
+                _ => {
+                    problem.get_or_insert(malformed("the API key field of the JSON body is not a string"));
+                }
+            }
+        }
+        Ok(match problem {
+            Some(p) => Err(p),
+            None => Ok(found),
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Ok(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Ok(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fields() -> Vec<String> {
+        vec!["clientKey".into(), "api_key".into()]
+    }
+
+    fn kind(ct: &str) -> Result<Option<BodyKind>, PeekError> {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, ct.parse().unwrap());
+        body_kind(&h, true, true)
+    }
+
+    fn scan(body: &[u8], split: usize, want_all: bool) -> Result<Option<FoundKey>, PeekError> {
+        let f = fields();
+        let mut s = UrlencodedScanner::new(&f, want_all);
+        for piece in body.chunks(split.max(1)) {
+            if s.feed(piece)? == Progress::Done {
+                return Ok(s.into_found());
+            }
+        }
+        s.finish()
+    }
+
+    fn key_of(body: &str) -> Result<Option<String>, PeekError> {
+        scan(body.as_bytes(), usize::MAX, true).map(|f| f.map(|f| f.value))
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            kind("application/x-www-form-urlencoded; charset=UTF-8").unwrap(),
+            Some(BodyKind::Urlencoded)
+        );
+        assert_eq!(
+            kind("Multipart/Form-Data; boundary=\"a b:c\"").unwrap(),
+            Some(BodyKind::Multipart {
+                boundary: "a b:c".into()
+            })
+        );
+        assert_eq!(
+            kind("multipart/form-data; boundary=----x").unwrap(),
+            Some(BodyKind::Multipart {
+                boundary: "----x".into()
+            })
+        );
+        assert_eq!(kind("application/json").unwrap(), Some(BodyKind::Json));
+        assert_eq!(
+            kind("application/vnd.api+json").unwrap(),
+            Some(BodyKind::Json)
+        );
+        assert_eq!(kind("text/plain").unwrap(), None);
+        assert_eq!(kind("multipart/mixed; boundary=x").unwrap(), None);
+        for bad in [
+            "multipart/form-data",
+            "multipart/form-data; boundary=",
+            "multipart/form-data; boundary=\"\"",
+            &format!("multipart/form-data; boundary={}", "x".repeat(71)),
+        ] {
+            assert!(
+                matches!(kind(bad), Err(PeekError::Body(BodyError::Malformed(_)))),
+                "{bad}"
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append(CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert!(body_kind(&h, true, true).is_err());
+        // Only the enabled sources read bodies.
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, "application/json".parse().unwrap());
+        assert_eq!(body_kind(&h, true, false).unwrap(), None);
+        assert_eq!(body_kind(&HeaderMap::new(), true, true).unwrap(), None);
+    }
+
+    #[test]
+    fn urlencoded_key_anywhere_and_decoded() {
+        assert_eq!(key_of("clientKey=k1").unwrap().as_deref(), Some("k1"));
+        assert_eq!(
+            key_of("page=2&perPage=10&clientKey=kg_a%5Fb&x").unwrap().as_deref(),
+            Some("kg_a_b")
+        );
+        assert_eq!(key_of("api_key=k+2&").unwrap().as_deref(), Some("k 2"));
+        assert_eq!(key_of("client%4Bey=k3").unwrap().as_deref(), Some("k3"));
+        assert_eq!(key_of("clientkey=k&other=1").unwrap(), None);
+        assert_eq!(key_of("").unwrap(), None);
+        assert_eq!(key_of("&&=&").unwrap(), None);
+        // Values that are not ours are not decoded, so lenient clients still pass.
+        assert_eq!(
+            key_of("note=100%&clientKey=k4").unwrap().as_deref(),
+            Some("k4")
+        );
+    }
+
+    #[test]
+    fn urlencoded_refusals() {
+        let body_err = |b: &str| matches!(key_of(b), Err(PeekError::Body(BodyError::Malformed(_))));
+        assert!(body_err("clientKey=%zz"));
+        assert!(body_err("clientKey=abc%4"));
+        assert!(body_err("clientKey=%FF%FE"));
+        assert!(body_err("a%g1=1&clientKey=k"));
+        assert!(matches!(
+            key_of("clientKey=a&clientKey=b"),
+            Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+        ));
+        assert!(matches!(
+            key_of("clientKey=a&api_key=b"),
+            Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+        ));
+        for empty in ["clientKey=", "clientKey", "a=1&clientKey&b=2", "clientKey=+%20"] {
+            assert!(
+                matches!(
+                    key_of(empty),
+                    Err(PeekError::Credential(CredentialError::Malformed(_)))
+                ),
+                "{empty}"
+            );
+        }
+        let long = format!("clientKey={}", "k".repeat(MAX_KEY_LEN + 1));
+        assert!(matches!(
+            key_of(&long),
+            Err(PeekError::Credential(CredentialError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn without_want_all_the_first_key_wins_and_reading_stops() {
+        let f = fields();
+        let mut s = UrlencodedScanner::new(&f, false);
+        assert_eq!(s.feed(b"a=1&clientKey=k").unwrap(), Progress::NeedMore);
+        assert_eq!(s.feed(b"1&clientKey=k2&rest").unwrap(), Progress::Done);
+        assert_eq!(s.into_found().unwrap().value, "k1");
+        // Stopping early never reports a key whose value may continue.
+        let mut s = UrlencodedScanner::new(&f, false);
+        assert_eq!(s.feed(b"clientKey=partial").unwrap(), Progress::NeedMore);
+        assert_eq!(s.into_found(), None);
+    }
+
+    #[test]
+    fn strip_ranges_remove_exactly_one_pair() {
+        for (body, expected) in [
+            ("a=1&clientKey=k&b=2", "a=1&b=2"),
+            ("clientKey=k&b=2", "b=2"),
+            ("a=1&clientKey=k", "a=1"),
+            ("clientKey=k", ""),
+        ] {
+            let found = key_of(body).unwrap();
+            let f = scan(body.as_bytes(), usize::MAX, true).unwrap().unwrap();
+            assert_eq!(found.as_deref(), Some("k"));
+            let r = f.strip_range();
+            let mut out = body.as_bytes()[..r.start as usize].to_vec();
+            out.extend_from_slice(&body.as_bytes()[r.end as usize..]);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn json_top_level_string_field() {
+        let f = fields();
+        let k = |b: &str| json_key(b.as_bytes(), &f);
+        assert_eq!(
+            k(r#"{"page":2,"nested":{"clientKey":"no"},"clientKey":"k1"}"#).unwrap(),
+            Some("k1".into())
+        );
+        assert_eq!(k(r#"{"api_key":"k\u0032"}"#).unwrap(), Some("k2".into()));
+        assert_eq!(k(r#"[{"clientKey":"k"}]"#).unwrap(), None);
+        assert_eq!(k(r#""clientKey""#).unwrap(), None);
+        assert_eq!(k("{}").unwrap(), None);
+        assert!(matches!(
+            k(r#"{"clientKey":1}"#),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+        assert!(matches!(
+            k(r#"{"clientKey":"a","clientKey":"b"}"#),
+            Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+        ));
+        assert!(matches!(
+            k(r#"{"clientKey":"a""#),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+        assert!(matches!(
+            k(r#"{"clientKey":"a"} x"#),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
+        // Deep nesting is skipped, not recursed into (no stack overflow).
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(k(&deep(100_000)).unwrap(), None);
+        assert_eq!(
+            k(&format!(r#"{{"a":{},"clientKey":"k"}}"#, deep(100_000))).unwrap(),
+            Some("k".into())
+        );
+        assert!(k(&format!(r#"{{"clientKey":{}}}"#, deep(100_000))).is_err());
+    }
+
+    fn pair_strategy() -> impl Strategy<Value = (String, String)> {
+        ("[a-zA-Z_]{1,8}", "[a-zA-Z0-9%+._=-]{0,12}")
+            .prop_filter("not a key field", |(n, _)| n != "clientKey" && n != "api_key")
+    }
+
+    proptest! {
+        #[test]
+        fn scanner_never_panics(body in proptest::collection::vec(any::<u8>(), 0..400), split in 1usize..50, want_all: bool) {
+            let _ = scan(&body, split, want_all);
+        }
+
+        #[test]
+        fn key_is_found_wherever_it_is_and_however_the_body_is_cut(
+            before in proptest::collection::vec(pair_strategy(), 0..20),
+            after in proptest::collection::vec(pair_strategy(), 0..20),
+            key in "[a-zA-Z0-9_]{1,40}",
+            split in 1usize..64,
+            want_all: bool,
+        ) {
+            let enc = |(n, v): &(String, String)| format!("{n}={}", v.replace('%', "%25").replace('=', "%3D").replace('+', "%2B"));
+            let mut pairs: Vec<String> = before.iter().map(enc).collect();
+            pairs.push(format!("clientKey={key}"));
+            pairs.extend(after.iter().map(enc));
+            let body = pairs.join("&");
+            let found = scan(body.as_bytes(), split, want_all).unwrap().unwrap();
+            prop_assert_eq!(&found.value, &key);
+            let r = found.strip_range();
+            let mut stripped = body.as_bytes()[..r.start as usize].to_vec();
+            stripped.extend_from_slice(&body.as_bytes()[r.end as usize..]);
+            let mut expected: Vec<String> = before.iter().map(enc).collect();
+            expected.extend(after.iter().map(enc));
+            prop_assert_eq!(String::from_utf8(stripped).unwrap(), expected.join("&"));
+        }
+
+        #[test]
+        fn non_utf8_or_bad_escapes_in_the_key_are_refused(bytes in proptest::collection::vec(128u8..=255, 1..8)) {
+            let enc: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+            let body = format!("clientKey={enc}");
+            let r = scan(body.as_bytes(), 3, true);
+            if std::str::from_utf8(&bytes).is_err() {
+                prop_assert!(matches!(r, Err(PeekError::Body(BodyError::Malformed(_)))));
+            }
+        }
+
+        #[test]
+        fn json_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = json_key(&body, &fields());
+        }
+    }
+}
