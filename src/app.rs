@@ -4,6 +4,9 @@
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
 use crate::keys::{KeyRules, KeyService};
+use crate::metrics::Metrics;
+use crate::route::RouteTable;
+use crate::store::metered::MeteredStore;
 use crate::config::{Config, StoreConfig};
 use crate::gateway::Gateway;
 use crate::server::{self, ServeOptions};
@@ -45,11 +48,24 @@ pub async fn run(
     bootstrap_token: Option<Vec<u8>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let route_names = RouteTable::new(&config.routes, &config.auth.sources, |_| 0).names();
+    let metrics = match Metrics::new(&route_names) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            // Only a programming error (a duplicate metric name) gets here.
+            tracing::error!(error = %e, "metrics unavailable");
+            return;
+        }
+    };
+    let store: Arc<dyn KeyStore> = Arc::new(MeteredStore::new(store, metrics.clone()));
     let verifier = Arc::new(Verifier::new(
         config.auth.key_prefix.clone(),
         store.clone(),
         &config.cache,
     ));
+    if let Err(e) = metrics.register_verify_stats(verifier.clone()) {
+        tracing::error!(error = %e, "cache metrics unavailable");
+    }
     // Subscribe before accepting, so every change made after start-up reaches the cache. A
     // store that is down now is retried in the background; serving starts regardless.
     let first_feed = match tokio::time::timeout(SUBSCRIBE_WAIT, store.changes()).await {
@@ -98,6 +114,7 @@ pub async fn run(
             config.proxy.trusted_proxies.clone(),
             config.admin.max_body_bytes,
             ready.clone(),
+            metrics.clone(),
         ));
         server::serve(
             listener,

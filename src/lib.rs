@@ -24,6 +24,7 @@ pub mod dev;
 pub mod error;
 pub mod gateway;
 pub mod keys;
+pub mod metrics;
 pub mod proxy;
 pub mod request_id;
 pub mod route;

@@ -92,6 +92,11 @@ impl RouteTable {
     pub fn get(&self, index: usize) -> Option<&Route> {
         self.routes.get(index)
     }
+
+    /// Route names in table order (the indices `find_index` returns).
+    pub fn names(&self) -> Vec<String> {
+        self.routes.iter().map(|r| r.name.clone()).collect()
+    }
 }
 
 /// The host a request names (`:authority` for HTTP/2, `Host` for HTTP/1.1), lowercased, port

@@ -13,6 +13,7 @@ use crate::auth::verify::Verifier;
 use crate::client_ip::{canonical, client_ip};
 use crate::config::{SCOPE_KEYS_READ, SCOPE_KEYS_WRITE, ScopeConfig};
 use crate::keys::{Actor, CreateKey, KeyChange, KeyService, parse_allow_ips};
+use crate::metrics::Metrics;
 use crate::request_id;
 use crate::store::{AuditFilter, KeyFilter, Page};
 use auth::Admin;
@@ -44,6 +45,7 @@ pub struct AdminApi {
     max_body_bytes: usize,
     /// False until the listeners are up, and again from the moment shutdown begins.
     ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 /// A successful answer: status and the `data` of the envelope, plus optional extra `meta`.
@@ -116,6 +118,7 @@ impl AdminApi {
         trusted_proxies: Vec<IpNet>,
         max_body_bytes: usize,
         ready: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             service,
@@ -125,7 +128,25 @@ impl AdminApi {
             trusted_proxies,
             max_body_bytes,
             ready,
+            metrics,
         }
+    }
+
+    /// `GET /metrics`: Prometheus text format, no credential (scrapers carry none; the admin
+    /// listener is kept inside the cluster).
+    async fn metrics(&self) -> AdminResponse {
+        self.metrics.set_cache_entries(self.verifier.cached_entries());
+        let up = matches!(
+            tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await,
+            Ok(Ok(()))
+        );
+        self.metrics.set_store_up(up);
+        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
     }
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> AdminResponse {
@@ -133,6 +154,11 @@ impl AdminApi {
         let id = request_id.to_str().unwrap_or("").to_owned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if path == "/metrics" && method == Method::GET {
+            let mut resp = self.metrics().await;
+            resp.headers_mut().insert(request_id::HEADER, request_id);
+            return resp;
+        }
         let result = self.dispatch(req, peer, &id).await;
         let mut resp = match result {
             Ok(reply) => {

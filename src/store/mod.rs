@@ -9,6 +9,7 @@
 //! The store knows nothing of HTTP or of the cache; it never sees a plaintext key.
 
 pub mod embedded;
+pub mod metered;
 pub mod redis;
 
 use crate::auth::key::KeyHash;

@@ -582,3 +582,61 @@ async fn health_and_readiness_need_no_credential() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["x-request-id"], "abc-1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_exposed_parsable_and_free_of_keys() {
+    let e = start("embedded", "").await;
+    let (_, key) = e.create(json!({"key_type": "shared"})).await;
+    assert_eq!(e.proxy_status(&key).await, 200);
+    assert_eq!(e.proxy_status(&key).await, 200);
+    assert_eq!(e.proxy_status("kg_bad").await, 401);
+    let r = client().get(e.gw.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    for name in [
+        "keygate_requests_total",
+        "keygate_request_duration_seconds_bucket",
+        "keygate_upstream_duration_seconds_bucket",
+        "keygate_auth_cache_hits_total",
+        "keygate_auth_cache_misses_total",
+        "keygate_auth_cache_negative_hits_total",
+        "keygate_auth_cache_entries",
+        "keygate_store_operations_total",
+        "keygate_store_operation_duration_seconds_bucket",
+        "keygate_store_up 1",
+        "keygate_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert!(text.contains("keygate_requests_total{outcome=\"forwarded\",route=\"api\"} 2"), "{text}");
+    assert!(text.contains("keygate_requests_total{outcome=\"unauthenticated\",route=\"api\"} 1"));
+    assert!(!text.contains("kg_"), "a key leaked into metrics");
+    assert!(!text.contains("apk_"), "a key id is a label");
+    assert!(!text.contains("127.0.0.1"), "a client address is a label");
+    // promtool (Debian package `prometheus`, installed by tests/run.sh) lints the exposition.
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing in CI: tests/run.sh should install it"
+        ),
+    }
+}

@@ -108,6 +108,28 @@ async fn dev_mode_prints_a_working_key_and_curl_line() {
             key = k.split_whitespace().next().map(str::to_owned);
         }
     }
+    let mut admin = None;
+    while admin.is_none() {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("dev mode admin line");
+        if let Some(rest) = line.trim().strip_prefix("admin API: http://") {
+            let mut parts = rest.split_whitespace();
+            let admin_addr = parts.next().unwrap().to_owned();
+            let token = parts.last().unwrap().to_owned();
+            admin = Some((admin_addr, token));
+        }
+    }
+    let (admin_addr, token) = admin.unwrap();
+    let r = client()
+        .get(format!("http://{admin_addr}/v1/keys"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let listed: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(listed["meta"]["total"], 1);
     let (addr, key) = (addr.unwrap(), key.unwrap());
     let ok = client()
         .get(format!("http://{addr}/hello"))

@@ -5,6 +5,7 @@
 
 mod admin;
 mod cli;
+mod form;
 mod proxy;
 mod redis_e2e;
 mod store_conformance;
