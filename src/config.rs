@@ -1057,8 +1057,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.routes[0].body, BodyKeyConfig::default());
         let b = &c.routes[1].body;
-        assert_eq!(c.routes[1].sources, Some(vec![KeySource::Bearer, KeySource::Form]));
-        assert_eq!(b.fields, vec!["clientKey".to_string(), "api_key".to_string()]);
+        assert_eq!(
+            c.routes[1].sources,
+            Some(vec![KeySource::Bearer, KeySource::Form])
+        );
+        assert_eq!(
+            b.fields,
+            vec!["clientKey".to_string(), "api_key".to_string()]
+        );
         assert_eq!(
             (b.max_peek_bytes, b.peek_timeout, b.strip_form_field),
             (4096, Duration::from_secs(2), true)

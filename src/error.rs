@@ -398,7 +398,10 @@ mod tests {
 
     #[test]
     fn body_answers_name_the_problem_and_the_outcome() {
-        let a = classify(&BodyError::Malformed("a multipart part is truncated").into(), false);
+        let a = classify(
+            &BodyError::Malformed("a multipart part is truncated").into(),
+            false,
+        );
         assert_eq!(a.message, "a multipart part is truncated");
         assert_eq!(a.outcome, Outcome::BadRequest);
         let a = classify(&BodyError::Timeout.into(), false);

@@ -356,15 +356,16 @@ impl<B: Body<Data = Bytes> + Unpin> Replay<B> {
         }
     }
 
-    /// The original body when nothing was read from it, so the caller can forward it as is.
-    pub fn into_untouched(self) -> Result<B, Self> {
+    /// The original body when nothing was read from it, so the caller can forward it as is;
+    /// otherwise the replay, boxed (callers keep it behind a box anyway).
+    pub fn into_untouched(self) -> Result<B, Box<Self>> {
         match self {
             Replay {
                 prefix,
                 trailers: None,
                 rest: Some(body),
             } if prefix.is_empty() => Ok(body),
-            other => Err(other),
+            other => Err(Box::new(other)),
         }
     }
 
@@ -458,10 +459,7 @@ pub fn strip_field<B: Body<Data = Bytes> + Unpin>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared {
-        headers.insert(
-            CONTENT_LENGTH,
-            HeaderValue::from(n.saturating_sub(removed)),
-        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n.saturating_sub(removed)));
     }
 }
 
@@ -572,8 +570,13 @@ mod tests {
         limit: usize,
     ) -> Result<(Option<String>, bool, Vec<u8>), PeekError> {
         rt().block_on(async {
-            let p = peek(&cfg(limit), &[KeySource::Form, KeySource::Json], &headers(ct), client)
-                .await?;
+            let p = peek(
+                &cfg(limit),
+                &[KeySource::Form, KeySource::Json],
+                &headers(ct),
+                client,
+            )
+            .await?;
             let forwarded = collect(p.body).await;
             Ok((p.key.map(|k| k.value), p.limit_reached, forwarded))
         })
@@ -590,7 +593,11 @@ mod tests {
                 .unwrap();
             assert_eq!(p.key.as_ref().unwrap().value, "kg_1");
             assert_eq!(p.key.as_ref().unwrap().source, KeySource::Form);
-            assert!(p.body.prefix_len() <= 65536 + 8192, "{}", p.body.prefix_len());
+            assert!(
+                p.body.prefix_len() <= 65536 + 8192,
+                "{}",
+                p.body.prefix_len()
+            );
             assert_eq!(collect(p.body).await, body);
         });
     }
@@ -643,7 +650,10 @@ mod tests {
             Client::new(&body, 5, true),
             65536,
         );
-        assert!(matches!(wrong, Err(PeekError::Body(BodyError::Malformed(_)))));
+        assert!(matches!(
+            wrong,
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
         let bad_headers = b"--XyZ\r\nContent-Disposition form-data\r\n\r\nv\r\n--XyZ--\r\n";
         assert!(matches!(
             run(MP, Client::new(bad_headers, 5, true), 65536),
@@ -687,9 +697,14 @@ mod tests {
         rt().block_on(async {
             let mut h = headers("application/x-www-form-urlencoded");
             h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-            let p = peek(&cfg(65536), &[KeySource::Form], &h, Client::new(body, 4, true))
-                .await
-                .unwrap();
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &h,
+                Client::new(body, 4, true),
+            )
+            .await
+            .unwrap();
             let key = p.key.unwrap();
             let mut replay = p.body;
             strip_field(&mut replay, &mut h, key.strip.unwrap());
@@ -722,8 +737,12 @@ mod tests {
         assert_eq!(key.as_deref(), Some("kg_5"));
         assert_eq!(fwd, body);
         let big = format!(r#"{{"clientKey":"kg_5","pad":"{}"}}"#, "x".repeat(3000));
-        let (key, limit, fwd) =
-            run("application/json", Client::new(big.as_bytes(), 100, false), 1024).unwrap();
+        let (key, limit, fwd) = run(
+            "application/json",
+            Client::new(big.as_bytes(), 100, false),
+            1024,
+        )
+        .unwrap();
         assert_eq!((key, limit), (None, true));
         assert_eq!(fwd, big.as_bytes());
     }

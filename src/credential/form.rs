@@ -31,7 +31,11 @@ pub enum BodyKind {
 /// The body kind to parse, or `None` when the body is not one the enabled sources read (then
 /// it is not read at all). A `Content-Type` that claims a form but cannot be parsed is an
 /// error, not a pass: the upstream would not parse it either.
-pub fn body_kind(headers: &HeaderMap, form: bool, json: bool) -> Result<Option<BodyKind>, PeekError> {
+pub fn body_kind(
+    headers: &HeaderMap,
+    form: bool,
+    json: bool,
+) -> Result<Option<BodyKind>, PeekError> {
     let mut values = headers.get_all(CONTENT_TYPE).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -50,7 +54,9 @@ pub fn body_kind(headers: &HeaderMap, form: bool, json: bool) -> Result<Option<B
         let boundary = multer::parse_boundary(text)
             .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))?;
         if boundary.is_empty() || boundary.len() > MAX_BOUNDARY_LEN {
-            return Err(malformed("the multipart boundary must be 1 to 70 characters"));
+            return Err(malformed(
+                "the multipart boundary must be 1 to 70 characters",
+            ));
         }
         return Ok(Some(BodyKind::Multipart { boundary }));
     }
@@ -263,7 +269,7 @@ impl<'f> UrlencodedScanner<'f> {
             return Ok(false);
         }
         let name = decode_strict(raw)
-            .map_err(|()| malformed("invalid percent-encoding in a form field name"))?;
+            .ok_or_else(|| malformed("invalid percent-encoding in a form field name"))?;
         Ok(self.fields.iter().any(|f| f.as_bytes() == name.as_slice()))
     }
 
@@ -273,7 +279,7 @@ impl<'f> UrlencodedScanner<'f> {
             return Err(CredentialError::Ambiguous("API key body field").into());
         }
         let bytes = decode_strict(&raw)
-            .map_err(|()| malformed("invalid percent-encoding in the API key field"))?;
+            .ok_or_else(|| malformed("invalid percent-encoding in the API key field"))?;
         let value =
             String::from_utf8(bytes).map_err(|_| malformed("the API key field is not UTF-8"))?;
         let value = accept_key(value)?;
@@ -298,15 +304,16 @@ impl<'f> UrlencodedScanner<'f> {
 
 /// Form decoding (`+` is a space, `%XX` a byte) that refuses a `%` not followed by two hex
 /// digits instead of passing it through as lenient decoders do: a key must mean one thing.
-pub fn decode_strict(raw: &[u8]) -> Result<Vec<u8>, ()> {
+/// `None`: a bad escape.
+pub fn decode_strict(raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while let Some(&b) = raw.get(i) {
         match b {
             b'+' => out.push(b' '),
             b'%' => {
-                let hi = raw.get(i + 1).and_then(|h| hex(*h)).ok_or(())?;
-                let lo = raw.get(i + 2).and_then(|h| hex(*h)).ok_or(())?;
+                let hi = raw.get(i + 1).and_then(|h| hex(*h))?;
+                let lo = raw.get(i + 2).and_then(|h| hex(*h))?;
                 out.push(hi << 4 | lo);
                 i += 2;
             }
@@ -314,7 +321,7 @@ pub fn decode_strict(raw: &[u8]) -> Result<Vec<u8>, ()> {
         }
         i += 1;
     }
-    Ok(out)
+    Some(out)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -364,7 +371,9 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
                     problem.get_or_insert(CredentialError::Ambiguous("API key body field").into());
                 }
                 _ => {
-                    problem.get_or_insert(malformed("the API key field of the JSON body is not a string"));
+                    problem.get_or_insert(malformed(
+                        "the API key field of the JSON body is not a string",
+                    ));
                 }
             }
         }
@@ -480,7 +489,9 @@ mod tests {
     fn urlencoded_key_anywhere_and_decoded() {
         assert_eq!(key_of("clientKey=k1").unwrap().as_deref(), Some("k1"));
         assert_eq!(
-            key_of("page=2&perPage=10&clientKey=kg_a%5Fb&x").unwrap().as_deref(),
+            key_of("page=2&perPage=10&clientKey=kg_a%5Fb&x")
+                .unwrap()
+                .as_deref(),
             Some("kg_a_b")
         );
         assert_eq!(key_of("api_key=k+2&").unwrap().as_deref(), Some("k 2"));
@@ -510,7 +521,12 @@ mod tests {
             key_of("clientKey=a&api_key=b"),
             Err(PeekError::Credential(CredentialError::Ambiguous(_)))
         ));
-        for empty in ["clientKey=", "clientKey", "a=1&clientKey&b=2", "clientKey=+%20"] {
+        for empty in [
+            "clientKey=",
+            "clientKey",
+            "a=1&clientKey&b=2",
+            "clientKey=+%20",
+        ] {
             assert!(
                 matches!(
                     key_of(empty),
@@ -596,8 +612,9 @@ mod tests {
     }
 
     fn pair_strategy() -> impl Strategy<Value = (String, String)> {
-        ("[a-zA-Z_]{1,8}", "[a-zA-Z0-9%+._=-]{0,12}")
-            .prop_filter("not a key field", |(n, _)| n != "clientKey" && n != "api_key")
+        ("[a-zA-Z_]{1,8}", "[a-zA-Z0-9%+._=-]{0,12}").prop_filter("not a key field", |(n, _)| {
+            n != "clientKey" && n != "api_key"
+        })
     }
 
     proptest! {

@@ -33,7 +33,7 @@ impl From<Replay<Incoming>> for ForwardBody {
     fn from(replay: Replay<Incoming>) -> Self {
         match replay.into_untouched() {
             Ok(body) => ForwardBody::Direct(body),
-            Err(replay) => ForwardBody::Replay(Box::new(replay)),
+            Err(replay) => ForwardBody::Replay(replay),
         }
     }
 }
