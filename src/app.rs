@@ -37,6 +37,10 @@ pub struct Listeners {
     pub proxy: TcpListener,
     /// `None` when the admin API is disabled.
     pub admin: Option<TcpListener>,
+    /// Built (and its reloader started) by the caller, so a certificate that does not load
+    /// stops start-up before the address is announced.
+    pub proxy_tls: Option<server::TlsAcceptor>,
+    pub admin_tls: Option<server::TlsAcceptor>,
 }
 
 /// Runs the proxy (and the admin API) until `shutdown` resolves, then turns unready, stops
@@ -92,6 +96,7 @@ pub async fn run(
     let proxy = server::serve(
         listeners.proxy,
         opts.clone(),
+        listeners.proxy_tls,
         move |peer| {
             let gateway = gateway.clone();
             hyper::service::service_fn(move |req| {
@@ -122,6 +127,7 @@ pub async fn run(
                 max_connections: 1024,
                 ..opts.clone()
             },
+            listeners.admin_tls,
             move |peer| {
                 let api = api.clone();
                 hyper::service::service_fn(move |req| {

@@ -21,6 +21,7 @@ use std::time::Duration;
 struct RawConfig {
     proxy: RawProxy,
     admin: RawAdmin,
+    usage: RawUsage,
     scopes: Vec<RawScope>,
     auth: RawAuth,
     cache: RawCache,
@@ -42,6 +43,7 @@ struct RawProxy {
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    tls: Option<RawTls>,
 }
 
 impl Default for RawProxy {
@@ -54,6 +56,7 @@ impl Default for RawProxy {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -68,6 +71,7 @@ struct RawAdmin {
     team_key_limit: u32,
     bootstrap_token_env: String,
     max_body_bytes: usize,
+    tls: Option<RawTls>,
 }
 
 impl Default for RawAdmin {
@@ -79,6 +83,51 @@ impl Default for RawAdmin {
             team_key_limit: 5,
             bootstrap_token_env: "KEYGATE_ADMIN_TOKEN".into(),
             max_body_bytes: 64 * 1024,
+            tls: None,
+        }
+    }
+}
+
+/// `[proxy.tls]` / `[admin.tls]`: present means the listener speaks TLS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
+    client_ca_file: Option<String>,
+    client_auth: String,
+    #[serde(with = "humantime_serde")]
+    handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    reload_interval: Duration,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: None,
+            client_auth: "none".into(),
+            handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUsage {
+    enabled: bool,
+    #[serde(with = "humantime_serde")]
+    flush_interval: Duration,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_interval: Duration::from_secs(10),
         }
     }
 }
@@ -229,6 +278,7 @@ struct RawRoute {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    pub usage: UsageConfig,
     /// The scope catalogue: configured scopes, every scope a route requires, and the two
     /// built-in admin scopes. Keys may only carry scopes from it.
     pub scopes: Vec<ScopeConfig>,
@@ -251,6 +301,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `None`: plaintext (HTTP/1.1 and h2c).
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +316,50 @@ pub struct AdminConfig {
     /// Name of the environment variable holding the bootstrap admin token (unset: none).
     pub bootstrap_token_env: String,
     pub max_body_bytes: usize,
+    /// `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// A listener's TLS settings; the files were readable, parsable and consistent when checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM: the certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_file: PathBuf,
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub client_ca_file: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    /// A connection must finish its handshake within this time.
+    pub handshake_timeout: Duration,
+    /// How often the files are checked for changes; zero: only on SIGHUP.
+    pub reload_interval: Duration,
+}
+
+/// Whether clients must present a certificate signed by `client_ca_file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    /// Asked for; a client without one is served, one with an untrusted one is refused.
+    Optional,
+    Required,
+}
+
+impl ClientAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::None => "none",
+            ClientAuth::Optional => "optional",
+            ClientAuth::Required => "required",
+        }
+    }
+}
+
+/// Per-key usage records (request count, last use), counted in memory and flushed in batches.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub enabled: bool,
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -549,6 +645,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         max_connections: raw.proxy.max_connections,
         header_read_timeout: raw.proxy.header_read_timeout,
         drain_timeout: raw.proxy.drain_timeout,
+        tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
         p.add("proxy.max_connections", "must be at least 1");
@@ -794,16 +891,25 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         team_key_limit: raw.admin.team_key_limit,
         bootstrap_token_env: raw.admin.bootstrap_token_env,
         max_body_bytes: raw.admin.max_body_bytes,
+        tls: check_tls(&mut p, "admin.tls", raw.admin.tls),
     };
     if admin.max_body_bytes < 1024 {
         p.add("admin.max_body_bytes", "must be at least 1024");
     }
     let scopes = scope_catalogue(&mut p, raw.scopes, &routes);
+    let usage = UsageConfig {
+        enabled: raw.usage.enabled,
+        flush_interval: raw.usage.flush_interval,
+    };
+    if usage.flush_interval < Duration::from_millis(100) {
+        p.add("usage.flush_interval", "must be at least 100ms");
+    }
 
     if p.0.is_empty() {
         Ok(Config {
             proxy,
             admin,
+            usage,
             scopes,
             auth,
             cache,
@@ -942,6 +1048,66 @@ fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {
         p.add(field, format!("{s:?} is not an address:port"));
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
+}
+
+/// A listener's TLS table. The files are loaded here exactly as serving loads them, so
+/// `check-config` catches an unreadable, unparsable or mismatched certificate or key.
+fn check_tls(p: &mut Problems, at: &str, raw: Option<RawTls>) -> Option<TlsConfig> {
+    let raw = raw?;
+    let field = |f: &str| format!("{at}.{f}");
+    for (name, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+        if value.is_empty() {
+            p.add(field(name), "must be set (a PEM file path)");
+        }
+    }
+    let client_auth = match raw.client_auth.as_str() {
+        "none" => ClientAuth::None,
+        "optional" => ClientAuth::Optional,
+        "required" => ClientAuth::Required,
+        other => {
+            p.add(
+                field("client_auth"),
+                format!("unknown mode {other:?} (expected none, optional or required)"),
+            );
+            ClientAuth::None
+        }
+    };
+    match (&raw.client_ca_file, client_auth) {
+        (Some(f), _) if f.is_empty() => p.add(field("client_ca_file"), "must not be empty"),
+        (Some(_), ClientAuth::None) => p.add(
+            field("client_ca_file"),
+            "has no effect: client_auth is \"none\" (set it to \"optional\" or \"required\")",
+        ),
+        (None, ClientAuth::Optional | ClientAuth::Required) => p.add(
+            field("client_ca_file"),
+            format!("must be set when client_auth is {:?}", client_auth.as_str()),
+        ),
+        _ => {}
+    }
+    if raw.handshake_timeout.is_zero() {
+        p.add(field("handshake_timeout"), "must be more than zero");
+    }
+    if !raw.reload_interval.is_zero() && raw.reload_interval < Duration::from_millis(100) {
+        p.add(
+            field("reload_interval"),
+            "must be 0s (no polling; SIGHUP still reloads) or at least 100ms",
+        );
+    }
+    let tls = TlsConfig {
+        cert_file: PathBuf::from(raw.cert_file),
+        key_file: PathBuf::from(raw.key_file),
+        client_ca_file: raw.client_ca_file.map(PathBuf::from),
+        client_auth,
+        handshake_timeout: raw.handshake_timeout,
+        reload_interval: raw.reload_interval,
+    };
+    // Reading an unnamed file would only repeat the problem above.
+    if !tls.cert_file.as_os_str().is_empty() && !tls.key_file.as_os_str().is_empty() {
+        for e in crate::server::tls::check(&tls) {
+            p.add(field(e.field().as_str()), e.to_string());
+        }
+    }
+    Some(tls)
 }
 
 /// Parses a list of addresses and CIDR blocks; a bare address is a /32 or /128.

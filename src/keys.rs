@@ -618,6 +618,17 @@ impl KeyService {
         Ok(changed)
     }
 
+    /// How often the key was used, summed over every gateway's flushed usage records.
+    pub async fn usage(&self, id: &str) -> Result<crate::store::Usage, KeyError> {
+        Ok(self
+            .store
+            .usage(&[id.to_owned()])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
+
     pub async fn list_members(&self, team: &str) -> Result<Vec<Member>, KeyError> {
         Ok(self.store.list_members(team).await?)
     }

@@ -31,3 +31,4 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod usage;

@@ -237,8 +237,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    // Before the start lines: a certificate that does not load stops start-up, and SIGHUP
+    // (certificate reload) is caught from the moment a client could see the address.
+    let proxy_tls = start_tls("proxy", cfg.proxy.tls.as_ref())?;
+    let admin_tls = if cfg.admin.enabled {
+        start_tls("admin", cfg.admin.tls.as_ref())?
+    } else {
+        None
+    };
+    let scheme = |tls: &Option<keygate::server::TlsAcceptor>| {
+        if tls.is_some() { "https" } else { "http" }
+    };
+    let proxy_scheme = scheme(&proxy_tls);
     // Tools and tests read these lines to learn the ports when `listen` used port 0.
-    println!("keygate: proxy listening on http://{addr}");
+    println!("keygate: proxy listening on {proxy_scheme}://{addr}");
     let admin_listener = if cfg.admin.enabled {
         let l = TcpListener::bind(cfg.admin.listen)
             .await
@@ -246,7 +258,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let admin_addr = l
             .local_addr()
             .map_err(|e| format!("cannot read the admin address: {e}"))?;
-        println!("keygate: admin listening on http://{admin_addr}");
+        println!(
+            "keygate: admin listening on {}://{admin_addr}",
+            scheme(&admin_tls)
+        );
         Some((l, admin_addr))
     } else {
         None
@@ -277,24 +292,29 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         println!("  API key:  {}   (shown once)", key.expose());
         println!();
         println!(
-            "  curl -H 'Authorization: Bearer {}' http://{addr}/hello",
+            "  curl -H 'Authorization: Bearer {}' {proxy_scheme}://{addr}/hello",
             key.expose()
         );
-        println!("  curl -i http://{addr}/hello        # no key: 401");
+        println!("  curl -i {proxy_scheme}://{addr}/hello        # no key: 401");
         println!();
     }
 
     if args.dev
         && let (Some((_, admin_addr)), Some(token)) = (&admin_listener, &bootstrap)
     {
-        println!("  admin API: http://{admin_addr}   bootstrap token: {token}");
-        println!("  curl -H 'Authorization: Bearer {token}' http://{admin_addr}/v1/keys");
+        let admin_scheme = scheme(&admin_tls);
+        println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
+        println!(
+            "  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys"
+        );
         println!();
     }
 
     let listeners = keygate::app::Listeners {
         proxy: listener,
         admin: admin_listener.map(|(l, _)| l),
+        proxy_tls,
+        admin_tls,
     };
     keygate::app::run(
         &cfg,
@@ -305,6 +325,19 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     )
     .await;
     Ok(())
+}
+
+/// A listener's TLS acceptor with its certificate reloader running, when TLS is configured.
+fn start_tls(
+    listener: &'static str,
+    settings: Option<&config::TlsConfig>,
+) -> Result<Option<keygate::server::TlsAcceptor>, String> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    keygate::server::TlsAcceptor::start(listener, settings)
+        .map(Some)
+        .map_err(|e| format!("{listener}.tls.{}: {e}", e.field().as_str()))
 }
 
 /// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.

@@ -154,6 +154,16 @@ pub struct MemberBody {
 /// The key object. `full`: the single-key view (scopes, IPs, metadata…); otherwise the
 /// partial object of listings.
 pub fn key(r: &KeyRecord, full: bool, key_value: Option<&str>) -> Value {
+    key_with_usage(r, full, key_value, None)
+}
+
+/// The full key object with its usage (`request_count`, `last_used_time`) from the store.
+pub fn key_with_usage(
+    r: &KeyRecord,
+    full: bool,
+    key_value: Option<&str>,
+    usage: Option<&crate::store::Usage>,
+) -> Value {
     let mut v = json!({
         "@type": "api_key",
         "api_key_id": r.api_key_id,
@@ -177,7 +187,14 @@ pub fn key(r: &KeyRecord, full: bool, key_value: Option<&str>) -> Value {
         obj.insert("behalf_of_user_id".into(), json!(r.behalf_of_user_id));
         obj.insert("created_by".into(), json!(r.created_by));
         obj.insert("updated_time".into(), json!(r.updated_time));
-        obj.insert("last_used_time".into(), json!(r.last_used_time));
+        obj.insert(
+            "last_used_time".into(),
+            json!(usage.and_then(|u| u.last_used_time).or(r.last_used_time)),
+        );
+        obj.insert(
+            "request_count".into(),
+            json!(usage.map_or(0, |u| u.request_count)),
+        );
         obj.insert("metadata".into(), json!(r.metadata));
     }
     v

@@ -488,7 +488,13 @@ impl AdminApi {
         } else {
             None
         };
-        Ok(Reply::ok(json::key(&record, true, value.as_deref().map(String::as_str))))
+        let usage = self.service.usage(&record.api_key_id).await?;
+        Ok(Reply::ok(json::key_with_usage(
+            &record,
+            true,
+            value.as_deref().map(String::as_str),
+            Some(&usage),
+        )))
     }
 
     async fn patch_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {

@@ -1,20 +1,28 @@
 //! Listeners: accept TCP connections (bounded by a semaphore taken *before* accept, so a flood
-//! waits in the kernel's backlog instead of in our memory), serve HTTP/1.1 and HTTP/2 cleartext
-//! through hyper-util's auto builder, and shut down gracefully: stop accepting, let in-flight
-//! requests finish up to the drain timeout, then return. Shutdown is a future passed in, so
-//! `main` and the tests drive it the same way.
+//! waits in the kernel's backlog instead of in our memory), optionally terminate TLS
+//! ([`tls`]), serve HTTP/1.1 and HTTP/2 through hyper-util's auto builder (h2c in cleartext,
+//! ALPN-negotiated over TLS), and shut down gracefully: stop accepting, let in-flight requests
+//! finish up to the drain timeout, then return. Shutdown is a future passed in, so `main` and
+//! the tests drive it the same way.
+//!
+//! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
+
+pub mod tls;
+
+pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -25,10 +33,13 @@ pub struct ServeOptions {
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains. `make_service` builds the
-/// per-connection service from the peer address.
+/// per-connection service from the peer address. With `tls`, every connection must complete a
+/// TLS handshake within the acceptor's handshake timeout before HTTP starts; a failed or slow
+/// handshake closes that connection only.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     opts: ServeOptions,
+    tls: Option<TlsAcceptor>,
     make_service: M,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -48,6 +59,9 @@ pub async fn serve<M, S, B>(
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Tells connections still in their TLS handshake to give up: they are not HTTP
+    // connections yet, so the graceful watcher cannot ask them to finish.
+    let (closing_tx, closing_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
 
@@ -73,21 +87,107 @@ pub async fn serve<M, S, B>(
         };
         let _ = stream.set_nodelay(true);
         let service = make_service(peer);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        // Taken here, not in the task: a shutdown signalled while the task is still in its
+        // handshake must reach the connection once it starts.
+        let watcher = graceful.watcher();
+        let conn = Conn {
+            builder: builder.clone(),
+            watcher,
+            permit,
+            peer,
+        };
+        match &tls {
+            None => {
+                tokio::spawn(conn.serve(stream, service, ConnectionInfo::default()));
             }
-            drop(permit);
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let mut closing = closing_rx.clone();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(acceptor.handshake_timeout(), acceptor.accept(stream));
+                    let (stream, info) = tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(done)) => done,
+                            Ok(Err(e)) => {
+                                // Scanners, plaintext HTTP, untrusted client certificates:
+                                // routine on a public port, so debug, not warn.
+                                tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                        _ = closing.wait_for(|c| *c) => return,
+                    };
+                    conn.serve(stream, service, info).await;
+                });
+            }
+        }
     }
 
     drop(listener);
+    let _ = closing_tx.send(true);
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
         }
+    }
+}
+
+/// One accepted connection's share of the listener: the HTTP builder, its place in the
+/// graceful drain and its connection slot (released when this is dropped).
+struct Conn {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    permit: OwnedSemaphorePermit,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn serve<I, S, B>(self, io: I, service: S, info: ConnectionInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let service = WithConnectionInfo {
+            inner: service,
+            info,
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
+            tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
+        }
+        drop(self.permit);
+    }
+}
+
+/// Puts the connection's [`ConnectionInfo`] into every request before the handler sees it.
+struct WithConnectionInfo<S> {
+    inner: S,
+    info: ConnectionInfo,
+}
+
+impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
+where
+    S: Service<http::Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.info.clone());
+        self.inner.call(req)
     }
 }

@@ -30,7 +30,7 @@
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    Role, StoreError,
+    Role, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_key ON audit(api_key_id) WHERE api_key_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_team ON audit(team_id) WHERE team_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_time ON audit(time_s, time_ns);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL
+);
 ";
 
 pub struct EmbeddedStore {
@@ -370,6 +375,8 @@ impl KeyStore for EmbeddedStore {
                 return Err(StoreError::NotFound);
             }
             tx.execute("DELETE FROM hashes WHERE key_id = ?1", [&id])
+                .map_err(db_err)?;
+            tx.execute("DELETE FROM usage WHERE key_id = ?1", [&id])
                 .map_err(db_err)?;
             log_change(&tx, &hashes)?;
             tx.commit().map_err(db_err)
@@ -651,6 +658,63 @@ impl KeyStore for EmbeddedStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok((events, u64::try_from(total).unwrap_or(0)))
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(String, i64, i64)> = batch
+            .iter()
+            .map(|d| {
+                (
+                    d.api_key_id.clone(),
+                    i64::try_from(d.requests).unwrap_or(i64::MAX),
+                    d.last_used.timestamp_millis(),
+                )
+            })
+            .collect();
+        self.call(move |conn| {
+            let tx = begin(conn)?;
+            {
+                // Only keys that still exist: a late flush must not resurrect a deleted key.
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO usage (key_id, count, last_ms) \
+                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
+                         ON CONFLICT(key_id) DO UPDATE SET count = count + excluded.count, \
+                         last_ms = max(last_ms, excluded.last_ms)",
+                    )
+                    .map_err(db_err)?;
+                for (id, n, ms) in &rows {
+                    stmt.execute(params![id, n, ms]).map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
+        let ids = ids.to_vec();
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT count, last_ms FROM usage WHERE key_id = ?1")
+                .map_err(db_err)?;
+            ids.iter()
+                .map(|id| {
+                    let row: Option<(i64, i64)> = stmt
+                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                        .map_err(db_err)?;
+                    Ok(row.map_or_else(Usage::default, |(count, ms)| Usage {
+                        request_count: u64::try_from(count).unwrap_or(0),
+                        last_used_time: DateTime::from_timestamp_millis(ms),
+                    }))
+                })
+                .collect()
+        })
+        .await
     }
 }
 

@@ -2,7 +2,8 @@
 //! the stores themselves stay free of instrumentation.
 
 use super::{
-    AuditEvent, AuditFilter, ChangeFeed, KeyFilter, KeyStore, Member, Page, StoreError,
+    AuditEvent, AuditFilter, ChangeFeed, KeyFilter, KeyStore, Member, Page, StoreError, Usage,
+    UsageDelta,
 };
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
@@ -149,5 +150,14 @@ impl KeyStore for MeteredStore {
     ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
         self.timed("list_audit", self.inner.list_audit(filter, page))
             .await
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        self.timed("record_usage", self.inner.record_usage(batch))
+            .await
+    }
+
+    async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
+        self.timed("usage", self.inner.usage(ids)).await
     }
 }

@@ -122,6 +122,21 @@ pub struct AuditFilter {
     pub until: Option<DateTime<Utc>>,
 }
 
+/// Requests seen for one key since the last flush (from one gateway process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub api_key_id: String,
+    pub requests: u64,
+    pub last_used: DateTime<Utc>,
+}
+
+/// A key's usage, summed over every gateway that flushed into the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub request_count: u64,
+    pub last_used_time: Option<DateTime<Utc>>,
+}
+
 /// What the change feed says: these hashes changed (drop them from every cache).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -213,6 +228,14 @@ pub trait KeyStore: Send + Sync + 'static {
         filter: &AuditFilter,
         page: Page,
     ) -> Result<(Vec<AuditEvent>, u64), StoreError>;
+
+    /// Adds a batch of usage counts: counts add up, `last_used_time` keeps the latest. Deltas
+    /// for keys that no longer exist are dropped. Never publishes a change: usage is not part
+    /// of what the gateway caches.
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+
+    /// Usage for each id, in the same order (zero/`None` for keys never used).
+    async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError>;
 }
 
 /// How many audit events a store keeps.

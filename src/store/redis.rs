@@ -44,7 +44,7 @@
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    StoreError,
+    StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
@@ -91,6 +91,17 @@ redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 'ok'
+";
+
+/// Usage: KEYS = usage key, id key; ARGV = requests, last-used ms. Adds to the count and keeps
+/// the latest time, only while the key exists (a late flush must not resurrect a deleted key's
+/// usage).
+const USAGE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'count', ARGV[1])
+local old = tonumber(redis.call('HGET', KEYS[1], 'last_ms') or '0')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], 'last_ms', ARGV[2]) end
+return 1
 ";
 
 /// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
@@ -217,6 +228,10 @@ impl Names {
     }
     fn audit(&self) -> String {
         format!("{}:audit", self.ns)
+    }
+    /// Same hash tag as the id key, so the usage script may check the key still exists.
+    fn usage(&self, id: &str) -> String {
+        format!("{}:usage:{{{id}}}", self.ns)
     }
     fn channel(&self) -> String {
         format!("{}:changes", self.ns)
@@ -733,6 +748,7 @@ impl KeyStore for RedisStore {
                 writes.push(self.names.team(t), Op::SRem(id.to_owned()));
             }
             writes.push(self.names.all(), Op::ZRem(id.to_owned()));
+            writes.push(self.names.usage(id), Op::Del);
             let announce = current.hashes.into_iter().map(|h| h.hash).collect();
             Ok((writes, announce, ()))
         }))
@@ -864,6 +880,56 @@ impl KeyStore for RedisStore {
     ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
         // Bounded per round trip inside (see there).
         self.list_audit_inner(filter, page).await
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for d in batch {
+            pipe.cmd("EVAL")
+                .arg(USAGE_LUA)
+                .arg(2)
+                .arg(self.names.usage(&d.api_key_id))
+                .arg(self.names.id(&d.api_key_id))
+                .arg(d.requests)
+                .arg(d.last_used.timestamp_millis())
+                .ignore();
+        }
+        self.bounded(async {
+            pipe.query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(redis_err)
+        })
+        .await
+    }
+
+    async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.names.usage(id))
+                .arg("count")
+                .arg("last_ms");
+        }
+        let rows: Vec<(Option<u64>, Option<i64>)> = self
+            .bounded(async {
+                pipe.query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(redis_err)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(count, last_ms)| Usage {
+                request_count: count.unwrap_or(0),
+                last_used_time: last_ms.and_then(DateTime::from_timestamp_millis),
+            })
+            .collect())
     }
 }
 

@@ -127,6 +127,7 @@ conformance!(
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
     update_keeps_the_rotated_key_start,
+    usage_adds_up_and_forgets_deleted_keys,
     members_put_get_remove,
     members_list_oldest_first,
     member_put_races_keep_the_first_added_time,
@@ -338,6 +339,37 @@ async fn rotate_with_zero_grace(h: Harness) {
     assert_eq!(find(s, &old, now).await, None);
     assert_eq!(find(s, &new, now).await, Some(rotated.clone()));
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(rotated));
+}
+
+async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
+    use keygate::store::{Usage, UsageDelta};
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(None, now);
+    s.create(&r, &new_hash(), None).await.unwrap();
+    let id = r.api_key_id.clone();
+    let delta = |n: u64, at: DateTime<Utc>| UsageDelta {
+        api_key_id: id.clone(),
+        requests: n,
+        last_used: at,
+    };
+    s.record_usage(&[delta(3, now), delta(2, now - secs(60))]).await.unwrap();
+    // A second gateway flushing an older batch never moves last_used back.
+    h.second()
+        .await
+        .record_usage(&[delta(5, now - secs(30))])
+        .await
+        .unwrap();
+    let got = s.usage(&[id.clone(), "apk_unknown".into()]).await.unwrap();
+    assert_eq!(got[0].request_count, 10);
+    assert_eq!(
+        got[0].last_used_time.map(|t| t.timestamp_millis()),
+        Some(now.timestamp_millis())
+    );
+    assert_eq!(got[1], Usage::default());
+    s.delete(&id).await.unwrap();
+    s.record_usage(&[delta(1, now)]).await.unwrap();
+    assert_eq!(s.usage(&[id.clone()]).await.unwrap()[0], Usage::default());
 }
 
 async fn update_keeps_the_rotated_key_start(h: Harness) {

@@ -1,0 +1,607 @@
+//! TLS termination for the listeners (rustls, ring provider, TLS 1.2 and 1.3 only).
+//!
+//! The certificate lives behind a [`ResolvesServerCert`] holding an `ArcSwap<CertifiedKey>`, so
+//! a reload swaps one pointer and the next handshake picks it up without touching the listener
+//! or the connections already open. The client CA bundle (mTLS) is part of the `ServerConfig`
+//! itself, which is therefore also behind an `ArcSwap` and rebuilt only when that bundle
+//! changes. Reloads happen when the files' metadata change (polled every `reload_interval`) or
+//! on SIGHUP; anything that does not load is refused with a warning and the previous material
+//! keeps serving, so a half-written or mismatched file never takes the listener down.
+
+use crate::config::{ClientAuth, TlsConfig};
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConnection, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What the serve loop knows about a connection, put into every request's extensions so
+/// handlers can tell how the request arrived (the gateway's `X-Forwarded-Proto`, for one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The connection is TLS (terminated here).
+    pub tls: bool,
+    /// The verified client certificate's subject (RFC 4514-like, e.g. `CN=svc-a, O=acme`),
+    /// when the client presented one (mTLS).
+    pub client_cert_subject: Option<Arc<str>>,
+}
+
+impl ConnectionInfo {
+    /// `https` over TLS, `http` otherwise.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// The scheme of the connection a request came in on; `http` when the request did not
+    /// come through [`crate::server::serve`] (unit tests build requests by hand).
+    pub fn scheme_of(extensions: &http::Extensions) -> &'static str {
+        extensions
+            .get::<ConnectionInfo>()
+            .map_or("http", ConnectionInfo::scheme)
+    }
+
+    fn from_tls(conn: &ServerConnection) -> Self {
+        let client_cert_subject = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| CertSummary::parse(leaf).ok())
+            .map(|s| Arc::from(s.subject));
+        Self {
+            tls: true,
+            client_cert_subject,
+        }
+    }
+}
+
+/// Which setting a [`TlsError`] is about, so configuration checks can name the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsField {
+    CertFile,
+    KeyFile,
+    ClientCaFile,
+    /// Not tied to one file (building the rustls configuration itself).
+    Settings,
+}
+
+impl TlsField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsField::CertFile => "cert_file",
+            TlsField::KeyFile => "key_file",
+            TlsField::ClientCaFile => "client_ca_file",
+            TlsField::Settings => "client_auth",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        field: TlsField,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not valid PEM: {source}", path.display())]
+    Pem {
+        field: TlsField,
+        path: PathBuf,
+        source: pem::Error,
+    },
+    #[error("{}: no certificate in it (expected a PEM \"BEGIN CERTIFICATE\" block)", path.display())]
+    NoCertificate { field: TlsField, path: PathBuf },
+    #[error("{}: not a usable X.509 certificate: {reason}", path.display())]
+    BadCertificate {
+        field: TlsField,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "{}: no private key in it (expected a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\" block)",
+        path.display()
+    )]
+    NoKey { path: PathBuf },
+    #[error("{}: unusable private key: {source}", path.display())]
+    BadKey {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{}: the private key does not match the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error("client_ca_file must be set when client_auth is optional or required")]
+    NoClientCa,
+    #[error("{}: cannot verify client certificates with it: {reason}", path.display())]
+    BadClientCa { path: PathBuf, reason: String },
+    #[error("cannot build the TLS configuration: {0}")]
+    Settings(rustls::Error),
+}
+
+impl TlsError {
+    /// The setting to fix.
+    pub fn field(&self) -> TlsField {
+        match self {
+            TlsError::Read { field, .. }
+            | TlsError::Pem { field, .. }
+            | TlsError::NoCertificate { field, .. }
+            | TlsError::BadCertificate { field, .. } => *field,
+            TlsError::NoKey { .. } | TlsError::BadKey { .. } | TlsError::KeyMismatch { .. } => {
+                TlsField::KeyFile
+            }
+            TlsError::NoClientCa | TlsError::BadClientCa { .. } => TlsField::ClientCaFile,
+            TlsError::Settings(_) => TlsField::Settings,
+        }
+    }
+}
+
+/// Loads everything `settings` names, exactly as serving would, and returns every problem
+/// (certificate/key and client CA bundle separately), for the configuration check.
+pub fn check(settings: &TlsConfig) -> Vec<TlsError> {
+    let provider = provider();
+    let mut problems = Vec::new();
+    if let Err(e) = load_certified_key(&provider, &settings.cert_file, &settings.key_file) {
+        problems.push(e);
+    }
+    // A missing client_ca_file is the configuration check's to report.
+    if settings.client_auth != ClientAuth::None
+        && settings.client_ca_file.is_some()
+        && let Err(e) = client_verifier(&provider, settings)
+    {
+        problems.push(e);
+    }
+    problems
+}
+
+/// Accepts TLS connections for one listener and keeps its certificate current.
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    /// `proxy` or `admin`, for log lines.
+    listener: &'static str,
+    settings: TlsConfig,
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<CertResolver>,
+    config: ArcSwap<ServerConfig>,
+}
+
+impl fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsAcceptor")
+            .field("listener", &self.inner.listener)
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsAcceptor {
+    /// Loads the certificate, key and client CA bundle; fails on the first problem.
+    pub fn new(listener: &'static str, settings: &TlsConfig) -> Result<Self, TlsError> {
+        let provider = provider();
+        let (key, summary) =
+            load_certified_key(&provider, &settings.cert_file, &settings.key_file)?;
+        summary.log_loaded(listener, "TLS certificate loaded");
+        let resolver = Arc::new(CertResolver {
+            current: ArcSwap::from_pointee(key),
+        });
+        let config = server_config(&provider, settings, resolver.clone())?;
+        Ok(Self {
+            inner: Arc::new(Shared {
+                listener,
+                settings: settings.clone(),
+                provider,
+                resolver,
+                config: ArcSwap::new(config),
+            }),
+        })
+    }
+
+    /// [`TlsAcceptor::new`], plus the background reloader (file polling and SIGHUP). The
+    /// reloader ends by itself once every clone of the acceptor is gone. Must be called inside
+    /// a Tokio runtime; SIGHUP is caught from this call on, so call it before announcing the
+    /// listener.
+    pub fn start(listener: &'static str, settings: &TlsConfig) -> Result<Self, TlsError> {
+        let acceptor = Self::new(listener, settings)?;
+        acceptor.spawn_reloader()?;
+        Ok(acceptor)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        self.inner.settings.handshake_timeout
+    }
+
+    /// Runs the server side of the handshake (no timeout here: the caller owns it).
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+    ) -> std::io::Result<(tokio_rustls::server::TlsStream<IO>, ConnectionInfo)>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.config.load_full());
+        let stream = acceptor.accept(io).await?;
+        let info = ConnectionInfo::from_tls(stream.get_ref().1);
+        Ok((stream, info))
+    }
+
+    /// The end-entity certificate new handshakes get.
+    pub fn current_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.inner.resolver.current.load().cert.first().cloned()
+    }
+
+    /// Reads the files again: the certificate and key when `cert` is set, the client CA
+    /// bundle when `ca` is set (and client certificates are checked at all). What loads is
+    /// used by the next handshake; what does not changes nothing and is returned.
+    pub fn reload(&self, cert: bool, ca: bool) -> Vec<TlsError> {
+        let s = &self.inner;
+        let mut problems = Vec::new();
+        if cert {
+            match load_certified_key(&s.provider, &s.settings.cert_file, &s.settings.key_file) {
+                Ok((key, summary)) => {
+                    s.resolver.current.store(Arc::new(key));
+                    summary.log_loaded(s.listener, "TLS certificate reloaded");
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if ca && s.settings.client_auth != ClientAuth::None {
+            match server_config(&s.provider, &s.settings, s.resolver.clone()) {
+                Ok(config) => {
+                    s.config.store(config);
+                    tracing::info!(listener = s.listener, "TLS client CA bundle reloaded");
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        problems
+    }
+
+    fn spawn_reloader(&self) -> Result<(), TlsError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+            TlsError::Settings(rustls::Error::General(format!(
+                "the certificate reloader needs a Tokio runtime: {e}"
+            )))
+        })?;
+        #[cfg(unix)]
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGHUP; certificates reload on file changes only");
+                None
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup: Option<()> = None;
+        let weak = Arc::downgrade(&self.inner);
+        let seen = Fingerprint::of(&self.inner.settings);
+        handle.spawn(reload_loop(weak, seen, hangup));
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// Why the reloader woke up.
+enum Wake {
+    Tick,
+    Hangup,
+}
+
+async fn reload_loop(weak: Weak<Shared>, mut seen: Fingerprint, mut hangup: Option<Hangup>) {
+    let interval = weak
+        .upgrade()
+        .map_or(Duration::ZERO, |s| s.settings.reload_interval);
+    // The weak reference is checked at least this often, so a dropped acceptor's reloader
+    // does not linger when polling is off.
+    let tick = if interval.is_zero() {
+        Duration::from_secs(5)
+    } else {
+        interval
+    };
+    loop {
+        let wake = tokio::select! {
+            () = tokio::time::sleep(tick) => Wake::Tick,
+            true = next_hangup(&mut hangup) => Wake::Hangup,
+        };
+        let Some(shared) = weak.upgrade() else { return };
+        let acceptor = TlsAcceptor { inner: shared };
+        let polling = !interval.is_zero();
+        let prev = seen.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            // Fingerprint first, then read: a write landing in between shows up as a change
+            // on the next tick instead of being missed.
+            let now = Fingerprint::of(&acceptor.inner.settings);
+            let (cert, ca) = match wake {
+                Wake::Hangup => (true, true),
+                Wake::Tick if polling => (
+                    now.cert != prev.cert || now.key != prev.key,
+                    now.ca != prev.ca,
+                ),
+                Wake::Tick => (false, false),
+            };
+            let problems = acceptor.reload(cert, ca);
+            (now, acceptor.inner.listener, problems)
+        })
+        .await;
+        match outcome {
+            Ok((now, listener, problems)) => {
+                // Remember what was tried even when it failed: a broken file is reported
+                // once, and any later change to it is tried again.
+                seen = now;
+                for e in problems {
+                    tracing::warn!(
+                        listener,
+                        error = %e,
+                        field = e.field().as_str(),
+                        "TLS reload refused; the previous certificate and CA bundle stay in use"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "TLS reload task failed"),
+        }
+    }
+}
+
+/// Resolves to `true` on SIGHUP; never resolves when SIGHUP is not caught.
+async fn next_hangup(hangup: &mut Option<Hangup>) -> bool {
+    #[cfg(unix)]
+    if let Some(s) = hangup {
+        return s.recv().await.is_some();
+    }
+    let _ = hangup;
+    std::future::pending::<bool>().await
+}
+
+/// What decides "the file changed": modification time and length everywhere, plus inode and
+/// change time on Unix so a rename over the file (the atomic way to replace it, and what
+/// Kubernetes secret volumes do) counts even when it keeps the old mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    cert: Option<FileStamp>,
+    key: Option<FileStamp>,
+    ca: Option<FileStamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    #[cfg(unix)]
+    ino: u64,
+    #[cfg(unix)]
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(settings: &TlsConfig) -> Self {
+        Self {
+            cert: FileStamp::of(&settings.cert_file),
+            key: FileStamp::of(&settings.key_file),
+            ca: settings.client_ca_file.as_deref().and_then(FileStamp::of),
+        }
+    }
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Some(Self {
+            modified: m.modified().ok(),
+            len: m.len(),
+            #[cfg(unix)]
+            ino: m.ino(),
+            #[cfg(unix)]
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Hands every handshake the current certificate, whatever the client asked for: one
+/// listener serves one certificate (its SANs cover the names it answers to).
+#[derive(Debug)]
+struct CertResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// ring is the one provider compiled in; naming it explicitly keeps start-up independent of
+/// which provider features other crates in the build happen to enable.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    settings: &TlsConfig,
+    resolver: Arc<CertResolver>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = client_verifier(provider, settings)?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        // TLS 1.2 and 1.3 only: rustls has nothing older, and saying so keeps it that way.
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Settings)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    // h2 first: clients that can do both get HTTP/2; hyper-util's auto builder then sees the
+    // preface the negotiated protocol implies.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn client_verifier(
+    provider: &Arc<CryptoProvider>,
+    settings: &TlsConfig,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    if settings.client_auth == ClientAuth::None {
+        return Ok(WebPkiClientVerifier::no_client_auth());
+    }
+    let path = settings
+        .client_ca_file
+        .as_deref()
+        .ok_or(TlsError::NoClientCa)?;
+    let certs = read_certificates(TlsField::ClientCaFile, path)?;
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::BadClientCa {
+            path: path.to_owned(),
+            reason: format!("certificate #{}: {e}", i + 1),
+        })?;
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = match settings.client_auth {
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+        ClientAuth::Required | ClientAuth::None => builder,
+    };
+    builder.build().map_err(|e| TlsError::BadClientCa {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_file(field: TlsField, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        field,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_certificates(
+    field: TlsField,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read_file(field, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            field,
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            field,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_certified_key(
+    provider: &CryptoProvider,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(CertifiedKey, CertSummary), TlsError> {
+    let chain = read_certificates(TlsField::CertFile, cert_file)?;
+    let summary = chain
+        .first()
+        .map(CertSummary::parse)
+        .transpose()
+        .map_err(|reason| TlsError::BadCertificate {
+            field: TlsField::CertFile,
+            path: cert_file.to_owned(),
+            reason,
+        })?
+        .ok_or_else(|| TlsError::NoCertificate {
+            field: TlsField::CertFile,
+            path: cert_file.to_owned(),
+        })?;
+    let key_bytes = read_file(TlsField::KeyFile, key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoKey {
+            path: key_file.to_owned(),
+        },
+        source => TlsError::Pem {
+            field: TlsField::KeyFile,
+            path: key_file.to_owned(),
+            source,
+        },
+    })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::BadKey {
+            path: key_file.to_owned(),
+            source,
+        })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // Unknown: the key type cannot export its public half; the handshake would still
+        // fail loudly on a real mismatch.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsError::KeyMismatch {
+                key: key_file.to_owned(),
+                cert: cert_file.to_owned(),
+            });
+        }
+        Err(e) => {
+            return Err(TlsError::BadCertificate {
+                field: TlsField::CertFile,
+                path: cert_file.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    Ok((certified, summary))
+}
+
+/// The parts of a certificate worth a log line.
+struct CertSummary {
+    subject: String,
+    serial: String,
+    not_after: String,
+    valid_now: bool,
+}
+
+impl CertSummary {
+    fn parse(der: &CertificateDer<'_>) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let validity = cert.validity();
+        Ok(Self {
+            subject: cert.subject().to_string(),
+            serial: cert.tbs_certificate.raw_serial_as_string(),
+            not_after: validity.not_after.to_string(),
+            valid_now: validity.is_valid(),
+        })
+    }
+
+    fn log_loaded(&self, listener: &'static str, message: &'static str) {
+        tracing::info!(
+            listener,
+            subject = %self.subject,
+            serial = %self.serial,
+            not_after = %self.not_after,
+            "{message}"
+        );
+        if !self.valid_now {
+            // Served anyway: refusing would turn an operator's clock or renewal problem into
+            // an outage for clients that do not check dates.
+            tracing::warn!(
+                listener,
+                subject = %self.subject,
+                not_after = %self.not_after,
+                "the TLS certificate is expired or not yet valid"
+            );
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Usage records: per key, how many requests passed and when the last one did. Counted in
+//! memory on the hot path (a sharded map, one short lock, no I/O) and flushed to the store in
+//! batches every `usage.flush_interval`, so no request ever waits on a store write.
+
+use crate::store::{KeyStore, UsageDelta};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+const SHARDS: usize = 32;
+
+#[derive(Default)]
+struct Counts {
+    requests: u64,
+    last_used: Option<DateTime<Utc>>,
+}
+
+pub struct UsageRecorder {
+    shards: Vec<Mutex<HashMap<Box<str>, Counts>>>,
+    hasher: RandomState,
+}
+
+impl Default for UsageRecorder {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl UsageRecorder {
+    /// Counts one request for `key_id` at `now`.
+    pub fn record(&self, key_id: &str, now: DateTime<Utc>) {
+        let shard = (self.hasher.hash_one(key_id) as usize) % SHARDS;
+        let mut map = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let counts = match map.get_mut(key_id) {
+            Some(c) => c,
+            None => map.entry(key_id.into()).or_default(),
+        };
+        counts.requests += 1;
+        if counts.last_used.is_none_or(|t| t < now) {
+            counts.last_used = Some(now);
+        }
+    }
+
+    /// Takes everything counted so far.
+    pub fn drain(&self) -> Vec<UsageDelta> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(PoisonError::into_inner));
+            out.extend(taken.into_iter().filter_map(|(id, c)| {
+                Some(UsageDelta {
+                    api_key_id: id.into(),
+                    requests: c.requests,
+                    last_used: c.last_used?,
+                })
+            }));
+        }
+        out
+    }
+
+    /// Puts a batch back after a failed flush, so counts survive a store outage.
+    fn restore(&self, batch: Vec<UsageDelta>) {
+        for d in batch {
+            let shard = (self.hasher.hash_one(d.api_key_id.as_str()) as usize) % SHARDS;
+            let mut map = self.shards[shard]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let c = map.entry(d.api_key_id.into()).or_default();
+            c.requests += d.requests;
+            if c.last_used.is_none_or(|t| t < d.last_used) {
+                c.last_used = Some(d.last_used);
+            }
+        }
+    }
+
+    /// Writes what was counted to the store; on failure keeps it for the next flush.
+    pub async fn flush(&self, store: &dyn KeyStore) {
+        let batch = self.drain();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = store.record_usage(&batch).await {
+            tracing::warn!(error = %e, keys = batch.len(), "usage flush failed; will retry");
+            self.restore(batch);
+        }
+    }
+}
+
+/// Flushes every `interval` until `stop` resolves, then once more.
+pub async fn flush_periodically(
+    recorder: Arc<UsageRecorder>,
+    store: Arc<dyn KeyStore>,
+    interval: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => recorder.flush(&*store).await,
+            () = &mut stop => break,
+        }
+    }
+    recorder.flush(&*store).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_and_keep_the_latest_time() {
+        let r = UsageRecorder::default();
+        let t0 = Utc::now();
+        let t1 = t0 + chrono::Duration::seconds(5);
+        r.record("apk_a", t1);
+        r.record("apk_a", t0);
+        r.record("apk_b", t0);
+        let mut batch = r.drain();
+        batch.sort_by(|a, b| a.api_key_id.cmp(&b.api_key_id));
+        assert_eq!(batch.len(), 2);
+        assert_eq!((batch[0].requests, batch[0].last_used), (2, t1));
+        assert_eq!(batch[1].requests, 1);
+        assert!(r.drain().is_empty());
+        r.restore(batch);
+        assert_eq!(r.drain().len(), 2);
+    }
+}
