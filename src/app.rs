@@ -7,6 +7,7 @@ use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::store::metered::MeteredStore;
+use crate::usage::UsageRecorder;
 use crate::config::{Config, StoreConfig};
 use crate::gateway::Gateway;
 use crate::server::{self, ServeOptions};
@@ -81,7 +82,13 @@ pub async fn run(
         Err(_) => None,
     };
     let follower = tokio::spawn(follow_changes(verifier.clone(), store.clone(), first_feed));
-    let gateway = Arc::new(Gateway::new(config, verifier.clone()));
+    let usage = config.usage.enabled.then(|| Arc::new(UsageRecorder::default()));
+    let gateway = Arc::new(Gateway::new(
+        config,
+        verifier.clone(),
+        metrics.clone(),
+        usage.clone(),
+    ));
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -148,7 +155,24 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    tokio::join!(proxy, admin, control);
+    let usage_for_flusher = usage.clone();
+    let usage_flusher = async {
+        if let Some(usage) = usage_for_flusher {
+            crate::usage::flush_periodically(
+                usage,
+                store.clone(),
+                config.usage.flush_interval,
+                stopped(stop_rx.clone()),
+            )
+            .await;
+        }
+    };
+
+    tokio::join!(proxy, admin, control, usage_flusher);
+    // Requests that finished while draining were counted after the flusher's last flush.
+    if let Some(usage) = &usage {
+        usage.flush(&*store).await;
+    }
     follower.abort();
 }
 

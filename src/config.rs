@@ -1104,7 +1104,7 @@ fn check_tls(p: &mut Problems, at: &str, raw: Option<RawTls>) -> Option<TlsConfi
     // Reading an unnamed file would only repeat the problem above.
     if !tls.cert_file.as_os_str().is_empty() && !tls.key_file.as_os_str().is_empty() {
         for e in crate::server::tls::check(&tls) {
-            p.add(field(e.field().as_str()), e.to_string());
+            p.add(e.field().path_in(at), e.to_string());
         }
     }
     Some(tls)

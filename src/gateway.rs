@@ -15,7 +15,9 @@ use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::proxy::{ForwardBody, Upstream, headers};
+use crate::metrics::Metrics;
 use crate::request_id;
+use crate::usage::UsageRecorder;
 use crate::route::{self, Route, RouteTable};
 use bytes::Bytes;
 use http::request::Parts;
@@ -41,6 +43,9 @@ pub struct Gateway {
     trusted_proxies: Vec<IpNet>,
     allow_ips: Vec<IpNet>,
     deny_ips: Vec<IpNet>,
+    metrics: Arc<Metrics>,
+    /// `None` when usage records are disabled.
+    usage: Option<Arc<UsageRecorder>>,
 }
 
 /// A presented key, where it came from, the body to forward, and (urlencoded bodies) where the
@@ -61,7 +66,12 @@ struct Trace {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, verifier: Arc<Verifier>) -> Self {
+    pub fn new(
+        config: &Config,
+        verifier: Arc<Verifier>,
+        metrics: Arc<Metrics>,
+        usage: Option<Arc<UsageRecorder>>,
+    ) -> Self {
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
         let upstreams = config
             .upstreams
@@ -93,6 +103,8 @@ impl Gateway {
             trusted_proxies,
             allow_ips,
             deny_ips,
+            metrics,
+            usage,
         }
     }
 
@@ -102,6 +114,7 @@ impl Gateway {
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
         let started = Instant::now();
+        self.metrics.in_flight.inc();
         let request_id = request_id::take_or_make(req.headers());
         let method = req.method().clone();
         let mut trace = Trace::default();
@@ -124,6 +137,9 @@ impl Gateway {
         };
         resp.headers_mut()
             .insert(request_id::HEADER, request_id.clone());
+        let elapsed = started.elapsed();
+        self.metrics.observe_request(trace.route, outcome, elapsed);
+        self.metrics.in_flight.dec();
         tracing::info!(
             target: "keygate::access",
             request_id = request_id.to_str().unwrap_or(""),
@@ -134,7 +150,7 @@ impl Gateway {
             code,
             key_id = trace.key.as_ref().map_or("-", |k| k.api_key_id.as_str()),
             client_ip = %trace.client_ip.unwrap_or(peer.ip()),
-            duration_us = started.elapsed().as_micros() as u64,
+            duration_us = elapsed.as_micros() as u64,
         );
         resp
     }
@@ -171,6 +187,9 @@ impl Gateway {
             let key = self.verifier.verify(&found.key, now).await?;
             trace.key = Some(key.clone());
             policy::authorize(&key, &route.scopes, client_ip, now)?;
+            if let Some(usage) = &self.usage {
+                usage.record(&key.api_key_id, now);
+            }
             if !route.keep_credential {
                 credential::strip(source, &self.names, &mut parts.headers, &mut parts.uri);
                 if let (true, Some(range), ForwardBody::Replay(replay)) =
@@ -193,7 +212,10 @@ impl Gateway {
             .upstreams
             .get(route.upstream)
             .ok_or(GatewayError::UpstreamUnavailable)?;
-        upstream.send(req).await
+        let sent = Instant::now();
+        let result = upstream.send(req).await;
+        self.metrics.observe_upstream(&upstream.name, sent.elapsed());
+        result
     }
 
     /// The route's sources in order. Header sources before the first body source are tried

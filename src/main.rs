@@ -304,9 +304,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     {
         let admin_scheme = scheme(&admin_tls);
         println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
-        println!(
-            "  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys"
-        );
+        println!("  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys");
         println!();
     }
 
@@ -337,7 +335,7 @@ fn start_tls(
     };
     keygate::server::TlsAcceptor::start(listener, settings)
         .map(Some)
-        .map_err(|e| format!("{listener}.tls.{}: {e}", e.field().as_str()))
+        .map_err(|e| format!("{}: {e}", e.field().path_in(&format!("{listener}.tls"))))
 }
 
 /// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.

@@ -302,7 +302,10 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = parse_body::<CreateBody>(br#"{"key_type":"shared","scope_names":[1]}"#).unwrap_err();
-        assert!(matches!(&e, AdminError::BadRequest { field, .. } if field == "scope_names"), "{e:?}");
+        assert!(
+            matches!(&e, AdminError::BadRequest { field, .. } if field == "scope_names[0]"),
+            "{e:?}"
+        );
         let e = parse_body::<CreateBody>(br#"{"key_type":"shared","colour":"red"}"#).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
         let e = parse_body::<CreateBody>(br#"{"name":"x"}"#).unwrap_err();

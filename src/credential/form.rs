@@ -51,6 +51,19 @@ pub fn body_kind(
         return Ok(Some(BodyKind::Urlencoded));
     }
     if form && media.eq_ignore_ascii_case("multipart/form-data") {
+        // Parsers disagree on which of two boundaries wins; a body read one way here and
+        // another way upstream could carry a different key there.
+        let boundaries = text
+            .split(';')
+            .filter(|p| {
+                p.split('=')
+                    .next()
+                    .is_some_and(|n| n.trim().eq_ignore_ascii_case("boundary"))
+            })
+            .count();
+        if boundaries > 1 {
+            return Err(malformed("more than one multipart boundary parameter"));
+        }
         let boundary = multer::parse_boundary(text)
             .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))?;
         if boundary.is_empty() || boundary.len() > MAX_BOUNDARY_LEN {
@@ -467,6 +480,7 @@ mod tests {
             "multipart/form-data",
             "multipart/form-data; boundary=",
             "multipart/form-data; boundary=\"\"",
+            "multipart/form-data; boundary=a; Boundary=b",
             &format!("multipart/form-data; boundary={}", "x".repeat(71)),
         ] {
             assert!(

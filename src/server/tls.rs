@@ -67,17 +67,26 @@ pub enum TlsField {
     CertFile,
     KeyFile,
     ClientCaFile,
-    /// Not tied to one file (building the rustls configuration itself).
-    Settings,
+    /// Not tied to one field: the table as a whole.
+    Table,
 }
 
 impl TlsField {
+    /// The field's name in the table; empty for [`TlsField::Table`].
     pub fn as_str(self) -> &'static str {
         match self {
             TlsField::CertFile => "cert_file",
             TlsField::KeyFile => "key_file",
             TlsField::ClientCaFile => "client_ca_file",
-            TlsField::Settings => "client_auth",
+            TlsField::Table => "",
+        }
+    }
+
+    /// The configuration path of the field in `table` (`proxy.tls` → `proxy.tls.key_file`).
+    pub fn path_in(self, table: &str) -> String {
+        match self {
+            TlsField::Table => table.to_owned(),
+            other => format!("{table}.{}", other.as_str()),
         }
     }
 }
@@ -90,11 +99,11 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: not valid PEM: {source}", path.display())]
+    #[error("{}: not valid PEM: {reason}", path.display())]
     Pem {
         field: TlsField,
         path: PathBuf,
-        source: pem::Error,
+        reason: String,
     },
     #[error("{}: no certificate in it (expected a PEM \"BEGIN CERTIFICATE\" block)", path.display())]
     NoCertificate { field: TlsField, path: PathBuf },
@@ -122,6 +131,8 @@ pub enum TlsError {
     BadClientCa { path: PathBuf, reason: String },
     #[error("cannot build the TLS configuration: {0}")]
     Settings(rustls::Error),
+    #[error("the certificate reloader must be started inside the Tokio runtime")]
+    NoRuntime,
 }
 
 impl TlsError {
@@ -136,7 +147,7 @@ impl TlsError {
                 TlsField::KeyFile
             }
             TlsError::NoClientCa | TlsError::BadClientCa { .. } => TlsField::ClientCaFile,
-            TlsError::Settings(_) => TlsField::Settings,
+            TlsError::Settings(_) | TlsError::NoRuntime => TlsField::Table,
         }
     }
 }
@@ -210,8 +221,10 @@ impl TlsAcceptor {
     /// a Tokio runtime; SIGHUP is caught from this call on, so call it before announcing the
     /// listener.
     pub fn start(listener: &'static str, settings: &TlsConfig) -> Result<Self, TlsError> {
+        // Before reading: a file replaced while this loads is then seen as changed.
+        let seen = Fingerprint::of(settings);
         let acceptor = Self::new(listener, settings)?;
-        acceptor.spawn_reloader()?;
+        acceptor.spawn_reloader(seen)?;
         Ok(acceptor)
     }
 
@@ -265,12 +278,8 @@ impl TlsAcceptor {
         problems
     }
 
-    fn spawn_reloader(&self) -> Result<(), TlsError> {
-        let handle = tokio::runtime::Handle::try_current().map_err(|e| {
-            TlsError::Settings(rustls::Error::General(format!(
-                "the certificate reloader needs a Tokio runtime: {e}"
-            )))
-        })?;
+    fn spawn_reloader(&self, seen: Fingerprint) -> Result<(), TlsError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| TlsError::NoRuntime)?;
         #[cfg(unix)]
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
@@ -282,7 +291,6 @@ impl TlsAcceptor {
         #[cfg(not(unix))]
         let hangup: Option<()> = None;
         let weak = Arc::downgrade(&self.inner);
-        let seen = Fingerprint::of(&self.inner.settings);
         handle.spawn(reload_loop(weak, seen, hangup));
         Ok(())
     }
@@ -492,10 +500,10 @@ fn read_certificates(
     let bytes = read_file(field, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
+        .map_err(|e| TlsError::Pem {
             field,
             path: path.to_owned(),
-            source,
+            reason: pem_reason(&e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -504,6 +512,21 @@ fn read_certificates(
         });
     }
     Ok(certs)
+}
+
+/// `pem::Error`'s own text prints marker lines as byte arrays; operators read text.
+fn pem_reason(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no \"-----END {}-----\" line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed line {:?}", String::from_utf8_lossy(line))
+        }
+        pem::Error::Base64Decode(detail) => format!("bad base64 inside a section ({detail})"),
+        other => other.to_string(),
+    }
 }
 
 fn load_certified_key(
@@ -530,10 +553,10 @@ fn load_certified_key(
         pem::Error::NoItemsFound => TlsError::NoKey {
             path: key_file.to_owned(),
         },
-        source => TlsError::Pem {
+        other => TlsError::Pem {
             field: TlsField::KeyFile,
             path: key_file.to_owned(),
-            source,
+            reason: pem_reason(&other),
         },
     })?;
     let signing_key = provider
@@ -603,5 +626,206 @@ impl CertSummary {
                 "the TLS certificate is expired or not yet valid"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigError, from_toml};
+
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        /// Writes a fresh self-signed pair as `<name>.crt` / `<name>.key`.
+        fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+            let (c, k) = (
+                self.path(&format!("{name}.crt")),
+                self.path(&format!("{name}.key")),
+            );
+            std::fs::write(&c, ck.cert.pem()).unwrap();
+            std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+            (c, k)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.path(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        }
+    }
+
+    fn settings(cert: &Path, key: &Path) -> TlsConfig {
+        TlsConfig {
+            cert_file: cert.to_owned(),
+            key_file: key.to_owned(),
+            client_ca_file: None,
+            client_auth: ClientAuth::None,
+            handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::ZERO,
+        }
+    }
+
+    fn problem_fields(text: &str) -> Vec<String> {
+        match from_toml(text) {
+            Err(ConfigError::Invalid(problems)) => problems.into_iter().map(|p| p.field).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_table_gets_its_defaults() {
+        let f = Files::new();
+        let (c, k) = f.pair("a");
+        let cfg = from_toml(&format!(
+            "[proxy.tls]\ncert_file = {c:?}\nkey_file = {k:?}\n[admin.tls]\ncert_file = {c:?}\n\
+             key_file = {k:?}\nclient_auth = \"required\"\nclient_ca_file = {c:?}\n\
+             handshake_timeout = \"3s\"\nreload_interval = \"0s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.proxy.tls,
+            Some(settings(&c, &k)).map(|s| TlsConfig {
+                reload_interval: Duration::from_secs(5),
+                ..s
+            })
+        );
+        let admin = cfg.admin.tls.unwrap();
+        assert_eq!(admin.client_auth, ClientAuth::Required);
+        assert_eq!(admin.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(admin.reload_interval, Duration::ZERO);
+        assert!(from_toml("").unwrap().proxy.tls.is_none());
+    }
+
+    #[test]
+    fn every_tls_problem_is_named_by_its_field() {
+        let f = Files::new();
+        let (c, k) = f.pair("a");
+        let (_, other_key) = f.pair("b");
+        let garbage = f.write("garbage.pem", "not pem\n");
+        let fields = problem_fields(&format!(
+            "[proxy.tls]\nclient_auth = \"sometimes\"\nhandshake_timeout = \"0s\"\n\
+             reload_interval = \"10ms\"\n[admin.tls]\ncert_file = {c:?}\nkey_file = {other_key:?}\n\
+             client_ca_file = {garbage:?}\n"
+        ));
+        for want in [
+            "proxy.tls.cert_file",
+            "proxy.tls.key_file",
+            "proxy.tls.client_auth",
+            "proxy.tls.handshake_timeout",
+            "proxy.tls.reload_interval",
+            "admin.tls.key_file",
+            "admin.tls.client_ca_file",
+        ] {
+            assert!(
+                fields.iter().any(|f| f == want),
+                "{want} missing from {fields:?}"
+            );
+        }
+        let fields = problem_fields(&format!(
+            "[proxy.tls]\ncert_file = {c:?}\nkey_file = {k:?}\nclient_auth = \"optional\"\n\
+             client_ca_file = {garbage:?}\n"
+        ));
+        assert_eq!(fields, vec!["proxy.tls.client_ca_file".to_string()]);
+    }
+
+    #[test]
+    fn file_problems_say_what_is_wrong() {
+        let f = Files::new();
+        let (c, k) = f.pair("a");
+        let (_, other_key) = f.pair("b");
+        let broken = f.write("broken.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
+        let reasons = |cert: &Path, key: &Path| -> Vec<(TlsField, String)> {
+            check(&settings(cert, key))
+                .into_iter()
+                .map(|e| (e.field(), e.to_string()))
+                .collect()
+        };
+        assert!(reasons(&c, &k).is_empty());
+        let r = reasons(&f.path("missing.crt"), &k);
+        assert_eq!(r[0].0, TlsField::CertFile);
+        assert!(r[0].1.contains("cannot read"), "{r:?}");
+        let r = reasons(&broken, &k);
+        assert_eq!(r[0].0, TlsField::CertFile);
+        assert!(r[0].1.contains("-----END CERTIFICATE-----"), "{r:?}");
+        let r = reasons(&c, &c);
+        assert_eq!(r[0].0, TlsField::KeyFile);
+        assert!(r[0].1.contains("no private key"), "{r:?}");
+        let r = reasons(&c, &other_key);
+        assert_eq!(r[0].0, TlsField::KeyFile);
+        assert!(r[0].1.contains("does not match"), "{r:?}");
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_previous_certificate() {
+        let f = Files::new();
+        let (c, k) = f.pair("live");
+        let acceptor = TlsAcceptor::new("proxy", &settings(&c, &k)).unwrap();
+        let first = acceptor.current_certificate().unwrap();
+
+        std::fs::write(&c, "garbage").unwrap();
+        let problems = acceptor.reload(true, true);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].field(), TlsField::CertFile);
+        assert_eq!(acceptor.current_certificate().unwrap(), first);
+
+        let (c2, k2) = f.pair("next");
+        std::fs::copy(&c2, &c).unwrap();
+        assert_eq!(acceptor.reload(true, false)[0].field(), TlsField::KeyFile);
+        assert_eq!(acceptor.current_certificate().unwrap(), first);
+
+        std::fs::copy(&k2, &k).unwrap();
+        assert!(acceptor.reload(true, false).is_empty());
+        let now = acceptor.current_certificate().unwrap();
+        assert_ne!(now, first);
+        assert_eq!(
+            now.as_ref(),
+            std::fs::read(&c2)
+                .map(|pem| {
+                    CertificateDer::from_pem_slice(&pem)
+                        .unwrap()
+                        .as_ref()
+                        .to_vec()
+                })
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn fingerprints_see_a_rename_over_the_file() {
+        let f = Files::new();
+        let (c, k) = f.pair("a");
+        let s = settings(&c, &k);
+        let before = Fingerprint::of(&s);
+        assert_eq!(before, Fingerprint::of(&s));
+        let (c2, _) = f.pair("b");
+        std::fs::rename(&c2, &c).unwrap();
+        assert_ne!(before, Fingerprint::of(&s));
+    }
+
+    #[test]
+    fn connection_info_scheme() {
+        let mut ext = http::Extensions::new();
+        assert_eq!(ConnectionInfo::scheme_of(&ext), "http");
+        ext.insert(ConnectionInfo::default());
+        assert_eq!(ConnectionInfo::scheme_of(&ext), "http");
+        ext.insert(ConnectionInfo {
+            tls: true,
+            client_cert_subject: None,
+        });
+        assert_eq!(ConnectionInfo::scheme_of(&ext), "https");
     }
 }

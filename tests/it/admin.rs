@@ -640,3 +640,23 @@ async fn metrics_are_exposed_parsable_and_free_of_keys() {
         ),
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_counted_and_flushed_in_batches() {
+    let e = start("redis", "\n[usage]\nflush_interval = \"200ms\"").await;
+    let (id, key) = e.create(json!({"key_type": "shared"})).await;
+    let before = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(before.body["data"]["request_count"], 0);
+    assert_eq!(before.body["data"]["last_used_time"], Value::Null);
+    for _ in 0..3 {
+        assert_eq!(e.proxy_status(&key).await, 200);
+    }
+    assert_eq!(e.proxy_status("kg_refused").await, 401);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let r = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+            r.body["data"]["request_count"] == 3 && r.body["data"]["last_used_time"].is_string()
+        })
+        .await
+    );
+}

@@ -10,3 +10,4 @@ mod proxy;
 mod redis_e2e;
 mod store_conformance;
 mod support;
+mod tls;

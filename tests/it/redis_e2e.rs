@@ -172,8 +172,23 @@ async fn cli_manages_keys_in_redis() {
             String::from_utf8(out.stderr).unwrap(),
         )
     };
+    // Scopes must be in the catalogue (here: the admin scopes); the CLI obeys the same rules.
+    let refused = std::process::Command::new(crate::support::gateway::BIN)
+        .args(["keys", "--config"])
+        .arg(gw.config_path())
+        .args(["create", "--team", "acme", "--scopes", "nope"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nope"));
     let (key, note) = cli(&[
-        "create", "--team", "acme", "--scopes", "a,b", "--name", "ci",
+        "create",
+        "--team",
+        "acme",
+        "--scopes",
+        "api_keys_read,api_keys_write",
+        "--name",
+        "ci",
     ]);
     let key = key.trim().to_owned();
     assert!(key.starts_with("kg_"));

@@ -47,8 +47,8 @@ impl Gateway {
         let (child, addrs) = spawn_and_read_addrs(
             cmd,
             &[
-                "keygate: proxy listening on http://",
-                "keygate: admin listening on http://",
+                "keygate: proxy listening on ",
+                "keygate: admin listening on ",
             ],
         );
         Gateway {
@@ -115,7 +115,13 @@ pub fn spawn_and_read_addrs(
             let Ok(line) = line else { break };
             for (i, marker) in wanted.iter().enumerate() {
                 if let Some(rest) = line.strip_prefix(marker) {
-                    let _ = tx.send((i, rest.trim().to_owned()));
+                    // The scheme (http:// or https:// with TLS) may follow the marker.
+                    let rest = rest.trim();
+                    let rest = ["https://", "http://"]
+                        .iter()
+                        .find_map(|s| rest.strip_prefix(s))
+                        .unwrap_or(rest);
+                    let _ = tx.send((i, rest.to_owned()));
                 }
             }
         }
