@@ -51,7 +51,10 @@ fn bench(c: &mut Criterion) {
         let service = KeyService::new(store.clone(), prefix.clone(), KeyRules::permissive());
         let mut req = CreateKey::new(KeyType::Shared);
         req.scope_names = vec!["read".into(), "write".into()];
-        service.create(req, &Actor::cli(), Utc::now()).await.unwrap()
+        service
+            .create(req, &Actor::cli(), Utc::now())
+            .await
+            .unwrap()
     });
     record.allow_ips = (0..20)
         .map(|i| format!("10.{i}.0.0/16").parse().unwrap())

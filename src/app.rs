@@ -3,17 +3,17 @@
 
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
+use crate::config::{Config, StoreConfig};
+use crate::gateway::Gateway;
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
-use crate::store::metered::MeteredStore;
-use crate::usage::UsageRecorder;
-use crate::config::{Config, StoreConfig};
-use crate::gateway::Gateway;
 use crate::server::{self, ServeOptions};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::{KeyStore, StoreError};
+use crate::usage::UsageRecorder;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +82,10 @@ pub async fn run(
         Err(_) => None,
     };
     let follower = tokio::spawn(follow_changes(verifier.clone(), store.clone(), first_feed));
-    let usage = config.usage.enabled.then(|| Arc::new(UsageRecorder::default()));
+    let usage = config
+        .usage
+        .enabled
+        .then(|| Arc::new(UsageRecorder::default()));
     let gateway = Arc::new(Gateway::new(
         config,
         verifier.clone(),
@@ -119,7 +122,11 @@ pub async fn run(
             return;
         };
         let api = Arc::new(AdminApi::new(
-            KeyService::new(store.clone(), config.auth.key_prefix.clone(), KeyRules::from_config(config)),
+            KeyService::new(
+                store.clone(),
+                config.auth.key_prefix.clone(),
+                KeyRules::from_config(config),
+            ),
             verifier.clone(),
             bootstrap_token,
             config.scopes.clone(),

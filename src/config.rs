@@ -1004,12 +1004,15 @@ fn check_body_keys(
 fn valid_scope_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.' | b'/'))
 }
 
-fn scope_catalogue(p: &mut Problems, raw: Vec<RawScope>, routes: &[RouteConfig]) -> Vec<ScopeConfig> {
+fn scope_catalogue(
+    p: &mut Problems,
+    raw: Vec<RawScope>,
+    routes: &[RouteConfig],
+) -> Vec<ScopeConfig> {
     let mut out: Vec<ScopeConfig> = Vec::new();
     let mut add = |name: &str, description: &str| {
         if !out.iter().any(|s| s.name == name) {
@@ -1020,12 +1023,18 @@ fn scope_catalogue(p: &mut Problems, raw: Vec<RawScope>, routes: &[RouteConfig])
         }
     };
     add(SCOPE_KEYS_READ, "Read API keys through the admin API");
-    add(SCOPE_KEYS_WRITE, "Create, change and delete API keys through the admin API");
+    add(
+        SCOPE_KEYS_WRITE,
+        "Create, change and delete API keys through the admin API",
+    );
     for (i, s) in raw.iter().enumerate() {
         if !valid_scope_name(&s.name) {
             p.add(
                 format!("scopes[{i}].name"),
-                format!("{:?} is not a scope name (1-64 of A-Z a-z 0-9 _ - : . /)", s.name),
+                format!(
+                    "{:?} is not a scope name (1-64 of A-Z a-z 0-9 _ - : . /)",
+                    s.name
+                ),
             );
             continue;
         }
@@ -1034,7 +1043,10 @@ fn scope_catalogue(p: &mut Problems, raw: Vec<RawScope>, routes: &[RouteConfig])
     for (i, r) in routes.iter().enumerate() {
         for s in &r.scopes {
             if !valid_scope_name(s) {
-                p.add(format!("routes[{i}].scopes"), format!("{s:?} is not a scope name"));
+                p.add(
+                    format!("routes[{i}].scopes"),
+                    format!("{s:?} is not a scope name"),
+                );
                 continue;
             }
             add(s, &format!("Required by route {}", r.name));

@@ -14,11 +14,11 @@ use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
-use crate::proxy::{ForwardBody, Upstream, headers};
 use crate::metrics::Metrics;
+use crate::proxy::{ForwardBody, Upstream, headers};
 use crate::request_id;
-use crate::usage::UsageRecorder;
 use crate::route::{self, Route, RouteTable};
+use crate::usage::UsageRecorder;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response};
@@ -204,9 +204,10 @@ impl Gateway {
         let mut req = Request::from_parts(parts, body);
 
         let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+        let proto = crate::server::ConnectionInfo::scheme_of(req.extensions());
         let h = req.headers_mut();
         headers::remove_hop_by_hop(h);
-        headers::set_forwarded(h, peer_ip, peer_is_trusted, "http", host.as_deref());
+        headers::set_forwarded(h, peer_ip, peer_is_trusted, proto, host.as_deref());
         h.insert(request_id::HEADER, request_id.clone());
         let upstream = self
             .upstreams
@@ -214,7 +215,8 @@ impl Gateway {
             .ok_or(GatewayError::UpstreamUnavailable)?;
         let sent = Instant::now();
         let result = upstream.send(req).await;
-        self.metrics.observe_upstream(&upstream.name, sent.elapsed());
+        self.metrics
+            .observe_upstream(&upstream.name, sent.elapsed());
         result
     }
 

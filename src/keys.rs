@@ -349,8 +349,14 @@ impl KeyService {
             .create(&record, &key.hash(), self.rules.team_limit)
             .await?;
         self.remember_for_reveal(&record.api_key_id, &key);
-        self.audit(actor, AuditAction::Create, Some(&record), BTreeMap::new(), now)
-            .await?;
+        self.audit(
+            actor,
+            AuditAction::Create,
+            Some(&record),
+            BTreeMap::new(),
+            now,
+        )
+        .await?;
         Ok((key, record))
     }
 
@@ -371,8 +377,14 @@ impl KeyService {
         let Some(value) = self.reveal.get(&record.api_key_id) else {
             return Ok(None);
         };
-        self.audit(actor, AuditAction::Reveal, Some(record), BTreeMap::new(), now)
-            .await?;
+        self.audit(
+            actor,
+            AuditAction::Reveal,
+            Some(record),
+            BTreeMap::new(),
+            now,
+        )
+        .await?;
         Ok(Some(value))
     }
 
@@ -481,12 +493,23 @@ impl KeyService {
         self.change(id, change, actor, now).await
     }
 
-    pub async fn revoke(&self, id: &str, actor: &Actor, now: DateTime<Utc>) -> Result<(), KeyError> {
+    pub async fn revoke(
+        &self,
+        id: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
         let record = self.get(id).await?;
         self.store.delete(id).await?;
         self.reveal.invalidate(id);
-        self.audit(actor, AuditAction::Delete, Some(&record), BTreeMap::new(), now)
-            .await
+        self.audit(
+            actor,
+            AuditAction::Delete,
+            Some(&record),
+            BTreeMap::new(),
+            now,
+        )
+        .await
     }
 
     pub async fn rotate(
@@ -517,10 +540,16 @@ impl KeyService {
         now: DateTime<Utc>,
     ) -> Result<Member, KeyError> {
         for (field, v) in [("team_id", team), ("user_id", user)] {
-            if v.is_empty() || v.len() > 100 || v.contains(['{', '}', '/']) || v.chars().any(char::is_control) {
+            if v.is_empty()
+                || v.len() > 100
+                || v.contains(['{', '}', '/'])
+                || v.chars().any(char::is_control)
+            {
                 return Err(KeyError::Invalid {
                     field,
-                    reason: "must be 1-100 characters, without braces, slashes or control characters".into(),
+                    reason:
+                        "must be 1-100 characters, without braces, slashes or control characters"
+                            .into(),
                 });
             }
         }
@@ -593,7 +622,16 @@ impl KeyService {
         let mut changed = Vec::new();
         let mut page = 1;
         loop {
-            let (records, total) = self.store.list(&filter, Page { page, per_page: 500 }).await?;
+            let (records, total) = self
+                .store
+                .list(
+                    &filter,
+                    Page {
+                        page,
+                        per_page: 500,
+                    },
+                )
+                .await?;
             for r in &records {
                 if r.behalf_of_user_id.as_deref() != Some(user) {
                     continue;

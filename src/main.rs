@@ -199,7 +199,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let mut bootstrap = bootstrap_token(&cfg)?;
     if args.dev && bootstrap.is_none() && cfg.admin.enabled {
-        bootstrap = Some(keygate::auth::key::NewKey::generate(&cfg.auth.key_prefix).expose().to_owned());
+        bootstrap = Some(
+            keygate::auth::key::NewKey::generate(&cfg.auth.key_prefix)
+                .expose()
+                .to_owned(),
+        );
     }
     keygate::telemetry::init_logging(&cfg.log);
 
@@ -375,7 +379,11 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
-    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), KeyRules::from_config(&cfg));
+    let service = KeyService::new(
+        store,
+        cfg.auth.key_prefix.clone(),
+        KeyRules::from_config(&cfg),
+    );
     let actor = Actor::cli();
     let now = Utc::now();
     let fail = |e: keygate::keys::KeyError| e.to_string();
@@ -459,11 +467,17 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             }
         }
         KeysCommand::Disable { id } => {
-            service.set_enabled(&id, false, &actor, now).await.map_err(fail)?;
+            service
+                .set_enabled(&id, false, &actor, now)
+                .await
+                .map_err(fail)?;
             println!("disabled {id}");
         }
         KeysCommand::Enable { id } => {
-            service.set_enabled(&id, true, &actor, now).await.map_err(fail)?;
+            service
+                .set_enabled(&id, true, &actor, now)
+                .await
+                .map_err(fail)?;
             println!("enabled {id}");
         }
         KeysCommand::Revoke { id } => {
@@ -471,7 +485,10 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             println!("revoked {id}");
         }
         KeysCommand::Rotate { id, grace } => {
-            let (key, _) = service.rotate(&id, grace, &actor, now).await.map_err(fail)?;
+            let (key, _) = service
+                .rotate(&id, grace, &actor, now)
+                .await
+                .map_err(fail)?;
             println!("{}", key.expose());
             eprintln!(
                 "rotated {id}; the previous value works for {}",
@@ -487,7 +504,11 @@ async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<()
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
-    let service = KeyService::new(store, cfg.auth.key_prefix.clone(), KeyRules::from_config(&cfg));
+    let service = KeyService::new(
+        store,
+        cfg.auth.key_prefix.clone(),
+        KeyRules::from_config(&cfg),
+    );
     let actor = Actor::cli();
     let fail = |e: keygate::keys::KeyError| e.to_string();
     match command {
@@ -503,7 +524,10 @@ async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<()
                 .remove_member(&team, &user, &actor, Utc::now())
                 .await
                 .map_err(fail)?;
-            println!("removed {user} from {team}; {} key(s) changed", changed.len());
+            println!(
+                "removed {user} from {team}; {} key(s) changed",
+                changed.len()
+            );
         }
         TeamsCommand::Members { team } => {
             for m in service.list_members(&team).await.map_err(fail)? {

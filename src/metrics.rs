@@ -73,7 +73,10 @@ impl Metrics {
     pub fn new(route_names: &[String]) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("keygate_requests_total", "Proxied requests by route and outcome"),
+            Opts::new(
+                "keygate_requests_total",
+                "Proxied requests by route and outcome",
+            ),
             &["route", "outcome"],
         )?;
         let duration = HistogramVec::new(
@@ -243,8 +246,14 @@ struct VerifyCollector {
 }
 
 const VERIFY_COUNTERS: [(&str, &str); 6] = [
-    ("keygate_auth_cache_hits_total", "Key verifications answered by the cache"),
-    ("keygate_auth_cache_misses_total", "Key verifications that missed the cache"),
+    (
+        "keygate_auth_cache_hits_total",
+        "Key verifications answered by the cache",
+    ),
+    (
+        "keygate_auth_cache_misses_total",
+        "Key verifications that missed the cache",
+    ),
     (
         "keygate_auth_cache_negative_hits_total",
         "Unknown keys answered by the negative cache",
@@ -253,15 +262,23 @@ const VERIFY_COUNTERS: [(&str, &str); 6] = [
         "keygate_auth_cache_stale_served_total",
         "Keys served from the stale cache while the store could not answer",
     ),
-    ("keygate_auth_store_lookups_total", "Key lookups sent to the store"),
-    ("keygate_auth_store_errors_total", "Key lookups the store could not answer"),
+    (
+        "keygate_auth_store_lookups_total",
+        "Key lookups sent to the store",
+    ),
+    (
+        "keygate_auth_store_errors_total",
+        "Key lookups the store could not answer",
+    ),
 ];
 
 impl VerifyCollector {
     fn new(source: Arc<dyn StatsSource>) -> Result<Self, prometheus::Error> {
         let descs = VERIFY_COUNTERS
             .iter()
-            .map(|(name, help)| Desc::new((*name).into(), (*help).into(), vec![], Default::default()))
+            .map(|(name, help)| {
+                Desc::new((*name).into(), (*help).into(), vec![], Default::default())
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self { source, descs })
     }
@@ -312,7 +329,10 @@ mod tests {
         m.observe_request(None, Outcome::NoRoute, Duration::from_micros(10));
         m.observe_store("find_by_hash", Duration::from_micros(200), true);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("keygate_requests_total{outcome=\"forwarded\",route=\"api\"} 1"), "{text}");
+        assert!(
+            text.contains("keygate_requests_total{outcome=\"forwarded\",route=\"api\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("keygate_requests_total{outcome=\"no_route\",route=\"-\"} 1"));
         assert!(text.contains("keygate_store_errors_total{operation=\"find_by_hash\"} 1"));
         assert!(text.contains("keygate_build_info{version="));

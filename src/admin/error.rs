@@ -105,10 +105,26 @@ mod tests {
     fn seed_codes_and_statuses() {
         let cases: Vec<(AdminError, u16, &str)> = vec![
             (KeyError::NotFound.into(), 404, "API_KEY_NOT_FOUND"),
-            (KeyError::LimitExceeded { limit: 5 }.into(), 403, "API_KEY_LIMIT_EXCEEDED"),
-            (KeyError::ScopeInvalid("x".into()).into(), 400, "API_KEY_SCOPE_NAME_INVALID"),
-            (KeyError::AllowIpInvalid("x".into()).into(), 400, "API_KEY_ALLOW_IP_INVALID"),
-            (KeyError::UserInvalid("x".into()).into(), 400, "API_KEY_USER_INVALID"),
+            (
+                KeyError::LimitExceeded { limit: 5 }.into(),
+                403,
+                "API_KEY_LIMIT_EXCEEDED",
+            ),
+            (
+                KeyError::ScopeInvalid("x".into()).into(),
+                400,
+                "API_KEY_SCOPE_NAME_INVALID",
+            ),
+            (
+                KeyError::AllowIpInvalid("x".into()).into(),
+                400,
+                "API_KEY_ALLOW_IP_INVALID",
+            ),
+            (
+                KeyError::UserInvalid("x".into()).into(),
+                400,
+                "API_KEY_USER_INVALID",
+            ),
             (
                 KeyError::Store(StoreError::Corrupt("x".into())).into(),
                 500,

@@ -6,8 +6,8 @@ use super::error::AdminError;
 use crate::auth::record::{KeyRecord, KeyType};
 use crate::store::{AuditEvent, Member, Role};
 use chrono::{DateTime, Utc};
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -267,7 +267,10 @@ impl Query {
             if let Some(v) = self.str(name) {
                 return match v.parse::<u32>() {
                     Ok(n) if (1..=max).contains(&n) => Ok(n),
-                    _ => Err(AdminError::bad(*name, format!("must be a number from 1 to {max}"))),
+                    _ => Err(AdminError::bad(
+                        *name,
+                        format!("must be a number from 1 to {max}"),
+                    )),
                 };
             }
         }
@@ -279,7 +282,9 @@ impl Query {
             .map(|v| {
                 DateTime::parse_from_rfc3339(v)
                     .map(|t| t.with_timezone(&Utc))
-                    .map_err(|_| AdminError::bad(name, "must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z"))
+                    .map_err(|_| {
+                        AdminError::bad(name, "must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
+                    })
             })
             .transpose()
     }
@@ -301,7 +306,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = parse_body::<CreateBody>(br#"{"key_type":"shared","scope_names":[1]}"#).unwrap_err();
+        let e =
+            parse_body::<CreateBody>(br#"{"key_type":"shared","scope_names":[1]}"#).unwrap_err();
         assert!(
             matches!(&e, AdminError::BadRequest { field, .. } if field == "scope_names[0]"),
             "{e:?}"
@@ -311,7 +317,10 @@ mod tests {
         let e = parse_body::<CreateBody>(br#"{"name":"x"}"#).unwrap_err();
         assert!(e.to_string().contains("key_type"), "{e}");
         let e = parse_body::<CreateBody>(br#"{"key_type":"robot"}"#).unwrap_err();
-        assert!(matches!(&e, AdminError::BadRequest { field, .. } if field == "key_type"), "{e:?}");
+        assert!(
+            matches!(&e, AdminError::BadRequest { field, .. } if field == "key_type"),
+            "{e:?}"
+        );
         let e = parse_body::<CreateBody>(br#"{"key_type":"shared"} trailing"#).unwrap_err();
         assert!(matches!(&e, AdminError::BadRequest { .. }));
     }

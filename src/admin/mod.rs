@@ -92,9 +92,11 @@ impl Ctx<'_> {
     fn page(&self) -> Result<Page, AdminError> {
         Ok(Page {
             page: self.query.u32_in(&["page"], 1, 1_000_000)?,
-            per_page: self
-                .query
-                .u32_in(&["per_page", "perPage"], DEFAULT_PER_PAGE, MAX_PER_PAGE)?,
+            per_page: self.query.u32_in(
+                &["per_page", "perPage"],
+                DEFAULT_PER_PAGE,
+                MAX_PER_PAGE,
+            )?,
         })
     }
 }
@@ -137,7 +139,8 @@ impl AdminApi {
     /// `GET /metrics`: Prometheus text format, no credential (scrapers carry none; the admin
     /// listener is kept inside the cluster).
     async fn metrics(&self) -> AdminResponse {
-        self.metrics.set_cache_entries(self.verifier.cached_entries());
+        self.metrics
+            .set_cache_entries(self.verifier.cached_entries());
         let up = matches!(
             tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await,
             Ok(Ok(()))
@@ -346,7 +349,9 @@ impl AdminApi {
             .collect()
             .await
             .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
                     AdminError::BodyTooLarge(self.max_body_bytes)
                 } else {
                     AdminError::bad("body", format!("could not be read: {e}"))
@@ -445,7 +450,10 @@ impl AdminApi {
             (None, own) => own.clone(),
         };
         if body.expires_in.is_some() && body.expires_at.is_some() {
-            return Err(AdminError::bad("expires_in", "give expires_in or expires_at, not both"));
+            return Err(AdminError::bad(
+                "expires_in",
+                "give expires_in or expires_at, not both",
+            ));
         }
         let expires_time = match (body.expires_in, body.expires_at) {
             (Some(d), _) => Some(
@@ -523,7 +531,9 @@ impl AdminApi {
 
     async fn delete_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
         self.visible_key(id, ctx).await?;
-        self.service.revoke(id, &ctx.audit_actor()?, ctx.now).await?;
+        self.service
+            .revoke(id, &ctx.audit_actor()?, ctx.now)
+            .await?;
         Ok(Reply::ok(json!({"api_key_id": id, "deleted": true})))
     }
 
@@ -534,7 +544,10 @@ impl AdminApi {
             json::parse_body(&ctx.body)?
         };
         if body.grace_seconds > 30 * 86_400 {
-            return Err(AdminError::bad("grace_seconds", "at most 30 days (2592000)"));
+            return Err(AdminError::bad(
+                "grace_seconds",
+                "at most 30 days (2592000)",
+            ));
         }
         self.visible_key(id, ctx).await?;
         let (key, record) = self
@@ -552,13 +565,18 @@ impl AdminApi {
     async fn list_members(&self, team: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
         self.visible_team(team, ctx)?;
         let members = self.service.list_members(team).await?;
-        Ok(Reply::ok(Value::Array(members.iter().map(json::member).collect())))
+        Ok(Reply::ok(Value::Array(
+            members.iter().map(json::member).collect(),
+        )))
     }
 
     async fn put_member(&self, team: &str, user: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
         self.visible_team(team, ctx)?;
         if ctx.body.is_empty() {
-            return Err(AdminError::bad("body", "a JSON object with a role is required"));
+            return Err(AdminError::bad(
+                "body",
+                "a JSON object with a role is required",
+            ));
         }
         let body: json::MemberBody = json::parse_body(&ctx.body)?;
         let member = self

@@ -124,11 +124,7 @@ impl KeyStore for MeteredStore {
             .await
     }
 
-    async fn get_member(
-        &self,
-        team_id: &str,
-        user_id: &str,
-    ) -> Result<Option<Member>, StoreError> {
+    async fn get_member(&self, team_id: &str, user_id: &str) -> Result<Option<Member>, StoreError> {
         self.timed("get_member", self.inner.get_member(team_id, user_id))
             .await
     }

@@ -209,11 +209,13 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn put_member(&self, member: &Member) -> Result<Member, StoreError>;
 
     /// Removes a member; `None` when they were not one.
-    async fn remove_member(&self, team_id: &str, user_id: &str)
-    -> Result<Option<Member>, StoreError>;
+    async fn remove_member(
+        &self,
+        team_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Member>, StoreError>;
 
-    async fn get_member(&self, team_id: &str, user_id: &str)
-    -> Result<Option<Member>, StoreError>;
+    async fn get_member(&self, team_id: &str, user_id: &str) -> Result<Option<Member>, StoreError>;
 
     /// A team's members, oldest `added_time` first.
     async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError>;

@@ -26,14 +26,20 @@ async fn start(backing: &str, extra: &str) -> Env {
         "redis" => {
             let redis = RedisServer::start();
             (
-                format!("kind = \"redis\"\nredis_url = \"{}\"\nnamespace = \"kgadm\"", redis.url()),
+                format!(
+                    "kind = \"redis\"\nredis_url = \"{}\"\nnamespace = \"kgadm\"",
+                    redis.url()
+                ),
                 Backing::Redis(redis),
             )
         }
         _ => {
             let dir = tempfile::tempdir().unwrap();
             (
-                format!("kind = \"embedded\"\npath = \"{}\"", dir.path().join("k.db").display()),
+                format!(
+                    "kind = \"embedded\"\npath = \"{}\"",
+                    dir.path().join("k.db").display()
+                ),
                 Backing::Embedded(dir),
             )
         }
@@ -79,10 +85,7 @@ struct Resp {
 
 impl Env {
     async fn call(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
-        let mut req = client().request(
-            method.parse().unwrap(),
-            self.gw.admin_url(path),
-        );
+        let mut req = client().request(method.parse().unwrap(), self.gw.admin_url(path));
         if !token.is_empty() {
             req = req.bearer_auth(token);
         }
@@ -127,7 +130,11 @@ impl Env {
 
     async fn audit_actions(&self, key_id: &str) -> Vec<String> {
         let r = self
-            .admin("GET", &format!("/v1/audit?api_key_id={key_id}&per_page=100"), None)
+            .admin(
+                "GET",
+                &format!("/v1/audit?api_key_id={key_id}&per_page=100"),
+                None,
+            )
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
         let mut actions: Vec<String> = r.body["data"]
@@ -188,30 +195,64 @@ async fn create_use_disable_enable_rotate_delete(backing: &str) {
     assert_eq!(got.body["data"]["key_start"], &key[..10]);
     assert_eq!(got.body["data"]["scope_names"], json!(["orders:read"]));
 
-    let r = e.admin("PATCH", &format!("/v1/keys/{id}"), Some(json!({"is_enabled": false}))).await;
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"is_enabled": false})),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["is_enabled"], false);
-    assert!(eventually(Duration::from_secs(1), || async { e.proxy_status(&key).await == 401 }).await);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            e.proxy_status(&key).await == 401
+        })
+        .await
+    );
 
     let r = e
-        .admin("PATCH", &format!("/v1/keys/{id}"), Some(json!({"is_enabled": true, "name": "ci-2"})))
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"is_enabled": true, "name": "ci-2"})),
+        )
         .await;
     assert_eq!(r.body["data"]["name"], "ci-2");
-    assert!(eventually(Duration::from_secs(1), || async { e.proxy_status(&key).await == 200 }).await);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            e.proxy_status(&key).await == 200
+        })
+        .await
+    );
 
     let r = e
-        .admin("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({"grace_seconds": 0})))
+        .admin(
+            "POST",
+            &format!("/v1/keys/{id}/rotate"),
+            Some(json!({"grace_seconds": 0})),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let new_key = r.body["data"]["key_value"].as_str().unwrap().to_owned();
     assert_ne!(new_key, key);
     assert_eq!(r.body["data"]["api_key_id"], id.as_str());
-    assert!(eventually(Duration::from_secs(1), || async { e.proxy_status(&key).await == 401 }).await);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            e.proxy_status(&key).await == 401
+        })
+        .await
+    );
     assert_eq!(e.proxy_status(&new_key).await, 200);
 
     let r = e.admin("DELETE", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(r.status, 200);
-    assert!(eventually(Duration::from_secs(1), || async { e.proxy_status(&new_key).await == 401 }).await);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            e.proxy_status(&new_key).await == 401
+        })
+        .await
+    );
     let r = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body["error"]["code"], "API_KEY_NOT_FOUND");
@@ -228,20 +269,83 @@ async fn create_validates_every_field(backing: &str) {
             assert_eq!(r.status, status, "{body} → {}", r.body);
             assert_eq!(r.body["error"]["code"], code, "{body} → {}", r.body);
             let msg = r.body["error"]["message"].as_str().unwrap();
-            assert!(msg.contains(mention), "{body}: {msg:?} should mention {mention}");
+            assert!(
+                msg.contains(mention),
+                "{body}: {msg:?} should mention {mention}"
+            );
         }
     };
     bad(json!({"name": "x"}), 400, "INVALID_REQUEST", "key_type").await;
-    bad(json!({"key_type": "robot"}), 400, "INVALID_REQUEST", "key_type").await;
-    bad(json!({"key_type": "shared", "colour": "red"}), 400, "INVALID_REQUEST", "colour").await;
-    bad(json!({"key_type": "shared", "scope_names": [7]}), 400, "INVALID_REQUEST", "scope_names").await;
-    bad(json!({"key_type": "shared", "scope_names": "nope"}), 400, "API_KEY_SCOPE_NAME_INVALID", "nope").await;
-    bad(json!({"key_type": "shared", "allow_ips": ["10.0.0.0/33"]}), 400, "API_KEY_ALLOW_IP_INVALID", "10.0.0.0/33").await;
-    bad(json!({"key_type": "shared", "allow_ips": "example.com"}), 400, "API_KEY_ALLOW_IP_INVALID", "example.com").await;
-    bad(json!({"key_type": "user", "team_id": "acme"}), 400, "API_KEY_USER_INVALID", "behalf_of_user_id").await;
-    bad(json!({"key_type": "shared", "team_id": "acme", "behalf_of_user_id": "ghost"}), 400, "API_KEY_USER_INVALID", "ghost").await;
-    bad(json!({"key_type": "shared", "expires_at": "2001-01-01T00:00:00Z"}), 400, "INVALID_REQUEST", "future").await;
-    bad(json!({"key_type": "shared", "expires_in": "soon"}), 400, "INVALID_REQUEST", "expires_in").await;
+    bad(
+        json!({"key_type": "robot"}),
+        400,
+        "INVALID_REQUEST",
+        "key_type",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "colour": "red"}),
+        400,
+        "INVALID_REQUEST",
+        "colour",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "scope_names": [7]}),
+        400,
+        "INVALID_REQUEST",
+        "scope_names",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "scope_names": "nope"}),
+        400,
+        "API_KEY_SCOPE_NAME_INVALID",
+        "nope",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "allow_ips": ["10.0.0.0/33"]}),
+        400,
+        "API_KEY_ALLOW_IP_INVALID",
+        "10.0.0.0/33",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "allow_ips": "example.com"}),
+        400,
+        "API_KEY_ALLOW_IP_INVALID",
+        "example.com",
+    )
+    .await;
+    bad(
+        json!({"key_type": "user", "team_id": "acme"}),
+        400,
+        "API_KEY_USER_INVALID",
+        "behalf_of_user_id",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "team_id": "acme", "behalf_of_user_id": "ghost"}),
+        400,
+        "API_KEY_USER_INVALID",
+        "ghost",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "expires_at": "2001-01-01T00:00:00Z"}),
+        400,
+        "INVALID_REQUEST",
+        "future",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "expires_in": "soon"}),
+        400,
+        "INVALID_REQUEST",
+        "expires_in",
+    )
+    .await;
 
     // Malformed JSON, wrong media type, oversized body.
     let r = client()
@@ -266,7 +370,10 @@ async fn create_validates_every_field(backing: &str) {
         .post(e.gw.admin_url("/v1/keys"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/json")
-        .body(format!("{{\"key_type\":\"shared\",\"description\":\"{}\"}}", "x".repeat(100_000)))
+        .body(format!(
+            "{{\"key_type\":\"shared\",\"description\":\"{}\"}}",
+            "x".repeat(100_000)
+        ))
         .send()
         .await
         .unwrap();
@@ -286,7 +393,10 @@ async fn create_validates_every_field(backing: &str) {
     let d = &r.body["data"];
     assert_eq!(d["scope_names"], json!(["orders:write"]));
     assert_eq!(d["allow_ips"], json!(["127.0.0.1", "2001:db8::/32"]));
-    assert!(d["name"].as_str().unwrap().starts_with("API key "), "default name: {d}");
+    assert!(
+        d["name"].as_str().unwrap().starts_with("API key "),
+        "default name: {d}"
+    );
     assert_eq!(d["is_enabled"], true);
     assert!(d["expires_time"].is_string());
     assert_eq!(d["metadata"]["env"], "prod");
@@ -302,14 +412,18 @@ async fn list_pages_and_filters_without_secrets(backing: &str) {
             .await;
         values.push(v);
     }
-    let r = e.admin("GET", "/v1/keys?team_id=acme&per_page=2&page=2", None).await;
+    let r = e
+        .admin("GET", "/v1/keys?team_id=acme&per_page=2&page=2", None)
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["meta"]["total"], 5);
     assert_eq!(r.body["meta"]["total_pages"], 3);
     assert_eq!(r.body["meta"]["per_page"], 2);
     assert_eq!(r.body["meta"]["page"], 2);
     assert_eq!(r.body["data"].as_array().unwrap().len(), 2);
-    let r = e.admin("GET", "/v1/keys?perPage=10&is_enabled=false", None).await;
+    let r = e
+        .admin("GET", "/v1/keys?perPage=10&is_enabled=false", None)
+        .await;
     assert_eq!(r.body["meta"]["total"], 1);
     let r = e.admin("GET", "/v1/keys?key_type=user", None).await;
     assert_eq!(r.body["meta"]["total"], 0);
@@ -324,23 +438,36 @@ async fn list_pages_and_filters_without_secrets(backing: &str) {
     assert_eq!(r.status, 400);
     let r = e.admin("GET", "/v1/keys?page=abc", None).await;
     assert_eq!(r.status, 400);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("page"));
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("page")
+    );
 }
 
 async fn reveal_window_shows_the_value_then_only_the_hint(backing: &str) {
     let e = start(backing, "reveal_window = \"1500ms\"").await;
     let (id, key) = e.create(json!({"key_type": "shared"})).await;
-    let r = e.admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None).await;
+    let r = e
+        .admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None)
+        .await;
     assert_eq!(r.body["data"]["key_value"], key.as_str());
     let r = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(r.body["data"]["key_value"], Value::Null);
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    let r = e.admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None).await;
+    let r = e
+        .admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None)
+        .await;
     assert_eq!(r.body["data"]["key_value"], Value::Null);
     assert_eq!(r.body["data"]["key_start"], &key[..10]);
     // Exactly one reveal was audited: the one inside the window.
     let actions = e.audit_actions(&id).await;
-    assert_eq!(actions.iter().filter(|a| *a == "reveal").count(), 1, "{actions:?}");
+    assert_eq!(
+        actions.iter().filter(|a| *a == "reveal").count(),
+        1,
+        "{actions:?}"
+    );
 }
 
 async fn team_limit_holds_under_twenty_concurrent_creates(backing: &str) {
@@ -350,8 +477,12 @@ async fn team_limit_holds_under_twenty_concurrent_creates(backing: &str) {
     for _ in 0..20 {
         let e = e.clone();
         tasks.push(tokio::spawn(async move {
-            e.admin("POST", "/v1/keys", Some(json!({"key_type": "shared", "team_id": "acme"})))
-                .await
+            e.admin(
+                "POST",
+                "/v1/keys",
+                Some(json!({"key_type": "shared", "team_id": "acme"})),
+            )
+            .await
         }));
     }
     let mut created = 0;
@@ -368,11 +499,28 @@ async fn team_limit_holds_under_twenty_concurrent_creates(backing: &str) {
     assert_eq!(r.body["meta"]["total"], 5);
     // Disabled keys count too; deleting one frees a place.
     let id = r.body["data"][0]["api_key_id"].as_str().unwrap().to_owned();
-    e.admin("PATCH", &format!("/v1/keys/{id}"), Some(json!({"is_enabled": false}))).await;
-    let r = e.admin("POST", "/v1/keys", Some(json!({"key_type": "shared", "team_id": "acme"}))).await;
+    e.admin(
+        "PATCH",
+        &format!("/v1/keys/{id}"),
+        Some(json!({"is_enabled": false})),
+    )
+    .await;
+    let r = e
+        .admin(
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "team_id": "acme"})),
+        )
+        .await;
     assert_eq!(r.status, 403);
     e.admin("DELETE", &format!("/v1/keys/{id}"), None).await;
-    let r = e.admin("POST", "/v1/keys", Some(json!({"key_type": "shared", "team_id": "acme"}))).await;
+    let r = e
+        .admin(
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "team_id": "acme"})),
+        )
+        .await;
     assert_eq!(r.status, 201);
 }
 
@@ -381,18 +529,36 @@ async fn admin_keys_need_scopes_and_obey_key_rules(backing: &str) {
     let r = e.call("", "GET", "/v1/keys", None).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["error"]["code"], "UNAUTHENTICATED");
-    let r = e.call("not-the-token-at-all-xxxxxxxx", "GET", "/v1/keys", None).await;
+    let r = e
+        .call("not-the-token-at-all-xxxxxxxx", "GET", "/v1/keys", None)
+        .await;
     assert_eq!(r.status, 401);
 
-    let (_, reader) = e.create(json!({"key_type": "shared", "scope_names": ["api_keys_read"]})).await;
+    let (_, reader) = e
+        .create(json!({"key_type": "shared", "scope_names": ["api_keys_read"]}))
+        .await;
     let (writer_id, writer) = e
         .create(json!({"key_type": "shared", "scope_names": ["api_keys_read", "api_keys_write"]}))
         .await;
     assert_eq!(e.call(&reader, "GET", "/v1/keys", None).await.status, 200);
-    let r = e.call(&reader, "POST", "/v1/keys", Some(json!({"key_type": "shared"}))).await;
+    let r = e
+        .call(
+            &reader,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared"})),
+        )
+        .await;
     assert_eq!(r.status, 403);
     assert_eq!(r.body["error"]["code"], "INSUFFICIENT_SCOPE");
-    let r = e.call(&writer, "POST", "/v1/keys", Some(json!({"key_type": "shared"}))).await;
+    let r = e
+        .call(
+            &writer,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared"})),
+        )
+        .await;
     assert_eq!(r.status, 201);
     assert_eq!(r.body["data"]["created_by"], writer_id.as_str());
 
@@ -402,7 +568,12 @@ async fn admin_keys_need_scopes_and_obey_key_rules(backing: &str) {
         .await;
     let r = e.call(&fenced, "GET", "/v1/keys", None).await;
     assert_eq!(r.status, 403);
-    e.admin("PATCH", &format!("/v1/keys/{writer_id}"), Some(json!({"is_enabled": false}))).await;
+    e.admin(
+        "PATCH",
+        &format!("/v1/keys/{writer_id}"),
+        Some(json!({"is_enabled": false})),
+    )
+    .await;
     assert!(
         eventually(Duration::from_secs(1), || async {
             e.call(&writer, "GET", "/v1/keys", None).await.status == 401
@@ -411,8 +582,18 @@ async fn admin_keys_need_scopes_and_obey_key_rules(backing: &str) {
     );
     // The catalogue includes the built-in admin scopes and the configured ones.
     let r = e.call(&reader, "GET", "/v1/scopes", None).await;
-    let names: Vec<&str> = r.body["data"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    for n in ["api_keys_read", "api_keys_write", "orders:read", "orders:write"] {
+    let names: Vec<&str> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "api_keys_read",
+        "api_keys_write",
+        "orders:read",
+        "orders:write",
+    ] {
         assert!(names.contains(&n), "{names:?}");
     }
 }
@@ -422,26 +603,62 @@ async fn team_admin_keys_see_only_their_team(backing: &str) {
     let (_, acme_admin) = e
         .create(json!({"key_type": "shared", "team_id": "acme", "scope_names": ["api_keys_read", "api_keys_write"]}))
         .await;
-    let (zeta_key_id, _) = e.create(json!({"key_type": "shared", "team_id": "zeta"})).await;
-    let r = e.call(&acme_admin, "GET", &format!("/v1/keys/{zeta_key_id}"), None).await;
+    let (zeta_key_id, _) = e
+        .create(json!({"key_type": "shared", "team_id": "zeta"}))
+        .await;
+    let r = e
+        .call(&acme_admin, "GET", &format!("/v1/keys/{zeta_key_id}"), None)
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body["error"]["code"], "API_KEY_NOT_FOUND");
     for (m, body) in [("PATCH", Some(json!({"name": "x"}))), ("DELETE", None)] {
-        let r = e.call(&acme_admin, m, &format!("/v1/keys/{zeta_key_id}"), body).await;
+        let r = e
+            .call(&acme_admin, m, &format!("/v1/keys/{zeta_key_id}"), body)
+            .await;
         assert_eq!(r.status, 404, "{m}");
     }
-    let r = e.call(&acme_admin, "POST", &format!("/v1/keys/{zeta_key_id}/rotate"), None).await;
+    let r = e
+        .call(
+            &acme_admin,
+            "POST",
+            &format!("/v1/keys/{zeta_key_id}/rotate"),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 404);
     let r = e.call(&acme_admin, "GET", "/v1/keys", None).await;
     assert_eq!(r.body["meta"]["total"], 1, "{}", r.body);
-    let r = e.call(&acme_admin, "GET", "/v1/keys?team_id=zeta", None).await;
+    let r = e
+        .call(&acme_admin, "GET", "/v1/keys?team_id=zeta", None)
+        .await;
     assert_eq!(r.status, 404);
-    let r = e.call(&acme_admin, "POST", "/v1/keys", Some(json!({"key_type": "shared", "team_id": "zeta"}))).await;
+    let r = e
+        .call(
+            &acme_admin,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "team_id": "zeta"})),
+        )
+        .await;
     assert_eq!(r.status, 404);
     // Without a team_id, a team admin creates in its own team.
-    let r = e.call(&acme_admin, "POST", "/v1/keys", Some(json!({"key_type": "shared"}))).await;
+    let r = e
+        .call(
+            &acme_admin,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared"})),
+        )
+        .await;
     assert_eq!(r.body["data"]["team_id"], "acme");
-    let r = e.call(&acme_admin, "PUT", "/v1/teams/zeta/members/u1", Some(json!({"role": "owner"}))).await;
+    let r = e
+        .call(
+            &acme_admin,
+            "PUT",
+            "/v1/teams/zeta/members/u1",
+            Some(json!({"role": "owner"})),
+        )
+        .await;
     assert_eq!(r.status, 404);
 }
 
@@ -449,7 +666,11 @@ async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &st
     let e = start(backing, "").await;
     for (user, role) in [("owner-1", "owner"), ("dev-2", "member")] {
         let r = e
-            .admin("PUT", &format!("/v1/teams/acme/members/{user}"), Some(json!({"role": role})))
+            .admin(
+                "PUT",
+                &format!("/v1/teams/acme/members/{user}"),
+                Some(json!({"role": role})),
+            )
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
@@ -463,43 +684,85 @@ async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &st
     let r = e.admin("GET", "/v1/teams/acme/members", None).await;
     assert_eq!(r.body["data"].as_array().unwrap().len(), 2);
 
-    let r = e.admin("DELETE", "/v1/teams/acme/members/dev-2", None).await;
+    let r = e
+        .admin("DELETE", "/v1/teams/acme/members/dev-2", None)
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = e.admin("GET", &format!("/v1/keys/{user_key_id}"), None).await;
+    let r = e
+        .admin("GET", &format!("/v1/keys/{user_key_id}"), None)
+        .await;
     assert_eq!(r.body["data"]["is_enabled"], false);
-    assert!(eventually(Duration::from_secs(1), || async { e.proxy_status(&user_key).await == 401 }).await);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            e.proxy_status(&user_key).await == 401
+        })
+        .await
+    );
     let r = e.admin("GET", &format!("/v1/keys/{shared_id}"), None).await;
     assert_eq!(r.body["data"]["is_enabled"], true);
     assert_eq!(r.body["data"]["behalf_of_user_id"], "owner-1");
     assert_eq!(e.proxy_status(&shared_key).await, 200);
-    let r = e.admin("DELETE", "/v1/teams/acme/members/dev-2", None).await;
+    let r = e
+        .admin("DELETE", "/v1/teams/acme/members/dev-2", None)
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body["error"]["code"], "MEMBER_NOT_FOUND");
     // PATCH with null removes the user; a non-member is refused.
     let r = e
-        .admin("PATCH", &format!("/v1/keys/{shared_id}"), Some(json!({"behalf_of_user_id": "dev-2"})))
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{shared_id}"),
+            Some(json!({"behalf_of_user_id": "dev-2"})),
+        )
         .await;
     assert_eq!(r.body["error"]["code"], "API_KEY_USER_INVALID");
     let r = e
-        .admin("PATCH", &format!("/v1/keys/{shared_id}"), Some(json!({"behalf_of_user_id": null})))
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{shared_id}"),
+            Some(json!({"behalf_of_user_id": null})),
+        )
         .await;
     assert_eq!(r.body["data"]["behalf_of_user_id"], Value::Null);
 }
 
 async fn audit_records_every_action_with_actor_and_request(backing: &str) {
     let e = start(backing, "").await;
-    let (id, _) = e.create(json!({"key_type": "shared", "team_id": "acme"})).await;
-    let patch = e.admin("PATCH", &format!("/v1/keys/{id}"), Some(json!({"is_enabled": false}))).await;
-    e.admin("PATCH", &format!("/v1/keys/{id}"), Some(json!({"is_enabled": true, "description": "d"}))).await;
-    e.admin("POST", &format!("/v1/keys/{id}/rotate"), None).await;
-    e.admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None).await;
+    let (id, _) = e
+        .create(json!({"key_type": "shared", "team_id": "acme"}))
+        .await;
+    let patch = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"is_enabled": false})),
+        )
+        .await;
+    e.admin(
+        "PATCH",
+        &format!("/v1/keys/{id}"),
+        Some(json!({"is_enabled": true, "description": "d"})),
+    )
+    .await;
+    e.admin("POST", &format!("/v1/keys/{id}/rotate"), None)
+        .await;
+    e.admin("GET", &format!("/v1/keys/{id}?show_key_value=true"), None)
+        .await;
     e.admin("DELETE", &format!("/v1/keys/{id}"), None).await;
     let actions = e.audit_actions(&id).await;
     assert_eq!(
         actions,
-        vec!["create", "disable", "update", "enable", "rotate", "reveal", "delete"],
+        vec![
+            "create", "disable", "update", "enable", "rotate", "reveal", "delete"
+        ],
     );
-    let r = e.admin("GET", &format!("/v1/audit?api_key_id={id}&per_page=100"), None).await;
+    let r = e
+        .admin(
+            "GET",
+            &format!("/v1/audit?api_key_id={id}&per_page=100"),
+            None,
+        )
+        .await;
     let disable = r.body["data"]
         .as_array()
         .unwrap()
@@ -512,11 +775,20 @@ async fn audit_records_every_action_with_actor_and_request(backing: &str) {
     assert_eq!(disable["client_ip"], "127.0.0.1");
     assert_eq!(disable["team_id"], "acme");
     // Member changes are audited too, and the log can be filtered by time.
-    e.admin("PUT", "/v1/teams/acme/members/u9", Some(json!({"role": "admin"}))).await;
-    let r = e.admin("GET", "/v1/audit?team_id=acme&per_page=1", None).await;
+    e.admin(
+        "PUT",
+        "/v1/teams/acme/members/u9",
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    let r = e
+        .admin("GET", "/v1/audit?team_id=acme&per_page=1", None)
+        .await;
     assert_eq!(r.body["data"][0]["action"], "member_put");
     assert!(r.body["meta"]["total"].as_u64().unwrap() >= 8);
-    let r = e.admin("GET", "/v1/audit?since=2999-01-01T00:00:00Z", None).await;
+    let r = e
+        .admin("GET", "/v1/audit?since=2999-01-01T00:00:00Z", None)
+        .await;
     assert_eq!(r.body["meta"]["total"], 0);
     let r = e.admin("GET", "/v1/audit?since=yesterday", None).await;
     assert_eq!(r.status, 400);
@@ -545,7 +817,10 @@ async fn deletion_on_one_gateway_is_seen_by_another_within_a_second() {
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_the_store() {
     let redis = RedisServer::start();
-    let section = format!("kind = \"redis\"\nredis_url = \"{}\"\ntimeout = \"200ms\"", redis.url());
+    let section = format!(
+        "kind = \"redis\"\nredis_url = \"{}\"\ntimeout = \"200ms\"",
+        redis.url()
+    );
     let gw = start_gateway(&section, "").await;
     let ready = || async {
         client()
@@ -567,11 +842,23 @@ async fn readiness_follows_the_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_readiness_need_no_credential() {
     let e = start("embedded", "").await;
-    let r = client().get(e.gw.admin_url("/healthz")).send().await.unwrap();
+    let r = client()
+        .get(e.gw.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = client().get(e.gw.admin_url("/readyz")).send().await.unwrap();
+    let r = client()
+        .get(e.gw.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = client().post(e.gw.admin_url("/healthz")).send().await.unwrap();
+    let r = client()
+        .post(e.gw.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     let r = client()
         .get(e.gw.admin_url("/nothing"))
@@ -590,9 +877,18 @@ async fn metrics_are_exposed_parsable_and_free_of_keys() {
     assert_eq!(e.proxy_status(&key).await, 200);
     assert_eq!(e.proxy_status(&key).await, 200);
     assert_eq!(e.proxy_status("kg_bad").await, 401);
-    let r = client().get(e.gw.admin_url("/metrics")).send().await.unwrap();
+    let r = client()
+        .get(e.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = r.text().await.unwrap();
     for name in [
         "keygate_requests_total",
@@ -610,7 +906,10 @@ async fn metrics_are_exposed_parsable_and_free_of_keys() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
-    assert!(text.contains("keygate_requests_total{outcome=\"forwarded\",route=\"api\"} 2"), "{text}");
+    assert!(
+        text.contains("keygate_requests_total{outcome=\"forwarded\",route=\"api\"} 2"),
+        "{text}"
+    );
     assert!(text.contains("keygate_requests_total{outcome=\"unauthenticated\",route=\"api\"} 1"));
     assert!(!text.contains("kg_"), "a key leaked into metrics");
     assert!(!text.contains("apk_"), "a key id is a label");
@@ -625,7 +924,12 @@ async fn metrics_are_exposed_parsable_and_free_of_keys() {
     {
         Ok(mut child) => {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),

@@ -83,8 +83,8 @@ async fn dev_mode_prints_a_working_key_and_curl_line() {
         "--admin-listen",
         "127.0.0.1:0",
     ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped());
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -572,7 +572,10 @@ async fn changes_from_another_process_reach_the_gateway_cache() {
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(2), || async { get().await == 200 }).await);
-    service(&e.store).revoke(&record.api_key_id, &cli(), chrono::Utc::now()).await.unwrap();
+    service(&e.store)
+        .revoke(&record.api_key_id, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
     assert!(eventually(Duration::from_secs(2), || async { get().await == 401 }).await);
 }
 
@@ -644,4 +647,48 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(in_flight.await.unwrap().unwrap(), 504);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_no_accepted_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let slow = upstream::delayed(Duration::from_millis(400)).await;
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let mut gw = Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.slow]\nurl = \"http://{slow}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"slow\"\n",
+        db.display()
+    ));
+    let (key, _) = create_key(&store, |_| {}).await;
+    // 64 requests in flight on their own connections when the signal arrives.
+    let mut in_flight = Vec::new();
+    for _ in 0..64 {
+        let url = gw.url("/work");
+        let key = key.clone();
+        in_flight.push(tokio::spawn(async move {
+            let c = reqwest::Client::builder()
+                .no_proxy()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            let r = c.get(url).bearer_auth(key).send().await?;
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let addr = gw.addr;
+    let exit = tokio::task::spawn_blocking(move || gw.terminate());
+    let mut done = 0;
+    for t in in_flight {
+        let (status, body) = t.await.unwrap().expect("an accepted request was lost");
+        assert_eq!((status, body.as_str()), (200, "done"));
+        done += 1;
+    }
+    assert_eq!(done, 64);
+    assert!(exit.await.unwrap().success());
+    // After the drain the listener is gone.
+    assert!(std::net::TcpStream::connect(addr).is_err());
 }

@@ -66,7 +66,10 @@ async fn revocation_reaches_a_second_gateway_within_a_second() {
         assert_eq!(status(gw, &other).await, 200);
     }
     // Each gateway subscribed to changes before it started accepting requests.
-    service(&store).revoke(&record.api_key_id, &cli(), chrono::Utc::now()).await.unwrap();
+    service(&store)
+        .revoke(&record.api_key_id, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(1), || async {

@@ -353,7 +353,9 @@ async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
         requests: n,
         last_used: at,
     };
-    s.record_usage(&[delta(3, now), delta(2, now - secs(60))]).await.unwrap();
+    s.record_usage(&[delta(3, now), delta(2, now - secs(60))])
+        .await
+        .unwrap();
     // A second gateway flushing an older batch never moves last_used back.
     h.second()
         .await
@@ -369,7 +371,10 @@ async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
     assert_eq!(got[1], Usage::default());
     s.delete(&id).await.unwrap();
     s.record_usage(&[delta(1, now)]).await.unwrap();
-    assert_eq!(s.usage(std::slice::from_ref(&id)).await.unwrap()[0], Usage::default());
+    assert_eq!(
+        s.usage(std::slice::from_ref(&id)).await.unwrap()[0],
+        Usage::default()
+    );
 }
 
 async fn update_keeps_the_rotated_key_start(h: Harness) {

@@ -301,7 +301,6 @@ async fn h2_and_http1_over_tls_reach_the_upstream_with_a_valid_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs gateway.rs to take X-Forwarded-Proto from ConnectionInfo"]
 async fn upstream_is_told_the_request_came_over_https() {
     let g = start(Setup::default()).await;
     let (key, _) = create_key(&g.store, |_| {}).await;
