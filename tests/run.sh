@@ -45,6 +45,13 @@ if ! python3 -c 'import requests' >/dev/null 2>&1; then
   fi
 fi
 
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (package prometheus; the metrics test lints /metrics with it)"
+  apt_install --no-install-recommends prometheus || exit 1
+  # The package starts a Prometheus server on 9090, keygate's default admin port.
+  ($SUDO service prometheus stop || true) >/dev/null 2>&1
+fi
+
 cargo test --locked "$@"
 
 # The admin API against its OpenAPI document (installs schemathesis in a venv under target/).

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${KEYGATE_SCHEMATHESIS_VENV:-target/schemathesis-venv}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+VENV="${KEYGATE_SCHEMATHESIS_VENV:-$TARGET/schemathesis-venv}"
 if [ ! -x "$VENV/bin/schemathesis" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=4,<5"
@@ -34,7 +35,7 @@ upstream = "none"
 TOML
 
 TOKEN="schemathesis-bootstrap-token-$RANDOM$RANDOM"
-KEYGATE_ADMIN_TOKEN="$TOKEN" RUST_LOG=warn target/debug/keygate serve \
+KEYGATE_ADMIN_TOKEN="$TOKEN" RUST_LOG=warn "$TARGET/debug/keygate" serve \
   --config "$WORK/keygate.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 > "$WORK/out" &
 PID=$!
 for _ in $(seq 1 100); do
