@@ -99,6 +99,8 @@ pub async fn run(
     };
     let opts = ServeOptions {
         max_connections: config.proxy.max_connections,
+        max_header_bytes: config.proxy.max_header_bytes,
+        max_headers: config.proxy.max_headers,
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
     };

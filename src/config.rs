@@ -39,6 +39,8 @@ struct RawProxy {
     allow_ips: Vec<String>,
     deny_ips: Vec<String>,
     max_connections: usize,
+    max_header_bytes: usize,
+    max_headers: usize,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -54,6 +56,8 @@ impl Default for RawProxy {
             allow_ips: vec![],
             deny_ips: vec![],
             max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
             tls: None,
@@ -299,6 +303,10 @@ pub struct ProxyConfig {
     pub allow_ips: Vec<IpNet>,
     pub deny_ips: Vec<IpNet>,
     pub max_connections: usize,
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields accepted in one request; more gets 431.
+    pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
     /// `None`: plaintext (HTTP/1.1 and h2c).
@@ -643,12 +651,21 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         allow_ips: parse_cidrs(&mut p, "proxy.allow_ips", &raw.proxy.allow_ips),
         deny_ips: parse_cidrs(&mut p, "proxy.deny_ips", &raw.proxy.deny_ips),
         max_connections: raw.proxy.max_connections,
+        max_header_bytes: raw.proxy.max_header_bytes,
+        max_headers: raw.proxy.max_headers,
         header_read_timeout: raw.proxy.header_read_timeout,
         drain_timeout: raw.proxy.drain_timeout,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
         p.add("proxy.max_connections", "must be at least 1");
+    }
+    // hyper refuses read buffers under 8 KiB.
+    if !(8192..=1024 * 1024).contains(&proxy.max_header_bytes) {
+        p.add("proxy.max_header_bytes", "must be from 8192 to 1048576");
+    }
+    if !(1..=1000).contains(&proxy.max_headers) {
+        p.add("proxy.max_headers", "must be from 1 to 1000");
     }
     if proxy.header_read_timeout.is_zero() {
         p.add("proxy.header_read_timeout", "must be more than zero");

@@ -27,6 +27,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
+    /// Largest request head; over it hyper answers 431 (HTTP/1) or refuses the stream (h2).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     /// Slowloris guard: a client must finish sending request headers within this time.
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
@@ -55,8 +58,13 @@ pub async fn serve<M, S, B>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(opts.max_header_bytes.max(8192))
+        .max_headers(opts.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Tells connections still in their TLS handshake to give up: they are not HTTP

@@ -692,3 +692,45 @@ async fn sigterm_under_load_loses_no_accepted_request() {
     // After the drain the listener is gone.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_or_too_many_headers_get_431() {
+    let e = env_with("max_header_bytes = 16384\nmax_headers = 20").await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .header("x-big", "a".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let mut req = client().get(e.gw.url("/api/x")).bearer_auth(&key);
+    for i in 0..30 {
+        req = req.header(format!("x-h{i}"), "v");
+    }
+    assert_eq!(req.send().await.unwrap().status(), 431);
+    // Within the limits, all is well.
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .header("x-big", "a".repeat(8_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let e = env_with("header_read_timeout = \"300ms\"").await;
+    let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The gateway closes the connection (with or without a 408) well before our 5 s.
+    let _ = s.read_to_end(&mut buf);
+    assert!(started.elapsed() < Duration::from_secs(3), "slow headers were not cut off");
+}

@@ -649,6 +649,8 @@ async fn requests_carry_connection_info() {
         listener,
         ServeOptions {
             max_connections: 8,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
             header_read_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(1),
         },
