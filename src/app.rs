@@ -52,15 +52,12 @@ pub async fn run(
     listeners: Listeners,
     bootstrap_token: Option<Vec<u8>>,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Result<(), String> {
     let route_names = RouteTable::new(&config.routes, &config.auth.sources, |_| 0).names();
     let metrics = match Metrics::new(&route_names) {
         Ok(m) => Arc::new(m),
-        Err(e) => {
-            // Only a programming error (a duplicate metric name) gets here.
-            tracing::error!(error = %e, "metrics unavailable");
-            return;
-        }
+        // Only a programming error (a duplicate metric name) gets here.
+        Err(e) => return Err(format!("metrics unavailable: {e}")),
     };
     let store: Arc<dyn KeyStore> = Arc::new(MeteredStore::new(store, metrics.clone()));
     let verifier = Arc::new(Verifier::new(
@@ -86,12 +83,13 @@ pub async fn run(
         .usage
         .enabled
         .then(|| Arc::new(UsageRecorder::default()));
-    let gateway = Arc::new(Gateway::new(
-        config,
-        verifier.clone(),
-        metrics.clone(),
-        usage.clone(),
-    ));
+    let gateway = match Gateway::new(config, verifier.clone(), metrics.clone(), usage.clone()) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            follower.abort();
+            return Err(e);
+        }
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -183,6 +181,7 @@ pub async fn run(
         usage.flush(&*store).await;
     }
     follower.abort();
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

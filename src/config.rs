@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +243,10 @@ struct RawUpstream {
     #[serde(with = "humantime_serde")]
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
+    /// PEM CA bundle for an https upstream; absent: the system's roots.
+    ca_file: Option<String>,
+    /// Speak HTTP/2 to the upstream (h2c with prior knowledge for http://, ALPN for https://).
+    http2: bool,
 }
 
 impl Default for RawUpstream {
@@ -252,6 +257,8 @@ impl Default for RawUpstream {
             response_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            ca_file: None,
+            http2: false,
         }
     }
 }
@@ -483,6 +490,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Trust anchors for an https upstream (configured bundle or system roots); `None` for http.
+    pub tls_roots: Option<Arc<rustls::RootCertStore>>,
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -798,17 +808,16 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
                 uri
             }
-            Ok(uri) if uri.scheme_str() == Some("https") => {
-                p.add(
-                    &field,
-                    "https upstreams are not supported yet (use http://)",
-                );
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.authority().is_some() => {
+                if uri.query().is_some() {
+                    p.add(&field, "must not have a query string");
+                }
                 uri
             }
             _ => {
                 p.add(
                     &field,
-                    format!("{:?} is not an http://host:port URL", u.url),
+                    format!("{:?} is not an http(s)://host:port URL", u.url),
                 );
                 Uri::from_static("http://invalid")
             }
@@ -825,6 +834,23 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be more than zero",
             );
         }
+        let tls_roots = if url.scheme_str() == Some("https") {
+            match upstream_roots(u.ca_file.as_deref()) {
+                Ok(roots) => Some(Arc::new(roots)),
+                Err(reason) => {
+                    p.add(format!("upstreams.{name}.ca_file"), reason);
+                    None
+                }
+            }
+        } else {
+            if u.ca_file.is_some() {
+                p.add(
+                    format!("upstreams.{name}.ca_file"),
+                    "only applies to https:// upstreams",
+                );
+            }
+            None
+        };
         upstreams.insert(
             name,
             UpstreamConfig {
@@ -833,6 +859,8 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 response_timeout: u.response_timeout,
                 pool_idle_timeout: u.pool_idle_timeout,
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
+                tls_roots,
+                http2: u.http2,
             },
         );
     }
@@ -1070,6 +1098,37 @@ fn scope_catalogue(
         }
     }
     out
+}
+
+/// The roots an https upstream is verified against: the PEM bundle at `ca_file`, or the
+/// system's trust store.
+fn upstream_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+            for cert in CertificateDer::pem_slice_iter(&bytes) {
+                let cert =
+                    cert.map_err(|e| format!("{path}: not a PEM certificate bundle ({e:?})"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{path}: unusable CA certificate ({e})"))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{path}: no certificate in the file"));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err("no system CA certificates found; set ca_file to a PEM bundle".into());
+            }
+        }
+    }
+    Ok(roots)
 }
 
 fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {

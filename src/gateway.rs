@@ -71,13 +71,13 @@ impl Gateway {
         verifier: Arc<Verifier>,
         metrics: Arc<Metrics>,
         usage: Option<Arc<UsageRecorder>>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
         let upstreams = config
             .upstreams
             .iter()
             .map(|(name, cfg)| Upstream::new(name, cfg))
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let routes = RouteTable::new(&config.routes, &config.auth.sources, |name| {
             upstream_names
                 .iter()
@@ -90,7 +90,7 @@ impl Gateway {
             deny_ips,
             ..
         } = config.proxy.clone();
-        Self {
+        Ok(Self {
             routes,
             upstreams,
             verifier,
@@ -105,7 +105,7 @@ impl Gateway {
             deny_ips,
             metrics,
             usage,
-        }
+        })
     }
 
     pub fn verifier(&self) -> &Arc<Verifier> {
@@ -205,8 +205,12 @@ impl Gateway {
 
         let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
         let proto = crate::server::ConnectionInfo::scheme_of(req.extensions());
+        let upgrade = headers::upgrade_protocol(&req);
         let h = req.headers_mut();
         headers::remove_hop_by_hop(h);
+        if let Some(protocol) = &upgrade {
+            headers::restore_upgrade(h, protocol.clone());
+        }
         headers::set_forwarded(h, peer_ip, peer_is_trusted, proto, host.as_deref());
         h.insert(request_id::HEADER, request_id.clone());
         let upstream = self
@@ -214,7 +218,10 @@ impl Gateway {
             .get(route.upstream)
             .ok_or(GatewayError::UpstreamUnavailable)?;
         let sent = Instant::now();
-        let result = upstream.send(req).await;
+        let result = match upgrade {
+            None => upstream.send(req).await,
+            Some(_) => upstream.send_upgrade(req).await,
+        };
         self.metrics
             .observe_upstream(&upstream.name, sent.elapsed());
         result

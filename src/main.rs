@@ -325,8 +325,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         bootstrap.map(String::into_bytes),
         keygate::app::shutdown_signal(),
     )
-    .await;
-    Ok(())
+    .await
 }
 
 /// A listener's TLS acceptor with its certificate reloader running, when TLS is configured.

@@ -1,6 +1,8 @@
-//! Forwarding to an upstream over a pooled HTTP/1.1 client: the target URI, the header rules
-//! in [`headers`], and the connect and response-header timeouts that turn a dead or slow
-//! upstream into 502/504. Bodies stream both ways; nothing here buffers them. A request body
+//! Forwarding to an upstream over a pooled client (HTTP/1.1, or HTTP/2 when the upstream is
+//! configured for it; plain or TLS by rustls with the system's or a configured CA bundle): the
+//! target URI, the header rules in [`headers`], and the connect and response-header timeouts
+//! that turn a dead or slow upstream into 502/504. `Upgrade` requests (WebSocket) are relayed
+//! after authentication: once the upstream answers 101, the two connections are spliced. Bodies stream both ways; nothing here buffers them. A request body
 //! is the client's own stream, or, when the key was read from it, the [`Replay`] of the
 //! peeked bytes followed by the rest of that stream ([`ForwardBody`]).
 
@@ -14,10 +16,12 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -74,21 +78,46 @@ pub struct Upstream {
     /// Prepended to every forwarded path; empty for `http://host:port`.
     base_path: String,
     response_timeout: Duration,
-    client: Client<HttpConnector, ForwardBody>,
+    http2: bool,
+    client: Client<HttpsConnector<HttpConnector>, ForwardBody>,
 }
 
 impl Upstream {
-    pub fn new(name: &str, cfg: &UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
+    pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        // The TLS connector wraps plain TCP; with an http:// target it is never used.
+        http.enforce_http(false);
+        let roots = cfg
+            .tls_roots
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(rustls::RootCertStore::empty);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("upstream {name}: TLS client set-up failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        // ALPN offers h2 only when the upstream is configured for it, so upgrades (HTTP/1.1
+        // only) keep working against upstreams that would otherwise pick h2.
+        let builder = builder.https_or_http().enable_http1();
+        let connector = if cfg.http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.wrap_connector(http)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .http2_only(cfg.http2)
             .build(connector);
         let parts = cfg.url.clone().into_parts();
         let base_path = cfg.url.path().trim_end_matches('/').to_owned();
-        Self {
+        Ok(Self {
             name: name.to_owned(),
             scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
             authority: parts
@@ -96,8 +125,9 @@ impl Upstream {
                 .unwrap_or(http::uri::Authority::from_static("invalid")),
             base_path,
             response_timeout: cfg.response_timeout,
+            http2: cfg.http2,
             client,
-        }
+        })
     }
 
     /// The URI the upstream sees: its own scheme and authority, its base path, then the
@@ -122,15 +152,73 @@ impl Upstream {
     /// the response headers; the body streams afterwards.
     pub async fn send(
         &self,
+        req: Request<ForwardBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let mut resp = self.exchange(req).await?;
+        headers::remove_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+
+    /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
+    /// caller). When the upstream switches protocols, the client's and the upstream's
+    /// connections are spliced in a task of their own, and the 101 goes back to the client.
+    pub async fn send_upgrade(
+        &self,
+        mut req: Request<ForwardBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        if self.http2 {
+            // HTTP/2 has no Upgrade; extended CONNECT is not supported.
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        let client_side = hyper::upgrade::on(&mut req);
+        let mut resp = self.exchange(req).await?;
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            headers::remove_hop_by_hop(resp.headers_mut());
+            return Ok(resp);
+        }
+        let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
+        headers::remove_hop_by_hop(resp.headers_mut());
+        if let Some(protocol) = upgrade {
+            resp.headers_mut().insert(http::header::UPGRADE, protocol);
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            match (client_side.await, upstream_side.await) {
+                (Ok(client), Ok(upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(upstream = %name, error = %e, "upgrade did not complete");
+                }
+            }
+        });
+        Ok(resp)
+    }
+
+    async fn exchange(
+        &self,
         mut req: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         *req.uri_mut() = self.target(req.uri())?;
-        // The pooled client speaks HTTP/1.1 to upstreams whatever the client spoke to us, and
-        // sets Host from the target URI.
-        *req.version_mut() = Version::HTTP_11;
+        // The client's HTTP version does not carry over: the upstream gets HTTP/1.1 (or HTTP/2
+        // when configured), with Host set from the target URI.
+        *req.version_mut() = if self.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         req.headers_mut().remove(http::header::HOST);
-        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(req))
-            .await
+        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
         {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -142,7 +230,6 @@ impl Upstream {
                 return Err(GatewayError::UpstreamTimeout);
             }
         };
-        headers::remove_hop_by_hop(resp.headers_mut());
         Ok(resp)
     }
 }

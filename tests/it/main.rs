@@ -11,3 +11,4 @@ mod redis_e2e;
 mod store_conformance;
 mod support;
 mod tls;
+mod websocket;

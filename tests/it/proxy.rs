@@ -726,11 +726,15 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use std::io::{Read, Write};
     let e = env_with("header_read_timeout = \"300ms\"").await;
     let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
-    s.write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     // The gateway closes the connection (with or without a 408) well before our 5 s.
     let _ = s.read_to_end(&mut buf);
-    assert!(started.elapsed() < Duration::from_secs(3), "slow headers were not cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "slow headers were not cut off"
+    );
 }

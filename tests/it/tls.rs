@@ -848,3 +848,159 @@ fn check_config_names_bad_tls_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.tls.cert_file"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams over TLS and HTTP/2
+
+/// The echo upstream behind TLS with `pair`, offering h2 and http/1.1 by ALPN.
+async fn tls_echo(pair: &Pair) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pair.cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper::service::service_fn(keygate::dev::echo),
+                )
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_and_http2_upstreams_are_verified_and_spoken_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("upstream CA");
+    let other_ca = Ca::new("someone else");
+    let ca_file = dir.path().join("ca.pem");
+    let other_ca_file = dir.path().join("other.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    std::fs::write(&other_ca_file, &other_ca.pem).unwrap();
+    let secure = tls_echo(&ca.server("localhost", 1)).await;
+    let h2c = upstream::echo().await;
+    let db = dir.path().join("keys.db");
+    let config = format!(
+        r#"
+        [store]
+        kind = "embedded"
+        path = "{db}"
+        [upstreams.secure]
+        url = "https://localhost:{port}"
+        ca_file = "{ca}"
+        [upstreams.secure_h2]
+        url = "https://localhost:{port}"
+        ca_file = "{ca}"
+        http2 = true
+        [upstreams.untrusted]
+        url = "https://localhost:{port}"
+        ca_file = "{other}"
+        [upstreams.h2c]
+        url = "http://{h2c}"
+        http2 = true
+        [[routes]]
+        path_prefix = "/secure"
+        upstream = "secure"
+        [[routes]]
+        path_prefix = "/h2tls"
+        upstream = "secure_h2"
+        [[routes]]
+        path_prefix = "/untrusted"
+        upstream = "untrusted"
+        [[routes]]
+        path_prefix = "/h2c"
+        upstream = "h2c"
+        "#,
+        db = db.display(),
+        port = secure.port(),
+        ca = ca_file.display(),
+        other = other_ca_file.display(),
+    );
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let gw = crate::support::gateway::Gateway::start(&config);
+    let (key, _) = create_key(&store, |_| {}).await;
+    let seen = |path: &'static str| {
+        let url = gw.url(path);
+        let key = key.clone();
+        async move {
+            let r = crate::support::client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = seen("/secure/x").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], "HTTP/1.1");
+    assert_eq!(
+        body["headers"]["host"][0],
+        format!("localhost:{}", secure.port())
+    );
+    let (status, body) = seen("/h2tls/x").await;
+    assert_eq!(
+        (status, body["version"].as_str()),
+        (200, Some("HTTP/2.0")),
+        "{body}"
+    );
+    let (status, body) = seen("/h2c/x").await;
+    assert_eq!(
+        (status, body["version"].as_str()),
+        (200, Some("HTTP/2.0")),
+        "{body}"
+    );
+    // A certificate from a CA we were not told to trust is a failed upstream, never a pass.
+    let (status, body) = seen("/untrusted/x").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE");
+}
+
+#[test]
+fn check_config_names_a_bad_upstream_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.a]\nurl = \"https://localhost:1\"\nca_file = \"/nonexistent/ca.pem\"\n\
+         [upstreams.b]\nurl = \"http://localhost:1\"\nca_file = \"/x.pem\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstreams.a.ca_file"), "{err}");
+    assert!(err.contains("upstreams.b.ca_file"), "{err}");
+}

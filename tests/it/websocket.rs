@@ -1,0 +1,92 @@
+//! WebSocket (HTTP/1.1 Upgrade) through the gateway: authenticated like any request, then the
+//! two connections are spliced and frames flow both ways.
+
+use crate::support::create_key;
+use crate::support::gateway::Gateway;
+use futures_util::{SinkExt, StreamExt};
+use keygate::store::KeyStore;
+use keygate::store::embedded::EmbeddedStore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// A WebSocket echo server that also reports the identity header it was given.
+// tungstenite's handshake callback type fixes the large error variant.
+#[allow(clippy::result_large_err)]
+async fn ws_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut key_id = String::new();
+                let callback =
+                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                        key_id = req
+                            .headers()
+                            .get("x-keygate-key-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        Ok(resp)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text(format!("hello {key_id}"))).await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_frames_flow_after_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let upstream = ws_echo().await;
+    let gw = Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.ws]\nurl = \"http://{upstream}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"ws\"\n",
+        db.display()
+    ));
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, record) = create_key(&store, |_| {}).await;
+
+    let url = format!("ws://{}/socket", gw.addr);
+    // Without a key the upgrade is refused like any request.
+    let err = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        hello.into_text().unwrap().as_str(),
+        format!("hello {}", record.api_key_id)
+    );
+    for i in 0..20 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    let big = vec![7u8; 300_000];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back.into_data().as_ref(), &big[..]);
+    ws.close(None).await.unwrap();
+}
