@@ -101,6 +101,7 @@ pub async fn run(
         max_headers: config.proxy.max_headers,
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
+        open_connections: Some(metrics.open_connections.clone()),
     };
 
     let proxy = server::serve(
@@ -121,7 +122,7 @@ pub async fn run(
         let Some(listener) = listeners.admin else {
             return;
         };
-        let api = Arc::new(AdminApi::new(
+        let mut api = AdminApi::new(
             KeyService::new(
                 store.clone(),
                 config.auth.key_prefix.clone(),
@@ -134,11 +135,14 @@ pub async fn run(
             config.admin.max_body_bytes,
             ready.clone(),
             metrics.clone(),
-        ));
+        );
+        api.ready_without_store = config.admin.ready_without_store;
+        let api = Arc::new(api);
         server::serve(
             listener,
             ServeOptions {
                 max_connections: 1024,
+                open_connections: None,
                 ..opts.clone()
             },
             listeners.admin_tls,

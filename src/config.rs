@@ -76,6 +76,7 @@ struct RawAdmin {
     team_key_limit: u32,
     bootstrap_token_env: String,
     max_body_bytes: usize,
+    ready_without_store: bool,
     tls: Option<RawTls>,
 }
 
@@ -88,6 +89,7 @@ impl Default for RawAdmin {
             team_key_limit: 5,
             bootstrap_token_env: "KEYGATE_ADMIN_TOKEN".into(),
             max_body_bytes: 64 * 1024,
+            ready_without_store: false,
             tls: None,
         }
     }
@@ -280,6 +282,7 @@ struct RawRoute {
     #[serde(with = "humantime_serde")]
     peek_timeout: Option<Duration>,
     strip_form_field: bool,
+    max_body_bytes: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,6 +334,9 @@ pub struct AdminConfig {
     /// Name of the environment variable holding the bootstrap admin token (unset: none).
     pub bootstrap_token_env: String,
     pub max_body_bytes: usize,
+    /// When true, `/readyz` stays ready while the store is unreachable (the gateway keeps
+    /// serving cached keys for `cache.stale_for`); when false (default) it turns unready.
+    pub ready_without_store: bool,
     /// `None`: plaintext.
     pub tls: Option<TlsConfig>,
 }
@@ -511,6 +517,8 @@ pub struct RouteConfig {
     pub sources: Option<Vec<KeySource>>,
     /// How the `form` and `json` sources read the body.
     pub body: BodyKeyConfig,
+    /// Largest request body forwarded on this route; `None`: no limit. Over it: 413.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A route's settings for keys in request bodies.
@@ -915,6 +923,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             keep_credential: r.keep_credential,
         };
         let body = check_body_keys(&mut p, &at, &raw_body, effective);
+        if r.max_body_bytes == Some(0) {
+            p.add(
+                at("max_body_bytes"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
         routes.push(RouteConfig {
             name,
             path_prefix: r.path_prefix,
@@ -926,6 +940,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             keep_credential: r.keep_credential,
             sources,
             body,
+            max_body_bytes: r.max_body_bytes,
         });
     }
 
@@ -936,6 +951,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         team_key_limit: raw.admin.team_key_limit,
         bootstrap_token_env: raw.admin.bootstrap_token_env,
         max_body_bytes: raw.admin.max_body_bytes,
+        ready_without_store: raw.admin.ready_without_store,
         tls: check_tls(&mut p, "admin.tls", raw.admin.tls),
     };
     if admin.max_body_bytes < 1024 {

@@ -24,6 +24,8 @@ pub enum GatewayError {
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Policy(#[from] PolicyRefusal),
+    #[error("the request body is larger than this route allows")]
+    BodyTooLarge,
     #[error("the upstream cannot be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -220,6 +222,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             "the API key lacks a scope this route requires",
             Some(InsufficientScope),
             Outcome::Forbidden,
+        ),
+        GatewayError::BodyTooLarge => a(
+            S::PAYLOAD_TOO_LARGE,
+            "BODY_TOO_LARGE",
+            "the request body is larger than this route allows",
+            None,
+            Outcome::BadRequest,
         ),
         GatewayError::UpstreamUnavailable => a(
             S::BAD_GATEWAY,

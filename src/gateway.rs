@@ -29,6 +29,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -201,6 +202,21 @@ impl Gateway {
             headers::set_identity(&mut parts.headers, &key);
             body
         };
+        let body_limit_hit = Arc::new(AtomicBool::new(false));
+        let body = match route.max_body_bytes {
+            None => body,
+            Some(limit) => {
+                let declared = parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > limit) {
+                    return Err(GatewayError::BodyTooLarge);
+                }
+                body.limit(limit, body_limit_hit.clone())
+            }
+        };
         let mut req = Request::from_parts(parts, body);
 
         let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
@@ -224,6 +240,10 @@ impl Gateway {
         };
         self.metrics
             .observe_upstream(&upstream.name, sent.elapsed());
+        // A chunked body that outgrew the limit fails the upstream exchange: the client's fault.
+        if result.is_err() && body_limit_hit.load(Ordering::Acquire) {
+            return Err(GatewayError::BodyTooLarge);
+        }
         result
     }
 

@@ -18,6 +18,7 @@ pub struct Route {
     pub keep_credential: bool,
     pub sources: Vec<KeySource>,
     pub body: BodyKeyConfig,
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Route {
@@ -64,6 +65,7 @@ impl RouteTable {
                     .clone()
                     .unwrap_or_else(|| default_sources.to_vec()),
                 body: r.body.clone(),
+                max_body_bytes: r.max_body_bytes,
             })
             .collect();
         // Stable sort keeps the file's order among equals.
@@ -129,6 +131,7 @@ mod tests {
             keep_credential: false,
             sources: None,
             body: BodyKeyConfig::default(),
+            max_body_bytes: None,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct AdminApi {
     /// False until the listeners are up, and again from the moment shutdown begins.
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// See `AdminConfig::ready_without_store`.
+    pub ready_without_store: bool,
 }
 
 /// A successful answer: status and the `data` of the envelope, plus optional extra `meta`.
@@ -133,6 +135,7 @@ impl AdminApi {
             max_body_bytes,
             ready,
             metrics,
+            ready_without_store: false,
         }
     }
 
@@ -377,6 +380,10 @@ impl AdminApi {
         }
         match tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await {
             Ok(Ok(())) => Ok(Reply::ok(json!({"status": "ready"}))),
+            _ if self.ready_without_store => Ok(Reply::ok(json!({
+                "status": "ready",
+                "reason": "key store unreachable; serving cached keys",
+            }))),
             _ => Ok(Reply {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 data: json!({"status": "not ready", "reason": "key store unreachable"}),

@@ -31,7 +31,11 @@ pub enum ForwardBody {
     Direct(Incoming),
     /// Boxed: only body-key requests pay for it, and it keeps the common variant small.
     Replay(Box<Replay<Incoming>>),
+    /// A route's `max_body_bytes`: the stream fails once it exceeds the limit.
+    Limited(Box<LimitedBody>),
 }
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl From<Replay<Incoming>> for ForwardBody {
     fn from(replay: Replay<Incoming>) -> Self {
@@ -42,17 +46,54 @@ impl From<Replay<Incoming>> for ForwardBody {
     }
 }
 
+impl ForwardBody {
+    /// Caps the body at `limit` bytes; `exceeded` is set when a client sends more, so the
+    /// caller can answer 413 instead of blaming the upstream.
+    pub fn limit(self, limit: u64, exceeded: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        ForwardBody::Limited(Box::new(LimitedBody {
+            inner: self,
+            remaining: limit,
+            exceeded,
+        }))
+    }
+}
+
+pub struct LimitedBody {
+    inner: ForwardBody,
+    remaining: u64,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body exceeds the route's limit")]
+pub struct BodyLimitExceeded;
+
 impl Body for ForwardBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx),
-            ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
+            ForwardBody::Limited(l) => {
+                let l = l.as_mut();
+                match Pin::new(&mut l.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if len > l.remaining {
+                            l.exceeded.store(true, std::sync::atomic::Ordering::Release);
+                            return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
+                        }
+                        l.remaining -= len;
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    other => other,
+                }
+            }
         }
     }
 
@@ -60,6 +101,7 @@ impl Body for ForwardBody {
         match self {
             ForwardBody::Direct(b) => b.is_end_stream(),
             ForwardBody::Replay(b) => b.is_end_stream(),
+            ForwardBody::Limited(l) => l.inner.is_end_stream(),
         }
     }
 
@@ -67,6 +109,7 @@ impl Body for ForwardBody {
         match self {
             ForwardBody::Direct(b) => b.size_hint(),
             ForwardBody::Replay(b) => b.size_hint(),
+            ForwardBody::Limited(l) => l.inner.size_hint(),
         }
     }
 }

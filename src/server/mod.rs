@@ -33,6 +33,8 @@ pub struct ServeOptions {
     /// Slowloris guard: a client must finish sending request headers within this time.
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Gauge of open client connections (TLS handshakes included), when metrics are wanted.
+    pub open_connections: Option<prometheus::IntGauge>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains. `make_service` builds the
@@ -103,6 +105,7 @@ pub async fn serve<M, S, B>(
             watcher,
             permit,
             peer,
+            _open: opts.open_connections.as_ref().map(OpenConnection::new),
         };
         match &tls {
             None => {
@@ -153,6 +156,23 @@ struct Conn {
     watcher: Watcher,
     permit: OwnedSemaphorePermit,
     peer: SocketAddr,
+    /// Counts the connection in `keygate_open_connections` for as long as it lives.
+    _open: Option<OpenConnection>,
+}
+
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Conn {

@@ -822,6 +822,7 @@ async fn readiness_follows_the_store() {
         redis.url()
     );
     let gw = start_gateway(&section, "").await;
+    let tolerant = start_gateway(&section, "ready_without_store = true").await;
     let ready = || async {
         client()
             .get(gw.admin_url("/readyz"))
@@ -835,6 +836,13 @@ async fn readiness_follows_the_store() {
     let mut redis = redis;
     redis.stop();
     assert!(eventually(Duration::from_secs(3), || async { ready().await == 503 }).await);
+    // Configured to keep serving from the cache through a store outage: stays ready.
+    let r = client()
+        .get(tolerant.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     redis.restart();
     assert!(eventually(Duration::from_secs(5), || async { ready().await == 200 }).await);
 }
@@ -901,6 +909,8 @@ async fn metrics_are_exposed_parsable_and_free_of_keys() {
         "keygate_store_operations_total",
         "keygate_store_operation_duration_seconds_bucket",
         "keygate_store_up 1",
+        "keygate_in_flight_requests",
+        "keygate_open_connections",
         "keygate_build_info",
         "process_resident_memory_bytes",
     ] {

@@ -62,6 +62,11 @@ async fn env_with(proxy_section: &str) -> Env {
         path_prefix = "/based"
         upstream = "based"
         [[routes]]
+        name = "limited"
+        path_prefix = "/limited"
+        upstream = "echo"
+        max_body_bytes = 1000
+        [[routes]]
         name = "down"
         path_prefix = "/down"
         upstream = "down"
@@ -736,5 +741,66 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "slow headers were not cut off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_body_limit_refuses_larger_bodies_with_413() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let post = |body: reqwest::Body| {
+        let url = e.gw.url("/limited/upload");
+        let key = key.clone();
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(key)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = post(vec![1u8; 1000].into()).await;
+    assert_eq!(r.status(), 200);
+    let r = post(vec![1u8; 1001].into()).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "BODY_TOO_LARGE");
+    // Chunked: no length up front, the limit is enforced while streaming.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..10).map(|_| Ok(vec![2u8; 300])).collect();
+    let r = post(reqwest::Body::wrap_stream(futures_util::stream::iter(
+        chunks,
+    )))
+    .await;
+    assert_eq!(r.status(), 413);
+    let small: Vec<Result<Vec<u8>, std::io::Error>> = (0..3).map(|_| Ok(vec![2u8; 300])).collect();
+    let r = post(reqwest::Body::wrap_stream(futures_util::stream::iter(
+        small,
+    )))
+    .await;
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["body_len"], 900);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let e = env_with("header_read_timeout = \"400ms\"").await;
+    let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
+    s.write_all(b"GET /public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle on a keep-alive connection: the gateway closes it after the timeout.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "idle connection kept open"
     );
 }

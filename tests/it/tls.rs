@@ -653,6 +653,7 @@ async fn requests_carry_connection_info() {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(1),
+            open_connections: None,
         },
         Some(acceptor),
         |_peer| {
