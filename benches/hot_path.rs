@@ -8,7 +8,7 @@
 use chrono::Utc;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, Uri};
-use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, check_format};
+use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, check_format};
 use keygate::auth::policy::authorize;
 use keygate::auth::record::KeyType;
 use keygate::auth::verify::Verifier;
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 fn bench(c: &mut Criterion) {
     let prefix = KeyPrefix::default();
-    let key = NewKey::generate(&prefix);
+    let key = NewKey::generate(&prefix, SlotTag::random());
     let value = key.expose().to_owned();
 
     c.bench_function("key_check_format", |b| {

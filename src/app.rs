@@ -3,7 +3,7 @@
 
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, RedisTarget, StoreConfig};
 use crate::gateway::Gateway;
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
@@ -26,10 +26,15 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, StoreErr
     Ok(match cfg {
         StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
         StoreConfig::Redis {
-            url,
+            target: RedisTarget::Single(url),
             namespace,
             timeout,
         } => Arc::new(RedisStore::connect(url, namespace, *timeout).await?),
+        StoreConfig::Redis {
+            target: RedisTarget::Cluster(nodes),
+            namespace,
+            timeout,
+        } => Arc::new(RedisStore::connect_cluster(nodes, namespace, *timeout).await?),
     })
 }
 

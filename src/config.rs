@@ -200,18 +200,24 @@ impl Default for RawCache {
 struct RawStore {
     kind: String,
     path: String,
-    redis_url: String,
+    /// `None` unless set, so that setting it together with `redis_cluster_nodes` is caught.
+    redis_url: Option<String>,
+    redis_cluster_nodes: Vec<String>,
     namespace: String,
     #[serde(with = "humantime_serde")]
     timeout: Duration,
 }
+
+/// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 impl Default for RawStore {
     fn default() -> Self {
         Self {
             kind: "embedded".into(),
             path: "keygate.db".into(),
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: None,
+            redis_cluster_nodes: Vec::new(),
             namespace: "kg".into(),
             timeout: Duration::from_millis(500),
         }
@@ -470,10 +476,19 @@ pub enum StoreConfig {
         path: PathBuf,
     },
     Redis {
-        url: String,
+        target: RedisTarget,
         namespace: String,
         timeout: Duration,
     },
+}
+
+/// Which Redis deployment the Redis store talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`store.redis_url`).
+    Single(String),
+    /// Redis Cluster, discovered from these seed nodes (`store.redis_cluster_nodes`).
+    Cluster(Vec<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -629,6 +644,7 @@ const ENV_LIST_KEYS: &[&str] = &[
     "proxy.allow_ips",
     "proxy.deny_ips",
     "auth.sources",
+    "store.redis_cluster_nodes",
 ];
 
 fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
@@ -650,6 +666,25 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environme
 // Checking
 
 struct Problems(Vec<ConfigProblem>);
+
+/// A Redis server address: `redis://…`, or a unix socket where `unix_ok` (cluster nodes are
+/// always TCP: the cluster tells clients other nodes' TCP addresses).
+fn check_redis_url(p: &mut Problems, field: &str, url: &str, unix_ok: bool) {
+    if url.starts_with("rediss://") {
+        p.add(
+            field,
+            "TLS to Redis (rediss://) is not supported yet; use redis:// or a unix socket",
+        );
+    } else if unix_ok
+        && !(url.starts_with("redis://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("unix://"))
+    {
+        p.add(field, "must start with redis://, redis+unix:// or unix://");
+    } else if !unix_ok && !url.starts_with("redis://") {
+        p.add(field, "must start with redis:// (cluster nodes are reached over TCP)");
+    }
+}
 
 impl Problems {
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
@@ -744,20 +779,27 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         }
         "redis" => {
-            if raw.store.redis_url.starts_with("rediss://") {
-                p.add(
-                    "store.redis_url",
-                    "TLS to Redis (rediss://) is not supported yet; use redis:// or a unix socket",
-                );
-            } else if !(raw.store.redis_url.starts_with("redis://")
-                || raw.store.redis_url.starts_with("redis+unix://")
-                || raw.store.redis_url.starts_with("unix://"))
-            {
-                p.add(
-                    "store.redis_url",
-                    "must start with redis://, redis+unix:// or unix://",
-                );
-            }
+            let target = if raw.store.redis_cluster_nodes.is_empty() {
+                let url = raw
+                    .store
+                    .redis_url
+                    .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
+                check_redis_url(&mut p, "store.redis_url", &url, true);
+                RedisTarget::Single(url)
+            } else {
+                if raw.store.redis_url.is_some() {
+                    p.add(
+                        "store.redis_cluster_nodes",
+                        "set either redis_url (one server) or redis_cluster_nodes (a cluster), \
+                         not both",
+                    );
+                }
+                for (i, url) in raw.store.redis_cluster_nodes.iter().enumerate() {
+                    let field = format!("store.redis_cluster_nodes[{i}]");
+                    check_redis_url(&mut p, &field, url, false);
+                }
+                RedisTarget::Cluster(raw.store.redis_cluster_nodes)
+            };
             if raw.store.namespace.is_empty() || raw.store.namespace.contains(['{', '}', ' ', ':'])
             {
                 p.add(
@@ -769,7 +811,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 p.add("store.timeout", "must be more than zero");
             }
             StoreConfig::Redis {
-                url: raw.store.redis_url,
+                target,
                 namespace: raw.store.namespace,
                 timeout: raw.store.timeout,
             }
@@ -1403,6 +1445,36 @@ mod tests {
     }
 
     #[test]
+    fn redis_single_or_cluster_by_configuration() {
+        let single = from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"")).unwrap();
+        match single.store {
+            StoreConfig::Redis { target, .. } => {
+                assert_eq!(target, RedisTarget::Single(DEFAULT_REDIS_URL.into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let nodes = "redis_cluster_nodes = [\"redis://a:6379\", \"redis://b:6379\"]";
+        let cluster = from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"\n{nodes}")).unwrap();
+        match cluster.store {
+            StoreConfig::Redis { target, .. } => assert_eq!(
+                target,
+                RedisTarget::Cluster(vec!["redis://a:6379".into(), "redis://b:6379".into()])
+            ),
+            other => panic!("{other:?}"),
+        }
+        let bad = "\n[store]\nkind = \"redis\"\nredis_url = \"redis://x:1\"\n\
+                   redis_cluster_nodes = [\"redis://a:6379\", \"unix:///tmp/r.sock\"]";
+        let Err(ConfigError::Invalid(problems)) = from_toml(&format!("{GOOD}{bad}")) else {
+            panic!("expected problems")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["store.redis_cluster_nodes", "store.redis_cluster_nodes[1]"]
+        );
+    }
+
+    #[test]
     fn environment_overrides_file() {
         let vars = vec![
             ("KEYGATE__STORE__KIND".to_string(), "redis".to_string()),
@@ -1425,7 +1497,9 @@ mod tests {
             .unwrap();
         let c = check(raw).unwrap();
         match c.store {
-            StoreConfig::Redis { url, .. } => assert_eq!(url, "redis://10.1.1.1:6380"),
+            StoreConfig::Redis { target, .. } => {
+                assert_eq!(target, RedisTarget::Single("redis://10.1.1.1:6380".into()));
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(c.proxy.trusted_proxies.len(), 2);

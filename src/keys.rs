@@ -3,7 +3,7 @@
 //! the `keygate keys` CLI alike, so the two can never disagree. Plaintext keys leave this
 //! module only inside [`NewKey`] (to be shown once) and through the reveal window.
 
-use crate::auth::key::{KeyPrefix, NewKey, new_key_id};
+use crate::auth::key::{KeyPrefix, NewKey, SlotTag, new_key_id};
 use crate::auth::record::{KeyRecord, KeyType};
 use crate::store::{
     AuditAction, AuditEvent, AuditFilter, KeyFilter, KeyStore, Member, Page, Role, StoreError,
@@ -324,12 +324,18 @@ impl KeyService {
         }
         self.check_user(req.team_id.as_deref(), req.behalf_of_user_id.as_deref())
             .await?;
-        let key = NewKey::generate(&self.prefix);
+        // One slot for the key, its id and (with a team) the team's entries: the store writes
+        // them in one atomic step, which Redis Cluster allows only within one slot.
+        let tag = req
+            .team_id
+            .as_deref()
+            .map_or_else(SlotTag::random, SlotTag::for_team);
+        let key = NewKey::generate(&self.prefix, tag);
         let record = KeyRecord {
             name: req
                 .name
                 .unwrap_or_else(|| format!("API key {}", now.format("%Y-%m-%d %H:%M:%S"))),
-            api_key_id: new_key_id(),
+            api_key_id: new_key_id(tag),
             description: req.description,
             key_type: req.key_type,
             team_id: req.team_id,
@@ -519,7 +525,10 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(NewKey, KeyRecord), KeyError> {
-        let key = NewKey::generate(&self.prefix);
+        // The new key stays in the key's slot, next to its id entry; an id without a tag cannot
+        // name a stored key.
+        let tag = SlotTag::of_key_id(id).ok_or(KeyError::NotFound)?;
+        let key = NewKey::generate(&self.prefix, tag);
         let record = self
             .store
             .rotate(id, &key.hash(), &key.key_start(), grace, now)

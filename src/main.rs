@@ -200,7 +200,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let mut bootstrap = bootstrap_token(&cfg)?;
     if args.dev && bootstrap.is_none() && cfg.admin.enabled {
         bootstrap = Some(
-            keygate::auth::key::NewKey::generate(&cfg.auth.key_prefix)
+            keygate::auth::key::NewKey::generate(
+                &cfg.auth.key_prefix,
+                keygate::auth::key::SlotTag::random(),
+            )
                 .expose()
                 .to_owned(),
         );

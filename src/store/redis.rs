@@ -46,13 +46,16 @@ use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
     StoreError, Usage, UsageDelta,
 };
-use crate::auth::key::KeyHash;
+use crate::auth::key::{KeyHash, SlotTag};
 use crate::auth::record::KeyRecord;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, ErrorKind, FromRedisValue, RedisError, Script};
+use futures_util::future::try_join_all;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
@@ -74,22 +77,21 @@ const AUDIT_FIELD: &str = "event";
 /// now and then turns that into an error, which ends the feed (the caller then resubscribes).
 const PUBSUB_PING_EVERY: Duration = Duration::from_secs(15);
 
-/// Create: KEYS = id key, hash key, `{ns}:all`, [team key]; ARGV = id JSON, hash JSON, score,
-/// id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
+/// Create: KEYS = id key, hash key, [team key], all in the key's slot; ARGV = id JSON, hash
+/// JSON, id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
 const CREATE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 'exists'
 end
-if KEYS[4] then
-  if ARGV[5] ~= '' and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[5]) then
+if KEYS[3] then
+  if ARGV[4] ~= '' and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[4]) then
     return 'limit'
   end
-  redis.call('SADD', KEYS[4], ARGV[4])
+  redis.call('SADD', KEYS[3], ARGV[3])
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 'ok'
 ";
 
@@ -110,7 +112,7 @@ return 1
 /// Returns 1 when applied, 0 when the id key changed meanwhile.
 const APPLY_LUA: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local known = {set=true, del=true, sadd=true, srem=true, zadd=true, zrem=true}
+local known = {set=true, del=true, sadd=true, srem=true}
 for i = 1, #KEYS do
   if not known[ARGV[4 + 3 * (i - 1)]] then return redis.error_reply('keygate: bad op') end
 end
@@ -122,8 +124,6 @@ for i, key in ipairs(KEYS) do
   elseif op == 'del' then redis.call('DEL', key)
   elseif op == 'sadd' then redis.call('SADD', key, a)
   elseif op == 'srem' then redis.call('SREM', key, a)
-  elseif op == 'zadd' then redis.call('ZADD', key, a, b)
-  elseif op == 'zrem' then redis.call('ZREM', key, a)
   end
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -173,15 +173,17 @@ enum Op {
     Del,
     SAdd(String),
     SRem(String),
-    ZAdd(i64, String),
-    ZRem(String),
 }
 
-/// The keys and ops of one compare-and-set; the id key always comes first.
+/// The keys and ops of one compare-and-set, all in the id's slot; the id key always comes
+/// first. `after`: commands on keys of other slots (the listing index, the set of a team the key
+/// moved to or from), sent one by one once the script has applied: see the module doc for what
+/// a crash in between leaves and why that is tolerated.
 #[derive(Default)]
 struct Writes {
     keys: Vec<String>,
     ops: Vec<String>,
+    after: Vec<Cmd>,
 }
 
 impl Writes {
@@ -197,50 +199,103 @@ impl Writes {
             Op::Del => ("del", String::new(), String::new()),
             Op::SAdd(m) => ("sadd", m, String::new()),
             Op::SRem(m) => ("srem", m, String::new()),
-            Op::ZAdd(score, m) => ("zadd", score.to_string(), m),
-            Op::ZRem(m) => ("zrem", m, String::new()),
         };
         self.keys.push(key);
         self.ops.extend([name.to_owned(), a, b]);
     }
 }
 
-/// Key names for one namespace.
+/// Key names for one namespace. Every name that a single write changes together with others
+/// carries the key's [`SlotTag`] in braces, so that on Redis Cluster it lands in the key's slot.
 struct Names {
     ns: String,
 }
 
 impl Names {
-    fn hash(&self, hex: &str) -> String {
-        format!("{}:h:{{{hex}}}", self.ns)
+    fn hash(&self, hash: &KeyHash) -> String {
+        format!("{}:h:{{{}}}:{}", self.ns, hash.tag(), hash.digest_hex())
     }
-    fn id(&self, id: &str) -> String {
-        format!("{}:k:{{{id}}}", self.ns)
+    /// A stored hash reference (`KeyHash::to_hex`) back to its entry's name.
+    fn hash_hex(&self, hex: &str) -> Result<String, StoreError> {
+        let hash = KeyHash::from_hex(hex)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad stored key hash {hex:?}")))?;
+        Ok(self.hash(&hash))
     }
+    fn id(&self, tag: SlotTag, id: &str) -> String {
+        format!("{}:k:{{{tag}}}:{id}", self.ns)
+    }
+    /// The team's SET of key ids, in the team's slot (where all its keys are created).
     fn team(&self, team: &str) -> String {
-        format!("{}:team:{{{team}}}", self.ns)
+        format!("{}:team:{{{}}}:{team}", self.ns, SlotTag::for_team(team))
     }
     fn all(&self) -> String {
         format!("{}:all", self.ns)
     }
     fn members(&self, team: &str) -> String {
-        format!("{}:members:{{{team}}}", self.ns)
+        format!("{}:members:{{{}}}:{team}", self.ns, SlotTag::for_team(team))
     }
     fn audit(&self) -> String {
         format!("{}:audit", self.ns)
     }
-    /// Same hash tag as the id key, so the usage script may check the key still exists.
-    fn usage(&self, id: &str) -> String {
-        format!("{}:usage:{{{id}}}", self.ns)
+    /// Same slot as the id key, so the usage script may check the key still exists.
+    fn usage(&self, tag: SlotTag, id: &str) -> String {
+        format!("{}:usage:{{{tag}}}:{id}", self.ns)
     }
     fn channel(&self) -> String {
         format!("{}:changes", self.ns)
     }
 }
 
+/// The slot tag of a key id; `None` for a string that cannot be one of our ids (then nothing
+/// can be stored under it).
+fn id_tag(id: &str) -> Option<SlotTag> {
+    SlotTag::of_key_id(id)
+}
+
+/// One connection handle for every deployment: [`ConnectionManager`] (one server; reconnects by
+/// itself) or [`ClusterConnection`] (Redis Cluster; follows MOVED/ASK, splits multi-slot MGET).
+/// Both are cheap clones over one multiplexed connection (per node), so the store clones one per
+/// call. Scripts and commands run unchanged on either: every multi-key command and script touches
+/// a single slot.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisStore {
-    client: Client,
-    conn: ConnectionManager,
+    /// Where the change feed subscribes, tried in order: the server, or every cluster seed node
+    /// (a cluster broadcasts PUBLISH to all its nodes, so any one of them hears every change).
+    pubsub: Vec<Client>,
+    conn: Conn,
     names: Names,
     op_timeout: Duration,
     create_script: Script,
@@ -251,10 +306,11 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Prepares a store on `url`. Performs no I/O that can fail: the connection is made lazily
-    /// by the [`ConnectionManager`] (and re-made after any loss), so the gateway starts while
-    /// Redis is down and answers `Unavailable` until it is back. Fails only on a malformed URL.
-    /// `namespace` is used verbatim and must not contain braces (the config checks that).
+    /// Prepares a store on one server at `url`. Performs no I/O that can fail: the connection is
+    /// made lazily by the [`ConnectionManager`] (and re-made after any loss), so the gateway
+    /// starts while Redis is down and answers `Unavailable` until it is back. Fails only on a
+    /// malformed URL. `namespace` is used verbatim and must not contain braces (the config
+    /// checks that).
     pub async fn connect(
         url: &str,
         namespace: &str,
@@ -271,8 +327,48 @@ impl RedisStore {
             .set_response_timeout(Some(op_timeout));
         let conn =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        Ok(Self::build(
+            vec![client],
+            Conn::Single(conn),
+            namespace,
+            op_timeout,
+        ))
+    }
+
+    /// Prepares a store on the Redis Cluster that `nodes` (seed nodes, `redis://host:port`)
+    /// belong to. Like [`RedisStore::connect`], no I/O that can fail: the cluster connection
+    /// discovers the slots in the background and on first use, so the gateway starts while the
+    /// cluster is down. Fails only on malformed URLs.
+    pub async fn connect_cluster(
+        nodes: &[String],
+        namespace: &str,
+        op_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let invalid = |e: RedisError| StoreError::Unavailable(format!("invalid redis url: {e}"));
+        let pubsub = nodes
+            .iter()
+            .map(|url| Client::open(url.as_str()).map_err(invalid))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(op_timeout)
+            .response_timeout(op_timeout)
+            .build()
+            .map_err(invalid)?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(op_timeout)
+            .set_response_timeout(op_timeout);
+        let conn = client.get_pending_async_connection_with_config(config);
+        Ok(Self::build(
+            pubsub,
+            Conn::Cluster(conn),
+            namespace,
+            op_timeout,
+        ))
+    }
+
+    fn build(pubsub: Vec<Client>, conn: Conn, namespace: &str, op_timeout: Duration) -> Self {
         let store = Self {
-            client,
+            pubsub,
             conn,
             names: Names {
                 ns: namespace.to_owned(),
@@ -288,15 +384,13 @@ impl RedisStore {
         let mut warm = store.conn.clone();
         tokio::spawn(async move {
             let ping = redis::cmd("PING");
-            match tokio::time::timeout(op_timeout, ping.query_async::<redis::Value>(&mut warm))
-                .await
-            {
+            match tokio::time::timeout(op_timeout, ping.query_async::<Value>(&mut warm)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "redis not reachable yet; will retry"),
                 Err(_) => tracing::warn!("redis did not answer yet; will retry"),
             }
         });
-        Ok(store)
+        store
     }
 
     /// Keeps about `cap` audit events (at least 1) instead of [`AUDIT_CAP`]. For tests only:
@@ -332,7 +426,12 @@ impl RedisStore {
 
     /// The raw and decoded value of `{ns}:k:{id}`; the raw text is what compare-and-set checks.
     async fn read_id(&self, id: &str) -> Result<Option<(String, StoredId)>, StoreError> {
-        let raw: Option<String> = self.query(redis::cmd("GET").arg(self.names.id(id))).await?;
+        let Some(tag) = id_tag(id) else {
+            return Ok(None);
+        };
+        let raw: Option<String> = self
+            .query(redis::cmd("GET").arg(self.names.id(tag, id)))
+            .await?;
         let Some(raw) = raw else { return Ok(None) };
         let entry = decode(&raw)?;
         Ok(Some((raw, entry)))
@@ -359,7 +458,18 @@ impl RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_err)?;
-        Ok(applied == 1)
+        if applied != 1 {
+            return Ok(false);
+        }
+        // The key's own state is written; what is left are indexes in other slots. A failure
+        // here must not report the write as failed (it happened), so it is logged: the listing
+        // tolerates what it leaves (see the module doc).
+        for cmd in &writes.after {
+            if let Err(e) = self.query::<Value>(cmd).await {
+                tracing::warn!(error = %e, "redis index update after a write failed");
+            }
+        }
+        Ok(true)
     }
 
     /// Read-modify-write loop: `plan` turns the current state into writes (plus the hashes to
@@ -393,8 +503,9 @@ impl RedisStore {
         gone: &[String],
         now_ms: i64,
     ) -> Result<Writes, StoreError> {
+        let tag = id_tag(id).ok_or(StoreError::NotFound)?;
         let by_id = encode(&IdEntry { record, hashes })?;
-        let mut writes = Writes::new(self.names.id(id), Op::Set(by_id, None));
+        let mut writes = Writes::new(self.names.id(tag, id), Op::Set(by_id, None));
         for h in hashes {
             let valid_until = h.valid_until;
             let json = encode(&HashEntry {
@@ -402,20 +513,55 @@ impl RedisStore {
                 record,
             })?;
             let px = valid_until.map(|until| until - now_ms);
-            writes.push(self.names.hash(&h.hash), Op::Set(json, px));
+            writes.push(self.names.hash_hex(&h.hash)?, Op::Set(json, px));
         }
         for hex in gone {
-            writes.push(self.names.hash(hex), Op::Del);
+            writes.push(self.names.hash_hex(hex)?, Op::Del);
         }
         Ok(writes)
+    }
+
+    /// `SADD`/`SREM` of `id` in `team`'s set: inside the script when the team's slot is the
+    /// key's (always, unless the key moved teams after creation), else as a separate command
+    /// after it, since a script may not span slots.
+    fn team_write(
+        &self,
+        writes: &mut Writes,
+        id: &str,
+        team: &str,
+        join: bool,
+    ) -> Result<(), StoreError> {
+        let tag = id_tag(id).ok_or(StoreError::NotFound)?;
+        let key = self.names.team(team);
+        if SlotTag::for_team(team) == tag {
+            let op = if join {
+                Op::SAdd(id.to_owned())
+            } else {
+                Op::SRem(id.to_owned())
+            };
+            writes.push(key, op);
+        } else {
+            let cmd = if join { "SADD" } else { "SREM" };
+            writes.after.push(redis::cmd(cmd).arg(key).arg(id).clone());
+        }
+        Ok(())
     }
 
     async fn fetch_records(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LIST_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|id| self.names.id(id)).collect();
+            // An id that cannot be ours has no record: skip it like a deleted one.
+            let keys: Vec<String> = chunk
+                .iter()
+                .filter_map(|id| Some(self.names.id(id_tag(id)?, id)))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            // On a cluster the client splits this MGET by slot and reassembles it in order.
             let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&keys)).await?;
-            // An id whose key is missing was deleted between the two reads: skip it.
+            // An id whose key is missing was deleted between the two reads, or the index still
+            // lists a key whose deletion did not reach it (module doc): skip it.
             for raw in values.into_iter().flatten() {
                 out.push(decode::<StoredId>(&raw)?.record);
             }
@@ -602,7 +748,7 @@ impl KeyStore for RedisStore {
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let get = redis::cmd("GET")
-            .arg(self.names.hash(&hash.to_hex()))
+            .arg(self.names.hash(hash))
             .clone();
         let raw: Option<String> = self.bounded(self.query(&get)).await?;
         let Some(raw) = raw else { return Ok(None) };
@@ -624,6 +770,25 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         team_limit: Option<u32>,
     ) -> Result<(), StoreError> {
+        let id = &record.api_key_id;
+        let tag = id_tag(id)
+            .ok_or_else(|| StoreError::Corrupt(format!("{id:?} is not a key id with a slot tag")))?;
+        // Everything the script writes must share one slot (Redis Cluster refuses the script
+        // otherwise); the key service mints them so. Checked on a single server too, so that a
+        // caller that breaks the rule fails in tests and not first in production.
+        if hash.tag() != tag {
+            return Err(StoreError::Corrupt(format!(
+                "key hash slot tag {} differs from key id {id}'s",
+                hash.tag()
+            )));
+        }
+        if let Some(team) = &record.team_id
+            && SlotTag::for_team(team) != tag
+        {
+            return Err(StoreError::Corrupt(format!(
+                "key id {id} is not in the slot of team {team:?}"
+            )));
+        }
         let (hex, valid_until) = (hash.to_hex(), None);
         let hashes = [HashRef {
             hash: hex.clone(),
@@ -634,29 +799,46 @@ impl KeyStore for RedisStore {
             valid_until,
             record,
         })?;
-        let id = &record.api_key_id;
         let mut inv = self.create_script.prepare_invoke();
-        inv.key(self.names.id(id))
-            .key(self.names.hash(&hex))
-            .key(self.names.all());
+        inv.key(self.names.id(tag, id)).key(self.names.hash(hash));
         if let Some(team) = &record.team_id {
             inv.key(self.names.team(team));
         }
         inv.arg(id_json)
             .arg(hash_json)
-            .arg(record.created_time.timestamp_millis())
             .arg(id)
             .arg(team_limit.map(|l| l.to_string()).unwrap_or_default())
             .arg(self.names.channel())
             .arg(&hex);
+        // The listing index lives in a slot of its own, so it cannot be in the script. Added
+        // first: a crash after this leaves an id without a record, which listing skips; the
+        // other order could leave a working key that no listing shows, which an admin could
+        // then not find to revoke.
+        let index = redis::cmd("ZADD")
+            .arg(self.names.all())
+            .arg(record.created_time.timestamp_millis())
+            .arg(id)
+            .clone();
         let mut conn = self.conn.clone();
         let outcome: String = self
-            .bounded(async { inv.invoke_async(&mut conn).await.map_err(redis_err) })
+            .bounded(async {
+                self.query::<Value>(&index).await?;
+                inv.invoke_async(&mut conn).await.map_err(redis_err)
+            })
             .await?;
         match (outcome.as_str(), team_limit) {
             ("ok", _) => Ok(()),
-            ("limit", Some(limit)) => Err(StoreError::LimitExceeded { limit }),
-            // Ids are 119 random bits: a clash means a foreign writer or a bug.
+            ("limit", Some(limit)) => {
+                // Nothing was written for this id: take it out of the index again (if that
+                // fails, listing skips it).
+                let unindex = redis::cmd("ZREM").arg(self.names.all()).arg(id).clone();
+                if let Err(e) = self.bounded(self.query::<Value>(&unindex)).await {
+                    tracing::warn!(error = %e, "could not drop a refused key from the listing index");
+                }
+                Err(StoreError::LimitExceeded { limit })
+            }
+            // Ids are 95 random bits: a clash means a foreign writer or a bug. The index entry
+            // stays: it may be the existing key's.
             ("exists", _) => Err(StoreError::Corrupt(format!(
                 "key id {id} or its hash is already stored"
             ))),
@@ -687,15 +869,20 @@ impl KeyStore for RedisStore {
             let record = &record;
             let mut writes = self.state_writes(id, record, &live, &dead, now_ms)?;
             if current.record.team_id != record.team_id {
-                if let Some(t) = &current.record.team_id {
-                    writes.push(self.names.team(t), Op::SRem(id.to_owned()));
-                }
+                // Joined first, so that a crash in between leaves the key listed in both teams
+                // (listing filters on the record's team) rather than in neither.
                 if let Some(t) = &record.team_id {
-                    writes.push(self.names.team(t), Op::SAdd(id.to_owned()));
+                    self.team_write(&mut writes, id, t, true)?;
+                }
+                if let Some(t) = &current.record.team_id {
+                    self.team_write(&mut writes, id, t, false)?;
                 }
             }
+            // Idempotent; puts back an id that a failed create or delete left out.
             let score = record.created_time.timestamp_millis();
-            writes.push(self.names.all(), Op::ZAdd(score, id.to_owned()));
+            writes
+                .after
+                .push(redis::cmd("ZADD").arg(self.names.all()).arg(score).arg(id).clone());
             let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
             Ok((writes, announce, ()))
         }))
@@ -716,6 +903,14 @@ impl KeyStore for RedisStore {
         // key) also ends the grace of earlier rotations, and no rotation extends one.
         let deadline = now_ms.saturating_add(grace_ms);
         self.bounded(self.modify(id, |current| {
+            // The new hash entry is written with the id entry, so it must be in the id's slot
+            // (checked once the key is known to exist: an unknown id is NotFound).
+            if id_tag(id).is_some_and(|tag| tag != new_hash.tag()) {
+                return Err(StoreError::Corrupt(format!(
+                    "new key hash slot tag {} differs from key id {id}'s",
+                    new_hash.tag()
+                )));
+            }
             let mut record = current.record;
             record.key_start = new_key_start.to_owned();
             record.updated_time = now;
@@ -740,15 +935,20 @@ impl KeyStore for RedisStore {
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.bounded(self.modify(id, |current| {
-            let mut writes = Writes::new(self.names.id(id), Op::Del);
+            let tag = id_tag(id).ok_or(StoreError::NotFound)?;
+            let mut writes = Writes::new(self.names.id(tag, id), Op::Del);
             for h in &current.hashes {
-                writes.push(self.names.hash(&h.hash), Op::Del);
+                writes.push(self.names.hash_hex(&h.hash)?, Op::Del);
             }
             if let Some(t) = &current.record.team_id {
-                writes.push(self.names.team(t), Op::SRem(id.to_owned()));
+                self.team_write(&mut writes, id, t, false)?;
             }
-            writes.push(self.names.all(), Op::ZRem(id.to_owned()));
-            writes.push(self.names.usage(id), Op::Del);
+            writes.push(self.names.usage(tag, id), Op::Del);
+            // Removed after the key is gone: a crash in between leaves an index entry without
+            // a record, which listing skips.
+            writes
+                .after
+                .push(redis::cmd("ZREM").arg(self.names.all()).arg(id).clone());
             let announce = current.hashes.into_iter().map(|h| h.hash).collect();
             Ok((writes, announce, ()))
         }))
@@ -771,16 +971,30 @@ impl KeyStore for RedisStore {
     }
 
     async fn changes(&self) -> Result<ChangeFeed, StoreError> {
-        let channel = self.names.channel();
-        let client = self.client.clone();
-        // A dedicated connection: a subscribed connection can do nothing else.
-        let (mut sink, mut stream) = self
-            .bounded(async move {
-                let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-                pubsub.subscribe(&channel).await.map_err(unavailable)?;
-                Ok(pubsub.split())
-            })
-            .await?;
+        // A dedicated connection: a subscribed connection can do nothing else. On a cluster,
+        // the first seed node that answers: PUBLISH reaches every node of a cluster.
+        let mut last_error = StoreError::Unavailable("no redis node to subscribe to".into());
+        let mut subscribed = None;
+        for client in &self.pubsub {
+            let channel = self.names.channel();
+            let attempt = self
+                .bounded(async move {
+                    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+                    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+                    Ok(pubsub.split())
+                })
+                .await;
+            match attempt {
+                Ok(split) => {
+                    subscribed = Some(split);
+                    break;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        let Some((mut sink, mut stream)) = subscribed else {
+            return Err(last_error);
+        };
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
         let op_timeout = self.op_timeout;
         tokio::spawn(async move {
@@ -883,46 +1097,38 @@ impl KeyStore for RedisStore {
     }
 
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for d in batch {
-            pipe.cmd("EVAL")
+        // One script per key, each in its key's slot, sent concurrently over the multiplexed
+        // connection(s) rather than as one pipeline, which a cluster would refuse as cross-slot.
+        let calls = batch.iter().filter_map(|d| {
+            // An id that cannot be ours has no key to count for (deltas for gone keys drop).
+            let tag = id_tag(&d.api_key_id)?;
+            let cmd = redis::cmd("EVAL")
                 .arg(USAGE_LUA)
                 .arg(2)
-                .arg(self.names.usage(&d.api_key_id))
-                .arg(self.names.id(&d.api_key_id))
+                .arg(self.names.usage(tag, &d.api_key_id))
+                .arg(self.names.id(tag, &d.api_key_id))
                 .arg(d.requests)
                 .arg(d.last_used.timestamp_millis())
-                .ignore();
-        }
-        self.bounded(async {
-            pipe.query_async::<()>(&mut self.conn.clone())
-                .await
-                .map_err(redis_err)
-        })
-        .await
+                .clone();
+            Some(async move { self.query::<Value>(&cmd).await })
+        });
+        self.bounded(try_join_all(calls)).await.map(drop)
     }
 
     async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HMGET")
-                .arg(self.names.usage(id))
+        // One HMGET per key, concurrently (see `record_usage`); `try_join_all` keeps the order.
+        let reads = ids.iter().map(|id| async move {
+            let Some(tag) = id_tag(id) else {
+                return Ok((None, None));
+            };
+            let cmd = redis::cmd("HMGET")
+                .arg(self.names.usage(tag, id))
                 .arg("count")
-                .arg("last_ms");
-        }
-        let rows: Vec<(Option<u64>, Option<i64>)> = self
-            .bounded(async {
-                pipe.query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(redis_err)
-            })
-            .await?;
+                .arg("last_ms")
+                .clone();
+            self.query::<(Option<u64>, Option<i64>)>(&cmd).await
+        });
+        let rows = self.bounded(try_join_all(reads)).await?;
         Ok(rows
             .into_iter()
             .map(|(count, last_ms)| Usage {

@@ -10,7 +10,7 @@
 
 use crate::support::redis::RedisServer;
 use chrono::{DateTime, Utc};
-use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, new_key_id};
+use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
@@ -138,13 +138,19 @@ conformance!(
     audit_is_capped,
 );
 
-fn new_hash() -> KeyHash {
-    NewKey::generate(&KeyPrefix::default()).hash()
+/// The hash of a new key for `r`: in `r`'s slot, as the key service mints them (the Redis
+/// store refuses a hash whose slot tag is not its key id's).
+fn new_hash(r: &KeyRecord) -> KeyHash {
+    let tag = SlotTag::of_key_id(&r.api_key_id).unwrap();
+    NewKey::generate(&KeyPrefix::default(), tag).hash()
 }
 
+/// A record as the key service makes them: a team key in its team's slot, others in a random
+/// one.
 fn record(team: Option<&str>, created: DateTime<Utc>) -> KeyRecord {
+    let tag = team.map_or_else(SlotTag::random, SlotTag::for_team);
     KeyRecord {
-        api_key_id: new_key_id(),
+        api_key_id: new_key_id(tag),
         name: "test key".into(),
         description: None,
         key_type: KeyType::Shared,
@@ -197,10 +203,10 @@ async fn create_and_find(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(Some("team-a"), now);
-    let key = new_hash();
+    let key = new_hash(&r);
     s.create(&r, &key, None).await.unwrap();
     assert_eq!(find(s, &key, now).await, Some(r.clone()));
-    assert_eq!(find(s, &new_hash(), now).await, None);
+    assert_eq!(find(s, &new_hash(&r), now).await, None);
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(r.clone()));
     assert_eq!(s.get("apk_doesnotexist").await.unwrap(), None);
 
@@ -213,7 +219,7 @@ async fn create_and_find(h: Harness) {
     rich.expires_time = Some(now + secs(86_400));
     rich.last_used_time = Some(now);
     rich.metadata.insert("env".into(), "prod".into());
-    let rich_key = new_hash();
+    let rich_key = new_hash(&rich);
     s.create(&rich, &rich_key, None).await.unwrap();
     assert_eq!(find(s, &rich_key, now).await, Some(rich));
     s.ping().await.unwrap();
@@ -223,7 +229,7 @@ async fn get_update_delete(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(Some("team-a"), now);
-    let key = new_hash();
+    let key = new_hash(&r);
     s.create(&r, &key, None).await.unwrap();
 
     let mut changed = r.clone();
@@ -262,7 +268,7 @@ async fn rotate_with_grace(h: Harness) {
     let now = Utc::now();
     let r = record(Some("team-a"), now);
     let id = r.api_key_id.clone();
-    let (k1, k2, k3, k4) = (new_hash(), new_hash(), new_hash(), new_hash());
+    let (k1, k2, k3, k4) = (new_hash(&r), new_hash(&r), new_hash(&r), new_hash(&r));
     s.create(&r, &k1, None).await.unwrap();
 
     let rotated = s.rotate(&id, &k2, "kg_second", MINUTE, now).await.unwrap();
@@ -312,7 +318,7 @@ async fn rotate_with_grace(h: Harness) {
     // A key that expires before the grace ends keeps its own expiry through the old hash.
     let mut short = record(None, now);
     short.expires_time = Some(now + secs(30));
-    let (s1, s2) = (new_hash(), new_hash());
+    let (s1, s2) = (new_hash(&short), new_hash(&short));
     s.create(&short, &s1, None).await.unwrap();
     s.rotate(&short.api_key_id, &s2, "kg_short", MINUTE, now)
         .await
@@ -321,7 +327,7 @@ async fn rotate_with_grace(h: Harness) {
     assert_eq!(seen.expires_time, short.expires_time);
 
     assert_not_found(
-        s.rotate("apk_doesnotexist", &new_hash(), "kg_x", Duration::ZERO, now)
+        s.rotate("apk_doesnotexist", &new_hash(&r), "kg_x", Duration::ZERO, now)
             .await,
     );
 }
@@ -330,7 +336,7 @@ async fn rotate_with_zero_grace(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(None, now);
-    let (old, new) = (new_hash(), new_hash());
+    let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
     let rotated = s
         .rotate(&r.api_key_id, &new, "kg_new1234", Duration::ZERO, now)
@@ -346,7 +352,7 @@ async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(None, now);
-    s.create(&r, &new_hash(), None).await.unwrap();
+    s.create(&r, &new_hash(&r), None).await.unwrap();
     let id = r.api_key_id.clone();
     let delta = |n: u64, at: DateTime<Utc>| UsageDelta {
         api_key_id: id.clone(),
@@ -381,12 +387,12 @@ async fn update_keeps_the_rotated_key_start(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(None, now);
-    s.create(&r, &new_hash(), None).await.unwrap();
+    s.create(&r, &new_hash(&r), None).await.unwrap();
     // An update computed from a copy read before the rotation.
     let mut stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
     s.rotate(
         &r.api_key_id,
-        &new_hash(),
+        &new_hash(&r),
         "kg_rotated",
         Duration::ZERO,
         now,
@@ -405,7 +411,7 @@ async fn delete_removes_every_hash(h: Harness) {
     let now = Utc::now();
     let r = record(Some("team-a"), now);
     let id = r.api_key_id.clone();
-    let keys = [new_hash(), new_hash(), new_hash()];
+    let keys = [new_hash(&r), new_hash(&r), new_hash(&r)];
     s.create(&r, &keys[0], None).await.unwrap();
     for (i, k) in keys[1..].iter().enumerate() {
         let start = format!("kg_rot{i}");
@@ -450,7 +456,7 @@ async fn list_filters_and_pages(h: Harness) {
         .collect();
     // Stored out of order: listing is by creation time, not by insertion.
     for i in [3, 0, 6, 1, 5, 2, 4] {
-        s.create(&all[i], &new_hash(), None).await.unwrap();
+        s.create(&all[i], &new_hash(&all[i]), None).await.unwrap();
     }
 
     let (first, total) = s.list(&all_filter(), page(1, 3)).await.unwrap();
@@ -488,11 +494,11 @@ async fn team_limit(h: Harness) {
     let a = record(Some("t"), now);
     let mut b = record(Some("t"), now + secs(1));
     b.is_enabled = false; // disabled keys count too
-    s.create(&a, &new_hash(), limit).await.unwrap();
-    s.create(&b, &new_hash(), limit).await.unwrap();
+    s.create(&a, &new_hash(&a), limit).await.unwrap();
+    s.create(&b, &new_hash(&b), limit).await.unwrap();
 
     let c = record(Some("t"), now + secs(2));
-    let c_key = new_hash();
+    let c_key = new_hash(&c);
     let err = s.create(&c, &c_key, limit).await.unwrap_err();
     assert!(
         matches!(err, StoreError::LimitExceeded { limit: 2 }),
@@ -502,14 +508,12 @@ async fn team_limit(h: Harness) {
     assert_eq!(s.get(&c.api_key_id).await.unwrap(), None);
     assert_eq!(find(s, &c_key, now).await, None);
     // Without a limit, or for another team, creates go through.
-    s.create(&record(Some("u"), now), &new_hash(), limit)
-        .await
-        .unwrap();
+    let u = record(Some("u"), now);
+    s.create(&u, &new_hash(&u), limit).await.unwrap();
     // Keys without a team are never limited.
     for _ in 0..3 {
-        s.create(&record(None, now), &new_hash(), Some(1))
-            .await
-            .unwrap();
+        let free = record(None, now);
+        s.create(&free, &new_hash(&free), Some(1)).await.unwrap();
     }
     // Deleting frees a slot.
     s.delete(&a.api_key_id).await.unwrap();
@@ -526,7 +530,7 @@ async fn team_limit_holds_under_concurrency(h: Harness) {
         .map(|i| {
             let store = stores[i % 2].clone();
             let r = record(Some("busy"), now + secs(i as i64));
-            tokio::spawn(async move { store.create(&r, &new_hash(), Some(5)).await })
+            tokio::spawn(async move { store.create(&r, &new_hash(&r), Some(5)).await })
         })
         .collect();
     let (mut ok, mut refused) = (0, 0);
@@ -551,9 +555,9 @@ async fn concurrent_rotations_leave_one_hash(h: Harness) {
     let stores = [h.store.clone(), h.second().await];
     let now = Utc::now();
     let r = record(Some("team-a"), now);
-    let first = new_hash();
+    let first = new_hash(&r);
     h.store.create(&r, &first, None).await.unwrap();
-    let hashes: Vec<KeyHash> = (0..8).map(|_| new_hash()).collect();
+    let hashes: Vec<KeyHash> = (0..8).map(|_| new_hash(&r)).collect();
     let tasks: Vec<_> = hashes
         .iter()
         .enumerate()
@@ -1021,7 +1025,7 @@ async fn change_feed_reports_every_write(h: Harness) {
     let mut feed = h.store.changes().await.unwrap();
     let now = Utc::now();
     let mut r = record(Some("team-a"), now);
-    let (k1, k2) = (new_hash(), new_hash());
+    let (k1, k2) = (new_hash(&r), new_hash(&r));
 
     writer.create(&r, &k1, None).await.unwrap();
     expect_change(&mut feed, &[k1]).await;
@@ -1055,7 +1059,7 @@ async fn redis_grace_expires_by_itself() {
     let s = &*h.store;
     let t0 = Utc::now();
     let r = record(None, t0);
-    let (old, new) = (new_hash(), new_hash());
+    let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
     s.rotate(&r.api_key_id, &new, "kg_new", Duration::from_secs(1), t0)
         .await
@@ -1081,7 +1085,7 @@ async fn redis_layout_is_as_documented() {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(Some("team-a"), now);
-    let (old, new) = (new_hash(), new_hash());
+    let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
     s.rotate(&r.api_key_id, &new, "kg_new", MINUTE, now)
         .await
@@ -1091,7 +1095,10 @@ async fn redis_layout_is_as_documented() {
         let text: String = ::redis::cmd("GET").arg(key).query(raw).unwrap();
         serde_json::from_str(&text).unwrap()
     };
-    let old_key = format!("{ns}:h:{{{}}}", old.to_hex());
+    // Every entry of a team key carries the team's slot tag.
+    let tag = SlotTag::for_team("team-a");
+    assert_eq!(SlotTag::of_key_id(&r.api_key_id), Some(tag));
+    let old_key = format!("{ns}:h:{{{tag}}}:{}", old.digest_hex());
     let old_entry = get(&mut raw, old_key.clone());
     assert_eq!(
         old_entry["valid_until"],
@@ -1100,12 +1107,12 @@ async fn redis_layout_is_as_documented() {
     assert_eq!(old_entry["record"]["key_start"], "kg_new");
     let pttl: i64 = ::redis::cmd("PTTL").arg(&old_key).query(&mut raw).unwrap();
     assert!(pttl > 0 && pttl <= 60_000, "{pttl}");
-    let new_entry = get(&mut raw, format!("{ns}:h:{{{}}}", new.to_hex()));
+    let new_entry = get(&mut raw, format!("{ns}:h:{{{tag}}}:{}", new.digest_hex()));
     assert!(new_entry["valid_until"].is_null());
-    let by_id = get(&mut raw, format!("{ns}:k:{{{}}}", r.api_key_id));
+    let by_id = get(&mut raw, format!("{ns}:k:{{{tag}}}:{}", r.api_key_id));
     assert_eq!(by_id["hashes"].as_array().unwrap().len(), 2);
     let team: Vec<String> = ::redis::cmd("SMEMBERS")
-        .arg(format!("{ns}:team:{{team-a}}"))
+        .arg(format!("{ns}:team:{{{tag}}}:team-a"))
         .query(&mut raw)
         .unwrap();
     assert_eq!(team, vec![r.api_key_id.clone()]);
@@ -1136,13 +1143,13 @@ async fn redis_members_and_audit_layout_is_as_documented() {
     let s = &*h.store;
     let now = Utc::now();
     // A team with a key and a member: the key set and the member hash are distinct keys.
-    s.create(&record(Some("team-a"), now), &new_hash(), Some(5))
-        .await
-        .unwrap();
+    let r = record(Some("team-a"), now);
+    s.create(&r, &new_hash(&r), Some(5)).await.unwrap();
     s.put_member(&member("team-a", "alice", Role::Admin, now))
         .await
         .unwrap();
-    let members_key = format!("{ns}:members:{{team-a}}");
+    let tag = SlotTag::for_team("team-a");
+    let members_key = format!("{ns}:members:{{{tag}}}:team-a");
     let kind: String = ::redis::cmd("TYPE")
         .arg(&members_key)
         .query(&mut raw)
@@ -1157,7 +1164,7 @@ async fn redis_members_and_audit_layout_is_as_documented() {
     assert_eq!(stored["role"], "admin");
     assert_eq!(stored["user_id"], "alice");
     let kind: String = ::redis::cmd("TYPE")
-        .arg(format!("{ns}:team:{{team-a}}"))
+        .arg(format!("{ns}:team:{{{tag}}}:team-a"))
         .query(&mut raw)
         .unwrap();
     assert_eq!(kind, "set");
@@ -1225,7 +1232,7 @@ async fn redis_outage_is_unavailable_and_recovers() {
         .unwrap();
     let now = Utc::now();
     let r = record(Some("team-a"), now);
-    let key = new_hash();
+    let key = new_hash(&r);
     store.create(&r, &key, Some(10)).await.unwrap();
     let mut feed = store.changes().await.unwrap();
 
@@ -1236,7 +1243,7 @@ async fn redis_outage_is_unavailable_and_recovers() {
     assert_unavailable("get", store.get(&r.api_key_id).await);
     assert_unavailable(
         "create",
-        store.create(&record(None, now), &new_hash(), None).await,
+        store.create(&r, &new_hash(&r), None).await,
     );
     assert_unavailable("update", store.update(&r).await);
     assert_unavailable("list", store.list(&all_filter(), page(1, 10)).await);
@@ -1267,12 +1274,12 @@ async fn redis_outage_is_unavailable_and_recovers() {
     wait_until_reachable(&store).await;
     // The restarted server is empty (no persistence); the same store works again.
     let r2 = record(Some("team-a"), now);
-    let key2 = new_hash();
+    let key2 = new_hash(&r2);
     store.create(&r2, &key2, Some(10)).await.unwrap();
     assert_eq!(find(&store, &key2, now).await, Some(r2));
     let mut feed = store.changes().await.unwrap();
     let r3 = record(None, now);
-    let key3 = new_hash();
+    let key3 = new_hash(&r3);
     store.create(&r3, &key3, None).await.unwrap();
     expect_change(&mut feed, &[key3]).await;
 }
@@ -1286,11 +1293,11 @@ async fn redis_down_at_start_up_is_not_fatal() {
         .await
         .expect("connect must not need Redis to be up");
     assert_unavailable("ping", store.ping().await);
-    assert_unavailable("find", store.find_by_hash(&new_hash(), Utc::now()).await);
+    assert_unavailable("find", store.find_by_hash(&new_hash(&record(None, Utc::now())), Utc::now()).await);
     server.restart();
     wait_until_reachable(&store).await;
     let r = record(None, Utc::now());
-    let key = new_hash();
+    let key = new_hash(&r);
     store.create(&r, &key, None).await.unwrap();
     assert_eq!(find(&store, &key, Utc::now()).await, Some(r));
 
