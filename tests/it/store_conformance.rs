@@ -1,14 +1,15 @@
 //! One conformance suite for every [`KeyStore`]: each check below is written once, against the
 //! trait, and the `conformance!` macro runs it against the embedded store (a SQLite file in a
-//! temporary directory) and against the Redis store (a private `redis-server`, see
-//! `support::redis`). Tests are named `store_conformance::{embedded,redis}::<check>`.
+//! temporary directory), against the Redis store on a private `redis-server`, and against the
+//! Redis store on a private three-node Redis Cluster (see `support::redis`). Tests are named
+//! `store_conformance::{embedded,redis,cluster}::<check>`.
 //! Time-dependent behaviour (rotation grace) is tested through the `now` argument, not by
 //! sleeping; the few real-time checks (Redis expiry, outage) are Redis-only and at the end.
 
 // A failed unwrap is a failed test, which is what we want here (Cargo.toml: "tests may unwrap").
 #![allow(clippy::unwrap_used)]
 
-use crate::support::redis::RedisServer;
+use crate::support::redis::{RedisCluster, RedisServer};
 use chrono::{DateTime, Utc};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
@@ -36,6 +37,7 @@ struct Harness {
 enum Backing {
     Embedded(tempfile::TempDir),
     Redis { server: RedisServer, ns: String },
+    Cluster { cluster: RedisCluster, ns: String },
 }
 
 impl Harness {
@@ -61,6 +63,19 @@ impl Harness {
         }
     }
 
+    async fn cluster() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let cluster = RedisCluster::start();
+        let ns = format!("kgc{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let store = RedisStore::connect_cluster(&cluster.urls(), &ns, OP_TIMEOUT)
+            .await
+            .unwrap();
+        Self {
+            store: Arc::new(store),
+            backing: Backing::Cluster { cluster, ns },
+        }
+    }
+
     /// Another store on the same data: for the store, as good as another process.
     async fn second(&self) -> Arc<dyn KeyStore> {
         match &self.backing {
@@ -69,6 +84,11 @@ impl Harness {
             }
             Backing::Redis { server, ns } => Arc::new(
                 RedisStore::connect(&server.url(), ns, OP_TIMEOUT)
+                    .await
+                    .unwrap(),
+            ),
+            Backing::Cluster { cluster, ns } => Arc::new(
+                RedisStore::connect_cluster(&cluster.urls(), ns, OP_TIMEOUT)
                     .await
                     .unwrap(),
             ),
@@ -86,6 +106,12 @@ impl Harness {
             ),
             Backing::Redis { server, ns } => Arc::new(
                 RedisStore::connect(&server.url(), ns, OP_TIMEOUT)
+                    .await
+                    .unwrap()
+                    .with_audit_cap(cap),
+            ),
+            Backing::Cluster { cluster, ns } => Arc::new(
+                RedisStore::connect_cluster(&cluster.urls(), ns, OP_TIMEOUT)
                     .await
                     .unwrap()
                     .with_audit_cap(cap),
@@ -109,6 +135,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread")]
                 async fn $check() {
                     super::$check(super::Harness::redis().await).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $check() {
+                    super::$check(super::Harness::cluster().await).await;
                 }
             )*
         }

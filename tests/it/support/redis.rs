@@ -1,6 +1,7 @@
 //! A throwaway `redis-server` for one test: its own loopback port, no persistence, killed on
-//! drop. Ready means it answers `INFO` with our child's process id. Tests run in parallel, so each starts its own. `stop`/`restart` simulate an outage on
-//! the same port (the data is gone afterwards: nothing is saved).
+//! drop. Ready means it answers `INFO` with our child's process id. Tests run in parallel, so
+//! each starts its own. `stop`/`restart` simulate an outage on the same port (the data is gone
+//! afterwards: nothing is saved). [`RedisCluster`]: three such servers in cluster mode.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -29,7 +30,7 @@ impl RedisServer {
             let port = free_port();
             // Another process may grab the port between our probe and redis binding it; then
             // redis exits and we try another port.
-            if let Some(child) = spawn_ready(port) {
+            if let Some(child) = spawn_ready(port, &[]) {
                 return RedisServer {
                     child: Some(child),
                     port,
@@ -58,7 +59,7 @@ impl RedisServer {
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
-        let child = spawn_ready(self.port).unwrap_or_else(|| {
+        let child = spawn_ready(self.port, &[]).unwrap_or_else(|| {
             panic!(
                 "redis-server did not come back on port {} within {START_TIMEOUT:?}",
                 self.port
@@ -79,15 +80,16 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
-/// Spawns redis on `port` and polls it until it answers; `None` (after killing it) if it
-/// exits or stays silent.
-fn spawn_ready(port: u16) -> Option<Child> {
+/// Spawns redis on `port` (with `extra` arguments) and polls it until it answers; `None`
+/// (after killing it) if it exits or stays silent.
+fn spawn_ready(port: u16, extra: &[String]) -> Option<Child> {
     let mut child = Command::new(REDIS_SERVER)
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1"])
         .args(["--save", ""])
         .args(["--appendonly", "no"])
         .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -123,4 +125,112 @@ fn server_pid(url: &str) -> Option<u32> {
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|pid| pid.trim().parse().ok())
+}
+
+const REDIS_CLI: &str = "/usr/bin/redis-cli";
+const CLUSTER_NODES: usize = 3;
+/// How long `redis-cli --cluster create` and the nodes' agreement on it may take.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A throwaway three-primary Redis Cluster on loopback (no replicas, no persistence), its node
+/// configuration files in a temporary directory; every node is killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-mode servers, joins them with `redis-cli --cluster create`, and
+    /// waits until every node reports `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        assert!(
+            Path::new(REDIS_CLI).exists(),
+            "{REDIS_CLI} not found: install redis-tools to run the Redis Cluster tests"
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let nodes: Vec<RedisServer> = (0..CLUSTER_NODES)
+            .map(|_| start_cluster_node(dir.path()))
+            .collect();
+        let cluster = RedisCluster { nodes, _dir: dir };
+        let mut create = Command::new(REDIS_CLI);
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {REDIS_CLI}: {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// Seed node URLs, as `store.redis_cluster_nodes` takes them.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Polls `CLUSTER INFO` on every node, with back-off, until all say `cluster_state:ok`.
+    fn wait_until_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if self.urls().iter().all(|u| cluster_state_ok(u)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ok within {CLUSTER_TIMEOUT:?}"
+            );
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// One cluster-mode server on a free port, with a free port of its own for the cluster bus
+/// (the default, port + 10000, may be beyond 65535 or taken).
+fn start_cluster_node(dir: &Path) -> RedisServer {
+    for _ in 0..PORT_ATTEMPTS {
+        let (port, bus) = (free_port(), free_port());
+        if port == bus {
+            continue;
+        }
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let extra = [
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-config-file".to_owned(),
+            conf.to_string_lossy().into_owned(),
+            "--cluster-port".to_owned(),
+            bus.to_string(),
+            "--dir".to_owned(),
+            dir.to_string_lossy().into_owned(),
+        ];
+        if let Some(child) = spawn_ready(port, &extra) {
+            return RedisServer {
+                child: Some(child),
+                port,
+            };
+        }
+    }
+    panic!("no cluster node came up on any of {PORT_ATTEMPTS} ports");
+}
+
+fn cluster_state_ok(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+        return false;
+    };
+    let info: Result<String, _> = redis::cmd("CLUSTER").arg("INFO").query(&mut conn);
+    info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_state:ok"))
 }
