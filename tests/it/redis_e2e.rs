@@ -1,9 +1,9 @@
 //! The gateway on a real Redis: revocation seen by a second gateway process within a second,
 //! and behaviour through a Redis outage (cached keys keep working for the stale period,
-//! uncached ones get 503, recovery without restart).
+//! uncached ones get 503, recovery without restart). And the gateway on a Redis Cluster.
 
 use crate::support::gateway::Gateway;
-use crate::support::redis::RedisServer;
+use crate::support::redis::{RedisCluster, RedisServer};
 use crate::support::{cli, client, create_key, eventually, service, upstream};
 use keygate::store::KeyStore;
 use keygate::store::redis::RedisStore;
@@ -230,4 +230,67 @@ async fn cli_manages_keys_in_redis() {
         })
         .await
     );
+}
+
+/// The gateway configured with `redis_cluster_nodes`: keys spread over the cluster's nodes
+/// pass, and a revocation is refused within a second whichever node the key lives on (the
+/// gateway's change feed listens on one node; cluster PUBLISH reaches all).
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_on_a_redis_cluster_verifies_and_sees_revocations() {
+    let cluster = RedisCluster::start();
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect_cluster(&cluster.urls(), "kgcl", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    let echo = upstream::echo().await;
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let cfg = format!(
+        r#"
+        [store]
+        kind = "redis"
+        redis_cluster_nodes = [{nodes}]
+        namespace = "kgcl"
+        timeout = "500ms"
+        [cache]
+        ttl = "10m"
+        [upstreams.echo]
+        url = "http://{echo}"
+        [[routes]]
+        name = "api"
+        path_prefix = "/"
+        upstream = "echo"
+        "#,
+        nodes = nodes.join(", ")
+    );
+    let gw = Gateway::start(&cfg);
+    // Keys without a team get random slot tags, so six of them land on more than one node
+    // (all on one would take odds of 1 in 243); one team key besides.
+    let mut keys = Vec::new();
+    for i in 0..7 {
+        let (key, record) = create_key(&store, |req| {
+            if i > 0 {
+                req.team_id = None;
+            }
+        })
+        .await;
+        assert_eq!(status(&gw, &key).await, 200, "key {i}");
+        keys.push((key, record));
+    }
+    let (kept, _) = keys.pop().unwrap();
+    for (key, record) in &keys {
+        service(&store)
+            .revoke(&record.api_key_id, &cli(), chrono::Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(1), || async {
+                status(&gw, key).await == 401
+            })
+            .await,
+            "revoked key {} still passes",
+            record.api_key_id
+        );
+    }
+    assert_eq!(status(&gw, &kept).await, 200);
 }
