@@ -682,7 +682,10 @@ fn check_redis_url(p: &mut Problems, field: &str, url: &str, unix_ok: bool) {
     {
         p.add(field, "must start with redis://, redis+unix:// or unix://");
     } else if !unix_ok && !url.starts_with("redis://") {
-        p.add(field, "must start with redis:// (cluster nodes are reached over TCP)");
+        p.add(
+            field,
+            "must start with redis:// (cluster nodes are reached over TCP)",
+        );
     }
 }
 

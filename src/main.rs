@@ -204,8 +204,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 &cfg.auth.key_prefix,
                 keygate::auth::key::SlotTag::random(),
             )
-                .expose()
-                .to_owned(),
+            .expose()
+            .to_owned(),
         );
     }
     keygate::telemetry::init_logging(&cfg.log);

@@ -100,7 +100,9 @@ impl SlotTag {
     /// Four base62 bytes, else `None`.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         let tag: [u8; TAG_LEN] = bytes.try_into().ok()?;
-        tag.iter().all(u8::is_ascii_alphanumeric).then_some(Self(tag))
+        tag.iter()
+            .all(u8::is_ascii_alphanumeric)
+            .then_some(Self(tag))
     }
 
     pub fn as_str(&self) -> &str {
@@ -395,7 +397,10 @@ mod tests {
         // The digest part is SHA-256 of the whole key.
         let digest = hex::encode(Sha256::digest(key.expose().as_bytes()));
         assert_eq!(key.hash().digest_hex(), digest);
-        assert_eq!(key.hash().to_hex(), format!("{}{digest}", hex::encode(tag.as_str())));
+        assert_eq!(
+            key.hash().to_hex(),
+            format!("{}{digest}", hex::encode(tag.as_str()))
+        );
     }
 
     #[test]

@@ -1,26 +1,45 @@
-//! [`RedisStore`]: the production [`KeyStore`], shared by every gateway replica.
+//! [`RedisStore`]: the production [`KeyStore`], shared by every gateway replica, on one Redis
+//! server ([`RedisStore::connect`]) or on Redis Cluster ([`RedisStore::connect_cluster`]).
 //!
-//! Layout (`{ns}` is the configured namespace; the braces after it are Redis hash tags, so in a
-//! cluster each hash and each id lands on its own slot):
-//! - `{ns}:h:{<hash hex>}` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path is one
-//!   `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so Redis drops
-//!   them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`] refuses them at
-//!   `now` even before Redis has expired them (and, before that, answers with `expires_time`
-//!   clipped to it, so cached copies stop at the end of the grace too).
-//! - `{ns}:k:{<id>}` → `{"record": {...}, "hashes": [{"hash": <hex>, "valid_until": ...}]}`:
-//!   the authoritative copy, by id.
-//! - `{ns}:team:{<team>}` → SET of the ids of that team, for the atomic team limit. Keys without
-//!   a team belong to no set and are never limited (same rule as the embedded store).
+//! Layout (`{ns}` is the configured namespace; `{<tag>}` is a Redis hash tag holding the key's
+//! [`SlotTag`], which the presented key, its [`KeyHash`] and its id all carry, so on a cluster
+//! every entry of one key, and for team keys every entry of the team, lands in one hash slot):
+//! - `{ns}:h:{<tag>}:<sha256 hex>` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path
+//!   is one `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so
+//!   Redis drops them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`]
+//!   refuses them at `now` even before Redis has expired them (and, before that, answers with
+//!   `expires_time` clipped to it, so cached copies stop at the end of the grace too).
+//! - `{ns}:k:{<tag>}:<id>` → `{"record": {...}, "hashes": [{"hash": <KeyHash hex>,
+//!   "valid_until": ...}]}`: the authoritative copy, by id.
+//! - `{ns}:team:{<tag>}:<team>` → SET of the ids of that team, for the atomic team limit; `<tag>`
+//!   is the team's ([`SlotTag::for_team`]), which is also the tag of every key created in it.
+//!   Keys without a team belong to no set and are never limited (same rule as the embedded
+//!   store).
+//! - `{ns}:members:{<tag>}:<team>` → HASH user id → [`Member`] JSON, the team's members. Not the
+//!   team's SET of key ids. Emptied, Redis drops it.
+//! - `{ns}:usage:{<tag>}:<id>` → HASH `count`, `last_ms`: usage summed over every gateway.
 //! - `{ns}:all` → ZSET of every id scored by `created_time` in milliseconds (listing order).
-//! - `{ns}:members:{<team>}` → HASH user id → [`Member`] JSON, the team's members. Not
-//!   `{ns}:team:{<team>}`, which is already the team's SET of key ids. Emptied, Redis drops it.
 //! - `{ns}:audit` → STREAM of audit events, one entry per event with a single field `event`
 //!   holding the [`AuditEvent`] JSON (its `event_id` left empty: the entry id is the event id).
 //!   Capped by `XADD … MAXLEN ~ AUDIT_CAP`: Redis trims whole stream nodes, so it may hold a few
 //!   more than the cap, never fewer while that many were appended; listing scans it newest first
 //!   with `XREVRANGE` in chunks and filters the decoded events here.
-//! - channel `{ns}:changes` ← the hex hashes touched by each write, space-separated; `*` means
-//!   "drop everything".
+//! - channel `{ns}:changes` ← the [`KeyHash`] hex of the hashes touched by each write,
+//!   space-separated; `*` means "drop everything". A cluster broadcasts PUBLISH to every node,
+//!   so the change feed subscribes on whichever configured node answers first.
+//!
+//! One slot per write: a Lua script (like MULTI/EXEC) may only touch keys of one slot on a
+//! cluster. Each write's script covers the key's own entries (and its team's SET); `{ns}:all`
+//! and `{ns}:audit`, in slots of their own, are written by separate commands. Consequence: a
+//! crash between the two can leave the listing index out of step with the keys. The order is
+//! chosen so that this can only leave an id *without* a record (create adds to the index before
+//! its script, delete removes from it after its script), which [`KeyStore::list`] skips; the
+//! unfiltered total (`ZCARD`) may then count it. The other order could leave a working key that
+//! no listing shows. Likewise, a key moved to another team by `update` stays in its creation
+//! slot, so its new team's SET is updated by a separate command after the script (joining
+//! first, then leaving: a crash leaves it listed in both teams, and listing filters on the
+//! record's team). Commands that span slots otherwise: `MGET` while listing (the cluster
+//! client splits it by slot), and usage, sent as one command per key rather than a pipeline.
 //!
 //! Writes run as Lua scripts, which Redis executes atomically (like MULTI/EXEC, all or nothing
 //! as far as other clients can see), because each write needs a check before it writes:
@@ -38,9 +57,10 @@
 //! holds what was read), so that a role change never loses the original `added_time` to a racing
 //! first put, and a removal returns exactly what it removed.
 //!
-//! Every key a script touches is passed in `KEYS` (none is built inside Lua). On a single Redis
-//! (what [`ConnectionManager`] talks to) this is all that is needed; on a cluster, multi-key
-//! writes would need one slot, like MULTI/EXEC would, while the hot path already works as is.
+//! Every key a script touches is passed in `KEYS` (none is built inside Lua), so the cluster
+//! client routes each script to the node owning its slot. The store checks on a single server
+//! too that a create's or rotation's hash is in its id's slot and a team key in its team's, so a
+//! caller breaking the rule fails in tests rather than first on a cluster.
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
@@ -55,7 +75,9 @@ use futures_util::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::{
+    Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value,
+};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
@@ -747,9 +769,7 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let get = redis::cmd("GET")
-            .arg(self.names.hash(hash))
-            .clone();
+        let get = redis::cmd("GET").arg(self.names.hash(hash)).clone();
         let raw: Option<String> = self.bounded(self.query(&get)).await?;
         let Some(raw) = raw else { return Ok(None) };
         let entry: HashEntry<KeyRecord> = decode(&raw)?;
@@ -771,8 +791,9 @@ impl KeyStore for RedisStore {
         team_limit: Option<u32>,
     ) -> Result<(), StoreError> {
         let id = &record.api_key_id;
-        let tag = id_tag(id)
-            .ok_or_else(|| StoreError::Corrupt(format!("{id:?} is not a key id with a slot tag")))?;
+        let tag = id_tag(id).ok_or_else(|| {
+            StoreError::Corrupt(format!("{id:?} is not a key id with a slot tag"))
+        })?;
         // Everything the script writes must share one slot (Redis Cluster refuses the script
         // otherwise); the key service mints them so. Checked on a single server too, so that a
         // caller that breaks the rule fails in tests and not first in production.
@@ -880,9 +901,13 @@ impl KeyStore for RedisStore {
             }
             // Idempotent; puts back an id that a failed create or delete left out.
             let score = record.created_time.timestamp_millis();
-            writes
-                .after
-                .push(redis::cmd("ZADD").arg(self.names.all()).arg(score).arg(id).clone());
+            writes.after.push(
+                redis::cmd("ZADD")
+                    .arg(self.names.all())
+                    .arg(score)
+                    .arg(id)
+                    .clone(),
+            );
             let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
             Ok((writes, announce, ()))
         }))

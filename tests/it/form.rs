@@ -374,7 +374,10 @@ async fn missing_wrong_and_duplicate_keys() {
     let r = curl(&["-F", "page=2", &url]).await;
     assert_eq!((r.status, r.code()), (401, "API_KEY_MISSING"));
 
-    let unknown = keygate::auth::key::NewKey::generate(&Default::default(), keygate::auth::key::SlotTag::random());
+    let unknown = keygate::auth::key::NewKey::generate(
+        &Default::default(),
+        keygate::auth::key::SlotTag::random(),
+    );
     let r = curl(&["-F", &format!("clientKey={}", unknown.expose()), &url]).await;
     assert_eq!((r.status, r.code()), (401, "API_KEY_INVALID"));
     assert!(!r.json.to_string().contains(unknown.expose()));

@@ -243,7 +243,10 @@ async fn missing_malformed_and_unknown_keys_get_401_with_bearer_challenge() {
     assert_eq!(error_code(r).await, "API_KEY_MALFORMED");
 
     // Well-formed (checksum correct) but never issued.
-    let unknown = keygate::auth::key::NewKey::generate(&Default::default(), keygate::auth::key::SlotTag::random());
+    let unknown = keygate::auth::key::NewKey::generate(
+        &Default::default(),
+        keygate::auth::key::SlotTag::random(),
+    );
     let r = client()
         .get(e.gw.url("/api/x"))
         .bearer_auth(unknown.expose())

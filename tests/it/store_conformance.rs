@@ -361,8 +361,14 @@ async fn rotate_with_grace(h: Harness) {
     assert_eq!(seen.expires_time, short.expires_time);
 
     assert_not_found(
-        s.rotate("apk_doesnotexist", &new_hash(&r), "kg_x", Duration::ZERO, now)
-            .await,
+        s.rotate(
+            "apk_doesnotexist",
+            &new_hash(&r),
+            "kg_x",
+            Duration::ZERO,
+            now,
+        )
+        .await,
     );
 }
 
@@ -1167,6 +1173,32 @@ async fn redis_layout_is_as_documented() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// `{ns}:all` is written outside the key's script; a crash in between can leave an id there
+/// without a record. Listing skips it (filtered or not) instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_listing_skips_index_entries_without_a_record() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let mut raw = raw_conn(server);
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(None, now);
+    s.create(&r, &new_hash(&r), None).await.unwrap();
+    let ghost = new_key_id(SlotTag::random());
+    let _: i64 = ::redis::cmd("ZADD")
+        .arg(format!("{ns}:all"))
+        .arg(now.timestamp_millis() - 1)
+        .arg(&ghost)
+        .query(&mut raw)
+        .unwrap();
+    let (listed, _) = s.list(&all_filter(), page(1, 10)).await.unwrap();
+    assert_eq!(listed, vec![r.clone()]);
+    let enabled = filter(None, None, Some(true));
+    assert_eq!(s.list(&enabled, page(1, 10)).await.unwrap(), (vec![r], 1));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_members_and_audit_layout_is_as_documented() {
     let h = Harness::redis().await;
@@ -1275,10 +1307,7 @@ async fn redis_outage_is_unavailable_and_recovers() {
     assert_unavailable("find", store.find_by_hash(&key, now).await);
     assert!(started.elapsed() < op_timeout + Duration::from_secs(1));
     assert_unavailable("get", store.get(&r.api_key_id).await);
-    assert_unavailable(
-        "create",
-        store.create(&r, &new_hash(&r), None).await,
-    );
+    assert_unavailable("create", store.create(&r, &new_hash(&r), None).await);
     assert_unavailable("update", store.update(&r).await);
     assert_unavailable("list", store.list(&all_filter(), page(1, 10)).await);
     assert_unavailable("ping", store.ping().await);
@@ -1327,7 +1356,12 @@ async fn redis_down_at_start_up_is_not_fatal() {
         .await
         .expect("connect must not need Redis to be up");
     assert_unavailable("ping", store.ping().await);
-    assert_unavailable("find", store.find_by_hash(&new_hash(&record(None, Utc::now())), Utc::now()).await);
+    assert_unavailable(
+        "find",
+        store
+            .find_by_hash(&new_hash(&record(None, Utc::now())), Utc::now())
+            .await,
+    );
     server.restart();
     wait_until_reachable(&store).await;
     let r = record(None, Utc::now());
