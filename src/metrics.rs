@@ -26,6 +26,27 @@ pub const OUTCOMES: [Outcome; 8] = [
     Outcome::UpstreamError,
 ];
 
+/// The operation names `store::metered::MeteredStore` reports.
+pub const STORE_OPERATIONS: [&str; 17] = [
+    "find_by_hash",
+    "create",
+    "get",
+    "update",
+    "rotate",
+    "delete",
+    "list",
+    "ping",
+    "subscribe",
+    "put_member",
+    "remove_member",
+    "get_member",
+    "list_members",
+    "append_audit",
+    "list_audit",
+    "record_usage",
+    "usage",
+];
+
 /// Request latency buckets: 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -146,6 +167,13 @@ impl Metrics {
         )?;
         build_info.set(1);
 
+        // Every series exists from the start (at zero), so dashboards and alerts never see a
+        // missing series where "none yet" is meant.
+        for op in STORE_OPERATIONS {
+            store_ops.with_label_values(&[op]);
+            store_errors.with_label_values(&[op]);
+            store_duration.with_label_values(&[op]);
+        }
         registry.register(Box::new(requests))?;
         registry.register(Box::new(duration))?;
         registry.register(Box::new(upstream_duration.clone()))?;

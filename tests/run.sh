@@ -56,3 +56,6 @@ cargo test --locked "$@"
 
 # The admin API against its OpenAPI document (installs schemathesis in a venv under target/).
 bash tests/schemathesis.sh
+
+# Kubernetes manifests, dashboard and alert rules (installs kubernetes-validate in a venv).
+bash deploy/check.sh
