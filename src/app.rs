@@ -164,7 +164,6 @@ pub async fn run(
     };
 
     let control = async {
-        ready.store(true, Ordering::Release);
         shutdown.await;
         // Unready first, so probes stop sending traffic, then stop accepting and drain.
         ready.store(false, Ordering::Release);
@@ -184,6 +183,9 @@ pub async fn run(
         }
     };
 
+    // Ready before the first poll: the listeners are bound and a connection already in the
+    // backlog may be served as soon as the admin loop runs.
+    ready.store(true, Ordering::Release);
     tokio::join!(proxy, admin, control, usage_flusher);
     // Requests that finished while draining were counted after the flusher's last flush.
     if let Some(usage) = &usage {

@@ -137,6 +137,36 @@ const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     _dir: tempfile::TempDir,
+    /// Dropped after the nodes (fields drop in order), releasing this cluster's place.
+    _slot: ClusterSlot,
+}
+
+/// At most this many clusters (3 redis-server processes each) run at once: the whole suite
+/// starts one per cluster test, and a 2-core machine running dozens of them at the same time
+/// makes unrelated tests miss their timeouts.
+const MAX_LIVE_CLUSTERS: usize = 3;
+static LIVE_CLUSTERS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static CLUSTER_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+struct ClusterSlot;
+
+impl ClusterSlot {
+    fn take() -> ClusterSlot {
+        let mut live = LIVE_CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
+        while *live >= MAX_LIVE_CLUSTERS {
+            live = CLUSTER_FREED.wait(live).unwrap_or_else(|e| e.into_inner());
+        }
+        *live += 1;
+        ClusterSlot
+    }
+}
+
+impl Drop for ClusterSlot {
+    fn drop(&mut self) {
+        let mut live = LIVE_CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
+        *live -= 1;
+        CLUSTER_FREED.notify_one();
+    }
 }
 
 impl RedisCluster {
@@ -147,11 +177,16 @@ impl RedisCluster {
             Path::new(REDIS_CLI).exists(),
             "{REDIS_CLI} not found: install redis-tools to run the Redis Cluster tests"
         );
+        let slot = ClusterSlot::take();
         let dir = tempfile::tempdir().expect("temporary directory");
         let nodes: Vec<RedisServer> = (0..CLUSTER_NODES)
             .map(|_| start_cluster_node(dir.path()))
             .collect();
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster {
+            nodes,
+            _dir: dir,
+            _slot: slot,
+        };
         let mut create = Command::new(REDIS_CLI);
         create.arg("--cluster").arg("create");
         for n in &cluster.nodes {
