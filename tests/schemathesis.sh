@@ -35,11 +35,12 @@ upstream = "none"
 TOML
 
 TOKEN="schemathesis-bootstrap-token-$RANDOM$RANDOM"
+: > "$WORK/out"   # exists before the background job's redirect, for the polling below
 KEYGATE_ADMIN_TOKEN="$TOKEN" RUST_LOG=warn "$TARGET/debug/keygate" serve \
   --config "$WORK/keygate.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 > "$WORK/out" &
 PID=$!
 for _ in $(seq 1 100); do
-  ADMIN=$(sed -n 's/^keygate: admin listening on //p' "$WORK/out")
+  ADMIN=$(sed -n 's/^keygate: admin listening on //p' "$WORK/out" || true)
   [ -n "$ADMIN" ] && break
   sleep 0.1
 done
