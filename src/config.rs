@@ -46,6 +46,7 @@ struct RawProxy {
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    worker_threads: Option<usize>,
     tls: Option<RawTls>,
 }
 
@@ -61,6 +62,7 @@ impl Default for RawProxy {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
+            worker_threads: None,
             tls: None,
         }
     }
@@ -209,6 +211,8 @@ struct RawStore {
 }
 
 /// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
+/// Far above any machine keygate runs on; a typo such as `40000` is refused, not obeyed.
+pub const MAX_WORKER_THREADS: usize = 1024;
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 impl Default for RawStore {
@@ -325,6 +329,9 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Threads that serve requests; `None`: one per CPU the process may use. One thread runs
+    /// the single-threaded scheduler, which costs less per request than a one-worker pool.
+    pub worker_threads: Option<usize>,
     /// `None`: plaintext (HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
 }
@@ -711,10 +718,20 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         max_headers: raw.proxy.max_headers,
         header_read_timeout: raw.proxy.header_read_timeout,
         drain_timeout: raw.proxy.drain_timeout,
+        worker_threads: raw.proxy.worker_threads,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
         p.add("proxy.max_connections", "must be at least 1");
+    }
+    if proxy
+        .worker_threads
+        .is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n))
+    {
+        p.add(
+            "proxy.worker_threads",
+            format!("must be from 1 to {MAX_WORKER_THREADS}"),
+        );
     }
     // hyper refuses read buffers under 8 KiB.
     if !(8192..=1024 * 1024).contains(&proxy.max_header_bytes) {
@@ -1359,6 +1376,22 @@ mod tests {
             "routes[0].methods",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn worker_threads_is_optional_and_bounded() {
+        assert_eq!(from_toml(GOOD).unwrap().proxy.worker_threads, None);
+        let with = |n: &str| {
+            from_toml(&GOOD.replacen("[proxy]", &format!("[proxy]\nworker_threads = {n}"), 1))
+        };
+        assert_eq!(with("1").unwrap().proxy.worker_threads, Some(1));
+        assert_eq!(with("16").unwrap().proxy.worker_threads, Some(16));
+        for bad in ["0", "40000"] {
+            let Err(ConfigError::Invalid(problems)) = with(bad) else {
+                panic!("worker_threads = {bad} accepted")
+            };
+            assert_eq!(problems[0].field, "proxy.worker_threads");
         }
     }
 

@@ -25,6 +25,7 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use prometheus::Histogram;
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -37,6 +38,8 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 pub struct Gateway {
     routes: RouteTable,
     upstreams: Vec<Upstream>,
+    /// `keygate_upstream_duration_seconds`, one series per entry of `upstreams`.
+    upstream_duration: Vec<Histogram>,
     verifier: Arc<Verifier>,
     names: SourceNames,
     realm: String,
@@ -91,9 +94,14 @@ impl Gateway {
             deny_ips,
             ..
         } = config.proxy.clone();
+        let upstream_duration = upstreams
+            .iter()
+            .map(|u| metrics.upstream_duration(&u.name))
+            .collect();
         Ok(Self {
             routes,
             upstreams,
+            upstream_duration,
             verifier,
             names: SourceNames {
                 header: config.auth.header_name.clone(),
@@ -238,8 +246,9 @@ impl Gateway {
             None => upstream.send(req).await,
             Some(_) => upstream.send_upgrade(req).await,
         };
-        self.metrics
-            .observe_upstream(&upstream.name, sent.elapsed());
+        if let Some(h) = self.upstream_duration.get(route.upstream) {
+            h.observe(sent.elapsed().as_secs_f64());
+        }
         // A chunked body that outgrew the limit fails the upstream exchange: the client's fault.
         if result.is_err() && body_limit_hit.load(Ordering::Acquire) {
             return Err(GatewayError::BodyTooLarge);

@@ -142,10 +142,23 @@ fn parse_role(s: &str) -> Result<keygate::store::Role, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` reads its configuration first: the runtime's shape is part of it.
+    let (runtime, serve_config) = match &cli.command {
+        Command::Serve(args) => match load_config(args.config.as_deref()) {
+            Ok(cfg) => (server_runtime(cfg.proxy.worker_threads), Some(cfg)),
+            Err(message) => {
+                eprintln!("keygate: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => (
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+            None,
+        ),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keygate: cannot start the runtime: {e}");
@@ -154,7 +167,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => match serve_config {
+                Some(cfg) => serve(args, cfg).await,
+                None => Err("configuration not loaded".into()),
+            },
             Command::CheckConfig { file } => check_config(&file),
             Command::Keys { config, command } => keys(config, command).await,
             Command::Teams { config, command } => teams(config, command).await,
@@ -189,8 +205,30 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let mut cfg = load_config(args.config.as_deref())?;
+/// One worker thread gets the single-threaded scheduler: no work stealing, no cross-thread
+/// wake-ups, measurably less CPU per request (docs/benchmarks.md). More get the work-stealing
+/// pool. Unset: tokio's choice (`TOKIO_WORKER_THREADS`, else one per CPU the process may use).
+fn server_runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = worker_threads
+        .or_else(|| {
+            std::env::var("TOKIO_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+async fn serve(args: ServeArgs, mut cfg: Config) -> Result<(), String> {
     if let Some(listen) = args.listen {
         cfg.proxy.listen = listen;
     }
@@ -549,3 +587,6 @@ async fn echo(listen: SocketAddr) -> Result<(), String> {
     keygate::app::shutdown_signal().await;
     Ok(())
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

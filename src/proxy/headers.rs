@@ -30,6 +30,13 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` goes
 /// too: upgrades are not proxied yet.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names costs less than nine lookups.
+    if !headers
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -128,14 +135,20 @@ pub fn set_identity(headers: &mut HeaderMap, key: &KeyRecord) {
         }
     };
     put(&KEY_ID, &key.api_key_id);
-    put(&KEY_TYPE, key.key_type.as_str());
     if let Some(team) = &key.team_id {
         put(&TEAM_ID, team);
     }
     if let Some(user) = &key.behalf_of_user_id {
         put(&USER_ID, user);
     }
-    put(&SCOPES, &key.scopes_header());
+    match key.scope_names.as_slice() {
+        [one] => put(&SCOPES, one),
+        many => put(&SCOPES, &many.join(" ")),
+    }
+    headers.insert(
+        KEY_TYPE.clone(),
+        HeaderValue::from_static(key.key_type.as_str()),
+    );
 }
 
 #[cfg(test)]
@@ -154,6 +167,17 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), "x".parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            remove_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} kept");
+        }
     }
 
     #[test]

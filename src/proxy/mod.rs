@@ -35,6 +35,9 @@ pub enum ForwardBody {
     Limited(Box<LimitedBody>),
 }
 
+/// Per upstream connection; hyper's default (~400 KiB) would let an upload queue that much.
+const UPSTREAM_MAX_BUF_BYTES: usize = 64 * 1024;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl From<Replay<Incoming>> for ForwardBody {
@@ -157,6 +160,9 @@ impl Upstream {
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .http2_only(cfg.http2)
+            // Caps the read buffer and the queue of body chunks waiting to be written: memory
+            // per forwarded request stays bounded however fast the client sends.
+            .http1_max_buf_size(UPSTREAM_MAX_BUF_BYTES)
             .build(connector);
         let parts = cfg.url.clone().into_parts();
         let base_path = cfg.url.path().trim_end_matches('/').to_owned();

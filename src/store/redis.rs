@@ -120,6 +120,9 @@ return 'ok'
 /// Usage: KEYS = usage key, id key; ARGV = requests, last-used ms. Adds to the count and keeps
 /// the latest time, only while the key exists (a late flush must not resurrect a deleted key's
 /// usage).
+/// Usage scripts a flush keeps in flight at once.
+const USAGE_IN_FLIGHT: usize = 128;
+
 const USAGE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'count', ARGV[1])
@@ -323,6 +326,7 @@ pub struct RedisStore {
     create_script: Script,
     apply_script: Script,
     member_script: Script,
+    usage_script: Script,
     /// [`AUDIT_CAP`], except in tests (see [`RedisStore::with_audit_cap`]).
     audit_cap: usize,
 }
@@ -399,6 +403,7 @@ impl RedisStore {
             create_script: Script::new(CREATE_LUA),
             apply_script: Script::new(APPLY_LUA),
             member_script: Script::new(MEMBER_LUA),
+            usage_script: Script::new(USAGE_LUA),
             audit_cap: AUDIT_CAP,
         };
         // Warm the connection in the background so the first request does not pay for it; a
@@ -1122,22 +1127,29 @@ impl KeyStore for RedisStore {
     }
 
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
-        // One script per key, each in its key's slot, sent concurrently over the multiplexed
-        // connection(s) rather than as one pipeline, which a cluster would refuse as cross-slot.
-        let calls = batch.iter().filter_map(|d| {
-            // An id that cannot be ours has no key to count for (deltas for gone keys drop).
-            let tag = id_tag(&d.api_key_id)?;
-            let cmd = redis::cmd("EVAL")
-                .arg(USAGE_LUA)
-                .arg(2)
-                .arg(self.names.usage(tag, &d.api_key_id))
-                .arg(self.names.id(tag, &d.api_key_id))
-                .arg(d.requests)
-                .arg(d.last_used.timestamp_millis())
-                .clone();
-            Some(async move { self.query::<Value>(&cmd).await })
-        });
-        self.bounded(try_join_all(calls)).await.map(drop)
+        // One script per key, each in its key's slot (a cluster refuses cross-slot pipelines),
+        // by its SHA (EVALSHA; loaded on the first NOSCRIPT), USAGE_IN_FLIGHT at a time: a
+        // flush of 100 000 keys must not queue 100 000 commands and their buffers at once.
+        // Each chunk has its own timeout, so a large batch is not failed for its size.
+        for chunk in batch.chunks(USAGE_IN_FLIGHT) {
+            let calls = chunk.iter().filter_map(|d| {
+                // An id that cannot be ours has no key to count for (deltas for gone keys drop).
+                let tag = id_tag(&d.api_key_id)?;
+                let mut inv = self.usage_script.prepare_invoke();
+                inv.key(self.names.usage(tag, &d.api_key_id))
+                    .key(self.names.id(tag, &d.api_key_id))
+                    .arg(d.requests)
+                    .arg(d.last_used.timestamp_millis());
+                let mut conn = self.conn.clone();
+                Some(async move {
+                    inv.invoke_async::<Value>(&mut conn)
+                        .await
+                        .map_err(redis_err)
+                })
+            });
+            self.bounded(try_join_all(calls)).await?;
+        }
+        Ok(())
     }
 
     async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
