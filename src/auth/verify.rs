@@ -1,8 +1,10 @@
 //! Verification of a presented key: format and checksum first (no I/O), then the SHA-256, then
-//! the in-process cache, then the store. Three moka caches, each with one job:
-//! - `fresh`: known keys, for `cache.ttl`; concurrent misses on one hash share one store load.
-//! - `stale`: the last good answer for each key, kept `ttl + stale_for`, read only when the
-//!   store cannot answer, so keys already seen keep working through a store outage.
+//! the in-process cache, then the store. Two moka caches, each with one job:
+//! - `known`: the last good answer for each key, kept `ttl + stale_for`. An entry answers on
+//!   its own while fresh (loaded less than `ttl` ago, and since the change feed last
+//!   (re)connected); after that only when the store cannot answer, so keys already seen keep
+//!   working through a store outage. One entry per key serves both jobs, so a cached key costs
+//!   one cache entry, and a miss one insert. Concurrent misses on one hash share one load.
 //! - `negative`: hashes the store did not know, smaller and shorter-lived, so a flood of
 //!   well-formed but unknown keys costs one store lookup per key per `negative_ttl`.
 //!
@@ -12,9 +14,10 @@
 use super::key::{KeyFormatError, KeyHash, KeyPrefix, check_format};
 use super::record::KeyRecord;
 use crate::config::CacheConfig;
-use crate::store::{Change, KeyStore, StoreError};
+use crate::store::{Change, KeyStore};
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,12 +35,6 @@ pub enum VerifyError {
     StoreUnavailable,
 }
 
-#[derive(Debug)]
-enum LoadError {
-    Unknown,
-    Store(StoreError),
-}
-
 /// Counters read by the metrics endpoint and the tests.
 #[derive(Debug, Default)]
 pub struct VerifyStats {
@@ -49,12 +46,24 @@ pub struct VerifyStats {
     pub store_errors: AtomicU64,
 }
 
+/// A cached answer and how long it may answer on its own.
+#[derive(Clone)]
+struct Known {
+    record: Arc<KeyRecord>,
+    /// `Verifier::now_ms` until which the entry is fresh.
+    fresh_until_ms: i64,
+    /// The `feed_epoch` it was loaded in: a lost change feed makes every older entry stale.
+    feed_epoch: u64,
+}
+
 pub struct Verifier {
     prefix: KeyPrefix,
     store: Arc<dyn KeyStore>,
-    fresh: Cache<KeyHash, Arc<KeyRecord>>,
-    stale: Cache<KeyHash, Arc<KeyRecord>>,
+    known: Cache<KeyHash, Known>,
     negative: Cache<KeyHash, ()>,
+    ttl_ms: i64,
+    /// Bumped whenever changes may have been missed.
+    feed_epoch: AtomicU64,
     /// Milliseconds since `epoch` until which the store is not asked (0: ask).
     store_backoff_until_ms: AtomicI64,
     epoch: Instant,
@@ -68,11 +77,7 @@ impl Verifier {
         Self {
             prefix,
             store,
-            fresh: Cache::builder()
-                .max_capacity(cfg.max_entries)
-                .time_to_live(cfg.ttl)
-                .build(),
-            stale: Cache::builder()
+            known: Cache::builder()
                 .max_capacity(cfg.max_entries)
                 .time_to_live(cfg.ttl + cfg.stale_for)
                 .build(),
@@ -80,6 +85,8 @@ impl Verifier {
                 .max_capacity(cfg.negative_max_entries.max(1))
                 .time_to_live(cfg.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
+            ttl_ms: i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX),
+            feed_epoch: AtomicU64::new(0),
             store_backoff_until_ms: AtomicI64::new(0),
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
@@ -99,9 +106,11 @@ impl Verifier {
     ) -> Result<Arc<KeyRecord>, VerifyError> {
         check_format(&self.prefix, presented)?;
         let hash = KeyHash::of(presented);
-        if let Some(record) = self.fresh.get(&hash).await {
+        if let Some(known) = self.known.get(&hash).await
+            && self.is_fresh(&known)
+        {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(record);
+            return Ok(known.record);
         }
         if self.negative.contains_key(&hash) {
             self.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
@@ -114,51 +123,61 @@ impl Verifier {
         // A change that lands while the load is in flight may describe a newer state than the
         // one loaded; then the loaded copy must not stay cached.
         let generation = self.generation.load(Ordering::Acquire);
+        // Calls on one key run one after the other: the first loads, the others find its
+        // fresh entry and do nothing.
         let loaded = self
-            .fresh
-            .try_get_with(hash, async {
+            .known
+            .entry(hash)
+            .and_try_compute_with(|current| async move {
+                if current.is_some_and(|e| self.is_fresh(e.value())) {
+                    return Ok(Op::Nop);
+                }
                 self.stats.store_lookups.fetch_add(1, Ordering::Relaxed);
                 match self.store.find_by_hash(&hash, now).await {
-                    Ok(Some(record)) => {
-                        let record = Arc::new(record);
-                        self.stale.insert(hash, record.clone()).await;
-                        Ok(record)
-                    }
-                    Ok(None) => Err(LoadError::Unknown),
-                    Err(e) => Err(LoadError::Store(e)),
+                    Ok(Some(record)) => Ok(Op::Put(Known {
+                        record: Arc::new(record),
+                        fresh_until_ms: self.now_ms().saturating_add(self.ttl_ms),
+                        feed_epoch: self.feed_epoch.load(Ordering::Acquire),
+                    })),
+                    // A key known a moment ago may have been deleted: its stale copy must not
+                    // outlive the store's "no".
+                    Ok(None) => Ok(Op::Remove),
+                    Err(e) => Err(e),
                 }
             })
             .await;
         match loaded {
-            Ok(record) => {
+            Ok(
+                CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e),
+            ) => {
                 if self.generation.load(Ordering::Acquire) != generation {
-                    self.fresh.invalidate(&hash).await;
+                    self.known.invalidate(&hash).await;
                 }
-                Ok(record)
+                Ok(e.into_value().record)
             }
-            Err(e) => match &*e {
-                LoadError::Unknown => {
-                    // A key known a moment ago may have been deleted: its stale copy must not
-                    // outlive the store's "no".
-                    self.stale.invalidate(&hash).await;
-                    self.negative.insert(hash, ()).await;
-                    Err(VerifyError::Unknown)
-                }
-                LoadError::Store(err) => {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %err, "key store lookup failed");
-                    self.enter_backoff();
-                    self.stale_or_unavailable(&hash).await
-                }
-            },
+            Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => {
+                self.negative.insert(hash, ()).await;
+                Err(VerifyError::Unknown)
+            }
+            Err(err) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "key store lookup failed");
+                self.enter_backoff();
+                self.stale_or_unavailable(&hash).await
+            }
         }
     }
 
+    fn is_fresh(&self, known: &Known) -> bool {
+        self.now_ms() < known.fresh_until_ms
+            && known.feed_epoch == self.feed_epoch.load(Ordering::Acquire)
+    }
+
     async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<KeyRecord>, VerifyError> {
-        match self.stale.get(hash).await {
-            Some(record) => {
+        match self.known.get(hash).await {
+            Some(known) => {
                 self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
-                Ok(record)
+                Ok(known.record)
             }
             None => Err(VerifyError::StoreUnavailable),
         }
@@ -183,14 +202,12 @@ impl Verifier {
         match change {
             Change::Keys(hashes) => {
                 for h in hashes {
-                    self.fresh.invalidate(h).await;
-                    self.stale.invalidate(h).await;
+                    self.known.invalidate(h).await;
                     self.negative.invalidate(h).await;
                 }
             }
             Change::All => {
-                self.fresh.invalidate_all();
-                self.stale.invalidate_all();
+                self.known.invalidate_all();
                 self.negative.invalidate_all();
             }
         }
@@ -200,17 +217,24 @@ impl Verifier {
     /// again, but the stale copies stay for outages (bounded by `stale_for`).
     pub fn feed_lost(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.fresh.invalidate_all();
+        self.feed_epoch.fetch_add(1, Ordering::AcqRel);
         self.negative.invalidate_all();
     }
 
+    /// Keys cached, fresh or kept for outages.
     pub fn cached_entries(&self) -> u64 {
-        self.fresh.entry_count()
+        self.known.entry_count()
+    }
+
+    #[cfg(test)]
+    async fn cached_entries_now(&self) -> u64 {
+        self.known.run_pending_tasks().await;
+        self.known.entry_count()
     }
 }
 
 /// Keeps the verifier subscribed to the store's changes for as long as the process runs:
-/// on every (re)subscription and on every loss, the fresh caches are flushed. `first` is a feed
+/// on every (re)subscription and on every loss, every cached entry turns stale. `first` is a feed
 /// opened before serving began, so no change made after start-up can be missed.
 pub async fn follow_changes(
     verifier: Arc<Verifier>,
@@ -241,5 +265,113 @@ pub async fn follow_changes(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::key::{NewKey, SlotTag, new_key_id};
+    use crate::auth::record::sample_record;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn cache_config(ttl: Duration) -> CacheConfig {
+        CacheConfig {
+            ttl,
+            max_entries: 1000,
+            negative_ttl: Duration::from_secs(60),
+            negative_max_entries: 1000,
+            stale_for: Duration::from_secs(60),
+        }
+    }
+
+    /// A verifier over a fresh embedded store holding one key; the key and the record's id.
+    async fn with_one_key(ttl: Duration) -> (Verifier, String, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("k.db")).unwrap());
+        let prefix = KeyPrefix::default();
+        let key = NewKey::generate(&prefix, SlotTag::random());
+        let mut record = sample_record("x");
+        record.api_key_id = new_key_id(SlotTag::random());
+        store.create(&record, &key.hash(), None).await.unwrap();
+        let verifier = Verifier::new(prefix, store, &cache_config(ttl));
+        (verifier, key.expose().to_owned(), record.api_key_id, dir)
+    }
+
+    fn lookups(v: &Verifier) -> u64 {
+        v.stats.store_lookups.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_cached_key_is_not_looked_up_again_until_the_feed_is_lost() {
+        let (v, key, id, _dir) = with_one_key(Duration::from_secs(3600)).await;
+        let now = Utc::now();
+        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(lookups(&v), 1);
+        assert_eq!(v.cached_entries_now().await, 1);
+        v.feed_lost();
+        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(
+            lookups(&v),
+            2,
+            "an entry from before the feed was lost is not fresh"
+        );
+        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(lookups(&v), 2);
+        assert_eq!(
+            v.cached_entries_now().await,
+            1,
+            "one entry per key, fresh or stale"
+        );
+    }
+
+    #[tokio::test]
+    async fn past_its_ttl_an_entry_is_loaded_again() {
+        let (v, key, _, _dir) = with_one_key(Duration::from_millis(50)).await;
+        v.verify(&key, Utc::now()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        v.verify(&key, Utc::now()).await.unwrap();
+        assert_eq!(lookups(&v), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_on_one_key_share_one_load() {
+        let (v, key, _, _dir) = with_one_key(Duration::from_secs(3600)).await;
+        let v = Arc::new(v);
+        let now = Utc::now();
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (v, key) = (v.clone(), key.clone());
+                tokio::spawn(async move { v.verify(&key, now).await.is_ok() })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        assert_eq!(lookups(&v), 1);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_key_loses_its_entry_and_is_remembered_as_unknown() {
+        let (v, key, id, _dir) = with_one_key(Duration::from_millis(10)).await;
+        v.verify(&key, Utc::now()).await.unwrap();
+        v.store.delete(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            v.verify(&key, Utc::now()).await.unwrap_err(),
+            VerifyError::Unknown
+        );
+        assert_eq!(v.cached_entries_now().await, 0, "no stale copy left");
+        assert_eq!(
+            v.verify(&key, Utc::now()).await.unwrap_err(),
+            VerifyError::Unknown
+        );
+        assert_eq!(
+            lookups(&v),
+            2,
+            "the second refusal came from the negative cache"
+        );
     }
 }
