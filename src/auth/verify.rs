@@ -132,6 +132,10 @@ impl Verifier {
                 if current.is_some_and(|e| self.is_fresh(e.value())) {
                     return Ok(Op::Nop);
                 }
+                // A call that waited behind one which learned the key is unknown: StillNone.
+                if self.negative.contains_key(&hash) {
+                    return Ok(Op::Nop);
+                }
                 self.stats.store_lookups.fetch_add(1, Ordering::Relaxed);
                 match self.store.find_by_hash(&hash, now).await {
                     Ok(Some(record)) => Ok(Op::Put(Known {
@@ -139,9 +143,13 @@ impl Verifier {
                         fresh_until_ms: self.now_ms().saturating_add(self.ttl_ms),
                         feed_epoch: self.feed_epoch.load(Ordering::Acquire),
                     })),
-                    // A key known a moment ago may have been deleted: its stale copy must not
-                    // outlive the store's "no".
-                    Ok(None) => Ok(Op::Remove),
+                    // Remembered before the key's lock is released, so the calls waiting on
+                    // it do not ask the store again. A key known a moment ago may have been
+                    // deleted: its stale copy must not outlive the store's "no".
+                    Ok(None) => {
+                        self.negative.insert(hash, ()).await;
+                        Ok(Op::Remove)
+                    }
                     Err(e) => Err(e),
                 }
             })
@@ -155,10 +163,7 @@ impl Verifier {
                 }
                 Ok(e.into_value().record)
             }
-            Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => {
-                self.negative.insert(hash, ()).await;
-                Err(VerifyError::Unknown)
-            }
+            Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => Err(VerifyError::Unknown),
             Err(err) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %err, "key store lookup failed");
@@ -349,6 +354,25 @@ mod tests {
             .collect();
         for t in tasks {
             assert!(t.await.unwrap());
+        }
+        assert_eq!(lookups(&v), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_on_one_unknown_key_share_one_load() {
+        let (v, _, _, _dir) = with_one_key(Duration::from_secs(3600)).await;
+        let v = Arc::new(v);
+        let unknown = NewKey::generate(&KeyPrefix::default(), SlotTag::random())
+            .expose()
+            .to_owned();
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (v, key) = (v.clone(), unknown.clone());
+                tokio::spawn(async move { v.verify(&key, Utc::now()).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap_err(), VerifyError::Unknown);
         }
         assert_eq!(lookups(&v), 1);
     }
