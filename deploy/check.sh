@@ -108,6 +108,9 @@ done
 say "the image's build context: cargo fetch --locked (what its cargo build --locked needs first)"
 context_fetch() {
   [ -e "$WORK/context/Cargo.toml" ] || { echo "no build context was laid out"; return 1; }
+  # Every platform's packages in Cargo.lock into the local registry first (a build here only
+  # downloads this platform's), then the context alone must resolve from them.
+  cargo fetch --locked --quiet || return 1
   (cd "$WORK/context" && cargo fetch --locked --offline --quiet) && echo "ok"
 }
 step "build context" context_fetch
