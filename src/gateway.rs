@@ -35,6 +35,10 @@ use std::time::Instant;
 
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
+/// Headers the gateway may add to a forwarded request: `X-Forwarded-For/-Proto/-Host`, the
+/// request id, and the five identity headers.
+const ADDED_HEADERS: usize = 9;
+
 pub struct Gateway {
     routes: RouteTable,
     upstreams: Vec<Upstream>,
@@ -185,6 +189,9 @@ impl Gateway {
         let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
 
         let (mut parts, incoming) = req.into_parts();
+        // Room for what is added below (forwarding, request id, identity) in one allocation,
+        // instead of the map doubling twice on the way.
+        parts.headers.reserve(ADDED_HEADERS);
         // Identity headers are ours alone, on every route, public ones included.
         headers::remove_identity(&mut parts.headers);
         let body = if route.public {
@@ -282,7 +289,9 @@ impl Gateway {
         if after.is_empty() {
             return Err(CredentialError::Missing.into());
         }
-        let peeked = body_key::peek(&route.body, after, &parts.headers, incoming).await?;
+        // Boxed: the peek's future is large, and inline it would be copied on every request,
+        // header-key ones included.
+        let peeked = Box::pin(body_key::peek(&route.body, after, &parts.headers, incoming)).await?;
         let body = ForwardBody::from(peeked.body);
         if let Some(k) = peeked.key {
             return Ok(Found {

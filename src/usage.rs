@@ -2,7 +2,7 @@
 //! memory on the hot path (a sharded map, one short lock, no I/O) and flushed to the store in
 //! batches every `usage.flush_interval`, so no request ever waits on a store write.
 
-use crate::store::{KeyStore, UsageDelta};
+use crate::store::{KeyStore, StoreError, UsageDelta};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 const SHARDS: usize = 32;
+/// Deltas per store call in a flush: what a failed call can leave in doubt.
+const FLUSH_CHUNK: usize = 256;
 
 #[derive(Default)]
 struct Counts {
@@ -81,13 +83,26 @@ impl UsageRecorder {
 
     /// Writes what was counted to the store; on failure keeps it for the next flush.
     pub async fn flush(&self, store: &dyn KeyStore) {
-        let batch = self.drain();
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = store.record_usage(&batch).await {
-            tracing::warn!(error = %e, keys = batch.len(), "usage flush failed; will retry");
-            self.restore(batch);
+        self.flush_with(async |chunk| store.record_usage(chunk).await)
+            .await;
+    }
+
+    /// Sends the batch in chunks of [`FLUSH_CHUNK`]. When one fails, it and the chunks not
+    /// yet sent are kept for the next flush; the chunks before it were applied and are not
+    /// sent again. A failed chunk may have been applied in part (a timeout does not say), so
+    /// its retry can count up to one chunk twice: counts err high, never lost.
+    async fn flush_with(&self, mut send: impl AsyncFnMut(&[UsageDelta]) -> Result<(), StoreError>) {
+        let mut batch = self.drain();
+        let total = batch.len();
+        let mut applied = 0;
+        while applied < total {
+            let end = (applied + FLUSH_CHUNK).min(total);
+            if let Err(e) = send(&batch[applied..end]).await {
+                tracing::warn!(error = %e, keys = total - applied, "usage flush failed; will retry");
+                self.restore(batch.split_off(applied));
+                return;
+            }
+            applied = end;
         }
     }
 }
@@ -131,5 +146,51 @@ mod tests {
         assert!(r.drain().is_empty());
         r.restore(batch);
         assert_eq!(r.drain().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_chunk_keeps_itself_and_the_rest_but_not_what_was_applied() {
+        let r = UsageRecorder::default();
+        let now = Utc::now();
+        let keys = FLUSH_CHUNK * 3 + 7;
+        for i in 0..keys {
+            r.record(&format!("apk_{i}"), now);
+        }
+        let mut applied: Vec<UsageDelta> = Vec::new();
+        let mut calls = 0;
+        r.flush_with(async |chunk| {
+            calls += 1;
+            assert!(chunk.len() <= FLUSH_CHUNK);
+            if calls == 3 {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            applied.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await;
+        assert_eq!(calls, 3, "no chunk is sent after a failure");
+        assert_eq!(applied.len(), FLUSH_CHUNK * 2);
+        let kept = r.drain();
+        assert_eq!(kept.len(), keys - FLUSH_CHUNK * 2);
+        let mut ids: Vec<&str> = applied
+            .iter()
+            .chain(&kept)
+            .map(|d| d.api_key_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), keys, "every key applied or kept, none both");
+        assert!(kept.iter().all(|d| d.requests == 1));
+
+        // The retry sends what was kept, once.
+        r.restore(kept);
+        let mut resent = 0;
+        r.flush_with(async |chunk| {
+            resent += chunk.len();
+            Ok(())
+        })
+        .await;
+        assert_eq!(resent, keys - FLUSH_CHUNK * 2);
+        assert!(r.drain().is_empty());
     }
 }

@@ -39,6 +39,9 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 KG = os.environ.get("KEYGATE_BIN", os.path.join(ROOT, "target", "release", "keygate"))
+# A/B: when set, every keygate contender also runs with this binary, as `<name>@B`, interleaved
+# in the same rounds (the way to compare two builds on a machine whose numbers drift).
+KG_B = os.environ.get("KEYGATE_BIN_B")
 LOADER = os.environ.get("LOAD_KEYS_BIN", os.path.join(ROOT, "target", "release", "examples", "load_keys"))
 
 # Ports (127.0.0.1 only), away from the tests' and the peers' ranges.
@@ -326,10 +329,10 @@ def listening(p, port, what, logname):
     raise ContenderError(f"{what} did not listen on {port}; see {RUN}/{logname}")
 
 
-def start_keygate(log_level="warn", env=None):
+def start_keygate(log_level="warn", env=None, binary=None):
     cfg = render("keygate.toml", dict(PORT=P["KG"], ADMIN=P["KG_ADMIN"], LOG_LEVEL=log_level))
     logname = f"keygate-{log_level}.log"
-    p = start([KG, "serve", "--config", cfg], 0,
+    p = start([binary or KG, "serve", "--config", cfg], 0,
               env=dict({"TOKIO_WORKER_THREADS": "1", "RUST_LOG": log_level}, **(env or {})), logname=logname)
     listening(p, P["KG"], "keygate", logname)
     if not wait_port(P["KG_ADMIN"], 5):  # the metrics the harness reads
@@ -512,8 +515,8 @@ WORKLOADS = {
 def contenders(workload, form_ok):
     hot, cold, bad, unk = f"{RUN}/hot.txt", f"{RUN}/cold.txt", f"{RUN}/malformed.txt", f"{RUN}/unknown.txt"
     direct = lambda: Proxy(None, P["UP"], P["UP_H2"])
-    kg = lambda: start_keygate("warn")
-    kg_info = lambda: start_keygate("info")
+    kg = lambda binary=None: start_keygate("warn", binary=binary)
+    kg_info = lambda binary=None: start_keygate("info", binary=binary)
     c = []
     if workload in ("get-keepalive", "get-newconn"):
         conn = "keep" if workload == "get-keepalive" else "close"
@@ -594,7 +597,40 @@ def contenders(workload, form_ok):
             ("haproxy-map", start_haproxy, dict(up, path="/v1/upload", keyplace="both")),
             ("nginx-map", start_nginx_map, dict(up, path="/v1/upload", keyplace="both")),
         ]
+    if KG_B:
+        twins = []
+        for name, starter, a in c:
+            twins.append((name, starter, a))
+            if name.startswith("keygate"):
+                twins.append((name + "@B", lambda s=starter: s(binary=KG_B), a))
+        c = twins
     return c
+
+
+def ab_lines(results):
+    """For every contender run with both binaries: B/A of req/s and of CPU per request, round
+    by round (each pair measured minutes apart at most, so drift mostly cancels)."""
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    lines = ["| workload | contender | req/s B/A | CPU µs/req B/A | CPU µs/req A → B (medians) | rounds |",
+             "|---|---|---|---|---|---|"]
+    for (w, name), rs_a in results.items():
+        rs_b = results.get((w, name + "@B"))
+        if not rs_b or name.endswith("@B"):
+            continue
+        pairs = [(a, b) for a, b in zip(rs_a, rs_b) if a.get("rps") and b.get("rps")]
+        if not pairs:
+            continue
+        rps = [b["rps"] / a["rps"] for a, b in pairs]
+        cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in pairs
+               if a.get("cpu_us_per_req") and b.get("cpu_us_per_req")]
+        cell = lambda xs: f"{med(xs):.3f} ({min(xs):.3f}–{max(xs):.3f})" if xs else "-"
+        ca = [a["cpu_us_per_req"] for a, _ in pairs if a.get("cpu_us_per_req")]
+        cb = [b["cpu_us_per_req"] for _, b in pairs if b.get("cpu_us_per_req")]
+        lines.append(f"| {w} | {name} | {cell(rps)} | {cell(cpu)} | "
+                     f"{med(ca) if ca else '-'} → {med(cb) if cb else '-'} | {len(pairs)} |")
+    return lines
 
 
 def keygate_metrics():
@@ -965,7 +1001,8 @@ def profile(workload, name, starter, a, args):
                 if len(f) > 3 and f[0].replace(".", "").isdigit():
                     per_req.append(f"{f[2]}: {float(f[0]) / d0['requests']:.2f}/request")
         data = os.path.join(RUN, f"perf-{workload}-{name}.data")
-        rec = subprocess.Popen(pin(1) + ["perf", "record", "-F", "1999", "-p", pids, "-o", data,
+        graph = ["--call-graph", "dwarf,16384", "-F", "499"] if args.perf_callers else ["-F", "1999"]
+        rec = subprocess.Popen(pin(1) + ["perf", "record"] + graph + ["-p", pids, "-o", data,
                                          "--", "sleep", str(args.dur)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -1125,6 +1162,9 @@ def main():
     ap.add_argument("--mem-cached", type=int, default=100_000,
                     help="keys cached for the memory phase (at most --mem-keys and 200 000)")
     ap.add_argument("--out", default="", help="directory for logs and results (default /tmp/keygate-bench-DATE)")
+    ap.add_argument("--perf-callers", action="store_true",
+                    help="with --perf: record call graphs (DWARF) too; read them with "
+                         "`perf report -i OUT/perf-W-C.data --no-children -S SYMBOL -G`")
     ap.add_argument("--perf", default="", help="after the rounds, profile these WORKLOAD/CONTENDER pairs "
                     "(comma-separated) with perf record, e.g. get-keepalive/keygate-cached")
     args = ap.parse_args()
@@ -1232,6 +1272,10 @@ def main():
             out(f"\n1 MiB uploads, memory vs concurrency (fresh process per level; peak RSS sampled every 50 ms):\n")
             for line in upload_mem_lines(upload_mem):
                 out(line)
+        if KG_B:
+            out(f"\nA/B: {KG_B} (@B) against {KG}, ratios B/A paired by round (median, min–max):\n")
+            for line in ab_lines(results):
+                out(line)
         out("\nTargets (load):")
         for t in targets(summary, upload_mem):
             out(t)
@@ -1250,7 +1294,7 @@ def main():
                 out(f"FAILED {w}/{n} in {len(s['errors'])} round(s): {s['errors'][0]}")
             if s["unexpected"]:
                 out(f"WARNING {w}/{n}: {s['unexpected']} answers with an unexpected status")
-            if s["gets_over_bound"] and n not in ("keygate-cold-100k", "keygate-miss-every", "keygate-flood-unknown"):
+            if s["gets_over_bound"] and n.removesuffix("@B") not in ("keygate-cold-100k", "keygate-miss-every", "keygate-flood-unknown"):
                 out(f"WARNING {w}/{n}: more Redis GETs than distinct keys per TTL: {s['gets_over_bound']}")
             if s["socket_errors"]:
                 out(f"note {w}/{n}: socket errors: {s['socket_errors']}")

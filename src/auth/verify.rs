@@ -117,6 +117,13 @@ impl Verifier {
             return Err(VerifyError::Unknown);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        // Boxed: the load's future is ~2 KiB, and inline it would be copied on every call,
+        // hits included.
+        Box::pin(self.load(hash, now)).await
+    }
+
+    /// A miss: asks the store (one load per key at a time) and caches the answer.
+    async fn load(&self, hash: KeyHash, now: DateTime<Utc>) -> Result<Arc<KeyRecord>, VerifyError> {
         if self.store_in_backoff() {
             return self.stale_or_unavailable(&hash).await;
         }

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Instructions per request, user space, counted by valgrind (callgrind): a measure of keygate's
+# own work that does not drift with the machine's load the way time does (the load harness's
+# CPU µs/req moved 20-40 % between rounds on a busy VM, hiding 1-5 % changes). It cannot see
+# kernel time (syscalls, TCP), so it complements the harness, it does not replace it.
+#
+# Starts Redis, the upstream nginx (fixed 200) and each given keygate binary under callgrind
+# on loopback, loads HOT keys once, sends REQUESTS requests per route with wrk (8 connections,
+# keys at random, the harness's wrk script) after a warm-up, and prints, per binary and route,
+# the instructions counted during the measured requests (counters zeroed after the warm-up)
+# divided by the requests.
+#
+#   bash benches/load/instructions.sh target/release/keygate                 # one binary
+#   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
+#
+# Needs: valgrind, nginx, redis-server, wrk (apt-get install valgrind nginx redis-server wrk),
+# and the key loader (LOAD_KEYS_BIN, default target/release/examples/load_keys; build it with
+# `cargo build --release --example load_keys`). Ports 18700-18712 on 127.0.0.1.
+# Per-function costs: callgrind_annotate OUT/cg-<n>-<route>.out (OUT is printed at the end).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
+for bin in valgrind nginx redis-server wrk; do
+  command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install valgrind nginx redis-server wrk)" >&2; exit 1; }
+done
+LOADER="${LOAD_KEYS_BIN:-target/release/examples/load_keys}"
+[ -x "$LOADER" ] || { echo "no key loader at $LOADER (cargo build --release --example load_keys)" >&2; exit 1; }
+REQUESTS="${REQUESTS:-20000}"
+HOT="${HOT:-1000}"
+OUT="$(mktemp -d /tmp/keygate-instr-XXXXXX)"
+UP=18700; REDIS=18702; KG=18710; ADMIN=18711
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 400); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 did not open" >&2
+  return 1
+}
+
+mkdir -p "$OUT/up_tmp"
+cat > "$OUT/up.conf" <<NGX
+worker_processes 1;
+pid $OUT/up.pid;
+error_log $OUT/up.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_temp_path $OUT/up_tmp; proxy_temp_path $OUT/up_tmp; fastcgi_temp_path $OUT/up_tmp;
+  uwsgi_temp_path $OUT/up_tmp; scgi_temp_path $OUT/up_tmp;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"ok":true,"service":"upstream"}\n'; }
+  }
+}
+NGX
+nginx -p "$OUT" -c "$OUT/up.conf" -g 'daemon off;' & PIDS+=($!)
+redis-server --bind 127.0.0.1 --port "$REDIS" --save '' --appendonly no --dir "$OUT" >"$OUT/redis.log" & PIDS+=($!)
+wait_port "$UP"; wait_port "$REDIS"
+"$LOADER" --redis "redis://127.0.0.1:$REDIS" --namespace kg --count "$HOT" --team bench \
+  --concurrency 64 --out "$OUT/hot.txt" 2>"$OUT/load.log"
+
+sed -e "s/@PORT@/$KG/; s/@ADMIN@/$ADMIN/; s/@REDIS@/$REDIS/; s/@UP@/$UP/; s/@NEG_TTL@/5/; s/@LOG_LEVEL@/warn/" \
+  benches/load/conf/keygate.toml > "$OUT/keygate.toml"
+
+# A run: keygate under callgrind, about `requests` requests on `path`, the counters dumped
+# after them. Prints the requests answered and the instructions counted.
+run() { # binary tag path requests keyfile
+  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg-$tag.out" --dump-instr=no \
+    "$bin" serve --config "$OUT/keygate.toml" >"$OUT/kg-$tag.log" 2>&1 &
+  local pid=$!
+  wait_port "$KG"; wait_port "$ADMIN"
+  # Warm: every key once through the cache, the upstream pool filled.
+  if [ "$n" -gt 0 ]; then
+    wrk -t1 -c8 -d2s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
+      "$keyfile" random "$path" none bearer keep >/dev/null 2>&1 || true
+  fi
+  # Start-up and warm-up are not counted.
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  local sent=0
+  if [ "$n" -gt 0 ]; then
+    local dur=$(( n / 1500 + 1 ))
+    sent=$(wrk -t1 -c8 -d"${dur}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
+      "$keyfile" random "$path" none bearer keep 2>/dev/null | awk '/requests in/ {print $1}')
+  fi
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local ir
+  ir=$(grep -h '^summary:\|^totals:' "$OUT/cg-$tag.out.1" | head -1 | awk '{print $2}')
+  echo "$sent $ir"
+}
+
+printf '%-40s %-10s %10s %16s %12s\n' binary route requests instructions instr/request
+i=0
+for bin in "$@"; do
+  i=$((i + 1))
+  for route in public:/public/v1/resource cached:/v1/resource; do
+    name=${route%%:*}; path=${route#*:}
+    read -r sent ir < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
+    printf '%-40s %-10s %10s %16s %12s\n' "$bin" "$name" "$sent" "$ir" \
+      "$(awk -v i="$ir" -v n="$sent" 'BEGIN { if (n > 0) printf "%.0f", i / n; else print "-" }')"
+  done
+done
+echo "callgrind outputs in $OUT"
