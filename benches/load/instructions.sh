@@ -13,7 +13,8 @@
 #   bash benches/load/instructions.sh target/release/keygate                 # one binary
 #   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
 #
-# Needs: valgrind, nginx, redis-server, wrk (apt-get install valgrind nginx redis-server wrk),
+# Needs: valgrind, nginx with the Lua module, redis-server, wrk (apt-get install valgrind nginx
+# libnginx-mod-http-lua redis-server wrk),
 # and the key loader (LOAD_KEYS_BIN, default target/release/examples/load_keys; build it with
 # `cargo build --release --example load_keys`). Ports 18700-18712 on 127.0.0.1.
 # Per-function costs: callgrind_annotate OUT/cg-<n>-<route>.out (OUT is printed at the end).
@@ -21,14 +22,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
 for bin in valgrind nginx redis-server wrk; do
-  command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install valgrind nginx redis-server wrk)" >&2; exit 1; }
+  command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install valgrind nginx libnginx-mod-http-lua redis-server wrk)" >&2; exit 1; }
 done
+[ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || { echo "missing nginx's Lua module (apt-get install libnginx-mod-http-lua)" >&2; exit 1; }
 LOADER="${LOAD_KEYS_BIN:-target/release/examples/load_keys}"
 [ -x "$LOADER" ] || { echo "no key loader at $LOADER (cargo build --release --example load_keys)" >&2; exit 1; }
 REQUESTS="${REQUESTS:-20000}"
 HOT="${HOT:-1000}"
 OUT="$(mktemp -d /tmp/keygate-instr-XXXXXX)"
-UP=18700; REDIS=18702; KG=18710; ADMIN=18711
+UP=18700; UP_H2=18701; REDIS=18702; KG=18710; ADMIN=18711
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -45,24 +47,9 @@ wait_port() {
   return 1
 }
 
-mkdir -p "$OUT/up_tmp"
-cat > "$OUT/up.conf" <<NGX
-worker_processes 1;
-pid $OUT/up.pid;
-error_log $OUT/up.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_temp_path $OUT/up_tmp; proxy_temp_path $OUT/up_tmp; fastcgi_temp_path $OUT/up_tmp;
-  uwsgi_temp_path $OUT/up_tmp; scgi_temp_path $OUT/up_tmp;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '{"ok":true,"service":"upstream"}\n'; }
-  }
-}
-NGX
-nginx -p "$OUT" -c "$OUT/up.conf" -g 'daemon off;' & PIDS+=($!)
+# The load harness's upstream (same answers as in its runs).
+sed -e "s|@UP@|$UP|g; s|@UP_H2@|$UP_H2|g; s|@RUN@|$OUT|g" benches/load/conf/upstream-nginx.conf > "$OUT/up.conf"
+nginx -p "$OUT" -e "$OUT/up.err" -c "$OUT/up.conf" -g 'daemon off;' & PIDS+=($!)
 redis-server --bind 127.0.0.1 --port "$REDIS" --save '' --appendonly no --dir "$OUT" >"$OUT/redis.log" & PIDS+=($!)
 wait_port "$UP"; wait_port "$REDIS"
 "$LOADER" --redis "redis://127.0.0.1:$REDIS" --namespace kg --count "$HOT" --team bench \
