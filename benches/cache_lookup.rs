@@ -1,11 +1,12 @@
-//! The cache-hit lookup on its own: a `moka::future::Cache<KeyHash, Arc<KeyRecord>>` built as
-//! `auth::verify::Verifier` builds its `fresh` cache (capacity, TTL), holding 100 000 keys, and
-//! one `get` of a present hash: always the same one (`cache_hit_lookup_100k`, what
+//! The cache-hit lookup on its own: a `moka::future::Cache<KeyHash, Arc<VerifiedKey>>` built as
+//! `auth::verify::Verifier` builds its `known` cache (capacity, TTL, hasher), holding 100 000
+//! keys, and one `get` of a present hash: always the same one (`cache_hit_lookup_100k`, what
 //! `hot_path`'s `verify_cache_hit` measures, with the format check and the SHA-256 on top) and
 //! a different one each time (`…_spread`, as a gateway serving many keys sees it). Then the full
-//! `Verifier::verify` over 100 000 cached keys in turn (`verify_cache_hit_100k_spread`). Before timing, it prints what the cache costs in resident memory: bytes per
-//! key for the records in one cache, and for a second cache holding the same `Arc`s (as the
-//! verifier's `stale` cache does beside `fresh`). Results go to docs/benchmarks.md.
+//! `Verifier::verify` over 100 000 cached keys in turn (`verify_cache_hit_100k_spread`). Before
+//! timing, it prints what the cache costs in resident memory: bytes per cached key, the entry
+//! and the `VerifiedKey` it holds (identity headers included, after one request has cloned
+//! them, as forwarding does). Results go to docs/benchmarks.md.
 
 #![allow(clippy::unwrap_used)] // benchmark set-up: a panic is a broken bench
 
@@ -13,6 +14,7 @@ use chrono::Utc;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag};
 use keygate::auth::record::{KeyRecord, KeyType};
+use keygate::auth::verified::VerifiedKey;
 use keygate::auth::verify::Verifier;
 use keygate::config::CacheConfig;
 use keygate::store::KeyStore;
@@ -57,39 +59,31 @@ fn rss_bytes() -> u64 {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let prefix = KeyPrefix::default();
-    let cache: Cache<KeyHash, Arc<KeyRecord>> = Cache::builder()
+    let cache: Cache<KeyHash, Arc<VerifiedKey>, foldhash::fast::RandomState> = Cache::builder()
         .max_capacity(2 * ENTRIES as u64)
         .time_to_live(Duration::from_secs(3600))
-        .build();
+        .build_with_hasher(foldhash::fast::RandomState::default());
     let hashes: Vec<KeyHash> = (0..ENTRIES)
         .map(|_| NewKey::generate(&prefix, SlotTag::random()).hash())
         .collect();
-    let second: Cache<KeyHash, Arc<KeyRecord>> = Cache::builder()
-        .max_capacity(2 * ENTRIES as u64)
-        .time_to_live(Duration::from_secs(3600))
-        .build();
     let before = rss_bytes();
     rt.block_on(async {
         for (n, h) in hashes.iter().enumerate() {
-            cache.insert(*h, Arc::new(record(n))).await;
+            let key = Arc::new(VerifiedKey::from(record(n)));
+            // Forwarding clones the identity headers, which gives their shared buffer its
+            // reference count: memory as it is once the key has served a request.
+            let mut forwarded = http::HeaderMap::new();
+            keygate::proxy::headers::set_identity(&mut forwarded, &key.identity);
+            cache.insert(*h, key).await;
         }
         cache.run_pending_tasks().await;
     });
     let one = rss_bytes();
-    rt.block_on(async {
-        for h in &hashes {
-            if let Some(r) = cache.get(h).await {
-                second.insert(*h, r).await;
-            }
-        }
-        second.run_pending_tasks().await;
-    });
-    let two = rss_bytes();
     eprintln!(
-        "cache_lookup: resident bytes per key: {} (record + one moka entry), {} more for a \
-         second cache sharing the record (fresh + stale), {} bytes of KeyRecord inline",
+        "cache_lookup: resident bytes per cached key: {} (VerifiedKey + one moka entry); \
+         {} bytes of VerifiedKey inline ({} of the store's KeyRecord)",
         (one - before) / ENTRIES as u64,
-        (two - one) / ENTRIES as u64,
+        std::mem::size_of::<VerifiedKey>(),
         std::mem::size_of::<KeyRecord>()
     );
     let probe = hashes[ENTRIES / 2];

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, Uri};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, check_format};
 use keygate::auth::policy::authorize;
 use keygate::auth::record::KeyType;
+use keygate::auth::verified::VerifiedKey;
 use keygate::auth::verify::Verifier;
 use keygate::config::{CacheConfig, KeySource};
 use keygate::credential::{SourceNames, extract};
@@ -59,6 +60,7 @@ fn bench(c: &mut Criterion) {
     record.allow_ips = (0..20)
         .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
         .collect();
+    let record = VerifiedKey::from(record);
     let scopes = vec!["read".to_string(), "write".to_string()];
     let ip = "10.19.3.4".parse().unwrap();
     let now = Utc::now();

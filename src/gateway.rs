@@ -6,7 +6,7 @@
 //! as a replay of what was read followed by the rest of the stream.
 
 use crate::auth::policy;
-use crate::auth::record::KeyRecord;
+use crate::auth::verified::VerifiedKey;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{self, canonical};
 use crate::config::KeySource;
@@ -69,7 +69,7 @@ struct Found<'p> {
 #[derive(Default)]
 struct Trace {
     route: Option<usize>,
-    key: Option<Arc<KeyRecord>>,
+    key: Option<Arc<VerifiedKey>>,
     client_ip: Option<IpAddr>,
 }
 
@@ -161,7 +161,7 @@ impl Gateway {
             status = resp.status().as_u16(),
             outcome = outcome.as_str(),
             code,
-            key_id = trace.key.as_ref().map_or("-", |k| k.api_key_id.as_str()),
+            key_id = trace.key.as_ref().map_or("-", |k| &*k.api_key_id),
             client_ip = %trace.client_ip.unwrap_or(peer.ip()),
             duration_us = elapsed.as_micros() as u64,
         );
@@ -214,7 +214,7 @@ impl Gateway {
                     body_key::strip_field(replay, &mut parts.headers, range);
                 }
             }
-            headers::set_identity(&mut parts.headers, &key);
+            headers::set_identity(&mut parts.headers, &key.identity);
             body
         };
         let body_limit_hit = Arc::new(AtomicBool::new(false));

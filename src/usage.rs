@@ -4,8 +4,9 @@
 
 use crate::store::{KeyStore, StoreError, UsageDelta};
 use chrono::{DateTime, Utc};
+use foldhash::fast::RandomState;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,16 +20,20 @@ struct Counts {
     last_used: Option<DateTime<Utc>>,
 }
 
+/// Key ids are ours (generated), so a fast seeded hash is enough; every map and the shard pick
+/// get seeds of their own, so a shard's keys do not share their map's bucket bits.
 pub struct UsageRecorder {
-    shards: Vec<Mutex<HashMap<Box<str>, Counts>>>,
+    shards: Vec<Mutex<HashMap<Box<str>, Counts, RandomState>>>,
     hasher: RandomState,
 }
 
 impl Default for UsageRecorder {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            hasher: RandomState::default(),
         }
     }
 }

@@ -81,7 +81,7 @@ pub async fn authenticate(
         PolicyRefusal::ScopeMissing => AdminError::InsufficientScope(required_scope),
     })?;
     Ok(Admin {
-        actor_id: key.api_key_id.clone(),
-        team: key.team_id.clone(),
+        actor_id: key.api_key_id.to_string(),
+        team: key.team_id.as_deref().map(str::to_owned),
     })
 }

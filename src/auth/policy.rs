@@ -2,7 +2,7 @@
 //! inside `allow_ips`, route scopes all granted. A pure function: the time comes in as an
 //! argument and nothing here does I/O.
 
-use super::record::KeyRecord;
+use super::verified::VerifiedKey;
 use chrono::{DateTime, Utc};
 use std::net::IpAddr;
 
@@ -19,7 +19,7 @@ pub enum PolicyRefusal {
 }
 
 pub fn authorize(
-    key: &KeyRecord,
+    key: &VerifiedKey,
     required_scopes: &[String],
     client_ip: IpAddr,
     now: DateTime<Utc>,
@@ -35,7 +35,7 @@ pub fn authorize(
     }
     if !required_scopes
         .iter()
-        .all(|s| key.scope_names.iter().any(|k| k == s))
+        .all(|s| key.scope_names.iter().any(|k| **k == **s))
     {
         return Err(PolicyRefusal::ScopeMissing);
     }
@@ -61,25 +61,28 @@ mod tests {
         k.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
         let need = vec!["write".to_string()];
         assert_eq!(
-            authorize(&k, &need, ip("1.1.1.1"), now),
+            authorize(&VerifiedKey::from(&k), &need, ip("1.1.1.1"), now),
             Err(PolicyRefusal::Disabled)
         );
         k.is_enabled = true;
         assert_eq!(
-            authorize(&k, &need, ip("1.1.1.1"), now),
+            authorize(&VerifiedKey::from(&k), &need, ip("1.1.1.1"), now),
             Err(PolicyRefusal::Expired)
         );
         k.expires_time = Some(now + Duration::seconds(60));
         assert_eq!(
-            authorize(&k, &need, ip("1.1.1.1"), now),
+            authorize(&VerifiedKey::from(&k), &need, ip("1.1.1.1"), now),
             Err(PolicyRefusal::IpNotAllowed)
         );
         assert_eq!(
-            authorize(&k, &need, ip("10.2.3.4"), now),
+            authorize(&VerifiedKey::from(&k), &need, ip("10.2.3.4"), now),
             Err(PolicyRefusal::ScopeMissing)
         );
         k.scope_names.push("write".into());
-        assert_eq!(authorize(&k, &need, ip("10.2.3.4"), now), Ok(()));
+        assert_eq!(
+            authorize(&VerifiedKey::from(&k), &need, ip("10.2.3.4"), now),
+            Ok(())
+        );
     }
 
     #[test]
@@ -88,7 +91,7 @@ mod tests {
         let mut k = sample_record("apk_1");
         k.expires_time = Some(now);
         assert_eq!(
-            authorize(&k, &[], ip("1.1.1.1"), now),
+            authorize(&VerifiedKey::from(&k), &[], ip("1.1.1.1"), now),
             Err(PolicyRefusal::Expired)
         );
     }
@@ -101,14 +104,20 @@ mod tests {
             "2001:db8::/32".parse().unwrap(),
             "192.0.2.1/32".parse().unwrap(),
         ];
-        assert_eq!(authorize(&k, &[], ip("2001:db8::42"), now), Ok(()));
-        assert_eq!(authorize(&k, &[], ip("192.0.2.1"), now), Ok(()));
         assert_eq!(
-            authorize(&k, &[], ip("2001:db9::1"), now),
+            authorize(&VerifiedKey::from(&k), &[], ip("2001:db8::42"), now),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(&VerifiedKey::from(&k), &[], ip("192.0.2.1"), now),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(&VerifiedKey::from(&k), &[], ip("2001:db9::1"), now),
             Err(PolicyRefusal::IpNotAllowed)
         );
         assert_eq!(
-            authorize(&k, &[], ip("192.0.2.2"), now),
+            authorize(&VerifiedKey::from(&k), &[], ip("192.0.2.2"), now),
             Err(PolicyRefusal::IpNotAllowed)
         );
     }
@@ -117,6 +126,9 @@ mod tests {
     fn no_scopes_needed_passes_any_key() {
         let mut k = sample_record("apk_1");
         k.scope_names.clear();
-        assert_eq!(authorize(&k, &[], ip("1.1.1.1"), Utc::now()), Ok(()));
+        assert_eq!(
+            authorize(&VerifiedKey::from(&k), &[], ip("1.1.1.1"), Utc::now()),
+            Ok(())
+        );
     }
 }

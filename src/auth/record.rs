@@ -69,13 +69,6 @@ pub struct KeyRecord {
     pub key_start: String,
 }
 
-impl KeyRecord {
-    /// `scope_names` joined for the `X-Keygate-Scopes` header.
-    pub fn scopes_header(&self) -> String {
-        self.scope_names.join(" ")
-    }
-}
-
 #[cfg(test)]
 pub(crate) fn sample_record(id: &str) -> KeyRecord {
     let now = Utc::now();

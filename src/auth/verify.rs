@@ -1,5 +1,6 @@
-//! Verification of a presented key: format and checksum first (no I/O), then the SHA-256, then
-//! the in-process cache, then the store. Two moka caches, each with one job:
+//! Verification of a presented key: the SHA-256 of a string of a key's length and a look in the
+//! in-process cache; on a miss, format and checksum (no I/O; a malformed key ends here, so it
+//! never reaches the store), then the store. Two moka caches, each with one job:
 //! - `known`: the last good answer for each key, kept `ttl + stale_for`. An entry answers on
 //!   its own while fresh (loaded less than `ttl` ago, and since the change feed last
 //!   (re)connected); after that only when the store cannot answer, so keys already seen keep
@@ -12,7 +13,7 @@
 //! wait for a timeout; an uncached key then gets `StoreUnavailable` (503), never a pass.
 
 use super::key::{KeyFormatError, KeyHash, KeyPrefix, check_format};
-use super::record::KeyRecord;
+use super::verified::VerifiedKey;
 use crate::config::CacheConfig;
 use crate::store::{Change, KeyStore};
 use chrono::{DateTime, Utc};
@@ -21,6 +22,11 @@ use moka::ops::compute::{CompResult, Op};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The caches' keys are SHA-256 digests: a seeded fast hash spreads them as well as SipHash
+/// does, for a fraction of its cost on every lookup. The seed is random per process, so no
+/// one can grind keys that collide in a given gateway's table.
+type CacheHasher = foldhash::fast::RandomState;
 
 /// How long lookups skip a store that just failed.
 const STORE_BACKOFF: Duration = Duration::from_secs(1);
@@ -49,7 +55,7 @@ pub struct VerifyStats {
 /// A cached answer and how long it may answer on its own.
 #[derive(Clone)]
 struct Known {
-    record: Arc<KeyRecord>,
+    record: Arc<VerifiedKey>,
     /// `Verifier::now_ms` until which the entry is fresh.
     fresh_until_ms: i64,
     /// The `feed_epoch` it was loaded in: a lost change feed makes every older entry stale.
@@ -59,8 +65,8 @@ struct Known {
 pub struct Verifier {
     prefix: KeyPrefix,
     store: Arc<dyn KeyStore>,
-    known: Cache<KeyHash, Known>,
-    negative: Cache<KeyHash, ()>,
+    known: Cache<KeyHash, Known, CacheHasher>,
+    negative: Cache<KeyHash, (), CacheHasher>,
     ttl_ms: i64,
     /// Bumped whenever changes may have been missed.
     feed_epoch: AtomicU64,
@@ -80,11 +86,11 @@ impl Verifier {
             known: Cache::builder()
                 .max_capacity(cfg.max_entries)
                 .time_to_live(cfg.ttl + cfg.stale_for)
-                .build(),
+                .build_with_hasher(CacheHasher::default()),
             negative: Cache::builder()
                 .max_capacity(cfg.negative_max_entries.max(1))
                 .time_to_live(cfg.negative_ttl.max(Duration::from_millis(1)))
-                .build(),
+                .build_with_hasher(CacheHasher::default()),
             ttl_ms: i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX),
             feed_epoch: AtomicU64::new(0),
             store_backoff_until_ms: AtomicI64::new(0),
@@ -103,15 +109,20 @@ impl Verifier {
         &self,
         presented: &str,
         now: DateTime<Utc>,
-    ) -> Result<Arc<KeyRecord>, VerifyError> {
-        check_format(&self.prefix, presented)?;
-        let hash = KeyHash::of(presented);
-        if let Some(known) = self.known.get(&hash).await
+    ) -> Result<Arc<VerifiedKey>, VerifyError> {
+        // A fresh hit needs no format check: only a stored key's own string hashes to its
+        // entry. Strings of any other length cannot be keys, and are refused below before they
+        // cost a hash (a long one would cost a long one).
+        let hash = (presented.len() == self.prefix.key_len()).then(|| KeyHash::of(presented));
+        if let Some(hash) = &hash
+            && let Some(known) = self.known.get(hash).await
             && self.is_fresh(&known)
         {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(known.record);
         }
+        check_format(&self.prefix, presented)?;
+        let hash = hash.unwrap_or_else(|| KeyHash::of(presented));
         if self.negative.contains_key(&hash) {
             self.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
             return Err(VerifyError::Unknown);
@@ -123,7 +134,11 @@ impl Verifier {
     }
 
     /// A miss: asks the store (one load per key at a time) and caches the answer.
-    async fn load(&self, hash: KeyHash, now: DateTime<Utc>) -> Result<Arc<KeyRecord>, VerifyError> {
+    async fn load(
+        &self,
+        hash: KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<VerifiedKey>, VerifyError> {
         if self.store_in_backoff() {
             return self.stale_or_unavailable(&hash).await;
         }
@@ -146,7 +161,7 @@ impl Verifier {
                 self.stats.store_lookups.fetch_add(1, Ordering::Relaxed);
                 match self.store.find_by_hash(&hash, now).await {
                     Ok(Some(record)) => Ok(Op::Put(Known {
-                        record: Arc::new(record),
+                        record: Arc::new(VerifiedKey::from(record)),
                         fresh_until_ms: self.now_ms().saturating_add(self.ttl_ms),
                         feed_epoch: self.feed_epoch.load(Ordering::Acquire),
                     })),
@@ -185,7 +200,7 @@ impl Verifier {
             && known.feed_epoch == self.feed_epoch.load(Ordering::Acquire)
     }
 
-    async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<KeyRecord>, VerifyError> {
+    async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<VerifiedKey>, VerifyError> {
         match self.known.get(hash).await {
             Some(known) => {
                 self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
@@ -319,24 +334,76 @@ mod tests {
     async fn a_cached_key_is_not_looked_up_again_until_the_feed_is_lost() {
         let (v, key, id, _dir) = with_one_key(Duration::from_secs(3600)).await;
         let now = Utc::now();
-        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
-        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(
+            v.verify(&key, now).await.unwrap().api_key_id,
+            Box::from(id.as_str())
+        );
+        assert_eq!(
+            v.verify(&key, now).await.unwrap().api_key_id,
+            Box::from(id.as_str())
+        );
         assert_eq!(lookups(&v), 1);
         assert_eq!(v.cached_entries_now().await, 1);
         v.feed_lost();
-        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(
+            v.verify(&key, now).await.unwrap().api_key_id,
+            Box::from(id.as_str())
+        );
         assert_eq!(
             lookups(&v),
             2,
             "an entry from before the feed was lost is not fresh"
         );
-        assert_eq!(v.verify(&key, now).await.unwrap().api_key_id, id);
+        assert_eq!(
+            v.verify(&key, now).await.unwrap().api_key_id,
+            Box::from(id.as_str())
+        );
         assert_eq!(lookups(&v), 2);
         assert_eq!(
             v.cached_entries_now().await,
             1,
             "one entry per key, fresh or stale"
         );
+    }
+
+    #[tokio::test]
+    async fn malformed_keys_are_refused_for_their_reason_and_never_reach_the_store() {
+        let (v, key, _, _dir) = with_one_key(Duration::from_secs(3600)).await;
+        let now = Utc::now();
+        // The cached key's neighbours: its last character changed (checksum), one character
+        // more and one fewer (length), another prefix of the same length.
+        let last = key.chars().last().unwrap();
+        let other = if last == 'a' { 'b' } else { 'a' };
+        let bad_checksum = format!("{}{other}", &key[..key.len() - 1]);
+        let longer = format!("{key}a");
+        let shorter = key[..key.len() - 1].to_owned();
+        let wrong_prefix = format!("zz{}", &key[2..]);
+        let expect = |r: Result<Arc<VerifiedKey>, VerifyError>| r.map(|_| ()).unwrap_err();
+        for round in ["before the key is cached", "after"] {
+            assert_eq!(
+                expect(v.verify(&bad_checksum, now).await),
+                VerifyError::Malformed(KeyFormatError::BadChecksum),
+                "{round}"
+            );
+            assert_eq!(
+                expect(v.verify(&longer, now).await),
+                VerifyError::Malformed(KeyFormatError::WrongLength),
+                "{round}"
+            );
+            assert_eq!(
+                expect(v.verify(&shorter, now).await),
+                VerifyError::Malformed(KeyFormatError::WrongLength),
+                "{round}"
+            );
+            assert_eq!(
+                expect(v.verify(&wrong_prefix, now).await),
+                VerifyError::Malformed(KeyFormatError::WrongPrefix),
+                "{round}"
+            );
+            assert_eq!(lookups(&v), u64::from(round == "after"), "{round}");
+            v.verify(&key, now).await.unwrap();
+        }
+        assert_eq!(v.stats.cache_hits.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //! header it sends is dropped before ours are added.
 
 use crate::auth::record::KeyRecord;
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use std::net::IpAddr;
 
@@ -128,26 +129,56 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
-pub fn set_identity(headers: &mut HeaderMap, key: &KeyRecord) {
-    let mut put = |name: &HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name.clone(), v);
+/// The `X-Keygate-*` values of one key, validated once when the key is loaded, in one shared
+/// buffer: forwarding them costs a reference count each, not a validation, an allocation and
+/// a copy per header per request. `None` where the key has no such value, or where it cannot
+/// be a header value (it is then not sent, as before it was cached this way).
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// Key id, team id, user id, scopes: in the order of `IDENTITY_VALUED`.
+    values: [Option<HeaderValue>; 4],
+    key_type: &'static str,
+}
+
+static IDENTITY_VALUED: [&HeaderName; 4] = [&KEY_ID, &TEAM_ID, &USER_ID, &SCOPES];
+
+impl IdentityHeaders {
+    pub fn of(key: &KeyRecord) -> Self {
+        let scopes = key.scope_names.join(" ");
+        let texts = [
+            Some(key.api_key_id.as_str()),
+            key.team_id.as_deref(),
+            key.behalf_of_user_id.as_deref(),
+            Some(scopes.as_str()),
+        ];
+        let mut joined = BytesMut::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
+        for text in texts.iter().flatten() {
+            joined.extend_from_slice(text.as_bytes());
         }
-    };
-    put(&KEY_ID, &key.api_key_id);
-    if let Some(team) = &key.team_id {
-        put(&TEAM_ID, team);
+        let joined = joined.freeze();
+        let mut at = 0;
+        let values = texts.map(|text| {
+            let text = text?;
+            let value = joined.slice(at..at + text.len());
+            at += text.len();
+            HeaderValue::from_maybe_shared(value).ok()
+        });
+        Self {
+            values,
+            key_type: key.key_type.as_str(),
+        }
     }
-    if let Some(user) = &key.behalf_of_user_id {
-        put(&USER_ID, user);
-    }
-    match key.scope_names.as_slice() {
-        [one] => put(&SCOPES, one),
-        many => put(&SCOPES, &many.join(" ")),
+}
+
+pub fn set_identity(headers: &mut HeaderMap, identity: &IdentityHeaders) {
+    for (name, value) in IDENTITY_VALUED.iter().zip(&identity.values) {
+        if let Some(value) = value {
+            headers.insert(HeaderName::clone(name), value.clone());
+        }
     }
     headers.insert(
         KEY_TYPE.clone(),
-        HeaderValue::from_static(key.key_type.as_str()),
+        HeaderValue::from_static(identity.key_type),
     );
 }
 
@@ -189,12 +220,38 @@ mod tests {
         assert!(h.is_empty());
         let mut k = sample_record("apk_real");
         k.behalf_of_user_id = Some("u1".into());
-        set_identity(&mut h, &k);
+        set_identity(&mut h, &IdentityHeaders::of(&k));
         assert_eq!(h["x-keygate-key-id"], "apk_real");
         assert_eq!(h["x-keygate-team-id"], "team1");
         assert_eq!(h["x-keygate-user-id"], "u1");
         assert_eq!(h["x-keygate-key-type"], "shared");
         assert_eq!(h["x-keygate-scopes"], "read");
+    }
+
+    #[test]
+    fn identity_values_keep_their_own_bytes_and_skip_what_cannot_be_sent() {
+        let mut k = sample_record("apk_2");
+        k.team_id = Some("team\nbroken".into());
+        k.behalf_of_user_id = Some("user-7".into());
+        k.scope_names = vec!["read".into(), "write".into(), "admin".into()];
+        k.key_type = crate::auth::record::KeyType::User;
+        let mut h = HeaderMap::new();
+        set_identity(&mut h, &IdentityHeaders::of(&k));
+        assert_eq!(h["x-keygate-key-id"], "apk_2");
+        assert!(!h.contains_key("x-keygate-team-id"));
+        assert_eq!(h["x-keygate-user-id"], "user-7");
+        assert_eq!(h["x-keygate-scopes"], "read write admin");
+        assert_eq!(h["x-keygate-key-type"], "user");
+
+        k.team_id = None;
+        k.behalf_of_user_id = None;
+        k.scope_names.clear();
+        let mut h = HeaderMap::new();
+        set_identity(&mut h, &IdentityHeaders::of(&k));
+        assert_eq!(h["x-keygate-key-id"], "apk_2");
+        assert!(!h.contains_key("x-keygate-team-id"));
+        assert!(!h.contains_key("x-keygate-user-id"));
+        assert_eq!(h["x-keygate-scopes"], "");
     }
 
     #[test]
