@@ -113,11 +113,13 @@ pub async fn run(
         listeners.proxy,
         opts.clone(),
         listeners.proxy_tls,
-        move |peer| {
+        move |addr| {
             let gateway = gateway.clone();
+            let peer = gateway.peer(addr);
             hyper::service::service_fn(move |req| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
+                let peer = peer.clone();
+                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, &peer).await) }
             })
         },
         stopped(stop_rx.clone()),

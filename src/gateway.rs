@@ -56,6 +56,18 @@ pub struct Gateway {
     usage: Option<Arc<UsageRecorder>>,
 }
 
+/// The client end of one connection, worked out when it opens rather than on every request:
+/// its address, whether it is a trusted proxy, and the `X-Forwarded-For` text most requests
+/// send.
+#[derive(Clone)]
+pub struct Peer {
+    addr: SocketAddr,
+    /// `addr`'s IP, IPv4-mapped IPv6 as IPv4.
+    ip: IpAddr,
+    trusted: bool,
+    forwarded_for: HeaderValue,
+}
+
 /// A presented key, where it came from, the body to forward, and (urlencoded bodies) where the
 /// key field lies in it.
 struct Found<'p> {
@@ -121,11 +133,23 @@ impl Gateway {
         })
     }
 
+    pub fn peer(&self, addr: SocketAddr) -> Peer {
+        let ip = canonical(addr.ip());
+        Peer {
+            addr,
+            ip,
+            trusted: self.trusted_proxies.iter().any(|n| n.contains(&ip)),
+            // An IP address's text is always a valid header value.
+            forwarded_for: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        }
+    }
+
     pub fn verifier(&self) -> &Arc<Verifier> {
         &self.verifier
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
         let started = Instant::now();
         self.metrics.in_flight.inc();
         let request_id = request_id::take_or_make(req.headers());
@@ -149,7 +173,7 @@ impl Gateway {
             }
         };
         resp.headers_mut()
-            .insert(request_id::HEADER, request_id.clone());
+            .insert(request_id::HEADER.clone(), request_id.clone());
         let elapsed = started.elapsed();
         self.metrics.observe_request(trace.route, outcome, elapsed);
         self.metrics.in_flight.dec();
@@ -162,7 +186,7 @@ impl Gateway {
             outcome = outcome.as_str(),
             code,
             key_id = trace.key.as_ref().map_or("-", |k| &*k.api_key_id),
-            client_ip = %trace.client_ip.unwrap_or(peer.ip()),
+            client_ip = %trace.client_ip.unwrap_or(peer.addr.ip()),
             duration_us = elapsed.as_micros() as u64,
         );
         resp
@@ -171,12 +195,11 @@ impl Gateway {
     async fn authorize_and_forward(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
     ) -> Result<Response<Incoming>, GatewayError> {
-        let peer_ip = canonical(peer.ip());
-        let client_ip = client_ip::client_ip(peer_ip, req.headers(), &self.trusted_proxies);
+        let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
         self.check_network(client_ip)?;
 
@@ -234,7 +257,6 @@ impl Gateway {
         };
         let mut req = Request::from_parts(parts, body);
 
-        let peer_is_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
         let proto = crate::server::ConnectionInfo::scheme_of(req.extensions());
         let upgrade = headers::upgrade_protocol(&req);
         let h = req.headers_mut();
@@ -242,8 +264,8 @@ impl Gateway {
         if let Some(protocol) = &upgrade {
             headers::restore_upgrade(h, protocol.clone());
         }
-        headers::set_forwarded(h, peer_ip, peer_is_trusted, proto, host.as_deref());
-        h.insert(request_id::HEADER, request_id.clone());
+        headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
+        h.insert(request_id::HEADER.clone(), request_id.clone());
         let upstream = self
             .upstreams
             .get(route.upstream)

@@ -104,15 +104,14 @@ impl RouteTable {
 /// The host a request names (`:authority` for HTTP/2, `Host` for HTTP/1.1), lowercased, port
 /// removed; `None` when absent or not valid.
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = match req.uri().host() {
-        Some(h) => h.to_owned(),
+    match req.uri().host() {
+        Some(h) => Some(h.to_ascii_lowercase()),
         None => {
             let value = req.headers().get(http::header::HOST)?.to_str().ok()?;
             let authority: http::uri::Authority = value.parse().ok()?;
-            authority.host().to_owned()
+            Some(authority.host().to_ascii_lowercase())
         }
-    };
-    Some(raw.to_ascii_lowercase())
+    }
 }
 
 #[cfg(test)]

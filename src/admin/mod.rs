@@ -164,7 +164,8 @@ impl AdminApi {
         let path = req.uri().path().to_owned();
         if path == "/metrics" && method == Method::GET {
             let mut resp = self.metrics().await;
-            resp.headers_mut().insert(request_id::HEADER, request_id);
+            resp.headers_mut()
+                .insert(request_id::HEADER.clone(), request_id);
             return resp;
         }
         let result = self.dispatch(req, peer, &id).await;
@@ -219,7 +220,8 @@ impl AdminApi {
                 resp
             }
         };
-        resp.headers_mut().insert(request_id::HEADER, request_id);
+        resp.headers_mut()
+            .insert(request_id::HEADER.clone(), request_id);
         tracing::info!(
             target: "keygate::admin",
             request_id = %id,

@@ -188,7 +188,7 @@ impl Conn {
     {
         let service = WithConnectionInfo {
             inner: service,
-            info,
+            info: (info != ConnectionInfo::default()).then_some(info),
         };
         let conn = self
             .builder
@@ -203,7 +203,10 @@ impl Conn {
 /// Puts the connection's [`ConnectionInfo`] into every request before the handler sees it.
 struct WithConnectionInfo<S> {
     inner: S,
-    info: ConnectionInfo,
+    /// `None` for a plain connection: its info is the default, which readers assume when
+    /// there is none (`ConnectionInfo::scheme_of`), and not inserting it saves allocating the
+    /// extensions map on every request.
+    info: Option<ConnectionInfo>,
 }
 
 impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
@@ -215,7 +218,9 @@ where
     type Future = S::Future;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.info.clone());
+        if let Some(info) = &self.info {
+            req.extensions_mut().insert(info.clone());
+        }
         self.inner.call(req)
     }
 }
