@@ -6,17 +6,6 @@ use crate::auth::record::KeyRecord;
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
 pub static KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 pub static TEAM_ID: HeaderName = HeaderName::from_static("x-keygate-team-id");
@@ -35,23 +24,23 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Only the names present are removed: a typical upstream answer carries just
+    // `Connection: keep-alive`, and each removal is a lookup.
+    let doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .chain(headers.keys().filter(|k| is_hop_by_hop(k)).cloned())
         .collect();
-    for name in named {
+    for name in doomed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
-/// `HOP_BY_HOP` and `Upgrade`.
+/// The hop-by-hop fields (RFC 9110 §7.6.1, and the older `Keep-Alive`/`Proxy-Connection`),
+/// the proxy-authentication ones, and `Upgrade`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -202,6 +191,18 @@ pub fn set_identity(headers: &mut HeaderMap, identity: &IdentityHeaders) {
 mod tests {
     use super::*;
     use crate::auth::record::sample_record;
+
+    /// What `is_hop_by_hop` must match, `Upgrade` aside.
+    static HOP_BY_HOP: [HeaderName; 8] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ];
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

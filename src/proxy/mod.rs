@@ -125,6 +125,8 @@ pub struct Upstream {
     base_path: String,
     response_timeout: Duration,
     http2: bool,
+    /// The `Host` an HTTP/1.1 upstream gets; `None` for HTTP/2.
+    host: Option<http::HeaderValue>,
     client: Client<HttpsConnector<HttpConnector>, ForwardBody>,
 }
 
@@ -175,26 +177,34 @@ impl Upstream {
             base_path,
             response_timeout: cfg.response_timeout,
             http2: cfg.http2,
+            host: if cfg.http2 {
+                None
+            } else {
+                host_header(&cfg.url)
+            },
             client,
         })
     }
 
     /// The URI the upstream sees: its own scheme and authority, its base path, then the
-    /// request's path and query unchanged.
-    fn target(&self, original: &Uri) -> Result<Uri, GatewayError> {
-        let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.base_path.is_empty() {
-            PathAndQuery::try_from(pq)
-        } else {
-            PathAndQuery::try_from(format!("{}{}", self.base_path, pq))
+    /// request's path and query unchanged (taken over as they are, not parsed again, when
+    /// there is no base path).
+    fn target(&self, original: Uri) -> Result<Uri, GatewayError> {
+        let mut parts = original.into_parts();
+        if !self.base_path.is_empty() {
+            let pq = parts
+                .path_and_query
+                .as_ref()
+                .map_or("/", PathAndQuery::as_str);
+            let joined = PathAndQuery::try_from(format!("{}{}", self.base_path, pq))
+                .map_err(|_| GatewayError::UpstreamUnavailable)?;
+            parts.path_and_query = Some(joined);
+        } else if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
-        .map_err(|_| GatewayError::UpstreamUnavailable)?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| GatewayError::UpstreamUnavailable)
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        Uri::from_parts(parts).map_err(|_| GatewayError::UpstreamUnavailable)
     }
 
     /// Sends the prepared request (identity and forwarding headers already set) and waits for
@@ -258,7 +268,7 @@ impl Upstream {
         &self,
         mut req: Request<ForwardBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
-        *req.uri_mut() = self.target(req.uri())?;
+        *req.uri_mut() = self.target(std::mem::take(req.uri_mut()))?;
         // The client's HTTP version does not carry over: the upstream gets HTTP/1.1 (or HTTP/2
         // when configured), with Host set from the target URI.
         *req.version_mut() = if self.http2 {
@@ -266,7 +276,12 @@ impl Upstream {
         } else {
             Version::HTTP_11
         };
-        req.headers_mut().remove(http::header::HOST);
+        // Set here from the value made once, rather than left for the client to format from
+        // the URI on every request. HTTP/2 carries it as `:authority` instead.
+        match &self.host {
+            Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
+            None => req.headers_mut().remove(http::header::HOST),
+        };
         let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
         {
             Ok(Ok(resp)) => resp,
@@ -280,5 +295,34 @@ impl Upstream {
             }
         };
         Ok(resp)
+    }
+}
+
+/// `Host` for an upstream URL, as hyper-util's client would make it: the host, and the port
+/// unless it is the scheme's default.
+fn host_header(url: &Uri) -> Option<http::HeaderValue> {
+    let host = url.host()?;
+    let secure = matches!(url.scheme_str(), Some("https" | "wss"));
+    let text = match (url.port_u16(), secure) {
+        (Some(443), true) | (Some(80), false) | (None, _) => host.to_owned(),
+        (Some(port), _) => format!("{host}:{port}"),
+    };
+    http::HeaderValue::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_drops_only_the_schemes_default_port() {
+        let host = |url: &str| host_header(&url.parse().unwrap()).unwrap();
+        assert_eq!(host("http://api.internal"), "api.internal");
+        assert_eq!(host("http://api.internal:80/v1"), "api.internal");
+        assert_eq!(host("http://api.internal:8080"), "api.internal:8080");
+        assert_eq!(host("https://api.internal:443"), "api.internal");
+        assert_eq!(host("https://api.internal:80"), "api.internal:80");
+        assert_eq!(host("http://127.0.0.1:18700"), "127.0.0.1:18700");
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 struct Env {
     store: Arc<dyn KeyStore>,
     gw: Gateway,
+    /// The echo upstream's `host:port`.
+    echo: String,
     _dir: tempfile::TempDir,
 }
 
@@ -92,6 +94,7 @@ async fn env_with(proxy_section: &str) -> Env {
     Env {
         store,
         gw,
+        echo: echo.to_string(),
         _dir: dir,
     }
 }
@@ -218,6 +221,9 @@ async fn upstream_base_path_is_prepended() {
     let seen: Value = r.json().await.unwrap();
     assert_eq!(seen["path"], "/base/based/v1");
     assert_eq!(seen["query"], "z=9");
+    // The upstream's own authority, not the gateway's that the client sent.
+    assert_eq!(seen["headers"]["host"][0], e.echo.as_str());
+    assert_eq!(seen["headers"]["host"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
