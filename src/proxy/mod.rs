@@ -7,6 +7,7 @@
 //! peeked bytes followed by the rest of that stream ([`ForwardBody`]).
 
 pub mod headers;
+mod pool;
 
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
@@ -16,10 +17,9 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use pool::{Pool, PoolSettings};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -127,7 +127,7 @@ pub struct Upstream {
     http2: bool,
     /// The `Host` an HTTP/1.1 upstream gets; `None` for HTTP/2.
     host: Option<http::HeaderValue>,
-    client: Client<HttpsConnector<HttpConnector>, ForwardBody>,
+    pool: Arc<Pool<ForwardBody>>,
 }
 
 impl Upstream {
@@ -158,22 +158,34 @@ impl Upstream {
         } else {
             builder.wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .http2_only(cfg.http2)
-            // Caps the read buffer and the queue of body chunks waiting to be written: memory
-            // per forwarded request stays bounded however fast the client sends.
-            .http1_max_buf_size(UPSTREAM_MAX_BUF_BYTES)
-            .build(connector);
         let parts = cfg.url.clone().into_parts();
         let base_path = cfg.url.path().trim_end_matches('/').to_owned();
+        let scheme = parts.scheme.unwrap_or(http::uri::Scheme::HTTP);
+        let authority = parts
+            .authority
+            .unwrap_or(http::uri::Authority::from_static("invalid"));
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream {name}: bad URL: {e}"))?;
+        let pool = Pool::new(
+            connector,
+            origin,
+            PoolSettings {
+                http2: cfg.http2,
+                max_idle: cfg.pool_max_idle_per_host,
+                idle_timeout: cfg.pool_idle_timeout,
+                // Caps the read buffer and the queue of body chunks waiting to be written:
+                // memory per forwarded request stays bounded however fast the client sends.
+                max_buf_size: UPSTREAM_MAX_BUF_BYTES,
+            },
+        );
         Ok(Self {
             name: name.to_owned(),
-            scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
-            authority: parts
-                .authority
-                .unwrap_or(http::uri::Authority::from_static("invalid")),
+            scheme,
+            authority,
             base_path,
             response_timeout: cfg.response_timeout,
             http2: cfg.http2,
@@ -182,13 +194,13 @@ impl Upstream {
             } else {
                 host_header(&cfg.url)
             },
-            client,
+            pool,
         })
     }
 
-    /// The URI the upstream sees: its own scheme and authority, its base path, then the
-    /// request's path and query unchanged (taken over as they are, not parsed again, when
-    /// there is no base path).
+    /// The URI the upstream sees: its base path, then the request's path and query unchanged
+    /// (taken over as they are, not parsed again, when there is no base path). Origin-form for
+    /// HTTP/1.1; HTTP/2 also gets the upstream's scheme and authority (its pseudo-headers).
     fn target(&self, original: Uri) -> Result<Uri, GatewayError> {
         let mut parts = original.into_parts();
         if !self.base_path.is_empty() {
@@ -202,8 +214,13 @@ impl Upstream {
         } else if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        if self.http2 {
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+        } else {
+            parts.scheme = None;
+            parts.authority = None;
+        }
         Uri::from_parts(parts).map_err(|_| GatewayError::UpstreamUnavailable)
     }
 
@@ -282,8 +299,7 @@ impl Upstream {
             Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
             None => req.headers_mut().remove(http::header::HOST),
         };
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
-        {
+        let resp = match tokio::time::timeout(self.response_timeout, self.pool.send(req)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.name, error = %e, connect = e.is_connect(), "upstream request failed");

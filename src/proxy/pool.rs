@@ -1,0 +1,456 @@
+//! Connections to one upstream, kept open between requests. An [`Upstream`](super::Upstream) is
+//! one origin, so unlike hyper-util's legacy client (which this replaced: a quarter of the
+//! proxy's user-space instructions per request, see docs/benchmarks.md) there is no map keyed
+//! by scheme and authority to hash on every checkout and return, no checkout racing a connect,
+//! and no per-request connection metadata: a request takes the most recently used idle
+//! connection, or opens its own.
+//!
+//! What it keeps from that client:
+//! - a request whose pooled connection turned out to be closed before anything was sent (the
+//!   upstream's keep-alive timeout fired just then) is sent again on another connection; a
+//!   request on a fresh connection is never re-sent;
+//! - an HTTP/1.1 connection goes back to the pool only once its response has been read to the
+//!   end (a task waits for that when the body is still streaming); an upgraded one (101) never;
+//! - at most `pool_max_idle_per_host` idle connections; one idle longer than
+//!   `pool_idle_timeout` is closed instead of used;
+//! - an HTTP/2 upstream gets one connection, shared by every request and opened by one of them
+//!   while the others wait; a new one when it closes.
+
+use super::BoxError;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+pub type Connector = HttpsConnector<HttpConnector>;
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to the upstream failed: {0}")]
+    Connect(BoxError),
+    #[error("the upstream connection's HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("the upstream exchange failed: {0}")]
+    Exchange(hyper::Error),
+}
+
+impl PoolError {
+    /// The upstream could not be reached at all (as opposed to failing mid-exchange).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
+    }
+}
+
+pub struct PoolSettings {
+    pub http2: bool,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    /// HTTP/1.1 read buffer and write queue per connection.
+    pub max_buf_size: usize,
+}
+
+/// Generic over the request body only so the tests can send empty bodies; the gateway's is
+/// [`ForwardBody`](super::ForwardBody).
+pub struct Pool<B> {
+    connector: Connector,
+    /// `scheme://authority`: where the connector connects.
+    origin: Uri,
+    settings: PoolSettings,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// HTTP/1.1 connections ready for a request, the most recently returned last.
+    idle: Mutex<Vec<Idle<B>>>,
+    /// The HTTP/2 connection; the lock is held while one is being opened.
+    shared: tokio::sync::Mutex<Option<http2::SendRequest<B>>>,
+}
+
+struct Idle<B> {
+    conn: http1::SendRequest<B>,
+    since: Instant,
+}
+
+impl<B> Pool<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(connector: Connector, origin: Uri, settings: PoolSettings) -> Arc<Self> {
+        let mut h1 = http1::Builder::new();
+        h1.max_buf_size(settings.max_buf_size.max(8192));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        Arc::new(Self {
+            connector,
+            origin,
+            settings,
+            h1,
+            h2,
+            idle: Mutex::new(Vec::new()),
+            shared: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Sends `req` (its URI origin-form for HTTP/1.1, absolute for HTTP/2) and waits for the
+    /// response head; the body streams afterwards.
+    pub async fn send(self: &Arc<Self>, req: Request<B>) -> Result<Response<Incoming>, PoolError> {
+        if self.settings.http2 {
+            self.send_h2(req).await
+        } else {
+            self.send_h1(req).await
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<B>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        loop {
+            let (mut conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect_h1().await?, false),
+            };
+            match conn.try_send_request(req).await {
+                Ok(resp) => {
+                    // A 101 hands the connection over to the upgrade.
+                    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        self.recycle(conn);
+                    }
+                    return Ok(resp);
+                }
+                // Not sent at all: the pooled connection was closed under us. Each retry takes
+                // another idle connection or opens one, so this ends.
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(PoolError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(&self, req: Request<B>) -> Result<Response<Incoming>, PoolError> {
+        let (mut conn, reused) = self.shared_h2().await?;
+        match conn.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => {
+                    // The shared connection is going away: a new one, once.
+                    *self.shared.lock().await = None;
+                    let (mut conn, _) = self.shared_h2().await?;
+                    conn.try_send_request(unsent)
+                        .await
+                        .map_err(|e| PoolError::Exchange(e.into_error()))
+                }
+                _ => Err(PoolError::Exchange(e.into_error())),
+            },
+        }
+    }
+
+    /// The most recently used idle connection that is still open and not too old.
+    fn checkout(&self) -> Option<http1::SendRequest<B>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() > self.settings.idle_timeout {
+                // The rest were returned earlier still.
+                idle.clear();
+                return None;
+            }
+            // Not ready: the upstream closed it while it sat idle.
+            if entry.conn.is_ready() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
+    /// Back to the pool once its response has been read; at once when it already has.
+    fn recycle(self: &Arc<Self>, mut conn: http1::SendRequest<B>) {
+        if conn.is_ready() {
+            self.put(conn);
+        } else if !conn.is_closed() {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if conn.ready().await.is_ok()
+                    && let Some(pool) = pool.upgrade()
+                {
+                    pool.put(conn);
+                }
+            });
+        }
+    }
+
+    fn put(&self, conn: http1::SendRequest<B>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.settings.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<B>, PoolError> {
+        let io = self.connect_io().await?;
+        let (mut conn, driver) = self.h1.handshake(io).await.map_err(PoolError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        conn.ready().await.map_err(PoolError::Handshake)?;
+        Ok(conn)
+    }
+
+    /// The shared HTTP/2 connection, opened when there is none (or it closed); `true` when it
+    /// was already open.
+    async fn shared_h2(&self) -> Result<(http2::SendRequest<B>, bool), PoolError> {
+        let mut shared = self.shared.lock().await;
+        if let Some(conn) = shared.as_ref()
+            && !conn.is_closed()
+        {
+            return Ok((conn.clone(), true));
+        }
+        *shared = None;
+        let io = self.connect_io().await?;
+        let (mut conn, driver) = self.h2.handshake(io).await.map_err(PoolError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        conn.ready().await.map_err(PoolError::Handshake)?;
+        *shared = Some(conn.clone());
+        Ok((conn, false))
+    }
+
+    /// TCP (and TLS for https) to the origin; the connector applies the connect timeout.
+    async fn connect_io(&self) -> Result<Io, PoolError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(PoolError::Connect)?;
+        connector
+            .call(self.origin.clone())
+            .await
+            .map_err(PoolError::Connect)
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// How a test upstream answers, and what it does with the connection afterwards.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        KeepOpen,
+        /// Closes the connection this long after answering, without saying so: an upstream's
+        /// keep-alive timeout.
+        HangUp(Duration),
+        /// Sends the head, then the body this long after.
+        SlowBody(Duration),
+    }
+
+    /// A real HTTP/1.1 upstream on loopback (GET only, a 2-byte answer); counts connections.
+    async fn upstream(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut have = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        have.extend_from_slice(&buf[..n]);
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+                            if s.write_all(head).await.is_err() {
+                                return;
+                            }
+                            if let Answer::SlowBody(d) = answer {
+                                tokio::time::sleep(d).await;
+                            }
+                            if s.write_all(b"ok").await.is_err() {
+                                return;
+                            }
+                            if let Answer::HangUp(d) = answer {
+                                tokio::time::sleep(d).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Arc<Pool<Empty<Bytes>>> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let origin = format!("http://{addr}/").parse().unwrap();
+        Pool::new(
+            connector,
+            origin,
+            PoolSettings {
+                http2: false,
+                max_idle,
+                idle_timeout,
+                max_buf_size: 64 * 1024,
+            },
+        )
+    }
+
+    async fn get(pool: &Arc<Pool<Empty<Bytes>>>, host: SocketAddr) -> Bytes {
+        let req = Request::get("/x")
+            .header(http::header::HOST, host.to_string())
+            .body(Empty::new())
+            .unwrap();
+        let resp = pool.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    /// The pool's idle count once returns in flight have landed.
+    async fn settled_idle(pool: &Arc<Pool<Empty<Bytes>>>, want: usize) -> usize {
+        for _ in 0..100 {
+            if pool.idle_count() == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pool.idle_count()
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = upstream(Answer::KeepOpen).await;
+        let pool = pool(addr, 8, LONG);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(settled_idle(&pool, 1).await, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_their_own_and_all_come_back_up_to_the_cap() {
+        let (addr, accepted) = upstream(Answer::SlowBody(Duration::from_millis(100))).await;
+        let pool = pool(addr, 2, LONG);
+        let (a, b, c) = tokio::join!(get(&pool, addr), get(&pool, addr), get(&pool, addr));
+        assert_eq!(
+            (&a[..], &b[..], &c[..]),
+            (&b"ok"[..], &b"ok"[..], &b"ok"[..])
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(settled_idle(&pool, 2).await, 2, "capped at max_idle");
+        get(&pool, addr).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_only_once_its_body_was_read() {
+        let (addr, accepted) = upstream(Answer::SlowBody(Duration::from_millis(150))).await;
+        let pool = pool(addr, 8, LONG);
+        let req = Request::get("/x").body(Empty::new()).unwrap();
+        let resp = pool.send(req).await.unwrap();
+        // Head received, body still coming: the connection is not free for another request.
+        assert_eq!(pool.idle_count(), 0);
+        let (second, first_body) = tokio::join!(get(&pool, addr), resp.into_body().collect());
+        assert_eq!(second, "ok");
+        assert_eq!(first_body.unwrap().to_bytes(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(settled_idle(&pool, 2).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        let (addr, accepted) = upstream(Answer::HangUp(Duration::from_millis(20))).await;
+        let pool = pool(addr, 8, LONG);
+        for _ in 0..3 {
+            assert_eq!(get(&pool, addr).await, "ok");
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_and_max_idle_zero_keeps_none() {
+        let (addr, accepted) = upstream(Answer::KeepOpen).await;
+        let pool = pool(addr, 8, Duration::from_millis(50));
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        get(&pool, addr).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "expired: a new connection"
+        );
+
+        let (addr, accepted) = upstream(Answer::KeepOpen).await;
+        let pool = self::pool(addr, 0, LONG);
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = pool(addr, 8, LONG);
+        let req = Request::get("/x").body(Empty::new()).unwrap();
+        let err = pool.send(req).await.unwrap_err();
+        assert!(err.is_connect(), "{err}");
+    }
+}
