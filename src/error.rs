@@ -14,6 +14,9 @@ use http_body_util::Full;
 pub enum GatewayError {
     #[error("no route matches this request")]
     NoRoute,
+    /// `CONNECT` asks for a tunnel, which a reverse proxy does not open.
+    #[error("CONNECT is not supported")]
+    ConnectNotSupported,
     #[error("the client address is not allowed")]
     ClientIpDenied,
     #[error(transparent)]
@@ -117,6 +120,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             "no route matches this request",
             None,
             Outcome::NoRoute,
+        ),
+        GatewayError::ConnectNotSupported => a(
+            S::NOT_IMPLEMENTED,
+            "METHOD_NOT_SUPPORTED",
+            "CONNECT is not supported: keygate is a reverse proxy, not a tunnel",
+            None,
+            Outcome::BadRequest,
         ),
         GatewayError::ClientIpDenied => a(
             S::FORBIDDEN,

@@ -202,6 +202,9 @@ impl Gateway {
         let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
         self.check_network(client_ip)?;
+        if req.method() == http::Method::CONNECT {
+            return Err(GatewayError::ConnectNotSupported);
+        }
 
         let host = route::request_host(&req);
         let route_index = self

@@ -67,8 +67,9 @@ pub struct Pool<B> {
     h2: http2::Builder<TokioExecutor>,
     /// HTTP/1.1 connections ready for a request, the most recently returned last.
     idle: Mutex<Vec<Idle<B>>>,
-    /// The HTTP/2 connection; the lock is held while one is being opened.
-    shared: tokio::sync::Mutex<Option<http2::SendRequest<B>>>,
+    /// The HTTP/2 connection and when a request last took it; the lock is held while one is
+    /// being opened.
+    shared: tokio::sync::Mutex<Option<(http2::SendRequest<B>, Instant)>>,
 }
 
 struct Idle<B> {
@@ -113,9 +114,12 @@ where
         mut req: Request<B>,
     ) -> Result<Response<Incoming>, PoolError> {
         loop {
+            // Boxed: connecting is rare on a warm pool, and its future (connector, TLS,
+            // handshake) inline would make every request's future kilobytes larger, copied
+            // as it is created and moved.
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect_h1().await?, false),
+                None => (Box::pin(self.connect_h1()).await?, false),
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
@@ -140,9 +144,9 @@ where
         match conn.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
+                // hyper hands a message back only once the connection is closed (GOAWAY or
+                // gone), so `shared_h2` opens a new one: once.
                 Some(unsent) if reused => {
-                    // The shared connection is going away: a new one, once.
-                    *self.shared.lock().await = None;
                     let (mut conn, _) = self.shared_h2().await?;
                     conn.try_send_request(unsent)
                         .await
@@ -172,6 +176,9 @@ where
 
     /// Back to the pool once its response has been read; at once when it already has.
     fn recycle(self: &Arc<Self>, mut conn: http1::SendRequest<B>) {
+        if self.settings.max_idle == 0 {
+            return;
+        }
         if conn.is_ready() {
             self.put(conn);
         } else if !conn.is_closed() {
@@ -212,12 +219,23 @@ where
     /// was already open.
     async fn shared_h2(&self) -> Result<(http2::SendRequest<B>, bool), PoolError> {
         let mut shared = self.shared.lock().await;
-        if let Some(conn) = shared.as_ref()
+        if let Some((conn, last_used)) = shared.as_mut()
             && !conn.is_closed()
+            // Unused for longer than an idle connection may live: a middlebox may have
+            // dropped it without either end knowing, so it is not trusted with requests.
+            && last_used.elapsed() <= self.settings.idle_timeout
         {
+            *last_used = Instant::now();
             return Ok((conn.clone(), true));
         }
         *shared = None;
+        // Boxed, as in `send_h1`.
+        let conn = Box::pin(self.connect_h2()).await?;
+        *shared = Some((conn.clone(), Instant::now()));
+        Ok((conn, false))
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<B>, PoolError> {
         let io = self.connect_io().await?;
         let (mut conn, driver) = self.h2.handshake(io).await.map_err(PoolError::Handshake)?;
         tokio::spawn(async move {
@@ -226,8 +244,7 @@ where
             }
         });
         conn.ready().await.map_err(PoolError::Handshake)?;
-        *shared = Some(conn.clone());
-        Ok((conn, false))
+        Ok(conn)
     }
 
     /// TCP (and TLS for https) to the origin; the connector applies the connect timeout.
@@ -441,6 +458,81 @@ mod tests {
         get(&pool, addr).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// A real h2c upstream (hyper's HTTP/2 server); counts connections.
+    async fn h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"h2"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), service),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection_until_it_has_idled_too_long() {
+        let (addr, accepted) = h2_upstream().await;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
+        let origin: Uri = format!("http://{addr}/").parse().unwrap();
+        let pool: Arc<Pool<Empty<Bytes>>> = Pool::new(
+            connector,
+            origin,
+            PoolSettings {
+                http2: true,
+                max_idle: 8,
+                idle_timeout: Duration::from_millis(300),
+                max_buf_size: 64 * 1024,
+            },
+        );
+        let get = || async {
+            let req = Request::get(format!("http://{addr}/x"))
+                .version(http::Version::HTTP_2)
+                .body(Empty::new())
+                .unwrap();
+            let resp = pool.send(req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        };
+        let (a, b, c) = tokio::join!(get(), get(), get());
+        assert_eq!(
+            (&a[..], &b[..], &c[..]),
+            (&b"h2"[..], &b"h2"[..], &b"h2"[..])
+        );
+        assert_eq!(get().await, "h2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one shared connection");
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(get().await, "h2");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "idle too long: a new one"
+        );
     }
 
     #[tokio::test]

@@ -794,6 +794,22 @@ async fn route_body_limit_refuses_larger_bodies_with_413() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn connect_is_refused_not_tunnelled() {
+    use std::io::{Read, Write};
+    let e = env().await;
+    let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
+    let target = e.echo.as_str();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("METHOD_NOT_SUPPORTED"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     use std::io::{Read, Write};
     let e = env_with("header_read_timeout = \"400ms\"").await;
