@@ -16,44 +16,77 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The hop-by-hop fields (RFC 9110 §7.6.1, and the older `Keep-Alive`/`Proxy-Connection`),
+/// the proxy-authentication ones, and `Upgrade`.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` goes
-/// too: upgrades are not proxied yet.
+/// too (the gateway puts it back on an upgrade request).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names, each matched once as a
-    // string, costs less than nine lookups or nine comparisons per name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names, each matched once as a string, notes which of the nine are
+    // present: most messages carry none, a typical upstream answer only `Connection:
+    // keep-alive`, and each removal or lookup costs more than the match.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Only the names present are removed: a typical upstream answer carries just
-    // `Connection: keep-alive`, and each removal is a lookup.
-    let doomed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .chain(headers.keys().filter(|k| is_hop_by_hop(k)).cloned())
-        .collect();
-    for name in doomed {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // Names the `Connection` header lists beyond the nine (and `close`) are rare: only
+        // they are parsed.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && HOP_BY_HOP
+                        .iter()
+                        .all(|h| !t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-/// The hop-by-hop fields (RFC 9110 §7.6.1, and the older `Keep-Alive`/`Proxy-Connection`),
-/// the proxy-authentication ones, and `Upgrade`.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Where `name` (lowercase, as `HeaderName::as_str` gives it) is in `HOP_BY_HOP`.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` plus `Upgrade`),
@@ -192,18 +225,6 @@ mod tests {
     use super::*;
     use crate::auth::record::sample_record;
 
-    /// What `is_hop_by_hop` must match, `Upgrade` aside.
-    static HOP_BY_HOP: [HeaderName; 8] = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ];
-
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
@@ -219,8 +240,8 @@ mod tests {
 
     #[test]
     fn the_name_match_is_exactly_the_hop_by_hop_list() {
-        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
-            assert!(is_hop_by_hop(name), "{name}");
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
         }
         for name in [
             "x-connection",
@@ -229,13 +250,35 @@ mod tests {
             "host",
             "keep-alive-x",
         ] {
-            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+            assert_eq!(hop_by_hop_index(name), None, "{name}");
         }
     }
 
     #[test]
+    fn connection_listed_names_go_and_so_does_the_rest_whatever_the_case() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "Keep-Alive, close, X-Secret ,  x-other".parse().unwrap(),
+        );
+        h.append(header::CONNECTION, "x-third".parse().unwrap());
+        for name in [
+            "x-secret",
+            "x-other",
+            "x-third",
+            "keep-alive",
+            "te",
+            "x-kept",
+        ] {
+            h.insert(HeaderName::from_static(name), "1".parse().unwrap());
+        }
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
     fn each_hop_by_hop_header_alone_is_removed() {
-        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+        for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.insert(name.clone(), "x".parse().unwrap());
             h.insert("x-kept", "1".parse().unwrap());
