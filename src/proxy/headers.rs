@@ -47,20 +47,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present & 1 != 0 {
         // Names the `Connection` header lists beyond the nine (and `close`) are rare: only
-        // they are parsed.
+        // they are parsed. Bytes, not text: a value with a non-ASCII byte in one token still
+        // has its other tokens honoured.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
             .filter(|t| {
-                !t.eq_ignore_ascii_case("close")
+                !t.eq_ignore_ascii_case(b"close")
                     && HOP_BY_HOP
                         .iter()
-                        .all(|h| !t.eq_ignore_ascii_case(h.as_str()))
+                        .all(|h| !t.eq_ignore_ascii_case(h.as_str().as_bytes()))
             })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -224,6 +224,7 @@ pub fn set_identity(headers: &mut HeaderMap, identity: &IdentityHeaders) {
 mod tests {
     use super::*;
     use crate::auth::record::sample_record;
+    use proptest::prelude::*;
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
@@ -274,6 +275,59 @@ mod tests {
         }
         remove_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    proptest! {
+        /// Whatever the message carries: afterwards no hop-by-hop header and no name the
+        /// `Connection` header listed (any case, any spacing) is left, and every other header
+        /// is, with its values.
+        #[test]
+        fn removal_keeps_exactly_the_end_to_end_headers(
+            names in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+                        "content-type", "x-a", "x-b", "x-c",
+                    ]).prop_map(str::to_owned),
+                    "x-[a-d]{1,2}",
+                ],
+                0..12,
+            ),
+            listed in prop::collection::vec(
+                ("(?i)(x-[a-d]{1,2}|keep-alive|close|te|upgrade|content-type)", " {0,2}"),
+                0..4,
+            ),
+        ) {
+            let mut h = HeaderMap::new();
+            for (i, name) in names.iter().enumerate() {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                h.append(name, HeaderValue::from(i));
+            }
+            let tokens: Vec<String> =
+                listed.iter().map(|(t, pad)| format!("{pad}{t}{pad}")).collect();
+            if !tokens.is_empty() {
+                h.append(header::CONNECTION, tokens.join(",").parse().unwrap());
+            }
+            let before = h.clone();
+            let dropped: Vec<String> = tokens
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect();
+            remove_hop_by_hop(&mut h);
+            for name in before.keys() {
+                let gone = hop_by_hop_index(name.as_str()).is_some()
+                    || dropped.iter().any(|d| d == name.as_str());
+                if gone {
+                    prop_assert!(!h.contains_key(name), "{} kept", name);
+                } else {
+                    let kept: Vec<_> = h.get_all(name).iter().collect();
+                    let was: Vec<_> = before.get_all(name).iter().collect();
+                    prop_assert_eq!(kept, was, "{} changed", name);
+                }
+            }
+            prop_assert!(h.keys().all(|k| before.contains_key(k)));
+        }
     }
 
     #[test]
