@@ -20,32 +20,23 @@ use keygate::config::CacheConfig;
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use moka::future::Cache;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 const ENTRIES: usize = 100_000;
 
 fn record(n: usize) -> KeyRecord {
-    let now = Utc::now();
-    KeyRecord {
-        api_key_id: format!("apk_{n:020}"),
-        name: format!("bench key {n}"),
-        description: None,
-        key_type: KeyType::Shared,
-        team_id: Some("bench".into()),
-        created_by: Some("bench".into()),
-        behalf_of_user_id: None,
-        scope_names: vec!["read".into()],
-        allow_ips: Vec::new(),
-        is_enabled: true,
-        created_time: now,
-        updated_time: now,
-        expires_time: None,
-        last_used_time: None,
-        metadata: BTreeMap::new(),
-        key_start: "kg_abcdefg".into(),
-    }
+    let mut r = KeyRecord::new(
+        format!("apk_{n:020}"),
+        format!("bench key {n}"),
+        KeyType::Shared,
+        "kg_abcdefg".into(),
+        Utc::now(),
+    );
+    r.team_id = Some("bench".into());
+    r.created_by = Some("bench".into());
+    r.scope_names = vec!["read".into()];
+    r
 }
 
 /// Resident memory of this process in bytes (Linux; 0 elsewhere).

@@ -15,7 +15,6 @@ use keygate::auth::key::{KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::store::KeyStore;
 use keygate::store::redis::RedisStore;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,25 +73,17 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn record(key: &NewKey, tag: SlotTag, n: usize, args: &Args) -> KeyRecord {
-    let now = Utc::now();
-    KeyRecord {
-        api_key_id: new_key_id(tag),
-        name: format!("bench key {n}"),
-        description: None,
-        key_type: KeyType::Shared,
-        team_id: args.team.clone(),
-        created_by: Some("bench".into()),
-        behalf_of_user_id: None,
-        scope_names: args.scopes.clone(),
-        allow_ips: Vec::new(),
-        is_enabled: true,
-        created_time: now,
-        updated_time: now,
-        expires_time: None,
-        last_used_time: None,
-        metadata: BTreeMap::new(),
-        key_start: key.key_start(),
-    }
+    let mut r = KeyRecord::new(
+        new_key_id(tag),
+        format!("bench key {n}"),
+        KeyType::Shared,
+        key.key_start(),
+        Utc::now(),
+    );
+    r.team_id = args.team.clone();
+    r.created_by = Some("bench".into());
+    r.scope_names = args.scopes.clone();
+    r
 }
 
 #[tokio::main]

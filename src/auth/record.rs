@@ -69,25 +69,48 @@ pub struct KeyRecord {
     pub key_start: String,
 }
 
+impl KeyRecord {
+    /// An enabled, permanent record created (and updated) at `now`, with everything optional
+    /// empty: no team, user, scopes, address rules, metadata or description. Callers set the
+    /// rest.
+    pub fn new(
+        api_key_id: String,
+        name: String,
+        key_type: KeyType,
+        key_start: String,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            api_key_id,
+            name,
+            description: None,
+            key_type,
+            team_id: None,
+            created_by: None,
+            behalf_of_user_id: None,
+            scope_names: Vec::new(),
+            allow_ips: Vec::new(),
+            is_enabled: true,
+            created_time: now,
+            updated_time: now,
+            expires_time: None,
+            last_used_time: None,
+            metadata: BTreeMap::new(),
+            key_start,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn sample_record(id: &str) -> KeyRecord {
-    let now = Utc::now();
-    KeyRecord {
-        api_key_id: id.to_owned(),
-        name: "sample".into(),
-        description: None,
-        key_type: KeyType::Shared,
-        team_id: Some("team1".into()),
-        created_by: None,
-        behalf_of_user_id: None,
-        scope_names: vec!["read".into()],
-        allow_ips: vec![],
-        is_enabled: true,
-        created_time: now,
-        updated_time: now,
-        expires_time: None,
-        last_used_time: None,
-        metadata: BTreeMap::new(),
-        key_start: "kg_abcdefg".into(),
-    }
+    let mut r = KeyRecord::new(
+        id.to_owned(),
+        "sample".into(),
+        KeyType::Shared,
+        "kg_abcdefg".into(),
+        Utc::now(),
+    );
+    r.team_id = Some("team1".into());
+    r.scope_names = vec!["read".into()];
+    r
 }

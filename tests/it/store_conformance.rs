@@ -183,24 +183,17 @@ fn new_hash(r: &KeyRecord) -> KeyHash {
 /// one.
 fn record(team: Option<&str>, created: DateTime<Utc>) -> KeyRecord {
     let tag = team.map_or_else(SlotTag::random, SlotTag::for_team);
-    KeyRecord {
-        api_key_id: new_key_id(tag),
-        name: "test key".into(),
-        description: None,
-        key_type: KeyType::Shared,
-        team_id: team.map(str::to_owned),
-        created_by: Some("tester".into()),
-        behalf_of_user_id: None,
-        scope_names: vec!["read".into()],
-        allow_ips: vec![],
-        is_enabled: true,
-        created_time: created,
-        updated_time: created,
-        expires_time: None,
-        last_used_time: None,
-        metadata: BTreeMap::new(),
-        key_start: "kg_abcdefg".into(),
-    }
+    let mut r = KeyRecord::new(
+        new_key_id(tag),
+        "test key".into(),
+        KeyType::Shared,
+        "kg_abcdefg".into(),
+        created,
+    );
+    r.team_id = team.map(str::to_owned);
+    r.created_by = Some("tester".into());
+    r.scope_names = vec!["read".into()];
+    r
 }
 
 fn secs(n: i64) -> chrono::Duration {
