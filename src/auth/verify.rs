@@ -374,32 +374,24 @@ mod tests {
         // more and one fewer (length), another prefix of the same length.
         let last = key.chars().last().unwrap();
         let other = if last == 'a' { 'b' } else { 'a' };
-        let bad_checksum = format!("{}{other}", &key[..key.len() - 1]);
-        let longer = format!("{key}a");
-        let shorter = key[..key.len() - 1].to_owned();
-        let wrong_prefix = format!("zz{}", &key[2..]);
-        let expect = |r: Result<Arc<VerifiedKey>, VerifyError>| r.map(|_| ()).unwrap_err();
+        let malformed = [
+            (
+                format!("{}{other}", &key[..key.len() - 1]),
+                KeyFormatError::BadChecksum,
+            ),
+            (format!("{key}a"), KeyFormatError::WrongLength),
+            (key[..key.len() - 1].to_owned(), KeyFormatError::WrongLength),
+            (format!("zz{}", &key[2..]), KeyFormatError::WrongPrefix),
+        ];
         for round in ["before the key is cached", "after"] {
-            assert_eq!(
-                expect(v.verify(&bad_checksum, now).await),
-                VerifyError::Malformed(KeyFormatError::BadChecksum),
-                "{round}"
-            );
-            assert_eq!(
-                expect(v.verify(&longer, now).await),
-                VerifyError::Malformed(KeyFormatError::WrongLength),
-                "{round}"
-            );
-            assert_eq!(
-                expect(v.verify(&shorter, now).await),
-                VerifyError::Malformed(KeyFormatError::WrongLength),
-                "{round}"
-            );
-            assert_eq!(
-                expect(v.verify(&wrong_prefix, now).await),
-                VerifyError::Malformed(KeyFormatError::WrongPrefix),
-                "{round}"
-            );
+            for (presented, reason) in &malformed {
+                let refused = v.verify(presented, now).await.map(|_| ()).unwrap_err();
+                assert_eq!(
+                    refused,
+                    VerifyError::Malformed(*reason),
+                    "{round}: {presented}"
+                );
+            }
             assert_eq!(lookups(&v), u64::from(round == "after"), "{round}");
             v.verify(&key, now).await.unwrap();
         }

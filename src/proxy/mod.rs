@@ -17,7 +17,6 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use pool::{Pool, PoolSettings};
 use std::pin::Pin;
@@ -132,32 +131,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Self, String> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_nodelay(true);
-        // The TLS connector wraps plain TCP; with an http:// target it is never used.
-        http.enforce_http(false);
         let roots = cfg
             .tls_roots
             .as_deref()
             .cloned()
             .unwrap_or_else(rustls::RootCertStore::empty);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("upstream {name}: TLS client set-up failed: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
-        // ALPN offers h2 only when the upstream is configured for it, so upgrades (HTTP/1.1
-        // only) keep working against upstreams that would otherwise pick h2.
-        let builder = builder.https_or_http().enable_http1();
-        let connector = if cfg.http2 {
-            builder.enable_http2().wrap_connector(http)
-        } else {
-            builder.wrap_connector(http)
-        };
+        let connector = pool::connector(roots, Some(cfg.connect_timeout), cfg.http2)
+            .map_err(|e| format!("upstream {name}: TLS client set-up failed: {e}"))?;
         let parts = cfg.url.clone().into_parts();
         let base_path = cfg.url.path().trim_end_matches('/').to_owned();
         let scheme = parts.scheme.unwrap_or(http::uri::Scheme::HTTP);

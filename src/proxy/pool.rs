@@ -48,6 +48,36 @@ impl PoolError {
     }
 }
 
+/// TCP with TCP_NODELAY and the connect timeout, wrapped in rustls (ring provider, `roots` as
+/// trust anchors) for https origins. ALPN offers h2 only with `http2`, so upgrades (HTTP/1.1
+/// only) keep working against upstreams that would otherwise pick h2.
+pub fn connector(
+    roots: rustls::RootCertStore,
+    connect_timeout: Option<Duration>,
+    http2: bool,
+) -> Result<Connector, rustls::Error> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(connect_timeout);
+    http.set_nodelay(true);
+    // The TLS connector wraps plain TCP; with an http:// origin it is never used.
+    http.enforce_http(false);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    Ok(if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    })
+}
+
 pub struct PoolSettings {
     pub http2: bool,
     pub max_idle: usize,
@@ -335,26 +365,22 @@ mod tests {
     }
 
     fn pool(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Arc<Pool<Empty<Bytes>>> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        pool_for(addr, false, max_idle, idle_timeout)
+    }
+
+    fn pool_for(
+        addr: SocketAddr,
+        http2: bool,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Arc<Pool<Empty<Bytes>>> {
+        let connector = connector(rustls::RootCertStore::empty(), None, http2).unwrap();
         let origin = format!("http://{addr}/").parse().unwrap();
         Pool::new(
             connector,
             origin,
             PoolSettings {
-                http2: false,
+                http2,
                 max_idle,
                 idle_timeout,
                 max_buf_size: 64 * 1024,
@@ -486,31 +512,7 @@ mod tests {
     #[tokio::test]
     async fn http2_requests_share_one_connection_until_it_has_idled_too_long() {
         let (addr, accepted) = h2_upstream().await;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http2()
-            .wrap_connector(http);
-        let origin: Uri = format!("http://{addr}/").parse().unwrap();
-        let pool: Arc<Pool<Empty<Bytes>>> = Pool::new(
-            connector,
-            origin,
-            PoolSettings {
-                http2: true,
-                max_idle: 8,
-                idle_timeout: Duration::from_millis(300),
-                max_buf_size: 64 * 1024,
-            },
-        );
+        let pool = pool_for(addr, true, 8, Duration::from_millis(300));
         let get = || async {
             let req = Request::get(format!("http://{addr}/x"))
                 .version(http::Version::HTTP_2)
