@@ -246,7 +246,8 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> Result<(), String> {
             .to_owned(),
         );
     }
-    keygate::telemetry::init_logging(&cfg.log);
+    // Held to the end of `serve`: dropping it writes out the lines still queued.
+    let _log_writer = keygate::telemetry::init_logging(&cfg.log);
 
     // Dev mode keeps its temporary directory alive for the whole run.
     let mut _dev_dir = None;

@@ -1,22 +1,45 @@
 //! Logging set-up. Logs go to stderr (stdout carries the start-up lines tools read); the
 //! filter comes from `log.level`, or `RUST_LOG` when set. Access lines use the target
 //! `keygate::access`, so they can be turned off alone (`info,keygate::access=off`).
+//!
+//! Lines are formatted on the thread that logs them and written by a thread of their own:
+//! a write to stderr is a system call per line, which on the request path cost more than
+//! a fifth of a proxied request's CPU (docs/benchmarks.md, "Access log"). The writer thread
+//! drains every queued line into one buffer and writes it with one call. The queue is
+//! lossless: when it is full, the logging thread waits for room rather than drop a line.
 
 use crate::config::{LogConfig, LogFormat};
+use std::io::{BufWriter, IsTerminal};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
-pub fn init_logging(cfg: &LogConfig) {
+/// Lines that may wait for the writer before a logging thread is held up (the crate's default).
+const QUEUED_LINES: usize = 128_000;
+
+/// Installs the global subscriber. The guard flushes the queued lines when dropped: keep it
+/// until the process is done logging. A second call (tests) keeps the first subscriber.
+pub fn init_logging(cfg: &LogConfig) -> WorkerGuard {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("keygate-log")
+        // The worker appends every line it finds queued, and flushes once the queue is empty:
+        // a burst of lines is one write.
+        .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests) is harmless: the first subscriber stays.
+        // Colours only for a person at a terminal: escape codes in a file, journald or
+        // `kubectl logs` make lines harder to read and to search.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }

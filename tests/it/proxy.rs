@@ -18,6 +18,10 @@ struct Env {
 }
 
 async fn env_with(proxy_section: &str) -> Env {
+    env_started(proxy_section, Gateway::start).await
+}
+
+async fn env_started(proxy_section: &str, start: impl FnOnce(&str) -> Gateway) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("keys.db");
     let echo = upstream::echo().await;
@@ -90,7 +94,7 @@ async fn env_with(proxy_section: &str) -> Env {
         db = db.display()
     );
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
-    let gw = Gateway::start(&config);
+    let gw = start(&config);
     Env {
         store,
         gw,
@@ -827,5 +831,65 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "idle connection kept open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_has_one_line_per_request_and_never_a_key() {
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("keygate.log");
+    let mut e = env_started("", |config| Gateway::start_logging_to(config, &log)).await;
+    let (key, record) = create_key(&e.store, |_| {}).await;
+    let unknown = keygate::auth::key::NewKey::generate(
+        &Default::default(),
+        keygate::auth::key::SlotTag::random(),
+    );
+    let unknown = unknown.expose();
+    let send = |id: &'static str, key: Option<&str>| {
+        let mut req = client()
+            .get(e.gw.url("/api/items"))
+            .header("x-request-id", id);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(send("log-valid", Some(&key)).await, 200);
+    // Written while the gateway runs, not only when it stops.
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read().contains("log-valid")
+        })
+        .await,
+        "no access line while running: {}",
+        read()
+    );
+    assert_eq!(send("log-unknown", Some(unknown)).await, 401);
+    assert_eq!(send("log-missing", None).await, 401);
+    let status = tokio::task::spawn_blocking(move || e.gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    let text = read();
+    let line = |id: &str| {
+        let mut lines = text.lines().filter(|l| l.contains(id));
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("no line for {id}: {text}"));
+        assert!(lines.next().is_none(), "two lines for {id}: {text}");
+        line.to_owned()
+    };
+    let valid = line("log-valid");
+    assert!(valid.contains("keygate::access"), "{valid}");
+    assert!(valid.contains("status=200"), "{valid}");
+    assert!(valid.contains(record.api_key_id.as_str()), "{valid}");
+    assert!(line("log-unknown").contains("status=401"));
+    assert!(line("log-missing").contains("status=401"));
+    assert!(!text.contains(&key), "a key in the log: {text}");
+    assert!(
+        !text.contains(unknown),
+        "a presented key in the log: {text}"
     );
 }

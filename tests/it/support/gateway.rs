@@ -27,6 +27,16 @@ impl Gateway {
     }
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn(config, env, Stdio::inherit())
+    }
+
+    /// Logs at `info` (access lines included) into the file at `log`.
+    pub fn start_logging_to(config: &str, log: &Path) -> Gateway {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn(config, &[("RUST_LOG", "info")], Stdio::from(file))
+    }
+
+    fn spawn(config: &str, env: &[(&str, &str)], stderr: Stdio) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("keygate.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -40,7 +50,7 @@ impl Gateway {
             .arg("127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
