@@ -279,7 +279,11 @@ impl Upstream {
             Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
             None => req.headers_mut().remove(http::header::HOST),
         };
-        let resp = match tokio::time::timeout(self.response_timeout, self.pool.send(req)).await {
+        // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
+        // future (the timeout, this one, the gateway's, the connection's slot), each copied as
+        // it is created: ~11 KiB of copying per request, against one allocation.
+        let sent = Box::pin(self.pool.send(req));
+        let resp = match tokio::time::timeout(self.response_timeout, sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.name, error = %e, connect = e.is_connect(), "upstream request failed");
