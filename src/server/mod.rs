@@ -7,6 +7,7 @@
 //!
 //! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
 
+mod read_ahead;
 pub mod tls;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
@@ -109,6 +110,8 @@ pub async fn serve<M, S, B>(
         };
         match &tls {
             None => {
+                // Over TLS, rustls already reads in large chunks.
+                let stream = read_ahead::ReadAhead::new(stream);
                 tokio::spawn(conn.serve(stream, service, ConnectionInfo::default()));
             }
             Some(acceptor) => {
