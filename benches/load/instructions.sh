@@ -8,7 +8,9 @@
 # on loopback, loads HOT keys once, sends REQUESTS requests per route with wrk (8 connections,
 # keys at random, the harness's wrk script) after a warm-up, and prints, per binary and route,
 # the instructions counted during the measured requests (counters zeroed after the warm-up)
-# divided by the requests.
+# divided by the requests. With MISS=N (e.g. 20000) a third route, `miss`, loads N more keys
+# and walks them, each once, on a warm process: every counted request is a cache miss and one
+# Redis GET (the script warns if fewer went to the store than were answered).
 #
 #   bash benches/load/instructions.sh target/release/keygate                 # one binary
 #   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
@@ -29,6 +31,7 @@ LOADER="${LOAD_KEYS_BIN:-target/release/examples/load_keys}"
 [ -x "$LOADER" ] || { echo "no key loader at $LOADER (cargo build --release --example load_keys)" >&2; exit 1; }
 REQUESTS="${REQUESTS:-20000}"
 HOT="${HOT:-1000}"
+MISS="${MISS:-0}"
 OUT="$(mktemp -d /tmp/keygate-instr-XXXXXX)"
 UP=18700; UP_H2=18701; REDIS=18702; KG=18710; ADMIN=18711
 PIDS=()
@@ -54,6 +57,10 @@ redis-server --bind 127.0.0.1 --port "$REDIS" --save '' --appendonly no --dir "$
 wait_port "$UP"; wait_port "$REDIS"
 "$LOADER" --redis "redis://127.0.0.1:$REDIS" --namespace kg --count "$HOT" --team bench \
   --concurrency 64 --out "$OUT/hot.txt" 2>"$OUT/load.log"
+if [ "$MISS" -gt 0 ]; then
+  "$LOADER" --redis "redis://127.0.0.1:$REDIS" --namespace kg --count "$MISS" --team bench-miss \
+    --concurrency 64 --out "$OUT/miss.txt" 2>>"$OUT/load.log"
+fi
 
 sed -e "s/@PORT@/$KG/; s/@ADMIN@/$ADMIN/; s/@REDIS@/$REDIS/; s/@UP@/$UP/; s/@NEG_TTL@/5/; s/@LOG_LEVEL@/warn/" \
   benches/load/conf/keygate.toml > "$OUT/keygate.toml"
@@ -64,15 +71,19 @@ store_lookups() {
 
 # A run: keygate under callgrind, about `requests` requests on `path`, the counters dumped
 # after them. Prints the requests answered and the instructions counted.
-run() { # binary tag path requests keyfile
-  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5
+run() { # binary tag path requests keyfile [miss]
+  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5 miss=${6:-}
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg-$tag.out" --dump-instr=no \
     "$bin" serve --config "$OUT/keygate.toml" >"$OUT/kg-$tag.log" 2>&1 &
   local pid=$!
   wait_port "$KG"; wait_port "$ADMIN"
   # Warm: every key through the cache (a walk: each key once before any repeats; 3 s under
   # callgrind is well over HOT requests), the upstream pool filled.
-  if [ "$n" -gt 0 ]; then
+  # The miss route warms on the public route instead: its keys must stay uncached.
+  if [ -n "$miss" ]; then
+    wrk -t1 -c8 -d3s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG/public/v1/resource" -- \
+      - random /public/v1/resource none none keep >/dev/null 2>&1 || true
+  elif [ "$n" -gt 0 ]; then
     wrk -t1 -c8 -d3s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
       "$keyfile" walk "$path" none bearer keep >/dev/null 2>&1 || true
   fi
@@ -82,14 +93,20 @@ run() { # binary tag path requests keyfile
   callgrind_control -z "$pid" >/dev/null 2>&1
   local sent=0
   if [ "$n" -gt 0 ]; then
-    local dur=$(( n / 1500 + 1 ))
+    # Misses are slower under callgrind: a shorter run, so that the walk does not come round.
+    local dur=$(( n / 1500 + 1 )) order=random
+    [ -z "$miss" ] || { dur=$(( n / 4000 + 1 )); order=walk; }
     sent=$(wrk -t1 -c8 -d"${dur}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
-      "$keyfile" random "$path" none bearer keep 2>/dev/null | awk '/requests in/ {print $1}')
+      "$keyfile" "$order" "$path" none bearer keep 2>/dev/null | awk '/requests in/ {print $1}')
   fi
   callgrind_control -d "$pid" >/dev/null 2>&1
   # A cached-route count is only a cache-hit count if no request went to the store.
   local lookups=$(( $(store_lookups) - lookups_before ))
-  [ "$lookups" -eq 0 ] || echo "warning: $tag: $lookups store lookups while counting (cache misses)" >&2
+  if [ -z "$miss" ]; then
+    [ "$lookups" -eq 0 ] || echo "warning: $tag: $lookups store lookups while counting (cache misses)" >&2
+  else
+    [ "$lookups" -ge "$sent" ] || echo "warning: $tag: $lookups store lookups for $sent requests (some were cache hits)" >&2
+  fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local ir
   ir=$(grep -h '^summary:\|^totals:' "$OUT/cg-$tag.out.1" | head -1 | awk '{print $2}')
@@ -100,9 +117,15 @@ printf '%-40s %-10s %10s %16s %12s\n' binary route requests instructions instr/r
 i=0
 for bin in "$@"; do
   i=$((i + 1))
-  for route in public:/public/v1/resource cached:/v1/resource; do
+  routes=(public:/public/v1/resource cached:/v1/resource)
+  [ "$MISS" -eq 0 ] || routes+=(miss:/v1/resource)
+  for route in "${routes[@]}"; do
     name=${route%%:*}; path=${route#*:}
-    read -r sent ir < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
+    if [ "$name" = miss ]; then
+      read -r sent ir < <(run "$bin" "$i-$name" "$path" "$MISS" "$OUT/miss.txt" miss)
+    else
+      read -r sent ir < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
+    fi
     printf '%-40s %-10s %10s %16s %12s\n' "$bin" "$name" "$sent" "$ir" \
       "$(awk -v i="$ir" -v n="$sent" 'BEGIN { if (n > 0) printf "%.0f", i / n; else print "-" }')"
   done

@@ -35,6 +35,8 @@ pub const KEY_ID_PREFIX: &str = "apk_";
 const KEY_ID_RANDOM_LEN: usize = 16;
 /// Bytes of a [`KeyHash`]: the tag, then SHA-256.
 pub const HASH_LEN: usize = TAG_LEN + 32;
+/// Length of [`KeyHash::digest_hex`].
+pub const DIGEST_HEX_LEN: usize = 2 * (HASH_LEN - TAG_LEN);
 
 /// Why a presented string is not a keygate key. Carries no part of the string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -274,7 +276,20 @@ impl KeyHash {
 
     /// SHA-256 of the key, in hex (without the tag).
     pub fn digest_hex(&self) -> String {
-        hex::encode(&self.0[TAG_LEN..])
+        let mut out = String::with_capacity(DIGEST_HEX_LEN);
+        self.push_digest_hex(&mut out);
+        out
+    }
+
+    /// [`KeyHash::digest_hex`] appended to `out`, without a string of its own.
+    pub fn push_digest_hex(&self, out: &mut String) {
+        let mut hex = [0u8; DIGEST_HEX_LEN];
+        // Both lengths are fixed by the types and hex digits are ASCII: neither step can fail.
+        if hex::encode_to_slice(&self.0[TAG_LEN..], &mut hex).is_ok()
+            && let Ok(hex) = std::str::from_utf8(&hex)
+        {
+            out.push_str(hex);
+        }
     }
 
     pub fn to_hex(&self) -> String {
@@ -370,6 +385,8 @@ mod tests {
     fn hash_hex_round_trips() {
         let h = KeyHash::of("anything");
         assert_eq!(KeyHash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(h.digest_hex(), h.to_hex()[2 * TAG_LEN..]);
+        assert_eq!(h.digest_hex().len(), DIGEST_HEX_LEN);
         assert_eq!(KeyHash::from_hex("zz"), None);
     }
 
