@@ -5,5 +5,6 @@
 pub mod key;
 pub mod policy;
 pub mod record;
+pub mod timestamp;
 pub mod verified;
 pub mod verify;

@@ -1,6 +1,7 @@
 //! The stored description of a key: everything the gateway and the admin API know about it,
 //! and never the key itself (only its hash lives in the store, beside this record).
 
+use super::timestamp;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -56,12 +57,14 @@ pub struct KeyRecord {
     #[serde(default)]
     pub allow_ips: Vec<IpNet>,
     pub is_enabled: bool,
+    #[serde(deserialize_with = "timestamp::deserialize")]
     pub created_time: DateTime<Utc>,
+    #[serde(deserialize_with = "timestamp::deserialize")]
     pub updated_time: DateTime<Utc>,
     /// `None`: permanent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "timestamp::deserialize_option")]
     pub expires_time: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "timestamp::deserialize_option")]
     pub last_used_time: Option<DateTime<Utc>>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
