@@ -8,6 +8,7 @@
 
 pub mod headers;
 mod pool;
+pub mod response;
 
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
@@ -19,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pool::{Pool, PoolSettings};
+pub use response::UpstreamBody;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -209,10 +211,12 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<ForwardBody>,
-    ) -> Result<Response<Incoming>, GatewayError> {
-        let mut resp = self.exchange(req).await?;
-        headers::remove_hop_by_hop(resp.headers_mut());
-        Ok(resp)
+    ) -> Result<Response<UpstreamBody<Incoming>>, GatewayError> {
+        let resp = self.exchange(req).await?;
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let body = UpstreamBody::read_ahead(body).await;
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
@@ -221,7 +225,7 @@ impl Upstream {
     pub async fn send_upgrade(
         &self,
         mut req: Request<ForwardBody>,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<UpstreamBody<Incoming>>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
             return Err(GatewayError::UpstreamUnavailable);
@@ -229,8 +233,10 @@ impl Upstream {
         let client_side = hyper::upgrade::on(&mut req);
         let mut resp = self.exchange(req).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            headers::remove_hop_by_hop(resp.headers_mut());
-            return Ok(resp);
+            let (mut parts, body) = resp.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            let body = UpstreamBody::read_ahead(body).await;
+            return Ok(Response::from_parts(parts, body));
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
         headers::remove_hop_by_hop(resp.headers_mut());
@@ -258,7 +264,7 @@ impl Upstream {
                 }
             }
         });
-        Ok(resp)
+        Ok(resp.map(UpstreamBody::Streaming))
     }
 
     async fn exchange(

@@ -893,3 +893,65 @@ async fn access_log_has_one_line_per_request_and_never_a_key() {
         "a presented key in the log: {text}"
     );
 }
+
+/// A gateway with one public route to `upstream`.
+fn public_gateway(dir: &tempfile::TempDir, upstream: std::net::SocketAddr) -> Gateway {
+    Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.up]\nurl = \"http://{upstream}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ))
+}
+
+#[tokio::test]
+async fn a_chunked_response_arrives_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::chunked(&["{\"a\":", "1,", "\"b\":2}"], &[], release).await;
+    let gw = public_gateway(&dir, up);
+    for _ in 0..3 {
+        let r = client().get(gw.url("/data")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        // Chunked, or with a `Content-Length` when the gateway had the whole body before
+        // answering (framing is hop-by-hop); either way the right length.
+        let declared = r.headers().get("content-length").cloned();
+        let body = r.text().await.unwrap();
+        assert_eq!(body, "{\"a\":1,\"b\":2}");
+        if let Some(n) = declared {
+            assert_eq!(n.to_str().unwrap(), body.len().to_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_forwarded_as_it_comes_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::chunked(
+        &["event: first\n\n"],
+        &["event: second\n\n", "event: third\n\n"],
+        release.clone(),
+    )
+    .await;
+    let gw = public_gateway(&dir, up);
+    let mut r = client().get(gw.url("/events")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The upstream sends the rest only once the client has the first event: a gateway that
+    // waited for more of the body before answering would time out here.
+    let first = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+        .await
+        .expect("the first event was held back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"event: first\n\n");
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+        .await
+        .expect("the stream stalled")
+        .unwrap()
+    {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"event: second\n\nevent: third\n\n");
+}

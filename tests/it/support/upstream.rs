@@ -55,3 +55,57 @@ pub async fn delayed(delay: std::time::Duration) -> SocketAddr {
     });
     addr
 }
+
+/// Answers every request with a chunked body (no `Content-Length`) fed by a channel: the
+/// response head and `first` go out at once, the rest of `then` only after `release` is
+/// notified, so a test can tell a stream forwarded as it comes from one held back.
+pub async fn chunked(
+    first: &'static [&'static str],
+    then: &'static [&'static str],
+    release: std::sync::Arc<tokio::sync::Notify>,
+) -> SocketAddr {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind chunked");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let release = release.clone();
+                    async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel::<
+                            Result<Frame<bytes::Bytes>, std::convert::Infallible>,
+                        >(16);
+                        tokio::spawn(async move {
+                            for text in first {
+                                let _ = tx.send(Ok(Frame::data((*text).into()))).await;
+                            }
+                            if !then.is_empty() {
+                                release.notified().await;
+                                for text in then {
+                                    let _ = tx.send(Ok(Frame::data((*text).into()))).await;
+                                }
+                            }
+                        });
+                        let body = StreamBody::new(futures_util::stream::unfold(
+                            rx,
+                            |mut rx| async move { rx.recv().await.map(|item| (item, rx)) },
+                        ));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}

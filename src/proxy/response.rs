@@ -1,0 +1,335 @@
+//! The upstream's response body as the client gets it. A body of unknown length (chunked, or
+//! ended by the upstream closing) is read ahead for as long as its frames are already there,
+//! before the response goes back: hyper's server then writes the head, those frames and, when
+//! the upstream had finished, the body's end in one system call. Without that, the last chunk
+//! of a chunked response and its terminator reach the gateway's two connections one task poll
+//! apart, and hyper writes them separately: the head and data, then the 5-byte `0\r\n\r\n`
+//! (strace: three `writev` per proxied request instead of two). A body whose length is known
+//! needs none of this: hyper ends it with its last data frame. A body read ahead whole goes to
+//! the client with a `Content-Length` (framing is hop-by-hop: the proxy picks it), unless it
+//! has trailers; one still streaming stays chunked.
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// How much of a body is read ahead at most; beyond it the rest streams as it comes. The same
+/// bound as the upstream connection's own buffer.
+pub const READ_AHEAD_MAX_BYTES: usize = 64 * 1024;
+
+/// A response body: the upstream's stream as it is (the common case, no allocation), or what
+/// was read ahead followed by the rest of it.
+pub enum UpstreamBody<B: Body> {
+    Streaming(B),
+    ReadAhead(Box<ReadAhead<B>>),
+}
+
+pub struct ReadAhead<B: Body> {
+    frames: VecDeque<Frame<Bytes>>,
+    /// An error met while reading ahead, given out after the frames read before it.
+    error: Option<B::Error>,
+    /// `None` once the upstream's body has ended (or failed).
+    rest: Option<B>,
+}
+
+impl<B> UpstreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    /// Reads ahead what `body` already has, when its length is unknown. It takes the frames that
+    /// are ready, lets the other tasks run once (the upstream connection's task decodes the
+    /// next chunk or the end then), takes what became ready, and stops at the first frame that
+    /// is still not there, at the end, or at [`READ_AHEAD_MAX_BYTES`]. A streaming response
+    /// (server-sent events, a long poll) so waits one scheduler round, never for data.
+    pub async fn read_ahead(mut body: B) -> Self {
+        if body.is_end_stream() || body.size_hint().exact().is_some() {
+            return UpstreamBody::Streaming(body);
+        }
+        let mut frames = VecDeque::new();
+        let mut bytes = 0;
+        let mut yielded = false;
+        loop {
+            let step =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            match step {
+                Poll::Ready(Some(Ok(frame))) => {
+                    bytes += frame.data_ref().map_or(0, Buf::remaining);
+                    frames.push_back(frame);
+                    if bytes >= READ_AHEAD_MAX_BYTES {
+                        return Self::with_rest(frames, None, Some(body));
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => return Self::with_rest(frames, Some(error), None),
+                Poll::Ready(None) => return Self::with_rest(frames, None, None),
+                Poll::Pending if !yielded => {
+                    yielded = true;
+                    // After the tasks already woken (the upstream connection's among them),
+                    // not before them as a plain self-wake could be.
+                    tokio::task::yield_now().await;
+                }
+                Poll::Pending if frames.is_empty() => return UpstreamBody::Streaming(body),
+                Poll::Pending => return Self::with_rest(frames, None, Some(body)),
+            }
+        }
+    }
+
+    fn with_rest(frames: VecDeque<Frame<Bytes>>, error: Option<B::Error>, rest: Option<B>) -> Self {
+        UpstreamBody::ReadAhead(Box::new(ReadAhead {
+            frames,
+            error,
+            rest,
+        }))
+    }
+}
+
+impl<B> Body for UpstreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::ReadAhead(ahead) => {
+                if let Some(frame) = ahead.frames.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(error) = ahead.error.take() {
+                    return Poll::Ready(Some(Err(error)));
+                }
+                match ahead.rest.as_mut() {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming(body) => body.is_end_stream(),
+            UpstreamBody::ReadAhead(ahead) => {
+                ahead.frames.is_empty()
+                    && ahead.error.is_none()
+                    && ahead.rest.as_ref().is_none_or(Body::is_end_stream)
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming(body) => body.size_hint(),
+            UpstreamBody::ReadAhead(ahead) => {
+                let held: u64 = ahead
+                    .frames
+                    .iter()
+                    .filter_map(Frame::data_ref)
+                    .map(|d| d.remaining() as u64)
+                    .sum();
+                let trailers = ahead.frames.iter().any(Frame::is_trailers);
+                match &ahead.rest {
+                    // The whole body is here: hyper sends it with a `Content-Length` (the
+                    // upstream's `Transfer-Encoding` is hop-by-hop, not forwarded). Not with
+                    // trailers, which only chunked encoding can carry.
+                    None if ahead.error.is_none() && !trailers => SizeHint::with_exact(held),
+                    None => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(held);
+                        hint
+                    }
+                    Some(rest) => {
+                        let r = rest.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(r.lower().saturating_add(held));
+                        if let Some(upper) = r.upper() {
+                            hint.set_upper(upper.saturating_add(held));
+                        }
+                        hint
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::sync::mpsc;
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    /// A body of unknown length fed by a channel, as hyper's `Incoming` is fed by the upstream
+    /// connection's task.
+    fn channel_body() -> (
+        mpsc::UnboundedSender<Item>,
+        StreamBody<tokio_stream_shim::Receiver<Item>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, StreamBody::new(tokio_stream_shim::Receiver(rx)))
+    }
+
+    /// `tokio::sync::mpsc::UnboundedReceiver` as a `Stream`, without another dependency.
+    mod tokio_stream_shim {
+        use futures_util::Stream;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        pub struct Receiver<T>(pub tokio::sync::mpsc::UnboundedReceiver<T>);
+        impl<T> Stream for Receiver<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+
+    fn data(text: &'static str) -> Item {
+        Ok(Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
+    fn is_read_ahead<B: Body>(body: &UpstreamBody<B>) -> bool {
+        matches!(body, UpstreamBody::ReadAhead(_))
+    }
+
+    async fn collect<B>(body: UpstreamBody<B>) -> Result<Vec<u8>, B::Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        Ok(body.collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_streams_as_it_is() {
+        let body = UpstreamBody::read_ahead(Full::new(Bytes::from_static(b"hello"))).await;
+        assert!(!is_read_ahead(&body));
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(collect(body).await.unwrap(), b"hello");
+    }
+
+    #[tokio::test]
+    async fn frames_already_there_and_the_end_are_read_ahead_so_the_first_frame_is_the_last() {
+        let (tx, body) = channel_body();
+        tx.send(data("ab")).unwrap();
+        tx.send(data("cd")).unwrap();
+        drop(tx);
+        let mut body = UpstreamBody::read_ahead(body).await;
+        assert!(is_read_ahead(&body));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ab");
+        let second = body.frame().await.unwrap().unwrap();
+        assert_eq!(second.into_data().unwrap(), "cd");
+        // What lets hyper write the chunked terminator with the last chunk.
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_end_decoded_by_another_task_meanwhile_is_read_ahead_too() {
+        let (tx, body) = channel_body();
+        tx.send(data("last chunk")).unwrap();
+        // Runs during the read-ahead's one yield, as the upstream connection's task would.
+        tokio::spawn(async move { drop(tx) });
+        let mut body = UpstreamBody::read_ahead(body).await;
+        let only = body.frame().await.unwrap().unwrap();
+        assert_eq!(only.into_data().unwrap(), "last chunk");
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_open_is_read_ahead_up_to_what_is_there_and_then_streams() {
+        let (tx, body) = channel_body();
+        tx.send(data("event: 1\n\n")).unwrap();
+        let mut body = UpstreamBody::read_ahead(body).await;
+        assert!(is_read_ahead(&body));
+        assert!(!body.is_end_stream());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "event: 1\n\n");
+        assert!(!body.is_end_stream());
+        tx.send(data("event: 2\n\n")).unwrap();
+        let second = body.frame().await.unwrap().unwrap();
+        assert_eq!(second.into_data().unwrap(), "event: 2\n\n");
+        drop(tx);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn nothing_there_yet_gives_the_stream_back_unboxed() {
+        let (tx, body) = channel_body();
+        let body = UpstreamBody::read_ahead(body).await;
+        assert!(!is_read_ahead(&body));
+        tx.send(data("later")).unwrap();
+        drop(tx);
+        assert_eq!(collect(body).await.unwrap(), b"later");
+    }
+
+    #[tokio::test]
+    async fn an_error_comes_after_the_frames_read_before_it() {
+        let (tx, body) = channel_body();
+        tx.send(data("partial")).unwrap();
+        tx.send(Err(std::io::Error::other("upstream reset")))
+            .unwrap();
+        tx.send(data("never")).unwrap();
+        let mut body = UpstreamBody::read_ahead(body).await;
+        assert!(!body.is_end_stream());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "partial");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "upstream reset");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn trailers_are_kept_in_order() {
+        let (tx, body) = channel_body();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        tx.send(data("payload")).unwrap();
+        tx.send(Ok(Frame::trailers(trailers.clone()))).unwrap();
+        drop(tx);
+        let body = UpstreamBody::read_ahead(body).await;
+        // Only chunked encoding carries trailers: no exact length that would make it a
+        // `Content-Length` response.
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 7);
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "payload");
+    }
+
+    #[tokio::test]
+    async fn reading_ahead_stops_at_the_bound_and_the_rest_streams() {
+        let (tx, body) = channel_body();
+        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+        let chunks = READ_AHEAD_MAX_BYTES / chunk.len() + 3;
+        for _ in 0..chunks {
+            tx.send(Ok(Frame::data(chunk.clone()))).unwrap();
+        }
+        drop(tx);
+        let body = UpstreamBody::read_ahead(body).await;
+        match &body {
+            UpstreamBody::ReadAhead(ahead) => {
+                let held: usize = ahead
+                    .frames
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(Bytes::len)
+                    .sum();
+                assert_eq!(held, READ_AHEAD_MAX_BYTES);
+                assert!(ahead.rest.is_some());
+            }
+            UpstreamBody::Streaming(_) => panic!("nothing read ahead"),
+        }
+        assert_eq!(collect(body).await.unwrap().len(), chunks * chunk.len());
+    }
+}
