@@ -15,7 +15,7 @@ use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::Metrics;
-use crate::proxy::{ForwardBody, Upstream, UpstreamBody, headers};
+use crate::proxy::{ForwardBody, ReadAheadBody, Upstream, headers};
 use crate::request_id;
 use crate::route::{self, Route, RouteTable};
 use crate::usage::UsageRecorder;
@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-pub type ResponseBody = Either<UpstreamBody<Incoming>, Full<Bytes>>;
+pub type ResponseBody = Either<ReadAheadBody<Incoming>, Full<Bytes>>;
 
 /// Headers the gateway may add to a forwarded request: `X-Forwarded-For/-Proto/-Host`, the
 /// request id, and the five identity headers.
@@ -198,7 +198,7 @@ impl Gateway {
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
-    ) -> Result<Response<UpstreamBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
         self.check_network(client_ip)?;
@@ -243,6 +243,7 @@ impl Gateway {
             headers::set_identity(&mut parts.headers, &key.identity);
             body
         };
+        let body = body.read_ahead().await;
         let body_limit_hit = Arc::new(AtomicBool::new(false));
         let body = match route.max_body_bytes {
             None => body,

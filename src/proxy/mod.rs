@@ -2,13 +2,16 @@
 //! configured for it; plain or TLS by rustls with the system's or a configured CA bundle): the
 //! target URI, the header rules in [`headers`], and the connect and response-header timeouts
 //! that turn a dead or slow upstream into 502/504. `Upgrade` requests (WebSocket) are relayed
-//! after authentication: once the upstream answers 101, the two connections are spliced. Bodies stream both ways; nothing here buffers them. A request body
-//! is the client's own stream, or, when the key was read from it, the [`Replay`] of the
-//! peeked bytes followed by the rest of that stream ([`ForwardBody`]).
+//! after authentication: once the upstream answers 101, the two connections are spliced.
+//!
+//! Bodies stream both ways; nothing here waits for them. A request body is the client's own
+//! stream, or, when the key was read from it, the [`Replay`] of the peeked bytes followed by the
+//! rest of that stream ([`ForwardBody`]). A body of unknown length, either way, is first read
+//! ahead for what is already there ([`read_ahead`]).
 
 pub mod headers;
 mod pool;
-pub mod response;
+pub mod read_ahead;
 
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
@@ -20,7 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pool::{Pool, PoolSettings};
-pub use response::UpstreamBody;
+pub use read_ahead::ReadAheadBody;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,6 +37,8 @@ pub enum ForwardBody {
     Replay(Box<Replay<Incoming>>),
     /// A route's `max_body_bytes`: the stream fails once it exceeds the limit.
     Limited(Box<LimitedBody>),
+    /// A chunked body's frames that were already there ([`read_ahead`]), then the rest.
+    ReadAhead(Box<read_ahead::Ahead<Incoming>>),
 }
 
 /// Per upstream connection; hyper's default (~400 KiB) would let an upload queue that much.
@@ -51,6 +56,22 @@ impl From<Replay<Incoming>> for ForwardBody {
 }
 
 impl ForwardBody {
+    /// The client's own stream, read ahead when its length is unknown, so a chunked body that
+    /// is all here goes upstream with the request head in one write ([`read_ahead`]).
+    pub async fn read_ahead(self) -> Self {
+        match self {
+            ForwardBody::Direct(body)
+                if !body.is_end_stream() && body.size_hint().exact().is_none() =>
+            {
+                match ReadAheadBody::read_ahead(body).await {
+                    ReadAheadBody::Streaming(body) => ForwardBody::Direct(body),
+                    ReadAheadBody::ReadAhead(ahead) => ForwardBody::ReadAhead(ahead),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Caps the body at `limit` bytes; `exceeded` is set when a client sends more, so the
     /// caller can answer 413 instead of blaming the upstream.
     pub fn limit(self, limit: u64, exceeded: Arc<std::sync::atomic::AtomicBool>) -> Self {
@@ -83,6 +104,7 @@ impl Body for ForwardBody {
         match self.get_mut() {
             ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
+            ForwardBody::ReadAhead(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
             ForwardBody::Limited(l) => {
                 let l = l.as_mut();
                 match Pin::new(&mut l.inner).poll_frame(cx) {
@@ -105,6 +127,7 @@ impl Body for ForwardBody {
         match self {
             ForwardBody::Direct(b) => b.is_end_stream(),
             ForwardBody::Replay(b) => b.is_end_stream(),
+            ForwardBody::ReadAhead(b) => b.is_end_stream(),
             ForwardBody::Limited(l) => l.inner.is_end_stream(),
         }
     }
@@ -113,6 +136,7 @@ impl Body for ForwardBody {
         match self {
             ForwardBody::Direct(b) => b.size_hint(),
             ForwardBody::Replay(b) => b.size_hint(),
+            ForwardBody::ReadAhead(b) => b.size_hint(),
             ForwardBody::Limited(l) => l.inner.size_hint(),
         }
     }
@@ -211,11 +235,11 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<ForwardBody>,
-    ) -> Result<Response<UpstreamBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let resp = self.exchange(req).await?;
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let body = UpstreamBody::read_ahead(body).await;
+        let body = ReadAheadBody::read_ahead(body).await;
         Ok(Response::from_parts(parts, body))
     }
 
@@ -225,7 +249,7 @@ impl Upstream {
     pub async fn send_upgrade(
         &self,
         mut req: Request<ForwardBody>,
-    ) -> Result<Response<UpstreamBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
             return Err(GatewayError::UpstreamUnavailable);
@@ -235,7 +259,7 @@ impl Upstream {
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers);
-            let body = UpstreamBody::read_ahead(body).await;
+            let body = ReadAheadBody::read_ahead(body).await;
             return Ok(Response::from_parts(parts, body));
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
@@ -264,7 +288,7 @@ impl Upstream {
                 }
             }
         });
-        Ok(resp.map(UpstreamBody::Streaming))
+        Ok(resp.map(ReadAheadBody::Streaming))
     }
 
     async fn exchange(

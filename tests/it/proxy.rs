@@ -955,3 +955,52 @@ async fn a_streamed_response_is_forwarded_as_it_comes_not_held_back() {
     }
     assert_eq!(rest, b"event: second\n\nevent: third\n\n");
 }
+
+#[tokio::test]
+async fn a_chunked_upload_is_forwarded_as_it_comes_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let got_first = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::signals_first_frame(got_first.clone()).await;
+    let gw = public_gateway(&dir, up);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let sent = tokio::spawn(client().post(gw.url("/upload")).body(body).send());
+    tx.send(Ok(vec![b'a'; 1000])).await.unwrap();
+    // The client sends the rest only once the upstream has the first part: a gateway that
+    // waited for more of the body before forwarding would time out here.
+    tokio::time::timeout(Duration::from_secs(5), got_first.notified())
+        .await
+        .expect("the first part of the upload was held back");
+    tx.send(Ok(vec![b'b'; 500])).await.unwrap();
+    drop(tx);
+    let r = sent.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "1500");
+}
+
+#[tokio::test]
+async fn a_chunked_upload_already_whole_arrives_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway(&dir, up);
+    for size in [1usize, 4096, 200_000] {
+        let data = vec![b'x'; size];
+        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+            data.chunks(3000)
+                .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+                .collect::<Vec<_>>(),
+        ));
+        let r = client()
+            .post(gw.url("/whole"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let echoed: Value = r.json().await.unwrap();
+        assert_eq!(echoed["body_len"], size, "{echoed}");
+        assert_eq!(echoed["body_error"], Value::Null);
+    }
+}

@@ -109,3 +109,49 @@ pub async fn chunked(
     });
     addr
 }
+
+/// Reads each request's body: `got_first` is notified when its first data frame arrives, and the
+/// answer is the body's length once it has ended. Shows whether a streamed upload is forwarded
+/// as it comes.
+pub async fn signals_first_frame(got_first: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind signalling upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let got_first = got_first.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let got_first = got_first.clone();
+                    async move {
+                        let mut body = req.into_body();
+                        let mut len = 0;
+                        let mut first = true;
+                        while let Some(frame) = body.frame().await {
+                            let Ok(frame) = frame else { break };
+                            if let Some(data) = frame.data_ref() {
+                                len += data.len();
+                                if first && !data.is_empty() {
+                                    first = false;
+                                    got_first.notify_one();
+                                }
+                            }
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(format!("{len}"))),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}

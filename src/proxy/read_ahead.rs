@@ -1,13 +1,14 @@
-//! The upstream's response body as the client gets it. A body of unknown length (chunked, or
-//! ended by the upstream closing) is read ahead for as long as its frames are already there,
-//! before the response goes back: hyper's server then writes the head, those frames and, when
-//! the upstream had finished, the body's end in one system call. Without that, the last chunk
-//! of a chunked response and its terminator reach the gateway's two connections one task poll
-//! apart, and hyper writes them separately: the head and data, then the 5-byte `0\r\n\r\n`
-//! (strace: three `writev` per proxied request instead of two). A body whose length is known
-//! needs none of this: hyper ends it with its last data frame. A body read ahead whole goes to
-//! the client with a `Content-Length` (framing is hop-by-hop: the proxy picks it), unless it
-//! has trailers; one still streaming stays chunked.
+//! Bodies of unknown length (chunked, or ended by the sender closing), read ahead for as long
+//! as their frames are already there before they are handed on. Both ways a body crosses two
+//! tasks (a client connection's and an upstream connection's, joined by hyper's body channel,
+//! which holds one frame): without this, the last chunk and the chunked terminator reach the
+//! writing side one task poll apart, and hyper writes them separately, the head and data, then
+//! the 5-byte `0\r\n\r\n` (strace: three `writev` per proxied request instead of two). Read
+//! ahead, the head, the frames and, when the sender had finished, the end go in one system
+//! call. A body whose length is known needs none of this: hyper ends it with its last data
+//! frame. A body read ahead whole has an exact size, so hyper sends it with a `Content-Length`
+//! (framing is hop-by-hop: the proxy picks it), unless it has trailers; one still streaming
+//! stays chunked.
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
@@ -16,36 +17,37 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// How much of a body is read ahead at most; beyond it the rest streams as it comes. The same
-/// bound as the upstream connection's own buffer.
+/// bound as an upstream connection's own buffer.
 pub const READ_AHEAD_MAX_BYTES: usize = 64 * 1024;
 
-/// A response body: the upstream's stream as it is (the common case, no allocation), or what
-/// was read ahead followed by the rest of it.
-pub enum UpstreamBody<B: Body> {
+/// A body as it is (the common case, no allocation), or what was read ahead followed by the
+/// rest of it.
+pub enum ReadAheadBody<B: Body> {
     Streaming(B),
-    ReadAhead(Box<ReadAhead<B>>),
+    ReadAhead(Box<Ahead<B>>),
 }
 
-pub struct ReadAhead<B: Body> {
+/// The frames read ahead, then the rest of the stream.
+pub struct Ahead<B: Body> {
     frames: VecDeque<Frame<Bytes>>,
     /// An error met while reading ahead, given out after the frames read before it.
     error: Option<B::Error>,
-    /// `None` once the upstream's body has ended (or failed).
+    /// `None` once the body has ended (or failed).
     rest: Option<B>,
 }
 
-impl<B> UpstreamBody<B>
+impl<B> ReadAheadBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     /// Reads ahead what `body` already has, when its length is unknown. It takes the frames that
-    /// are ready, lets the other tasks run once (the upstream connection's task decodes the
-    /// next chunk or the end then), takes what became ready, and stops at the first frame that
-    /// is still not there, at the end, or at [`READ_AHEAD_MAX_BYTES`]. A streaming response
-    /// (server-sent events, a long poll) so waits one scheduler round, never for data.
+    /// are ready, lets the other tasks run once (the sending connection's task decodes the next
+    /// chunk or the end then), takes what became ready, and stops at the first frame that is
+    /// still not there, at the end, or at [`READ_AHEAD_MAX_BYTES`]. A stream (server-sent
+    /// events, a long poll, a slow upload) so waits one scheduler round, never for data.
     pub async fn read_ahead(mut body: B) -> Self {
         if body.is_end_stream() || body.size_hint().exact().is_some() {
-            return UpstreamBody::Streaming(body);
+            return ReadAheadBody::Streaming(body);
         }
         let mut frames = VecDeque::new();
         let mut bytes = 0;
@@ -65,18 +67,18 @@ where
                 Poll::Ready(None) => return Self::with_rest(frames, None, None),
                 Poll::Pending if !yielded => {
                     yielded = true;
-                    // After the tasks already woken (the upstream connection's among them),
-                    // not before them as a plain self-wake could be.
+                    // After the tasks already woken (the sending connection's among them), not
+                    // before them as a plain self-wake could be.
                     tokio::task::yield_now().await;
                 }
-                Poll::Pending if frames.is_empty() => return UpstreamBody::Streaming(body),
+                Poll::Pending if frames.is_empty() => return ReadAheadBody::Streaming(body),
                 Poll::Pending => return Self::with_rest(frames, None, Some(body)),
             }
         }
     }
 
     fn with_rest(frames: VecDeque<Frame<Bytes>>, error: Option<B::Error>, rest: Option<B>) -> Self {
-        UpstreamBody::ReadAhead(Box::new(ReadAhead {
+        ReadAheadBody::ReadAhead(Box::new(Ahead {
             frames,
             error,
             rest,
@@ -84,7 +86,72 @@ where
     }
 }
 
-impl<B> Body for UpstreamBody<B>
+// Nothing in it is ever pinned in place: the frames, the error and `rest` (itself `Unpin`) are
+// only moved or polled through `Pin::new`.
+impl<B: Body> Unpin for Ahead<B> {}
+
+impl<B> Body for Ahead<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(error) = this.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        match this.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+            && self.error.is_none()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self
+            .frames
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.remaining() as u64)
+            .sum();
+        let trailers = self.frames.iter().any(Frame::is_trailers);
+        match &self.rest {
+            // The whole body is here: hyper sends it with a `Content-Length` (the sender's
+            // `Transfer-Encoding` is hop-by-hop, not forwarded). Not with trailers, which only
+            // chunked encoding can carry.
+            None if self.error.is_none() && !trailers => SizeHint::with_exact(held),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(held);
+                hint
+            }
+            Some(rest) => {
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower().saturating_add(held));
+                if let Some(upper) = r.upper() {
+                    hint.set_upper(upper.saturating_add(held));
+                }
+                hint
+            }
+        }
+    }
+}
+
+impl<B> Body for ReadAheadBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -96,65 +163,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.get_mut() {
-            UpstreamBody::Streaming(body) => Pin::new(body).poll_frame(cx),
-            UpstreamBody::ReadAhead(ahead) => {
-                if let Some(frame) = ahead.frames.pop_front() {
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                if let Some(error) = ahead.error.take() {
-                    return Poll::Ready(Some(Err(error)));
-                }
-                match ahead.rest.as_mut() {
-                    Some(rest) => Pin::new(rest).poll_frame(cx),
-                    None => Poll::Ready(None),
-                }
-            }
+            ReadAheadBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            ReadAheadBody::ReadAhead(ahead) => Pin::new(ahead.as_mut()).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Streaming(body) => body.is_end_stream(),
-            UpstreamBody::ReadAhead(ahead) => {
-                ahead.frames.is_empty()
-                    && ahead.error.is_none()
-                    && ahead.rest.as_ref().is_none_or(Body::is_end_stream)
-            }
+            ReadAheadBody::Streaming(body) => body.is_end_stream(),
+            ReadAheadBody::ReadAhead(ahead) => ahead.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Streaming(body) => body.size_hint(),
-            UpstreamBody::ReadAhead(ahead) => {
-                let held: u64 = ahead
-                    .frames
-                    .iter()
-                    .filter_map(Frame::data_ref)
-                    .map(|d| d.remaining() as u64)
-                    .sum();
-                let trailers = ahead.frames.iter().any(Frame::is_trailers);
-                match &ahead.rest {
-                    // The whole body is here: hyper sends it with a `Content-Length` (the
-                    // upstream's `Transfer-Encoding` is hop-by-hop, not forwarded). Not with
-                    // trailers, which only chunked encoding can carry.
-                    None if ahead.error.is_none() && !trailers => SizeHint::with_exact(held),
-                    None => {
-                        let mut hint = SizeHint::new();
-                        hint.set_lower(held);
-                        hint
-                    }
-                    Some(rest) => {
-                        let r = rest.size_hint();
-                        let mut hint = SizeHint::new();
-                        hint.set_lower(r.lower().saturating_add(held));
-                        if let Some(upper) = r.upper() {
-                            hint.set_upper(upper.saturating_add(held));
-                        }
-                        hint
-                    }
-                }
-            }
+            ReadAheadBody::Streaming(body) => body.size_hint(),
+            ReadAheadBody::ReadAhead(ahead) => ahead.size_hint(),
         }
     }
 }
@@ -196,11 +220,11 @@ mod tests {
         Ok(Frame::data(Bytes::from_static(text.as_bytes())))
     }
 
-    fn is_read_ahead<B: Body>(body: &UpstreamBody<B>) -> bool {
-        matches!(body, UpstreamBody::ReadAhead(_))
+    fn is_read_ahead<B: Body>(body: &ReadAheadBody<B>) -> bool {
+        matches!(body, ReadAheadBody::ReadAhead(_))
     }
 
-    async fn collect<B>(body: UpstreamBody<B>) -> Result<Vec<u8>, B::Error>
+    async fn collect<B>(body: ReadAheadBody<B>) -> Result<Vec<u8>, B::Error>
     where
         B: Body<Data = Bytes> + Unpin,
     {
@@ -209,7 +233,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_of_known_length_streams_as_it_is() {
-        let body = UpstreamBody::read_ahead(Full::new(Bytes::from_static(b"hello"))).await;
+        let body = ReadAheadBody::read_ahead(Full::new(Bytes::from_static(b"hello"))).await;
         assert!(!is_read_ahead(&body));
         assert_eq!(body.size_hint().exact(), Some(5));
         assert_eq!(collect(body).await.unwrap(), b"hello");
@@ -221,7 +245,7 @@ mod tests {
         tx.send(data("ab")).unwrap();
         tx.send(data("cd")).unwrap();
         drop(tx);
-        let mut body = UpstreamBody::read_ahead(body).await;
+        let mut body = ReadAheadBody::read_ahead(body).await;
         assert!(is_read_ahead(&body));
         assert!(!body.is_end_stream());
         assert_eq!(body.size_hint().exact(), Some(4));
@@ -240,7 +264,7 @@ mod tests {
         tx.send(data("last chunk")).unwrap();
         // Runs during the read-ahead's one yield, as the upstream connection's task would.
         tokio::spawn(async move { drop(tx) });
-        let mut body = UpstreamBody::read_ahead(body).await;
+        let mut body = ReadAheadBody::read_ahead(body).await;
         let only = body.frame().await.unwrap().unwrap();
         assert_eq!(only.into_data().unwrap(), "last chunk");
         assert!(body.is_end_stream());
@@ -250,7 +274,7 @@ mod tests {
     async fn a_stream_still_open_is_read_ahead_up_to_what_is_there_and_then_streams() {
         let (tx, body) = channel_body();
         tx.send(data("event: 1\n\n")).unwrap();
-        let mut body = UpstreamBody::read_ahead(body).await;
+        let mut body = ReadAheadBody::read_ahead(body).await;
         assert!(is_read_ahead(&body));
         assert!(!body.is_end_stream());
         let first = body.frame().await.unwrap().unwrap();
@@ -266,7 +290,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_there_yet_gives_the_stream_back_unboxed() {
         let (tx, body) = channel_body();
-        let body = UpstreamBody::read_ahead(body).await;
+        let body = ReadAheadBody::read_ahead(body).await;
         assert!(!is_read_ahead(&body));
         tx.send(data("later")).unwrap();
         drop(tx);
@@ -280,7 +304,7 @@ mod tests {
         tx.send(Err(std::io::Error::other("upstream reset")))
             .unwrap();
         tx.send(data("never")).unwrap();
-        let mut body = UpstreamBody::read_ahead(body).await;
+        let mut body = ReadAheadBody::read_ahead(body).await;
         assert!(!body.is_end_stream());
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "partial");
@@ -297,7 +321,7 @@ mod tests {
         tx.send(data("payload")).unwrap();
         tx.send(Ok(Frame::trailers(trailers.clone()))).unwrap();
         drop(tx);
-        let body = UpstreamBody::read_ahead(body).await;
+        let body = ReadAheadBody::read_ahead(body).await;
         // Only chunked encoding carries trailers: no exact length that would make it a
         // `Content-Length` response.
         assert_eq!(body.size_hint().exact(), None);
@@ -316,9 +340,9 @@ mod tests {
             tx.send(Ok(Frame::data(chunk.clone()))).unwrap();
         }
         drop(tx);
-        let body = UpstreamBody::read_ahead(body).await;
+        let body = ReadAheadBody::read_ahead(body).await;
         match &body {
-            UpstreamBody::ReadAhead(ahead) => {
+            ReadAheadBody::ReadAhead(ahead) => {
                 let held: usize = ahead
                     .frames
                     .iter()
@@ -328,7 +352,7 @@ mod tests {
                 assert_eq!(held, READ_AHEAD_MAX_BYTES);
                 assert!(ahead.rest.is_some());
             }
-            UpstreamBody::Streaming(_) => panic!("nothing read ahead"),
+            ReadAheadBody::Streaming(_) => panic!("nothing read ahead"),
         }
         assert_eq!(collect(body).await.unwrap().len(), chunks * chunk.len());
     }
