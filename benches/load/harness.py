@@ -503,6 +503,8 @@ WORKLOADS = {
     "get-keepalive": "small GET, Authorization: Bearer, keep-alive (wrk)",
     "get-newconn": "small GET, Authorization: Bearer, a new connection per request (wrk, Connection: close)",
     "post-multipart-4k": "4 KiB multipart POST, key in the `clientKey` field (header peers: key in Authorization too)",
+    "post-chunked-4k": "the same 4 KiB multipart POST sent with Transfer-Encoding: chunked (one chunk), "
+                       "key in Authorization",
     "get-h2": "small GET over h2c, one key in Authorization (h2load -c16 -m10)",
     "get-fixed-rate": "small GET at a fixed rate (--rate, default 5000/s; 8 h2load --h1 connections): "
                       "latency without saturation",
@@ -560,6 +562,15 @@ def contenders(workload, form_ok):
             ("nginx-map", start_nginx_map, dict(mp, path="/form", keyplace="both")),
             ("haproxy-map", start_haproxy, dict(mp, path="/form", keyplace="both")),
             ("nginx-lua-form", lambda: start_nginx_lua("form"), dict(mp, path="/form", keyplace="form")),
+        ]
+    elif workload == "post-chunked-4k":
+        ch = dict(keyfile=hot, body="chunked")
+        c += [
+            ("direct", direct, dict(ch, path="/form", keyplace="both")),
+            ("keygate-public", kg, dict(ch, path="/public/form", keyplace="form")),
+            ("keygate-bearer", kg, dict(ch, path="/form", keyplace="both")),
+            ("nginx-map", start_nginx_map, dict(ch, path="/form", keyplace="both")),
+            ("haproxy-map", start_haproxy, dict(ch, path="/form", keyplace="both")),
         ]
     elif workload == "get-fixed-rate":
         c += [

@@ -8,7 +8,8 @@
 --   BODY     none | multipart (4 KiB multipart/form-data POST, the key in the first part,
 --            field "clientKey", followed by page, perPage and a file part) | multipart:BYTES
 --            (the same, BYTES long in all: the 1 MiB uploads; keep KEYFILE short then, as
---            every key's request is built in memory)
+--            every key's request is built in memory) | chunked (the 4 KiB multipart body sent
+--            with Transfer-Encoding: chunked, as one chunk: a client streaming its upload)
 --   KEYPLACE bearer (Authorization: Bearer) | form (multipart field only) | both | none
 --   CONN     keep (keep-alive) | close (Connection: close: a new connection per request)
 local reqs, n, i = {}, 0, 0
@@ -29,11 +30,29 @@ local function multipart(key, size)
   return head .. string.rep("x", pad) .. tail
 end
 
+-- wrk.format always adds a Content-Length to a body; a chunked request is written out here.
+local function chunked_request(path, h, body)
+  local lines = {"POST " .. path .. " HTTP/1.1"}
+  for k, v in pairs(wrk.headers) do
+    if h[k] == nil then lines[#lines + 1] = k .. ": " .. v end
+  end
+  for k, v in pairs(h) do lines[#lines + 1] = k .. ": " .. v end
+  lines[#lines + 1] = "Transfer-Encoding: chunked"
+  return table.concat(lines, "\r\n") .. "\r\n\r\n" ..
+    string.format("%x", #body) .. "\r\n" .. body .. "\r\n0\r\n\r\n"
+end
+
 local function build(key, path, body, keyplace, conn)
   local h = {}
   if conn == "close" then h["Connection"] = "close" end
   if key and (keyplace == "bearer" or keyplace == "both") then
     h["Authorization"] = "Bearer " .. key
+  end
+  if body == "chunked" then
+    h["Content-Type"] = "multipart/form-data; boundary=" .. BOUNDARY
+    local k = key or "kg_none"
+    if keyplace ~= "form" and keyplace ~= "both" then k = "-" end
+    return chunked_request(path, h, multipart(k, 4096))
   end
   local kind, size = body:match("^(multipart):?(%d*)$")
   if kind then
