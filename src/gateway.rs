@@ -243,7 +243,13 @@ impl Gateway {
             headers::set_identity(&mut parts.headers, &key.identity);
             body
         };
-        let body = body.read_ahead().await;
+        // Not with `Expect: 100-continue`: the first poll of the body sends the client its
+        // `100 Continue`, which waits until the upstream has been reached.
+        let body = if parts.headers.contains_key(http::header::EXPECT) {
+            body
+        } else {
+            body.read_ahead().await
+        };
         let body_limit_hit = Arc::new(AtomicBool::new(false));
         let body = match route.max_body_bytes {
             None => body,

@@ -1004,3 +1004,54 @@ async fn a_chunked_upload_already_whole_arrives_whole() {
         assert_eq!(echoed["body_error"], Value::Null);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_waiting_for_100_continue_to_a_down_upstream_gets_502_without_continue() {
+    use std::io::{Read, Write};
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
+    s.write_all(
+        format!(
+            "POST /down/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Expect: 100-continue\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    // The client is not invited to send a body the gateway cannot forward.
+    assert!(
+        answer.starts_with("HTTP/1.1 502"),
+        "expected a 502 and nothing before it: {answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_waiting_for_100_continue_is_invited_and_forwarded() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let mut s = std::net::TcpStream::connect(e.gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        format!(
+            "POST /keep/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Expect: 100-continue\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 100"), "{status}");
+    s.write_all(b"5\r\nhello\r\n0\r\n\r\n").unwrap();
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
+    assert!(rest.contains("\"body_len\":5"), "{rest}");
+}
