@@ -30,6 +30,18 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Removes an upstream response's hop-by-hop headers and, when it came with a
+/// `Transfer-Encoding`, its `Content-Length` too (RFC 9112 §6.3: such a length is not the
+/// body's and must not be forwarded). hyper's client keeps that header while it decodes the
+/// body by its transfer coding; left in, it would contradict the length hyper's server frames
+/// the body with once the body is read ahead whole.
+pub fn remove_upstream_framing(headers: &mut HeaderMap) {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop(headers);
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` goes
 /// too (the gateway puts it back on an upgrade request).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

@@ -238,7 +238,7 @@ impl Upstream {
     ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let resp = self.exchange(req).await?;
         let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::remove_upstream_framing(&mut parts.headers);
         let body = ReadAheadBody::read_ahead(body).await;
         Ok(Response::from_parts(parts, body))
     }
@@ -258,7 +258,7 @@ impl Upstream {
         let mut resp = self.exchange(req).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
-            headers::remove_hop_by_hop(&mut parts.headers);
+            headers::remove_upstream_framing(&mut parts.headers);
             let body = ReadAheadBody::read_ahead(body).await;
             return Ok(Response::from_parts(parts, body));
         }

@@ -86,9 +86,9 @@ where
     }
 }
 
-// Nothing in it is ever pinned in place: the frames, the error and `rest` (itself `Unpin`) are
-// only moved or polled through `Pin::new`.
-impl<B: Body> Unpin for Ahead<B> {}
+// Nothing in it is ever pinned in place: the frames and the error are only moved, and `rest`
+// (`Unpin` itself) is polled through `Pin::new`.
+impl<B: Body + Unpin> Unpin for Ahead<B> {}
 
 impl<B> Body for Ahead<B>
 where
@@ -108,10 +108,15 @@ where
         if let Some(error) = this.error.take() {
             return Poll::Ready(Some(Err(error)));
         }
-        match this.rest.as_mut() {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(rest) = this.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = Pin::new(rest).poll_frame(cx);
+        if matches!(next, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // Ended: not polled again.
+            this.rest = None;
         }
+        next
     }
 
     fn is_end_stream(&self) -> bool {
@@ -240,7 +245,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_already_there_and_the_end_are_read_ahead_so_the_first_frame_is_the_last() {
+    async fn frames_already_there_and_the_end_are_read_ahead_so_the_last_frame_ends_the_body() {
         let (tx, body) = channel_body();
         tx.send(data("ab")).unwrap();
         tx.send(data("cd")).unwrap();

@@ -1055,3 +1055,28 @@ async fn an_upload_waiting_for_100_continue_is_invited_and_forwarded() {
     assert!(rest.contains("HTTP/1.1 200"), "{rest}");
     assert!(rest.contains("\"body_len\":5"), "{rest}");
 }
+
+#[tokio::test]
+async fn a_content_length_sent_with_transfer_encoding_is_not_forwarded() {
+    // RFC 9112 §6.3: the transfer coding frames the body; the length beside it is wrong (here
+    // 3 for a 10-byte body) and must not reach the client.
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::raw(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
+          a\r\n0123456789\r\n0\r\n\r\n",
+    )
+    .await;
+    let gw = public_gateway(&dir, up);
+    // Twice on one client connection: a wrong length would cut the first body or bleed into
+    // the second response.
+    let c = client();
+    for _ in 0..2 {
+        let r = c.get(gw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let declared = r.headers().get("content-length").cloned();
+        assert_eq!(r.text().await.unwrap(), "0123456789");
+        if let Some(n) = declared {
+            assert_eq!(n, "10");
+        }
+    }
+}
