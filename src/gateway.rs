@@ -259,7 +259,11 @@ impl Gateway {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > limit) {
+                // A chunked body read ahead whole knows its size too: refused before the
+                // upstream is asked.
+                if declared.is_some_and(|n| n > limit)
+                    || http_body::Body::size_hint(&body).lower() > limit
+                {
                     return Err(GatewayError::BodyTooLarge);
                 }
                 body.limit(limit, body_limit_hit.clone())

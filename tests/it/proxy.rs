@@ -1080,3 +1080,34 @@ async fn a_content_length_sent_with_transfer_encoding_is_not_forwarded() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_refused_before_the_upstream_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens upstream: a request that got that far would be a 502, not a 413.
+    let gw = Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.down]\nurl = \"http://{}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"down\"\npublic = true\nmax_body_bytes = 1000\n",
+        dir.path().join("keys.db").display(),
+        upstream::closed()
+    ));
+    let chunked = |n: usize| {
+        reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
+            vec![b'x'; n],
+        )]))
+    };
+    let r = client()
+        .post(gw.url("/up"))
+        .body(chunked(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = client()
+        .post(gw.url("/up"))
+        .body(chunked(500))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+}
