@@ -431,15 +431,7 @@ where
         let prefix = self.prefix_len();
         match &self.rest {
             None => SizeHint::with_exact(prefix),
-            Some(rest) => {
-                let r = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(r.lower().saturating_add(prefix));
-                if let Some(upper) = r.upper() {
-                    hint.set_upper(upper.saturating_add(prefix));
-                }
-                hint
-            }
+            Some(rest) => crate::proxy::read_ahead::after_prefix(prefix, &rest.size_hint()),
         }
     }
 }

@@ -237,10 +237,7 @@ impl Upstream {
         req: Request<ForwardBody>,
     ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let resp = self.exchange(req).await?;
-        let (mut parts, body) = resp.into_parts();
-        headers::remove_upstream_framing(&mut parts.headers);
-        let body = ReadAheadBody::read_ahead(body).await;
-        Ok(Response::from_parts(parts, body))
+        Ok(for_the_client(resp).await)
     }
 
     /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
@@ -257,10 +254,7 @@ impl Upstream {
         let client_side = hyper::upgrade::on(&mut req);
         let mut resp = self.exchange(req).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            let (mut parts, body) = resp.into_parts();
-            headers::remove_upstream_framing(&mut parts.headers);
-            let body = ReadAheadBody::read_ahead(body).await;
-            return Ok(Response::from_parts(parts, body));
+            return Ok(for_the_client(resp).await);
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
         headers::remove_hop_by_hop(resp.headers_mut());
@@ -326,6 +320,15 @@ impl Upstream {
         };
         Ok(resp)
     }
+}
+
+/// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
+/// beside a `Transfer-Encoding`), its body read ahead when its length is unknown.
+async fn for_the_client(resp: Response<Incoming>) -> Response<ReadAheadBody<Incoming>> {
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_upstream_framing(&mut parts.headers);
+    let body = ReadAheadBody::read_ahead(body).await;
+    Response::from_parts(parts, body)
 }
 
 /// `Host` for an upstream URL, as hyper-util's client would make it: the host, and the port

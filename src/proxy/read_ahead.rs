@@ -143,17 +143,19 @@ where
                 hint.set_lower(held);
                 hint
             }
-            Some(rest) => {
-                let r = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(r.lower().saturating_add(held));
-                if let Some(upper) = r.upper() {
-                    hint.set_upper(upper.saturating_add(held));
-                }
-                hint
-            }
+            Some(rest) => after_prefix(held, &rest.size_hint()),
         }
     }
+}
+
+/// The size of `held` bytes already read followed by a stream of size `rest`.
+pub fn after_prefix(held: u64, rest: &SizeHint) -> SizeHint {
+    let mut hint = SizeHint::new();
+    hint.set_lower(rest.lower().saturating_add(held));
+    if let Some(upper) = rest.upper() {
+        hint.set_upper(upper.saturating_add(held));
+    }
+    hint
 }
 
 impl<B> Body for ReadAheadBody<B>
@@ -234,6 +236,29 @@ mod tests {
         B: Body<Data = Bytes> + Unpin,
     {
         Ok(body.collect().await?.to_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_prefix_adds_to_both_bounds_of_the_rest() {
+        assert_eq!(after_prefix(5, &SizeHint::with_exact(10)).exact(), Some(15));
+        let mut open = SizeHint::new();
+        open.set_lower(3);
+        let hint = after_prefix(5, &open);
+        assert_eq!((hint.lower(), hint.upper()), (8, None));
+        let huge = after_prefix(5, &SizeHint::with_exact(u64::MAX));
+        assert_eq!((huge.lower(), huge.upper()), (u64::MAX, Some(u64::MAX)));
+    }
+
+    #[tokio::test]
+    async fn a_still_open_rest_after_frames_gives_a_lower_bound_only() {
+        let (tx, body) = channel_body();
+        tx.send(data("abc")).unwrap();
+        let body = ReadAheadBody::read_ahead(body).await;
+        assert_eq!(
+            (body.size_hint().lower(), body.size_hint().upper()),
+            (3, None)
+        );
+        drop(tx);
     }
 
     #[tokio::test]
