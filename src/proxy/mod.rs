@@ -18,7 +18,7 @@ use crate::credential::body::Replay;
 use crate::error::GatewayError;
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -237,7 +237,7 @@ impl Upstream {
         req: Request<ForwardBody>,
     ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let resp = self.exchange(req).await?;
-        Ok(for_the_client(resp).await)
+        self.for_the_client(resp).await
     }
 
     /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
@@ -254,7 +254,7 @@ impl Upstream {
         let client_side = hyper::upgrade::on(&mut req);
         let mut resp = self.exchange(req).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(for_the_client(resp).await);
+            return self.for_the_client(resp).await;
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
         headers::remove_hop_by_hop(resp.headers_mut());
@@ -285,6 +285,23 @@ impl Upstream {
         Ok(resp.map(ReadAheadBody::Streaming))
     }
 
+    /// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
+    /// beside a `Transfer-Encoding`), its body read ahead when its length is unknown. A body
+    /// that failed before its first byte makes the exchange a failed one (502).
+    async fn for_the_client(
+        &self,
+        resp: Response<Incoming>,
+    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_upstream_framing(&mut parts.headers);
+        let body = ReadAheadBody::read_ahead(body).await;
+        if body.failed_before_any_frame() {
+            tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
     async fn exchange(
         &self,
         mut req: Request<ForwardBody>,
@@ -303,6 +320,18 @@ impl Upstream {
             Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
             None => req.headers_mut().remove(http::header::HOST),
         };
+        // hyper's client sends a GET or HEAD of unknown length as bodiless (it assumes none)
+        // unless the request says it is chunked: a streamed body would be dropped unseen.
+        if !self.http2
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+            && !req.body().is_end_stream()
+            && req.body().size_hint().exact().is_none()
+        {
+            req.headers_mut().insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
         // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
         // future (the timeout, this one, the gateway's, the connection's slot), each copied as
         // it is created: ~11 KiB of copying per request, against one allocation.
@@ -320,15 +349,6 @@ impl Upstream {
         };
         Ok(resp)
     }
-}
-
-/// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
-/// beside a `Transfer-Encoding`), its body read ahead when its length is unknown.
-async fn for_the_client(resp: Response<Incoming>) -> Response<ReadAheadBody<Incoming>> {
-    let (mut parts, body) = resp.into_parts();
-    headers::remove_upstream_framing(&mut parts.headers);
-    let body = ReadAheadBody::read_ahead(body).await;
-    Response::from_parts(parts, body)
 }
 
 /// `Host` for an upstream URL, as hyper-util's client would make it: the host, and the port

@@ -57,7 +57,14 @@ where
                 std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
             match step {
                 Poll::Ready(Some(Ok(frame))) => {
-                    bytes += frame.data_ref().map_or(0, Buf::remaining);
+                    let len = frame.data_ref().map_or(0, Buf::remaining);
+                    if len == 0 && frame.is_data() {
+                        // An HTTP/2 stream may end with an empty DATA frame. Kept, it would
+                        // make a bodiless request look like one with a body of 0 bytes (and
+                        // get a `content-length: 0` upstream).
+                        continue;
+                    }
+                    bytes += len;
                     frames.push_back(frame);
                     if bytes >= READ_AHEAD_MAX_BYTES {
                         return Self::with_rest(frames, None, Some(body));
@@ -75,6 +82,12 @@ where
                 Poll::Pending => return Self::with_rest(frames, None, Some(body)),
             }
         }
+    }
+
+    /// The body failed before it gave a single frame: nothing of it can reach the client, so
+    /// the response is better answered as a failed exchange than sent as a head with a cut body.
+    pub fn failed_before_any_frame(&self) -> bool {
+        matches!(self, ReadAheadBody::ReadAhead(ahead) if ahead.frames.is_empty() && ahead.error.is_some())
     }
 
     fn with_rest(frames: VecDeque<Frame<Bytes>>, error: Option<B::Error>, rest: Option<B>) -> Self {
@@ -341,6 +354,53 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(err.to_string(), "upstream reset");
         assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_before_any_frame_is_told_apart_from_one_after_data() {
+        let (tx, body) = channel_body();
+        tx.send(Err(std::io::Error::other("bad chunk size")))
+            .unwrap();
+        assert!(
+            ReadAheadBody::read_ahead(body)
+                .await
+                .failed_before_any_frame()
+        );
+        let (tx, body) = channel_body();
+        tx.send(data("partial")).unwrap();
+        tx.send(Err(std::io::Error::other("upstream reset")))
+            .unwrap();
+        assert!(
+            !ReadAheadBody::read_ahead(body)
+                .await
+                .failed_before_any_frame()
+        );
+        let (tx, body) = channel_body();
+        tx.send(data("fine")).unwrap();
+        drop(tx);
+        assert!(
+            !ReadAheadBody::read_ahead(body)
+                .await
+                .failed_before_any_frame()
+        );
+    }
+
+    #[tokio::test]
+    async fn empty_data_frames_are_dropped_so_an_empty_body_is_an_ended_one() {
+        let (tx, body) = channel_body();
+        tx.send(data("")).unwrap();
+        drop(tx);
+        let body = ReadAheadBody::read_ahead(body).await;
+        // hyper then sends no body and no `Content-Length: 0`, as for a bodiless request.
+        assert!(body.is_end_stream());
+        let (tx, body) = channel_body();
+        tx.send(data("")).unwrap();
+        tx.send(data("x")).unwrap();
+        tx.send(data("")).unwrap();
+        drop(tx);
+        let body = ReadAheadBody::read_ahead(body).await;
+        assert_eq!(body.size_hint().exact(), Some(1));
+        assert_eq!(collect(body).await.unwrap(), b"x");
     }
 
     #[tokio::test]

@@ -1111,3 +1111,66 @@ async fn a_chunked_body_over_the_limit_is_refused_before_the_upstream_is_asked()
         .unwrap();
     assert_eq!(r.status(), 502);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_with_a_streamed_body_keeps_its_body() {
+    // Some APIs take a GET with a body (search queries). hyper's client drops the body of a GET
+    // whose length it does not know unless told it is chunked: the upstream would get none.
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway(&dir, up);
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n",
+    )
+    .unwrap();
+    // The rest comes later: the body is still streaming when the request goes upstream.
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"6\r\n world\r\n0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_len\":11"), "{answer}");
+    assert!(answer.contains("\"method\":\"GET\""), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_get_ended_by_an_empty_data_frame_reaches_the_upstream_without_a_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway(&dir, up);
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // A stream body that turns out empty: HEADERS without END_STREAM, then an empty DATA
+    // frame that ends the stream.
+    let empty = reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
+        Result<Vec<u8>, std::io::Error>,
+    >::new()));
+    let r = h2.get(gw.url("/x")).body(empty).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["body_len"], 0);
+    assert_eq!(seen["headers"]["content-length"], Value::Null, "{seen}");
+    assert_eq!(seen["headers"]["transfer-encoding"], Value::Null, "{seen}");
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_fails_before_any_data_is_a_502() {
+    // A chunked response whose first chunk size is not a number: nothing of the body can be
+    // forwarded, so the client gets a 502 rather than a 200 head and a cut connection.
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").await;
+    let gw = public_gateway(&dir, up);
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE", "{body}");
+}
