@@ -107,14 +107,26 @@ run() { # binary tag path requests keyfile [miss]
   else
     [ "$lookups" -ge "$sent" ] || echo "warning: $tag: $lookups store lookups for $sent requests (some were cache hits)" >&2
   fi
+  # What the shutdown costs after the dump is mostly the final usage flush: one count per key
+  # used since start-up (on the miss route, one per request counted). Its instructions are in
+  # the second callgrind part; Redis's CPU for it is read around the shutdown.
+  local redis_cpu_before
+  redis_cpu_before=$(redis_cpu_ms)
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  local ir
+  local ir flush_ir
   ir=$(grep -h '^summary:\|^totals:' "$OUT/cg-$tag.out.1" | head -1 | awk '{print $2}')
-  echo "$sent $ir"
+  flush_ir=$(grep -h '^summary:\|^totals:' "$OUT/cg-$tag.out" | head -1 | awk '{print $2}')
+  echo "$sent $ir $flush_ir $(( $(redis_cpu_ms) - redis_cpu_before ))"
+}
+
+redis_cpu_ms() {
+  redis-cli -p "$REDIS" info cpu | tr -d '\r' |
+    awk -F: '/^used_cpu_(user|sys):/ {t += $2} END {printf "%d", t * 1000}'
 }
 
 printf '%-40s %-10s %10s %16s %12s\n' binary route requests instructions instr/request
 i=0
+flush_lines=()
 for bin in "$@"; do
   i=$((i + 1))
   routes=(public:/public/v1/resource cached:/v1/resource)
@@ -122,12 +134,22 @@ for bin in "$@"; do
   for route in "${routes[@]}"; do
     name=${route%%:*}; path=${route#*:}
     if [ "$name" = miss ]; then
-      read -r sent ir < <(run "$bin" "$i-$name" "$path" "$MISS" "$OUT/miss.txt" miss)
+      read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$MISS" "$OUT/miss.txt" miss)
     else
-      read -r sent ir < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
+      read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
     fi
     printf '%-40s %-10s %10s %16s %12s\n' "$bin" "$name" "$sent" "$ir" \
       "$(awk -v i="$ir" -v n="$sent" 'BEGIN { if (n > 0) printf "%.0f", i / n; else print "-" }')"
+    if [ "$name" = miss ]; then
+      flush_lines+=("$(printf '%-40s %10s keys: %12s instructions (%s per key), Redis %s ms CPU' \
+        "$bin" "$sent" "$flush_ir" \
+        "$(awk -v i="$flush_ir" -v n="$sent" 'BEGIN { if (n > 0) printf "%.0f", i / n; else print "-" }')" \
+        "$flush_redis_ms")")
+    fi
   done
 done
+if [ ${#flush_lines[@]} -gt 0 ]; then
+  echo "shutdown after the miss route (the final usage flush of the keys walked):"
+  printf '%s\n' "${flush_lines[@]}"
+fi
 echo "callgrind outputs in $OUT"

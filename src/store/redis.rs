@@ -75,10 +75,12 @@ use futures_util::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{
     Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -117,19 +119,29 @@ redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 'ok'
 ";
 
-/// Usage: KEYS = usage key, id key; ARGV = requests, last-used ms. Adds to the count and keeps
-/// the latest time, only while the key exists (a late flush must not resurrect a deleted key's
-/// usage).
-/// Usage scripts a flush keeps in flight at once.
-const USAGE_IN_FLIGHT: usize = 128;
-
+/// Usage, for any number of keys in one call: KEYS = (usage key, id key) per key; ARGV =
+/// (requests, last-used ms) per key, in the same order. Adds to each count and keeps the latest
+/// time, only while the key exists (a late flush must not resurrect a deleted key's usage).
+/// Returns how many keys were counted.
 const USAGE_LUA: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'count', ARGV[1])
-local old = tonumber(redis.call('HGET', KEYS[1], 'last_ms') or '0')
-if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], 'last_ms', ARGV[2]) end
-return 1
+local counted = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 'count', ARGV[i])
+    local old = tonumber(redis.call('HGET', KEYS[i], 'last_ms') or '0')
+    if tonumber(ARGV[i + 1]) > old then redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1]) end
+    counted = counted + 1
+  end
+end
+return counted
 ";
+
+/// Keys per usage script call. One call per key cost ~10 600 instructions per key in keygate
+/// (callgrind) and one command, script lookup and reply per key in Redis.
+const USAGE_KEYS_PER_CALL: usize = 128;
+/// Usage script calls a flush keeps in flight at once: a flush of 100 000 keys must not queue
+/// all its commands and their buffers at once.
+const USAGE_CALLS_IN_FLIGHT: usize = 8;
 
 /// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
 /// ARGV[3] the message; then one (op, a, b) triple per key, in KEYS order. Ops are validated
@@ -257,7 +269,7 @@ impl Names {
         Ok(self.hash(&hash))
     }
     fn id(&self, tag: SlotTag, id: &str) -> String {
-        format!("{}:k:{{{tag}}}:{id}", self.ns)
+        self.tagged("k", tag, id)
     }
     /// The team's SET of key ids, in the team's slot (where all its keys are created).
     fn team(&self, team: &str) -> String {
@@ -274,7 +286,21 @@ impl Names {
     }
     /// Same slot as the id key, so the usage script may check the key still exists.
     fn usage(&self, tag: SlotTag, id: &str) -> String {
-        format!("{}:usage:{{{tag}}}:{id}", self.ns)
+        self.tagged("usage", tag, id)
+    }
+    /// `{ns}:{kind}:{tag}:{id}`, built by hand like [`Self::hash`]: a usage flush makes two
+    /// per key.
+    fn tagged(&self, kind: &str, tag: SlotTag, id: &str) -> String {
+        let mut name =
+            String::with_capacity(self.ns.len() + 1 + kind.len() + 2 + TAG_LEN + 2 + id.len());
+        name.push_str(&self.ns);
+        name.push(':');
+        name.push_str(kind);
+        name.push_str(":{");
+        name.push_str(tag.as_str());
+        name.push_str("}:");
+        name.push_str(id);
+        name
     }
     fn channel(&self) -> String {
         format!("{}:changes", self.ns)
@@ -1138,27 +1164,52 @@ impl KeyStore for RedisStore {
     }
 
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
-        // One script per key, each in its key's slot (a cluster refuses cross-slot pipelines),
-        // by its SHA (EVALSHA; loaded on the first NOSCRIPT), USAGE_IN_FLIGHT at a time: a
-        // flush of 100 000 keys must not queue 100 000 commands and their buffers at once.
-        // Each chunk has its own timeout, so a large batch is not failed for its size.
-        for chunk in batch.chunks(USAGE_IN_FLIGHT) {
-            let calls = chunk.iter().filter_map(|d| {
-                // An id that cannot be ours has no key to count for (deltas for gone keys drop).
-                let tag = id_tag(&d.api_key_id)?;
+        // Up to USAGE_KEYS_PER_CALL keys per script call, by its SHA (EVALSHA; loaded on the
+        // first NOSCRIPT). A cluster runs a script only on keys of one slot, so there the keys
+        // are grouped by slot first; one server takes them in any grouping. An id that cannot be
+        // ours has no key to count for (deltas for gone keys drop).
+        let tagged = batch
+            .iter()
+            .filter_map(|d| Some((id_tag(&d.api_key_id)?, d)));
+        let groups: Vec<Vec<(SlotTag, &UsageDelta)>> = match &self.conn {
+            Conn::Single(_) => vec![tagged.collect()],
+            Conn::Cluster(_) => {
+                let mut by_slot: HashMap<Slot, Vec<(SlotTag, &UsageDelta)>> = HashMap::new();
+                for (tag, d) in tagged {
+                    by_slot
+                        .entry(Slot::for_key(tag.as_str()))
+                        .or_default()
+                        .push((tag, d));
+                }
+                by_slot.into_values().collect()
+            }
+        };
+        let calls: Vec<_> = groups
+            .iter()
+            .flat_map(|group| group.chunks(USAGE_KEYS_PER_CALL))
+            .map(|chunk| {
                 let mut inv = self.usage_script.prepare_invoke();
-                inv.key(self.names.usage(tag, &d.api_key_id))
-                    .key(self.names.id(tag, &d.api_key_id))
-                    .arg(d.requests)
-                    .arg(d.last_used.timestamp_millis());
+                for (tag, d) in chunk {
+                    inv.key(self.names.usage(*tag, &d.api_key_id))
+                        .key(self.names.id(*tag, &d.api_key_id));
+                }
+                for (_, d) in chunk {
+                    inv.arg(d.requests).arg(d.last_used.timestamp_millis());
+                }
+                inv
+            })
+            .collect();
+        // Each window has its own timeout, so a large batch is not failed for its size.
+        for window in calls.chunks(USAGE_CALLS_IN_FLIGHT) {
+            let sent = window.iter().map(|inv| {
                 let mut conn = self.conn.clone();
-                Some(async move {
+                async move {
                     inv.invoke_async::<Value>(&mut conn)
                         .await
                         .map_err(redis_err)
-                })
+                }
             });
-            self.bounded(try_join_all(calls)).await?;
+            self.bounded(try_join_all(sent)).await?;
         }
         Ok(())
     }

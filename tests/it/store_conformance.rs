@@ -162,6 +162,7 @@ conformance!(
     change_feed_reports_every_write,
     update_keeps_the_rotated_key_start,
     usage_adds_up_and_forgets_deleted_keys,
+    usage_of_many_keys_in_many_slots_in_one_flush,
     members_put_get_remove,
     members_list_oldest_first,
     member_put_races_keep_the_first_added_time,
@@ -414,6 +415,55 @@ async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
         s.usage(std::slice::from_ref(&id)).await.unwrap()[0],
         Usage::default()
     );
+}
+
+/// More keys than one store call carries (Redis: 128 per script call, grouped by slot on a
+/// cluster), team keys sharing a slot and others spread over every node, one key deleted before
+/// the flush and one id that cannot be a key: each live key gets exactly its own count.
+async fn usage_of_many_keys_in_many_slots_in_one_flush(h: Harness) {
+    use keygate::store::{Usage, UsageDelta};
+    let s = &*h.store;
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let team = match i % 3 {
+            0 => Some("team-a"),
+            1 => Some("team-b"),
+            _ => None,
+        };
+        let r = record(team, now);
+        s.create(&r, &new_hash(&r), None).await.unwrap();
+        ids.push(r.api_key_id);
+    }
+    s.delete(&ids[7]).await.unwrap();
+    let mut batch: Vec<UsageDelta> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| UsageDelta {
+            api_key_id: id.clone(),
+            requests: i as u64 + 1,
+            last_used: now - secs(i as i64),
+        })
+        .collect();
+    batch.push(UsageDelta {
+        api_key_id: "not-a-key-id".into(),
+        requests: 1,
+        last_used: now,
+    });
+    s.record_usage(&batch).await.unwrap();
+    let got = s.usage(&ids).await.unwrap();
+    for (i, usage) in got.iter().enumerate() {
+        if i == 7 {
+            assert_eq!(*usage, Usage::default());
+            continue;
+        }
+        assert_eq!(usage.request_count, i as u64 + 1, "key {i}");
+        assert_eq!(
+            usage.last_used_time.map(|t| t.timestamp_millis()),
+            Some((now - secs(i as i64)).timestamp_millis()),
+            "key {i}"
+        );
+    }
 }
 
 async fn update_keeps_the_rotated_key_start(h: Harness) {
