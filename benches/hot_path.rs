@@ -10,7 +10,7 @@ use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, Uri};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, check_format};
 use keygate::auth::policy::authorize;
-use keygate::auth::record::KeyType;
+use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::auth::verified::VerifiedKey;
 use keygate::auth::verify::Verifier;
 use keygate::config::{CacheConfig, KeySource};
@@ -84,6 +84,31 @@ fn bench(c: &mut Criterion) {
     c.bench_function("verify_cache_hit", |b| {
         b.to_async(&rt)
             .iter(|| verifier.verify(black_box(&cached), now))
+    });
+
+    // A cache miss decodes the stored record: whole then cut down, or only what is kept.
+    let mut record = KeyRecord::new(
+        "apk_0AbCdEfGhIjKlMnOpQrStUv".into(),
+        "billing service, production".into(),
+        KeyType::Shared,
+        "kg_0AbC".into(),
+        now,
+    );
+    record.team_id = Some("team-acme".into());
+    record.created_by = Some("admin@example.com".into());
+    record.scope_names = vec!["read".into(), "write".into()];
+    record.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
+    record.expires_time = Some(now + chrono::Duration::days(90));
+    record.metadata = [("env".to_owned(), "prod".to_owned())].into();
+    let json = serde_json::to_string(&record).unwrap();
+    c.bench_function("record_decode_whole_then_cut", |b| {
+        b.iter(|| {
+            let whole: KeyRecord = serde_json::from_str(black_box(&json)).unwrap();
+            VerifiedKey::from(whole)
+        })
+    });
+    c.bench_function("record_decode_verified_only", |b| {
+        b.iter(|| serde_json::from_str::<VerifiedKey>(black_box(&json)).unwrap())
     });
 }
 

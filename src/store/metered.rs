@@ -7,6 +7,7 @@ use super::{
 };
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
+use crate::auth::verified::VerifiedKey;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -54,6 +55,16 @@ impl KeyStore for MeteredStore {
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.timed("find_by_hash", self.inner.find_by_hash(hash, now))
+            .await
+    }
+
+    /// Counted as `find_by_hash`: the same lookup, decoded less.
+    async fn find_verified_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerifiedKey>, StoreError> {
+        self.timed("find_by_hash", self.inner.find_verified_by_hash(hash, now))
             .await
     }
 

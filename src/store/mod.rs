@@ -14,6 +14,7 @@ pub mod redis;
 
 use crate::auth::key::KeyHash;
 use crate::auth::record::{KeyRecord, KeyType};
+use crate::auth::verified::VerifiedKey;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -160,6 +161,16 @@ pub trait KeyStore: Send + Sync + 'static {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// [`Self::find_by_hash`], keeping only what the request path reads: what the verifier
+    /// caches. A store may decode that much of its stored record and no more.
+    async fn find_verified_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerifiedKey>, StoreError> {
+        Ok(self.find_by_hash(hash, now).await?.map(VerifiedKey::from))
+    }
 
     /// Stores a new record under `hash`. With `team_limit`, refuses with `LimitExceeded` when the
     /// record's team already holds that many keys (enabled or not), atomically: concurrent

@@ -68,6 +68,8 @@ use super::{
 };
 use crate::auth::key::{DIGEST_HEX_LEN, KeyHash, SlotTag, TAG_LEN};
 use crate::auth::record::KeyRecord;
+use crate::auth::timestamp;
+use crate::auth::verified::VerifiedKey;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -826,6 +828,27 @@ impl KeyStore for RedisStore {
         Ok(Some(record))
     }
 
+    async fn find_verified_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerifiedKey>, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.names.hash(hash));
+        let raw: Option<String> = self.bounded(self.query(&get)).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let entry: HashEntry<VerifiedKey> = decode(&raw)?;
+        let mut key = entry.record;
+        if let Some(until) = entry.valid_until {
+            // As in `find_by_hash`.
+            if now.timestamp_millis() >= until {
+                return Ok(None);
+            }
+            key.expire_at_grace_end(until);
+        }
+        Ok(Some(key))
+    }
+
     async fn create(
         &self,
         record: &KeyRecord,
@@ -1304,11 +1327,7 @@ fn parse_change(payload: &[u8]) -> Option<Change> {
 /// the grace, so that a gateway which caches the answer (and its stale copy for outages) still
 /// refuses the old key on time: nothing needs to be published when a grace ends.
 fn expire_at_grace_end(record: &mut KeyRecord, until_ms: i64) {
-    let end = DateTime::<Utc>::from_timestamp_millis(until_ms);
-    record.expires_time = match (record.expires_time, end) {
-        (Some(own), Some(end)) => Some(own.min(end)),
-        (own, end) => own.or(end),
-    };
+    record.expires_time = timestamp::earlier_expiry(record.expires_time, until_ms);
 }
 
 /// 1-based page → (items to skip, items to take).

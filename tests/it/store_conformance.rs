@@ -13,6 +13,7 @@ use crate::support::redis::{RedisCluster, RedisServer};
 use chrono::{DateTime, Utc};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
+use keygate::auth::verified::VerifiedKey;
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
@@ -219,8 +220,13 @@ fn team(t: &str) -> KeyFilter {
 }
 
 /// What `hash` leads to at `at`; store errors fail the test.
+/// `find_by_hash`, checked against `find_verified_by_hash` (the request path's lookup, which a
+/// store may decode differently): the same key, cut down the same way, grace periods included.
 async fn find(s: &dyn KeyStore, hash: &KeyHash, at: DateTime<Utc>) -> Option<KeyRecord> {
-    s.find_by_hash(hash, at).await.unwrap()
+    let record = s.find_by_hash(hash, at).await.unwrap();
+    let verified = s.find_verified_by_hash(hash, at).await.unwrap();
+    assert_eq!(verified, record.as_ref().map(VerifiedKey::from));
+    record
 }
 
 fn page(page: u32, per_page: u32) -> Page {
