@@ -483,6 +483,28 @@ impl RedisStore {
     }
 
     /// One command on the shared connection (a cheap handle clone; the manager multiplexes).
+    /// The record stored under `hash`, decoded as `R`, with the end of its grace period when the
+    /// hash was rotated out; `None` when there is none or its grace has ended at `now`.
+    async fn hash_entry<R: for<'de> Deserialize<'de>>(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(R, Option<i64>)>, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.names.hash(hash));
+        let raw: Option<String> = self.bounded(self.query(&get)).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let entry: HashEntry<R> = decode(&raw)?;
+        // Redis expiry is approximate; the recorded deadline is what counts.
+        if entry
+            .valid_until
+            .is_some_and(|until| now.timestamp_millis() >= until)
+        {
+            return Ok(None);
+        }
+        Ok(Some((entry.record, entry.valid_until)))
+    }
+
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         cmd.query_async(&mut self.conn.clone())
             .await
@@ -812,20 +834,15 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.names.hash(hash));
-        let raw: Option<String> = self.bounded(self.query(&get)).await?;
-        let Some(raw) = raw else { return Ok(None) };
-        let entry: HashEntry<KeyRecord> = decode(&raw)?;
-        let mut record = entry.record;
-        if let Some(until) = entry.valid_until {
-            // Redis expiry is approximate; the recorded deadline is what counts.
-            if now.timestamp_millis() >= until {
-                return Ok(None);
-            }
-            expire_at_grace_end(&mut record, until);
-        }
-        Ok(Some(record))
+        Ok(self
+            .hash_entry::<KeyRecord>(hash, now)
+            .await?
+            .map(|(mut record, grace_until)| {
+                if let Some(until) = grace_until {
+                    expire_at_grace_end(&mut record, until);
+                }
+                record
+            }))
     }
 
     async fn find_verified_by_hash(
@@ -833,20 +850,15 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<VerifiedKey>, StoreError> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.names.hash(hash));
-        let raw: Option<String> = self.bounded(self.query(&get)).await?;
-        let Some(raw) = raw else { return Ok(None) };
-        let entry: HashEntry<VerifiedKey> = decode(&raw)?;
-        let mut key = entry.record;
-        if let Some(until) = entry.valid_until {
-            // As in `find_by_hash`.
-            if now.timestamp_millis() >= until {
-                return Ok(None);
-            }
-            key.expire_at_grace_end(until);
-        }
-        Ok(Some(key))
+        Ok(self
+            .hash_entry::<VerifiedKey>(hash, now)
+            .await?
+            .map(|(mut key, grace_until)| {
+                if let Some(until) = grace_until {
+                    key.expire_at_grace_end(until);
+                }
+                key
+            }))
     }
 
     async fn create(
