@@ -11,6 +11,7 @@ use super::timestamp;
 use crate::proxy::headers::IdentityHeaders;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,9 +59,17 @@ impl From<KeyRecord> for VerifiedKey {
 /// record_decode`: 1.20 µs whole then cut down, 0.96 µs this way.
 impl<'de> Deserialize<'de> for VerifiedKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Field names and defaults as in `KeyRecord`; the others are skipped unread.
+        // Field names and defaults as in `KeyRecord`; the others are skipped unread, except that
+        // the ones `KeyRecord` requires must be there (once): a record the admin API would call
+        // corrupt for a missing field does not authenticate. Their contents are not checked (a
+        // malformed `created_time` or `metadata` is found by the admin API, not here).
         #[derive(Deserialize)]
+        #[allow(dead_code)] // the required-but-unread fields
         struct Stored {
+            name: IgnoredAny,
+            created_time: IgnoredAny,
+            updated_time: IgnoredAny,
+            key_start: IgnoredAny,
             api_key_id: Box<str>,
             key_type: KeyType,
             #[serde(default)]
@@ -181,6 +190,25 @@ mod tests {
         let direct: VerifiedKey = serde_json::from_str(json).unwrap();
         assert_eq!(direct, VerifiedKey::from(&whole));
         assert!(direct.scope_names.is_empty() && direct.allow_ips.is_empty());
+    }
+
+    #[test]
+    fn a_record_missing_a_required_field_or_with_one_twice_is_refused_like_by_the_whole_decode() {
+        let full = r#""api_key_id":"apk_1","key_type":"shared","is_enabled":true,
+            "created_time":"2026-01-01T00:00:00Z","updated_time":"2026-01-01T00:00:00Z",
+            "key_start":"kg_abc""#;
+        for json in [
+            format!("{{{full}}}"),
+            format!("{{\"name\":\"a\",\"name\":\"b\",{full}}}"),
+        ] {
+            assert!(serde_json::from_str::<KeyRecord>(&json).is_err());
+            assert!(
+                serde_json::from_str::<VerifiedKey>(&json).is_err(),
+                "{json}"
+            );
+        }
+        let ok = format!("{{\"name\":\"a\",{full}}}");
+        assert!(serde_json::from_str::<VerifiedKey>(&ok).is_ok());
     }
 
     #[test]

@@ -320,17 +320,29 @@ impl Upstream {
             Some(host) => req.headers_mut().insert(http::header::HOST, host.clone()),
             None => req.headers_mut().remove(http::header::HOST),
         };
-        // hyper's client sends a GET or HEAD of unknown length as bodiless (it assumes none)
-        // unless the request says it is chunked: a streamed body would be dropped unseen.
-        if !self.http2
-            && matches!(*req.method(), Method::GET | Method::HEAD)
-            && !req.body().is_end_stream()
-            && req.body().size_hint().exact().is_none()
-        {
-            req.headers_mut().insert(
-                http::header::TRANSFER_ENCODING,
-                http::HeaderValue::from_static("chunked"),
-            );
+        if !self.http2 {
+            let body = req.body();
+            let ended = body.is_end_stream();
+            let sized = body.size_hint().exact().is_some();
+            let bodiless_method = matches!(*req.method(), Method::GET | Method::HEAD);
+            if bodiless_method && !ended && !sized {
+                // hyper's client sends a GET or HEAD of unknown length as bodiless (it assumes
+                // none) unless the request says it is chunked: the body would be dropped unseen.
+                req.headers_mut().insert(
+                    http::header::TRANSFER_ENCODING,
+                    http::HeaderValue::from_static("chunked"),
+                );
+            } else if ended
+                && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+                && !req.headers().contains_key(http::header::CONTENT_LENGTH)
+            {
+                // An empty body with no length (an HTTP/2 stream that ended without data) would
+                // go with neither header; some upstreams answer 411 to a POST without one.
+                req.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from_static("0"),
+                );
+            }
         }
         // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
         // future (the timeout, this one, the gateway's, the connection's slot), each copied as

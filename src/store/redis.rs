@@ -141,9 +141,13 @@ return counted
 /// Keys per usage script call. One call per key cost ~10 600 instructions per key in keygate
 /// (callgrind) and one command, script lookup and reply per key in Redis.
 const USAGE_KEYS_PER_CALL: usize = 128;
-/// Usage script calls a flush keeps in flight at once: a flush of 100 000 keys must not queue
-/// all its commands and their buffers at once.
-const USAGE_CALLS_IN_FLIGHT: usize = 8;
+/// What a usage flush keeps in flight at once, so that a flush of 100 000 keys does not queue
+/// all its commands and their buffers at once: up to this many keys (8 full calls on one
+/// server)...
+const USAGE_KEYS_IN_FLIGHT: usize = 1024;
+/// ...and up to this many calls (on a cluster, keys without a team have slots of their own, so
+/// most calls there carry one key: the round trips overlap as they did with a call per key).
+const USAGE_CALLS_IN_FLIGHT: usize = 128;
 
 /// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
 /// ARGV[3] the message; then one (op, a, b) triple per key, in KEYS order. Ops are validated
@@ -482,7 +486,6 @@ impl RedisStore {
             })
     }
 
-    /// One command on the shared connection (a cheap handle clone; the manager multiplexes).
     /// The record stored under `hash`, decoded as `R`, with the end of its grace period when the
     /// hash was rotated out; `None` when there is none or its grace has ended at `now`.
     async fn hash_entry<R: for<'de> Deserialize<'de>>(
@@ -505,6 +508,7 @@ impl RedisStore {
         Ok(Some((entry.record, entry.valid_until)))
     }
 
+    /// One command on the shared connection (a cheap handle clone; the manager multiplexes).
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         cmd.query_async(&mut self.conn.clone())
             .await
@@ -1231,12 +1235,20 @@ impl KeyStore for RedisStore {
                 for (_, d) in chunk {
                     inv.arg(d.requests).arg(d.last_used.timestamp_millis());
                 }
-                inv
+                (chunk.len(), inv)
             })
             .collect();
         // Each window has its own timeout, so a large batch is not failed for its size.
-        for window in calls.chunks(USAGE_CALLS_IN_FLIGHT) {
-            let sent = window.iter().map(|inv| {
+        let mut rest = &calls[..];
+        while !rest.is_empty() {
+            let (mut n, mut keys) = (0, 0);
+            while n < rest.len() && n < USAGE_CALLS_IN_FLIGHT && keys < USAGE_KEYS_IN_FLIGHT {
+                keys += rest[n].0;
+                n += 1;
+            }
+            let (window, after) = rest.split_at(n);
+            rest = after;
+            let sent = window.iter().map(|(_, inv)| {
                 let mut conn = self.conn.clone();
                 async move {
                     inv.invoke_async::<Value>(&mut conn)

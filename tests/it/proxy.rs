@@ -1162,6 +1162,28 @@ async fn an_http2_get_ended_by_an_empty_data_frame_reaches_the_upstream_without_
     assert_eq!(seen["headers"]["transfer-encoding"], Value::Null, "{seen}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_post_whose_body_ended_empty_reaches_the_upstream_with_a_zero_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway(&dir, up);
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let empty = reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
+        Result<Vec<u8>, std::io::Error>,
+    >::new()));
+    let r = h2.post(gw.url("/x")).body(empty).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["body_len"], 0);
+    // Some upstreams answer 411 to a POST with neither a length nor a transfer coding.
+    assert_eq!(seen["headers"]["content-length"][0], "0", "{seen}");
+    assert_eq!(seen["headers"]["transfer-encoding"], Value::Null, "{seen}");
+}
+
 #[tokio::test]
 async fn an_upstream_body_that_fails_before_any_data_is_a_502() {
     // A chunked response whose first chunk size is not a number: nothing of the body can be
