@@ -4,7 +4,7 @@
 //! clients will not do on request (stall mid-body, stream 200 MiB).
 
 use crate::support::gateway::{BIN, Gateway};
-use crate::support::{client, create_key, upstream};
+use crate::support::{client, create_key, h2_client, upstream};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use serde_json::Value;
@@ -705,11 +705,7 @@ async fn urlencoded_key_is_stripped_when_the_route_asks() {
 async fn json_bodies_over_http1_and_h2c() {
     let e = env().await;
     let body = format!(r#"{{"page":2,"clientKey":"{}","items":[1,2,3]}}"#, e.key);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     for c in [client(), h2] {
         let r = c
             .post(e.gw.url("/json/x"))
@@ -732,11 +728,7 @@ async fn json_bodies_over_http1_and_h2c() {
     assert_eq!(r.status(), 401);
     // h2c form posts work too.
     let form = format!("clientKey={}", e.key);
-    let r = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap()
+    let r = h2_client()
         .post(e.gw.url("/form/x"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form.clone())

@@ -2,7 +2,9 @@
 //! upstream, real HTTP clients.
 
 use crate::support::gateway::Gateway;
-use crate::support::{cli, client, create_key, eventually, service, upstream};
+use crate::support::{
+    cli, client, create_key, empty_stream_body, eventually, h2_client, service, upstream,
+};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use serde_json::Value;
@@ -546,11 +548,7 @@ async fn bodies_stream_through_byte_exact() {
 async fn http2_cleartext_clients_are_served() {
     let e = env().await;
     let (key, _) = create_key(&e.store, |_| {}).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let r = h2
         .get(e.gw.url("/api/x"))
         .bearer_auth(&key)
@@ -1143,17 +1141,13 @@ async fn an_http2_get_ended_by_an_empty_data_frame_reaches_the_upstream_without_
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::echo().await;
     let gw = public_gateway(&dir, up);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
+    let h2 = h2_client();
+    let r = h2
+        .get(gw.url("/x"))
+        .body(empty_stream_body())
+        .send()
+        .await
         .unwrap();
-    // A stream body that turns out empty: HEADERS without END_STREAM, then an empty DATA
-    // frame that ends the stream.
-    let empty = reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
-        Result<Vec<u8>, std::io::Error>,
-    >::new()));
-    let r = h2.get(gw.url("/x")).body(empty).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
     let seen: Value = r.json().await.unwrap();
@@ -1167,15 +1161,13 @@ async fn an_http2_post_whose_body_ended_empty_reaches_the_upstream_with_a_zero_l
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::echo().await;
     let gw = public_gateway(&dir, up);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
+    let h2 = h2_client();
+    let r = h2
+        .post(gw.url("/x"))
+        .body(empty_stream_body())
+        .send()
+        .await
         .unwrap();
-    let empty = reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
-        Result<Vec<u8>, std::io::Error>,
-    >::new()));
-    let r = h2.post(gw.url("/x")).body(empty).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let seen: Value = r.json().await.unwrap();
     assert_eq!(seen["body_len"], 0);

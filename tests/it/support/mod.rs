@@ -42,6 +42,23 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// A client speaking HTTP/2 in cleartext (h2c, prior knowledge).
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("h2c client")
+}
+
+/// A streamed request body that turns out empty: over HTTP/2, HEADERS without END_STREAM, then
+/// an empty DATA frame that ends the stream.
+pub fn empty_stream_body() -> reqwest::Body {
+    reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
+        Result<Vec<u8>, std::io::Error>,
+    >::new()))
+}
+
 /// Polls `check` every 20 ms until it is true or `within` passes.
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool
 where
