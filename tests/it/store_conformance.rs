@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-const OP_TIMEOUT: Duration = Duration::from_secs(2);
+// A ceiling for a CI machine with two cores running every test at once (a racing cluster
+// rotation once took over 2 s there); these checks are about results, not latency.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -431,7 +433,7 @@ async fn usage_adds_up_and_forgets_deleted_keys(h: Harness) {
     );
 }
 
-/// More keys than one store call carries (Redis: 128 per script call, grouped by slot on a
+/// More keys than one store call carries (150; Redis: 128 per script call, grouped by slot on a
 /// cluster), team keys sharing a slot and others spread over every node, one key deleted before
 /// the flush and one id that cannot be a key: each live key gets exactly its own count.
 async fn usage_of_many_keys_in_many_slots_in_one_flush(h: Harness) {
@@ -439,7 +441,7 @@ async fn usage_of_many_keys_in_many_slots_in_one_flush(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let mut ids = Vec::new();
-    for i in 0..300 {
+    for i in 0..150 {
         let team = match i % 3 {
             0 => Some("team-a"),
             1 => Some("team-b"),
