@@ -50,6 +50,11 @@ P = dict(UP=18600, UP_H2=18601, REDIS=18602, KG=18610, KG_ADMIN=18611, NGX=18620
 
 HOT_KEYS = 1000
 COLD_KEYS = 100_000
+# keygate-miss-every walks its own keys, each once: more than it can ask for in --cold-dur at
+# 75 000 req/s (at 100 000 the walk came round within 4 s here, and a quarter of its requests were
+# hits). Loaded when a walk first needs them; the perf phase gives each of its two runs a half.
+WALK_KEYS = 400_000
+WALK = []  # the walk keys, once loaded
 CACHE_TTL_S = 3600  # keygate.toml [cache] ttl
 NEG_TTL_S = 5  # keygate.toml [cache] negative_ttl (rendered from this)
 UPLOAD_BYTES = 1 << 20  # the upload-1m body, multipart framing included
@@ -516,6 +521,7 @@ WORKLOADS = {
 
 def contenders(workload, form_ok):
     hot, cold, bad, unk = f"{RUN}/hot.txt", f"{RUN}/cold.txt", f"{RUN}/malformed.txt", f"{RUN}/unknown.txt"
+    walk = f"{RUN}/walk.txt"
     direct = lambda: Proxy(None, P["UP"], P["UP_H2"])
     kg = lambda binary=None: start_keygate("warn", binary=binary)
     kg_info = lambda binary=None: start_keygate("info", binary=binary)
@@ -537,7 +543,7 @@ def contenders(workload, form_ok):
                 # request is a miss, its later ones hits (what a restart or scale-out sees).
                 ("keygate-cold-100k", kg, dict(keyfile=cold, order="random", path="/v1/resource", conn=conn, cold=True)),
                 # Every request a key not seen before (a shuffled walk): the miss path alone.
-                ("keygate-miss-every", kg, dict(keyfile=cold, order="walk", path="/v1/resource", conn=conn, cold=True)),
+                ("keygate-miss-every", kg, dict(keyfile=walk, order="walk", path="/v1/resource", conn=conn, cold=True)),
                 ("keygate-flood-malformed", kg, dict(keyfile=bad, path="/v1/resource", conn=conn, expect=401)),
                 ("keygate-flood-unknown", kg, dict(keyfile=unk, path="/v1/resource", conn=conn, expect=401)),
             ]
@@ -695,6 +701,13 @@ def sanity(workload, name, proxy, a, key):
             raise ContenderError(f"1 MiB upload sanity check failed: {st} {body[:200]!r}")
 
 
+def walk_keys():
+    """The keys keygate-miss-every walks (WALK_KEYS of them), loaded on first use."""
+    if not WALK:
+        WALK[:] = load_keys(WALK_KEYS, f"{RUN}/walk.txt", team="bench-walk")
+    return WALK
+
+
 def count_lines(path):
     with open(path) as fh:
         return sum(1 for line in fh if line.strip())
@@ -708,7 +721,9 @@ def measure(workload, name, starter, a, hot, args, conns=None):
         key = hot[0]
         expect = a.get("expect", 200)
         sanity(workload, name, proxy, a, key)
-        # The walk must not wrap around the 100 000 keys: it gets the shorter --cold-dur.
+        if a.get("order") == "walk":
+            walk_keys()
+        # The walk must not come round to keys already asked for: it gets the shorter --cold-dur.
         dur = args.cold_dur if a.get("cold") and a.get("order") == "walk" else args.dur
         conns = conns or (args.upload_conns if a.get("upload") else args.conns)
         if a.get("fixed") and a.get("cold"):
@@ -776,8 +791,9 @@ def measure(workload, name, starter, a, hot, args, conns=None):
         if is_kg and "public" not in name:
             if a.get("cold"):
                 # At most one distinct key per request (walked: exactly; at random: fewer), and
-                # never more than the 100 000; requests still in flight at the end count too.
-                distinct = min(COLD_KEYS, (d.get("requests") or 0) + conns)
+                # never more than the key set; requests still in flight at the end count too.
+                keys = WALK_KEYS if a.get("order") == "walk" else COLD_KEYS
+                distinct = min(keys, (d.get("requests") or 0) + conns)
                 ttl = CACHE_TTL_S
             elif "malformed" in name:
                 distinct, ttl = 0, NEG_TTL_S
@@ -993,9 +1009,18 @@ def profile(workload, name, starter, a, args):
     proxy = starter()
     try:
         time.sleep(0.3)
-        gen = lambda d: wrk(proxy.port, d, args.conns, a.get("keyfile", "-"), a.get("order", "random"), a["path"],
-                            a.get("body", "none"), a.get("keyplace", "bearer"), a.get("conn", "keep"))
-        gen(args.warm or 1)
+        keyfiles = [a.get("keyfile", "-")] * 2
+        if a.get("order") == "walk":
+            # Each run walks its own half, so that both see misses only; no warm-up.
+            keys = walk_keys()
+            keyfiles = [os.path.join(RUN, f"walk-{i}.txt") for i in (0, 1)]
+            for i, path in enumerate(keyfiles):
+                with open(path, "w") as fh:
+                    fh.writelines(k + "\n" for k in keys[i::2])
+        gen = lambda d, i=0: wrk(proxy.port, d, args.conns, keyfiles[i], a.get("order", "random"), a["path"],
+                                 a.get("body", "none"), a.get("keyplace", "bearer"), a.get("conn", "keep"))
+        if a.get("order") != "walk":
+            gen(args.warm or 1)
         pids = ",".join(str(x) for x in descendants(proxy.proc.pid))
         stat_out = os.path.join(RUN, f"perfstat-{workload}-{name}.txt")
         st = subprocess.Popen(pin(1) + ["perf", "stat", "-x", ",", "-o", stat_out, "-e", ",".join(SYSCALLS),
@@ -1017,7 +1042,7 @@ def profile(workload, name, starter, a, args):
                                          "--", "sleep", str(args.dur)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            d = gen(args.dur)
+            d = gen(args.dur, 1)
         finally:
             rec.wait(args.dur + 30)
         reports = []
@@ -1102,7 +1127,7 @@ def redis_count(pattern):
 def memory_phase(args, cold):
     """RSS with --mem-keys keys in Redis (1 000 000) and --mem-cached of them (100 000) cached;
     bytes per cached key."""
-    extra = max(0, args.mem_keys - HOT_KEYS - COLD_KEYS)
+    extra = max(0, args.mem_keys - HOT_KEYS - COLD_KEYS - len(WALK))
     extra_keys = load_keys(extra, f"{RUN}/extra.txt", team="bench-mem") if extra else []
     cached = min(args.mem_cached, args.mem_keys, 200_000)  # keygate.toml max_entries = 200 000: no eviction
     pool = cold + extra_keys
