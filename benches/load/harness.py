@@ -60,9 +60,10 @@ NEG_TTL_S = 5  # keygate.toml [cache] negative_ttl (rendered from this)
 UPLOAD_BYTES = 1 << 20  # the upload-1m body, multipart framing included
 MIB = 1 << 20
 # "Memory flat as concurrency grows": RSS growth per added concurrent upload at most the body
-# peek (max_peek_bytes, 64 KiB by default) plus one 64 KiB read, as README.md describes the
-# per-request memory of body routes; whole bodies held would show as ~1 MiB per upload.
-FLAT_KIB_PER_UPLOAD = 128
+# peek (max_peek_bytes, 64 KiB by default) plus one read (max_header_bytes, 32 KiB by default),
+# as README.md describes the per-request memory of body routes; whole bodies held would show as
+# ~1 MiB per upload. (128 KiB until 2026-11-24, when a read could be 64 KiB.)
+FLAT_KIB_PER_UPLOAD = 96
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 COLD = []  # the cold keys, once loaded

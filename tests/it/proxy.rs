@@ -738,6 +738,21 @@ async fn oversized_or_too_many_headers_get_431() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn by_default_a_head_of_up_to_32_kib_is_accepted() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let with_header = |len: usize| {
+        client()
+            .get(e.gw.url("/api/x"))
+            .bearer_auth(&key)
+            .header("x-big", "a".repeat(len))
+            .send()
+    };
+    assert_eq!(with_header(30_000).await.unwrap().status(), 200);
+    assert_eq!(with_header(34_000).await.unwrap().status(), 431);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use std::io::{Read, Write};
     let e = env_with("header_read_timeout = \"300ms\"").await;
