@@ -102,7 +102,7 @@ impl UsageRecorder {
 
     /// Sends what was counted in chunks of [`FLUSH_CHUNK`], taking the shards one at a time as
     /// the chunks need them: a flush holds at most a shard and a chunk outside the maps, not a
-    /// copy of every key counted (100 000 keys were ~8 MiB more resident while they flushed).
+    /// copy of every key counted (100 000 keys were ~15 MiB more resident while they flushed).
     /// When a chunk fails, it and what was taken but not sent are kept for the next flush, and
     /// the shards not yet taken keep counting; the chunks before it were applied and are not
     /// sent again. A failed chunk may have been applied in part (a timeout does not say), so its
