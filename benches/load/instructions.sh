@@ -10,7 +10,9 @@
 # the instructions counted during the measured requests (counters zeroed after the warm-up)
 # divided by the requests. With MISS=N (e.g. 20000) a third route, `miss`, loads N more keys
 # and walks them, each once, on a warm process: every counted request is a cache miss and one
-# Redis GET (the script warns if fewer went to the store than were answered).
+# Redis GET (the script warns if fewer went to the store than were answered). With FORM=1 two
+# more routes send the harness's 4 KiB multipart POST: `mp-bearer` (key in the header, the body
+# not read) and `mp-form` (key only in the body's first field: the form peek).
 #
 #   bash benches/load/instructions.sh target/release/keygate                 # one binary
 #   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
@@ -71,8 +73,8 @@ store_lookups() {
 
 # A run: keygate under callgrind, about `requests` requests on `path`, the counters dumped
 # after them. Prints the requests answered and the instructions counted.
-run() { # binary tag path requests keyfile [miss]
-  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5 miss=${6:-}
+run() { # binary tag path requests keyfile [miss] [body keyplace]
+  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5 miss=${6:-} body=${7:-none} keyplace=${8:-bearer}
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg-$tag.out" --dump-instr=no \
     "$bin" serve --config "$OUT/keygate.toml" >"$OUT/kg-$tag.log" 2>&1 &
   local pid=$!
@@ -85,7 +87,7 @@ run() { # binary tag path requests keyfile [miss]
       - random /public/v1/resource none none keep >/dev/null 2>&1 || true
   elif [ "$n" -gt 0 ]; then
     wrk -t1 -c8 -d3s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
-      "$keyfile" walk "$path" none bearer keep >/dev/null 2>&1 || true
+      "$keyfile" walk "$path" "$body" "$keyplace" keep >/dev/null 2>&1 || true
   fi
   # Start-up and warm-up are not counted.
   local lookups_before
@@ -97,7 +99,7 @@ run() { # binary tag path requests keyfile [miss]
     local dur=$(( n / 1500 + 1 )) order=random
     [ -z "$miss" ] || { dur=$(( n / 4000 + 1 )); order=walk; }
     sent=$(wrk -t1 -c8 -d"${dur}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
-      "$keyfile" "$order" "$path" none bearer keep 2>/dev/null | awk '/requests in/ {print $1}')
+      "$keyfile" "$order" "$path" "$body" "$keyplace" keep 2>/dev/null | awk '/requests in/ {print $1}')
   fi
   callgrind_control -d "$pid" >/dev/null 2>&1
   # A cached-route count is only a cache-hit count if no request went to the store.
@@ -131,10 +133,14 @@ for bin in "$@"; do
   i=$((i + 1))
   routes=(public:/public/v1/resource cached:/v1/resource)
   [ "$MISS" -eq 0 ] || routes+=(miss:/v1/resource)
+  [ "${FORM:-0}" = 0 ] || routes+=(mp-bearer:/form mp-form:/form)
   for route in "${routes[@]}"; do
     name=${route%%:*}; path=${route#*:}
     if [ "$name" = miss ]; then
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$MISS" "$OUT/miss.txt" miss)
+    elif [ "$name" = mp-bearer ] || [ "$name" = mp-form ]; then
+      local_place=both; [ "$name" = mp-form ] && local_place=form
+      read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" multipart "$local_place")
     else
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
     fi
