@@ -11,13 +11,13 @@
 
 use super::CredentialError;
 use super::form::{self, BodyKind, Progress, UrlencodedScanner};
+use super::multipart::MultipartScanner;
 use crate::config::{BodyKeyConfig, KeySource};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header::CONTENT_LENGTH};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -163,15 +163,20 @@ where
             }))
         }
         BodyKind::Multipart { boundary } => {
-            let result = multipart_key(tap, boundary, fields, want_all).await;
-            match result {
-                Ok(found) => Ok(found.map(|v| (v, None))),
-                Err(MultipartFail::Key(e)) => Err(e),
-                // multer saw an end that was really the limit (or a failed read): the body
-                // was cut by us, not by the client.
-                Err(MultipartFail::Parse(_)) if tap.limit_hit || tap.failed => Ok(None),
-                Err(MultipartFail::Parse(e)) => Err(BodyError::Malformed(multer_reason(&e)).into()),
+            let mut scanner = MultipartScanner::new(boundary, fields, want_all);
+            while let Some(chunk) = tap.next_chunk().await {
+                if scanner.feed(&chunk)? == Progress::Done {
+                    break;
+                }
             }
+            // Cut by the limit (or a failed read, refused by the caller): what was read is
+            // a prefix, not a malformed body.
+            let found = if tap.ended {
+                scanner.finish()?
+            } else {
+                scanner.into_found()
+            };
+            Ok(found.map(|v| (v, None)))
         }
         BodyKind::Json => {
             let mut whole = BytesMut::new();
@@ -183,72 +188,6 @@ where
             }
             Ok(form::json_key(&whole, fields)?.map(|v| (v, None)))
         }
-    }
-}
-
-enum MultipartFail {
-    Key(PeekError),
-    Parse(multer::Error),
-}
-
-/// multer parses; the tap keeps the raw bytes. multer reads ahead whatever the tap yields, all
-/// of which the tap has recorded, so nothing it consumed is lost to the replay.
-async fn multipart_key<B>(
-    tap: &mut Tap<B>,
-    boundary: &str,
-    fields: &[String],
-    want_all: bool,
-) -> Result<Option<String>, MultipartFail>
-where
-    B: Body<Data = Bytes> + Unpin + Send,
-{
-    let stream = futures_util::stream::unfold(tap, |tap| async move {
-        let chunk = tap.next_chunk().await?;
-        Some((Ok::<Bytes, Infallible>(chunk), tap))
-    });
-    let mut parts = multer::Multipart::new(stream, boundary);
-    let mut found: Option<String> = None;
-    while let Some(mut field) = parts.next_field().await.map_err(MultipartFail::Parse)? {
-        let ours = field.name().is_some_and(|n| fields.iter().any(|f| f == n));
-        if !ours {
-            continue;
-        }
-        if found.is_some() {
-            return Err(MultipartFail::Key(
-                CredentialError::Ambiguous("API key body field").into(),
-            ));
-        }
-        let mut value = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(MultipartFail::Parse)? {
-            if value.len() + chunk.len() > form::MAX_KEY_LEN {
-                return Err(MultipartFail::Key(
-                    CredentialError::Malformed("API key body field is too long").into(),
-                ));
-            }
-            value.extend_from_slice(&chunk);
-        }
-        let value = String::from_utf8(value).map_err(|_| {
-            MultipartFail::Key(BodyError::Malformed("the API key field is not UTF-8").into())
-        })?;
-        found = Some(form::accept_key(value).map_err(MultipartFail::Key)?);
-        if !want_all {
-            break;
-        }
-    }
-    Ok(found)
-}
-
-fn multer_reason(e: &multer::Error) -> &'static str {
-    match e {
-        multer::Error::IncompleteFieldData { .. } => "a multipart part is truncated",
-        multer::Error::IncompleteStream => {
-            "the multipart body ends early or does not use the boundary of its Content-Type"
-        }
-        multer::Error::IncompleteHeaders
-        | multer::Error::ReadHeaderFailed(_)
-        | multer::Error::DecodeHeaderName { .. }
-        | multer::Error::DecodeHeaderValue { .. } => "a multipart part has malformed headers",
-        _ => "the multipart body is malformed",
     }
 }
 
@@ -460,6 +399,7 @@ mod tests {
     use super::*;
     use http::header::CONTENT_TYPE;
     use proptest::prelude::*;
+    use std::convert::Infallible;
     use std::time::Duration;
 
     /// A client body: given pieces, optionally an exact length, optionally a failure or a

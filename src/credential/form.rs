@@ -17,9 +17,6 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// at 256 bytes, and percent-encoding at most triples that).
 const MAX_NAME_LEN: usize = 3 * 256;
 
-/// RFC 2046 §5.1.1: 1 to 70 characters.
-const MAX_BOUNDARY_LEN: usize = 70;
-
 /// What kind of body carries the key, as far as the `Content-Type` tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyKind {
@@ -51,26 +48,7 @@ pub fn body_kind(
         return Ok(Some(BodyKind::Urlencoded));
     }
     if form && media.eq_ignore_ascii_case("multipart/form-data") {
-        // Parsers disagree on which of two boundaries wins; a body read one way here and
-        // another way upstream could carry a different key there.
-        let boundaries = text
-            .split(';')
-            .filter(|p| {
-                p.split('=')
-                    .next()
-                    .is_some_and(|n| n.trim().eq_ignore_ascii_case("boundary"))
-            })
-            .count();
-        if boundaries > 1 {
-            return Err(malformed("more than one multipart boundary parameter"));
-        }
-        let boundary = multer::parse_boundary(text)
-            .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))?;
-        if boundary.is_empty() || boundary.len() > MAX_BOUNDARY_LEN {
-            return Err(malformed(
-                "the multipart boundary must be 1 to 70 characters",
-            ));
-        }
+        let boundary = super::multipart::content_type_boundary(text)?;
         return Ok(Some(BodyKind::Multipart { boundary }));
     }
     let is_json = media.eq_ignore_ascii_case("application/json")

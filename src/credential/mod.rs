@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod form;
+pub mod multipart;
 
 use crate::config::KeySource;
 use http::{HeaderMap, HeaderName, Uri, header::AUTHORIZATION};

@@ -485,6 +485,50 @@ async fn malformed_bodies_are_400_and_never_pass() {
     let not_utf8 = multipart("b2", &[("clientKey", None, &[0xC3, 0x28])]);
     let (s, v) = post("multipart/form-data; boundary=b2".into(), not_utf8).await;
     assert_eq!((s, code(&v).as_str()), (400, "BODY_MALFORMED"), "{v}");
+
+    // Parts an upstream could read another way than keygate: refused, not guessed.
+    let k = &e.key;
+    for bad in [
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=page\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=page; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=\"clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        format!(
+            "--b3 junk\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+    ] {
+        let (s, v) = post(
+            "multipart/form-data; boundary=b3".into(),
+            bad.clone().into_bytes(),
+        )
+        .await;
+        assert_eq!(
+            (s, code(&v).as_str()),
+            (400, "BODY_MALFORMED"),
+            "{bad}: {v}"
+        );
+    }
+    let (s, v) = post(
+        "multipart/form-data; boundary=b3; boundary=b4".into(),
+        multipart("b3", &[("clientKey", None, key)]),
+    )
+    .await;
+    assert_eq!((s, code(&v).as_str()), (400, "BODY_MALFORMED"), "{v}");
+
+    // What RFC 2046 allows is read: a preamble, padding after a boundary, a part without
+    // headers, a token name in other case, an epilogue.
+    let framed = format!(
+        "preamble\r\n--b5 \t\r\n\r\nno headers\r\n--b5\r\ncontent-disposition: form-data; NAME=clientKey\r\n\r\n{k}\r\n--b5--\r\nepilogue"
+    )
+    .into_bytes();
+    let (s, v) = post("multipart/form-data; boundary=b5".into(), framed.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_received(&v, &framed);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,765 @@
+//! Finds the key field in a `multipart/form-data` body (RFC 7578, framed as RFC 2046 §5.1.1
+//! says) fed in arbitrary pieces. It only frames parts and reads the `name` of each part's
+//! `Content-Disposition`: the contents of other parts are skipped, never held.
+//!
+//! Why not multer, which keygate used before: multer builds a new substring searcher and
+//! formats the delimiter again on every search, and turns every part's headers into an
+//! `http::HeaderMap`. On the harness's 4 KiB four-part POST that was ~50 000 instructions per
+//! request, more than the rest of the request path; framing with one searcher built per body
+//! costs a tenth of that. multer stays the reference in this module's property tests.
+
+use super::CredentialError;
+use super::body::{BodyError, PeekError};
+use super::form::{self, Progress};
+use memchr::memmem;
+
+/// Part header lines beyond these are refused (multer's limit too).
+const MAX_PART_HEADERS: usize = 32;
+/// A part's header block longer than this is refused: it is a few short lines in practice.
+const MAX_PART_HEADER_BYTES: usize = 8 * 1024;
+
+enum State {
+    /// Before the first boundary (an optional preamble, skipped).
+    Preamble { at_start: bool },
+    /// Right after a boundary: `--` ends the body, anything else starts a part.
+    AfterBoundary,
+    /// Transport padding (spaces, tabs) up to the line break that starts a part's headers.
+    Padding,
+    /// A part's header block, up to its empty line; `scanned` bytes held no end yet.
+    Headers { scanned: usize },
+    /// A part's content up to the next delimiter; `Some` collects the value of our field.
+    Content(Option<Vec<u8>>),
+    /// The close delimiter was read, or the key without `want_all`: nothing more is parsed.
+    Done,
+}
+
+/// Finds the key in a multipart body. It holds at most a part's header block, or the tail of
+/// a piece that may begin a delimiter, plus our field's value (capped), never a whole part.
+/// With `want_all` it reads to the close delimiter and refuses a second key field; without, it
+/// stops once the first key field is complete.
+pub struct MultipartScanner<'f> {
+    fields: &'f [String],
+    want_all: bool,
+    /// `\r\n--boundary`: what ends a part's content (and, after a preamble, begins the first).
+    delimiter: Vec<u8>,
+    finder: memmem::Finder<'static>,
+    /// Bytes fed but not yet parsed.
+    pending: Vec<u8>,
+    state: State,
+    found: Option<String>,
+}
+
+impl<'f> MultipartScanner<'f> {
+    pub fn new(boundary: &str, fields: &'f [String], want_all: bool) -> Self {
+        let mut delimiter = Vec::with_capacity(boundary.len() + 4);
+        delimiter.extend_from_slice(b"\r\n--");
+        delimiter.extend_from_slice(boundary.as_bytes());
+        let finder = memmem::Finder::new(&delimiter).into_owned();
+        Self {
+            fields,
+            want_all,
+            delimiter,
+            finder,
+            pending: Vec::new(),
+            state: State::Preamble { at_start: true },
+            found: None,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Progress, PeekError> {
+        if matches!(self.state, State::Done) {
+            return Ok(Progress::Done);
+        }
+        // Parsed in place when nothing is pending (a body that comes in one piece is never
+        // copied); only what could not be parsed yet is kept.
+        let mut pending = std::mem::take(&mut self.pending);
+        let in_place = pending.is_empty();
+        if !in_place {
+            pending.extend_from_slice(chunk);
+        }
+        let data: &[u8] = if in_place { chunk } else { &pending };
+        let mut pos = 0;
+        let result = loop {
+            match self.step(&data[pos..]) {
+                Ok(Some(used)) => pos += used,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            if matches!(self.state, State::Done) {
+                break Ok(());
+            }
+        };
+        if in_place {
+            pending.extend_from_slice(&chunk[pos..]);
+        } else {
+            pending.drain(..pos);
+        }
+        self.pending = pending;
+        result?;
+        Ok(if matches!(self.state, State::Done) {
+            Progress::Done
+        } else {
+            Progress::NeedMore
+        })
+    }
+
+    /// The body ended. Returns the key, if any; a body that ends before its close delimiter
+    /// is malformed (unless the key was complete and nothing more was wanted).
+    pub fn finish(self) -> Result<Option<String>, PeekError> {
+        match self.state {
+            State::Done => Ok(self.found),
+            State::Content(_) => Err(malformed("a multipart part is truncated")),
+            State::Headers { .. } => Err(malformed("a multipart part's headers are truncated")),
+            State::Preamble { .. } | State::AfterBoundary | State::Padding => Err(malformed(
+                "the multipart body ends early or does not use the boundary of its Content-Type",
+            )),
+        }
+    }
+
+    /// The key found so far, for a caller that stops before the end of the body.
+    pub fn into_found(self) -> Option<String> {
+        self.found
+    }
+
+    /// One step of the state machine over the unparsed bytes: `Some(n)` consumed `n` of them
+    /// (or moved to a state that parses them differently), `None` needs more input.
+    fn step(&mut self, data: &[u8]) -> Result<Option<usize>, PeekError> {
+        let dlen = self.delimiter.len();
+        match &mut self.state {
+            State::Preamble { at_start } => {
+                if *at_start {
+                    // The first boundary may open the body without a line break before it.
+                    let dash_boundary = &self.delimiter[2..];
+                    if data.len() < dash_boundary.len() && dash_boundary.starts_with(data) {
+                        return Ok(None);
+                    }
+                    *at_start = false;
+                    if data.starts_with(dash_boundary) {
+                        self.state = State::AfterBoundary;
+                        return Ok(Some(dash_boundary.len()));
+                    }
+                }
+                match self.finder.find(data) {
+                    Some(i) => {
+                        self.state = State::AfterBoundary;
+                        Ok(Some(i + dlen))
+                    }
+                    None => Ok(nonzero(data.len().saturating_sub(dlen - 1))),
+                }
+            }
+            State::AfterBoundary => {
+                if data.len() < 2 {
+                    return Ok(None);
+                }
+                if data.starts_with(b"--") {
+                    self.state = State::Done;
+                    return Ok(Some(2));
+                }
+                self.state = State::Padding;
+                Ok(Some(0))
+            }
+            State::Padding => {
+                let padding = data
+                    .iter()
+                    .position(|&b| b != b' ' && b != b'\t')
+                    .unwrap_or(data.len());
+                let rest = &data[padding..];
+                if rest.len() < 2 {
+                    return Ok(nonzero(padding));
+                }
+                if !rest.starts_with(b"\r\n") {
+                    return Err(malformed(
+                        "a multipart boundary is not followed by a line break",
+                    ));
+                }
+                self.state = State::Headers { scanned: 0 };
+                Ok(Some(padding + 2))
+            }
+            State::Headers { scanned } => {
+                if data.len() < 2 {
+                    return Ok(None);
+                }
+                // A part without headers: its content starts after the empty line.
+                if data.starts_with(b"\r\n") {
+                    self.state = State::Content(None);
+                    return Ok(Some(2));
+                }
+                let from = scanned.saturating_sub(3);
+                let Some(end) = memmem::find(&data[from..], b"\r\n\r\n").map(|i| from + i + 4)
+                else {
+                    if data.len() > MAX_PART_HEADER_BYTES {
+                        return Err(malformed("a multipart part's headers are too long"));
+                    }
+                    *scanned = data.len();
+                    return Ok(None);
+                };
+                if end > MAX_PART_HEADER_BYTES {
+                    return Err(malformed("a multipart part's headers are too long"));
+                }
+                let ours = self.part_is_ours(&data[..end])?;
+                if ours && self.found.is_some() {
+                    return Err(CredentialError::Ambiguous("API key body field").into());
+                }
+                self.state = State::Content(ours.then(Vec::new));
+                Ok(Some(end))
+            }
+            State::Content(value) => {
+                let (content, used, complete) = match self.finder.find(data) {
+                    Some(i) => (&data[..i], i + dlen, true),
+                    None => {
+                        let safe = data.len().saturating_sub(dlen - 1);
+                        (&data[..safe], safe, false)
+                    }
+                };
+                if let Some(value) = value {
+                    if value.len() + content.len() > form::MAX_KEY_LEN {
+                        return Err(
+                            CredentialError::Malformed("API key body field is too long").into()
+                        );
+                    }
+                    value.extend_from_slice(content);
+                }
+                if !complete {
+                    return Ok(nonzero(used));
+                }
+                if let State::Content(Some(value)) =
+                    std::mem::replace(&mut self.state, State::AfterBoundary)
+                {
+                    let value = String::from_utf8(value)
+                        .map_err(|_| malformed("the API key field is not UTF-8"))?;
+                    self.found = Some(form::accept_key(value)?);
+                    if !self.want_all {
+                        self.state = State::Done;
+                    }
+                }
+                Ok(Some(used))
+            }
+            State::Done => Ok(None),
+        }
+    }
+
+    /// Whether a part (its header block, ending with the empty line) is one of our fields.
+    fn part_is_ours(&self, block: &[u8]) -> Result<bool, PeekError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_PART_HEADERS];
+        let parsed = match httparse::parse_headers(block, &mut headers) {
+            Ok(httparse::Status::Complete((_, parsed))) => parsed,
+            Ok(httparse::Status::Partial) | Err(_) => {
+                return Err(malformed("a multipart part has malformed headers"));
+            }
+        };
+        let mut dispositions = parsed
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"));
+        let Some(disposition) = dispositions.next() else {
+            return Ok(false);
+        };
+        // Parsers disagree on which of two wins; the upstream might read the other one.
+        if dispositions.next().is_some() {
+            return Err(malformed(
+                "a multipart part has more than one Content-Disposition header",
+            ));
+        }
+        let name = disposition_name(disposition.value)?;
+        Ok(name.is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == name)))
+    }
+}
+
+fn nonzero(n: usize) -> Option<usize> {
+    (n > 0).then_some(n)
+}
+
+fn malformed(reason: &'static str) -> PeekError {
+    PeekError::Body(BodyError::Malformed(reason))
+}
+
+/// RFC 2046 §5.1.1: 1 to 70 characters.
+const MAX_BOUNDARY_LEN: usize = 70;
+
+/// The boundary of a `multipart/form-data` `Content-Type` value.
+pub fn content_type_boundary(value: &str) -> Result<String, PeekError> {
+    let boundary = match header_param(value.as_bytes(), b"boundary") {
+        // Parsers disagree on which of two boundaries wins; a body read one way here and
+        // another way upstream could carry a different key there.
+        Err(ParamError::Twice) => {
+            return Err(malformed("more than one multipart boundary parameter"));
+        }
+        Err(ParamError::Invalid) | Ok(None) => {
+            return Err(malformed(
+                "multipart/form-data without a valid boundary parameter",
+            ));
+        }
+        Ok(Some(boundary)) => boundary,
+    };
+    if boundary.is_empty() || boundary.len() > MAX_BOUNDARY_LEN {
+        return Err(malformed(
+            "the multipart boundary must be 1 to 70 characters",
+        ));
+    }
+    // The value came from a header that is valid ASCII, and a quoted pair is one of its bytes.
+    String::from_utf8(boundary)
+        .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))
+}
+
+/// The `name` parameter of a part's `Content-Disposition` (`form-data; name="clientKey"`).
+/// Names are compared as bytes, so they are not decoded further.
+pub fn disposition_name(value: &[u8]) -> Result<Option<Vec<u8>>, PeekError> {
+    header_param(value, b"name").map_err(|e| match e {
+        ParamError::Twice => malformed("a multipart Content-Disposition has more than one name"),
+        ParamError::Invalid => malformed("a multipart Content-Disposition is malformed"),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParamError {
+    /// A quoted string not closed, or an unquoted value with spaces or quotes in it.
+    Invalid,
+    /// The parameter appears twice.
+    Twice,
+}
+
+/// The value of the parameter `wanted` (its name compared without case) in a header value
+/// of the form `type; a=token; b="quoted \" string"` (RFC 9110 §5.6.6), backslash escapes
+/// undone; `None` when it is absent. The parameters after it are still read, so that a second
+/// one is found.
+pub fn header_param(value: &[u8], wanted: &[u8]) -> Result<Option<Vec<u8>>, ParamError> {
+    let Some(first_semicolon) = memchr::memchr(b';', value) else {
+        return Ok(None);
+    };
+    let mut rest = &value[first_semicolon + 1..];
+    let mut found: Option<Vec<u8>> = None;
+    loop {
+        rest = trim_start(rest);
+        if rest.is_empty() {
+            return Ok(found);
+        }
+        let name_end = rest
+            .iter()
+            .position(|&b| b == b'=' || b == b';')
+            .unwrap_or(rest.len());
+        let name = trim_end(&rest[..name_end]);
+        rest = &rest[name_end..];
+        let ours = name.eq_ignore_ascii_case(wanted);
+        let mut param = Vec::new();
+        if let Some(after_eq) = rest.strip_prefix(b"=") {
+            let after_eq = trim_start(after_eq);
+            if let Some(quoted) = after_eq.strip_prefix(b"\"") {
+                let mut i = 0;
+                loop {
+                    match quoted.get(i) {
+                        None => return Err(ParamError::Invalid),
+                        Some(b'"') => break,
+                        Some(b'\\') if i + 1 < quoted.len() => {
+                            param.push(quoted[i + 1]);
+                            i += 2;
+                        }
+                        Some(&b) => {
+                            param.push(b);
+                            i += 1;
+                        }
+                    }
+                }
+                rest = trim_start(&quoted[i + 1..]);
+                if !rest.is_empty() && rest[0] != b';' {
+                    return Err(ParamError::Invalid);
+                }
+            } else {
+                let end = memchr::memchr(b';', after_eq).unwrap_or(after_eq.len());
+                let token = trim_end(&after_eq[..end]);
+                if token.iter().any(|&b| matches!(b, b' ' | b'\t' | b'"')) {
+                    return Err(ParamError::Invalid);
+                }
+                param.extend_from_slice(token);
+                rest = &after_eq[end..];
+            }
+        }
+        if ours {
+            if found.is_some() {
+                return Err(ParamError::Twice);
+            }
+            found = Some(param);
+        }
+        rest = rest.strip_prefix(b";").unwrap_or(rest);
+    }
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let i = b
+        .iter()
+        .position(|c| *c != b' ' && *c != b'\t')
+        .unwrap_or(b.len());
+    &b[i..]
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let i = b
+        .iter()
+        .rposition(|c| *c != b' ' && *c != b'\t')
+        .map_or(0, |i| i + 1);
+    &b[..i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use std::convert::Infallible;
+
+    /// What a parser made of a body, compared by kind (the reasons' texts differ).
+    #[derive(Debug, PartialEq, Eq)]
+    enum Outcome {
+        Key(String),
+        NoKey,
+        Ambiguous,
+        BadKey,
+        Malformed,
+    }
+
+    fn outcome(r: Result<Option<String>, PeekError>) -> Outcome {
+        match r {
+            Ok(Some(k)) => Outcome::Key(k),
+            Ok(None) => Outcome::NoKey,
+            Err(PeekError::Credential(CredentialError::Ambiguous(_))) => Outcome::Ambiguous,
+            Err(PeekError::Credential(_)) => Outcome::BadKey,
+            Err(PeekError::Body(_)) => Outcome::Malformed,
+        }
+    }
+
+    fn fields() -> Vec<String> {
+        vec!["clientKey".to_owned()]
+    }
+
+    /// The whole body, fed in pieces of `split` bytes, then ended.
+    fn scan(body: &[u8], boundary: &str, split: usize, want_all: bool) -> Outcome {
+        let fields = fields();
+        let mut scanner = MultipartScanner::new(boundary, &fields, want_all);
+        for piece in body.chunks(split.max(1)) {
+            match scanner.feed(piece) {
+                Ok(Progress::Done) => break,
+                Ok(Progress::NeedMore) => {}
+                Err(e) => return outcome(Err(e)),
+            }
+        }
+        outcome(scanner.finish())
+    }
+
+    /// multer, the way keygate used it until it had its own scanner: the reference.
+    fn multer_scan(body: &[u8], boundary: &str, split: usize, want_all: bool) -> Outcome {
+        let chunks: Vec<Result<Bytes, Infallible>> = body
+            .chunks(split.max(1))
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut parts = multer::Multipart::new(futures_util::stream::iter(chunks), boundary);
+            let mut found: Option<String> = None;
+            loop {
+                let field = match parts.next_field().await {
+                    Ok(Some(field)) => field,
+                    Ok(None) => break,
+                    Err(_) => return Outcome::Malformed,
+                };
+                if field.name() != Some("clientKey") {
+                    continue;
+                }
+                if found.is_some() {
+                    return Outcome::Ambiguous;
+                }
+                let Ok(value) = field.bytes().await else {
+                    return Outcome::Malformed;
+                };
+                if value.len() > form::MAX_KEY_LEN {
+                    return Outcome::BadKey;
+                }
+                let Ok(value) = String::from_utf8(value.to_vec()) else {
+                    return Outcome::Malformed;
+                };
+                match form::accept_key(value) {
+                    Ok(k) => found = Some(k),
+                    Err(e) => return outcome(Err(e)),
+                }
+                if !want_all {
+                    break;
+                }
+            }
+            outcome(Ok(found))
+        })
+    }
+
+    fn body(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (disposition, value) in parts {
+            out.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes(),
+            );
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        out
+    }
+
+    #[test]
+    fn the_key_field_is_found_however_the_body_is_cut() {
+        let b = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"page\"", b"2"),
+                ("form-data; name=\"clientKey\"", b"kg_1"),
+                ("form-data; name=\"file\"; filename=\"a.bin\"", &[0u8; 300]),
+            ],
+        );
+        for split in [1, 2, 3, 5, 7, 64, 4096] {
+            for want_all in [false, true] {
+                assert_eq!(
+                    scan(&b, "XyZ", split, want_all),
+                    Outcome::Key("kg_1".into()),
+                    "split {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_want_all_reading_stops_at_the_key() {
+        let b = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"clientKey\"", b"kg_1"),
+                ("form-data; name=\"file\"", &[7u8; 100]),
+            ],
+        );
+        let fields = fields();
+        let mut scanner = MultipartScanner::new("XyZ", &fields, false);
+        let end_of_key =
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nkg_1\r\n--XyZ"
+                .len();
+        assert_eq!(
+            scanner.feed(&b[..end_of_key - 1]).unwrap(),
+            Progress::NeedMore
+        );
+        assert_eq!(
+            scanner.feed(&b[end_of_key - 1..end_of_key]).unwrap(),
+            Progress::Done
+        );
+        assert_eq!(scanner.into_found().as_deref(), Some("kg_1"));
+    }
+
+    #[test]
+    fn parts_are_framed_as_rfc_2046_says() {
+        // A preamble, transport padding after the boundaries, a part without headers, header
+        // names in any case, an epilogue.
+        let b = b"preamble text\r\n--XyZ \t\r\n\r\nno headers\r\n--XyZ\r\ncontent-disposition: form-data; name=clientKey\r\nContent-Type: text/plain\r\n\r\nkg_2\r\n--XyZ--\r\nepilogue";
+        for split in [1, 4, 1000] {
+            assert_eq!(scan(b, "XyZ", split, true), Outcome::Key("kg_2".into()));
+        }
+        // A boundary starts a line: here `x--XyZ...v` is all preamble, and the body has no
+        // parts (multer took the `--XyZ` after the `x` for the first boundary).
+        for split in [1, 3, 100] {
+            assert_eq!(
+                scan(b"x--XyZ\r\n\r\nv\r\n--XyZ--", "XyZ", split, true),
+                Outcome::NoKey
+            );
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        let two = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"clientKey\"", b"a"),
+                ("form-data; name=\"clientKey\"", b"b"),
+            ],
+        );
+        assert_eq!(scan(&two, "XyZ", 5, true), Outcome::Ambiguous);
+        assert_eq!(scan(&two, "XyZ", 5, false), Outcome::Key("a".into()));
+        let cases: &[&[u8]] = &[
+            // Cut inside a part, in its headers, before any boundary, before the close.
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"page\"\r\n\r\n2",
+            b"--XyZ\r\nContent-Disposition: form-data; name=",
+            b"no boundary at all",
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"page\"\r\n\r\n2\r\n--XyZ",
+            // Something other than padding and a line break after a boundary.
+            b"--XyZ junk\r\n\r\nv\r\n--XyZ--",
+            // Headers that are not headers, two dispositions, two names, an open quote.
+            b"--XyZ\r\nContent-Disposition form-data\r\n\r\nv\r\n--XyZ--",
+            b"--XyZ\r\nContent-Disposition: form-data; name=a\r\nContent-Disposition: form-data; name=clientKey\r\n\r\nv\r\n--XyZ--",
+            b"--XyZ\r\nContent-Disposition: form-data; name=a; name=clientKey\r\n\r\nv\r\n--XyZ--",
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\r\n\r\nv\r\n--XyZ--",
+            // The key not UTF-8.
+            b"--XyZ\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n\xff\xfe\r\n--XyZ--",
+        ];
+        for case in cases {
+            for split in [1, 3, 1000] {
+                assert_eq!(
+                    scan(case, "XyZ", split, true),
+                    Outcome::Malformed,
+                    "{:?}",
+                    String::from_utf8_lossy(case)
+                );
+            }
+        }
+        let long = vec![b'k'; form::MAX_KEY_LEN + 1];
+        let b = body("XyZ", &[("form-data; name=clientKey", &long)]);
+        assert_eq!(scan(&b, "XyZ", 100, true), Outcome::BadKey);
+        let b = body("XyZ", &[("form-data; name=clientKey", b"  ")]);
+        assert_eq!(scan(&b, "XyZ", 100, true), Outcome::BadKey);
+        let mut huge_headers = b"--XyZ\r\nX-Filler: ".to_vec();
+        huge_headers.extend(std::iter::repeat_n(b'a', MAX_PART_HEADER_BYTES));
+        huge_headers.extend_from_slice(b"\r\n\r\nv\r\n--XyZ--");
+        assert_eq!(scan(&huge_headers, "XyZ", 512, true), Outcome::Malformed);
+    }
+
+    #[test]
+    fn disposition_names() {
+        let name = |v: &str| {
+            disposition_name(v.as_bytes()).map(|n| n.map(|n| String::from_utf8(n).unwrap()))
+        };
+        assert_eq!(
+            name("form-data; name=\"clientKey\"").unwrap().as_deref(),
+            Some("clientKey")
+        );
+        assert_eq!(
+            name("form-data;name=clientKey").unwrap().as_deref(),
+            Some("clientKey")
+        );
+        assert_eq!(
+            name("form-data; NAME = \"a b\" ; filename=\"x\"")
+                .unwrap()
+                .as_deref(),
+            Some("a b")
+        );
+        assert_eq!(
+            name("form-data; filename=\"name=x\"; name=\"y\"")
+                .unwrap()
+                .as_deref(),
+            Some("y")
+        );
+        assert_eq!(
+            name("form-data; name=\"a\\\"b\"").unwrap().as_deref(),
+            Some("a\"b")
+        );
+        assert_eq!(name("form-data; filename=\"x\"").unwrap(), None);
+        assert_eq!(name("form-data").unwrap(), None);
+        assert_eq!(name("form-data; name=").unwrap().as_deref(), Some(""));
+        assert!(name("form-data; name=\"open").is_err());
+        assert!(name("form-data; name=a; Name=b").is_err());
+        assert!(name("form-data; name=a b").is_err());
+        assert!(name("form-data; name=\"a\" b").is_err());
+    }
+
+    #[test]
+    fn content_type_boundaries() {
+        let ok = |v: &str| content_type_boundary(v).unwrap();
+        assert_eq!(ok("multipart/form-data; boundary=XyZ"), "XyZ");
+        assert_eq!(
+            ok("multipart/form-data;boundary=\"a b:c\"; charset=utf-8"),
+            "a b:c"
+        );
+        assert_eq!(
+            ok("multipart/form-data; charset=utf-8; BOUNDARY = ----x"),
+            "----x"
+        );
+        for bad in [
+            "multipart/form-data",
+            "multipart/form-data; boundary",
+            "multipart/form-data; boundary=",
+            "multipart/form-data; boundary=\"\"",
+            "multipart/form-data; boundary=\"open",
+            "multipart/form-data; boundary=a b",
+            "multipart/form-data; boundary=a; Boundary=b",
+        ] {
+            assert!(content_type_boundary(bad).is_err(), "{bad}");
+        }
+        let long = format!("multipart/form-data; boundary={}", "x".repeat(71));
+        assert!(content_type_boundary(&long).is_err());
+        let longest = format!("multipart/form-data; boundary={}", "x".repeat(70));
+        assert_eq!(content_type_boundary(&longest).unwrap().len(), 70);
+    }
+
+    fn disposition() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just("clientKey"),
+            Just("page"),
+            Just("file"),
+            Just("clientKeys"),
+            Just("xclientKey")
+        ];
+        (name, 0..4u8).prop_map(|(n, style)| match style {
+            0 => format!("form-data; name=\"{n}\""),
+            1 => format!("form-data; name={n}"),
+            2 => format!("form-data; filename=\"{n}.bin\"; name=\"{n}\""),
+            _ => format!("form-data; name=\"{n}\"; filename=\"data.bin\""),
+        })
+    }
+
+    proptest! {
+        // Against multer on bodies any client could send, whole or cut anywhere, in any
+        // pieces: the same key, the same refusal.
+        #[test]
+        fn agrees_with_multer(
+            boundary in "[A-Za-z0-9_]{1,40}",
+            parts in proptest::collection::vec(
+                (disposition(), "[a-z0-9 \r\n]{0,120}", "[ \t]{0,2}", any::<bool>()), 0..6),
+            key in "[A-Za-z0-9_]{0,24}",
+            preamble in proptest::option::of("[a-z ]{0,20}"),
+            epilogue in "[a-z\r\n]{0,10}",
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            split in 1usize..60,
+            want_all: bool,
+        ) {
+            let mut b = Vec::new();
+            if let Some(p) = &preamble {
+                b.extend_from_slice(p.as_bytes());
+                b.extend_from_slice(b"\r\n");
+            }
+            for (disposition, value, padding, content_type) in &parts {
+                b.extend_from_slice(format!("--{boundary}{padding}\r\nContent-Disposition: {disposition}\r\n").as_bytes());
+                if *content_type {
+                    b.extend_from_slice(b"content-type: application/octet-stream\r\n");
+                }
+                b.extend_from_slice(b"\r\n");
+                if disposition.contains("name=\"clientKey\"") || disposition.ends_with("name=clientKey") {
+                    b.extend_from_slice(key.as_bytes());
+                } else {
+                    b.extend_from_slice(value.as_bytes());
+                }
+                b.extend_from_slice(b"\r\n");
+            }
+            b.extend_from_slice(format!("--{boundary}--").as_bytes());
+            b.extend_from_slice(epilogue.as_bytes());
+            if let Some(cut) = cut {
+                b.truncate(cut.index(b.len() + 1));
+            }
+            prop_assert_eq!(
+                scan(&b, &boundary, split, want_all),
+                multer_scan(&b, &boundary, split, want_all)
+            );
+        }
+
+        #[test]
+        fn never_panics(
+            body in proptest::collection::vec(any::<u8>(), 0..2000),
+            split in 1usize..100,
+            want_all: bool,
+        ) {
+            let _ = scan(&body, "XyZ", split, want_all);
+        }
+
+        #[test]
+        fn never_panics_on_near_multipart(
+            pieces in proptest::collection::vec(prop_oneof![
+                Just(&b"--XyZ"[..]), Just(&b"\r\n"[..]), Just(&b"--"[..]), Just(&b" "[..]),
+                Just(&b"Content-Disposition: form-data; name=\"clientKey\""[..]),
+                Just(&b"name=\""[..]), Just(&b"kg_1"[..]), Just(&b";"[..]), Just(&b"\""[..]),
+            ], 0..40),
+            split in 1usize..20,
+            want_all: bool,
+        ) {
+            let _ = scan(&pieces.concat(), "XyZ", split, want_all);
+        }
+    }
+}
