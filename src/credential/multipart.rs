@@ -12,6 +12,7 @@ use super::CredentialError;
 use super::body::{BodyError, PeekError};
 use super::form::{self, Progress};
 use memchr::memmem;
+use std::borrow::Cow;
 
 /// Part header lines beyond these are refused (multer's limit too).
 const MAX_PART_HEADERS: usize = 32;
@@ -260,7 +261,7 @@ impl<'f> MultipartScanner<'f> {
             ));
         }
         let name = disposition_name(disposition.value)?;
-        Ok(name.is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == name)))
+        Ok(name.is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == &*name)))
     }
 }
 
@@ -296,13 +297,13 @@ pub fn content_type_boundary(value: &str) -> Result<String, PeekError> {
         ));
     }
     // The value came from a header that is valid ASCII, and a quoted pair is one of its bytes.
-    String::from_utf8(boundary)
+    String::from_utf8(boundary.into_owned())
         .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))
 }
 
 /// The `name` parameter of a part's `Content-Disposition` (`form-data; name="clientKey"`).
 /// Names are compared as bytes, so they are not decoded further.
-pub fn disposition_name(value: &[u8]) -> Result<Option<Vec<u8>>, PeekError> {
+pub fn disposition_name(value: &[u8]) -> Result<Option<Cow<'_, [u8]>>, PeekError> {
     header_param(value, b"name").map_err(|e| match e {
         ParamError::Twice => malformed("a multipart Content-Disposition has more than one name"),
         ParamError::Invalid => malformed("a multipart Content-Disposition is malformed"),
@@ -321,64 +322,81 @@ pub enum ParamError {
 /// of the form `type; a=token; b="quoted \" string"` (RFC 9110 §5.6.6), backslash escapes
 /// undone; `None` when it is absent. The parameters after it are still read, so that a second
 /// one is found.
-pub fn header_param(value: &[u8], wanted: &[u8]) -> Result<Option<Vec<u8>>, ParamError> {
+pub fn header_param<'v>(
+    value: &'v [u8],
+    wanted: &[u8],
+) -> Result<Option<Cow<'v, [u8]>>, ParamError> {
     let Some(first_semicolon) = memchr::memchr(b';', value) else {
         return Ok(None);
     };
     let mut rest = &value[first_semicolon + 1..];
-    let mut found: Option<Vec<u8>> = None;
+    let mut found: Option<Cow<'v, [u8]>> = None;
     loop {
         rest = trim_start(rest);
         if rest.is_empty() {
             return Ok(found);
         }
-        let name_end = rest
-            .iter()
-            .position(|&b| b == b'=' || b == b';')
-            .unwrap_or(rest.len());
+        let name_end = memchr::memchr2(b'=', b';', rest).unwrap_or(rest.len());
         let name = trim_end(&rest[..name_end]);
         rest = &rest[name_end..];
-        let ours = name.eq_ignore_ascii_case(wanted);
-        let mut param = Vec::new();
+        let param: Cow<'v, [u8]>;
         if let Some(after_eq) = rest.strip_prefix(b"=") {
             let after_eq = trim_start(after_eq);
             if let Some(quoted) = after_eq.strip_prefix(b"\"") {
-                let mut i = 0;
-                loop {
-                    match quoted.get(i) {
-                        None => return Err(ParamError::Invalid),
-                        Some(b'"') => break,
-                        Some(b'\\') if i + 1 < quoted.len() => {
-                            param.push(quoted[i + 1]);
-                            i += 2;
-                        }
-                        Some(&b) => {
-                            param.push(b);
-                            i += 1;
-                        }
-                    }
-                }
-                rest = trim_start(&quoted[i + 1..]);
+                let (text, after) = quoted_string(quoted)?;
+                param = text;
+                rest = trim_start(after);
                 if !rest.is_empty() && rest[0] != b';' {
                     return Err(ParamError::Invalid);
                 }
             } else {
                 let end = memchr::memchr(b';', after_eq).unwrap_or(after_eq.len());
                 let token = trim_end(&after_eq[..end]);
-                if token.iter().any(|&b| matches!(b, b' ' | b'\t' | b'"')) {
+                if memchr::memchr3(b' ', b'\t', b'"', token).is_some() {
                     return Err(ParamError::Invalid);
                 }
-                param.extend_from_slice(token);
+                param = Cow::Borrowed(token);
                 rest = &after_eq[end..];
             }
+        } else {
+            param = Cow::Borrowed(&[]);
         }
-        if ours {
+        if name.eq_ignore_ascii_case(wanted) {
             if found.is_some() {
                 return Err(ParamError::Twice);
             }
             found = Some(param);
         }
         rest = rest.strip_prefix(b";").unwrap_or(rest);
+    }
+}
+
+/// A quoted string's text (after its opening quote), backslash escapes undone, and what
+/// follows its closing quote. Borrowed when it has no escapes, as names almost never do.
+fn quoted_string(s: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
+    let mut owned: Option<Vec<u8>> = None;
+    let mut start = 0;
+    loop {
+        let Some(i) = memchr::memchr2(b'"', b'\\', &s[start..]).map(|i| start + i) else {
+            return Err(ParamError::Invalid);
+        };
+        if s[i] == b'"' {
+            let text = match owned {
+                None => Cow::Borrowed(&s[..i]),
+                Some(mut text) => {
+                    text.extend_from_slice(&s[start..i]);
+                    Cow::Owned(text)
+                }
+            };
+            return Ok((text, &s[i + 1..]));
+        }
+        let Some(&escaped) = s.get(i + 1) else {
+            return Err(ParamError::Invalid);
+        };
+        let text = owned.get_or_insert_with(Vec::new);
+        text.extend_from_slice(&s[start..i]);
+        text.push(escaped);
+        start = i + 2;
     }
 }
 
@@ -616,7 +634,8 @@ mod tests {
     #[test]
     fn disposition_names() {
         let name = |v: &str| {
-            disposition_name(v.as_bytes()).map(|n| n.map(|n| String::from_utf8(n).unwrap()))
+            disposition_name(v.as_bytes())
+                .map(|n| n.map(|n| String::from_utf8(n.into_owned()).unwrap()))
         };
         assert_eq!(
             name("form-data; name=\"clientKey\"").unwrap().as_deref(),
@@ -648,6 +667,13 @@ mod tests {
         assert!(name("form-data; name=\"open").is_err());
         assert!(name("form-data; name=a; Name=b").is_err());
         assert!(name("form-data; name=a b").is_err());
+        assert!(name("form-data; name=\"a\\\"").is_err());
+        assert_eq!(
+            name("form-data; name=\"a\\\\\"; x=\"\\\"\"")
+                .unwrap()
+                .as_deref(),
+            Some("a\\")
+        );
         assert!(name("form-data; name=\"a\" b").is_err());
     }
 
@@ -747,6 +773,14 @@ mod tests {
             want_all: bool,
         ) {
             let _ = scan(&body, "XyZ", split, want_all);
+        }
+
+        #[test]
+        fn header_params_never_panic(value in proptest::collection::vec(prop_oneof![
+            Just(b';'), Just(b'='), Just(b'"'), Just(b'\\'), Just(b' '), Just(b'n'),
+            Just(b'a'), Just(b'm'), Just(b'e'), any::<u8>(),
+        ], 0..60)) {
+            let _ = header_param(&value, b"name");
         }
 
         #[test]
