@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1057,11 +1058,41 @@ def profile(workload, name, starter, a, args):
             reports.append("\n".join(l.rstrip(" -") for l in r.stdout.splitlines() if l and not l.startswith("#")))
         text = (f"perf profile: {workload}/{name} ({d0.get('rps')} req/s under perf stat, "
                 f"{d.get('rps')} under perf record)\n" + "\n".join(per_req) + "\n\n" + "\n\n".join(reports))
+        if args.perf_callers:
+            svg = flamegraph(data, f"{workload} / {name}: {d.get('rps')} req/s")
+            if svg:
+                text += f"\n\nflame graph: {svg}"
         with open(os.path.join(RUN, f"perf-{workload}-{name}.txt"), "w") as fh:
             fh.write(text)
         return text
     finally:
         stop(proxy.proc)
+
+
+def flamegraph(data, title):
+    """perf.data with call graphs -> an interactive SVG beside it (inferno: `cargo install
+    inferno`), or None when inferno is not installed or perf script fails."""
+    collapse, render = shutil.which("inferno-collapse-perf"), shutil.which("inferno-flamegraph")
+    if not (collapse and render):
+        log("    no flame graph: inferno-collapse-perf / inferno-flamegraph not on PATH (cargo install inferno)")
+        return None
+    svg = data[: -len(".data")] + ".svg"
+    try:
+        script = subprocess.run(["perf", "script", "-i", data], capture_output=True, timeout=600)
+        folded = subprocess.run([collapse], input=script.stdout, capture_output=True, timeout=600)
+        graph = subprocess.run([render, "--title", title, "--minwidth", "0.2"], input=folded.stdout,
+                               capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        log("    no flame graph: perf script / inferno timed out")
+        return None
+    if graph.returncode != 0 or not graph.stdout:
+        log(f"    no flame graph: {(script.stderr or folded.stderr or graph.stderr).decode(errors='replace')[:200]}")
+        return None
+    with open(data[: -len(".data")] + ".folded", "wb") as fh:
+        fh.write(folded.stdout)
+    with open(svg, "wb") as fh:
+        fh.write(graph.stdout)
+    return svg
 
 
 # ---------------------------------------------------------------- uploads: memory vs concurrency
@@ -1222,7 +1253,9 @@ def main():
                     help="keys cached for the memory phase (at most --mem-keys and 200 000)")
     ap.add_argument("--out", default="", help="directory for logs and results (default /tmp/keygate-bench-DATE)")
     ap.add_argument("--perf-callers", action="store_true",
-                    help="with --perf: record call graphs (DWARF) too; read them with "
+                    help="with --perf: record call graphs (DWARF) too, and draw them as a flame graph "
+                         "OUT/perf-W-C.svg (with its folded stacks, .folded) when inferno is installed "
+                         "(cargo install inferno); or read them with "
                          "`perf report -i OUT/perf-W-C.data --no-children -S SYMBOL -G`")
     ap.add_argument("--perf", default="", help="after the rounds, profile these WORKLOAD/CONTENDER pairs "
                     "(comma-separated) with perf record, e.g. get-keepalive/keygate-cached")

@@ -17,7 +17,8 @@
 #
 # KEYGATE_BIN and LOAD_KEYS_BIN, when both set, name prebuilt binaries and skip the build;
 # otherwise they are built with cargo into ${CARGO_TARGET_DIR:-target}/release.
-# --perf needs `perf` (linux-perf), which this script does not install.
+# --perf needs `perf` (linux-perf), which this script does not install; --perf-callers draws flame
+# graphs when inferno is on PATH (cargo install inferno).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
