@@ -44,6 +44,8 @@ pub struct MultipartScanner<'f> {
     /// `\r\n--boundary`: what ends a part's content (and, after a preamble, begins the first).
     delimiter: Vec<u8>,
     finder: memmem::Finder<'static>,
+    /// `--boundary`, searched for in a preamble; built only for a body that has one.
+    dash_boundary_finder: Option<memmem::Finder<'static>>,
     /// Bytes fed but not yet parsed.
     pending: Vec<u8>,
     state: State,
@@ -61,6 +63,7 @@ impl<'f> MultipartScanner<'f> {
             want_all,
             delimiter,
             finder,
+            dash_boundary_finder: None,
             pending: Vec::new(),
             state: State::Preamble { at_start: true },
             found: None,
@@ -109,6 +112,11 @@ impl<'f> MultipartScanner<'f> {
     pub fn finish(self) -> Result<Option<String>, PeekError> {
         match self.state {
             State::Done => Ok(self.found),
+            // Ended inside the line after the key's field: no `--boundaryX` follows it, as
+            // nothing does. (multer gives the key here too.)
+            State::AfterBoundary | State::Padding if !self.want_all && self.found.is_some() => {
+                Ok(self.found)
+            }
             State::Content(_) => Err(malformed("a multipart part is truncated")),
             State::Headers { .. } => Err(malformed("a multipart part's headers are truncated")),
             State::Preamble { .. } | State::AfterBoundary | State::Padding => Err(malformed(
@@ -117,9 +125,10 @@ impl<'f> MultipartScanner<'f> {
         }
     }
 
-    /// The key found so far, for a caller that stops before the end of the body.
+    /// The key, for a caller that stops before the end of the body: only once the line that
+    /// closes its field has been read whole (a delimiter cut short is not yet one).
     pub fn into_found(self) -> Option<String> {
-        self.found
+        self.found.filter(|_| matches!(self.state, State::Done))
     }
 
     /// One step of the state machine over the unparsed bytes: `Some(n)` consumed `n` of them
@@ -140,11 +149,24 @@ impl<'f> MultipartScanner<'f> {
                         return Ok(Some(dash_boundary.len()));
                     }
                 }
-                match self.finder.find(data) {
-                    Some(i) => {
+                // The first `--boundary` must begin a CRLF line. Parsers differ on one that
+                // does not (after a bare LF or CR, or inside a line): some start the parts
+                // there, others skip it as preamble; the upstream could read a different
+                // key from the one checked here, so such a body is refused. What is kept
+                // between pieces (`dlen - 1` bytes) always includes the two bytes before a
+                // match that begins in it.
+                let dash_boundary = &self.delimiter[2..];
+                let finder = self
+                    .dash_boundary_finder
+                    .get_or_insert_with(|| memmem::Finder::new(dash_boundary).into_owned());
+                match finder.find(data) {
+                    Some(i) if i >= 2 && &data[i - 2..i] == b"\r\n" => {
                         self.state = State::AfterBoundary;
-                        Ok(Some(i + dlen))
+                        Ok(Some(i + dash_boundary.len()))
                     }
+                    Some(_) => Err(malformed(
+                        "the multipart boundary appears in the preamble without a CRLF before it",
+                    )),
                     None => Ok(nonzero(data.len().saturating_sub(dlen - 1))),
                 }
             }
@@ -173,7 +195,14 @@ impl<'f> MultipartScanner<'f> {
                         "a multipart boundary is not followed by a line break",
                     ));
                 }
-                self.state = State::Headers { scanned: 0 };
+                // Without `want_all`, reading stops once the key's field is closed by a whole
+                // delimiter line: `\r\n--boundaryX` is no delimiter, and some parsers would
+                // read it as part of the value.
+                self.state = if self.found.is_some() && !self.want_all {
+                    State::Done
+                } else {
+                    State::Headers { scanned: 0 }
+                };
                 Ok(Some(padding + 2))
             }
             State::Headers { scanned } => {
@@ -229,9 +258,6 @@ impl<'f> MultipartScanner<'f> {
                     let value = String::from_utf8(value)
                         .map_err(|_| malformed("the API key field is not UTF-8"))?;
                     self.found = Some(form::accept_key(value)?);
-                    if !self.want_all {
-                        self.state = State::Done;
-                    }
                 }
                 Ok(Some(used))
             }
@@ -243,8 +269,11 @@ impl<'f> MultipartScanner<'f> {
     fn part_is_ours(&self, block: &[u8]) -> Result<bool, PeekError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_PART_HEADERS];
         let parsed = match httparse::parse_headers(block, &mut headers) {
-            Ok(httparse::Status::Complete((_, parsed))) => parsed,
-            Ok(httparse::Status::Partial) | Err(_) => {
+            // httparse also ends a block at a bare-LF empty line (`\n\n`), before the CRLF
+            // one found here; what follows it would be content to some parsers and headers
+            // to others.
+            Ok(httparse::Status::Complete((used, parsed))) if used == block.len() => parsed,
+            Ok(_) | Err(_) => {
                 return Err(malformed("a multipart part has malformed headers"));
             }
         };
@@ -260,8 +289,16 @@ impl<'f> MultipartScanner<'f> {
                 "a multipart part has more than one Content-Disposition header",
             ));
         }
-        let name = disposition_name(disposition.value)?;
-        Ok(name.is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == &*name)))
+        let disposition = form_data_disposition(disposition.value)?;
+        let ours = disposition
+            .name
+            .is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == &*name));
+        // Most frameworks (Flask, Go, PHP) file such a part under uploads, not form values;
+        // others (multer) read it as a field. Either way the upstream's key could differ.
+        if ours && disposition.file {
+            return Err(malformed("the API key field is a file part"));
+        }
+        Ok(ours)
     }
 }
 
@@ -301,13 +338,44 @@ pub fn content_type_boundary(value: &str) -> Result<String, PeekError> {
         .map_err(|_| malformed("multipart/form-data without a valid boundary parameter"))
 }
 
-/// The `name` parameter of a part's `Content-Disposition` (`form-data; name="clientKey"`).
-/// Names are compared as bytes, so they are not decoded further.
-pub fn disposition_name(value: &[u8]) -> Result<Option<Cow<'_, [u8]>>, PeekError> {
-    header_param(value, b"name").map_err(|e| match e {
+/// What a part's `Content-Disposition` (`form-data; name="clientKey"`) says of it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Disposition<'v> {
+    /// The `name` parameter. Names are compared as bytes, so they are not decoded further.
+    pub name: Option<Cow<'v, [u8]>>,
+    /// Whether it has a `filename` (or `filename*`): an uploaded file.
+    pub file: bool,
+}
+
+/// Reads a part's `Content-Disposition`. Refused: two `name`s, and an RFC 2231 extended name
+/// (`name*=UTF-8''clientKey`, `name*0=…`): RFC 7578 has no use for it, but some parsers decode
+/// it, and then a part this one does not take for the key field would be the key upstream.
+pub fn form_data_disposition(value: &[u8]) -> Result<Disposition<'_>, PeekError> {
+    let invalid = |e| match e {
         ParamError::Twice => malformed("a multipart Content-Disposition has more than one name"),
         ParamError::Invalid => malformed("a multipart Content-Disposition is malformed"),
-    })
+    };
+    let mut disposition = Disposition {
+        name: None,
+        file: false,
+    };
+    for param in params(value) {
+        let (name, text) = param.map_err(invalid)?;
+        if name.eq_ignore_ascii_case(b"name") {
+            if disposition.name.is_some() {
+                return Err(invalid(ParamError::Twice));
+            }
+            disposition.name = Some(text);
+        } else if name.len() > 4 && name[..5].eq_ignore_ascii_case(b"name*") {
+            return Err(malformed(
+                "a multipart Content-Disposition has an extended (RFC 2231) name",
+            ));
+        } else if name.eq_ignore_ascii_case(b"filename") || name.eq_ignore_ascii_case(b"filename*")
+        {
+            disposition.file = true;
+        }
+    }
+    Ok(disposition)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -319,60 +387,100 @@ pub enum ParamError {
 }
 
 /// The value of the parameter `wanted` (its name compared without case) in a header value
-/// of the form `type; a=token; b="quoted \" string"` (RFC 9110 §5.6.6), backslash escapes
-/// undone; `None` when it is absent. The parameters after it are still read, so that a second
-/// one is found.
+/// of the form `type; a=token; b="quoted \" string"` (RFC 9110 §5.6.6), escapes undone;
+/// `None` when it is absent. The parameters after it are still read, so that a second one is
+/// found.
 pub fn header_param<'v>(
     value: &'v [u8],
     wanted: &[u8],
 ) -> Result<Option<Cow<'v, [u8]>>, ParamError> {
-    let Some(first_semicolon) = memchr::memchr(b';', value) else {
-        return Ok(None);
-    };
-    let mut rest = &value[first_semicolon + 1..];
     let mut found: Option<Cow<'v, [u8]>> = None;
-    loop {
-        rest = trim_start(rest);
+    for param in params(value) {
+        let (name, text) = param?;
+        if name.eq_ignore_ascii_case(wanted) {
+            if found.is_some() {
+                return Err(ParamError::Twice);
+            }
+            found = Some(text);
+        }
+    }
+    Ok(found)
+}
+
+/// The parameters of a header value `type; a=token; b="quoted \" string"`, in order, as
+/// (name, value); a parameter without `=` has an empty value. Ends after an error.
+fn params(value: &[u8]) -> Params<'_> {
+    let rest = memchr::memchr(b';', value).map_or(&[][..], |i| &value[i + 1..]);
+    Params { rest }
+}
+
+struct Params<'v> {
+    rest: &'v [u8],
+}
+
+/// A parameter's name and value.
+type Param<'v> = (&'v [u8], Cow<'v, [u8]>);
+
+impl<'v> Iterator for Params<'v> {
+    type Item = Result<Param<'v>, ParamError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.read();
+        if !matches!(item, Some(Ok(_))) {
+            self.rest = &[];
+        }
+        item
+    }
+}
+
+impl<'v> Params<'v> {
+    fn read(&mut self) -> Option<Result<Param<'v>, ParamError>> {
+        let mut rest = trim_start(self.rest);
+        // Empty parameters (`a;;b`, a trailing `;`) are skipped.
+        while let Some(after) = rest.strip_prefix(b";") {
+            rest = trim_start(after);
+        }
         if rest.is_empty() {
-            return Ok(found);
+            return None;
         }
         let name_end = memchr::memchr2(b'=', b';', rest).unwrap_or(rest.len());
         let name = trim_end(&rest[..name_end]);
         rest = &rest[name_end..];
-        let param: Cow<'v, [u8]>;
+        let text: Cow<'v, [u8]>;
         if let Some(after_eq) = rest.strip_prefix(b"=") {
             let after_eq = trim_start(after_eq);
             if let Some(quoted) = after_eq.strip_prefix(b"\"") {
-                let (text, after) = quoted_string(quoted)?;
-                param = text;
+                let (quoted_text, after) = match quoted_string(quoted) {
+                    Ok(q) => q,
+                    Err(e) => return Some(Err(e)),
+                };
+                text = quoted_text;
                 rest = trim_start(after);
                 if !rest.is_empty() && rest[0] != b';' {
-                    return Err(ParamError::Invalid);
+                    return Some(Err(ParamError::Invalid));
                 }
             } else {
                 let end = memchr::memchr(b';', after_eq).unwrap_or(after_eq.len());
                 let token = trim_end(&after_eq[..end]);
                 if memchr::memchr3(b' ', b'\t', b'"', token).is_some() {
-                    return Err(ParamError::Invalid);
+                    return Some(Err(ParamError::Invalid));
                 }
-                param = Cow::Borrowed(token);
+                text = Cow::Borrowed(token);
                 rest = &after_eq[end..];
             }
         } else {
-            param = Cow::Borrowed(&[]);
+            text = Cow::Borrowed(&[]);
         }
-        if name.eq_ignore_ascii_case(wanted) {
-            if found.is_some() {
-                return Err(ParamError::Twice);
-            }
-            found = Some(param);
-        }
-        rest = rest.strip_prefix(b";").unwrap_or(rest);
+        self.rest = rest;
+        Some(Ok((name, text)))
     }
 }
 
-/// A quoted string's text (after its opening quote), backslash escapes undone, and what
-/// follows its closing quote. Borrowed when it has no escapes, as names almost never do.
+/// A quoted string's text (after its opening quote), escapes undone, and what follows its
+/// closing quote. Borrowed when it has no escapes, as names almost never do. Only `\"` and
+/// `\\` are escapes here: RFC 9110 allows a backslash before any character, but parsers differ
+/// on the others (Werkzeug keeps the backslash, Go only drops it before a special
+/// character), so `name="client\Key"` could be `clientKey` here and another name upstream.
 fn quoted_string(s: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
     let mut owned: Option<Vec<u8>> = None;
     let mut start = 0;
@@ -390,7 +498,7 @@ fn quoted_string(s: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
             };
             return Ok((text, &s[i + 1..]));
         }
-        let Some(&escaped) = s.get(i + 1) else {
+        let Some(&escaped) = s.get(i + 1).filter(|&&c| c == b'"' || c == b'\\') else {
             return Err(ParamError::Invalid);
         };
         let text = owned.get_or_insert_with(Vec::new);
@@ -482,6 +590,10 @@ mod tests {
                 if field.name() != Some("clientKey") {
                     continue;
                 }
+                // Where keygate is stricter than multer, on purpose: the key field as a file.
+                if field.file_name().is_some() {
+                    return Outcome::Malformed;
+                }
                 if found.is_some() {
                     return Outcome::Ambiguous;
                 }
@@ -554,15 +666,21 @@ mod tests {
         let end_of_key =
             "--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nkg_1\r\n--XyZ"
                 .len();
+        assert_eq!(scanner.feed(&b[..end_of_key]).unwrap(), Progress::NeedMore);
+        // The delimiter's line must be whole: `--XyZW` would be no delimiter.
         assert_eq!(
-            scanner.feed(&b[..end_of_key - 1]).unwrap(),
+            scanner.feed(&b[end_of_key..end_of_key + 1]).unwrap(),
             Progress::NeedMore
         );
         assert_eq!(
-            scanner.feed(&b[end_of_key - 1..end_of_key]).unwrap(),
+            scanner.feed(&b[end_of_key + 1..end_of_key + 2]).unwrap(),
             Progress::Done
         );
         assert_eq!(scanner.into_found().as_deref(), Some("kg_1"));
+        // Stopped before that line was whole, the scanner has no key to give.
+        let mut scanner = MultipartScanner::new("XyZ", &fields, false);
+        assert_eq!(scanner.feed(&b[..end_of_key]).unwrap(), Progress::NeedMore);
+        assert_eq!(scanner.into_found(), None);
     }
 
     #[test]
@@ -573,14 +691,82 @@ mod tests {
         for split in [1, 4, 1000] {
             assert_eq!(scan(b, "XyZ", split, true), Outcome::Key("kg_2".into()));
         }
-        // A boundary starts a line: here `x--XyZ...v` is all preamble, and the body has no
-        // parts (multer took the `--XyZ` after the `x` for the first boundary).
+        // A preamble ending in a CRLF, even an empty one.
         for split in [1, 3, 100] {
             assert_eq!(
-                scan(b"x--XyZ\r\n\r\nv\r\n--XyZ--", "XyZ", split, true),
-                Outcome::NoKey
+                scan(
+                    b"\r\n--XyZ\r\nContent-Disposition: form-data; name=clientKey\r\n\r\nkg_3\r\n--XyZ--",
+                    "XyZ",
+                    split,
+                    true
+                ),
+                Outcome::Key("kg_3".into())
             );
         }
+    }
+
+    /// Bodies that parsers frame or name differently (found in review, each checked against
+    /// Werkzeug): the upstream could read another key than the one checked, so all are 400s.
+    #[test]
+    fn bodies_parsers_disagree_on_are_refused() {
+        let cases: &[(&str, &[u8])] = &[
+            (
+                "a form framed by bare LFs in the preamble, a CRLF one after it (Werkzeug: B)",
+                b"P\n--XyZ\nContent-Disposition: form-data; name=\"clientKey\"\n\nB\n--XyZ--\n\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "the same framed by bare CRs",
+                b"P\r--XyZ\rContent-Disposition: form-data; name=\"clientKey\"\r\rB\r--XyZ--\r\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "a boundary inside the first line (multer, Werkzeug: B)",
+                b"x--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "an RFC 2231 name (Werkzeug and Go decode it: B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name*=UTF-8''clientKey\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "an RFC 2231 continued name",
+                b"--XyZ\r\nContent-Disposition: form-data; NAME*0=client; name*1=Key\r\n\r\nB\r\n--XyZ--\r\n",
+            ),
+            (
+                "a bare-LF empty line inside the part headers (Werkzeug: the rest is content)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\n\nX: a\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "the key field as a file, then as a field (Werkzeug, Go: B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"; filename=\"k\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ--\r\n",
+            ),
+            (
+                "an escape other than \\\" and \\\\ in a name (Werkzeug: no such field)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"client\\Key\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "the boundary as a prefix of a line in the key's value (Werkzeug: A\\r\\n--XyZW)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZW\r\n--XyZ--\r\n",
+            ),
+        ];
+        for (what, body) in cases {
+            for split in [1, 2, 7, 4096] {
+                for want_all in [true, false] {
+                    assert_eq!(
+                        scan(body, "XyZ", split, want_all),
+                        Outcome::Malformed,
+                        "{what}, split {split}, want_all {want_all}"
+                    );
+                }
+            }
+        }
+        // A file part under another name is only skipped.
+        let b = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"doc\"; filename=\"clientKey\"", b"x"),
+                ("form-data; name=\"clientKey\"", b"kg_4"),
+            ],
+        );
+        assert_eq!(scan(&b, "XyZ", 3, true), Outcome::Key("kg_4".into()));
     }
 
     #[test]
@@ -634,8 +820,8 @@ mod tests {
     #[test]
     fn disposition_names() {
         let name = |v: &str| {
-            disposition_name(v.as_bytes())
-                .map(|n| n.map(|n| String::from_utf8(n.into_owned()).unwrap()))
+            form_data_disposition(v.as_bytes())
+                .map(|d| d.name.map(|n| String::from_utf8(n.into_owned()).unwrap()))
         };
         assert_eq!(
             name("form-data; name=\"clientKey\"").unwrap().as_deref(),
@@ -675,6 +861,15 @@ mod tests {
             Some("a\\")
         );
         assert!(name("form-data; name=\"a\" b").is_err());
+        assert!(name("form-data; name=\"a\\b\"").is_err());
+        assert!(name("form-data; name*=UTF-8''a").is_err());
+        assert!(name("form-data; Name*1=a").is_err());
+        assert_eq!(name("form-data; names=a").unwrap(), None);
+        assert_eq!(name("form-data;; name=a;").unwrap().as_deref(), Some("a"));
+        let file = |v: &str| form_data_disposition(v.as_bytes()).unwrap().file;
+        assert!(file("form-data; name=a; filename=\"\""));
+        assert!(file("form-data; FILENAME*=UTF-8''x; name=a"));
+        assert!(!file("form-data; name=filename"));
     }
 
     #[test]
@@ -727,7 +922,7 @@ mod tests {
         // pieces: the same key, the same refusal.
         #[test]
         fn agrees_with_multer(
-            boundary in "[A-Za-z0-9_]{1,40}",
+            boundary in "[A-Za-z0-9_-]{1,40}",
             parts in proptest::collection::vec(
                 (disposition(), "[a-z0-9 \r\n]{0,120}", "[ \t]{0,2}", any::<bool>()), 0..6),
             key in "[A-Za-z0-9_]{0,24}",

@@ -501,6 +501,34 @@ async fn malformed_bodies_are_400_and_never_pass() {
         format!(
             "--b3 junk\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
         ),
+        // A bare-LF framed form hidden in the preamble (Flask would read its key, `other`).
+        format!(
+            "P\n--b3\nContent-Disposition: form-data; name=clientKey\n\nother\n--b3--\n\r\n--b3\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // The boundary inside the first line.
+        format!(
+            "x--b3\r\nContent-Disposition: form-data; name=clientKey\r\n\r\nother\r\n--b3\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // An RFC 2231 name, which some frameworks decode.
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name*=UTF-8''clientKey\r\n\r\nother\r\n--b3\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // The key field as a file.
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=clientKey; filename=k.txt\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // An escape that parsers undo differently.
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=\"client\\Key\"\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // A bare-LF empty line in the part headers.
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=clientKey\n\nX: a\r\n\r\n{k}\r\n--b3--\r\n"
+        ),
+        // The boundary as the start of a longer line in the key's value.
+        format!(
+            "--b3\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b3W\r\n--b3--\r\n"
+        ),
     ] {
         let (s, v) = post(
             "multipart/form-data; boundary=b3".into(),
