@@ -182,6 +182,14 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             Some(Bare),
             Outcome::Unauthenticated,
         ),
+        GatewayError::Body(BodyError::TooLongToStrip(_)) => a(
+            S::PAYLOAD_TOO_LARGE,
+            "BODY_TOO_LARGE",
+            "this route strips the API key field, which needs the whole form body within its \
+             max_peek_bytes",
+            Some(InvalidRequest),
+            Outcome::BadRequest,
+        ),
         GatewayError::Body(BodyError::Timeout) => a(
             S::REQUEST_TIMEOUT,
             "REQUEST_TIMEOUT",

@@ -330,6 +330,11 @@ impl Gateway {
         let peeked = Box::pin(body_key::peek(&route.body, after, &parts.headers, incoming)).await?;
         let body = ForwardBody::from(peeked.body);
         if let Some(k) = peeked.key {
+            if let Some(query) = parts.uri.query()
+                && credential::form::query_names_a_field(query, &route.body.fields)
+            {
+                return Err(CredentialError::Ambiguous("API key body field").into());
+            }
             return Ok(Found {
                 key: Cow::Owned(k.value),
                 source: k.source,

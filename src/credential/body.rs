@@ -38,6 +38,13 @@ pub enum BodyError {
     /// The client's body failed mid-way (connection closed, bad chunked encoding).
     #[error("the request body could not be read")]
     Unreadable,
+    /// `strip_form_field` is on and the urlencoded body does not end within `max_peek_bytes`:
+    /// a second key field could follow the stripped one, and would then be the only one the
+    /// upstream sees.
+    #[error(
+        "the body does not end within the first {0} bytes, so its key field cannot be stripped"
+    )]
+    TooLongToStrip(usize),
 }
 
 /// A body peek failed either on the key (empty, ambiguous: the same answers as for headers)
@@ -101,7 +108,10 @@ where
             body: Replay::untouched(body),
         });
     }
-    let want_all = exact.is_some_and(|n| n <= limit as u64);
+    // Stripping removes one key field: the body must be read to its end (within the limit)
+    // to know there is no other.
+    let strip_whole = cfg.strip_form_field && kind == BodyKind::Urlencoded;
+    let want_all = strip_whole || exact.is_some_and(|n| n <= limit as u64);
     let mut tap = Tap::new(body, limit);
     let found = match tokio::time::timeout(
         cfg.peek_timeout,
@@ -117,6 +127,9 @@ where
         return Err(BodyError::Unreadable.into());
     }
     let found = found?;
+    if strip_whole && found.is_some() && !tap.ended {
+        return Err(BodyError::TooLongToStrip(limit).into());
+    }
     let limit_reached = found.is_none() && tap.limit_hit;
     let key = found.map(|(value, strip)| BodyKey {
         value,

@@ -6,7 +6,7 @@
 use super::CredentialError;
 use super::body::{BodyError, PeekError};
 use http::HeaderMap;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use std::ops::Range;
 
 /// Longest key value taken from a body. Real keys are about 40 characters; the cap keeps a
@@ -44,31 +44,100 @@ pub fn body_kind(
         .to_str()
         .map_err(|_| malformed("the Content-Type header is not ASCII"))?;
     let media = text.split(';').next().unwrap_or("").trim();
-    if form && media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Ok(Some(BodyKind::Urlencoded));
-    }
-    if form && media.eq_ignore_ascii_case("multipart/form-data") {
-        let boundary = super::multipart::content_type_boundary(text)?;
-        return Ok(Some(BodyKind::Multipart { boundary }));
-    }
     let is_json = media.eq_ignore_ascii_case("application/json")
         || (media.len() > 5
             && media.is_char_boundary(media.len() - 5)
             && media[media.len() - 5..].eq_ignore_ascii_case("+json"));
-    if json && is_json {
-        return Ok(Some(BodyKind::Json));
+    let kind = if form && media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        BodyKind::Urlencoded
+    } else if form && media.eq_ignore_ascii_case("multipart/form-data") {
+        let boundary = super::multipart::content_type_boundary(text)?;
+        BodyKind::Multipart { boundary }
+    } else if json && is_json {
+        BodyKind::Json
+    } else {
+        return Ok(None);
+    };
+    // The bytes read here must be the text the upstream reads. Frameworks decode other
+    // charsets (UTF-7 hides `"clientKey":"B"` in what reads here as a plain string) and
+    // inflate compressed bodies, so the key they find could be another one.
+    match super::multipart::header_param(text.as_bytes(), b"charset") {
+        Ok(None) => {}
+        Ok(Some(charset))
+            if [&b"utf-8"[..], b"utf8", b"us-ascii"]
+                .iter()
+                .any(|c| charset.eq_ignore_ascii_case(c)) => {}
+        Ok(Some(_)) => {
+            return Err(malformed(
+                "a body carrying the API key must be UTF-8 (the Content-Type names another charset)",
+            ));
+        }
+        Err(_) => {
+            return Err(malformed(
+                "the Content-Type has a malformed charset parameter",
+            ));
+        }
     }
-    Ok(None)
+    for encoding in headers.get_all(CONTENT_ENCODING) {
+        let identity = encoding.to_str().is_ok_and(|e| {
+            e.split(',')
+                .all(|e| e.trim().eq_ignore_ascii_case("identity"))
+        });
+        if !identity {
+            return Err(malformed(
+                "a body carrying the API key cannot have a Content-Encoding",
+            ));
+        }
+    }
+    Ok(Some(kind))
+}
+
+/// Whether `name` is not one of `fields` but some framework files it under one: PHP drops
+/// leading spaces, cuts a name at a NUL, turns ` ` and `.` (and a `[` never closed) into `_`,
+/// and reads `name[…]` as an array called `name`, as qs (Express) and Rails do. Such a field
+/// next to the real one would give the upstream another key than the one checked.
+pub fn is_lookalike(name: &[u8], fields: &[String]) -> bool {
+    let mut name = name;
+    while let [b' ', rest @ ..] = name {
+        name = rest;
+    }
+    if let Some(nul) = memchr::memchr(0, name) {
+        name = &name[..nul];
+    }
+    let mut base: Vec<u8> = Vec::with_capacity(name.len());
+    for (i, &c) in name.iter().enumerate() {
+        match c {
+            b'[' if memchr::memchr(b']', &name[i..]).is_some() => break,
+            b' ' | b'.' | b'[' => base.push(b'_'),
+            c => base.push(c),
+        }
+    }
+    fields.iter().any(|f| f.as_bytes() == base.as_slice())
+}
+
+/// Whether a query string has a parameter named like one of `fields` (or a look-alike): with
+/// the key in the body, some frameworks (Flask's `request.values`, Rails' `params`) would let
+/// the query's value win.
+pub fn query_names_a_field(query: &str, fields: &[String]) -> bool {
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or("");
+        !name.is_empty()
+            && decode_strict(name.as_bytes()).is_some_and(|n| {
+                fields.iter().any(|f| f.as_bytes() == n.as_slice()) || is_lookalike(&n, fields)
+            })
+    })
 }
 
 fn malformed(reason: &'static str) -> PeekError {
     PeekError::Body(BodyError::Malformed(reason))
 }
 
-/// Checks a decoded key value the way header values are checked: trimmed, not empty, not
-/// absurdly long. An empty or oversized value is a malformed *key* (401), like in headers.
+/// Checks a decoded key value the way header values are checked: trimmed of ASCII spaces and
+/// tabs (not of other Unicode spaces, which would leave a different value upstream), not
+/// empty, not absurdly long. An empty or oversized value is a malformed *key* (401), like in
+/// headers.
 pub fn accept_key(value: String) -> Result<String, PeekError> {
-    let trimmed = value.trim();
+    let trimmed = value.trim_matches([' ', '\t', '\r', '\n']);
     if trimmed.is_empty() {
         return Err(CredentialError::Malformed("empty API key body field").into());
     }
@@ -261,7 +330,13 @@ impl<'f> UrlencodedScanner<'f> {
         }
         let name = decode_strict(raw)
             .ok_or_else(|| malformed("invalid percent-encoding in a form field name"))?;
-        Ok(self.fields.iter().any(|f| f.as_bytes() == name.as_slice()))
+        if self.fields.iter().any(|f| f.as_bytes() == name.as_slice()) {
+            return Ok(true);
+        }
+        if is_lookalike(&name, self.fields) {
+            return Err(CredentialError::Ambiguous("API key body field").into());
+        }
+        Ok(false)
     }
 
     /// A pair of ours ends at `self.pos` (the `&` or the end of the body).
@@ -334,6 +409,15 @@ pub fn json_key(body: &[u8], fields: &[String]) -> Result<Option<String>, PeekEr
     found?.map(accept_key).transpose()
 }
 
+/// Whether two names are equal after simple case folding (as Go's `strings.EqualFold`).
+fn folds_to(a: &str, b: &str) -> bool {
+    let fold = |c: char| match c {
+        'ſ' => 's',
+        c => c.to_lowercase().next().unwrap_or(c),
+    };
+    a.chars().map(fold).eq(b.chars().map(fold))
+}
+
 struct TopLevel<'f> {
     fields: &'f [String],
 }
@@ -353,6 +437,11 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
         // either way, but the reason stays accurate).
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if !self.fields.iter().any(|f| *f == name) {
+                // Go's encoding/json (and ASP.NET) match names without case, Unicode's
+                // simple folding included (the Kelvin sign is a `k`).
+                if self.fields.iter().any(|f| folds_to(&name, f)) {
+                    problem.get_or_insert(CredentialError::Ambiguous("API key body field").into());
+                }
                 map.next_value::<serde::de::IgnoredAny>()?;
                 continue;
             }
@@ -601,6 +690,117 @@ mod tests {
             Some("k".into())
         );
         assert!(k(&format!(r#"{{"clientKey":{}}}"#, deep(100_000))).is_err());
+    }
+
+    /// Bodies a framework reads another key from than the one found here (found in review,
+    /// each checked against the framework named): refused, not guessed.
+    #[test]
+    fn what_frameworks_read_differently_is_refused() {
+        let ambiguous = |r: Result<Option<String>, PeekError>| {
+            matches!(r, Err(PeekError::Credential(CredentialError::Ambiguous(_))))
+        };
+        for body in [
+            "clientKey=A&+clientKey=B",       // PHP drops leading spaces
+            "clientKey=A&clientKey%00junk=B", // PHP cuts at a NUL
+            "clientKey=A&clientKey[]=B",      // PHP, qs, Rails: an array named clientKey
+            "clientKey%5B0%5D=B&clientKey=A", // the same, encoded, first
+            "api_key=A&api.key=B",            // PHP: `.` is `_`
+            "api_key=A&api+key=B",            // PHP: ` ` is `_`
+            "api_key=A&api[key=B",            // PHP: an unclosed `[` is `_`
+        ] {
+            assert!(
+                ambiguous(scan(body.as_bytes(), 3, true).map(|f| f.map(|f| f.value))),
+                "{body}"
+            );
+        }
+        // A stream stops at the first key field (README: "Two keys"); a look-alike before it
+        // is still seen.
+        assert!(ambiguous(
+            scan(b"clientKey%5B0%5D=B&clientKey=A", 3, false).map(|f| f.map(|f| f.value))
+        ));
+        // Not look-alikes: other names that merely contain the field's.
+        assert_eq!(
+            key_of("clientKeys=x&xclientKey=y&client_Key=z&clientKey=A")
+                .unwrap()
+                .as_deref(),
+            Some("A")
+        );
+        assert!(!is_lookalike(b"clientKey_", &fields()));
+        assert!(is_lookalike(b"  clientKey[a][b]", &fields()));
+
+        // Unicode spaces are part of the value (the upstream keeps them), ASCII ones are not.
+        assert_eq!(key_of("clientKey=+A%09").unwrap().as_deref(), Some("A"));
+        assert_eq!(
+            key_of("clientKey=A%E2%80%83").unwrap().as_deref(),
+            Some("A\u{2003}")
+        );
+
+        // JSON names equal without case (Go's encoding/json, ASP.NET).
+        let f = fields();
+        for body in [
+            r#"{"clientKey":"A","CLIENTKEY":"B"}"#,
+            r#"{"clientkey":"B","clientKey":"A"}"#,
+            r#"{"clientKey":"A","client\u212aey":"B"}"#,
+            r#"{"api_key":"A","API_KEY":"B"}"#,
+        ] {
+            assert!(ambiguous(json_key(body.as_bytes(), &f)), "{body}");
+        }
+        assert!(folds_to("ſKey", "skey") && folds_to("\u{212a}", "k") && !folds_to("ke", "key"));
+        assert_eq!(
+            json_key(br#"{"clientKeys":"x","clientKey":"A"}"#, &f)
+                .unwrap()
+                .as_deref(),
+            Some("A")
+        );
+
+        // A query parameter of the same name.
+        assert!(query_names_a_field("a=1&clientKey=B", &f));
+        assert!(query_names_a_field("client%4Bey=B", &f));
+        assert!(query_names_a_field("x=1;api.key=B", &f));
+        assert!(query_names_a_field("clientKey", &f));
+        assert!(!query_names_a_field("page=2&key=x&clientKeys=1", &f));
+    }
+
+    #[test]
+    fn charsets_and_encodings_other_than_plain_utf8_are_refused() {
+        let malformed = |r: Result<Option<BodyKind>, PeekError>| {
+            matches!(r, Err(PeekError::Body(BodyError::Malformed(_))))
+        };
+        for ct in [
+            "application/json; charset=utf-7",
+            "application/x-www-form-urlencoded; charset=\"UTF-7\"",
+            "multipart/form-data; boundary=XyZ; charset=utf-16",
+            "application/json; charset=utf-8; charset=utf-7",
+            "application/json; charset=\"open",
+        ] {
+            assert!(malformed(kind(ct)), "{ct}");
+        }
+        for ct in [
+            "application/json; charset=UTF-8",
+            "application/json;charset=\"utf8\"",
+            "application/x-www-form-urlencoded; charset=us-ascii",
+        ] {
+            assert!(kind(ct).unwrap().is_some(), "{ct}");
+        }
+        // A body no source reads is not refused for its charset: it is not read.
+        assert_eq!(kind("text/plain; charset=utf-7").unwrap(), None);
+
+        let with_encoding = |ct: &str, enc: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, ct.parse().unwrap());
+            h.append(CONTENT_ENCODING, enc.parse().unwrap());
+            body_kind(&h, true, true)
+        };
+        assert!(malformed(with_encoding(
+            "application/x-www-form-urlencoded",
+            "gzip"
+        )));
+        assert!(malformed(with_encoding("application/json", "identity, br")));
+        assert_eq!(
+            with_encoding("application/json", "Identity").unwrap(),
+            Some(BodyKind::Json)
+        );
+        assert_eq!(with_encoding("image/png", "gzip").unwrap(), None);
     }
 
     fn pair_strategy() -> impl Strategy<Value = (String, String)> {

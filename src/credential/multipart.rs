@@ -292,7 +292,16 @@ impl<'f> MultipartScanner<'f> {
         let disposition = form_data_disposition(disposition.value)?;
         let ours = disposition
             .name
-            .is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == &*name));
+            .as_ref()
+            .is_some_and(|name| self.fields.iter().any(|f| f.as_bytes() == &**name));
+        if !ours
+            && disposition
+                .name
+                .as_ref()
+                .is_some_and(|name| form::is_lookalike(name, self.fields))
+        {
+            return Err(CredentialError::Ambiguous("API key body field").into());
+        }
         // Most frameworks (Flask, Go, PHP) file such a part under uploads, not form values;
         // others (multer) read it as a field. Either way the upstream's key could differ.
         if ours && disposition.file {
@@ -758,6 +767,15 @@ mod tests {
                 }
             }
         }
+        // A look-alike name (PHP, qs and Rails read `clientKey[]` as `clientKey`).
+        let b = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"clientKey\"", b"A"),
+                ("form-data; name=\"clientKey[]\"", b"B"),
+            ],
+        );
+        assert_eq!(scan(&b, "XyZ", 3, true), Outcome::Ambiguous);
         // A file part under another name is only skipped.
         let b = body(
             "XyZ",

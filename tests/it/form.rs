@@ -548,6 +548,62 @@ async fn malformed_bodies_are_400_and_never_pass() {
     .await;
     assert_eq!((s, code(&v).as_str()), (400, "BODY_MALFORMED"), "{v}");
 
+    // Bodies a framework reads another key from (found in review): refused.
+    let urlencoded = "application/x-www-form-urlencoded".to_owned();
+    for (ct, body, want) in [
+        // PHP, qs, Rails: `clientKey[]` is an array named clientKey.
+        (
+            urlencoded.clone(),
+            format!("clientKey={k}&clientKey[]=other"),
+            "API_KEY_AMBIGUOUS",
+        ),
+        // PHP: a leading space is dropped.
+        (
+            urlencoded.clone(),
+            format!("clientKey={k}&+clientKey=other"),
+            "API_KEY_AMBIGUOUS",
+        ),
+        // Django REST framework and Express decode UTF-7.
+        (
+            "application/x-www-form-urlencoded; charset=utf-7".to_owned(),
+            format!("clientKey={k}"),
+            "BODY_MALFORMED",
+        ),
+        (
+            "multipart/form-data; boundary=b6".to_owned(),
+            format!(
+                "--b6\r\nContent-Disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b6\r\nContent-Disposition: form-data; name=\"clientKey[0]\"\r\n\r\nother\r\n--b6--\r\n"
+            ),
+            "API_KEY_AMBIGUOUS",
+        ),
+    ] {
+        let (s, v) = post(ct.clone(), body.clone().into_bytes()).await;
+        assert_eq!((s, code(&v).as_str()), (400, want), "{ct} {body}: {v}");
+    }
+    // A compressed body: Express inflates it and could find another key inside.
+    let r = client()
+        .post(e.gw.url("/form/x"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "gzip")
+        .body(format!("clientKey={k}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "BODY_MALFORMED", "{v}");
+    // The key field's name in the query too: Flask's request.values would take the query's.
+    let r = client()
+        .post(e.gw.url("/form/x?page=1&clientKey=other"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("clientKey={k}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "API_KEY_AMBIGUOUS", "{v}");
+
     // What RFC 2046 allows is read: a preamble, padding after a boundary, a part without
     // headers, a token name in other case, an epilogue.
     let framed = format!(
@@ -765,6 +821,41 @@ async fn urlencoded_key_is_stripped_when_the_route_asks() {
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_received(&r.json, b"page=3");
+
+    // Chunked with a second key field after the first: stripping the first would leave the
+    // upstream only the second, so the whole body is read and the two are refused.
+    std::fs::write(&path, format!("clientKey={}&clientKey=other", e.key)).unwrap();
+    let r = curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Content-Type: application/x-www-form-urlencoded",
+        "--data-binary",
+        &format!("@{}", path.display()),
+        &e.gw.url("/strip/x"),
+    ])
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "API_KEY_AMBIGUOUS"),
+        "{}",
+        r.json
+    );
+    // Chunked and longer than max_peek_bytes (64 KiB): what follows cannot be checked.
+    let mut long = format!("clientKey={}&filler=", e.key);
+    long.push_str(&"x".repeat(70 * 1024));
+    std::fs::write(&path, &long).unwrap();
+    let r = curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Content-Type: application/x-www-form-urlencoded",
+        "--data-binary",
+        &format!("@{}", path.display()),
+        &e.gw.url("/strip/x"),
+    ])
+    .await;
+    assert_eq!((r.status, r.code()), (413, "BODY_TOO_LARGE"), "{}", r.json);
 
     // Multipart bodies are forwarded unchanged even here (documented).
     let r = curl(&["-F", &format!("clientKey={}", e.key), &e.gw.url("/strip/x")]).await;
