@@ -71,6 +71,9 @@ pub struct Peeked<B> {
     pub key: Option<BodyKey>,
     /// No key, and the limit was reached before the body ended (a key may lie beyond it).
     pub limit_reached: bool,
+    /// Not read, though its `Content-Type` is one of ours, and why ([`form::unreadable_reason`]):
+    /// the answer when no header source has a key either.
+    pub unreadable: Option<&'static str>,
     pub body: Replay<B>,
 }
 
@@ -90,6 +93,7 @@ where
     let untouched = |body| Peeked {
         key: None,
         limit_reached: false,
+        unreadable: None,
         body: Replay::untouched(body),
     };
     let Some(kind) = form::body_kind(headers, form, json)? else {
@@ -98,6 +102,12 @@ where
     if body.is_end_stream() {
         return Ok(untouched(body));
     }
+    if let Some(reason) = form::unreadable_reason(headers) {
+        return Ok(Peeked {
+            unreadable: Some(reason),
+            ..untouched(body)
+        });
+    }
     let exact = body.size_hint().exact();
     let limit = cfg.max_peek_bytes;
     if kind == BodyKind::Json && exact.is_some_and(|n| n > limit as u64) {
@@ -105,6 +115,7 @@ where
         return Ok(Peeked {
             key: None,
             limit_reached: true,
+            unreadable: None,
             body: Replay::untouched(body),
         });
     }
@@ -143,6 +154,7 @@ where
     Ok(Peeked {
         key,
         limit_reached,
+        unreadable: None,
         body: tap.into_replay(),
     })
 }

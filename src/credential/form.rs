@@ -58,25 +58,40 @@ pub fn body_kind(
     } else {
         return Ok(None);
     };
-    // The bytes read here must be the text the upstream reads. Frameworks decode other
-    // charsets (UTF-7 hides `"clientKey":"B"` in what reads here as a plain string) and
-    // inflate compressed bodies, so the key they find could be another one.
-    match super::multipart::header_param(text.as_bytes(), b"charset") {
+    Ok(Some(kind))
+}
+
+/// Why a body keygate would read for a key must not be read, though its `Content-Type` is one
+/// of ours: the bytes here must be the text the upstream reads. Frameworks decode other
+/// charsets (UTF-7 hides `"clientKey":"B"` in what reads here as a plain string), take an
+/// RFC 2231 `charset*` or `boundary*` over the plain one (Django), and inflate compressed
+/// bodies; the key they find could be another one. Charsets that are ASCII in its range
+/// (Latin-1, windows-1252) read the same: field names are ASCII, and so are keys.
+pub fn unreadable_reason(headers: &HeaderMap) -> Option<&'static str> {
+    let text = headers.get(CONTENT_TYPE)?.to_str().ok()?.as_bytes();
+    match super::multipart::header_param(text, b"charset") {
         Ok(None) => {}
         Ok(Some(charset))
-            if [&b"utf-8"[..], b"utf8", b"us-ascii"]
-                .iter()
-                .any(|c| charset.eq_ignore_ascii_case(c)) => {}
+            if [
+                &b"utf-8"[..],
+                b"utf8",
+                b"us-ascii",
+                b"ascii",
+                b"iso-8859-1",
+                b"latin1",
+                b"windows-1252",
+            ]
+            .iter()
+            .any(|c| charset.eq_ignore_ascii_case(c)) => {}
         Ok(Some(_)) => {
-            return Err(malformed(
+            return Some(
                 "a body carrying the API key must be UTF-8 (the Content-Type names another charset)",
-            ));
+            );
         }
-        Err(_) => {
-            return Err(malformed(
-                "the Content-Type has a malformed charset parameter",
-            ));
-        }
+        Err(_) => return Some("the Content-Type has a malformed charset parameter"),
+    }
+    if super::multipart::has_extended_param(text, &[b"charset", b"boundary"]).unwrap_or(true) {
+        return Some("the Content-Type has an RFC 2231 charset* or boundary* parameter");
     }
     for encoding in headers.get_all(CONTENT_ENCODING) {
         let identity = encoding.to_str().is_ok_and(|e| {
@@ -84,35 +99,55 @@ pub fn body_kind(
                 .all(|e| e.trim().eq_ignore_ascii_case("identity"))
         });
         if !identity {
-            return Err(malformed(
-                "a body carrying the API key cannot have a Content-Encoding",
-            ));
+            return Some("a body carrying the API key cannot have a Content-Encoding");
         }
     }
-    Ok(Some(kind))
+    None
 }
 
 /// Whether `name` is not one of `fields` but some framework files it under one: PHP drops
 /// leading spaces, cuts a name at a NUL, turns ` ` and `.` (and a `[` never closed) into `_`,
 /// and reads `name[…]` as an array called `name`, as qs (Express) and Rails do. Such a field
 /// next to the real one would give the upstream another key than the one checked.
+/// Rack 2 (Rails up to 7.0) and qs also skip leading brackets and end the name at the next
+/// one (`[clientKey]`, `clientKey]`).
 pub fn is_lookalike(name: &[u8], fields: &[String]) -> bool {
-    let mut name = name;
-    while let [b' ', rest @ ..] = name {
-        name = rest;
+    lookalike(name, fields, false)
+}
+
+/// [`is_lookalike`] for a name known only by a prefix (`truncated`): what follows it is
+/// unknown, so a `[` counts as closed, and a prefix that is all leading spaces or brackets
+/// could still become any name.
+fn lookalike(name: &[u8], fields: &[String], truncated: bool) -> bool {
+    let matches = |base: &[u8]| fields.iter().any(|f| f.as_bytes() == base);
+    // PHP.
+    let mut php = name;
+    while let [b' ', rest @ ..] = php {
+        php = rest;
     }
-    if let Some(nul) = memchr::memchr(0, name) {
-        name = &name[..nul];
+    if let Some(nul) = memchr::memchr(0, php) {
+        php = &php[..nul];
     }
-    let mut base: Vec<u8> = Vec::with_capacity(name.len());
-    for (i, &c) in name.iter().enumerate() {
+    let mut base: Vec<u8> = Vec::with_capacity(php.len());
+    for (i, &c) in php.iter().enumerate() {
         match c {
-            b'[' if memchr::memchr(b']', &name[i..]).is_some() => break,
+            b'[' if truncated || memchr::memchr(b']', &php[i..]).is_some() => break,
             b' ' | b'.' | b'[' => base.push(b'_'),
             c => base.push(c),
         }
     }
-    fields.iter().any(|f| f.as_bytes() == base.as_slice())
+    // Rack 2 and qs.
+    let rack = name
+        .iter()
+        .position(|&c| c != b'[' && c != b']')
+        .map_or(&[][..], |i| &name[i..]);
+    let rack_end = rack
+        .iter()
+        .position(|&c| c == b'[' || c == b']')
+        .unwrap_or(rack.len());
+    (truncated && (php.is_empty() || rack.is_empty()))
+        || matches(&base)
+        || matches(&rack[..rack_end])
 }
 
 /// Whether a query string has a parameter named like one of `fields` (or a look-alike): with
@@ -137,7 +172,7 @@ fn malformed(reason: &'static str) -> PeekError {
 /// empty, not absurdly long. An empty or oversized value is a malformed *key* (401), like in
 /// headers.
 pub fn accept_key(value: String) -> Result<String, PeekError> {
-    let trimmed = value.trim_matches([' ', '\t', '\r', '\n']);
+    let trimmed = value.trim_matches([' ', '\t']);
     if trimmed.is_empty() {
         return Err(CredentialError::Malformed("empty API key body field").into());
     }
@@ -226,6 +261,7 @@ impl<'f> UrlencodedScanner<'f> {
                     // Too long to be one of ours: skipping to the next `&` is right whether
                     // or not the pair has a value.
                     Some(i) if name.len() + i > MAX_NAME_LEN => {
+                        long_name(self.fields, name, chunk)?;
                         self.state = State::Skip;
                         0
                     }
@@ -251,6 +287,7 @@ impl<'f> UrlencodedScanner<'f> {
                         i + 1
                     }
                     None if name.len() + chunk.len() > MAX_NAME_LEN => {
+                        long_name(self.fields, name, chunk)?;
                         self.state = State::Skip;
                         0
                     }
@@ -366,6 +403,27 @@ impl<'f> UrlencodedScanner<'f> {
         self.pair_start = self.pos;
         self.state = State::Name(Vec::new());
     }
+}
+
+/// A name too long to be one of ours (`name`, then `more` of it) may still be filed under
+/// one (PHP drops any number of leading spaces and cuts at a NUL): judged by its first
+/// `MAX_NAME_LEN` bytes.
+fn long_name(fields: &[String], name: &[u8], more: &[u8]) -> Result<(), PeekError> {
+    let mut prefix = name.to_vec();
+    prefix.extend_from_slice(
+        &more[..more
+            .len()
+            .min(MAX_NAME_LEN + 1 - name.len().min(MAX_NAME_LEN))],
+    );
+    // An escape cut in two at the end is left out.
+    let cut = match memchr::memrchr(b'%', &prefix) {
+        Some(p) if prefix.len() - p < 3 => p,
+        _ => prefix.len(),
+    };
+    if decode_strict(&prefix[..cut]).is_some_and(|n| lookalike(&n, fields, true)) {
+        return Err(CredentialError::Ambiguous("API key body field").into());
+    }
+    Ok(())
 }
 
 /// Form decoding (`+` is a space, `%XX` a byte) that refuses a `%` not followed by two hex
@@ -762,9 +820,14 @@ mod tests {
     }
 
     #[test]
-    fn charsets_and_encodings_other_than_plain_utf8_are_refused() {
-        let malformed = |r: Result<Option<BodyKind>, PeekError>| {
-            matches!(r, Err(PeekError::Body(BodyError::Malformed(_))))
+    fn charsets_and_encodings_other_than_plain_utf8_are_not_read() {
+        let reason = |ct: &str, enc: Option<&str>| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, ct.parse().unwrap());
+            if let Some(enc) = enc {
+                h.append(CONTENT_ENCODING, enc.parse().unwrap());
+            }
+            unreadable_reason(&h)
         };
         for ct in [
             "application/json; charset=utf-7",
@@ -772,35 +835,67 @@ mod tests {
             "multipart/form-data; boundary=XyZ; charset=utf-16",
             "application/json; charset=utf-8; charset=utf-7",
             "application/json; charset=\"open",
+            // Django takes these over the plain parameters.
+            "application/x-www-form-urlencoded; charset=utf-8; charset*=utf-7",
+            "multipart/form-data; boundary=b1; boundary*=b2",
+            "multipart/form-data; boundary=b1; BOUNDARY*0=b2",
         ] {
-            assert!(malformed(kind(ct)), "{ct}");
+            assert!(reason(ct, None).is_some(), "{ct}");
         }
         for ct in [
             "application/json; charset=UTF-8",
             "application/json;charset=\"utf8\"",
             "application/x-www-form-urlencoded; charset=us-ascii",
+            "application/x-www-form-urlencoded; charset=ISO-8859-1",
+            "multipart/form-data; boundary=b1; charsets=x",
         ] {
-            assert!(kind(ct).unwrap().is_some(), "{ct}");
+            assert_eq!(reason(ct, None), None, "{ct}");
         }
-        // A body no source reads is not refused for its charset: it is not read.
-        assert_eq!(kind("text/plain; charset=utf-7").unwrap(), None);
-
-        let with_encoding = |ct: &str, enc: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(CONTENT_TYPE, ct.parse().unwrap());
-            h.append(CONTENT_ENCODING, enc.parse().unwrap());
-            body_kind(&h, true, true)
-        };
-        assert!(malformed(with_encoding(
-            "application/x-www-form-urlencoded",
-            "gzip"
-        )));
-        assert!(malformed(with_encoding("application/json", "identity, br")));
+        assert!(reason("application/x-www-form-urlencoded", Some("gzip")).is_some());
+        assert!(reason("application/json", Some("identity, br")).is_some());
+        assert_eq!(reason("application/json", Some("Identity")), None);
+        // The kind is still told (the caller decides): a charset does not change it.
         assert_eq!(
-            with_encoding("application/json", "Identity").unwrap(),
+            kind("application/json; charset=utf-7").unwrap(),
             Some(BodyKind::Json)
         );
-        assert_eq!(with_encoding("image/png", "gzip").unwrap(), None);
+    }
+
+    #[test]
+    fn long_and_bracketed_names_are_judged_too() {
+        let ambiguous = |body: Vec<u8>| {
+            matches!(
+                scan(&body, 7, true),
+                Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+            )
+        };
+        // PHP cuts at the NUL, or drops any number of leading spaces: past the name cap.
+        let mut b = b"clientKey=A&clientKey%00".to_vec();
+        b.extend(std::iter::repeat_n(b'x', 800));
+        b.extend_from_slice(b"=B");
+        assert!(ambiguous(b));
+        let mut b = b"clientKey=A&".to_vec();
+        b.extend(std::iter::repeat_n(b'+', 769));
+        b.extend_from_slice(b"clientKey=B");
+        assert!(ambiguous(b));
+        let mut b = b"clientKey=A&".to_vec();
+        b.extend(std::iter::repeat_n(b'y', 800));
+        b.extend_from_slice(b"=B");
+        assert!(scan(&b, 7, true).unwrap().is_some());
+        // Rack 2 (Rails up to 7.0) and qs: leading brackets skipped, the name ends at one.
+        for name in ["[clientKey]", "]clientKey", "clientKey]", "[[clientKey]]]"] {
+            assert!(is_lookalike(name.as_bytes(), &fields()), "{name}");
+            assert!(
+                ambiguous(format!("clientKey=A&{name}=B").into_bytes()),
+                "{name}"
+            );
+        }
+        assert!(query_names_a_field("%5BclientKey%5D=B", &fields()));
+        // A key keeps CR and LF: trimmed of spaces and tabs only.
+        assert_eq!(
+            key_of("clientKey=A%0D%0A").unwrap().as_deref(),
+            Some("A\r\n")
+        );
     }
 
     fn pair_strategy() -> impl Strategy<Value = (String, String)> {

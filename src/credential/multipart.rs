@@ -43,9 +43,9 @@ pub struct MultipartScanner<'f> {
     want_all: bool,
     /// `\r\n--boundary`: what ends a part's content (and, after a preamble, begins the first).
     delimiter: Vec<u8>,
+    /// Searches for `--boundary`: the bytes before each match tell a delimiter (CRLF) from a
+    /// line some parsers take for one (a bare LF or CR) and from content (anything else).
     finder: memmem::Finder<'static>,
-    /// `--boundary`, searched for in a preamble; built only for a body that has one.
-    dash_boundary_finder: Option<memmem::Finder<'static>>,
     /// Bytes fed but not yet parsed.
     pending: Vec<u8>,
     state: State,
@@ -57,13 +57,12 @@ impl<'f> MultipartScanner<'f> {
         let mut delimiter = Vec::with_capacity(boundary.len() + 4);
         delimiter.extend_from_slice(b"\r\n--");
         delimiter.extend_from_slice(boundary.as_bytes());
-        let finder = memmem::Finder::new(&delimiter).into_owned();
+        let finder = memmem::Finder::new(&delimiter[2..]).into_owned();
         Self {
             fields,
             want_all,
             delimiter,
             finder,
-            dash_boundary_finder: None,
             pending: Vec::new(),
             state: State::Preamble { at_start: true },
             found: None,
@@ -156,10 +155,7 @@ impl<'f> MultipartScanner<'f> {
                 // between pieces (`dlen - 1` bytes) always includes the two bytes before a
                 // match that begins in it.
                 let dash_boundary = &self.delimiter[2..];
-                let finder = self
-                    .dash_boundary_finder
-                    .get_or_insert_with(|| memmem::Finder::new(dash_boundary).into_owned());
-                match finder.find(data) {
+                match self.finder.find(data) {
                     Some(i) if i >= 2 && &data[i - 2..i] == b"\r\n" => {
                         self.state = State::AfterBoundary;
                         Ok(Some(i + dash_boundary.len()))
@@ -234,7 +230,25 @@ impl<'f> MultipartScanner<'f> {
                 Ok(Some(end))
             }
             State::Content(value) => {
-                let (content, used, complete) = match self.finder.find(data) {
+                // `--boundary` after a CRLF is the delimiter; after a bare LF or CR, Werkzeug
+                // (and others) also start a part there, where this would read on: refused.
+                // Elsewhere in a line it is content. The `dlen - 1` bytes kept between pieces
+                // hold the two bytes before a match that begins in them; a match at 0 is at
+                // the very start of the content, after the header block's empty line.
+                let mut delimiter_at = None;
+                for i in self.finder.find_iter(data) {
+                    let before = &data[..i];
+                    if before.ends_with(b"\r\n") {
+                        delimiter_at = Some(i - 2);
+                        break;
+                    }
+                    if before.ends_with(b"\n") || before.ends_with(b"\r") {
+                        return Err(malformed(
+                            "the multipart boundary follows a bare line break in a part",
+                        ));
+                    }
+                }
+                let (content, used, complete) = match delimiter_at {
                     Some(i) => (&data[..i], i + dlen, true),
                     None => {
                         let safe = data.len().saturating_sub(dlen - 1);
@@ -379,8 +393,8 @@ pub fn form_data_disposition(value: &[u8]) -> Result<Disposition<'_>, PeekError>
             return Err(malformed(
                 "a multipart Content-Disposition has an extended (RFC 2231) name",
             ));
-        } else if name.eq_ignore_ascii_case(b"filename") || name.eq_ignore_ascii_case(b"filename*")
-        {
+        } else if name.len() >= 8 && name[..8].eq_ignore_ascii_case(b"filename") {
+            // `filename`, `filename*`, `filename*0`…
             disposition.file = true;
         }
     }
@@ -414,6 +428,20 @@ pub fn header_param<'v>(
         }
     }
     Ok(found)
+}
+
+/// Whether a header value has an RFC 2231 form (`wanted*`, `wanted*0`…) of one of the
+/// parameters `wanted`: some parsers (Django) drop the `*` and let it override the plain one.
+pub fn has_extended_param(value: &[u8], wanted: &[&[u8]]) -> Result<bool, ParamError> {
+    for param in params(value) {
+        let (name, _) = param?;
+        if wanted.iter().any(|w| {
+            name.len() > w.len() && name[..w.len()].eq_ignore_ascii_case(w) && name[w.len()] == b'*'
+        }) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The parameters of a header value `type; a=token; b="quoted \" string"`, in order, as
@@ -459,7 +487,12 @@ impl<'v> Params<'v> {
         if let Some(after_eq) = rest.strip_prefix(b"=") {
             let after_eq = trim_start(after_eq);
             if let Some(quoted) = after_eq.strip_prefix(b"\"") {
-                let (quoted_text, after) = match quoted_string(quoted) {
+                // Only these decide what keygate reads; a `filename="C:\path"` (old browsers
+                // send one) is framing only, its text unused.
+                let strict = [&b"name"[..], b"boundary", b"charset"]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n));
+                let (quoted_text, after) = match quoted_string(quoted, strict) {
                     Ok(q) => q,
                     Err(e) => return Some(Err(e)),
                 };
@@ -486,11 +519,12 @@ impl<'v> Params<'v> {
 }
 
 /// A quoted string's text (after its opening quote), escapes undone, and what follows its
-/// closing quote. Borrowed when it has no escapes, as names almost never do. Only `\"` and
-/// `\\` are escapes here: RFC 9110 allows a backslash before any character, but parsers differ
-/// on the others (Werkzeug keeps the backslash, Go only drops it before a special
-/// character), so `name="client\Key"` could be `clientKey` here and another name upstream.
-fn quoted_string(s: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
+/// closing quote. Borrowed when it has no escapes, as names almost never do. `strict`: only
+/// `\"` and `\\` are escapes, others refused. RFC 9110 allows a backslash before any
+/// character, but parsers differ on the others (Werkzeug keeps the backslash, Go only drops it
+/// before a special character), so `name="client\Key"` could be `clientKey` here and another
+/// name upstream.
+fn quoted_string(s: &[u8], strict: bool) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
     let mut owned: Option<Vec<u8>> = None;
     let mut start = 0;
     loop {
@@ -507,7 +541,10 @@ fn quoted_string(s: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
             };
             return Ok((text, &s[i + 1..]));
         }
-        let Some(&escaped) = s.get(i + 1).filter(|&&c| c == b'"' || c == b'\\') else {
+        let Some(&escaped) = s
+            .get(i + 1)
+            .filter(|&&c| !strict || c == b'"' || c == b'\\')
+        else {
             return Err(ParamError::Invalid);
         };
         let text = owned.get_or_insert_with(Vec::new);
@@ -752,6 +789,14 @@ mod tests {
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"client\\Key\"\r\n\r\nA\r\n--XyZ--\r\n",
             ),
             (
+                "a bare-LF delimiter inside another part (Werkzeug starts a part there: B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\n--XyZ\nContent-Disposition: form-data; name=\"clientKey\"\n\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "a bare-CR delimiter inside another part",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
                 "the boundary as a prefix of a line in the key's value (Werkzeug: A\\r\\n--XyZW)",
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZW\r\n--XyZ--\r\n",
             ),
@@ -776,6 +821,26 @@ mod tests {
             ],
         );
         assert_eq!(scan(&b, "XyZ", 3, true), Outcome::Ambiguous);
+        // `--boundary` inside a line is content; a file name with backslashes (old browsers
+        // send full Windows paths) is framing only; RFC 2231 continuations are files too.
+        let b = body(
+            "XyZ",
+            &[
+                (
+                    "form-data; name=\"doc\"; filename=\"C:\\Users\\a.txt\"",
+                    b"x --XyZ y",
+                ),
+                ("form-data; name=\"clientKey\"", b"kg_5"),
+            ],
+        );
+        for split in [1, 4, 4096] {
+            assert_eq!(scan(&b, "XyZ", split, true), Outcome::Key("kg_5".into()));
+        }
+        assert!(
+            form_data_disposition(b"form-data; name=a; filename*0=x; filename*1=y")
+                .unwrap()
+                .file
+        );
         // A file part under another name is only skipped.
         let b = body(
             "XyZ",
