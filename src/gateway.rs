@@ -352,10 +352,10 @@ impl Gateway {
             None if peeked.limit_reached => {
                 Err(BodyError::NotWithinLimit(route.body.max_peek_bytes).into())
             }
-            None if let Some(reason) = peeked.unreadable => {
-                Err(BodyError::Malformed(reason).into())
-            }
-            None => Err(CredentialError::Missing.into()),
+            None => Err(match peeked.unreadable {
+                Some(reason) => BodyError::Malformed(reason).into(),
+                None => CredentialError::Missing.into(),
+            }),
         }
     }
 

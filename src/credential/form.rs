@@ -116,22 +116,36 @@ pub fn is_lookalike(name: &[u8], fields: &[String]) -> bool {
 }
 
 /// [`is_lookalike`] for a name known only by a prefix (`truncated`): what follows it is
-/// unknown, so a `[` counts as closed, and a prefix that is all leading spaces or brackets
-/// could still become any name.
+/// unknown, so a `[` counts as closed, and a name that runs to the end of the prefix is a
+/// look-alike when a field starts with it (PHP drops any number of leading spaces, Rack any
+/// number of leading brackets, so the real name may begin just past the prefix).
 fn lookalike(name: &[u8], fields: &[String], truncated: bool) -> bool {
-    let matches = |base: &[u8]| fields.iter().any(|f| f.as_bytes() == base);
+    let matches = |base: &[u8], open: bool| {
+        fields.iter().any(|f| {
+            if open {
+                f.as_bytes().starts_with(base)
+            } else {
+                f.as_bytes() == base
+            }
+        })
+    };
     // PHP.
     let mut php = name;
     while let [b' ', rest @ ..] = php {
         php = rest;
     }
+    let mut php_open = truncated;
     if let Some(nul) = memchr::memchr(0, php) {
         php = &php[..nul];
+        php_open = false;
     }
     let mut base: Vec<u8> = Vec::with_capacity(php.len());
     for (i, &c) in php.iter().enumerate() {
         match c {
-            b'[' if truncated || memchr::memchr(b']', &php[i..]).is_some() => break,
+            b'[' if truncated || memchr::memchr(b']', &php[i..]).is_some() => {
+                php_open = false;
+                break;
+            }
             b' ' | b'.' | b'[' => base.push(b'_'),
             c => base.push(c),
         }
@@ -141,13 +155,9 @@ fn lookalike(name: &[u8], fields: &[String], truncated: bool) -> bool {
         .iter()
         .position(|&c| c != b'[' && c != b']')
         .map_or(&[][..], |i| &name[i..]);
-    let rack_end = rack
-        .iter()
-        .position(|&c| c == b'[' || c == b']')
-        .unwrap_or(rack.len());
-    (truncated && (php.is_empty() || rack.is_empty()))
-        || matches(&base)
-        || matches(&rack[..rack_end])
+    let rack_end = rack.iter().position(|&c| c == b'[' || c == b']');
+    let rack_open = truncated && rack_end.is_none();
+    matches(&base, php_open) || matches(&rack[..rack_end.unwrap_or(rack.len())], rack_open)
 }
 
 /// Whether a query string has a parameter named like one of `fields` (or a look-alike): with
@@ -420,7 +430,9 @@ fn long_name(fields: &[String], name: &[u8], more: &[u8]) -> Result<(), PeekErro
         Some(p) if prefix.len() - p < 3 => p,
         _ => prefix.len(),
     };
-    if decode_strict(&prefix[..cut]).is_some_and(|n| lookalike(&n, fields, true)) {
+    let decoded = decode_strict(&prefix[..cut])
+        .ok_or_else(|| malformed("invalid percent-encoding in a form field name"))?;
+    if lookalike(&decoded, fields, true) {
         return Err(CredentialError::Ambiguous("API key body field").into());
     }
     Ok(())
@@ -878,6 +890,23 @@ mod tests {
         b.extend(std::iter::repeat_n(b'+', 769));
         b.extend_from_slice(b"clientKey=B");
         assert!(ambiguous(b));
+        // Spaces or brackets up to the cap, then the start of a field name.
+        let mut b = b"clientKey=A&".to_vec();
+        b.extend(std::iter::repeat_n(b'+', 765));
+        b.extend_from_slice(b"clientKey=B");
+        assert!(ambiguous(b));
+        let mut b = b"clientKey=A&".to_vec();
+        b.extend(std::iter::repeat_n(b'[', 765));
+        b.extend_from_slice(b"clientKey]=B");
+        assert!(ambiguous(b));
+        // A bad escape in a long name is as malformed as in a short one.
+        let mut b = b"clientKey=A&clientKey%00%zz".to_vec();
+        b.extend(std::iter::repeat_n(b'x', 800));
+        b.extend_from_slice(b"=B");
+        assert!(matches!(
+            scan(&b, 7, true),
+            Err(PeekError::Body(BodyError::Malformed(_)))
+        ));
         let mut b = b"clientKey=A&".to_vec();
         b.extend(std::iter::repeat_n(b'y', 800));
         b.extend_from_slice(b"=B");

@@ -28,6 +28,9 @@ enum State {
     Padding,
     /// A part's header block, up to its empty line; `scanned` bytes held no end yet.
     Headers { scanned: usize },
+    /// The first bytes of a part's content: `--boundary` there is refused (Go and Werkzeug
+    /// take it for a delimiter, the header block's last CRLF for its line break).
+    ContentStart(Option<Vec<u8>>),
     /// A part's content up to the next delimiter; `Some` collects the value of our field.
     Content(Option<Vec<u8>>),
     /// The close delimiter was read, or the key without `want_all`: nothing more is parsed.
@@ -116,7 +119,9 @@ impl<'f> MultipartScanner<'f> {
             State::AfterBoundary | State::Padding if !self.want_all && self.found.is_some() => {
                 Ok(self.found)
             }
-            State::Content(_) => Err(malformed("a multipart part is truncated")),
+            State::Content(_) | State::ContentStart(_) => {
+                Err(malformed("a multipart part is truncated"))
+            }
             State::Headers { .. } => Err(malformed("a multipart part's headers are truncated")),
             State::Preamble { .. } | State::AfterBoundary | State::Padding => Err(malformed(
                 "the multipart body ends early or does not use the boundary of its Content-Type",
@@ -207,7 +212,7 @@ impl<'f> MultipartScanner<'f> {
                 }
                 // A part without headers: its content starts after the empty line.
                 if data.starts_with(b"\r\n") {
-                    self.state = State::Content(None);
+                    self.state = State::ContentStart(None);
                     return Ok(Some(2));
                 }
                 let from = scanned.saturating_sub(3);
@@ -226,15 +231,31 @@ impl<'f> MultipartScanner<'f> {
                 if ours && self.found.is_some() {
                     return Err(CredentialError::Ambiguous("API key body field").into());
                 }
-                self.state = State::Content(ours.then(Vec::new));
+                self.state = State::ContentStart(ours.then(Vec::new));
                 Ok(Some(end))
+            }
+            State::ContentStart(_) => {
+                let dash_boundary = &self.delimiter[2..];
+                if data.len() < dash_boundary.len() && dash_boundary.starts_with(data) {
+                    return Ok(None);
+                }
+                if data.starts_with(dash_boundary) {
+                    return Err(malformed(
+                        "a multipart part's content starts with the boundary",
+                    ));
+                }
+                if let State::ContentStart(value) = std::mem::replace(&mut self.state, State::Done)
+                {
+                    self.state = State::Content(value);
+                }
+                Ok(Some(0))
             }
             State::Content(value) => {
                 // `--boundary` after a CRLF is the delimiter; after a bare LF or CR, Werkzeug
                 // (and others) also start a part there, where this would read on: refused.
                 // Elsewhere in a line it is content. The `dlen - 1` bytes kept between pieces
-                // hold the two bytes before a match that begins in them; a match at 0 is at
-                // the very start of the content, after the header block's empty line.
+                // hold the two bytes before a match that begins in them; a match at 0 is
+                // content (one at the very start of a part was refused in `ContentStart`).
                 let mut delimiter_at = None;
                 for i in self.finder.find_iter(data) {
                     let before = &data[..i];
@@ -519,11 +540,12 @@ impl<'v> Params<'v> {
 }
 
 /// A quoted string's text (after its opening quote), escapes undone, and what follows its
-/// closing quote. Borrowed when it has no escapes, as names almost never do. `strict`: only
-/// `\"` and `\\` are escapes, others refused. RFC 9110 allows a backslash before any
-/// character, but parsers differ on the others (Werkzeug keeps the backslash, Go only drops it
-/// before a special character), so `name="client\Key"` could be `clientKey` here and another
-/// name upstream.
+/// closing quote. Borrowed when it has no escapes, as names almost never do. A backslash
+/// before a quote is refused (PHP and Django frame `\"` and `\\"` differently from RFC 9110);
+/// `strict`: so is any escape but `\\`. RFC 9110 allows a backslash before any character, but
+/// parsers differ on the others (Werkzeug keeps the backslash, Go only drops it before a
+/// special character), so `name="client\Key"` could be `clientKey` here and another name
+/// upstream.
 fn quoted_string(s: &[u8], strict: bool) -> Result<(Cow<'_, [u8]>, &[u8]), ParamError> {
     let mut owned: Option<Vec<u8>> = None;
     let mut start = 0;
@@ -532,6 +554,11 @@ fn quoted_string(s: &[u8], strict: bool) -> Result<(Cow<'_, [u8]>, &[u8]), Param
             return Err(ParamError::Invalid);
         };
         if s[i] == b'"' {
+            // `\\"` ends the string here, but PHP and Django read `\"` as an escaped quote
+            // whatever comes before it, and so frame the parameters after it differently.
+            if i > 0 && s[i - 1] == b'\\' {
+                return Err(ParamError::Invalid);
+            }
             let text = match owned {
                 None => Cow::Borrowed(&s[..i]),
                 Some(mut text) => {
@@ -541,9 +568,10 @@ fn quoted_string(s: &[u8], strict: bool) -> Result<(Cow<'_, [u8]>, &[u8]), Param
             };
             return Ok((text, &s[i + 1..]));
         }
+        // `\"` is refused for the same reason; in `strict` parameters, any escape but `\\`.
         let Some(&escaped) = s
             .get(i + 1)
-            .filter(|&&c| !strict || c == b'"' || c == b'\\')
+            .filter(|&&c| c != b'"' && (!strict || c == b'\\'))
         else {
             return Err(ParamError::Invalid);
         };
@@ -793,6 +821,14 @@ mod tests {
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\n--XyZ\nContent-Disposition: form-data; name=\"clientKey\"\n\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
             ),
             (
+                "a part whose content starts with the boundary (Go, Werkzeug: a delimiter)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "a quoted parameter ending in an escaped backslash (PHP, Django: an escaped quote)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"; foo=\"a\\\\\"; bar=\"; name=clientKey; q=\"\r\n\r\nB\r\n--XyZ--\r\n",
+            ),
+            (
                 "a bare-CR delimiter inside another part",
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
             ),
@@ -926,10 +962,8 @@ mod tests {
                 .as_deref(),
             Some("y")
         );
-        assert_eq!(
-            name("form-data; name=\"a\\\"b\"").unwrap().as_deref(),
-            Some("a\"b")
-        );
+        // A backslash before a quote: PHP and Django frame it differently.
+        assert!(name("form-data; name=\"a\\\"b\"").is_err());
         assert_eq!(name("form-data; filename=\"x\"").unwrap(), None);
         assert_eq!(name("form-data").unwrap(), None);
         assert_eq!(name("form-data; name=").unwrap().as_deref(), Some(""));
@@ -937,11 +971,12 @@ mod tests {
         assert!(name("form-data; name=a; Name=b").is_err());
         assert!(name("form-data; name=a b").is_err());
         assert!(name("form-data; name=\"a\\\"").is_err());
+        assert!(name("form-data; name=\"a\\\\\"; x=y").is_err());
         assert_eq!(
-            name("form-data; name=\"a\\\\\"; x=\"\\\"\"")
+            name("form-data; name=\"a\\\\b\"; x=\"c\\\\d\"")
                 .unwrap()
                 .as_deref(),
-            Some("a\\")
+            Some("a\\b")
         );
         assert!(name("form-data; name=\"a\" b").is_err());
         assert!(name("form-data; name=\"a\\b\"").is_err());
