@@ -939,6 +939,23 @@ mod tests {
             let _ = scan(&body, split, want_all);
         }
 
+        /// Names around the 768-byte cap, made of what the look-alike rules look at.
+        #[test]
+        fn long_names_never_panic(
+            name in proptest::collection::vec(prop_oneof![
+                Just(b'+'), Just(b'['), Just(b']'), Just(b'%'), Just(b'0'), Just(b'.'),
+                Just(b'c'), Just(b'K'), Just(b'x'),
+            ], 700..900),
+            tail in prop_oneof![Just(&b"clientKey=B"[..]), Just(&b"=B"[..]), Just(&b""[..])],
+            split in 1usize..300,
+            want_all: bool,
+        ) {
+            let mut body = b"clientKey=A&".to_vec();
+            body.extend_from_slice(&name);
+            body.extend_from_slice(tail);
+            let _ = scan(&body, split, want_all);
+        }
+
         #[test]
         fn key_is_found_wherever_it_is_and_however_the_body_is_cut(
             before in proptest::collection::vec(pair_strategy(), 0..20),
