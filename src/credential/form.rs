@@ -881,36 +881,38 @@ mod tests {
                 Err(PeekError::Credential(CredentialError::Ambiguous(_)))
             )
         };
+        // `head`, `fill` repeated `n` times, then `tail`.
+        let long = |head: &[u8], fill: u8, n: usize, tail: &[u8]| {
+            let mut b = head.to_vec();
+            b.extend(std::iter::repeat_n(fill, n));
+            b.extend_from_slice(tail);
+            b
+        };
         // PHP cuts at the NUL, or drops any number of leading spaces: past the name cap.
-        let mut b = b"clientKey=A&clientKey%00".to_vec();
-        b.extend(std::iter::repeat_n(b'x', 800));
-        b.extend_from_slice(b"=B");
-        assert!(ambiguous(b));
-        let mut b = b"clientKey=A&".to_vec();
-        b.extend(std::iter::repeat_n(b'+', 769));
-        b.extend_from_slice(b"clientKey=B");
-        assert!(ambiguous(b));
+        assert!(ambiguous(long(
+            b"clientKey=A&clientKey%00",
+            b'x',
+            800,
+            b"=B"
+        )));
+        assert!(ambiguous(long(b"clientKey=A&", b'+', 769, b"clientKey=B")));
         // Spaces or brackets up to the cap, then the start of a field name.
-        let mut b = b"clientKey=A&".to_vec();
-        b.extend(std::iter::repeat_n(b'+', 765));
-        b.extend_from_slice(b"clientKey=B");
-        assert!(ambiguous(b));
-        let mut b = b"clientKey=A&".to_vec();
-        b.extend(std::iter::repeat_n(b'[', 765));
-        b.extend_from_slice(b"clientKey]=B");
-        assert!(ambiguous(b));
+        assert!(ambiguous(long(b"clientKey=A&", b'+', 765, b"clientKey=B")));
+        assert!(ambiguous(long(b"clientKey=A&", b'[', 765, b"clientKey]=B")));
         // A bad escape in a long name is as malformed as in a short one.
-        let mut b = b"clientKey=A&clientKey%00%zz".to_vec();
-        b.extend(std::iter::repeat_n(b'x', 800));
-        b.extend_from_slice(b"=B");
         assert!(matches!(
-            scan(&b, 7, true),
+            scan(
+                &long(b"clientKey=A&clientKey%00%zz", b'x', 800, b"=B"),
+                7,
+                true
+            ),
             Err(PeekError::Body(BodyError::Malformed(_)))
         ));
-        let mut b = b"clientKey=A&".to_vec();
-        b.extend(std::iter::repeat_n(b'y', 800));
-        b.extend_from_slice(b"=B");
-        assert!(scan(&b, 7, true).unwrap().is_some());
+        assert!(
+            scan(&long(b"clientKey=A&", b'y', 800, b"=B"), 7, true)
+                .unwrap()
+                .is_some()
+        );
         // Rack 2 (Rails up to 7.0) and qs: leading brackets skipped, the name ends at one.
         for name in ["[clientKey]", "]clientKey", "clientKey]", "[[clientKey]]]"] {
             assert!(is_lookalike(name.as_bytes(), &fields()), "{name}");

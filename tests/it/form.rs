@@ -123,6 +123,20 @@ async fn curl(args: &[&str]) -> Curl {
     }
 }
 
+/// curl POSTing `path` as a chunked urlencoded body.
+async fn curl_chunked_form(path: &std::path::Path, url: &str) -> Curl {
+    curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Content-Type: application/x-www-form-urlencoded",
+        "--data-binary",
+        &format!("@{}", path.display()),
+        url,
+    ])
+    .await
+}
+
 /// What curl's `-F` sends, rebuilt from the boundary it chose (reported by the echo
 /// upstream): each part is `--b CRLF headers CRLF CRLF value CRLF`, then `--b--`.
 fn curl_multipart(seen: &Value, parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
@@ -820,32 +834,14 @@ async fn urlencoded_key_is_stripped_when_the_route_asks() {
     // Chunked: no length to fix, same bytes.
     let path = e.dir.path().join("strip.txt");
     std::fs::write(&path, format!("clientKey={}&page=3", e.key)).unwrap();
-    let r = curl(&[
-        "-H",
-        "Transfer-Encoding: chunked",
-        "-H",
-        "Content-Type: application/x-www-form-urlencoded",
-        "--data-binary",
-        &format!("@{}", path.display()),
-        &e.gw.url("/strip/x"),
-    ])
-    .await;
+    let r = curl_chunked_form(&path, &e.gw.url("/strip/x")).await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_received(&r.json, b"page=3");
 
     // Chunked with a second key field after the first: stripping the first would leave the
     // upstream only the second, so the whole body is read and the two are refused.
     std::fs::write(&path, format!("clientKey={}&clientKey=other", e.key)).unwrap();
-    let r = curl(&[
-        "-H",
-        "Transfer-Encoding: chunked",
-        "-H",
-        "Content-Type: application/x-www-form-urlencoded",
-        "--data-binary",
-        &format!("@{}", path.display()),
-        &e.gw.url("/strip/x"),
-    ])
-    .await;
+    let r = curl_chunked_form(&path, &e.gw.url("/strip/x")).await;
     assert_eq!(
         (r.status, r.code()),
         (400, "API_KEY_AMBIGUOUS"),
@@ -856,16 +852,7 @@ async fn urlencoded_key_is_stripped_when_the_route_asks() {
     let mut long = format!("clientKey={}&filler=", e.key);
     long.push_str(&"x".repeat(70 * 1024));
     std::fs::write(&path, &long).unwrap();
-    let r = curl(&[
-        "-H",
-        "Transfer-Encoding: chunked",
-        "-H",
-        "Content-Type: application/x-www-form-urlencoded",
-        "--data-binary",
-        &format!("@{}", path.display()),
-        &e.gw.url("/strip/x"),
-    ])
-    .await;
+    let r = curl_chunked_form(&path, &e.gw.url("/strip/x")).await;
     assert_eq!((r.status, r.code()), (413, "BODY_TOO_LARGE"), "{}", r.json);
 
     // Multipart bodies are forwarded unchanged even here (documented).
