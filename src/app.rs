@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, oneshot, watch};
 
 const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -88,8 +88,16 @@ pub async fn run(
         .usage
         .enabled
         .then(|| Arc::new(UsageRecorder::default()));
-    let gateway = match Gateway::new(config, verifier.clone(), metrics.clone(), usage.clone()) {
-        Ok(g) => Arc::new(g),
+    // One gateway per proxy thread: each keeps its own upstream connections, driven by that
+    // thread's scheduler, so a request never waits on another thread.
+    let threads = proxy_threads(config);
+    let gateways = match (0..threads)
+        .map(|_| {
+            Gateway::new(config, verifier.clone(), metrics.clone(), usage.clone()).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(g) => g,
         Err(e) => {
             follower.abort();
             return Err(e);
@@ -107,23 +115,53 @@ pub async fn run(
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
         open_connections: Some(metrics.open_connections.clone()),
+        shared_slots: None,
     };
 
-    let proxy = server::serve(
-        listeners.proxy,
-        opts.clone(),
-        listeners.proxy_tls,
-        move |addr| {
-            let gateway = gateway.clone();
-            let peer = gateway.peer(addr);
-            hyper::service::service_fn(move |req| {
-                let gateway = gateway.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, &peer).await) }
-            })
-        },
-        stopped(stop_rx.clone()),
-    );
+    // The other proxy threads first, each on a copy of the listening socket (the kernel hands
+    // each connection to one of them); this thread serves it too, below.
+    let mut gateways = gateways.into_iter();
+    let own_gateway = gateways.next().ok_or("no proxy thread")?;
+    let proxy_opts = ServeOptions {
+        shared_slots: (threads > 1).then(|| Arc::new(Semaphore::new(config.proxy.max_connections))),
+        ..opts.clone()
+    };
+    let mut others_done = Vec::new();
+    for (index, gateway) in gateways.enumerate() {
+        let started = start_proxy_thread(
+            index + 1,
+            &listeners.proxy,
+            proxy_opts.clone(),
+            listeners.proxy_tls.clone(),
+            gateway,
+            stop_rx.clone(),
+        );
+        match started {
+            Ok(done) => others_done.push(done),
+            Err(e) => {
+                // Those already started stop and drain on their own.
+                let _ = stop_tx.send(true);
+                follower.abort();
+                return Err(format!("cannot start proxy thread {}: {e}", index + 1));
+            }
+        }
+    }
+    let proxy = async {
+        let own = serve_proxy(
+            listeners.proxy,
+            proxy_opts,
+            listeners.proxy_tls,
+            own_gateway,
+            stopped(stop_rx.clone()),
+        );
+        let others = async {
+            for done in others_done {
+                // An error means the thread ended without saying so (a panic): nothing to wait for.
+                let _ = done.await;
+            }
+        };
+        tokio::join!(own, others);
+    };
 
     let admin = async {
         let Some(listener) = listeners.admin else {
@@ -195,6 +233,76 @@ pub async fn run(
     }
     follower.abort();
     Ok(())
+}
+
+/// Threads serving the proxy listener, each with its own single-threaded scheduler: `main`
+/// resolves `worker_threads`; with `work_stealing` one pool serves everything instead.
+fn proxy_threads(config: &Config) -> usize {
+    if config.proxy.work_stealing {
+        1
+    } else {
+        config.proxy.worker_threads.unwrap_or(1).max(1)
+    }
+}
+
+/// Serves the proxy listener with `gateway` until `shutdown`, then drains.
+async fn serve_proxy(
+    listener: TcpListener,
+    opts: ServeOptions,
+    tls: Option<server::TlsAcceptor>,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) {
+    server::serve(
+        listener,
+        opts,
+        tls,
+        move |addr| {
+            let gateway = gateway.clone();
+            let peer = gateway.peer(addr);
+            hyper::service::service_fn(move |req| {
+                let gateway = gateway.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, &peer).await) }
+            })
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// Starts proxy thread `index` (after the first): its own single-threaded runtime serving a
+/// copy of the listening socket, one accept queue for all. Everything that can fail happens
+/// before the thread starts. The receiver resolves once the thread has drained and stopped.
+fn start_proxy_thread(
+    index: usize,
+    listener: &TcpListener,
+    opts: ServeOptions,
+    tls: Option<server::TlsAcceptor>,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let copy = {
+        let fd = std::os::fd::AsFd::as_fd(listener).try_clone_to_owned()?;
+        let copy = std::net::TcpListener::from(fd);
+        copy.set_nonblocking(true)?;
+        let _in_runtime = runtime.enter();
+        TcpListener::from_std(copy)?
+    };
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("keygate-proxy-{index}"))
+        .spawn(move || {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            runtime.block_on(serve_proxy(copy, opts, tls, gateway, stopped));
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
 }
 
 /// Resolves on SIGINT or SIGTERM.

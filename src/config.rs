@@ -47,6 +47,7 @@ struct RawProxy {
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
     worker_threads: Option<usize>,
+    work_stealing: bool,
     tls: Option<RawTls>,
 }
 
@@ -67,6 +68,7 @@ impl Default for RawProxy {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
             worker_threads: None,
+            work_stealing: false,
             tls: None,
         }
     }
@@ -337,6 +339,11 @@ pub struct ProxyConfig {
     /// Threads that serve requests; `None`: one per CPU the process may use. One thread runs
     /// the single-threaded scheduler, which costs less per request than a one-worker pool.
     pub worker_threads: Option<usize>,
+    /// false (default): each worker thread runs its own single-threaded scheduler and accepts
+    /// from the shared listening socket, as nginx's workers do: a connection stays on the
+    /// thread that accepted it, with its own upstream connections. true: one work-stealing
+    /// pool, which spreads the streams of a few busy HTTP/2 connections over every thread.
+    pub work_stealing: bool,
     /// `None`: plaintext (HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
 }
@@ -724,6 +731,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         header_read_timeout: raw.proxy.header_read_timeout,
         drain_timeout: raw.proxy.drain_timeout,
         worker_threads: raw.proxy.worker_threads,
+        work_stealing: raw.proxy.work_stealing,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
@@ -1392,6 +1400,11 @@ mod tests {
         };
         assert_eq!(with("1").unwrap().proxy.worker_threads, Some(1));
         assert_eq!(with("16").unwrap().proxy.worker_threads, Some(16));
+        assert!(!from_toml(GOOD).unwrap().proxy.work_stealing);
+        let stealing = GOOD.replacen("[proxy]", "[proxy]\nwork_stealing = true", 1);
+        assert!(from_toml(&stealing).unwrap().proxy.work_stealing);
+        let not_bool = GOOD.replacen("[proxy]", "[proxy]\nwork_stealing = \"sometimes\"", 1);
+        assert!(from_toml(&not_bool).is_err());
         for bad in ["0", "40000"] {
             let Err(ConfigError::Invalid(problems)) = with(bad) else {
                 panic!("worker_threads = {bad} accepted")

@@ -145,7 +145,11 @@ fn main() -> ExitCode {
     // `serve` reads its configuration first: the runtime's shape is part of it.
     let (runtime, serve_config) = match &cli.command {
         Command::Serve(args) => match load_config(args.config.as_deref()) {
-            Ok(cfg) => (server_runtime(cfg.proxy.worker_threads), Some(cfg)),
+            Ok(mut cfg) => {
+                let threads = worker_threads(cfg.proxy.worker_threads);
+                cfg.proxy.worker_threads = Some(threads);
+                (server_runtime(threads, cfg.proxy.work_stealing), Some(cfg))
+            }
             Err(message) => {
                 eprintln!("keygate: {message}");
                 return ExitCode::FAILURE;
@@ -205,18 +209,25 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// One worker thread gets the single-threaded scheduler: no work stealing, no cross-thread
-/// wake-ups, measurably less CPU per request (docs/benchmarks.md). More get the work-stealing
-/// pool. Unset: tokio's choice (`TOKIO_WORKER_THREADS`, else one per CPU the process may use).
-fn server_runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = worker_threads
+/// `proxy.worker_threads`; unset: tokio's choice (`TOKIO_WORKER_THREADS`, else one per CPU the
+/// process may use).
+fn worker_threads(configured: Option<usize>) -> usize {
+    configured
         .or_else(|| {
             std::env::var("TOKIO_WORKER_THREADS")
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
         })
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    if threads <= 1 {
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .clamp(1, config::MAX_WORKER_THREADS)
+}
+
+/// The single-threaded scheduler, unless `work_stealing` asks for one pool of `threads`: no
+/// work stealing, no cross-thread wake-ups, measurably less CPU per request
+/// (docs/benchmarks.md). With more than one thread, `app::run` starts the others, each with
+/// its own scheduler, on the same listening socket.
+fn server_runtime(threads: usize, work_stealing: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 || !work_stealing {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -88,8 +88,16 @@ def log(*a):
 
 # ---------------------------------------------------------------- processes
 
-def pin(core):
-    return ["taskset", "-c", str(core)] if TWO_CORES else []
+# --proxy-cores N (default 1, the reference layout): the proxy under test gets cores 0..N-1 and N
+# workers (keygate worker_threads, nginx worker_processes, HAProxy nbthread); everything else
+# (load generators with N threads, the upstream nginx with N workers, Redis, the key loader) the
+# cores after them. pin(0) is the proxy's side, pin(1) the rest.
+PROXY_CORES = 1
+CPUSETS = {0: "0", 1: "1"}
+
+
+def pin(side):
+    return ["taskset", "-c", CPUSETS[side]] if TWO_CORES else []
 
 
 def start(cmd, core, env=None, logname=None):
@@ -222,9 +230,26 @@ def tcp_passive_opens():
     return int(rows[1][rows[0].index("PassiveOpens")])
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+# Where Debian keeps nginx's dynamic modules and the Lua Redis client; a self-contained bundle
+# (benches/load/bundle.sh) sets these to its own copies.
+NGX_MODULES = os.environ.get("KEYGATE_BENCH_NGX_MODULES", "/usr/lib/nginx/modules")
+LUA_PATH = os.environ.get("KEYGATE_BENCH_LUA_PATH", "/usr/share/lua/5.1")
+
+
 def render(name, extra=None):
     """conf/NAME with @RUN@, @PORT@… filled in, written to RUN; returns the path."""
-    vals = dict(P, RUN=RUN, NEG_TTL=NEG_TTL_S)
+    vals = dict(P, RUN=RUN, NEG_TTL=NEG_TTL_S, WORKERS=PROXY_CORES, NGX_MODULES=NGX_MODULES, LUA_PATH=LUA_PATH)
     vals.update(extra or {})
     with open(os.path.join(HERE, "conf", name)) as fh:
         text = fh.read()
@@ -341,7 +366,7 @@ def start_keygate(log_level="warn", env=None, binary=None):
     cfg = render("keygate.toml", dict(PORT=P["KG"], ADMIN=P["KG_ADMIN"], LOG_LEVEL=log_level))
     logname = f"keygate-{log_level}.log"
     p = start([binary or KG, "serve", "--config", cfg], 0,
-              env=dict({"TOKIO_WORKER_THREADS": "1", "RUST_LOG": log_level}, **(env or {})), logname=logname)
+              env=dict({"TOKIO_WORKER_THREADS": str(PROXY_CORES), "RUST_LOG": log_level}, **(env or {})), logname=logname)
     listening(p, P["KG"], "keygate", logname)
     if not wait_port(P["KG_ADMIN"], 5):  # the metrics the harness reads
         stop(p)
@@ -396,7 +421,7 @@ def parse_wrk(txt):
 
 def wrk(port, dur, conns, keyfile="-", order="random", path="/", body="none", keyplace="bearer", conn="keep"):
     script = os.path.join(RUN, "wrk-run.lua")
-    cmd = pin(1) + ["wrk", "-t1", f"-c{conns}", f"-d{dur}s", "--timeout", "5s", "-s", script,
+    cmd = pin(1) + ["wrk", f"-t{PROXY_CORES}", f"-c{conns}", f"-d{dur}s", "--timeout", "5s", "-s", script,
                     f"http://127.0.0.1:{port}{path}", "--", keyfile, order, path, body, keyplace, conn]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=dur + 60)
     d = parse_wrk(r.stdout)
@@ -408,7 +433,7 @@ def h2load(port, dur, key, conns=16, streams=10, path="/"):
     logf = os.path.join(RUN, "h2load.log")
     if os.path.exists(logf):
         os.remove(logf)
-    cmd = pin(1) + ["h2load", "-t1", f"-c{conns}", f"-m{streams}", "-D", str(dur), "--log-file", logf]
+    cmd = pin(1) + ["h2load", f"-t{PROXY_CORES}", f"-c{conns}", f"-m{streams}", "-D", str(dur), "--log-file", logf]
     if key:
         cmd += ["-H", f"authorization: Bearer {key}"]
     cmd.append(f"http://127.0.0.1:{port}{path}")
@@ -1232,13 +1257,16 @@ def memory_once(args, env, cached):
 # ---------------------------------------------------------------- main
 
 def main():
-    global RUN, UPSTREAM, TWO_CORES
+    global RUN, UPSTREAM, TWO_CORES, PROXY_CORES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dur", type=int, default=10, help="seconds measured per contender")
     ap.add_argument("--cold-dur", type=int, default=4, help="seconds for the cold-cache contender")
     ap.add_argument("--warm", type=int, default=2, help="warm-up seconds before each measurement")
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--proxy-cores", type=int, default=1, metavar="N",
+                    help="cores (and workers) for the proxy under test; the load generators get N threads and "
+                         "the upstream N workers, on the cores after the proxy's (default 1: the reference layout)")
     ap.add_argument("--rate", type=int, default=5000, help="requests/s for the get-fixed-rate workload")
     ap.add_argument("--upload-conns", type=int, default=16, help="connections for the upload-1m workload")
     ap.add_argument("--upload-mem-conns", default="8,64",
@@ -1267,6 +1295,13 @@ def main():
     RUN = os.path.abspath(args.out or f"/tmp/keygate-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(RUN, exist_ok=True)
     TWO_CORES = (os.cpu_count() or 1) >= 2
+    PROXY_CORES = args.proxy_cores
+    ncpu = len(os.sched_getaffinity(0))
+    if PROXY_CORES < 1 or (PROXY_CORES > 1 and ncpu < 2 * PROXY_CORES + 1):
+        ap.error(f"--proxy-cores {PROXY_CORES} needs at least {2 * PROXY_CORES + 1} cores "
+                 f"(the proxy's, as many for load and upstream, one for Redis); this machine has {ncpu}")
+    if PROXY_CORES > 1:
+        CPUSETS[0], CPUSETS[1] = f"0-{PROXY_CORES - 1}", f"{PROXY_CORES}-{ncpu - 1}"
     with open(os.path.join(HERE, "wrk", "keys.lua")) as src, open(os.path.join(RUN, "wrk-run.lua"), "w") as dst:
         dst.write(src.read())
     for b in (KG, LOADER):
@@ -1351,6 +1386,9 @@ def main():
         out(f"\n## Load results: medians of {args.rounds} interleaved round(s), {args.dur} s each "
             f"(cold cache {args.cold_dur} s, warm-up {args.warm} s), {args.conns} connections "
             f"({args.upload_conns} for upload-1m), {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
+        out(f"Layout: proxy on cores {CPUSETS[0]} with {PROXY_CORES} worker(s); load generators "
+            f"({PROXY_CORES} thread(s)), upstream ({PROXY_CORES} worker(s)), Redis on cores {CPUSETS[1]}; "
+            f"{os.cpu_count()} cores, {cpu_model()}\n")
         out(f"keygate: {KG}; load average at the start {load_start}, at the end "
             f"{open('/proc/loadavg').read().strip()}\n")
         for line in table(summary, args.rounds):

@@ -53,7 +53,7 @@ wait_port() {
 }
 
 # The load harness's upstream (same answers as in its runs).
-sed -e "s|@UP@|$UP|g; s|@UP_H2@|$UP_H2|g; s|@RUN@|$OUT|g" benches/load/conf/upstream-nginx.conf > "$OUT/up.conf"
+sed -e "s|@UP@|$UP|g; s|@UP_H2@|$UP_H2|g; s|@RUN@|$OUT|g; s|@WORKERS@|1|g; s|@NGX_MODULES@|/usr/lib/nginx/modules|g" benches/load/conf/upstream-nginx.conf > "$OUT/up.conf"
 nginx -p "$OUT" -e "$OUT/up.err" -c "$OUT/up.conf" -g 'daemon off;' & PIDS+=($!)
 redis-server --bind 127.0.0.1 --port "$REDIS" --save '' --appendonly no --dir "$OUT" >"$OUT/redis.log" & PIDS+=($!)
 wait_port "$UP"; wait_port "$REDIS"
@@ -64,7 +64,7 @@ if [ "$MISS" -gt 0 ]; then
     --concurrency 64 --out "$OUT/miss.txt" 2>>"$OUT/load.log"
 fi
 
-sed -e "s/@PORT@/$KG/; s/@ADMIN@/$ADMIN/; s/@REDIS@/$REDIS/; s/@UP@/$UP/; s/@NEG_TTL@/5/; s/@LOG_LEVEL@/warn/" \
+sed -e "s/@PORT@/$KG/; s/@ADMIN@/$ADMIN/; s/@REDIS@/$REDIS/; s/@UP@/$UP/; s/@NEG_TTL@/5/; s/@LOG_LEVEL@/warn/; s/@WORKERS@/1/" \
   benches/load/conf/keygate.toml > "$OUT/keygate.toml"
 
 store_lookups() {

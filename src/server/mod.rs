@@ -36,6 +36,9 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Gauge of open client connections (TLS handshakes included), when metrics are wanted.
     pub open_connections: Option<prometheus::IntGauge>,
+    /// Connection slots shared by every thread serving the same listening socket, so
+    /// `max_connections` holds for them together; `None`: this call's own `max_connections`.
+    pub shared_slots: Option<Arc<Semaphore>>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains. `make_service` builds the
@@ -73,7 +76,10 @@ pub async fn serve<M, S, B>(
     // Tells connections still in their TLS handshake to give up: they are not HTTP
     // connections yet, so the graceful watcher cannot ask them to finish.
     let (closing_tx, closing_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let permits = opts
+        .shared_slots
+        .clone()
+        .unwrap_or_else(|| Arc::new(Semaphore::new(opts.max_connections)));
     tokio::pin!(shutdown);
 
     loop {

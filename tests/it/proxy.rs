@@ -1203,3 +1203,106 @@ async fn an_upstream_body_that_fails_before_any_data_is_a_502() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE", "{body}");
 }
+
+/// Sends one keep-alive request on `conn` and returns the answer's status line, or `None` if
+/// nothing arrives within `wait`.
+async fn status_line(conn: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /public/x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(wait, conn.read(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.lines().next().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_threads_share_one_socket_and_one_connection_limit() {
+    let e = env_with("worker_threads = 4\nmax_connections = 3").await;
+    // Three threads besides the main one, each with its own scheduler (started just after the
+    // address is printed).
+    let names = || {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", e.gw.pid())).unwrap();
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("keygate-proxy-"))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let want: std::collections::BTreeSet<String> =
+        (1..4).map(|i| format!("keygate-proxy-{i}")).collect();
+    let started = eventually(Duration::from_secs(5), || async { names() == want }).await;
+    assert!(started, "proxy threads {:?}, expected {want:?}", names());
+
+    // Many clients at once, each on its own connection: every one answered, whichever thread
+    // took it.
+    let answers = futures_util::future::join_all((0..40).map(|_| async {
+        let mut conn = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+        status_line(&mut conn, Duration::from_secs(10)).await
+    }))
+    .await;
+    for a in &answers {
+        assert_eq!(a.as_deref(), Some("HTTP/1.1 200 OK"), "{answers:?}");
+    }
+
+    // max_connections counts the threads' connections together: three held open, the fourth
+    // waits in the backlog until one of them closes.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+        let first = status_line(&mut conn, Duration::from_secs(10)).await;
+        assert_eq!(first.as_deref(), Some("HTTP/1.1 200 OK"));
+        held.push(conn);
+    }
+    let mut fourth = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+    let early = status_line(&mut fourth, Duration::from_millis(700)).await;
+    assert_eq!(
+        early, None,
+        "a fourth connection was served past max_connections = 3"
+    );
+    drop(held.pop());
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), fourth.read(&mut buf))
+        .await
+        .expect("the waiting connection was not served after a slot freed")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_stealing_serves_from_one_pool() {
+    let e = env_with("worker_threads = 3\nwork_stealing = true").await;
+    let answers = futures_util::future::join_all((0..20).map(|_| async {
+        let mut conn = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+        status_line(&mut conn, Duration::from_secs(10)).await
+    }))
+    .await;
+    for a in &answers {
+        assert_eq!(a.as_deref(), Some("HTTP/1.1 200 OK"), "{answers:?}");
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", e.gw.pid())).unwrap();
+    let names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("keygate-proxy-")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("tokio-rt-worker"))
+            .count()
+            >= 3,
+        "{names:?}"
+    );
+}

@@ -654,6 +654,7 @@ async fn requests_carry_connection_info() {
             header_read_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(1),
             open_connections: None,
+            shared_slots: None,
         },
         Some(acceptor),
         |_peer| {
