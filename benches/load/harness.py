@@ -5,7 +5,8 @@ Workloads, contenders and the targets checked: WORKLOADS, contenders() and targe
 
 Layout on a 2-core machine (as in shared/bench-peers): the proxy under test on core 0 with one
 worker (keygate: worker_threads = 1; nginx: 1 worker; HAProxy: 1 thread); wrk or h2load,
-the upstream nginx and Redis on core 1. Every process is started here, stopped by its own PID,
+the upstream nginx and Redis on core 1. With --proxy-cores N (2N+1 cores or more): the proxy
+on cores 0..N-1 with N workers, the rest on the other cores, load generators with N threads. Every process is started here, stopped by its own PID,
 and everything runs on 127.0.0.1. Each contender is started fresh for each measurement (so
 keygate's cache is cold when it should be), warmed up (except the cold-cache one), measured,
 and stopped; rounds are interleaved and the table shows the median of each column over rounds.

@@ -14,6 +14,8 @@
 #   bash benches/load/run.sh --skip-mem                  # 3 rounds x 10 s, all workloads, ~35 min
 #   bash benches/load/run.sh                             # the same, then the memory phase with
 #                                                        # 1 000 000 keys in Redis (~3 min more)
+#   bash benches/load/run.sh --proxy-cores 4 --conns 128 --only get-keepalive --skip-mem  # 9+ cores
+#   (a machine without apt: benches/load/bundle.sh packs everything; docs/benchmarks.md)
 #
 # KEYGATE_BIN and LOAD_KEYS_BIN, when both set, name prebuilt binaries and skip the build;
 # otherwise they are built with cargo into ${CARGO_TARGET_DIR:-target}/release.
