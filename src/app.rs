@@ -126,11 +126,24 @@ pub async fn run(
         shared_slots: (threads > 1).then(|| Arc::new(Semaphore::new(config.proxy.max_connections))),
         ..opts.clone()
     };
+    // With more than one thread, a thread that has accepted more than its share hands new
+    // connections to the others (server/spread.rs).
+    let mut members = if threads > 1 {
+        server::spread::members(threads)
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
+    }
+    .into_iter();
+    let own_member = members.next().flatten();
     let mut others_done = Vec::new();
-    for (index, gateway) in gateways.enumerate() {
+    for ((index, gateway), member) in gateways.enumerate().zip(members) {
         let started = start_proxy_thread(
             index + 1,
             &listeners.proxy,
+            member,
             proxy_opts.clone(),
             listeners.proxy_tls.clone(),
             gateway,
@@ -149,6 +162,7 @@ pub async fn run(
     let proxy = async {
         let own = serve_proxy(
             listeners.proxy,
+            own_member,
             proxy_opts,
             listeners.proxy_tls,
             own_gateway,
@@ -248,13 +262,15 @@ fn proxy_threads(config: &Config) -> usize {
 /// Serves the proxy listener with `gateway` until `shutdown`, then drains.
 async fn serve_proxy(
     listener: TcpListener,
+    member: Option<server::spread::Member>,
     opts: ServeOptions,
     tls: Option<server::TlsAcceptor>,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) {
-    server::serve(
+    server::serve_shared(
         listener,
+        member,
         opts,
         tls,
         move |addr| {
@@ -277,6 +293,7 @@ async fn serve_proxy(
 fn start_proxy_thread(
     index: usize,
     listener: &TcpListener,
+    member: Option<server::spread::Member>,
     opts: ServeOptions,
     tls: Option<server::TlsAcceptor>,
     gateway: Arc<Gateway>,
@@ -299,7 +316,7 @@ fn start_proxy_thread(
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            runtime.block_on(serve_proxy(copy, opts, tls, gateway, stopped));
+            runtime.block_on(serve_proxy(copy, member, opts, tls, gateway, stopped));
             let _ = done_tx.send(());
         })?;
     Ok(done_rx)

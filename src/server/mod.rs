@@ -8,6 +8,7 @@
 //! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
 
 mod read_ahead;
+pub mod spread;
 pub mod tls;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 #[derive(Debug, Clone)]
@@ -60,6 +61,27 @@ pub async fn serve<M, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_shared(listener, None, opts, tls, make_service, shutdown).await;
+}
+
+/// [`serve`] for one of several threads accepting from the same socket: `member` (from
+/// [`spread::members`]) evens their connections out.
+pub async fn serve_shared<M, S, B>(
+    listener: TcpListener,
+    mut member: Option<spread::Member>,
+    opts: ServeOptions,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    shutdown: impl Future<Output = ()>,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -83,21 +105,28 @@ pub async fn serve<M, S, B>(
     tokio::pin!(shutdown);
 
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
+        let handed = async {
+            match member.as_mut() {
+                Some(m) => m.handed().await,
+                None => std::future::pending().await,
+            }
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+        let (stream, peer, permit, assigned) = tokio::select! {
+            h = handed => match TcpStream::from_std(h.stream) {
+                Ok(stream) => (stream, h.peer, h.permit, Some(h.assigned)),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on a full table.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tracing::warn!(error = %e, "cannot take over a connection from another thread");
                     continue;
+                }
+            },
+            accepted = accept(&listener, &permits) => {
+                let Some((stream, peer, permit)) = accepted else { continue };
+                match member.as_ref() {
+                    None => (stream, peer, permit, None),
+                    Some(m) => match keep_or_hand_off(m, stream, peer, permit) {
+                        Some((stream, permit, assigned)) => (stream, peer, permit, Some(assigned)),
+                        None => continue,
+                    },
                 }
             },
             () = &mut shutdown => break,
@@ -113,6 +142,7 @@ pub async fn serve<M, S, B>(
             permit,
             peer,
             _open: opts.open_connections.as_ref().map(OpenConnection::new),
+            _assigned: assigned,
         };
         match &tls {
             None => {
@@ -167,6 +197,28 @@ struct Conn {
     peer: SocketAddr,
     /// Counts the connection in `keygate_open_connections` for as long as it lives.
     _open: Option<OpenConnection>,
+    /// Counts it against its thread's share of a shared socket.
+    _assigned: Option<spread::Assigned>,
+}
+
+/// A connection slot, then a connection; `None` after an accept error (backed off).
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let Ok(permit) = permits.clone().acquire_owned().await else {
+        // Closed slots (never done): accept nothing more; shutdown still ends the loop.
+        return std::future::pending().await;
+    };
+    match listener.accept().await {
+        Ok((stream, peer)) => Some((stream, peer, permit)),
+        Err(e) => {
+            // EMFILE and friends: back off instead of spinning on a full table.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
 }
 
 struct OpenConnection(prometheus::IntGauge);
@@ -206,6 +258,35 @@ impl Conn {
             tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
         }
         drop(self.permit);
+    }
+}
+
+/// The connection to serve on this thread, or `None` when it went to a less loaded one (or
+/// could not be moved at all, and was closed).
+fn keep_or_hand_off(
+    member: &spread::Member,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) -> Option<(TcpStream, OwnedSemaphorePermit, spread::Assigned)> {
+    let (target, assigned) = match member.decide() {
+        spread::Decision::Keep(assigned) => return Some((stream, permit, assigned)),
+        spread::Decision::HandTo(target, assigned) => (target, assigned),
+    };
+    let stream = stream.into_std().ok()?;
+    let handoff = spread::Handoff {
+        stream,
+        peer,
+        permit,
+        assigned,
+    };
+    match member.hand(target, handoff) {
+        Ok(()) => None,
+        // That thread has stopped: serve it here after all.
+        Err(back) => {
+            let stream = TcpStream::from_std(back.stream).ok()?;
+            Some((stream, back.permit, member.assign_here()))
+        }
     }
 }
 
