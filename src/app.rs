@@ -91,9 +91,16 @@ pub async fn run(
     // One gateway per proxy thread: each keeps its own upstream connections, driven by that
     // thread's scheduler, so a request never waits on another thread.
     let threads = proxy_threads(config);
+    let per_thread = config_per_thread(config, threads);
     let gateways = match (0..threads)
         .map(|_| {
-            Gateway::new(config, verifier.clone(), metrics.clone(), usage.clone()).map(Arc::new)
+            Gateway::new(
+                &per_thread,
+                verifier.clone(),
+                metrics.clone(),
+                usage.clone(),
+            )
+            .map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()
     {
@@ -138,17 +145,23 @@ pub async fn run(
     }
     .into_iter();
     let own_member = members.next().flatten();
+    // The other threads keep their runtimes running until the last usage flush is done: a
+    // task that one of them started for everyone (redis-rs reconnects on the runtime that
+    // noticed the failure) must outlive the drain.
+    let (release_tx, release_rx) = watch::channel(false);
     let mut others_done = Vec::new();
     for ((index, gateway), member) in gateways.enumerate().zip(members) {
-        let started = start_proxy_thread(
-            index + 1,
-            &listeners.proxy,
+        let thread = ProxyThread {
+            index: index + 1,
+            threads,
             member,
-            proxy_opts.clone(),
-            listeners.proxy_tls.clone(),
+            opts: proxy_opts.clone(),
+            tls: listeners.proxy_tls.clone(),
             gateway,
-            stop_rx.clone(),
-        );
+            stop: stop_rx.clone(),
+            release: release_rx.clone(),
+        };
+        let started = thread.start(&listeners.proxy);
         match started {
             Ok(done) => others_done.push(done),
             Err(e) => {
@@ -245,6 +258,7 @@ pub async fn run(
     if let Some(usage) = &usage {
         usage.flush(&*store).await;
     }
+    let _ = release_tx.send(true);
     follower.abort();
     Ok(())
 }
@@ -257,6 +271,16 @@ fn proxy_threads(config: &Config) -> usize {
     } else {
         config.proxy.worker_threads.unwrap_or(1).max(1)
     }
+}
+
+/// The configuration each proxy thread's gateway is built from: upstream idle-connection
+/// limits are for the whole process, so each thread gets its share.
+fn config_per_thread(config: &Config, threads: usize) -> Config {
+    let mut per_thread = config.clone();
+    for upstream in per_thread.upstreams.values_mut() {
+        upstream.pool_max_idle_per_host = upstream.pool_max_idle_per_host.div_ceil(threads);
+    }
+    per_thread
 }
 
 /// Serves the proxy listener with `gateway` until `shutdown`, then drains.
@@ -287,39 +311,65 @@ async fn serve_proxy(
     .await;
 }
 
-/// Starts proxy thread `index` (after the first): its own single-threaded runtime serving a
-/// copy of the listening socket, one accept queue for all. Everything that can fail happens
-/// before the thread starts. The receiver resolves once the thread has drained and stopped.
-fn start_proxy_thread(
+/// A proxy thread after the first: its own single-threaded runtime serving a copy of the
+/// listening socket (one accept queue for all) with its own gateway.
+struct ProxyThread {
+    /// 1.. (the main thread is 0), for the thread's name.
     index: usize,
-    listener: &TcpListener,
+    /// All proxy threads, the main one included.
+    threads: usize,
     member: Option<server::spread::Member>,
     opts: ServeOptions,
     tls: Option<server::TlsAcceptor>,
     gateway: Arc<Gateway>,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<oneshot::Receiver<()>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let copy = {
-        let fd = std::os::fd::AsFd::as_fd(listener).try_clone_to_owned()?;
-        let copy = std::net::TcpListener::from(fd);
-        copy.set_nonblocking(true)?;
-        let _in_runtime = runtime.enter();
-        TcpListener::from_std(copy)?
-    };
-    let (done_tx, done_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("keygate-proxy-{index}"))
-        .spawn(move || {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            runtime.block_on(serve_proxy(copy, member, opts, tls, gateway, stopped));
-            let _ = done_tx.send(());
-        })?;
-    Ok(done_rx)
+    /// Stop accepting and drain.
+    stop: watch::Receiver<bool>,
+    /// The last usage flush is done: the runtime may go.
+    release: watch::Receiver<bool>,
+}
+
+impl ProxyThread {
+    /// Starts the thread; everything that can fail happens before it does. The receiver
+    /// resolves once the thread has drained (its runtime then runs until `release`).
+    fn start(self, listener: &TcpListener) -> std::io::Result<oneshot::Receiver<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            // Each thread has its own blocking pool (DNS lookups, the embedded store):
+            // together about tokio's default for one runtime.
+            .max_blocking_threads((512 / self.threads).max(8))
+            .build()?;
+        let copy = {
+            let fd = std::os::fd::AsFd::as_fd(listener).try_clone_to_owned()?;
+            let copy = std::net::TcpListener::from(fd);
+            copy.set_nonblocking(true)?;
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(copy)?
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        let Self {
+            index,
+            member,
+            opts,
+            tls,
+            gateway,
+            mut stop,
+            mut release,
+            ..
+        } = self;
+        std::thread::Builder::new()
+            .name(format!("keygate-proxy-{index}"))
+            .spawn(move || {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                runtime.block_on(serve_proxy(copy, member, opts, tls, gateway, stopped));
+                let _ = done_tx.send(());
+                runtime.block_on(async move {
+                    let _ = release.wait_for(|r| *r).await;
+                });
+            })?;
+        Ok(done_rx)
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -104,33 +104,11 @@ pub async fn serve_shared<M, S, B>(
         .unwrap_or_else(|| Arc::new(Semaphore::new(opts.max_connections)));
     tokio::pin!(shutdown);
 
-    loop {
-        let handed = async {
-            match member.as_mut() {
-                Some(m) => m.handed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let (stream, peer, permit, assigned) = tokio::select! {
-            h = handed => match TcpStream::from_std(h.stream) {
-                Ok(stream) => (stream, h.peer, h.permit, Some(h.assigned)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot take over a connection from another thread");
-                    continue;
-                }
-            },
-            accepted = accept(&listener, &permits) => {
-                let Some((stream, peer, permit)) = accepted else { continue };
-                match member.as_ref() {
-                    None => (stream, peer, permit, None),
-                    Some(m) => match keep_or_hand_off(m, stream, peer, permit) {
-                        Some((stream, permit, assigned)) => (stream, peer, permit, Some(assigned)),
-                        None => continue,
-                    },
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    // Starts serving one connection: accepted here, or handed over by another thread.
+    let start = |stream: TcpStream,
+                 peer: SocketAddr,
+                 permit: OwnedSemaphorePermit,
+                 assigned: Option<spread::Assigned>| {
         let _ = stream.set_nodelay(true);
         let service = make_service(peer);
         // Taken here, not in the task: a shutdown signalled while the task is still in its
@@ -176,8 +154,50 @@ pub async fn serve_shared<M, S, B>(
                 });
             }
         }
+    };
+
+    loop {
+        let handed = async {
+            match member.as_mut() {
+                Some(m) => m.handed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let (stream, peer, permit, assigned) = tokio::select! {
+            h = handed => match TcpStream::from_std(h.stream) {
+                Ok(stream) => (stream, h.peer, h.permit, Some(h.assigned)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take over a connection from another thread");
+                    continue;
+                }
+            },
+            accepted = accept(&listener, &permits) => {
+                let Some((stream, peer, permit)) = accepted else { continue };
+                match member.as_ref() {
+                    None => (stream, peer, permit, None),
+                    Some(m) => match keep_or_hand_off(m, stream, peer, permit) {
+                        Some((stream, permit, assigned)) => (stream, peer, permit, Some(assigned)),
+                        None => continue,
+                    },
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        start(stream, peer, permit, assigned);
     }
 
+    // A thread may have handed this one a connection after it stopped accepting: serve those
+    // too, and refuse any more (the sender then serves them itself).
+    if let Some(m) = member.as_mut() {
+        for h in m.close() {
+            match TcpStream::from_std(h.stream) {
+                Ok(stream) => start(stream, h.peer, h.permit, Some(h.assigned)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take over a connection from another thread")
+                }
+            }
+        }
+    }
     drop(listener);
     let _ = closing_tx.send(true);
     tokio::select! {

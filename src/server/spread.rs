@@ -81,15 +81,27 @@ impl Member {
         }
     }
 
+    /// Takes no more hand-offs (sending one fails from now on) and returns those already sent.
+    pub fn close(&mut self) -> Vec<Handoff> {
+        self.inbox.close();
+        let mut queued = Vec::new();
+        while let Ok(h) = self.inbox.try_recv() {
+            queued.push(h);
+        }
+        queued
+    }
+
     /// Keep a connection this thread accepted, or hand it to the least loaded thread when this
     /// one serves more than one connection over that.
     pub fn decide(&self) -> Decision {
         let counts = &self.spread.assigned;
+        let n = counts.len();
         let own = counts[self.index].load(Ordering::Relaxed);
-        let (least, least_count) = counts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+        // Ties go to the next thread after this one, not always to thread 0 (which also runs
+        // the admin API and the store's background work).
+        let (least, least_count) = (1..n)
+            .map(|k| (self.index + k) % n)
+            .map(|i| (i, counts[i].load(Ordering::Relaxed)))
             .min_by_key(|&(_, c)| c)
             .unwrap_or((self.index, own));
         let target = if least_count + 1 < own {
@@ -235,6 +247,27 @@ mod tests {
         assert!(
             per_thread.values().all(|&n| (8..=12).contains(&n)),
             "{per_thread:?}"
+        );
+    }
+
+    #[test]
+    fn a_closed_member_returns_what_was_queued_and_refuses_more() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let mut members = members(2);
+        let handoff = || Handoff {
+            stream: std::net::TcpStream::connect(addr).unwrap(),
+            peer: addr,
+            permit: slots.clone().try_acquire_owned().unwrap(),
+            assigned: members[1].assign_here(),
+        };
+        let (first, second) = (handoff(), handoff());
+        assert!(members[0].hand(1, first).is_ok());
+        assert_eq!(members[1].close().len(), 1);
+        assert!(
+            members[0].hand(1, second).is_err(),
+            "a closed member took a connection"
         );
     }
 

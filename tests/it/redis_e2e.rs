@@ -292,3 +292,60 @@ async fn gateway_on_a_redis_cluster_verifies_and_sees_revocations() {
     }
     assert_eq!(status(&gw, &kept).await, 200);
 }
+
+/// redis-rs remakes a dropped connection on the runtime of the request that noticed, which can
+/// be any proxy thread's. The last usage flush at SIGTERM must still get through: the threads'
+/// runtimes outlive it. Every answered request is in the store's counts afterwards. (Which
+/// thread reconnects is up to the scheduler: with the runtimes dropped after the drain this
+/// passed 10 of 10 times here too; a reviewer's library-level reproduction showed the broken
+/// pipe.)
+#[tokio::test(flavor = "multi_thread")]
+async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "flush").await;
+    let mut keys = Vec::new();
+    for _ in 0..16 {
+        keys.push(create_key(&store, |_| {}).await);
+    }
+    let config = format!(
+        "[proxy]\nworker_threads = 4\n[usage]\nflush_interval = \"1h\"\n{}",
+        config_for(&redis, "flush", "").await
+    );
+    let mut gw = Gateway::start(&config);
+    // Each key once, on a connection of its own, before and after Redis drops the gateway's
+    // connection: the first lookups after it fail until one of the threads has reconnected.
+    let mut answered = 0u64;
+    for (key, _) in &keys[..8] {
+        assert_eq!(status(&gw, key).await, 200);
+        answered += 1;
+    }
+    let killed = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(["CLIENT", "KILL", "TYPE", "normal"])
+        .output()
+        .expect("redis-cli");
+    assert!(killed.status.success(), "{killed:?}");
+    // All at once, so the threads share them and any of them may be the one that reconnects.
+    let after = futures_util::future::join_all(keys[8..].iter().map(|(key, _)| {
+        let gw = &gw;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while status(gw, key).await != 200 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a new key was not accepted after the reconnect"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }))
+    .await;
+    answered += after.len() as u64;
+    assert!(gw.terminate().success());
+    let ids: Vec<String> = keys.iter().map(|(_, r)| r.api_key_id.clone()).collect();
+    // (The kill dropped this test's own connection too.)
+    let reader = redis_store(&redis, "flush").await;
+    let usage = reader.usage(&ids).await.unwrap();
+    let counted: u64 = usage.iter().map(|u| u.request_count).sum();
+    assert_eq!(counted, answered, "{usage:?}");
+}
