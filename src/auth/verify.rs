@@ -31,6 +31,38 @@ type CacheHasher = foldhash::fast::RandomState;
 /// How long lookups skip a store that just failed.
 const STORE_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Entries each thread keeps in front of the shared cache; when full it starts over.
+const LOCAL_ENTRIES: usize = 4096;
+
+/// Tells verifiers apart in the per-thread caches (tests run many in one thread).
+static NEXT_VERIFIER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Each thread's copy of the fresh entries it read, in front of the shared moka cache, whose
+/// lookup (and read recording, shared by every thread) is most of a cached request's verify
+/// cost. Valid only for one verifier's one `generation`: any applied change or lost feed
+/// empties it on the next look. An entry also keeps the shared entry's freshness deadline.
+#[derive(Default)]
+struct Local {
+    verifier: u64,
+    generation: u64,
+    entries: std::collections::HashMap<KeyHash, (Arc<VerifiedKey>, i64), CacheHasher>,
+}
+
+impl Local {
+    /// Empties the map unless it belongs to this verifier and generation.
+    fn align(&mut self, verifier: u64, generation: u64) {
+        if self.verifier != verifier || self.generation != generation {
+            self.entries.clear();
+            self.verifier = verifier;
+            self.generation = generation;
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Local> = std::cell::RefCell::new(Local::default());
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
     #[error(transparent)]
@@ -75,6 +107,8 @@ pub struct Verifier {
     epoch: Instant,
     /// Bumped by every applied change; see `verify`.
     generation: AtomicU64,
+    /// This verifier's name in the per-thread caches.
+    id: u64,
     pub stats: VerifyStats,
 }
 
@@ -96,6 +130,7 @@ impl Verifier {
             store_backoff_until_ms: AtomicI64::new(0),
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
+            id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
             stats: VerifyStats::default(),
         }
     }
@@ -114,12 +149,21 @@ impl Verifier {
         // entry. Strings of any other length cannot be keys, and are refused below before they
         // cost a hash (a long one would cost a long one).
         let hash = (presented.len() == self.prefix.key_len()).then(|| KeyHash::of(presented));
-        if let Some(hash) = &hash
-            && let Some(known) = self.known.get(hash).await
-            && self.is_fresh(&known)
-        {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(known.record);
+        // Read before any cache: a change applied after this makes what is read below stale,
+        // and the per-thread copy is kept under this generation only.
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(hash) = &hash {
+            if let Some(record) = self.local_hit(hash, generation) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(record);
+            }
+            if let Some(known) = self.known.get(hash).await
+                && self.is_fresh(&known)
+            {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.keep_local(*hash, generation, &known);
+                return Ok(known.record);
+            }
         }
         check_format(&self.prefix, presented)?;
         let hash = hash.unwrap_or_else(|| KeyHash::of(presented));
@@ -193,6 +237,27 @@ impl Verifier {
                 self.stale_or_unavailable(&hash).await
             }
         }
+    }
+
+    /// This thread's copy, if it is of this generation and still fresh.
+    fn local_hit(&self, hash: &KeyHash, generation: u64) -> Option<Arc<VerifiedKey>> {
+        LOCAL.with_borrow_mut(|local| {
+            local.align(self.id, generation);
+            let (record, fresh_until_ms) = local.entries.get(hash)?;
+            (self.now_ms() < *fresh_until_ms).then(|| record.clone())
+        })
+    }
+
+    fn keep_local(&self, hash: KeyHash, generation: u64, known: &Known) {
+        LOCAL.with_borrow_mut(|local| {
+            local.align(self.id, generation);
+            if local.entries.len() >= LOCAL_ENTRIES {
+                local.entries.clear();
+            }
+            local
+                .entries
+                .insert(hash, (known.record.clone(), known.fresh_until_ms));
+        });
     }
 
     fn is_fresh(&self, known: &Known) -> bool {
@@ -463,5 +528,37 @@ mod tests {
             2,
             "the second refusal came from the negative cache"
         );
+    }
+
+    #[tokio::test]
+    async fn the_per_thread_copy_obeys_changes_and_belongs_to_one_verifier() {
+        let (v, key, id, dir) = with_one_key(Duration::from_secs(3600)).await;
+        let now = Utc::now();
+        v.verify(&key, now).await.unwrap(); // a load
+        v.verify(&key, now).await.unwrap(); // a shared-cache hit, copied to this thread
+        v.verify(&key, now).await.unwrap(); // this thread's copy
+        assert_eq!(lookups(&v), 1);
+        assert_eq!(v.stats.cache_hits.load(Ordering::Relaxed), 2);
+
+        // Another verifier in the same thread, on a store without the key, does not see it.
+        let other_store: Arc<dyn KeyStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("other.db")).unwrap());
+        let other = Verifier::new(
+            KeyPrefix::default(),
+            other_store,
+            &cache_config(Duration::from_secs(3600)),
+        );
+        assert_eq!(
+            other.verify(&key, now).await.unwrap_err(),
+            VerifyError::Unknown
+        );
+
+        // Revoked, and the change applied: refused at once, though this thread held a copy.
+        v.verify(&key, now).await.unwrap();
+        v.verify(&key, now).await.unwrap();
+        v.store.delete(&id).await.unwrap();
+        v.apply(&Change::Keys(vec![KeyHash::of(&key)])).await;
+        assert_eq!(v.verify(&key, now).await.unwrap_err(), VerifyError::Unknown);
+        assert_eq!(lookups(&v), 2);
     }
 }
