@@ -289,7 +289,10 @@ impl Verifier {
         self.store_backoff_until_ms.store(until, Ordering::Relaxed);
     }
 
-    /// Applies a change from the store's feed.
+    /// Applies a change from the store's feed. The generation moves twice: before the caches
+    /// are touched, so a load in flight drops what it loaded (see `load`), and after, so a
+    /// per-thread copy taken from the shared cache between the two (the new generation read,
+    /// the old entry still there) is never valid.
     pub async fn apply(&self, change: &Change) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
@@ -304,14 +307,17 @@ impl Verifier {
                 self.negative.invalidate_all();
             }
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The change feed was lost: changes may have been missed. Answers must come from the store
-    /// again, but the stale copies stay for outages (bounded by `stale_for`).
+    /// again, but the stale copies stay for outages (bounded by `stale_for`). The generation
+    /// moves before and after, as in `apply`.
     pub fn feed_lost(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.feed_epoch.fetch_add(1, Ordering::AcqRel);
         self.negative.invalidate_all();
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Keys cached, fresh or kept for outages.
