@@ -227,6 +227,9 @@ impl Verifier {
             ) => {
                 if self.generation.load(Ordering::Acquire) != generation {
                     self.known.invalidate(&hash).await;
+                    // Another thread may have copied the entry while it was in the shared
+                    // cache, under the generation that is current now: make that one past.
+                    self.generation.fetch_add(1, Ordering::AcqRel);
                 }
                 Ok(e.into_value().record)
             }
