@@ -93,15 +93,7 @@ pub async fn run(
     let threads = proxy_threads(config);
     let per_thread = config_per_thread(config, threads);
     let gateways = match (0..threads)
-        .map(|_| {
-            Gateway::new(
-                &per_thread,
-                verifier.clone(),
-                metrics.clone(),
-                usage.clone(),
-            )
-            .map(Arc::new)
-        })
+        .map(|_| Gateway::new(&per_thread, verifier.clone(), &metrics, usage.clone()).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(g) => g,

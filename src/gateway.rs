@@ -14,7 +14,7 @@ use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestSeries};
 use crate::proxy::{ForwardBody, ReadAheadBody, Upstream, headers};
 use crate::request_id;
 use crate::route::{self, Route, RouteTable};
@@ -51,7 +51,8 @@ pub struct Gateway {
     trusted_proxies: Vec<IpNet>,
     allow_ips: Vec<IpNet>,
     deny_ips: Vec<IpNet>,
-    metrics: Arc<Metrics>,
+    /// This gateway's own copy of the per-request metrics (one per proxy thread).
+    metrics: RequestSeries,
     /// `None` when usage records are disabled.
     usage: Option<Arc<UsageRecorder>>,
 }
@@ -89,9 +90,10 @@ impl Gateway {
     pub fn new(
         config: &Config,
         verifier: Arc<Verifier>,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
         usage: Option<Arc<UsageRecorder>>,
     ) -> Result<Self, String> {
+        let metrics = metrics.request_series().map_err(|e| e.to_string())?;
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
         let upstreams = config
             .upstreams

@@ -12,7 +12,8 @@
 //!
 //! Around them: [`config`] (raw TOML → checked values), [`store`] (Redis and embedded),
 //! [`keys`] (key lifecycle operations shared by the CLI and, later, the admin API),
-//! [`app`] (wiring), [`dev`] (the echo upstream), [`telemetry`] (logs).
+//! [`app`] (wiring), [`dev`] (the echo upstream), [`telemetry`] (logs), [`striped`] (counters
+//! many threads add to).
 
 pub mod admin;
 pub mod app;
@@ -30,5 +31,6 @@ pub mod request_id;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod striped;
 pub mod telemetry;
 pub mod usage;

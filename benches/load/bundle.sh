@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Packs the load harness's programs into one self-contained folder, for a machine that has
 # python3 but none of the packages and no way to install them (a lent benchmark machine, say):
-# keygate and the key loader (release builds, stripped), and Debian's nginx (with its Lua module
-# and Lua libraries), HAProxy, wrk, h2load, redis-server, redis-cli and taskset, each with every
+# keygate and the key loader (release builds, debug info stripped, symbols kept for perf), and
+# Debian's nginx (with its Lua module and Lua libraries), HAProxy, wrk, h2load, redis-server,
+# redis-cli, taskset and (when installed here, for the harness's --perf) perf, each with every
 # shared library it loads, the C library and its loader included, started through that loader
 # so nothing on the other machine is used. Source DIR/env.sh there, then run the harness:
 #
 #   bash benches/load/bundle.sh .bench-bundle          # here, after run.sh installed and built
 #   . .bench-bundle/env.sh && python3 benches/load/harness.py --proxy-cores 4 …   # there
 #
-# Same processor architecture only (x86-64 here). About 40 MiB.
+# Same processor architecture only (x86-64 here). About 45 MiB, 70 with perf; `tar -czf` packs it
+# to about a third, for a transfer that limits size (unpack it there with `tar -xzf`).
 set -euo pipefail
 [ $# -eq 1 ] || { sed -n 2,12p "$0"; exit 2; }
 cd "$(dirname "$0")/../.."
@@ -23,14 +25,16 @@ done
 
 rm -rf "$dest"
 mkdir -p "$dest/bin" "$dest/libexec" "$dest/lib" "$dest/nginx-modules"
-strip -o "$dest/bin/keygate" "$kg"
+strip --strip-debug -o "$dest/bin/keygate" "$kg"
 strip -o "$dest/bin/load_keys" "$loader"
 cp /usr/lib/nginx/modules/ndk_http_module.so /usr/lib/nginx/modules/ngx_http_lua_module.so "$dest/nginx-modules/"
 cp -r /usr/share/lua/5.1 "$dest/lua"
 
 libs() { ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'; }
 objects=("$dest/nginx-modules/"*.so)
-for tool in nginx haproxy wrk h2load redis-server redis-cli taskset; do
+tools=(nginx haproxy wrk h2load redis-server redis-cli taskset)
+command -v perf >/dev/null && tools+=(perf)
+for tool in "${tools[@]}"; do
   real=$(readlink -f "$(command -v "$tool")")
   cp "$real" "$dest/libexec/$tool"
   objects+=("$real")

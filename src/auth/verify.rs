@@ -16,6 +16,7 @@ use super::key::{KeyFormatError, KeyHash, KeyPrefix, check_format};
 use super::verified::VerifiedKey;
 use crate::config::CacheConfig;
 use crate::store::{Change, KeyStore};
+use crate::striped::StripedCounter;
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -74,15 +75,15 @@ pub enum VerifyError {
     StoreUnavailable,
 }
 
-/// Counters read by the metrics endpoint and the tests.
+/// Counters read by the metrics endpoint and the tests. Striped: every proxy thread bumps them.
 #[derive(Debug, Default)]
 pub struct VerifyStats {
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub negative_hits: AtomicU64,
-    pub stale_served: AtomicU64,
-    pub store_lookups: AtomicU64,
-    pub store_errors: AtomicU64,
+    pub cache_hits: StripedCounter,
+    pub cache_misses: StripedCounter,
+    pub negative_hits: StripedCounter,
+    pub stale_served: StripedCounter,
+    pub store_lookups: StripedCounter,
+    pub store_errors: StripedCounter,
 }
 
 /// A cached answer and how long it may answer on its own.
@@ -155,13 +156,13 @@ impl Verifier {
         let generation = self.generation.load(Ordering::Acquire);
         if let Some(hash) = &hash {
             if let Some(record) = self.local_hit(hash, generation) {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.cache_hits.add(1);
                 return Ok(record);
             }
             if let Some(known) = self.known.get(hash).await
                 && self.is_fresh(&known)
             {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.cache_hits.add(1);
                 self.keep_local(*hash, generation, &known);
                 return Ok(known.record);
             }
@@ -169,10 +170,10 @@ impl Verifier {
         check_format(&self.prefix, presented)?;
         let hash = hash.unwrap_or_else(|| KeyHash::of(presented));
         if self.negative.contains_key(&hash) {
-            self.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.negative_hits.add(1);
             return Err(VerifyError::Unknown);
         }
-        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.cache_misses.add(1);
         // Boxed: the load's future is ~2 KiB, and inline it would be copied on every call,
         // hits included.
         Box::pin(self.load(hash, now)).await
@@ -203,7 +204,7 @@ impl Verifier {
                 if self.negative.contains_key(&hash) {
                     return Ok(Op::Nop);
                 }
-                self.stats.store_lookups.fetch_add(1, Ordering::Relaxed);
+                self.stats.store_lookups.add(1);
                 match self.store.find_verified_by_hash(&hash, now).await {
                     Ok(Some(record)) => Ok(Op::Put(Known {
                         record: Arc::new(record),
@@ -235,7 +236,7 @@ impl Verifier {
             }
             Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => Err(VerifyError::Unknown),
             Err(err) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.store_errors.add(1);
                 tracing::warn!(error = %err, "key store lookup failed");
                 self.enter_backoff();
                 self.stale_or_unavailable(&hash).await
@@ -272,7 +273,7 @@ impl Verifier {
     async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<VerifiedKey>, VerifyError> {
         match self.known.get(hash).await {
             Some(known) => {
-                self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                self.stats.stale_served.add(1);
                 Ok(known.record)
             }
             None => Err(VerifyError::StoreUnavailable),
@@ -408,7 +409,7 @@ mod tests {
     }
 
     fn lookups(v: &Verifier) -> u64 {
-        v.stats.store_lookups.load(Ordering::Relaxed)
+        v.stats.store_lookups.get()
     }
 
     #[tokio::test]
@@ -476,7 +477,7 @@ mod tests {
             assert_eq!(lookups(&v), u64::from(round == "after"), "{round}");
             v.verify(&key, now).await.unwrap();
         }
-        assert_eq!(v.stats.cache_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(v.stats.cache_hits.get(), 1);
     }
 
     #[tokio::test]
@@ -554,7 +555,7 @@ mod tests {
         v.verify(&key, now).await.unwrap(); // a shared-cache hit, copied to this thread
         v.verify(&key, now).await.unwrap(); // this thread's copy
         assert_eq!(lookups(&v), 1);
-        assert_eq!(v.stats.cache_hits.load(Ordering::Relaxed), 2);
+        assert_eq!(v.stats.cache_hits.get(), 2);
 
         // Another verifier in the same thread, on a store without the key, does not see it.
         let other_store: Arc<dyn KeyStore> =

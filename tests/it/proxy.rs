@@ -1248,6 +1248,34 @@ async fn proxy_threads_share_one_socket_and_one_connection_limit() {
     for a in &answers {
         assert_eq!(a.as_deref(), Some("HTTP/1.1 200 OK"), "{answers:?}");
     }
+    // Each thread counts into its own series; a scrape reports their sum, under one name.
+    let text = client()
+        .get(e.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (series, want) in [
+        (
+            "keygate_requests_total{outcome=\"forwarded\",route=\"public\"}",
+            "40",
+        ),
+        (
+            "keygate_request_duration_seconds_count{outcome=\"forwarded\",route=\"public\"}",
+            "40",
+        ),
+        (
+            "keygate_upstream_duration_seconds_count{upstream=\"echo\"}",
+            "40",
+        ),
+        ("keygate_in_flight_requests", "0"),
+    ] {
+        let line = format!("{series} {want}\n");
+        assert!(text.contains(&line), "no {line:?} in\n{text}");
+    }
+    assert_eq!(text.matches("# TYPE keygate_requests_total ").count(), 1);
 
     // max_connections counts the threads' connections together: three held open, the fourth
     // waits in the backlog until one of them closes.
