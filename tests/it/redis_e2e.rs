@@ -353,3 +353,36 @@ async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
     let counted: u64 = usage.iter().map(|u| u.request_count).sum();
     assert_eq!(counted, answered, "{usage:?}");
 }
+
+/// Each proxy thread looks keys up on a Redis connection of its own, made on that thread, rather
+/// than sending every lookup to the thread that drives one shared connection and back.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_proxy_thread_looks_keys_up_on_a_connection_of_its_own() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "lanes").await;
+    let mut keys = Vec::new();
+    for _ in 0..40 {
+        keys.push(create_key(&store, |_| {}).await);
+    }
+    let config = format!(
+        "[proxy]\nworker_threads = 4\n{}",
+        config_for(&redis, "lanes", "").await
+    );
+    let gw = Gateway::start(&config);
+    // Forty clients at once, each on a connection of its own with a key of its own: the
+    // connections spread over the four threads, and every key is a cache miss.
+    let answers =
+        futures_util::future::join_all(keys.iter().map(|(key, _)| status(&gw, key))).await;
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    let list = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "CLIENT", "LIST"])
+        .output()
+        .expect("redis-cli");
+    let list = String::from_utf8_lossy(&list.stdout);
+    // The lookups are GETs; nothing else of the gateway's (or this test's) ends on one.
+    let lookup_connections = list.lines().filter(|l| l.contains(" cmd=get ")).count();
+    assert!(
+        lookup_connections >= 2,
+        "lookups went through {lookup_connections} connection(s):\n{list}"
+    );
+}
