@@ -423,7 +423,8 @@ def parse_wrk(txt):
 def wrk(port, dur, conns, keyfile="-", order="random", path="/", body="none", keyplace="bearer", conn="keep"):
     script = os.path.join(RUN, "wrk-run.lua")
     cmd = pin(1) + ["wrk", f"-t{PROXY_CORES}", f"-c{conns}", f"-d{dur}s", "--timeout", "5s", "-s", script,
-                    f"http://127.0.0.1:{port}{path}", "--", keyfile, order, path, body, keyplace, conn]
+                    f"http://127.0.0.1:{port}{path}", "--", keyfile, order, path, body, keyplace, conn,
+                    str(PROXY_CORES)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=dur + 60)
     d = parse_wrk(r.stdout)
     d["raw"] = r.stdout + r.stderr

@@ -4,7 +4,7 @@
 # `epoll_wait` return on the woken one) that the harness's throughput cannot resolve on 2 cores.
 # Starts Redis, the harness's upstream nginx and keygate (its harness config) on loopback,
 # loads N keys, then ROUNDS times: a fresh keygate, a warm-up on the public route, and DUR
-# seconds of `wrk -t1 -c32` walking a third of the keys (each key once: every request a miss,
+# seconds of `wrk -t2 -c32` walking a third of the keys (each key once: every request a miss,
 # one Redis GET) under `perf stat -p`. Prints per round: requests, store lookups, proxy CPU µs
 # and the counts per request.
 #
@@ -47,8 +47,8 @@ for round in $(seq 1 "$ROUNDS"); do
     wrk -t2 -c16 -d1s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG/public/v1/resource" -- \
       - random /public/v1/resource none none keep >/dev/null 2>&1
     perf stat -x, -o "$OUT/stat.txt" -e "$events" -p $pid -- sleep "$DUR" & sp=$!
-    sent=$(wrk -t1 -c32 -d"${DUR}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG/v1/resource" -- \
-      "$OUT/walk.txt" walk /v1/resource none bearer keep 2>/dev/null | awk '/requests in/ {print $1}')
+    sent=$(wrk -t2 -c32 -d"${DUR}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG/v1/resource" -- \
+      "$OUT/walk.txt" walk /v1/resource none bearer keep 2 2>/dev/null | awk '/requests in/ {print $1}')
     wait $sp
     lookups=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^keygate_auth_store_lookups_total / {print $2}')
     kill $pid; wait $pid 2>/dev/null

@@ -1,9 +1,11 @@
 -- wrk script for the keygate load harness. Pre-builds one request per key (no per-request
 -- formatting) and sends them in random or shuffled-sequential order.
--- args: KEYFILE ORDER PATH BODY KEYPLACE CONN
+-- args: KEYFILE ORDER PATH BODY KEYPLACE CONN [THREADS]
 --   KEYFILE  file with one key per line, or "-" for no key at all
 --   ORDER    random  (a random key per request)
---            walk    (a shuffled permutation, each key once before any repeats: the miss path)
+--            walk    (a shuffled permutation, each key once before any repeats: the miss path;
+--            with THREADS, wrk's -t, the threads walk disjoint slices of one permutation, so
+--            no key is asked for twice until a slice comes round)
 --   PATH     request path
 --   BODY     none | multipart (4 KiB multipart/form-data POST, the key in the first part,
 --            field "clientKey", followed by page, perPage and a file part) | multipart:BYTES
@@ -13,6 +15,14 @@
 --   KEYPLACE bearer (Authorization: Bearer) | form (multipart field only) | both | none
 --   CONN     keep (keep-alive) | close (Connection: close: a new connection per request)
 local reqs, n, i = {}, 0, 0
+-- This thread's number (0-based), set by setup() in wrk's main Lua state before init() runs
+-- in the thread's own.
+tid = 0
+local started = 0
+function setup(thread)
+  thread:set("tid", started)
+  started = started + 1
+end
 local BOUNDARY = "kgbenchBoundary7MA4YWxkTrZu0gW"
 
 local function multipart(key, size)
@@ -84,13 +94,20 @@ function init(args)
     end
   end
   if order == "walk" then
+    -- One permutation for every thread (the same seed), each thread its own slice of it.
+    math.randomseed(n)
     for j = n, 2, -1 do
       local k = math.random(j)
       reqs[j], reqs[k] = reqs[k], reqs[j]
     end
+    local threads = math.max(1, tonumber(args[7] or "1") or 1)
+    local t = tid % threads
+    local first = math.floor(t * n / threads) + 1
+    local last = math.max(first, math.floor((t + 1) * n / threads))
+    i = first - 1
     request = function()
       i = i + 1
-      if i > n then i = 1 end
+      if i > last then i = first end
       return reqs[i]
     end
   end
