@@ -363,7 +363,7 @@ impl ConnectionLike for Conn {
 /// looks up, each made (lazily, like the shared one) on that thread's runtime, so its driver
 /// and its reconnections run there too. On the one shared connection a lookup from a proxy
 /// thread was a message to the thread driving it and one back: two cross-thread wake-ups per
-/// cache miss (2 proxy threads: 0.8 `write` calls per miss, against 0.15 with one).
+/// cache miss (docs/architecture.md, "Threads", has the counts).
 struct LookupConns {
     client: Client,
     config: ConnectionManagerConfig,
@@ -546,7 +546,20 @@ impl RedisStore {
         match l.conns.get_or_try(|| {
             ConnectionManager::new_lazy_with_config(l.client.clone(), l.config.clone())
         }) {
-            Ok(conn) => cmd.query_async(&mut conn.clone()).await.map_err(redis_err),
+            Ok(conn) => {
+                let mut conn = conn.clone();
+                match cmd.query_async(&mut conn).await {
+                    // redis-rs answers a command on a dropped connection (a Redis restart, an
+                    // idle timeout: these connections idle while the cache answers) with the
+                    // error and reconnects behind it. A GET is safe to send again, and one
+                    // failed lookup per thread would start the verifier's 1 s store backoff
+                    // once per thread in turn: seconds of 503s for uncached keys.
+                    Err(e) if e.is_unrecoverable_error() => {
+                        cmd.query_async(&mut conn).await.map_err(redis_err)
+                    }
+                    other => other.map_err(redis_err),
+                }
+            }
             Err(_) => self.query(cmd).await,
         }
     }
