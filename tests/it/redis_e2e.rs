@@ -323,12 +323,7 @@ async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
         assert_eq!(status(&gw, key).await, 200);
         answered += 1;
     }
-    let killed = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string()])
-        .args(["CLIENT", "KILL", "TYPE", "normal"])
-        .output()
-        .expect("redis-cli");
-    assert!(killed.status.success(), "{killed:?}");
+    redis_cli(&redis, &["CLIENT", "KILL", "TYPE", "normal"]);
     // All at once, so the threads share them and any of them may be the one that reconnects.
     let after = futures_util::future::join_all(keys[8..].iter().map(|(key, _)| {
         let gw = &gw;
@@ -359,26 +354,13 @@ async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_proxy_thread_looks_keys_up_on_a_connection_of_its_own() {
     let redis = RedisServer::start();
-    let store = redis_store(&redis, "lanes").await;
-    let mut keys = Vec::new();
-    for _ in 0..40 {
-        keys.push(create_key(&store, |_| {}).await);
-    }
-    let config = format!(
-        "[proxy]\nworker_threads = 4\n{}",
-        config_for(&redis, "lanes", "").await
-    );
-    let gw = Gateway::start(&config);
+    let (gw, keys) = four_threads_and_keys(&redis, "lanes", 40).await;
     // Forty clients at once, each on a connection of its own with a key of its own: the
     // connections spread over the four threads, and every key is a cache miss.
     let answers =
         futures_util::future::join_all(keys.iter().map(|(key, _)| status(&gw, key))).await;
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
-    let list = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "CLIENT", "LIST"])
-        .output()
-        .expect("redis-cli");
-    let list = String::from_utf8_lossy(&list.stdout);
+    let list = redis_cli(&redis, &["CLIENT", "LIST"]);
     // The lookups are GETs; nothing else of the gateway's (or this test's) ends on one.
     let lookup_connections = list.lines().filter(|l| l.contains(" cmd=get ")).count();
     assert!(
@@ -393,27 +375,13 @@ async fn each_proxy_thread_looks_keys_up_on_a_connection_of_its_own() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_lookup_connections_refuse_nothing() {
     let redis = RedisServer::start();
-    let store = redis_store(&redis, "drop").await;
-    let mut keys = Vec::new();
-    for _ in 0..200 {
-        keys.push(create_key(&store, |_| {}).await);
-    }
-    let config = format!(
-        "[proxy]\nworker_threads = 4\n{}",
-        config_for(&redis, "drop", "").await
-    );
-    let gw = Gateway::start(&config);
+    let (gw, keys) = four_threads_and_keys(&redis, "drop", 200).await;
     let mut fresh = keys.iter();
     // Every thread makes its lookup connection.
     let warm: Vec<_> = fresh.by_ref().take(40).collect();
     let answers = futures_util::future::join_all(warm.iter().map(|(k, _)| status(&gw, k))).await;
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
-    let killed = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string()])
-        .args(["CLIENT", "KILL", "TYPE", "normal"])
-        .output()
-        .expect("redis-cli");
-    assert!(killed.status.success(), "{killed:?}");
+    redis_cli(&redis, &["CLIENT", "KILL", "TYPE", "normal"]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let scrape = || async {
         client()
@@ -445,4 +413,33 @@ async fn dropped_lookup_connections_refuse_nothing() {
             .find(|l| l.starts_with("keygate_auth_store_errors_total"))
             .unwrap_or("no keygate_auth_store_errors_total")
     );
+}
+
+/// `count` keys in namespace `ns`, and a gateway on them with 4 proxy threads.
+async fn four_threads_and_keys(
+    redis: &RedisServer,
+    ns: &str,
+    count: usize,
+) -> (Gateway, Vec<(String, keygate::auth::record::KeyRecord)>) {
+    let store = redis_store(redis, ns).await;
+    let mut keys = Vec::new();
+    for _ in 0..count {
+        keys.push(create_key(&store, |_| {}).await);
+    }
+    let config = format!(
+        "[proxy]\nworker_threads = 4\n{}",
+        config_for(redis, ns, "").await
+    );
+    (Gateway::start(&config), keys)
+}
+
+/// Runs `redis-cli` against `redis` and returns what it printed; it must succeed.
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
