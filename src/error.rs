@@ -56,6 +56,8 @@ pub enum Outcome {
     Forbidden,
     StoreUnavailable,
     UpstreamError,
+    /// The client closed its connection before the answer was ready (nginx's 499).
+    ClientClosed,
 }
 
 impl Outcome {
@@ -69,6 +71,7 @@ impl Outcome {
             Outcome::Forbidden => "forbidden",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientClosed => "client_closed",
         }
     }
 }

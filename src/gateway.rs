@@ -86,6 +86,66 @@ struct Trace {
     client_ip: Option<IpAddr>,
 }
 
+/// One request between its headers and its answer: in `keygate_in_flight_requests` for that
+/// long, then counted and logged once. When the client closes its connection first, hyper
+/// drops [`Gateway::handle`] at its `await`; the drop still takes the request out of the gauge
+/// and counts and logs it, as `client_closed` with nginx's status 499.
+struct InFlight<'g> {
+    gateway: &'g Gateway,
+    peer: &'g Peer,
+    started: Instant,
+    id: HeaderValue,
+    method: http::Method,
+    trace: Trace,
+    finished: bool,
+}
+
+impl<'g> InFlight<'g> {
+    fn start(gateway: &'g Gateway, peer: &'g Peer, req: &Request<Incoming>) -> Self {
+        let started = Instant::now();
+        gateway.metrics.in_flight.inc();
+        Self {
+            gateway,
+            peer,
+            started,
+            id: request_id::take_or_make(req.headers()),
+            method: req.method().clone(),
+            trace: Trace::default(),
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, status: u16, outcome: Outcome, code: &str) {
+        self.finished = true;
+        let g = self.gateway;
+        let elapsed = self.started.elapsed();
+        g.metrics
+            .observe_request(self.trace.route, outcome, elapsed);
+        g.metrics.in_flight.dec();
+        let route = self.trace.route.and_then(|i| g.routes.get(i));
+        tracing::info!(
+            target: "keygate::access",
+            request_id = self.id.to_str().unwrap_or(""),
+            method = %self.method,
+            route = route.map_or("-", |r| r.name.as_str()),
+            status,
+            outcome = outcome.as_str(),
+            code,
+            key_id = self.trace.key.as_ref().map_or("-", |k| &*k.api_key_id),
+            client_ip = %self.trace.client_ip.unwrap_or(self.peer.addr.ip()),
+            duration_us = elapsed.as_micros() as u64,
+        );
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(499, Outcome::ClientClosed, "");
+        }
+    }
+}
+
 impl Gateway {
     pub fn new(
         config: &Config,
@@ -152,21 +212,17 @@ impl Gateway {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
-        let started = Instant::now();
-        self.metrics.in_flight.inc();
-        let request_id = request_id::take_or_make(req.headers());
-        let method = req.method().clone();
-        let mut trace = Trace::default();
+        let mut request = InFlight::start(self, peer, &req);
         let result = self
-            .authorize_and_forward(req, peer, &request_id, &mut trace)
+            .authorize_and_forward(req, peer, &request.id, &mut request.trace)
             .await;
-        let route = trace.route.and_then(|i| self.routes.get(i));
+        let route = request.trace.route.and_then(|i| self.routes.get(i));
         let (mut resp, outcome, code) = match result {
             Ok(resp) => (resp.map(Either::Left), Outcome::Forwarded, ""),
             Err(err) => {
                 let answer = error::classify(&err, self.reveal_refusal_reason);
                 let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
-                let id = request_id.to_str().unwrap_or("");
+                let id = request.id.to_str().unwrap_or("");
                 let resp = error::render(&answer, &self.realm, id, scopes).map(Either::Right);
                 if answer.outcome != Outcome::Forwarded {
                     tracing::debug!(request_id = id, reason = %err, "request refused");
@@ -175,22 +231,8 @@ impl Gateway {
             }
         };
         resp.headers_mut()
-            .insert(request_id::HEADER.clone(), request_id.clone());
-        let elapsed = started.elapsed();
-        self.metrics.observe_request(trace.route, outcome, elapsed);
-        self.metrics.in_flight.dec();
-        tracing::info!(
-            target: "keygate::access",
-            request_id = request_id.to_str().unwrap_or(""),
-            method = %method,
-            route = route.map_or("-", |r| r.name.as_str()),
-            status = resp.status().as_u16(),
-            outcome = outcome.as_str(),
-            code,
-            key_id = trace.key.as_ref().map_or("-", |k| &*k.api_key_id),
-            client_ip = %trace.client_ip.unwrap_or(peer.addr.ip()),
-            duration_us = elapsed.as_micros() as u64,
-        );
+            .insert(request_id::HEADER.clone(), request.id.clone());
+        request.finish(resp.status().as_u16(), outcome, code);
         resp
     }
 

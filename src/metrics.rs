@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 8] = [
+pub const OUTCOMES: [Outcome; 9] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -26,6 +26,7 @@ pub const OUTCOMES: [Outcome; 8] = [
     Outcome::Forbidden,
     Outcome::StoreUnavailable,
     Outcome::UpstreamError,
+    Outcome::ClientClosed,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -65,6 +66,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::Forbidden => 5,
         Outcome::StoreUnavailable => 6,
         Outcome::UpstreamError => 7,
+        Outcome::ClientClosed => 8,
     }
 }
 

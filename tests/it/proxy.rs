@@ -907,6 +907,67 @@ async fn access_log_has_one_line_per_request_and_never_a_key() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_the_answer_is_counted_and_logged_once() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keygate.log");
+    let silent = upstream::silent().await;
+    let gw = Gateway::start_logging_to(
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.silent]\n\
+             url = \"http://{silent}\"\nresponse_timeout = \"60s\"\n[[routes]]\n\
+             name = \"hangs\"\npath_prefix = \"/\"\nupstream = \"silent\"\npublic = true\n",
+            dir.path().join("keys.db").display()
+        ),
+        &log,
+    );
+    let metrics = || async {
+        client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\nX-Request-Id: left-early\r\n\r\n")
+        .await
+        .unwrap();
+    let waiting = eventually(Duration::from_secs(5), || async {
+        metrics().await.contains("\nkeygate_in_flight_requests 1\n")
+    })
+    .await;
+    assert!(waiting, "the request never showed as in flight");
+    drop(conn);
+
+    // Out of the gauge, counted once as client_closed, and logged with nginx's 499.
+    let closed = "keygate_requests_total{outcome=\"client_closed\",route=\"hangs\"} 1\n";
+    let counted = eventually(Duration::from_secs(5), || async {
+        let text = metrics().await;
+        text.contains(closed) && text.contains("\nkeygate_in_flight_requests 0\n")
+    })
+    .await;
+    assert!(counted, "{}", metrics().await);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let logged = eventually(Duration::from_secs(5), || async {
+        read().contains("left-early")
+    })
+    .await;
+    assert!(logged, "no access line: {}", read());
+    let text = read();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("left-early")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("status=499"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("outcome=\"client_closed\""),
+        "{}",
+        lines[0]
+    );
+}
+
 /// A gateway with one public route to `upstream`.
 fn public_gateway(dir: &tempfile::TempDir, upstream: std::net::SocketAddr) -> Gateway {
     Gateway::start(&format!(
