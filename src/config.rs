@@ -962,6 +962,16 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         if !r.path_prefix.starts_with('/') {
             p.add(at("path_prefix"), "must start with /");
+        } else if r.path_prefix.contains('%') {
+            p.add(
+                at("path_prefix"),
+                "is matched against the decoded path: write it without percent-encoding",
+            );
+        } else if let Err(e) = crate::request_path::routing_path(&r.path_prefix) {
+            p.add(
+                at("path_prefix"),
+                format!("no request could match it: {e}, and such paths are refused"),
+            );
         }
         let methods = r
             .methods
@@ -1389,6 +1399,22 @@ mod tests {
             "routes[0].methods",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn path_prefixes_must_be_matchable_paths() {
+        for prefix in ["/a/../b", "//a", "/a;v=1", "/%61pi"] {
+            let toml = format!(
+                "{GOOD}\n[[routes]]\nname = \"odd\"\npath_prefix = \"{prefix}\"\nupstream = \"api\"\n"
+            );
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{prefix} accepted")
+            };
+            assert!(
+                problems.iter().any(|p| p.field.ends_with(".path_prefix")),
+                "{prefix}: {problems:?}"
+            );
         }
     }
 

@@ -14,6 +14,8 @@ use http_body_util::Full;
 pub enum GatewayError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error(transparent)]
+    Path(#[from] crate::request_path::PathError),
     /// `CONNECT` asks for a tunnel, which a reverse proxy does not open.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
@@ -123,6 +125,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             "no route matches this request",
             None,
             Outcome::NoRoute,
+        ),
+        GatewayError::Path(_) => a(
+            S::BAD_REQUEST,
+            "PATH_NOT_CANONICAL",
+            "the path has dot or empty segments, `;` parameters, a backslash, an encoded `/`, `\\` or `%`, or a control character: upstreams read such paths differently",
+            None,
+            Outcome::BadRequest,
         ),
         GatewayError::ConnectNotSupported => a(
             S::NOT_IMPLEMENTED,

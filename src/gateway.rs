@@ -9,7 +9,6 @@ use crate::auth::policy;
 use crate::auth::verified::VerifiedKey;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{self, canonical};
-use crate::config::KeySource;
 use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
@@ -17,6 +16,7 @@ use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::proxy::{ForwardBody, ReadAheadBody, Upstream, headers};
 use crate::request_id;
+use crate::request_path;
 use crate::route::{self, Route, RouteTable};
 use crate::usage::UsageRecorder;
 use bytes::Bytes;
@@ -69,11 +69,10 @@ pub struct Peer {
     forwarded_for: HeaderValue,
 }
 
-/// A presented key, where it came from, the body to forward, and (urlencoded bodies) where the
+/// A presented key, the body to forward, and (urlencoded bodies) where the
 /// key field lies in it.
 struct Found<'p> {
     key: Cow<'p, str>,
-    source: KeySource,
     body: ForwardBody,
     field: Option<Range<u64>>,
 }
@@ -251,10 +250,12 @@ impl Gateway {
         }
 
         let host = route::request_host(&req);
+        let path = request_path::routing_path(req.uri().path())?;
         let route_index = self
             .routes
-            .find_index(req.method(), host.as_deref(), req.uri().path())
+            .find_index(req.method(), host.as_deref(), &path)
             .ok_or(GatewayError::NoRoute)?;
+        drop(path);
         trace.route = Some(route_index);
         let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
 
@@ -264,12 +265,13 @@ impl Gateway {
         parts.headers.reserve(ADDED_HEADERS);
         // Identity headers are ours alone, on every route, public ones included.
         headers::remove_identity(&mut parts.headers);
+        let mut verified = None;
         let body = if route.public {
             ForwardBody::Direct(incoming)
         } else {
             let now = chrono::Utc::now();
             let found = self.find_key(route, &parts, incoming).await?;
-            let (source, field, mut body) = (found.source, found.field, found.body);
+            let (field, mut body) = (found.field, found.body);
             let key = self.verifier.verify(&found.key, now).await?;
             trace.key = Some(key.clone());
             policy::authorize(&key, &route.scopes, client_ip, now)?;
@@ -277,14 +279,19 @@ impl Gateway {
                 usage.record(&key.api_key_id, now);
             }
             if !route.keep_credential {
-                credential::strip(source, &self.names, &mut parts.headers, &mut parts.uri);
+                credential::strip(
+                    &route.sources,
+                    &self.names,
+                    &mut parts.headers,
+                    &mut parts.uri,
+                );
                 if let (true, Some(range), ForwardBody::Replay(replay)) =
                     (route.body.strip_form_field, field, &mut body)
                 {
                     body_key::strip_field(replay, &mut parts.headers, range);
                 }
             }
-            headers::set_identity(&mut parts.headers, &key.identity);
+            verified = Some(key);
             body
         };
         // Not with `Expect: 100-continue`: the first poll of the body sends the client its
@@ -321,6 +328,11 @@ impl Gateway {
         headers::remove_hop_by_hop(h);
         if let Some(protocol) = &upgrade {
             headers::restore_upgrade(h, protocol.clone());
+        }
+        // Only now: a client's `Connection` may name any header, ours included, and what it
+        // names is removed above.
+        if let Some(key) = &verified {
+            headers::set_identity(h, &key.identity);
         }
         headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
         h.insert(request_id::HEADER.clone(), request_id.clone());
@@ -361,7 +373,6 @@ impl Gateway {
         if let Some(p) = credential::find(before, &self.names, &parts.headers, &parts.uri)? {
             return Ok(Found {
                 key: p.key,
-                source: p.source,
                 body: ForwardBody::Direct(incoming),
                 field: None,
             });
@@ -381,7 +392,6 @@ impl Gateway {
             }
             return Ok(Found {
                 key: Cow::Owned(k.value),
-                source: k.source,
                 body,
                 field: k.strip,
             });
@@ -389,7 +399,6 @@ impl Gateway {
         match credential::find(after, &self.names, &parts.headers, &parts.uri)? {
             Some(p) => Ok(Found {
                 key: p.key,
-                source: p.source,
                 body,
                 field: None,
             }),

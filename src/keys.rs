@@ -255,6 +255,23 @@ impl KeyService {
         }
     }
 
+    /// A team or user id: part of store key names (no braces or slashes) and of identity
+    /// headers (no control characters).
+    fn check_id(field: &'static str, v: &str) -> Result<(), KeyError> {
+        if v.is_empty()
+            || v.len() > 100
+            || v.contains(['{', '}', '/'])
+            || v.chars().any(char::is_control)
+        {
+            return Err(KeyError::Invalid {
+                field,
+                reason: "must be 1-100 characters, without braces, slashes or control characters"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Result<(), KeyError> {
         if t.is_some_and(|t| t <= now) {
             return Err(KeyError::Invalid {
@@ -306,13 +323,9 @@ impl KeyService {
         if let Some(d) = &req.description {
             Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
         }
-        if let Some(t) = &req.team_id
-            && (t.is_empty() || t.len() > 100 || t.contains(['{', '}', '/']))
-        {
-            return Err(KeyError::Invalid {
-                field: "team_id",
-                reason: "must be 1-100 characters, without braces or slashes".into(),
-            });
+        if let Some(t) = &req.team_id {
+            // A control character could not go out in `X-Keygate-Team-Id`.
+            Self::check_id("team_id", t)?;
         }
         Self::check_expiry(req.expires_time, now)?;
         self.check_scopes(&req.scope_names)?;
@@ -548,20 +561,8 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Member, KeyError> {
-        for (field, v) in [("team_id", team), ("user_id", user)] {
-            if v.is_empty()
-                || v.len() > 100
-                || v.contains(['{', '}', '/'])
-                || v.chars().any(char::is_control)
-            {
-                return Err(KeyError::Invalid {
-                    field,
-                    reason:
-                        "must be 1-100 characters, without braces, slashes or control characters"
-                            .into(),
-                });
-            }
-        }
+        Self::check_id("team_id", team)?;
+        Self::check_id("user_id", user)?;
         let member = self
             .store
             .put_member(&Member {

@@ -3,6 +3,7 @@
 //! Module map, in the order a request meets them:
 //! - [`server`]: listeners, connection limits, graceful shutdown.
 //! - [`client_ip`]: the client's address (peer, or forwarded by a trusted proxy).
+//! - [`request_path`]: the path routes match (decoded; ambiguous paths refused).
 //! - [`route`]: which upstream and which key rules apply to a request.
 //! - [`credential`]: where the presented key comes from (headers, query).
 //! - [`auth`]: key format, hash, cached verification and policy.
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod proxy;
 pub mod request_id;
+pub mod request_path;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -22,17 +22,18 @@ pub struct Route {
 }
 
 impl Route {
-    fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+    fn matches(&self, method: &Method, host: Option<&str>, path: &[u8]) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && self.host.as_deref().is_none_or(|h| Some(h) == host)
             && path_has_prefix(path, &self.path_prefix)
     }
 }
 
-/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`.
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`. `path` is the decoded path
+/// ([`crate::request_path::routing_path`]).
+fn path_has_prefix(path: &[u8], prefix: &str) -> bool {
+    match path.strip_prefix(prefix.as_bytes()) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"),
         None => false,
     }
 }
@@ -79,13 +80,13 @@ impl RouteTable {
         Self { routes }
     }
 
-    /// `host` is the request's host without port, lowercase.
-    pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Route> {
+    /// `host` is the request's host without port, lowercase; `path` the decoded path.
+    pub fn find(&self, method: &Method, host: Option<&str>, path: &[u8]) -> Option<&Route> {
         self.find_index(method, host, path)
             .and_then(|i| self.get(i))
     }
 
-    pub fn find_index(&self, method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn find_index(&self, method: &Method, host: Option<&str>, path: &[u8]) -> Option<usize> {
         self.routes
             .iter()
             .position(|r| r.matches(method, host, path))
@@ -102,16 +103,21 @@ impl RouteTable {
 }
 
 /// The host a request names (`:authority` for HTTP/2, `Host` for HTTP/1.1), lowercased, port
-/// removed; `None` when absent or not valid.
+/// and a trailing dot removed (`api.example.com.` is the same name, and DNS and most servers
+/// take it so); `None` when absent or not valid.
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    match req.uri().host() {
-        Some(h) => Some(h.to_ascii_lowercase()),
+    let host = match req.uri().host() {
+        Some(h) => h.to_ascii_lowercase(),
         None => {
             let value = req.headers().get(http::header::HOST)?.to_str().ok()?;
             let authority: http::uri::Authority = value.parse().ok()?;
-            Some(authority.host().to_ascii_lowercase())
+            authority.host().to_ascii_lowercase()
         }
-    }
+    };
+    Some(match host.strip_suffix('.') {
+        Some(bare) => bare.to_owned(),
+        None => host,
+    })
 }
 
 #[cfg(test)]
@@ -149,7 +155,9 @@ mod tests {
     }
 
     fn name(m: Method, host: Option<&str>, path: &str) -> Option<String> {
-        table().find(&m, host, path).map(|r| r.name.clone())
+        table()
+            .find(&m, host, path.as_bytes())
+            .map(|r| r.name.clone())
     }
 
     #[test]
@@ -177,13 +185,18 @@ mod tests {
     #[test]
     fn no_route_without_catch_all() {
         let t = RouteTable::new(&[route("api", "/api", None, &[])], &[], |_| 0);
-        assert!(t.find(&Method::GET, None, "/other").is_none());
+        assert!(t.find(&Method::GET, None, b"/other").is_none());
     }
 
     #[test]
     fn host_comes_from_uri_or_header() {
         let req = http::Request::get("/x")
             .header("host", "API.Example:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("api.example"));
+        let req = http::Request::get("/x")
+            .header("host", "api.example.:8080")
             .body(())
             .unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("api.example"));

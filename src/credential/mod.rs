@@ -149,22 +149,30 @@ fn decode(s: &str) -> Result<Cow<'_, str>, CredentialError> {
         .map_err(|_| CredentialError::Malformed("query parameter is not UTF-8"))
 }
 
-/// Removes the credential the key came from, so the upstream never sees it.
-pub fn strip(source: KeySource, names: &SourceNames, headers: &mut HeaderMap, uri: &mut Uri) {
-    match source {
-        KeySource::Bearer => {
-            headers.remove(AUTHORIZATION);
-        }
-        KeySource::Header => {
-            headers.remove(&names.header);
-        }
-        KeySource::Query => {
-            if let Some(stripped) = uri_without_param(uri, &names.query_param) {
-                *uri = stripped;
+/// Removes every credential the route's header and query `sources` carry, the one the key
+/// came from and any other (a client may send its key twice), so the upstream never sees
+/// one. An `Authorization` header of another scheme (Basic…) is the upstream's and stays.
+pub fn strip(sources: &[KeySource], names: &SourceNames, headers: &mut HeaderMap, uri: &mut Uri) {
+    for source in sources {
+        match source {
+            KeySource::Bearer => {
+                if matches!(bearer(headers), Ok(Some(_)) | Err(_)) {
+                    headers.remove(AUTHORIZATION);
+                }
             }
+            KeySource::Header => {
+                headers.remove(&names.header);
+            }
+            KeySource::Query => {
+                if uri.query().is_some()
+                    && let Some(stripped) = uri_without_param(uri, &names.query_param)
+                {
+                    *uri = stripped;
+                }
+            }
+            // Bodies are stripped by `body::strip_field`, only when the route asks for it.
+            KeySource::Form | KeySource::Json => {}
         }
-        // Bodies are stripped by `body::strip_field`, only when the route asks for it.
-        KeySource::Form | KeySource::Json => {}
     }
 }
 
@@ -280,19 +288,28 @@ mod tests {
     }
 
     #[test]
-    fn strip_removes_only_the_credential() {
+    fn strip_removes_the_credentials_of_the_given_sources_only() {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, "Bearer x".parse().unwrap());
         h.insert("x-api-key", "y".parse().unwrap());
         let mut uri: Uri = "/p?a=1&api_key=z&b=2".parse().unwrap();
-        strip(KeySource::Query, &names(), &mut h, &mut uri);
+        strip(&[KeySource::Query], &names(), &mut h, &mut uri);
         assert_eq!(uri.to_string(), "/p?a=1&b=2");
-        strip(KeySource::Bearer, &names(), &mut h, &mut uri);
+        strip(&[KeySource::Bearer], &names(), &mut h, &mut uri);
         assert!(h.get(AUTHORIZATION).is_none());
         assert!(h.get("x-api-key").is_some());
         let mut only: Uri = "/p?api_key=z".parse().unwrap();
-        strip(KeySource::Query, &names(), &mut h, &mut only);
+        strip(&[KeySource::Query], &names(), &mut h, &mut only);
         assert_eq!(only.to_string(), "/p");
+        // Every source at once; another scheme's Authorization is the upstream's.
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "Basic dTpw".parse().unwrap());
+        h.insert("x-api-key", "y".parse().unwrap());
+        let mut uri: Uri = "/p?api_key=z".parse().unwrap();
+        strip(&ALL, &names(), &mut h, &mut uri);
+        assert_eq!(h.get(AUTHORIZATION).unwrap(), "Basic dTpw");
+        assert!(h.get("x-api-key").is_none());
+        assert_eq!(uri.to_string(), "/p");
     }
 
     proptest! {
@@ -304,7 +321,7 @@ mod tests {
             if let Ok(uri) = format!("/p?{q}").parse::<Uri>() {
                 let _ = extract(&ALL, &names(), &h, &uri);
                 let mut u2 = uri.clone();
-                strip(KeySource::Query, &names(), &mut h, &mut u2);
+                strip(&ALL, &names(), &mut h, &mut u2);
             }
         }
     }

@@ -15,10 +15,13 @@ pub static SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Other claims of where a request came from, believed from trusted proxies only.
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The hop-by-hop fields (RFC 9110 §7.6.1, and the older `Keep-Alive`/`Proxy-Connection`),
-/// the proxy-authentication ones, and `Upgrade`.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// the proxy-authentication ones, `Upgrade`, and `HTTP2-Settings` (only ever meant for the
+/// next hop: RFC 9113 §3.2.1 of old).
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -28,6 +31,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes an upstream response's hop-by-hop headers and, when it came with a
@@ -97,12 +101,16 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
         "trailer" => 6,
         "transfer-encoding" => 7,
         "upgrade" => 8,
+        "http2-settings" => 9,
         _ => return None,
     })
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` plus `Upgrade`),
-/// e.g. `websocket`. HTTP/2 requests never upgrade.
+/// e.g. `websocket`. HTTP/2 requests never upgrade. Nor does a request that names `h2c`: an
+/// upstream that took it would speak HTTP/2 on the spliced connection, and every request
+/// after the first would reach it unseen by keygate (h2c smuggling). Such a request goes on
+/// as a plain one, its `Upgrade` removed with the other hop-by-hop headers.
 pub fn upgrade_protocol<B>(req: &http::Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
         return None;
@@ -114,8 +122,12 @@ pub fn upgrade_protocol<B>(req: &http::Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let protocol = req.headers().get(header::UPGRADE).filter(|_| asks)?;
+    let h2c = protocol
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"));
+    (!h2c).then(|| protocol.clone())
 }
 
 /// Puts back the two headers an upgrade needs after the hop-by-hop removal.
@@ -136,7 +148,8 @@ pub fn remove_identity(headers: &mut HeaderMap) {
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the chain is extended; from
-/// anyone else, what the client claimed is replaced, so the upstream can believe it.
+/// anyone else, what the client claimed is replaced, so the upstream can believe it, and its
+/// `Forwarded` and `X-Real-IP` (which keygate does not write) are removed.
 /// `peer` is the peer's address as header text.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
@@ -154,6 +167,10 @@ pub fn set_forwarded(
     };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !peer_is_trusted {
+        headers.remove(header::FORWARDED);
+        headers.remove(&X_REAL_IP);
     }
     if !(peer_is_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -422,6 +439,8 @@ mod tests {
     fn forwarded_headers_trust_only_trusted_peers() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.insert("forwarded", "for=10.0.0.1;proto=https".parse().unwrap());
+        h.insert("x-real-ip", "10.0.0.1".parse().unwrap());
         set_forwarded(
             &mut h,
             &HeaderValue::from_static("203.0.113.1"),
@@ -431,8 +450,10 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.1");
         assert_eq!(h["x-forwarded-host"], "api.example");
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "198.51.100.2".parse().unwrap());
+        h.insert("x-real-ip", "198.51.100.2".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         set_forwarded(
             &mut h,
@@ -443,5 +464,25 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.2, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-real-ip"], "198.51.100.2");
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        let req = |upgrade: &str| {
+            http::Request::get("/")
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("upgrade", upgrade)
+                .header("http2-settings", "AAMAAABkAAQAAP__")
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(upgrade_protocol(&req("websocket")).unwrap(), "websocket");
+        for h2c in ["h2c", "H2C", "websocket, h2c", " h2c "] {
+            assert_eq!(upgrade_protocol(&req(h2c)), None, "{h2c}");
+        }
+        let mut h = req("h2c").into_parts().0.headers;
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 }

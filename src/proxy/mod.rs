@@ -252,6 +252,10 @@ impl Upstream {
             return Err(GatewayError::UpstreamUnavailable);
         }
         let client_side = hyper::upgrade::on(&mut req);
+        let hold = req
+            .extensions()
+            .get::<crate::server::ConnectionHold>()
+            .cloned();
         let mut resp = self.exchange(req).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             return self.for_the_client(resp).await;
@@ -268,6 +272,8 @@ impl Upstream {
         let upstream_side = hyper::upgrade::on(&mut resp);
         let name = self.name.clone();
         tokio::spawn(async move {
+            // The client connection's slot and counts stay taken while the tunnel runs.
+            let _hold = hold;
             match (client_side.await, upstream_side.await) {
                 (Ok(client), Ok(upstream)) => {
                     let mut client = TokioIo::new(client);

@@ -21,10 +21,16 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+/// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
+/// answer may take before the connection is closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -32,7 +38,9 @@ pub struct ServeOptions {
     /// Largest request head; over it hyper answers 431 (HTTP/1) or refuses the stream (h2).
     pub max_header_bytes: usize,
     pub max_headers: usize,
-    /// Slowloris guard: a client must finish sending request headers within this time.
+    /// Slowloris guard: a client must finish sending request headers within this time, and a
+    /// new connection must bring its first request within it (HTTP/1.1 or HTTP/2, over TLS
+    /// after the handshake).
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
     /// Gauge of open client connections (TLS handshakes included), when metrics are wanted.
@@ -92,7 +100,10 @@ pub async fn serve_shared<M, S, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
+        // A peer that stops answering pings (gone, or never reading) is let go.
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Tells connections still in their TLS handshake to give up: they are not HTTP
@@ -117,10 +128,15 @@ pub async fn serve_shared<M, S, B>(
         let conn = Conn {
             builder: builder.clone(),
             watcher,
-            permit,
             peer,
-            _open: opts.open_connections.as_ref().map(OpenConnection::new),
-            _assigned: assigned,
+            first_request_timeout: opts.header_read_timeout,
+            hold: ConnectionHold {
+                _held: Arc::new(Held {
+                    _permit: permit,
+                    _open: opts.open_connections.as_ref().map(OpenConnection::new),
+                    _assigned: assigned,
+                }),
+            },
         };
         match &tls {
             None => {
@@ -209,13 +225,32 @@ pub async fn serve_shared<M, S, B>(
 }
 
 /// One accepted connection's share of the listener: the HTTP builder, its place in the
-/// graceful drain and its connection slot (released when this is dropped).
+/// graceful drain and what it holds while it lives.
 struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
-    permit: OwnedSemaphorePermit,
     peer: SocketAddr,
-    /// Counts the connection in `keygate_open_connections` for as long as it lives.
+    hold: ConnectionHold,
+    /// A connection with no request by then is closed: hyper's header timeout starts only
+    /// once it has seen which protocol the client speaks, and HTTP/2 has none, so a socket
+    /// that sends nothing, or only the HTTP/2 preface, would hold its slot for good.
+    first_request_timeout: Duration,
+}
+
+/// What a connection holds for as long as it lives, released when the last holder drops it:
+/// the connection itself, and the relay of an upgraded (WebSocket) connection, which outlives
+/// hyper's. A request that asks for an upgrade carries a clone in its extensions for the
+/// relay to keep; without it a tunnel would give back its slot under `max_connections` and
+/// leave `keygate_open_connections` while it still runs.
+#[derive(Clone)]
+pub struct ConnectionHold {
+    _held: Arc<Held>,
+}
+
+struct Held {
+    /// The connection's slot under `max_connections`.
+    _permit: OwnedSemaphorePermit,
+    /// Counts the connection in `keygate_open_connections`.
     _open: Option<OpenConnection>,
     /// Counts it against its thread's share of a shared socket.
     _assigned: Option<spread::Assigned>,
@@ -267,17 +302,31 @@ impl Conn {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let requested = Arc::new(AtomicBool::new(false));
         let service = WithConnectionInfo {
             inner: service,
             info: (info != ConnectionInfo::default()).then_some(info),
+            requested: requested.clone(),
+            hold: self.hold.clone(),
         };
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
+        let conn = self.watcher.watch(conn.into_owned());
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            ended = &mut conn => ended,
+            () = tokio::time::sleep(self.first_request_timeout) => {
+                if !requested.load(Ordering::Relaxed) {
+                    tracing::debug!(peer = %self.peer, "no request in time; connection closed");
+                    return;
+                }
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
         }
-        drop(self.permit);
     }
 }
 
@@ -317,6 +366,10 @@ struct WithConnectionInfo<S> {
     /// there is none (`ConnectionInfo::scheme_of`), and not inserting it saves allocating the
     /// extensions map on every request.
     info: Option<ConnectionInfo>,
+    /// Set by the connection's first request.
+    requested: Arc<AtomicBool>,
+    /// Given to requests that ask for an upgrade.
+    hold: ConnectionHold,
 }
 
 impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
@@ -328,8 +381,14 @@ where
     type Future = S::Future;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        if !self.requested.load(Ordering::Relaxed) {
+            self.requested.store(true, Ordering::Relaxed);
+        }
         if let Some(info) = &self.info {
             req.extensions_mut().insert(info.clone());
+        }
+        if req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(self.hold.clone());
         }
         self.inner.call(req)
     }

@@ -346,6 +346,14 @@ async fn create_validates_every_field(backing: &str) {
         "expires_in",
     )
     .await;
+    // A control character could never be sent in X-Keygate-Team-Id.
+    bad(
+        json!({"key_type": "shared", "team_id": "acme\r\nx"}),
+        400,
+        "INVALID_REQUEST",
+        "team_id",
+    )
+    .await;
 
     // Malformed JSON, wrong media type, oversized body.
     let r = client()

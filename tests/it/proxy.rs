@@ -172,6 +172,147 @@ async fn valid_key_reaches_upstream_with_identity_and_without_credential() {
     assert!(!seen.to_string().contains(&key), "key leaked upstream");
 }
 
+/// One HTTP/1.1 request written as given (no client rewrites the path): the status and the
+/// body. The connection closes after it.
+async fn raw_request(addr: std::net::SocketAddr, head: String) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_spelled_differently_meets_its_own_route_or_a_400() {
+    let e = env().await;
+    // No "admin" scope: /admin is closed to this key, and stays closed however it is spelled.
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let get = |path: &str| {
+        raw_request(
+            e.gw.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"),
+        )
+    };
+    assert_eq!(get("/admin/secret").await.0, 403);
+    // Percent-encoding is decoded before routes are matched.
+    let (status, body) = get("/%61dmin/secret").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("API_KEY_SCOPE_INSUFFICIENT"), "{body}");
+    for path in [
+        "/x/../admin/secret",
+        "/public/../admin/secret",
+        "/./admin/secret",
+        "/%2e%2e/admin/secret",
+        "//admin/secret",
+        "/admin;x/secret",
+        "/admin%2fsecret",
+        "/admin\\secret",
+        "/%2561dmin/secret",
+    ] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("PATH_NOT_CANONICAL"), "{path}: {body}");
+    }
+    // Without a key either: a public route's prefix does not open another route.
+    let (status, _) = raw_request(
+        e.gw.addr,
+        "GET /public/../admin/secret HTTP/1.1\r\nHost: t\r\n".into(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // Plain paths with dots in their names are fine.
+    let (status, body) = get("/api/v1.2/..files").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_cannot_remove_identity_headers_or_upgrade_to_h2c() {
+    let e = env_with("").await;
+    let (key, record) = create_key(&e.store, |_| {}).await;
+    // `Connection` names the headers keygate adds: they still reach the upstream.
+    let (status, body) = raw_request(
+        e.gw.addr,
+        format!(
+            "GET /api/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
+             Connection: keep-alive, X-Keygate-Team-Id, X-Keygate-Key-Id, X-Keygate-Scopes, \
+             X-Keygate-Key-Type, X-Forwarded-For, X-Request-Id\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(h["x-keygate-key-id"][0], record.api_key_id.as_str(), "{h}");
+    assert_eq!(h["x-keygate-team-id"][0], "team1", "{h}");
+    assert_eq!(h["x-keygate-key-type"][0], "shared", "{h}");
+    assert!(h["x-keygate-scopes"].is_array(), "{h}");
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1", "{h}");
+    assert!(h["x-request-id"].is_array(), "{h}");
+
+    // An h2c upgrade goes on as a plain request: no 101, no Upgrade upstream. And from an
+    // untrusted peer, `Forwarded` and `X-Real-IP` claims are dropped.
+    let (status, body) = raw_request(
+        e.gw.addr,
+        format!(
+            "GET /api/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+             HTTP2-Settings: AAMAAABkAAQAAP__\r\nForwarded: for=10.0.0.1\r\n\
+             X-Real-IP: 10.0.0.1\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    let h = &seen["headers"];
+    for gone in ["upgrade", "http2-settings", "forwarded", "x-real-ip"] {
+        assert!(h.get(gone).is_none(), "{gone} forwarded: {h}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_sent_twice_reaches_the_upstream_in_neither_place() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    // The /q route reads the query, then the bearer token: the query wins, both go.
+    let r = client()
+        .get(e.gw.url(&format!("/q/x?api_key={key}&a=1")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["query"], "a=1");
+    assert!(!seen.to_string().contains(&key), "key forwarded: {seen}");
+    // A header source the route does not read is not a credential here: left alone, and an
+    // Authorization of another scheme is the upstream's.
+    let r = client()
+        .get(e.gw.url(&format!("/q/x?api_key={key}")))
+        .header("authorization", "Basic dTpw")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["headers"]["authorization"][0], "Basic dTpw");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn header_and_query_sources_are_stripped_unless_kept() {
     let e = env().await;
@@ -750,6 +891,35 @@ async fn by_default_a_head_of_up_to_32_kib_is_accepted() {
     };
     assert_eq!(with_header(30_000).await.unwrap().status(), 200);
     assert_eq!(with_header(34_000).await.unwrap().status(), 431);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_never_send_a_request_give_their_slot_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_with("max_connections = 2\nheader_read_timeout = \"300ms\"").await;
+    // One says nothing, one only the HTTP/2 preface: both slots taken.
+    let silent = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    for mut conn in [silent, preface] {
+        // Closed by the gateway (end of stream, perhaps after its HTTP/2 SETTINGS frame).
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 256];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection without a request stayed open");
+    }
+    let r = client().get(e.gw.url("/public/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

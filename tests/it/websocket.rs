@@ -90,3 +90,53 @@ async fn websocket_frames_flow_after_authentication() {
     assert_eq!(back.into_data().as_ref(), &big[..]);
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_tunnel_keeps_its_connection_slot_and_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let upstream = ws_echo().await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nmax_connections = 2\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.ws]\nurl = \"http://{upstream}\"\n[[routes]]\npath_prefix = \"/\"\n\
+         upstream = \"ws\"\n",
+        db.display()
+    ));
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    let open = || async {
+        let mut req = format!("ws://{}/socket", gw.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws.next().await.unwrap().unwrap(); // the hello: spliced
+        ws
+    };
+    let metrics = || async {
+        reqwest::get(gw.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let first = open().await;
+    let _second = open().await;
+    assert!(
+        metrics().await.contains("\nkeygate_open_connections 2\n"),
+        "{}",
+        metrics().await
+    );
+    // Both slots are the tunnels': a third connection waits in the backlog.
+    let third = tokio::time::timeout(std::time::Duration::from_millis(700), open()).await;
+    assert!(
+        third.is_err(),
+        "a third connection was served beside two tunnels"
+    );
+    // One tunnel closes: its slot is free again.
+    drop(first);
+    let third = tokio::time::timeout(std::time::Duration::from_secs(10), open()).await;
+    assert!(third.is_ok(), "the closed tunnel's slot was not given back");
+}

@@ -1,0 +1,175 @@
+//! The path a request is routed by. keygate and the upstream must read a path the same way,
+//! or a request matched to one route's rules reaches another route's handler: `/x/../admin`,
+//! `/%61dmin`, `//admin` and `/admin;v=1` are all `/admin` to some upstream frameworks.
+//! So routes match the path with its percent-encoding decoded (every framework decodes before
+//! it routes), and a path whose meaning depends on the upstream — dot segments, empty
+//! segments, `;` parameters, an encoded `/`, `\` or `%`, a backslash, a control character —
+//! is refused with 400, as Spring Security's `StrictHttpFirewall` refuses them. The path is
+//! forwarded as the client sent it.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path has a `.` or `..` segment")]
+    DotSegment,
+    #[error("the path has an empty segment (`//`)")]
+    EmptySegment,
+    #[error("the path has a `;` (path parameters)")]
+    Parameters,
+    #[error("the path has a backslash")]
+    Backslash,
+    #[error("the path has an encoded `/`, `\\` or `%`")]
+    EncodedDelimiter,
+    #[error("the path has a control character")]
+    ControlCharacter,
+    #[error("the path has a `%` not followed by two hex digits")]
+    BadEncoding,
+}
+
+/// `raw` (a request's path, as sent) decoded, or why it is refused. No allocation unless the
+/// path has a `%`.
+pub fn routing_path(raw: &str) -> Result<Cow<'_, [u8]>, PathError> {
+    let bytes = raw.as_bytes();
+    let mut encoded = false;
+    for &b in bytes {
+        match b {
+            b'%' => encoded = true,
+            _ => check_byte(b)?,
+        }
+    }
+    let path = if encoded {
+        Cow::Owned(decode(bytes)?)
+    } else {
+        Cow::Borrowed(bytes)
+    };
+    check_segments(&path)?;
+    Ok(path)
+}
+
+fn check_byte(b: u8) -> Result<(), PathError> {
+    match b {
+        b';' => Err(PathError::Parameters),
+        b'\\' => Err(PathError::Backslash),
+        0..=0x1f | 0x7f => Err(PathError::ControlCharacter),
+        _ => Ok(()),
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<u8>, PathError> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let hex = |at: usize| {
+            bytes
+                .get(at)
+                .and_then(|&c| (c as char).to_digit(16))
+                .ok_or(PathError::BadEncoding)
+        };
+        let b = u8::try_from(hex(i + 1)? * 16 + hex(i + 2)?).map_err(|_| PathError::BadEncoding)?;
+        if matches!(b, b'/' | b'\\' | b'%') {
+            return Err(PathError::EncodedDelimiter);
+        }
+        check_byte(b)?;
+        out.push(b);
+        i += 3;
+    }
+    Ok(out)
+}
+
+/// Segments after the leading `/`: none is `.` or `..`, and none but the last is empty.
+/// A path that does not start with `/` (`*` of `OPTIONS *`) has no segments to check.
+fn check_segments(path: &[u8]) -> Result<(), PathError> {
+    let Some(rest) = path.strip_prefix(b"/") else {
+        return Ok(());
+    };
+    let mut segments = rest.split(|&b| b == b'/').peekable();
+    while let Some(segment) = segments.next() {
+        match segment {
+            b"." | b".." => return Err(PathError::DotSegment),
+            b"" if segments.peek().is_some() => return Err(PathError::EmptySegment),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_paths_are_used_as_they_are() {
+        for p in [
+            "/",
+            "/api",
+            "/api/",
+            "/api/items/7",
+            "/a.b/c..d/.e",
+            "*",
+            "/ünï",
+        ] {
+            assert!(
+                matches!(routing_path(p), Ok(Cow::Borrowed(b)) if b == p.as_bytes()),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn percent_encoding_is_decoded() {
+        let decoded = |p| routing_path(p).map(|c| c.into_owned());
+        assert_eq!(decoded("/%61dmin/x"), Ok(b"/admin/x".to_vec()));
+        assert_eq!(decoded("/a%20b%7E"), Ok(b"/a b~".to_vec()));
+        assert_eq!(decoded("/%C3%BC"), Ok("/ü".as_bytes().to_vec()));
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        use PathError::*;
+        for (p, why) in [
+            ("/x/../admin", DotSegment),
+            ("/./admin", DotSegment),
+            ("/admin/.", DotSegment),
+            ("/admin/..", DotSegment),
+            ("/%2e%2E/admin", DotSegment),
+            ("/x/%2e./admin", DotSegment),
+            ("//admin", EmptySegment),
+            ("/admin//x", EmptySegment),
+            ("/admin;v=1/x", Parameters),
+            ("/admin%3bx", Parameters),
+            ("/admin\\x", Backslash),
+            ("/admin%2fx", EncodedDelimiter),
+            ("/admin%2Fx", EncodedDelimiter),
+            ("/admin%5cx", EncodedDelimiter),
+            ("/%2561dmin", EncodedDelimiter),
+            ("/admin%00", ControlCharacter),
+            ("/admin%0a", ControlCharacter),
+            ("/admin%", BadEncoding),
+            ("/admin%4", BadEncoding),
+            ("/admin%zz", BadEncoding),
+        ] {
+            assert_eq!(routing_path(p), Err(why), "{p}");
+        }
+    }
+
+    proptest! {
+        /// Whatever comes in: no panic, and what passes is free of every ambiguity.
+        #[test]
+        fn what_passes_is_unambiguous(raw in "[/a-z.%;\\\\0-9A-F]{0,24}") {
+            if let Ok(path) = routing_path(&raw) {
+                let s = String::from_utf8_lossy(&path);
+                prop_assert!(!s.contains("//") && !s.contains(';') && !s.contains('\\'), "{}", s);
+                prop_assert!(!s.contains("/./") && !s.contains("/../"), "{}", s);
+                prop_assert!(!s.ends_with("/.") && !s.ends_with("/.."), "{}", s);
+                prop_assert!(raw.contains('%') || *path == *raw.as_bytes());
+            }
+        }
+    }
+}
