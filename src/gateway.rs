@@ -325,7 +325,7 @@ impl Gateway {
         let proto = crate::server::ConnectionInfo::scheme_of(req.extensions());
         let upgrade = headers::upgrade_protocol(&req);
         let h = req.headers_mut();
-        headers::remove_hop_by_hop(h);
+        headers::remove_hop_by_hop_and_claims(h, !peer.trusted);
         if let Some(protocol) = &upgrade {
             headers::restore_upgrade(h, protocol.clone());
         }

@@ -28,25 +28,31 @@ pub enum PathError {
 }
 
 /// `raw` (a request's path, as sent) decoded, or why it is refused. No allocation unless the
-/// path has a `%`.
+/// path has a `%`; one pass over it unless it has a `%` or a `/` followed by `.` or `/`.
 pub fn routing_path(raw: &str) -> Result<Cow<'_, [u8]>, PathError> {
     let bytes = raw.as_bytes();
-    let mut encoded = false;
+    let (mut encoded, mut dot_or_empty) = (false, false);
+    let mut previous = 0u8;
     for &b in bytes {
         match b {
             b'%' => encoded = true,
+            b'.' | b'/' if previous == b'/' => dot_or_empty = true,
             _ => check_byte(b)?,
         }
+        previous = b;
     }
-    let path = if encoded {
-        Cow::Owned(decode(bytes)?)
-    } else {
-        Cow::Borrowed(bytes)
-    };
-    check_segments(&path)?;
-    Ok(path)
+    if encoded {
+        let path = decode(bytes)?;
+        check_segments(&path)?;
+        return Ok(Cow::Owned(path));
+    }
+    if dot_or_empty {
+        check_segments(bytes)?;
+    }
+    Ok(Cow::Borrowed(bytes))
 }
 
+#[inline]
 fn check_byte(b: u8) -> Result<(), PathError> {
     match b {
         b';' => Err(PathError::Parameters),

@@ -156,7 +156,12 @@ pub fn strip(sources: &[KeySource], names: &SourceNames, headers: &mut HeaderMap
     for source in sources {
         match source {
             KeySource::Bearer => {
-                if matches!(bearer(headers), Ok(Some(_)) | Err(_)) {
+                let is_bearer = |v: &http::HeaderValue| {
+                    v.as_bytes()
+                        .get(..6)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer"))
+                };
+                if headers.get_all(AUTHORIZATION).iter().any(is_bearer) {
                     headers.remove(AUTHORIZATION);
                 }
             }

@@ -49,17 +49,39 @@ pub fn remove_upstream_framing(headers: &mut HeaderMap) {
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` goes
 /// too (the gateway puts it back on an upgrade request).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, each matched once as a string, notes which of the nine are
+    remove_hop_by_hop_and_claims(headers, false);
+}
+
+/// [`remove_hop_by_hop`], and with `untrusted_peer` the client's own `Forwarded` and
+/// `X-Real-IP` (which keygate does not write, so from anyone but a trusted proxy they are
+/// claims an upstream could believe), in the same pass over the names.
+pub fn remove_hop_by_hop_and_claims(headers: &mut HeaderMap, untrusted_peer: bool) {
+    const FORWARDED_BIT: u16 = 1 << 14;
+    const X_REAL_IP_BIT: u16 = 1 << 15;
+    // One pass over the names, each matched once as a string, notes which of the names are
     // present: most messages carry none, a typical upstream answer only `Connection:
     // keep-alive`, and each removal or lookup costs more than the match.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str()) {
+        let name = name.as_str();
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
+        } else if untrusted_peer {
+            match name {
+                "forwarded" => present |= FORWARDED_BIT,
+                "x-real-ip" => present |= X_REAL_IP_BIT,
+                _ => {}
+            }
         }
     }
     if present == 0 {
         return;
+    }
+    if present & FORWARDED_BIT != 0 {
+        headers.remove(header::FORWARDED);
+    }
+    if present & X_REAL_IP_BIT != 0 {
+        headers.remove(&X_REAL_IP);
     }
     if present & 1 != 0 {
         // Names the `Connection` header lists beyond the nine (and `close`) are rare: only
@@ -148,8 +170,8 @@ pub fn remove_identity(headers: &mut HeaderMap) {
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the chain is extended; from
-/// anyone else, what the client claimed is replaced, so the upstream can believe it, and its
-/// `Forwarded` and `X-Real-IP` (which keygate does not write) are removed.
+/// anyone else, what the client claimed is replaced, so the upstream can believe it (its
+/// `Forwarded` and `X-Real-IP` go with [`remove_hop_by_hop_and_claims`]).
 /// `peer` is the peer's address as header text.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
@@ -167,10 +189,6 @@ pub fn set_forwarded(
     };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if !peer_is_trusted {
-        headers.remove(header::FORWARDED);
-        headers.remove(&X_REAL_IP);
     }
     if !(peer_is_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -441,6 +459,7 @@ mod tests {
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
         h.insert("forwarded", "for=10.0.0.1;proto=https".parse().unwrap());
         h.insert("x-real-ip", "10.0.0.1".parse().unwrap());
+        remove_hop_by_hop_and_claims(&mut h, true);
         set_forwarded(
             &mut h,
             &HeaderValue::from_static("203.0.113.1"),
@@ -455,6 +474,7 @@ mod tests {
         h.insert("x-forwarded-for", "198.51.100.2".parse().unwrap());
         h.insert("x-real-ip", "198.51.100.2".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
+        remove_hop_by_hop_and_claims(&mut h, false);
         set_forwarded(
             &mut h,
             &HeaderValue::from_static("10.0.0.1"),

@@ -387,7 +387,13 @@ where
         if let Some(info) = &self.info {
             req.extensions_mut().insert(info.clone());
         }
-        if req.headers().contains_key(http::header::UPGRADE) {
+        // hyper marks the requests that may upgrade (HTTP/1.1 with `Upgrade`); looking for
+        // its mark costs nothing on the others, whose extensions are empty.
+        if req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
+        {
             req.extensions_mut().insert(self.hold.clone());
         }
         self.inner.call(req)
