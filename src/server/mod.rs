@@ -2,7 +2,7 @@
 //! waits in the kernel's backlog instead of in our memory), optionally terminate TLS
 //! ([`tls`]), serve HTTP/1.1 and HTTP/2 through hyper-util's auto builder (h2c in cleartext,
 //! ALPN-negotiated over TLS), and shut down gracefully: stop accepting, let in-flight requests
-//! finish up to the drain timeout, then return. Shutdown is a future passed in, so `main` and
+//! and open tunnels finish up to the drain timeout, then return. Shutdown is a future passed in, so `main` and
 //! the tests drive it the same way.
 //!
 //! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
 /// answer may take before the connection is closed.
@@ -109,6 +109,10 @@ pub async fn serve_shared<M, S, B>(
     // Tells connections still in their TLS handshake to give up: they are not HTTP
     // connections yet, so the graceful watcher cannot ask them to finish.
     let (closing_tx, closing_rx) = watch::channel(false);
+    // Every connection's hold keeps a sender: the drain is over when the last is dropped,
+    // upgraded connections (which hyper, and so the graceful watcher, no longer sees)
+    // included.
+    let (holds_tx, mut holds_rx) = mpsc::channel::<std::convert::Infallible>(1);
     let permits = opts
         .shared_slots
         .clone()
@@ -135,6 +139,7 @@ pub async fn serve_shared<M, S, B>(
                     _permit: permit,
                     _open: opts.open_connections.as_ref().map(OpenConnection::new),
                     _assigned: assigned,
+                    _draining: holds_tx.clone(),
                 }),
             },
         };
@@ -215,9 +220,16 @@ pub async fn serve_shared<M, S, B>(
         }
     }
     drop(listener);
+    drop(holds_tx);
     let _ = closing_tx.send(true);
+    let drained = async {
+        graceful.shutdown().await;
+        // Open tunnels (WebSocket) are relayed bytes keygate cannot ask to finish: they get
+        // the rest of the drain time to close on their own.
+        while holds_rx.recv().await.is_some() {}
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("all connections drained"),
+        () = drained => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
         }
@@ -254,6 +266,8 @@ struct Held {
     _open: Option<OpenConnection>,
     /// Counts it against its thread's share of a shared socket.
     _assigned: Option<spread::Assigned>,
+    /// Keeps the listener's drain waiting for this connection (or its tunnel).
+    _draining: mpsc::Sender<std::convert::Infallible>,
 }
 
 /// A connection slot, then a connection; `None` after an accept error (backed off).

@@ -140,3 +140,57 @@ async fn an_open_tunnel_keeps_its_connection_slot_and_count() {
     let third = tokio::time::timeout(std::time::Duration::from_secs(10), open()).await;
     assert!(third.is_ok(), "the closed tunnel's slot was not given back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_open_tunnel_finish_within_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let upstream = ws_echo().await;
+    let mut gw = Gateway::start(&format!(
+        "[proxy]\ndrain_timeout = \"30s\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.ws]\nurl = \"http://{upstream}\"\n[[routes]]\npath_prefix = \"/\"\n\
+         upstream = \"ws\"\n",
+        db.display()
+    ));
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    let mut req = format!("ws://{}/socket", gw.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.next().await.unwrap().unwrap(); // the hello: spliced
+    let addr = gw.addr;
+    let started = std::time::Instant::now();
+    let exit = tokio::task::spawn_blocking(move || gw.terminate());
+
+    // The listener closes, the tunnel goes on.
+    let mut refused = false;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(addr).is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused, "still accepting after SIGTERM");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for i in 0..5 {
+        ws.send(Message::text(format!("late {i}"))).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), format!("late {i}"));
+    }
+    assert!(!exit.is_finished(), "keygate exited with a tunnel open");
+
+    // Once the tunnel closes the drain is over, long before its 30 s.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let status = exit.await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the drain waited {:?} after the tunnel closed",
+        started.elapsed()
+    );
+}
