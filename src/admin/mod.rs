@@ -162,11 +162,11 @@ impl AdminApi {
         let id = request_id.to_str().unwrap_or("").to_owned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        if path == "/metrics" && method == Method::GET {
+        if path == "/metrics" && (method == Method::GET || method == Method::HEAD) {
             let mut resp = self.metrics().await;
             resp.headers_mut()
                 .insert(request_id::HEADER.clone(), request_id);
-            return resp;
+            return without_body_for_head(&method, resp);
         }
         let result = self.dispatch(req, peer, &id).await;
         let mut resp = match result {
@@ -230,7 +230,7 @@ impl AdminApi {
             status = resp.status().as_u16(),
             client = %peer.ip(),
         );
-        resp
+        without_body_for_head(&method, resp)
     }
 
     async fn dispatch(
@@ -302,27 +302,27 @@ impl AdminApi {
         let m = ctx.method;
         match segs {
             ["keys"] => match *m {
-                Method::GET => self.list_keys(ctx).await,
+                Method::GET | Method::HEAD => self.list_keys(ctx).await,
                 Method::POST => self.create_key(ctx).await,
-                _ => Err(AdminError::MethodNotAllowed("GET, POST")),
+                _ => Err(AdminError::MethodNotAllowed("GET, HEAD, POST")),
             },
             ["keys", id] => match *m {
-                Method::GET => self.get_key(id, ctx).await,
+                Method::GET | Method::HEAD => self.get_key(id, ctx).await,
                 Method::PATCH => self.patch_key(id, ctx).await,
                 Method::DELETE => self.delete_key(id, ctx).await,
-                _ => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE")),
+                _ => Err(AdminError::MethodNotAllowed("GET, HEAD, PATCH, DELETE")),
             },
             ["keys", id, "rotate"] => match *m {
                 Method::POST => self.rotate_key(id, ctx).await,
                 _ => Err(AdminError::MethodNotAllowed("POST")),
             },
             ["scopes"] => match *m {
-                Method::GET => Ok(Reply::ok(json!(self.scopes))),
-                _ => Err(AdminError::MethodNotAllowed("GET")),
+                Method::GET | Method::HEAD => Ok(Reply::ok(json!(self.scopes))),
+                _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
             },
             ["teams", team, "members"] => match *m {
-                Method::GET => self.list_members(team, ctx).await,
-                _ => Err(AdminError::MethodNotAllowed("GET")),
+                Method::GET | Method::HEAD => self.list_members(team, ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
             },
             ["teams", team, "members", user] => match *m {
                 Method::PUT => self.put_member(team, user, ctx).await,
@@ -330,8 +330,8 @@ impl AdminApi {
                 _ => Err(AdminError::MethodNotAllowed("PUT, DELETE")),
             },
             ["audit"] => match *m {
-                Method::GET => self.audit(ctx).await,
-                _ => Err(AdminError::MethodNotAllowed("GET")),
+                Method::GET | Method::HEAD => self.audit(ctx).await,
+                _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
             },
             _ => Err(AdminError::NoEndpoint),
         }
@@ -498,7 +498,9 @@ impl AdminApi {
 
     async fn get_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
         let record = self.visible_key(id, ctx).await?;
-        let value = if ctx.query.bool("show_key_value")? == Some(true) {
+        // A HEAD shows nothing, so it reveals nothing (and writes no reveal to the audit).
+        let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
+        {
             self.service
                 .reveal(&record, &ctx.audit_actor()?, ctx.now)
                 .await?
@@ -640,11 +642,23 @@ impl AdminApi {
 }
 
 fn only_get(method: &Method) -> Result<(), AdminError> {
-    if method == Method::GET {
+    if method == Method::GET || method == Method::HEAD {
         Ok(())
     } else {
-        Err(AdminError::MethodNotAllowed("GET"))
+        Err(AdminError::MethodNotAllowed("GET, HEAD"))
     }
+}
+
+/// A HEAD request's answer: the GET's status and headers, its `Content-Length` included, and
+/// no body.
+fn without_body_for_head(method: &Method, mut resp: AdminResponse) -> AdminResponse {
+    if method == Method::HEAD {
+        let length = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
 }
 
 fn envelope(status: StatusCode, body: Value) -> AdminResponse {

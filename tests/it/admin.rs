@@ -887,6 +887,65 @@ async fn health_and_readiness_need_no_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn head_answers_like_get_without_a_body_or_a_reveal() {
+    let e = start("embedded", "reveal_window = \"60s\"").await;
+    let (id, _) = e.create(json!({"key_type": "shared"})).await;
+    // reqwest's `content_length()` is the body's length: the header is read instead.
+    let length = |r: &reqwest::Response| -> u64 {
+        r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let send = |method: reqwest::Method, path: &str, token: bool| {
+        let mut req = client()
+            .request(method, e.gw.admin_url(path))
+            .header("x-request-id", "same-id-for-both");
+        if token {
+            req = req.bearer_auth(TOKEN);
+        }
+        req.send()
+    };
+    // A HEAD shows no value, so it reveals none: the audit has no reveal for it.
+    let reveal = format!("/v1/keys/{id}?show_key_value=true");
+    let head = send(reqwest::Method::HEAD, &reveal, true).await.unwrap();
+    assert_eq!(head.status(), 200);
+    let actions = e.audit_actions(&id).await;
+    assert!(!actions.iter().any(|a| a == "reveal"), "{actions:?}");
+    let get = send(reqwest::Method::GET, &reveal, true).await.unwrap();
+    assert!(get.text().await.unwrap().contains("\"key_value\":\"kg_"));
+
+    let path = format!("/v1/keys/{id}");
+    let get = send(reqwest::Method::GET, &path, true).await.unwrap();
+    assert_eq!(get.status(), 200);
+    let get_length = length(&get);
+    let get_body = get.text().await.unwrap();
+    assert_eq!(get_length, get_body.len() as u64);
+    let head = send(reqwest::Method::HEAD, &path, true).await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-type"], "application/json");
+    assert_eq!(length(&head), get_length);
+    assert_eq!(head.text().await.unwrap(), "");
+    // Credentials and scopes hold as for GET.
+    let r = send(reqwest::Method::HEAD, "/v1/keys", false)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/keys", "/v1/scopes"] {
+        let r = send(reqwest::Method::HEAD, path, true).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(length(&r) > 0, "{path}");
+        assert_eq!(r.text().await.unwrap(), "", "{path}");
+    }
+    let r = send(reqwest::Method::POST, "/v1/scopes", true)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_exposed_parsable_and_free_of_keys() {
     let e = start("embedded", "").await;
     let (_, key) = e.create(json!({"key_type": "shared"})).await;
