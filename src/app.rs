@@ -112,6 +112,7 @@ pub async fn run(
         max_header_bytes: config.proxy.max_header_bytes,
         max_headers: config.proxy.max_headers,
         header_read_timeout: config.proxy.header_read_timeout,
+        idle_timeout: config.proxy.idle_timeout,
         drain_timeout: config.proxy.drain_timeout,
         open_connections: Some(metrics.open_connections.clone()),
         shared_slots: None,

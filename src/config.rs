@@ -45,6 +45,8 @@ struct RawProxy {
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
     worker_threads: Option<usize>,
     work_stealing: bool,
@@ -66,6 +68,8 @@ impl Default for RawProxy {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout, which it applies to HTTP/2 connections too.
+            idle_timeout: Duration::from_secs(75),
             drain_timeout: Duration::from_secs(20),
             worker_threads: None,
             work_stealing: false,
@@ -335,6 +339,9 @@ pub struct ProxyConfig {
     /// Most header fields accepted in one request; more gets 431.
     pub max_headers: usize,
     pub header_read_timeout: Duration,
+    /// How long an HTTP/2 client connection may go without a new request before it is closed
+    /// gracefully (GOAWAY; streams in flight finish).
+    pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     /// Threads that serve requests; `None`: one per CPU the process may use. One thread runs
     /// the single-threaded scheduler, which costs less per request than a one-worker pool.
@@ -729,6 +736,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         max_header_bytes: raw.proxy.max_header_bytes,
         max_headers: raw.proxy.max_headers,
         header_read_timeout: raw.proxy.header_read_timeout,
+        idle_timeout: raw.proxy.idle_timeout,
         drain_timeout: raw.proxy.drain_timeout,
         worker_threads: raw.proxy.worker_threads,
         work_stealing: raw.proxy.work_stealing,
@@ -755,6 +763,9 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     if proxy.header_read_timeout.is_zero() {
         p.add("proxy.header_read_timeout", "must be more than zero");
+    }
+    if proxy.idle_timeout < Duration::from_secs(1) {
+        p.add("proxy.idle_timeout", "must be at least 1s");
     }
 
     let key_prefix = KeyPrefix::new(&raw.auth.key_prefix).unwrap_or_else(|reason| {
@@ -1371,6 +1382,7 @@ mod tests {
             [proxy]
             listen = "nowhere"
             trusted_proxies = ["10.0.0.0/33"]
+            idle_timeout = "500ms"
             [auth]
             key_prefix = "Bad_Prefix"
             sources = ["bearer", "cookie"]
@@ -1390,6 +1402,7 @@ mod tests {
         for f in [
             "proxy.listen",
             "proxy.trusted_proxies[0]",
+            "proxy.idle_timeout",
             "auth.key_prefix",
             "auth.sources[1]",
             "store.kind",

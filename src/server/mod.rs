@@ -1,8 +1,9 @@
 //! Listeners: accept TCP connections (bounded by a semaphore taken *before* accept, so a flood
 //! waits in the kernel's backlog instead of in our memory), optionally terminate TLS
 //! ([`tls`]), serve HTTP/1.1 and HTTP/2 through hyper-util's auto builder (h2c in cleartext,
-//! ALPN-negotiated over TLS), and shut down gracefully: stop accepting, let in-flight requests
-//! and open tunnels finish up to the drain timeout, then return. Shutdown is a future passed in, so `main` and
+//! ALPN-negotiated over TLS), close connections that sit idle, and shut down gracefully: stop
+//! accepting, let in-flight requests and open tunnels finish up to the drain timeout, then
+//! return. Shutdown is a future passed in, so `main` and
 //! the tests drive it the same way.
 //!
 //! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
@@ -17,11 +18,10 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +42,10 @@ pub struct ServeOptions {
     /// new connection must bring its first request within it (HTTP/1.1 or HTTP/2, over TLS
     /// after the handshake).
     pub header_read_timeout: Duration,
+    /// An HTTP/2 connection that brings no new request for this long (up to twice this) is
+    /// closed gracefully: GOAWAY, streams in flight finish. (An idle HTTP/1.1 connection is
+    /// closed by hyper when `header_read_timeout` passes without its next request.)
+    pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     /// Gauge of open client connections (TLS handshakes included), when metrics are wanted.
     pub open_connections: Option<prometheus::IntGauge>,
@@ -105,13 +109,10 @@ pub async fn serve_shared<M, S, B>(
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    // Tells connections still in their TLS handshake to give up: they are not HTTP
-    // connections yet, so the graceful watcher cannot ask them to finish.
+    // Tells connections to finish (HTTP: gracefully; a TLS handshake: at once).
     let (closing_tx, closing_rx) = watch::channel(false);
     // Every connection's hold keeps a sender: the drain is over when the last is dropped,
-    // upgraded connections (which hyper, and so the graceful watcher, no longer sees)
-    // included.
+    // upgraded connections (whose tunnels outlive hyper's connection) included.
     let (holds_tx, mut holds_rx) = mpsc::channel::<std::convert::Infallible>(1);
     let permits = opts
         .shared_slots
@@ -126,14 +127,12 @@ pub async fn serve_shared<M, S, B>(
                  assigned: Option<spread::Assigned>| {
         let _ = stream.set_nodelay(true);
         let service = make_service(peer);
-        // Taken here, not in the task: a shutdown signalled while the task is still in its
-        // handshake must reach the connection once it starts.
-        let watcher = graceful.watcher();
         let conn = Conn {
             builder: builder.clone(),
-            watcher,
+            closing: closing_rx.clone(),
             peer,
             first_request_timeout: opts.header_read_timeout,
+            idle_timeout: opts.idle_timeout,
             hold: ConnectionHold {
                 _held: Arc::new(Held {
                     _permit: permit,
@@ -222,12 +221,9 @@ pub async fn serve_shared<M, S, B>(
     drop(listener);
     drop(holds_tx);
     let _ = closing_tx.send(true);
-    let drained = async {
-        graceful.shutdown().await;
-        // Open tunnels (WebSocket) are relayed bytes keygate cannot ask to finish: they get
-        // the rest of the drain time to close on their own.
-        while holds_rx.recv().await.is_some() {}
-    };
+    // HTTP connections finish their requests and close; open tunnels (WebSocket) are relayed
+    // bytes keygate cannot ask to finish, so they get the drain time to close on their own.
+    let drained = async { while holds_rx.recv().await.is_some() {} };
     tokio::select! {
         () = drained => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(opts.drain_timeout) => {
@@ -236,17 +232,20 @@ pub async fn serve_shared<M, S, B>(
     }
 }
 
-/// One accepted connection's share of the listener: the HTTP builder, its place in the
-/// graceful drain and what it holds while it lives.
+/// One accepted connection's share of the listener: the HTTP builder, the listener's signal
+/// to finish, and what it holds while it lives.
 struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    /// `true` once the listener drains.
+    closing: watch::Receiver<bool>,
     peer: SocketAddr,
     hold: ConnectionHold,
     /// A connection with no request by then is closed: hyper's header timeout starts only
     /// once it has seen which protocol the client speaks, and HTTP/2 has none, so a socket
     /// that sends nothing, or only the HTTP/2 preface, would hold its slot for good.
     first_request_timeout: Duration,
+    /// [`ServeOptions::idle_timeout`].
+    idle_timeout: Duration,
 }
 
 /// What a connection holds for as long as it lives, released when the last holder drops it:
@@ -316,32 +315,70 @@ impl Conn {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let requested = Arc::new(AtomicBool::new(false));
+        let activity = Arc::new(Activity::default());
         let service = WithConnectionInfo {
             inner: service,
             info: (info != ConnectionInfo::default()).then_some(info),
-            requested: requested.clone(),
+            activity: activity.clone(),
             hold: self.hold.clone(),
         };
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
-        let conn = self.watcher.watch(conn.into_owned());
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
         tokio::pin!(conn);
-        let ended = tokio::select! {
-            ended = &mut conn => ended,
-            () = tokio::time::sleep(self.first_request_timeout) => {
-                if !requested.load(Ordering::Relaxed) {
-                    tracing::debug!(peer = %self.peer, "no request in time; connection closed");
-                    return;
+        let mut closing = self.closing;
+        // Whether to look at the connection's requests at `check_at`: until its first, then
+        // for as long as it is an HTTP/2 connection (hyper times HTTP/1.1's idle waits).
+        let mut checking = true;
+        let first_request_by = tokio::time::Instant::now() + self.first_request_timeout;
+        let mut check_at =
+            tokio::time::Instant::now() + self.first_request_timeout.min(self.idle_timeout);
+        let mut requests_at_check = 0;
+        let mut finishing = false;
+        let ended = loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                _ = closing.wait_for(|c| *c), if !finishing => {
+                    conn.as_mut().graceful_shutdown();
+                    finishing = true;
                 }
-                conn.await
+                () = tokio::time::sleep_until(check_at), if checking && !finishing => {
+                    let requests = activity.requests.load(Ordering::Relaxed);
+                    if requests == 0 {
+                        if tokio::time::Instant::now() < first_request_by {
+                            check_at = first_request_by;
+                            continue;
+                        }
+                        tracing::debug!(peer = %self.peer, "no request in time; connection closed");
+                        return;
+                    }
+                    if !activity.http2.load(Ordering::Relaxed) {
+                        checking = false;
+                    } else if requests == requests_at_check {
+                        tracing::debug!(peer = %self.peer, "idle HTTP/2 connection closed");
+                        conn.as_mut().graceful_shutdown();
+                        finishing = true;
+                    } else {
+                        requests_at_check = requests;
+                        check_at = tokio::time::Instant::now() + self.idle_timeout;
+                    }
+                }
             }
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
         }
     }
+}
+
+/// What a connection's requests tell its idle check.
+#[derive(Default)]
+struct Activity {
+    /// Requests so far (only its changes matter).
+    requests: AtomicU64,
+    /// Whether the connection speaks HTTP/2 (known from its first request).
+    http2: AtomicBool,
 }
 
 /// The connection to serve on this thread, or `None` when it went to a less loaded one (or
@@ -380,8 +417,8 @@ struct WithConnectionInfo<S> {
     /// there is none (`ConnectionInfo::scheme_of`), and not inserting it saves allocating the
     /// extensions map on every request.
     info: Option<ConnectionInfo>,
-    /// Set by the connection's first request.
-    requested: Arc<AtomicBool>,
+    /// Counts the connection's requests.
+    activity: Arc<Activity>,
     /// Given to requests that ask for an upgrade.
     hold: ConnectionHold,
 }
@@ -395,8 +432,13 @@ where
     type Future = S::Future;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
-        if !self.requested.load(Ordering::Relaxed) {
-            self.requested.store(true, Ordering::Relaxed);
+        // The connection's requests come one call at a time: no read-modify-write needed.
+        let requests = self.activity.requests.load(Ordering::Relaxed);
+        self.activity
+            .requests
+            .store(requests + 1, Ordering::Relaxed);
+        if requests == 0 && req.version() == http::Version::HTTP_2 {
+            self.activity.http2.store(true, Ordering::Relaxed);
         }
         if let Some(info) = &self.info {
             req.extensions_mut().insert(info.clone());

@@ -1565,3 +1565,79 @@ async fn work_stealing_serves_from_one_pool() {
         "{names:?}"
     );
 }
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`: its sender, and its connection
+/// task, which ends when the gateway closes the connection.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+fn h2_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{addr}{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_http2_connections_are_closed_and_busy_ones_kept() {
+    let e = env_with("idle_timeout = \"1s\"").await;
+    let addr = e.gw.addr;
+
+    // HTTP/2: requests every 300 ms keep the connection for 3.5 s (over three idle timeouts).
+    let (mut sender, conn) = h2_connection(addr).await;
+    for _ in 0..12 {
+        let r = sender
+            .send_request(h2_get(addr, "/public/x"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!conn.is_finished(), "a busy HTTP/2 connection was closed");
+    // Then idle: closed within two idle timeouts (and some slack), cleanly.
+    let closed = tokio::time::timeout(Duration::from_secs(4), conn).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "an idle HTTP/2 connection was not closed gracefully: {closed:?}"
+    );
+
+    // (HTTP/1.1: idle_keep_alive_connections_are_closed_after_the_header_timeout.)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_close_lets_the_request_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = upstream::delayed(Duration::from_millis(2500)).await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nidle_timeout = \"1s\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.slow]\nurl = \"http://{slow}\"\n[[routes]]\npath_prefix = \"/\"\n\
+         upstream = \"slow\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    let (mut sender, conn) = h2_connection(gw.addr).await;
+    // One request, answered after 2.5 s: no new request meanwhile, so the connection is told
+    // to go (GOAWAY) while it runs; the answer still comes, then the connection closes.
+    let r = sender.send_request(h2_get(gw.addr, "/slow")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap();
+    assert_eq!(body.to_bytes().as_ref(), b"done");
+    let closed = tokio::time::timeout(Duration::from_secs(4), conn).await;
+    assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
+}
