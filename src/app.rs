@@ -202,6 +202,7 @@ pub async fn run(
             metrics.clone(),
         );
         api.ready_without_store = config.admin.ready_without_store;
+        api.body_read_timeout = config.admin.body_read_timeout;
         let api = Arc::new(api);
         server::serve(
             listener,

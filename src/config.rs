@@ -88,6 +88,8 @@ struct RawAdmin {
     team_key_limit: u32,
     bootstrap_token_env: String,
     max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
     ready_without_store: bool,
     tls: Option<RawTls>,
 }
@@ -101,6 +103,7 @@ impl Default for RawAdmin {
             team_key_limit: 5,
             bootstrap_token_env: "KEYGATE_ADMIN_TOKEN".into(),
             max_body_bytes: 64 * 1024,
+            body_read_timeout: Duration::from_secs(10),
             ready_without_store: false,
             tls: None,
         }
@@ -366,6 +369,8 @@ pub struct AdminConfig {
     /// Name of the environment variable holding the bootstrap admin token (unset: none).
     pub bootstrap_token_env: String,
     pub max_body_bytes: usize,
+    /// A request body must have arrived whole within this time (else 408).
+    pub body_read_timeout: Duration,
     /// When true, `/readyz` stays ready while the store is unreachable (the gateway keeps
     /// serving cached keys for `cache.stale_for`); when false (default) it turns unready.
     pub ready_without_store: bool,
@@ -1047,11 +1052,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         team_key_limit: raw.admin.team_key_limit,
         bootstrap_token_env: raw.admin.bootstrap_token_env,
         max_body_bytes: raw.admin.max_body_bytes,
+        body_read_timeout: raw.admin.body_read_timeout,
         ready_without_store: raw.admin.ready_without_store,
         tls: check_tls(&mut p, "admin.tls", raw.admin.tls),
     };
     if admin.max_body_bytes < 1024 {
         p.add("admin.max_body_bytes", "must be at least 1024");
+    }
+    if admin.body_read_timeout.is_zero() {
+        p.add("admin.body_read_timeout", "must be more than zero");
     }
     let scopes = scope_catalogue(&mut p, raw.scopes, &routes);
     let usage = UsageConfig {
@@ -1383,6 +1392,8 @@ mod tests {
             listen = "nowhere"
             trusted_proxies = ["10.0.0.0/33"]
             idle_timeout = "500ms"
+            [admin]
+            body_read_timeout = "0s"
             [auth]
             key_prefix = "Bad_Prefix"
             sources = ["bearer", "cookie"]
@@ -1403,6 +1414,7 @@ mod tests {
             "proxy.listen",
             "proxy.trusted_proxies[0]",
             "proxy.idle_timeout",
+            "admin.body_read_timeout",
             "auth.key_prefix",
             "auth.sources[1]",
             "store.kind",

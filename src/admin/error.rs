@@ -26,6 +26,8 @@ pub enum AdminError {
     BadRequest { field: String, message: String },
     #[error("the request body is larger than {0} bytes")]
     BodyTooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("the key store is unavailable; retry shortly")]
@@ -55,6 +57,7 @@ impl AdminError {
             AdminError::TeamNotFound(_) => (S::NOT_FOUND, "TEAM_NOT_FOUND"),
             AdminError::BadRequest { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
             AdminError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
+            AdminError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "BODY_TIMEOUT"),
             AdminError::UnsupportedMediaType => {
                 (S::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
             }
@@ -105,6 +108,11 @@ mod tests {
     fn seed_codes_and_statuses() {
         let cases: Vec<(AdminError, u16, &str)> = vec![
             (KeyError::NotFound.into(), 404, "API_KEY_NOT_FOUND"),
+            (
+                AdminError::BodyTimeout(std::time::Duration::from_secs(1)),
+                408,
+                "BODY_TIMEOUT",
+            ),
             (
                 KeyError::LimitExceeded { limit: 5 }.into(),
                 403,

@@ -48,6 +48,8 @@ pub struct AdminApi {
     metrics: Arc<Metrics>,
     /// See `AdminConfig::ready_without_store`.
     pub ready_without_store: bool,
+    /// See `AdminConfig::body_read_timeout`.
+    pub body_read_timeout: Duration,
 }
 
 /// A successful answer: status and the `data` of the envelope, plus optional extra `meta`.
@@ -136,6 +138,7 @@ impl AdminApi {
             ready,
             metrics,
             ready_without_store: false,
+            body_read_timeout: Duration::from_secs(10),
         }
     }
 
@@ -350,9 +353,12 @@ impl AdminApi {
             .headers()
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
-        let collected = Limited::new(req.into_body(), self.max_body_bytes)
-            .collect()
+        // An admin client may hold its connection no longer than this: without it a body
+        // trickled a byte at a time would never end.
+        let collect = Limited::new(req.into_body(), self.max_body_bytes).collect();
+        let collected = tokio::time::timeout(self.body_read_timeout, collect)
             .await
+            .map_err(|_| AdminError::BodyTimeout(self.body_read_timeout))?
             .map_err(|e| {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()

@@ -887,6 +887,42 @@ async fn health_and_readiness_need_no_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = start("embedded", "body_read_timeout = \"300ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(e.gw.admin).await.unwrap();
+    // 100 bytes announced, 12 sent, then nothing.
+    s.write_all(
+        format!(
+            "POST /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"key_type\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a stalled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Nothing was created.
+    let r = e.admin("GET", "/v1/keys", None).await;
+    assert_eq!(r.body["meta"]["total"], 0, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn head_answers_like_get_without_a_body_or_a_reveal() {
     let e = start("embedded", "reveal_window = \"60s\"").await;
     let (id, _) = e.create(json!({"key_type": "shared"})).await;
