@@ -237,6 +237,12 @@ impl Upstream {
         req: Request<ForwardBody>,
     ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
         let resp = self.exchange(req).await?;
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
+            // on, the 101 would leave the client with no answer at all.
+            tracing::warn!(upstream = %self.name, "upstream switched protocols unasked");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
         self.for_the_client(resp).await
     }
 

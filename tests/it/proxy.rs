@@ -1641,3 +1641,23 @@ async fn an_idle_close_lets_the_request_in_flight_finish() {
     let closed = tokio::time::timeout(Duration::from_secs(4), conn).await;
     assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
 }
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502() {
+    // RFC 9110 §15.2.2: a server may switch only to a protocol the client's Upgrade named.
+    // An upstream that switches anyway is broken, and its 101 must not reach a client that
+    // would then be left without an answer.
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::raw(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    let gw = public_gateway(&dir, up);
+    let c = client();
+    for _ in 0..2 {
+        let r = c.get(gw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    let r = h2_client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+}
