@@ -522,6 +522,7 @@ async fn public_route_needs_no_key_but_still_drops_spoofed_identity() {
         .get(e.gw.url("/public/status"))
         .header("x-keygate-key-id", "apk_forged")
         .header("X-Keygate-Team-Id", "admins")
+        .header("authorization", "Basic dXNlcjpwdw==")
         .send()
         .await
         .unwrap();
@@ -529,6 +530,8 @@ async fn public_route_needs_no_key_but_still_drops_spoofed_identity() {
     let seen: Value = r.json().await.unwrap();
     let h = seen["headers"].as_object().unwrap();
     assert!(h.keys().all(|k| !k.starts_with("x-keygate-")), "{h:?}");
+    // The upstream's own credential passes (README: public routes).
+    assert_eq!(h["authorization"][0], "Basic dXNlcjpwdw==", "{h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
