@@ -2,7 +2,10 @@
 //! environment, compared in constant time: all teams, read and write) or a keygate key whose
 //! scopes include `api_keys_read` (GET) / `api_keys_write` (changes). Admin keys obey the same
 //! rules as any key (enabled, expiry, `allow_ips`), and a key bound to a team sees only that
-//! team: everything else answers 404, as if it did not exist.
+//! team: everything else answers 404, as if it did not exist. A team's admin key also grants
+//! no more than it holds: no scope it lacks on a key it creates or changes, and no value of a
+//! key that holds more (rotate, reveal); Kubernetes RBAC's rule against escalation. Without
+//! it, a team given an admin key to mint its own keys could mint any scope the gateway knows.
 
 use super::error::AdminError;
 use crate::auth::policy::{self, PolicyRefusal};
@@ -19,6 +22,9 @@ pub struct Admin {
     pub actor_id: String,
     /// `Some(team)`: may only see and change that team.
     pub team: Option<String>,
+    /// `Some`: the most this admin may grant (a team admin key's own scopes); `None`: any
+    /// scope (the bootstrap token, an admin key bound to no team: the operator's).
+    pub grantable: Option<Box<[Box<str>]>>,
 }
 
 impl Admin {
@@ -27,6 +33,23 @@ impl Admin {
         match &self.team {
             None => true,
             Some(own) => team == Some(own.as_str()),
+        }
+    }
+
+    /// Whether this admin may grant every one of `scopes` (or hand out a key holding them).
+    pub fn may_grant<'a>(
+        &self,
+        scopes: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), AdminError> {
+        let Some(held) = &self.grantable else {
+            return Ok(());
+        };
+        match scopes
+            .into_iter()
+            .find(|s| !held.iter().any(|h| **h == ***s))
+        {
+            Some(lacking) => Err(AdminError::ScopeNotGrantable(lacking.clone())),
+            None => Ok(()),
         }
     }
 }
@@ -68,6 +91,7 @@ pub async fn authenticate(
         return Ok(Admin {
             actor_id: "bootstrap".into(),
             team: None,
+            grantable: None,
         });
     }
 
@@ -83,5 +107,6 @@ pub async fn authenticate(
     Ok(Admin {
         actor_id: key.api_key_id.to_string(),
         team: key.team_id.as_deref().map(str::to_owned),
+        grantable: key.team_id.is_some().then(|| key.scope_names.clone()),
     })
 }

@@ -14,6 +14,8 @@ pub enum AdminError {
     InvalidCredential,
     #[error("this key lacks the {0} scope")]
     InsufficientScope(&'static str),
+    #[error("a team's admin key grants only scopes it holds itself, and it lacks {0:?}")]
+    ScopeNotGrantable(String),
     #[error("this key may not be used from this address")]
     AddressNotAllowed,
     #[error("no such endpoint")]
@@ -50,7 +52,9 @@ impl AdminError {
         match self {
             AdminError::Unauthenticated => (S::UNAUTHORIZED, "UNAUTHENTICATED"),
             AdminError::InvalidCredential => (S::UNAUTHORIZED, "INVALID_CREDENTIAL"),
-            AdminError::InsufficientScope(_) => (S::FORBIDDEN, "INSUFFICIENT_SCOPE"),
+            AdminError::InsufficientScope(_) | AdminError::ScopeNotGrantable(_) => {
+                (S::FORBIDDEN, "INSUFFICIENT_SCOPE")
+            }
             AdminError::AddressNotAllowed => (S::FORBIDDEN, "API_KEY_IP_NOT_ALLOWED"),
             AdminError::NoEndpoint => (S::NOT_FOUND, "NOT_FOUND"),
             AdminError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),

@@ -457,6 +457,7 @@ impl AdminApi {
         }
         let body: json::CreateBody = json::parse_body(&ctx.body)?;
         let admin = ctx.admin()?;
+        admin.may_grant(body.scope_names.iter().flatten())?;
         let team_id = match (body.team_id, &admin.team) {
             (Some(t), _) => {
                 self.visible_team(&t, ctx)?;
@@ -507,6 +508,7 @@ impl AdminApi {
         // A HEAD shows nothing, so it reveals nothing (and writes no reveal to the audit).
         let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
         {
+            ctx.admin()?.may_grant(&record.scope_names)?;
             self.service
                 .reveal(&record, &ctx.audit_actor()?, ctx.now)
                 .await?
@@ -529,6 +531,7 @@ impl AdminApi {
             json::parse_body(&ctx.body)?
         };
         self.visible_key(id, ctx).await?;
+        ctx.admin()?.may_grant(body.scope_names.iter().flatten())?;
         let change = KeyChange {
             name: body.name,
             description: body.description,
@@ -566,7 +569,9 @@ impl AdminApi {
                 "at most 30 days (2592000)",
             ));
         }
-        self.visible_key(id, ctx).await?;
+        let current = self.visible_key(id, ctx).await?;
+        // The new value is the key's power: only for an admin who could grant all of it.
+        ctx.admin()?.may_grant(&current.scope_names)?;
         let (key, record) = self
             .service
             .rotate(

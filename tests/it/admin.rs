@@ -670,6 +670,97 @@ async fn team_admin_keys_see_only_their_team(backing: &str) {
     assert_eq!(r.status, 404);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn team_admin_keys_grant_only_what_they_hold() {
+    let e = start("embedded", "").await;
+    let (_, acme_admin) = e
+        .create(json!({"key_type": "shared", "team_id": "acme",
+            "scope_names": ["api_keys_read", "api_keys_write", "orders:read"]}))
+        .await;
+    // A key of the team the operator gave more than its admin key holds.
+    let (strong_id, _) = e
+        .create(json!({"key_type": "shared", "team_id": "acme", "scope_names": ["orders:write"]}))
+        .await;
+    let as_acme = |m: &'static str, path: String, body: Option<Value>| {
+        let acme_admin = acme_admin.clone();
+        let e = &e;
+        async move { e.call(&acme_admin, m, &path, body).await }
+    };
+
+    // Create: what it holds, yes; more, no.
+    let r = as_acme(
+        "POST",
+        "/v1/keys".into(),
+        Some(json!({"key_type": "shared", "scope_names": ["orders:read"]})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let weak_id = r.body["data"]["api_key_id"].as_str().unwrap().to_owned();
+    let r = as_acme(
+        "POST",
+        "/v1/keys".into(),
+        Some(json!({"key_type": "shared", "scope_names": ["orders:read", "orders:write"]})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "INSUFFICIENT_SCOPE");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("orders:write"),
+        "{}",
+        r.body
+    );
+
+    // Change: no scope it lacks; other fields of a stronger key, yes.
+    let r = as_acme(
+        "PATCH",
+        format!("/v1/keys/{weak_id}"),
+        Some(json!({"scope_names": ["orders:write"]})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = as_acme(
+        "PATCH",
+        format!("/v1/keys/{strong_id}"),
+        Some(json!({"name": "renamed"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["scope_names"], json!(["orders:write"]));
+
+    // The value of a stronger key: neither a new one (rotate) nor the shown one (reveal).
+    let r = as_acme("POST", format!("/v1/keys/{strong_id}/rotate"), None).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = as_acme(
+        "GET",
+        format!("/v1/keys/{strong_id}?show_key_value=true"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = as_acme("POST", format!("/v1/keys/{weak_id}/rotate"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body["data"]["key_value"].is_string());
+    let actions = e.audit_actions(&strong_id).await;
+    assert_eq!(actions, ["create", "update"], "{actions:?}");
+
+    // An admin key bound to no team is the operator's: it grants any scope.
+    let (_, operator) = e
+        .create(json!({"key_type": "shared", "scope_names": ["api_keys_write"]}))
+        .await;
+    let r = e
+        .call(
+            &operator,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "team_id": "acme", "scope_names": ["orders:write"]})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
 async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &str) {
     let e = start(backing, "").await;
     for (user, role) in [("owner-1", "owner"), ("dev-2", "member")] {
