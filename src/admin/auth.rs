@@ -6,10 +6,15 @@
 //! no more than it holds: no scope it lacks on a key it creates or changes, and no value of a
 //! key that holds more (rotate, reveal); Kubernetes RBAC's rule against escalation. Without
 //! it, a team given an admin key to mint its own keys could mint any scope the gateway knows.
+//! Among the team's people it stands where the user it acts for stands ([`Standing`]): a
+//! member's key manages only keys acting for that member (or for no one) and no members; an
+//! admin's makes no owner and touches none; an owner's (or a shared key's, which acts for the
+//! team) may do everything in the team.
 
 use super::error::AdminError;
 use crate::auth::policy::{self, PolicyRefusal};
 use crate::auth::verify::{Verifier, VerifyError};
+use crate::store::Role;
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
 use std::net::IpAddr;
@@ -50,6 +55,56 @@ impl Admin {
         {
             Some(lacking) => Err(AdminError::ScopeNotGrantable(lacking.clone())),
             None => Ok(()),
+        }
+    }
+}
+
+/// Where a team's admin key stands among the team's people: the user it acts for, that
+/// user's role (a shared key acts for the team itself: an owner), and everyone's roles.
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub user: Option<String>,
+    pub role: Role,
+    /// The team's members and their roles.
+    pub roles: Vec<(String, Role)>,
+}
+
+impl Standing {
+    fn role_of(&self, user: &str) -> Option<Role> {
+        self.roles.iter().find(|(u, _)| u == user).map(|(_, r)| *r)
+    }
+
+    /// Whether this admin may create, change, rotate, reveal or delete a key acting for
+    /// `user`: an owner's key for anyone in the team, an admin's for anyone but an owner, a
+    /// member's only for itself.
+    pub fn may_act_for(&self, user: Option<&str>) -> Result<(), AdminError> {
+        let Some(user) = user.filter(|u| self.user.as_deref() != Some(*u)) else {
+            return Ok(());
+        };
+        match self.role {
+            Role::Owner => Ok(()),
+            Role::Admin if self.role_of(user) != Some(Role::Owner) => Ok(()),
+            Role::Admin => Err(AdminError::InsufficientRole(
+                "only an owner's key manages keys that act for an owner",
+            )),
+            Role::Member => Err(AdminError::InsufficientRole(
+                "a member's key manages only keys that act for that member or for no one",
+            )),
+        }
+    }
+
+    /// Whether this admin may change `user`'s membership to `new` (`None`: removed).
+    pub fn may_manage_member(&self, user: &str, new: Option<Role>) -> Result<(), AdminError> {
+        let current = self.role_of(user);
+        match self.role {
+            Role::Owner => Ok(()),
+            Role::Admin if current != Some(Role::Owner) && new != Some(Role::Owner) => Ok(()),
+            Role::Admin => Err(AdminError::InsufficientRole(
+                "only an owner's key may make, change or remove an owner",
+            )),
+            Role::Member => Err(AdminError::InsufficientRole(
+                "a member's key may not change the team's members",
+            )),
         }
     }
 }
@@ -109,4 +164,74 @@ pub async fn authenticate(
         team: key.team_id.as_deref().map(str::to_owned),
         grantable: key.team_id.is_some().then(|| key.scope_names.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Role::*;
+
+    fn standing(user: Option<&str>, role: Role) -> Standing {
+        Standing {
+            user: user.map(str::to_owned),
+            role,
+            roles: vec![
+                ("own".into(), Owner),
+                ("adm".into(), Admin),
+                ("dev".into(), Member),
+            ],
+        }
+    }
+
+    #[test]
+    fn keys_act_for_whom_their_user_may() {
+        let (owner, shared, admin, member) = (
+            standing(Some("own"), Owner),
+            standing(None, Owner),
+            standing(Some("adm"), Admin),
+            standing(Some("dev"), Member),
+        );
+        for s in [&owner, &shared, &admin, &member] {
+            assert!(s.may_act_for(None).is_ok());
+        }
+        assert!(member.may_act_for(Some("dev")).is_ok());
+        assert!(member.may_act_for(Some("adm")).is_err());
+        assert!(member.may_act_for(Some("own")).is_err());
+        assert!(admin.may_act_for(Some("dev")).is_ok());
+        assert!(admin.may_act_for(Some("adm")).is_ok());
+        assert!(admin.may_act_for(Some("own")).is_err());
+        for s in [&owner, &shared] {
+            for u in ["own", "adm", "dev", "new"] {
+                assert!(s.may_act_for(Some(u)).is_ok(), "{u}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_owners_touch_owners_and_members_touch_no_one() {
+        let (owner, admin, member) = (
+            standing(None, Owner),
+            standing(Some("adm"), Admin),
+            standing(Some("dev"), Member),
+        );
+        for (user, new) in [
+            ("new", Some(Owner)),
+            ("own", None),
+            ("own", Some(Member)),
+            ("dev", Some(Owner)),
+        ] {
+            assert!(owner.may_manage_member(user, new).is_ok());
+            assert!(admin.may_manage_member(user, new).is_err());
+            assert!(member.may_manage_member(user, new).is_err());
+        }
+        for (user, new) in [
+            ("new", Some(Member)),
+            ("new", Some(Admin)),
+            ("adm", None),
+            ("dev", Some(Admin)),
+        ] {
+            assert!(admin.may_manage_member(user, new).is_ok());
+            assert!(member.may_manage_member(user, new).is_err());
+        }
+    }
 }

@@ -16,6 +16,8 @@ pub enum AdminError {
     InsufficientScope(&'static str),
     #[error("a team's admin key grants only scopes it holds itself, and it lacks {0:?}")]
     ScopeNotGrantable(String),
+    #[error("{0}")]
+    InsufficientRole(&'static str),
     #[error("this key may not be used from this address")]
     AddressNotAllowed,
     #[error("no such endpoint")]
@@ -55,6 +57,7 @@ impl AdminError {
             AdminError::InsufficientScope(_) | AdminError::ScopeNotGrantable(_) => {
                 (S::FORBIDDEN, "INSUFFICIENT_SCOPE")
             }
+            AdminError::InsufficientRole(_) => (S::FORBIDDEN, "INSUFFICIENT_ROLE"),
             AdminError::AddressNotAllowed => (S::FORBIDDEN, "API_KEY_IP_NOT_ALLOWED"),
             AdminError::NoEndpoint => (S::NOT_FOUND, "NOT_FOUND"),
             AdminError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),

@@ -138,6 +138,25 @@ pub struct PatchBody {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+impl PatchBody {
+    /// Whether the change only takes power away: disabling, or lowering nothing else.
+    pub fn only_disables(&self) -> bool {
+        matches!(
+            self,
+            PatchBody {
+                name: None,
+                description: None,
+                scope_names: None,
+                allow_ips: None,
+                is_enabled: Some(false),
+                behalf_of_user_id: None,
+                expires_at: None,
+                metadata: None,
+            }
+        )
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RotateBody {

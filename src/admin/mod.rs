@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 pub mod json;
 
+use crate::auth::record::KeyRecord;
 use crate::auth::record::KeyType;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{canonical, client_ip};
@@ -15,8 +16,8 @@ use crate::config::{SCOPE_KEYS_READ, SCOPE_KEYS_WRITE, ScopeConfig};
 use crate::keys::{Actor, CreateKey, KeyChange, KeyService, parse_allow_ips};
 use crate::metrics::Metrics;
 use crate::request_id;
-use crate::store::{AuditFilter, KeyFilter, Page};
-use auth::Admin;
+use crate::store::{AuditFilter, KeyFilter, Page, Role};
+use auth::{Admin, Standing};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use error::AdminError;
@@ -401,16 +402,62 @@ impl AdminApi {
     }
 
     /// Loads a key the admin may see; another team's key is "not found".
-    async fn visible_key(
-        &self,
-        id: &str,
-        ctx: &Ctx<'_>,
-    ) -> Result<crate::auth::record::KeyRecord, AdminError> {
+    async fn visible_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<KeyRecord, AdminError> {
         let record = self.service.get(id).await?;
         if !ctx.admin()?.may_access(record.team_id.as_deref()) {
             return Err(crate::keys::KeyError::NotFound.into());
         }
         Ok(record)
+    }
+
+    /// Where a team's admin key stands among the team's people; `None` for the operator (the
+    /// bootstrap token, an admin key bound to no team), who may do anything.
+    async fn standing(&self, ctx: &Ctx<'_>) -> Result<Option<Standing>, AdminError> {
+        let admin = ctx.admin()?;
+        let Some(team) = &admin.team else {
+            return Ok(None);
+        };
+        let own = self.service.get(&admin.actor_id).await?;
+        let roles: Vec<(String, Role)> = self
+            .service
+            .list_members(team)
+            .await?
+            .into_iter()
+            .map(|m| (m.user_id, m.role))
+            .collect();
+        let role = match &own.behalf_of_user_id {
+            None => Role::Owner,
+            // Gone from the team (its user keys were disabled then): the least, in any case.
+            Some(user) => roles
+                .iter()
+                .find(|(u, _)| u == user)
+                .map_or(Role::Member, |(_, r)| *r),
+        };
+        Ok(Some(Standing {
+            user: own.behalf_of_user_id,
+            role,
+            roles,
+        }))
+    }
+
+    /// Loads a key this admin may act on: visible, acting for someone the admin may act for,
+    /// and, unless the act only takes power away (`only_lowers`: disable, delete), holding no
+    /// scope the admin could not grant.
+    async fn key_to_change(
+        &self,
+        id: &str,
+        ctx: &Ctx<'_>,
+        only_lowers: bool,
+    ) -> Result<(KeyRecord, Option<Standing>), AdminError> {
+        let record = self.visible_key(id, ctx).await?;
+        let standing = self.standing(ctx).await?;
+        if let Some(standing) = &standing {
+            standing.may_act_for(record.behalf_of_user_id.as_deref())?;
+        }
+        if !only_lowers {
+            ctx.admin()?.may_grant(&record.scope_names)?;
+        }
+        Ok((record, standing))
     }
 
     fn visible_team(&self, team: &str, ctx: &Ctx<'_>) -> Result<(), AdminError> {
@@ -458,6 +505,9 @@ impl AdminApi {
         let body: json::CreateBody = json::parse_body(&ctx.body)?;
         let admin = ctx.admin()?;
         admin.may_grant(body.scope_names.iter().flatten())?;
+        if let Some(standing) = self.standing(ctx).await? {
+            standing.may_act_for(body.behalf_of_user_id.as_deref())?;
+        }
         let team_id = match (body.team_id, &admin.team) {
             (Some(t), _) => {
                 self.visible_team(&t, ctx)?;
@@ -509,6 +559,9 @@ impl AdminApi {
         let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
         {
             ctx.admin()?.may_grant(&record.scope_names)?;
+            if let Some(standing) = self.standing(ctx).await? {
+                standing.may_act_for(record.behalf_of_user_id.as_deref())?;
+            }
             self.service
                 .reveal(&record, &ctx.audit_actor()?, ctx.now)
                 .await?
@@ -530,8 +583,11 @@ impl AdminApi {
         } else {
             json::parse_body(&ctx.body)?
         };
-        self.visible_key(id, ctx).await?;
+        let (_, standing) = self.key_to_change(id, ctx, body.only_disables()).await?;
         ctx.admin()?.may_grant(body.scope_names.iter().flatten())?;
+        if let (Some(standing), Some(Some(user))) = (&standing, &body.behalf_of_user_id) {
+            standing.may_act_for(Some(user))?;
+        }
         let change = KeyChange {
             name: body.name,
             description: body.description,
@@ -550,7 +606,7 @@ impl AdminApi {
     }
 
     async fn delete_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
-        self.visible_key(id, ctx).await?;
+        self.key_to_change(id, ctx, true).await?;
         self.service
             .revoke(id, &ctx.audit_actor()?, ctx.now)
             .await?;
@@ -569,9 +625,8 @@ impl AdminApi {
                 "at most 30 days (2592000)",
             ));
         }
-        let current = self.visible_key(id, ctx).await?;
         // The new value is the key's power: only for an admin who could grant all of it.
-        ctx.admin()?.may_grant(&current.scope_names)?;
+        self.key_to_change(id, ctx, false).await?;
         let (key, record) = self
             .service
             .rotate(
@@ -601,6 +656,9 @@ impl AdminApi {
             ));
         }
         let body: json::MemberBody = json::parse_body(&ctx.body)?;
+        if let Some(standing) = self.standing(ctx).await? {
+            standing.may_manage_member(user, Some(body.role))?;
+        }
         let member = self
             .service
             .put_member(team, user, body.role, &ctx.audit_actor()?, ctx.now)
@@ -615,6 +673,9 @@ impl AdminApi {
         ctx: &Ctx<'_>,
     ) -> Result<Reply, AdminError> {
         self.visible_team(team, ctx)?;
+        if let Some(standing) = self.standing(ctx).await? {
+            standing.may_manage_member(user, None)?;
+        }
         let changed = self
             .service
             .remove_member(team, user, &ctx.audit_actor()?, ctx.now)

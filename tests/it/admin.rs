@@ -713,7 +713,8 @@ async fn team_admin_keys_grant_only_what_they_hold() {
         r.body
     );
 
-    // Change: no scope it lacks; other fields of a stronger key, yes.
+    // Change: no scope it lacks; a stronger key not at all (not even lowered first, which
+    // would open it to a rotate), except to disable it.
     let r = as_acme(
         "PATCH",
         format!("/v1/keys/{weak_id}"),
@@ -721,10 +722,24 @@ async fn team_admin_keys_grant_only_what_they_hold() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    for change in [
+        json!({"name": "renamed"}),
+        json!({"scope_names": ["orders:read"]}),
+        json!({"allow_ips": []}),
+        json!({"is_enabled": true}),
+    ] {
+        let r = as_acme(
+            "PATCH",
+            format!("/v1/keys/{strong_id}"),
+            Some(change.clone()),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{change}: {}", r.body);
+    }
     let r = as_acme(
         "PATCH",
         format!("/v1/keys/{strong_id}"),
-        Some(json!({"name": "renamed"})),
+        Some(json!({"is_enabled": false})),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -744,7 +759,7 @@ async fn team_admin_keys_grant_only_what_they_hold() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body["data"]["key_value"].is_string());
     let actions = e.audit_actions(&strong_id).await;
-    assert_eq!(actions, ["create", "update"], "{actions:?}");
+    assert_eq!(actions, ["create", "disable"], "{actions:?}");
 
     // An admin key bound to no team is the operator's: it grants any scope.
     let (_, operator) = e
@@ -759,6 +774,140 @@ async fn team_admin_keys_grant_only_what_they_hold() {
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn team_admin_keys_stand_where_their_user_stands() {
+    let e = start("embedded", "team_key_limit = 0").await;
+    for (user, role) in [
+        ("owner-1", "owner"),
+        ("adm-3", "admin"),
+        ("dev-2", "member"),
+    ] {
+        let r = e
+            .admin(
+                "PUT",
+                &format!("/v1/teams/acme/members/{user}"),
+                Some(json!({"role": role})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let admin_key_for = |user: &'static str| {
+        let e = &e;
+        async move {
+            e.create(
+                json!({"key_type": "user", "team_id": "acme", "behalf_of_user_id": user,
+                "scope_names": ["api_keys_read", "api_keys_write", "orders:read"]}),
+            )
+            .await
+            .1
+        }
+    };
+    let (member, admin) = (admin_key_for("dev-2").await, admin_key_for("adm-3").await);
+    let (owners_key, _) = e
+        .create(
+            json!({"key_type": "user", "team_id": "acme", "behalf_of_user_id": "owner-1",
+            "scope_names": ["orders:read"], "is_enabled": false}),
+        )
+        .await;
+    let user_key = |user: &str| json!({"key_type": "user", "behalf_of_user_id": user, "scope_names": ["orders:read"]});
+    let code = |r: &Resp| r.body["error"]["code"].as_str().unwrap_or("").to_owned();
+
+    // A member's key: keys for itself or for no one; nothing for others, no members.
+    let r = e
+        .call(&member, "POST", "/v1/keys", Some(user_key("owner-1")))
+        .await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (403, "INSUFFICIENT_ROLE"),
+        "{}",
+        r.body
+    );
+    let r = e
+        .call(&member, "POST", "/v1/keys", Some(user_key("dev-2")))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = e
+        .call(
+            &member,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let owners = format!("/v1/keys/{owners_key}");
+    for (m, path, body) in [
+        ("PATCH", owners.clone(), Some(json!({"is_enabled": true}))),
+        ("PATCH", owners.clone(), Some(json!({"is_enabled": false}))),
+        ("DELETE", owners.clone(), None),
+        ("POST", format!("{owners}/rotate"), None),
+        ("GET", format!("{owners}?show_key_value=true"), None),
+        (
+            "PUT",
+            "/v1/teams/acme/members/mallory".into(),
+            Some(json!({"role": "member"})),
+        ),
+        ("DELETE", "/v1/teams/acme/members/owner-1".into(), None),
+    ] {
+        let r = e.call(&member, m, &path, body).await;
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (403, "INSUFFICIENT_ROLE"),
+            "{m} {path}: {}",
+            r.body
+        );
+    }
+
+    // An admin's key: anyone but owners.
+    let r = e
+        .call(&admin, "POST", "/v1/keys", Some(user_key("dev-2")))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = e
+        .call(&admin, "POST", "/v1/keys", Some(user_key("owner-1")))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = e
+        .call(&admin, "POST", &format!("{owners}/rotate"), None)
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = e
+        .call(
+            &admin,
+            "PUT",
+            "/v1/teams/acme/members/new-4",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (m, path, body) in [
+        (
+            "PUT",
+            "/v1/teams/acme/members/new-4",
+            Some(json!({"role": "owner"})),
+        ),
+        (
+            "PUT",
+            "/v1/teams/acme/members/owner-1",
+            Some(json!({"role": "member"})),
+        ),
+        ("DELETE", "/v1/teams/acme/members/owner-1", None),
+    ] {
+        let r = e.call(&admin, m, path, body).await;
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (403, "INSUFFICIENT_ROLE"),
+            "{m} {path}: {}",
+            r.body
+        );
+    }
+    // The owner's key was left as it was: disabled, never rotated.
+    let r = e.admin("GET", &owners, None).await;
+    assert_eq!(r.body["data"]["is_enabled"], false);
+    let actions = e.audit_actions(&owners_key).await;
+    assert_eq!(actions, ["create"], "{actions:?}");
 }
 
 async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &str) {
