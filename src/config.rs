@@ -50,6 +50,7 @@ struct RawProxy {
     drain_timeout: Duration,
     worker_threads: Option<usize>,
     work_stealing: bool,
+    case_insensitive_paths: bool,
     tls: Option<RawTls>,
 }
 
@@ -73,6 +74,7 @@ impl Default for RawProxy {
             drain_timeout: Duration::from_secs(20),
             worker_threads: None,
             work_stealing: false,
+            case_insensitive_paths: false,
             tls: None,
         }
     }
@@ -354,6 +356,10 @@ pub struct ProxyConfig {
     /// thread that accepted it, with its own upstream connections. true: one work-stealing
     /// pool, which spreads the streams of a few busy HTTP/2 connections over every thread.
     pub work_stealing: bool,
+    /// Route path prefixes match without regard to ASCII case (for upstreams that route so:
+    /// otherwise `/ADMIN` would miss the `/admin` route's rules and reach the upstream's
+    /// `/admin` under another route's).
+    pub case_insensitive_paths: bool,
     /// `None`: plaintext (HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
 }
@@ -745,6 +751,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         drain_timeout: raw.proxy.drain_timeout,
         worker_threads: raw.proxy.worker_threads,
         work_stealing: raw.proxy.work_stealing,
+        case_insensitive_paths: raw.proxy.case_insensitive_paths,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
@@ -987,6 +994,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             p.add(
                 at("path_prefix"),
                 format!("no request could match it: {e}, and such paths are refused"),
+            );
+        } else if proxy.case_insensitive_paths && !r.path_prefix.is_ascii() {
+            // Upstreams that ignore case differ on letters beyond ASCII.
+            p.add(
+                at("path_prefix"),
+                "must be ASCII with proxy.case_insensitive_paths",
             );
         }
         let methods = r
@@ -1425,6 +1438,27 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn case_insensitive_paths_need_ascii_prefixes() {
+        let with = |flag: bool| {
+            let good = GOOD.replace(
+                "[proxy]\n",
+                &format!("[proxy]\ncase_insensitive_paths = {flag}\n"),
+            );
+            format!(
+                "{good}\n[[routes]]\nname = \"u\"\npath_prefix = \"/über\"\nupstream = \"api\"\n"
+            )
+        };
+        assert!(from_toml(&with(false)).is_ok());
+        let Err(ConfigError::Invalid(problems)) = from_toml(&with(true)) else {
+            panic!("expected a problem")
+        };
+        assert!(
+            problems.iter().any(|p| p.field.ends_with(".path_prefix")),
+            "{problems:?}"
+        );
     }
 
     #[test]

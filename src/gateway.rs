@@ -164,7 +164,8 @@ impl Gateway {
                 .iter()
                 .position(|n| n.as_str() == name)
                 .unwrap_or(0)
-        });
+        })
+        .ignoring_path_case(config.proxy.case_insensitive_paths);
         let ProxyConfig {
             trusted_proxies,
             allow_ips,

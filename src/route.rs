@@ -22,25 +22,33 @@ pub struct Route {
 }
 
 impl Route {
-    fn matches(&self, method: &Method, host: Option<&str>, path: &[u8]) -> bool {
+    fn matches(&self, method: &Method, host: Option<&str>, path: &[u8], ignore_case: bool) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && self.host.as_deref().is_none_or(|h| Some(h) == host)
-            && path_has_prefix(path, &self.path_prefix)
+            && path_has_prefix(path, &self.path_prefix, ignore_case)
     }
 }
 
-/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`. `path` is the decoded path
-/// ([`crate::request_path::routing_path`]).
-fn path_has_prefix(path: &[u8], prefix: &str) -> bool {
-    match path.strip_prefix(prefix.as_bytes()) {
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"),
-        None => false,
-    }
+/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`; with `ignore_case`, `/API/x`
+/// too (ASCII letters). `path` is the decoded path ([`crate::request_path::routing_path`]).
+fn path_has_prefix(path: &[u8], prefix: &str, ignore_case: bool) -> bool {
+    let prefix_bytes = prefix.as_bytes();
+    let Some((head, rest)) = path.split_at_checked(prefix_bytes.len()) else {
+        return false;
+    };
+    let same = if ignore_case {
+        head.eq_ignore_ascii_case(prefix_bytes)
+    } else {
+        head == prefix_bytes
+    };
+    same && (prefix.ends_with('/') || rest.is_empty() || rest.starts_with(b"/"))
 }
 
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// `[proxy] case_insensitive_paths`.
+    ignore_case: bool,
 }
 
 impl RouteTable {
@@ -77,7 +85,17 @@ impl RouteTable {
                 r.methods.is_empty(),
             )
         });
-        Self { routes }
+        Self {
+            routes,
+            ignore_case: false,
+        }
+    }
+
+    /// Matches path prefixes without regard to ASCII case, as an upstream that routes so
+    /// (Express's default, ASP.NET) reads them.
+    pub fn ignoring_path_case(mut self, ignore_case: bool) -> Self {
+        self.ignore_case = ignore_case;
+        self
     }
 
     /// `host` is the request's host without port, lowercase; `path` the decoded path.
@@ -89,7 +107,7 @@ impl RouteTable {
     pub fn find_index(&self, method: &Method, host: Option<&str>, path: &[u8]) -> Option<usize> {
         self.routes
             .iter()
-            .position(|r| r.matches(method, host, path))
+            .position(|r| r.matches(method, host, path, self.ignore_case))
     }
 
     pub fn get(&self, index: usize) -> Option<&Route> {
@@ -179,6 +197,35 @@ mod tests {
         assert_eq!(
             name(Method::POST, None, "/health/live").as_deref(),
             Some("root")
+        );
+    }
+
+    #[test]
+    fn case_is_ignored_only_when_asked() {
+        let t = table();
+        assert_eq!(
+            t.find(&Method::GET, None, b"/API/x")
+                .map(|r| r.name.as_str()),
+            Some("root")
+        );
+        let t = table().ignoring_path_case(true);
+        for path in ["/API/x", "/Api", "/api/x", "/aPI/"] {
+            assert_eq!(
+                t.find(&Method::GET, None, path.as_bytes())
+                    .map(|r| r.name.as_str()),
+                Some("api"),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            t.find(&Method::GET, None, b"/APIX")
+                .map(|r| r.name.as_str()),
+            Some("root")
+        );
+        assert_eq!(
+            t.find(&Method::GET, None, b"/HEALTH/live")
+                .map(|r| r.name.as_str()),
+            Some("health")
         );
     }
 

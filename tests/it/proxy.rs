@@ -1664,3 +1664,35 @@ async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502() {
     let r = h2_client().get(gw.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 502);
 }
+
+#[tokio::test]
+async fn case_insensitive_paths_keep_a_routes_rules_on_every_spelling() {
+    // In front of an upstream that routes without regard to case (Express's default), `/ADMIN`
+    // is its `/admin`: with the setting it meets the `/admin` route's rules too.
+    let dir = tempfile::tempdir().unwrap();
+    let echo = upstream::echo().await;
+    let config = |insensitive: bool| {
+        format!(
+            "[proxy]\ncase_insensitive_paths = {insensitive}\n[store]\nkind = \"embedded\"\n\
+             path = \"{}\"\n[upstreams.app]\nurl = \"http://{echo}\"\n\
+             [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"app\"\n\
+             scopes = [\"admin\"]\n\
+             [[routes]]\nname = \"rest\"\npath_prefix = \"/\"\nupstream = \"app\"\npublic = true\n",
+            dir.path().join("keys.db").display()
+        )
+    };
+    let gw = Gateway::start(&config(true));
+    for path in ["/admin/users", "/ADMIN/users", "/Admin", "/aDmIn/"] {
+        let r = client().get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = client().get(gw.url("/admins")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    drop(gw);
+    // Without it (the default, nginx's way) the spelling decides.
+    let gw = Gateway::start(&config(false));
+    let r = client().get(gw.url("/ADMIN/users")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client().get(gw.url("/admin/users")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
