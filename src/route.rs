@@ -229,6 +229,20 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Ignoring case is matching the lowercased path against the lowercased prefix, and
+        /// never matches less than the case-sensitive match.
+        #[test]
+        fn ignoring_case_is_lowercasing(path in "/[a-zA-Z/]{0,12}", prefix in "/[a-zA-Z]{0,5}/?") {
+            let lower = |s: &str| s.to_ascii_lowercase();
+            let folded = path_has_prefix(lower(&path).as_bytes(), &lower(&prefix), false);
+            proptest::prop_assert_eq!(path_has_prefix(path.as_bytes(), &prefix, true), folded);
+            if path_has_prefix(path.as_bytes(), &prefix, false) {
+                proptest::prop_assert!(folded);
+            }
+        }
+    }
+
     #[test]
     fn no_route_without_catch_all() {
         let t = RouteTable::new(&[route("api", "/api", None, &[])], &[], |_| 0);
