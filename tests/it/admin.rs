@@ -811,95 +811,65 @@ async fn team_admin_keys_stand_where_their_user_stands() {
             "scope_names": ["orders:read"], "is_enabled": false}),
         )
         .await;
-    let user_key = |user: &str| json!({"key_type": "user", "behalf_of_user_id": user, "scope_names": ["orders:read"]});
-    let code = |r: &Resp| r.body["error"]["code"].as_str().unwrap_or("").to_owned();
-
-    // A member's key: keys for itself or for no one; nothing for others, no members.
-    let r = e
-        .call(&member, "POST", "/v1/keys", Some(user_key("owner-1")))
-        .await;
-    assert_eq!(
-        (r.status, code(&r).as_str()),
-        (403, "INSUFFICIENT_ROLE"),
-        "{}",
-        r.body
-    );
-    let r = e
-        .call(&member, "POST", "/v1/keys", Some(user_key("dev-2")))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = e
-        .call(
+    let user_key = |user: &str| {
+        Some(json!({"key_type": "user", "behalf_of_user_id": user, "scope_names": ["orders:read"]}))
+    };
+    let owners = format!("/v1/keys/{owners_key}");
+    let rotate = format!("{owners}/rotate");
+    let reveal = format!("{owners}?show_key_value=true");
+    let members = |user: &str| format!("/v1/teams/acme/members/{user}");
+    let keys = || "/v1/keys".to_owned();
+    let role = |role: &str| Some(json!({"role": role}));
+    const DENIED: (u16, &str) = (403, "INSUFFICIENT_ROLE");
+    const CREATED: (u16, &str) = (201, "");
+    const OK: (u16, &str) = (200, "");
+    // In order: who, what, and the answer.
+    let cases: Vec<(&str, &str, String, Option<Value>, (u16, &str))> = vec![
+        // A member's key: keys for itself or for no one; nothing for others, no members.
+        (&member, "POST", keys(), user_key("owner-1"), DENIED),
+        (&member, "POST", keys(), user_key("dev-2"), CREATED),
+        (
             &member,
             "POST",
-            "/v1/keys",
+            keys(),
             Some(json!({"key_type": "shared"})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let owners = format!("/v1/keys/{owners_key}");
-    for (m, path, body) in [
-        ("PATCH", owners.clone(), Some(json!({"is_enabled": true}))),
-        ("PATCH", owners.clone(), Some(json!({"is_enabled": false}))),
-        ("DELETE", owners.clone(), None),
-        ("POST", format!("{owners}/rotate"), None),
-        ("GET", format!("{owners}?show_key_value=true"), None),
-        (
-            "PUT",
-            "/v1/teams/acme/members/mallory".into(),
-            Some(json!({"role": "member"})),
+            CREATED,
         ),
-        ("DELETE", "/v1/teams/acme/members/owner-1".into(), None),
-    ] {
-        let r = e.call(&member, m, &path, body).await;
+        (
+            &member,
+            "PATCH",
+            owners.clone(),
+            Some(json!({"is_enabled": true})),
+            DENIED,
+        ),
+        (
+            &member,
+            "PATCH",
+            owners.clone(),
+            Some(json!({"is_enabled": false})),
+            DENIED,
+        ),
+        (&member, "DELETE", owners.clone(), None, DENIED),
+        (&member, "POST", rotate.clone(), None, DENIED),
+        (&member, "GET", reveal.clone(), None, DENIED),
+        (&member, "PUT", members("mallory"), role("member"), DENIED),
+        (&member, "DELETE", members("owner-1"), None, DENIED),
+        // An admin's key: anyone but owners.
+        (&admin, "POST", keys(), user_key("dev-2"), CREATED),
+        (&admin, "POST", keys(), user_key("owner-1"), DENIED),
+        (&admin, "POST", rotate.clone(), None, DENIED),
+        (&admin, "PUT", members("new-4"), role("member"), OK),
+        (&admin, "PUT", members("new-4"), role("owner"), DENIED),
+        (&admin, "PUT", members("owner-1"), role("member"), DENIED),
+        (&admin, "DELETE", members("owner-1"), None, DENIED),
+    ];
+    for (who, method, path, body, (status, code)) in cases {
+        let r = e.call(who, method, &path, body).await;
+        let got = r.body["error"]["code"].as_str().unwrap_or("");
         assert_eq!(
-            (r.status, code(&r).as_str()),
-            (403, "INSUFFICIENT_ROLE"),
-            "{m} {path}: {}",
-            r.body
-        );
-    }
-
-    // An admin's key: anyone but owners.
-    let r = e
-        .call(&admin, "POST", "/v1/keys", Some(user_key("dev-2")))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = e
-        .call(&admin, "POST", "/v1/keys", Some(user_key("owner-1")))
-        .await;
-    assert_eq!(r.status, 403, "{}", r.body);
-    let r = e
-        .call(&admin, "POST", &format!("{owners}/rotate"), None)
-        .await;
-    assert_eq!(r.status, 403, "{}", r.body);
-    let r = e
-        .call(
-            &admin,
-            "PUT",
-            "/v1/teams/acme/members/new-4",
-            Some(json!({"role": "member"})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    for (m, path, body) in [
-        (
-            "PUT",
-            "/v1/teams/acme/members/new-4",
-            Some(json!({"role": "owner"})),
-        ),
-        (
-            "PUT",
-            "/v1/teams/acme/members/owner-1",
-            Some(json!({"role": "member"})),
-        ),
-        ("DELETE", "/v1/teams/acme/members/owner-1", None),
-    ] {
-        let r = e.call(&admin, m, path, body).await;
-        assert_eq!(
-            (r.status, code(&r).as_str()),
-            (403, "INSUFFICIENT_ROLE"),
-            "{m} {path}: {}",
+            (r.status, got),
+            (status, code),
+            "{method} {path}: {}",
             r.body
         );
     }
