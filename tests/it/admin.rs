@@ -824,7 +824,9 @@ async fn team_admin_keys_stand_where_their_user_stands() {
     const CREATED: (u16, &str) = (201, "");
     const OK: (u16, &str) = (200, "");
     // In order: who, what, and the answer.
-    let cases: Vec<(&str, &str, String, Option<Value>, (u16, &str))> = vec![
+    /// Who (an admin key), method, path, body, and the answer: status and error code.
+    type Case<'a> = (&'a str, &'a str, String, Option<Value>, (u16, &'a str));
+    let cases: Vec<Case> = vec![
         // A member's key: keys for itself or for no one; nothing for others, no members.
         (&member, "POST", keys(), user_key("owner-1"), DENIED),
         (&member, "POST", keys(), user_key("dev-2"), CREATED),
