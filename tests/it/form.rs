@@ -4,7 +4,7 @@
 //! clients will not do on request (stall mid-body, stream 200 MiB).
 
 use crate::support::gateway::{BIN, Gateway};
-use crate::support::{client, create_key, h2_client, upstream};
+use crate::support::{client, create_key, h2_client, raw_exchange, upstream};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use serde_json::Value;
@@ -688,18 +688,9 @@ async fn huge_field_counts_within_and_past_the_limit() {
 
 /// Sends `head` and `body` on a fresh connection and returns the status line and the body.
 async fn raw(gw: &Gateway, head: &str, body: &[u8]) -> (String, String) {
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.lines().next().unwrap_or("").to_owned();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    let mut request = head.as_bytes().to_vec();
+    request.extend_from_slice(body);
+    raw_exchange(gw.addr, &request).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

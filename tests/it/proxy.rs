@@ -3,7 +3,8 @@
 
 use crate::support::gateway::Gateway;
 use crate::support::{
-    cli, client, create_key, empty_stream_body, eventually, h2_client, service, upstream,
+    cli, client, create_key, empty_stream_body, eventually, h2_client, raw_exchange, service,
+    upstream,
 };
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
@@ -175,26 +176,13 @@ async fn valid_key_reaches_upstream_with_identity_and_without_credential() {
 /// One HTTP/1.1 request written as given (no client rewrites the path): the status and the
 /// body. The connection closes after it.
 async fn raw_request(addr: std::net::SocketAddr, head: String) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out))
-        .await
-        .expect("no answer")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
+    let request = format!("{head}Connection: close\r\n\r\n");
+    let (status_line, body) = raw_exchange(addr, request.as_bytes()).await;
+    let status = status_line
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
     (status, body)
 }
 
