@@ -46,6 +46,20 @@ async fn ws_echo() -> SocketAddr {
     addr
 }
 
+/// A WebSocket through the gateway at `addr` with `key`, once the echo's hello has come back
+/// through it (the two connections are spliced).
+async fn open_tunnel(
+    addr: SocketAddr,
+    key: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut req = format!("ws://{addr}/socket").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_frames_flow_after_authentication() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,16 +118,7 @@ async fn an_open_tunnel_keeps_its_connection_slot_and_count() {
     ));
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
     let (key, _) = create_key(&store, |_| {}).await;
-    let open = || async {
-        let mut req = format!("ws://{}/socket", gw.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {key}").parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        ws.next().await.unwrap().unwrap(); // the hello: spliced
-        ws
-    };
+    let open = || open_tunnel(gw.addr, &key);
     let metrics = || async {
         reqwest::get(gw.admin_url("/metrics"))
             .await
@@ -154,13 +159,7 @@ async fn sigterm_lets_an_open_tunnel_finish_within_the_drain_timeout() {
     ));
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
     let (key, _) = create_key(&store, |_| {}).await;
-    let mut req = format!("ws://{}/socket", gw.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.next().await.unwrap().unwrap(); // the hello: spliced
+    let mut ws = open_tunnel(gw.addr, &key).await;
     let addr = gw.addr;
     let started = std::time::Instant::now();
     let exit = tokio::task::spawn_blocking(move || gw.terminate());
