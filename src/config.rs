@@ -1057,6 +1057,27 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             max_body_bytes: r.max_body_bytes,
         });
     }
+    if proxy.case_insensitive_paths {
+        // Prefixes equal but for case would both match the same requests: the one first in
+        // the table would take them all and leave the other's rules dead.
+        for (i, r) in routes.iter().enumerate() {
+            let same = |o: &RouteConfig| {
+                o.path_prefix.eq_ignore_ascii_case(&r.path_prefix)
+                    && o.host == r.host
+                    && o.methods == r.methods
+            };
+            if let Some(other) = routes[..i].iter().position(same) {
+                p.add(
+                    format!("routes[{i}].path_prefix"),
+                    format!(
+                        "{:?} is routes[{other}]'s prefix but for case, which \
+                         proxy.case_insensitive_paths ignores",
+                        r.path_prefix
+                    ),
+                );
+            }
+        }
+    }
 
     let admin = AdminConfig {
         enabled: raw.admin.enabled,
@@ -1457,6 +1478,22 @@ mod tests {
         };
         assert!(
             problems.iter().any(|p| p.field.ends_with(".path_prefix")),
+            "{problems:?}"
+        );
+        // Two spellings of one prefix: fine when case counts, refused when it does not.
+        let twice = |flag: bool| {
+            GOOD.replace(
+                "[proxy]\n",
+                &format!("[proxy]\ncase_insensitive_paths = {flag}\n"),
+            ) + "[[routes]]\nname = \"a\"\npath_prefix = \"/Admin\"\nupstream = \"api\"\n\
+                 [[routes]]\nname = \"b\"\npath_prefix = \"/admin\"\nupstream = \"api\"\n"
+        };
+        assert!(from_toml(&twice(false)).is_ok());
+        let Err(ConfigError::Invalid(problems)) = from_toml(&twice(true)) else {
+            panic!("expected a problem")
+        };
+        assert!(
+            problems.iter().any(|p| p.reason.contains("but for case")),
             "{problems:?}"
         );
     }

@@ -3,20 +3,23 @@
 //! scopes include `api_keys_read` (GET) / `api_keys_write` (changes). Admin keys obey the same
 //! rules as any key (enabled, expiry, `allow_ips`), and a key bound to a team sees only that
 //! team: everything else answers 404, as if it did not exist. A team's admin key also grants
-//! no more than it holds: no scope it lacks on a key it creates or changes, and no value of a
+//! no more than it holds ([`Held`]): no scope it lacks, no address outside its own
+//! `allow_ips`, no life past its own expiry, on a key it creates or changes, and no value of a
 //! key that holds more (rotate, reveal); Kubernetes RBAC's rule against escalation. Without
-//! it, a team given an admin key to mint its own keys could mint any scope the gateway knows.
-//! Among the team's people it stands where the user it acts for stands ([`Standing`]): a
-//! member's key manages only keys acting for that member (or for no one) and no members; an
-//! admin's makes no owner and touches none; an owner's (or a shared key's, which acts for the
-//! team) may do everything in the team.
+//! it, a team given an admin key to mint its own keys could mint any scope the gateway knows,
+//! usable from anywhere, for ever. Among the team's people it stands where its user stands
+//! ([`Standing`]): a `user` key, where the user it acts for does (owner, admin, member); a
+//! `shared` key as a member, whoever it acts for, since keys for no one can be made by any
+//! member and a removed member's shared keys move to an owner.
 
 use super::error::AdminError;
 use crate::auth::policy::{self, PolicyRefusal};
+use crate::auth::record::KeyRecord;
 use crate::auth::verify::{Verifier, VerifyError};
 use crate::store::Role;
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
+use ipnet::IpNet;
 use std::net::IpAddr;
 use subtle::ConstantTimeEq;
 
@@ -27,9 +30,19 @@ pub struct Admin {
     pub actor_id: String,
     /// `Some(team)`: may only see and change that team.
     pub team: Option<String>,
-    /// `Some`: the most this admin may grant (a team admin key's own scopes); `None`: any
-    /// scope (the bootstrap token, an admin key bound to no team: the operator's).
-    pub grantable: Option<Box<[Box<str>]>>,
+    /// `Some`: the most this admin may grant (a team admin key's own limits); `None`:
+    /// anything (the bootstrap token, an admin key bound to no team: the operator's).
+    pub held: Option<Held>,
+}
+
+/// What a team's admin key holds, and so the most it may hand out.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub scopes: Box<[Box<str>]>,
+    /// Empty: any address.
+    pub allow_ips: Box<[IpNet]>,
+    /// `None`: never expires.
+    pub expires: Option<DateTime<Utc>>,
 }
 
 impl Admin {
@@ -46,21 +59,69 @@ impl Admin {
         &self,
         scopes: impl IntoIterator<Item = &'a String>,
     ) -> Result<(), AdminError> {
-        let Some(held) = &self.grantable else {
+        let Some(held) = &self.held else {
             return Ok(());
         };
         match scopes
             .into_iter()
-            .find(|s| !held.iter().any(|h| **h == ***s))
+            .find(|s| !held.scopes.iter().any(|h| **h == ***s))
         {
             Some(lacking) => Err(AdminError::ScopeNotGrantable(lacking.clone())),
             None => Ok(()),
         }
     }
+
+    /// Whether this admin may hand out a key usable from `allow_ips` (empty: anywhere): each
+    /// inside its own list, when it has one.
+    pub fn may_grant_ips(&self, allow_ips: &[IpNet]) -> Result<(), AdminError> {
+        let Some(held) = &self.held else {
+            return Ok(());
+        };
+        if held.allow_ips.is_empty() {
+            return Ok(());
+        }
+        if allow_ips.is_empty() {
+            return Err(AdminError::LimitNotGrantable(
+                "allow_ips: this admin key is limited to addresses, and so are the keys it hands out",
+            ));
+        }
+        if allow_ips
+            .iter()
+            .all(|net| held.allow_ips.iter().any(|own| own.contains(net)))
+        {
+            Ok(())
+        } else {
+            Err(AdminError::LimitNotGrantable(
+                "allow_ips: every entry must lie inside this admin key's own allow_ips",
+            ))
+        }
+    }
+
+    /// Whether this admin may hand out a key that expires at `expires` (`None`: never): not
+    /// after itself.
+    pub fn may_grant_expiry(&self, expires: Option<DateTime<Utc>>) -> Result<(), AdminError> {
+        match (self.held.as_ref().and_then(|h| h.expires), expires) {
+            (Some(_), None) => Err(AdminError::LimitNotGrantable(
+                "expires_at: this admin key expires, and so must the keys it hands out",
+            )),
+            (Some(own), Some(at)) if at > own => Err(AdminError::LimitNotGrantable(
+                "expires_at: not after this admin key's own expiry",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this admin may hand out a key with `record`'s powers (its value: rotate,
+    /// reveal; or any change to it but disabling).
+    pub fn may_hand_out(&self, record: &KeyRecord) -> Result<(), AdminError> {
+        self.may_grant(&record.scope_names)?;
+        self.may_grant_ips(&record.allow_ips)?;
+        self.may_grant_expiry(record.expires_time)
+    }
 }
 
-/// Where a team's admin key stands among the team's people: the user it acts for, that
-/// user's role (a shared key acts for the team itself: an owner), and everyone's roles.
+/// Where a team's admin key stands among the team's people: the user it acts for, its role
+/// (that user's for a `user` key, a member's for a `shared` one), and everyone's roles.
 #[derive(Debug, Clone)]
 pub struct Standing {
     pub user: Option<String>,
@@ -146,7 +207,7 @@ pub async fn authenticate(
         return Ok(Admin {
             actor_id: "bootstrap".into(),
             team: None,
-            grantable: None,
+            held: None,
         });
     }
 
@@ -162,7 +223,11 @@ pub async fn authenticate(
     Ok(Admin {
         actor_id: key.api_key_id.to_string(),
         team: key.team_id.as_deref().map(str::to_owned),
-        grantable: key.team_id.is_some().then(|| key.scope_names.clone()),
+        held: key.team_id.is_some().then(|| Held {
+            scopes: key.scope_names.clone(),
+            allow_ips: key.allow_ips.clone(),
+            expires: key.expires_time,
+        }),
     })
 }
 

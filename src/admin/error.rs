@@ -18,6 +18,8 @@ pub enum AdminError {
     ScopeNotGrantable(String),
     #[error("{0}")]
     InsufficientRole(&'static str),
+    #[error("{0}")]
+    LimitNotGrantable(&'static str),
     #[error("this key may not be used from this address")]
     AddressNotAllowed,
     #[error("no such endpoint")]
@@ -54,9 +56,9 @@ impl AdminError {
         match self {
             AdminError::Unauthenticated => (S::UNAUTHORIZED, "UNAUTHENTICATED"),
             AdminError::InvalidCredential => (S::UNAUTHORIZED, "INVALID_CREDENTIAL"),
-            AdminError::InsufficientScope(_) | AdminError::ScopeNotGrantable(_) => {
-                (S::FORBIDDEN, "INSUFFICIENT_SCOPE")
-            }
+            AdminError::InsufficientScope(_)
+            | AdminError::ScopeNotGrantable(_)
+            | AdminError::LimitNotGrantable(_) => (S::FORBIDDEN, "INSUFFICIENT_SCOPE"),
             AdminError::InsufficientRole(_) => (S::FORBIDDEN, "INSUFFICIENT_ROLE"),
             AdminError::AddressNotAllowed => (S::FORBIDDEN, "API_KEY_IP_NOT_ALLOWED"),
             AdminError::NoEndpoint => (S::NOT_FOUND, "NOT_FOUND"),

@@ -425,13 +425,15 @@ impl AdminApi {
             .into_iter()
             .map(|m| (m.user_id, m.role))
             .collect();
-        let role = match &own.behalf_of_user_id {
-            None => Role::Owner,
-            // Gone from the team (its user keys were disabled then): the least, in any case.
-            Some(user) => roles
+        // A shared key stands as a member whoever it acts for: any member may make one, and a
+        // removed member's shared keys move to an owner (KeyService::remove_member).
+        let role = match (&own.key_type, &own.behalf_of_user_id) {
+            (KeyType::User, Some(user)) => roles
                 .iter()
                 .find(|(u, _)| u == user)
+                // Gone from the team (its user keys were disabled then): the least anyway.
                 .map_or(Role::Member, |(_, r)| *r),
+            _ => Role::Member,
         };
         Ok(Some(Standing {
             user: own.behalf_of_user_id,
@@ -455,7 +457,7 @@ impl AdminApi {
             standing.may_act_for(record.behalf_of_user_id.as_deref())?;
         }
         if !only_lowers {
-            ctx.admin()?.may_grant(&record.scope_names)?;
+            ctx.admin()?.may_hand_out(&record)?;
         }
         Ok((record, standing))
     }
@@ -530,13 +532,16 @@ impl AdminApi {
             ),
             (None, at) => at,
         };
+        let allow_ips = parse_allow_ips(&body.allow_ips.unwrap_or_default())?;
+        admin.may_grant_ips(&allow_ips)?;
+        admin.may_grant_expiry(expires_time)?;
         let req = CreateKey {
             key_type: body.key_type,
             name: body.name,
             description: body.description,
             team_id,
             scope_names: body.scope_names.unwrap_or_default(),
-            allow_ips: parse_allow_ips(&body.allow_ips.unwrap_or_default())?,
+            allow_ips,
             is_enabled: body.is_enabled.unwrap_or(true),
             behalf_of_user_id: body.behalf_of_user_id,
             expires_time,
@@ -558,7 +563,7 @@ impl AdminApi {
         // A HEAD shows nothing, so it reveals nothing (and writes no reveal to the audit).
         let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
         {
-            ctx.admin()?.may_grant(&record.scope_names)?;
+            ctx.admin()?.may_hand_out(&record)?;
             if let Some(standing) = self.standing(ctx).await? {
                 standing.may_act_for(record.behalf_of_user_id.as_deref())?;
             }
@@ -584,15 +589,23 @@ impl AdminApi {
             json::parse_body(&ctx.body)?
         };
         let (_, standing) = self.key_to_change(id, ctx, body.only_disables()).await?;
-        ctx.admin()?.may_grant(body.scope_names.iter().flatten())?;
-        if let (Some(standing), Some(Some(user))) = (&standing, &body.behalf_of_user_id) {
-            standing.may_act_for(Some(user))?;
+        let admin = ctx.admin()?;
+        admin.may_grant(body.scope_names.iter().flatten())?;
+        let allow_ips = body.allow_ips.map(|l| parse_allow_ips(&l)).transpose()?;
+        if let Some(ips) = &allow_ips {
+            admin.may_grant_ips(ips)?;
+        }
+        if let Some(expires) = body.expires_at {
+            admin.may_grant_expiry(expires)?;
+        }
+        if let (Some(standing), Some(user)) = (&standing, &body.behalf_of_user_id) {
+            standing.may_act_for(user.as_deref())?;
         }
         let change = KeyChange {
             name: body.name,
             description: body.description,
             scope_names: body.scope_names,
-            allow_ips: body.allow_ips.map(|l| parse_allow_ips(&l)).transpose()?,
+            allow_ips,
             is_enabled: body.is_enabled,
             behalf_of_user_id: body.behalf_of_user_id,
             expires_time: body.expires_at,

@@ -882,6 +882,165 @@ async fn team_admin_keys_stand_where_their_user_stands() {
     assert_eq!(actions, ["create"], "{actions:?}");
 }
 
+/// The ways round the rules a review found: each is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn team_admin_keys_cannot_raise_themselves() {
+    let e = start("embedded", "team_key_limit = 0").await;
+    for (user, role) in [
+        ("owner-1", "owner"),
+        ("adm-3", "admin"),
+        ("dev-2", "member"),
+    ] {
+        let r = e
+            .admin(
+                "PUT",
+                &format!("/v1/teams/acme/members/{user}"),
+                Some(json!({"role": role})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let write = json!(["api_keys_read", "api_keys_write"]);
+    let (_, member) = e
+        .create(
+            json!({"key_type": "user", "team_id": "acme", "behalf_of_user_id": "dev-2",
+            "scope_names": write, "allow_ips": ["127.0.0.1/32"], "expires_in": 3600}),
+        )
+        .await;
+    let (_, admin) = e
+        .create(
+            json!({"key_type": "user", "team_id": "acme", "behalf_of_user_id": "adm-3",
+            "scope_names": write}),
+        )
+        .await;
+    let expect = |r: &Resp, status: u16, code: &str| {
+        let got = r.body["error"]["code"].as_str().unwrap_or("");
+        assert_eq!((r.status, got), (status, code), "{}", r.body);
+    };
+    let put_owner = |key: String, user: &'static str| {
+        let e = &e;
+        async move {
+            e.call(
+                &key,
+                "PUT",
+                &format!("/v1/teams/acme/members/{user}"),
+                Some(json!({"role": "owner"})),
+            )
+            .await
+        }
+    };
+
+    // A shared key made by a member, acting for no one, stands as a member.
+    let r = e
+        .call(
+            &member,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "scope_names": write,
+            "allow_ips": ["127.0.0.1/32"], "expires_in": 600})),
+        )
+        .await;
+    expect(&r, 201, "");
+    let shared = r.body["data"]["key_value"].as_str().unwrap().to_owned();
+    let shared_id = r.body["data"]["api_key_id"].as_str().unwrap().to_owned();
+    expect(
+        &put_owner(shared.clone(), "dev-2").await,
+        403,
+        "INSUFFICIENT_ROLE",
+    );
+    // Pointed at no one by PATCH: still a member's standing.
+    let r = e
+        .call(
+            &member,
+            "PATCH",
+            &format!("/v1/keys/{shared_id}"),
+            Some(json!({"behalf_of_user_id": null})),
+        )
+        .await;
+    expect(&r, 200, "");
+    expect(&put_owner(shared, "dev-2").await, 403, "INSUFFICIENT_ROLE");
+
+    // A removed member's shared key moves to the owner, and stays a member's standing.
+    let r = e
+        .call(
+            &admin,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared", "scope_names": write,
+            "behalf_of_user_id": "dev-2"})),
+        )
+        .await;
+    expect(&r, 201, "");
+    let moved = r.body["data"]["key_value"].as_str().unwrap().to_owned();
+    let r = e
+        .call(&admin, "DELETE", "/v1/teams/acme/members/dev-2", None)
+        .await;
+    expect(&r, 200, "");
+    assert!(
+        r.body["data"]["changed_keys"]
+            .to_string()
+            .contains("owner-1"),
+        "{}",
+        r.body
+    );
+    expect(&put_owner(moved, "adm-3").await, 403, "INSUFFICIENT_ROLE");
+
+    // Limits travel: no wider addresses, no longer life, on itself or on a key it makes.
+    let (_, limited) = e
+        .create(
+            json!({"key_type": "shared", "team_id": "acme", "scope_names": write,
+            "allow_ips": ["127.0.0.1/32"], "expires_in": 3600}),
+        )
+        .await;
+    let own_id = e
+        .call(&limited, "GET", "/v1/keys?per_page=100", None)
+        .await
+        .body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| limited.starts_with(k["key_start"].as_str().unwrap()))
+        .unwrap()["api_key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for change in [
+        json!({"allow_ips": []}),
+        json!({"allow_ips": ["0.0.0.0/0"]}),
+        json!({"expires_at": null}),
+    ] {
+        let r = e
+            .call(
+                &limited,
+                "PATCH",
+                &format!("/v1/keys/{own_id}"),
+                Some(change.clone()),
+            )
+            .await;
+        expect(&r, 403, "INSUFFICIENT_SCOPE");
+    }
+    for body in [
+        json!({"key_type": "shared", "expires_in": 600}),
+        json!({"key_type": "shared", "allow_ips": ["127.0.0.1/32"]}),
+        json!({"key_type": "shared", "allow_ips": ["10.0.0.0/8"], "expires_in": 600}),
+    ] {
+        let r = e
+            .call(&limited, "POST", "/v1/keys", Some(body.clone()))
+            .await;
+        expect(&r, 403, "INSUFFICIENT_SCOPE");
+    }
+    let r = e
+        .call(
+            &limited,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared",
+            "allow_ips": ["127.0.0.1/32"], "expires_in": 600})),
+        )
+        .await;
+    expect(&r, 201, "");
+}
+
 async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &str) {
     let e = start(backing, "").await;
     for (user, role) in [("owner-1", "owner"), ("dev-2", "member")] {
