@@ -252,6 +252,9 @@ impl Gateway {
 
         let host = route::request_host(&req);
         let path = request_path::routing_path(req.uri().path())?;
+        if self.routes.ignores_path_case() {
+            request_path::check_case_folding(&path)?;
+        }
         let route_index = self
             .routes
             .find_index(req.method(), host.as_deref(), &path)

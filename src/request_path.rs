@@ -25,6 +25,24 @@ pub enum PathError {
     ControlCharacter,
     #[error("the path has a `%` not followed by two hex digits")]
     BadEncoding,
+    #[error("the path has a letter that some upstreams take for an ASCII one when case is ignored")]
+    FoldsToAscii,
+}
+
+/// With `[proxy] case_insensitive_paths`: refuses a path with one of the four non-ASCII
+/// letters whose case mapping is ASCII (`İ` U+0130, `ı` U+0131, `ſ` U+017F, Kelvin `K`
+/// U+212A): Java's `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` take `/ſecret` for
+/// `/secret`, which keygate's ASCII-only folding does not.
+pub fn check_case_folding(path: &[u8]) -> Result<(), PathError> {
+    let folds = path
+        .windows(2)
+        .any(|w| matches!(w, [0xC4, 0xB0 | 0xB1] | [0xC5, 0xBF]))
+        || path.windows(3).any(|w| w == [0xE2, 0x84, 0xAA]);
+    if folds {
+        Err(PathError::FoldsToAscii)
+    } else {
+        Ok(())
+    }
 }
 
 /// `raw` (a request's path, as sent) decoded, or why it is refused. No allocation unless the
@@ -162,6 +180,41 @@ mod tests {
             ("/admin%zz", BadEncoding),
         ] {
             assert_eq!(routing_path(p), Err(why), "{p}");
+        }
+    }
+
+    #[test]
+    fn letters_that_fold_to_ascii_are_found() {
+        for p in [
+            "/\u{17F}ecret",
+            "/\u{212A}ey",
+            "/\u{131}d",
+            "/\u{130}d",
+            "/x/\u{17F}",
+        ] {
+            assert_eq!(
+                check_case_folding(p.as_bytes()),
+                Err(PathError::FoldsToAscii),
+                "{p}"
+            );
+        }
+        for p in ["/secret", "/ünï", "/é/x", "/\u{212B}"] {
+            assert_eq!(check_case_folding(p.as_bytes()), Ok(()), "{p}");
+        }
+        // Exactly the letters outside ASCII whose simple (one-letter) case mapping lands in it;
+        // `ß` to `SS` is a full mapping, which char-by-char comparisons do not make.
+        let simple_ascii = |m: &mut dyn ExactSizeIterator<Item = char>| {
+            m.len() == 1 && m.next().is_some_and(|m| m.is_ascii())
+        };
+        for c in (0x80..=0x10FFFFu32).filter_map(char::from_u32) {
+            // `İ`'s simple lowercase is `i`; Rust gives its full one, `i` and a combining dot.
+            let folds = simple_ascii(&mut c.to_lowercase())
+                || simple_ascii(&mut c.to_uppercase())
+                || c == '\u{130}';
+            let mut buf = [0u8; 5];
+            buf[0] = b'/';
+            let len = 1 + c.encode_utf8(&mut buf[1..]).len();
+            assert_eq!(check_case_folding(&buf[..len]).is_err(), folds, "{c:?}");
         }
     }
 

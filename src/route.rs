@@ -98,6 +98,10 @@ impl RouteTable {
         self
     }
 
+    pub fn ignores_path_case(&self) -> bool {
+        self.ignore_case
+    }
+
     /// `host` is the request's host without port, lowercase; `path` the decoded path.
     pub fn find(&self, method: &Method, host: Option<&str>, path: &[u8]) -> Option<&Route> {
         self.find_index(method, host, path)

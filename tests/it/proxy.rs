@@ -1676,6 +1676,13 @@ async fn case_insensitive_paths_keep_a_routes_rules_on_every_spelling() {
     }
     let r = client().get(gw.url("/admins")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // `ſ` is `s` to Java's equalsIgnoreCase, `K` (Kelvin) `k`: refused, not routed.
+    for path in ["/%C5%BFecret", "/\u{17F}ecret", "/%E2%84%AAey", "/x/%C4%B1"] {
+        let (status, body) =
+            raw_request(gw.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n")).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains("PATH_NOT_CANONICAL"), "{path}: {body}");
+    }
     drop(gw);
     // Without it (the default, nginx's way) the spelling decides.
     let gw = Gateway::start(&config(false));
