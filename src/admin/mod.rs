@@ -436,7 +436,12 @@ impl AdminApi {
             _ => Role::Member,
         };
         Ok(Some(Standing {
-            user: own.behalf_of_user_id,
+            // A shared key has no self: the user it acts for may be whoever a removed member's
+            // keys moved to (an owner), and keys for that user are not its to make.
+            user: match own.key_type {
+                KeyType::User => own.behalf_of_user_id,
+                KeyType::Shared => None,
+            },
             role,
             roles,
         }))

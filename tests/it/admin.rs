@@ -983,7 +983,22 @@ async fn team_admin_keys_cannot_raise_themselves() {
         "{}",
         r.body
     );
-    expect(&put_owner(moved, "adm-3").await, 403, "INSUFFICIENT_ROLE");
+    expect(
+        &put_owner(moved.clone(), "adm-3").await,
+        403,
+        "INSUFFICIENT_ROLE",
+    );
+    // Nor may it make the owner's own key, which would stand as an owner (third review).
+    let r = e
+        .call(
+            &moved,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "user",
+            "behalf_of_user_id": "owner-1", "scope_names": write})),
+        )
+        .await;
+    expect(&r, 403, "INSUFFICIENT_ROLE");
 
     // Limits travel: no wider addresses, no longer life, on itself or on a key it makes.
     let (_, limited) = e
