@@ -45,7 +45,25 @@ pub struct Held {
     pub expires: Option<DateTime<Utc>>,
 }
 
+impl Held {
+    pub fn of(record: &KeyRecord) -> Self {
+        Self {
+            scopes: record
+                .scope_names
+                .iter()
+                .map(|s| s.as_str().into())
+                .collect(),
+            allow_ips: record.allow_ips.clone().into(),
+            expires: record.expires_time,
+        }
+    }
+}
+
 impl Admin {
+    pub fn is_bootstrap(&self) -> bool {
+        self.actor_id == BOOTSTRAP_ACTOR
+    }
+
     /// Whether this admin may act on `team` (a key's or a path's team).
     pub fn may_access(&self, team: Option<&str>) -> bool {
         match &self.team {
@@ -170,6 +188,9 @@ impl Standing {
     }
 }
 
+/// The actor id of the bootstrap token (key ids start with `apk_`).
+const BOOTSTRAP_ACTOR: &str = "bootstrap";
+
 /// Minimum bootstrap token length, checked at start-up.
 pub const MIN_BOOTSTRAP_LEN: usize = 16;
 
@@ -205,7 +226,7 @@ pub async fn authenticate(
         && bool::from(token.as_bytes().ct_eq(expected))
     {
         return Ok(Admin {
-            actor_id: "bootstrap".into(),
+            actor_id: BOOTSTRAP_ACTOR.into(),
             team: None,
             held: None,
         });

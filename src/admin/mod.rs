@@ -280,7 +280,7 @@ impl AdminApi {
         } else {
             SCOPE_KEYS_WRITE
         };
-        let actor = auth::authenticate(
+        let mut actor = auth::authenticate(
             req.headers(),
             self.bootstrap.as_deref(),
             &self.verifier,
@@ -289,6 +289,9 @@ impl AdminApi {
             now,
         )
         .await?;
+        if required == SCOPE_KEYS_WRITE {
+            actor = self.as_stored(actor, now).await?;
+        }
         let body = self.read_body(req).await?;
         let ctx = Ctx {
             method: &method,
@@ -408,6 +411,29 @@ impl AdminApi {
             return Err(crate::keys::KeyError::NotFound.into());
         }
         Ok(record)
+    }
+
+    /// A change is checked against the admin key's record in the store, not the verifier's
+    /// cached copy: a key disabled, deleted or narrowed a moment ago (on this gateway or
+    /// another) changes nothing. Reads keep the cache's propagation window.
+    async fn as_stored(&self, mut admin: Admin, now: DateTime<Utc>) -> Result<Admin, AdminError> {
+        if admin.is_bootstrap() {
+            return Ok(admin);
+        }
+        let record = match self.service.get(&admin.actor_id).await {
+            Ok(record) => record,
+            Err(crate::keys::KeyError::NotFound) => return Err(AdminError::InvalidCredential),
+            Err(e) => return Err(e.into()),
+        };
+        if !record.is_enabled || record.expires_time.is_some_and(|at| at <= now) {
+            return Err(AdminError::InvalidCredential);
+        }
+        if !record.scope_names.iter().any(|s| s == SCOPE_KEYS_WRITE) {
+            return Err(AdminError::InsufficientScope(SCOPE_KEYS_WRITE));
+        }
+        admin.team = record.team_id.clone();
+        admin.held = record.team_id.is_some().then(|| auth::Held::of(&record));
+        Ok(admin)
     }
 
     /// Where a team's admin key stands among the team's people; `None` for the operator (the

@@ -882,6 +882,48 @@ async fn team_admin_keys_stand_where_their_user_stands() {
     assert_eq!(actions, ["create"], "{actions:?}");
 }
 
+/// A change by an admin key is checked against its stored record, not the verifier's cache:
+/// disabled or narrowed a moment ago means refused at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_key_changes_take_effect_on_its_next_write() {
+    let e = start("embedded", "").await;
+    let (admin_id, admin) = e
+        .create(json!({"key_type": "shared", "team_id": "acme",
+            "scope_names": ["api_keys_read", "api_keys_write", "orders:write"]}))
+        .await;
+    let mint = json!({"key_type": "shared", "scope_names": ["orders:write"]});
+    // Used once: now in the verifier's cache.
+    let r = e.call(&admin, "POST", "/v1/keys", Some(mint.clone())).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{admin_id}"),
+            Some(json!({"scope_names": ["api_keys_read", "api_keys_write"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = e.call(&admin, "POST", "/v1/keys", Some(mint.clone())).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{admin_id}"),
+            Some(json!({"is_enabled": false})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = e
+        .call(
+            &admin,
+            "POST",
+            "/v1/keys",
+            Some(json!({"key_type": "shared"})),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+}
+
 /// The ways round the rules a review found: each is closed.
 #[tokio::test(flavor = "multi_thread")]
 async fn team_admin_keys_cannot_raise_themselves() {
