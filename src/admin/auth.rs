@@ -33,6 +33,8 @@ pub struct Admin {
     /// `Some`: the most this admin may grant (a team admin key's own limits); `None`:
     /// anything (the bootstrap token, an admin key bound to no team: the operator's).
     pub held: Option<Held>,
+    /// The admin key's stored record, once a change has loaded it (`AdminApi::as_stored`).
+    pub record: Option<KeyRecord>,
 }
 
 /// What a team's admin key holds, and so the most it may hand out.
@@ -229,6 +231,7 @@ pub async fn authenticate(
             actor_id: BOOTSTRAP_ACTOR.into(),
             team: None,
             held: None,
+            record: None,
         });
     }
 
@@ -249,6 +252,7 @@ pub async fn authenticate(
             allow_ips: key.allow_ips.clone(),
             expires: key.expires_time,
         }),
+        record: None,
     })
 }
 

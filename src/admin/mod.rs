@@ -433,6 +433,7 @@ impl AdminApi {
         }
         admin.team = record.team_id.clone();
         admin.held = record.team_id.is_some().then(|| auth::Held::of(&record));
+        admin.record = Some(record);
         Ok(admin)
     }
 
@@ -443,7 +444,14 @@ impl AdminApi {
         let Some(team) = &admin.team else {
             return Ok(None);
         };
-        let own = self.service.get(&admin.actor_id).await?;
+        let fetched;
+        let own = match &admin.record {
+            Some(own) => own,
+            None => {
+                fetched = self.service.get(&admin.actor_id).await?;
+                &fetched
+            }
+        };
         let roles: Vec<(String, Role)> = self
             .service
             .list_members(team)
@@ -453,7 +461,7 @@ impl AdminApi {
             .collect();
         // A shared key stands as a member whoever it acts for: any member may make one, and a
         // removed member's shared keys move to an owner (KeyService::remove_member).
-        let role = match (&own.key_type, &own.behalf_of_user_id) {
+        let role = match (own.key_type, &own.behalf_of_user_id) {
             (KeyType::User, Some(user)) => roles
                 .iter()
                 .find(|(u, _)| u == user)
@@ -465,7 +473,7 @@ impl AdminApi {
             // A shared key has no self: the user it acts for may be whoever a removed member's
             // keys moved to (an owner), and keys for that user are not its to make.
             user: match own.key_type {
-                KeyType::User => own.behalf_of_user_id,
+                KeyType::User => own.behalf_of_user_id.clone(),
                 KeyType::Shared => None,
             },
             role,
@@ -473,24 +481,34 @@ impl AdminApi {
         }))
     }
 
+    /// Whether this admin may manage a key acting for `user` ([`Standing::may_act_for`]);
+    /// looks the team up only when there is a user to check.
+    async fn may_act_for(&self, user: Option<&str>, ctx: &Ctx<'_>) -> Result<(), AdminError> {
+        if user.is_none() {
+            return Ok(());
+        }
+        match self.standing(ctx).await? {
+            Some(standing) => standing.may_act_for(user),
+            None => Ok(()),
+        }
+    }
+
     /// Loads a key this admin may act on: visible, acting for someone the admin may act for,
-    /// and, unless the act only takes power away (`only_lowers`: disable, delete), holding no
-    /// scope the admin could not grant.
+    /// and, unless the act only takes power away (`only_lowers`: disable, delete), within
+    /// what the admin could hand out.
     async fn key_to_change(
         &self,
         id: &str,
         ctx: &Ctx<'_>,
         only_lowers: bool,
-    ) -> Result<(KeyRecord, Option<Standing>), AdminError> {
+    ) -> Result<KeyRecord, AdminError> {
         let record = self.visible_key(id, ctx).await?;
-        let standing = self.standing(ctx).await?;
-        if let Some(standing) = &standing {
-            standing.may_act_for(record.behalf_of_user_id.as_deref())?;
-        }
+        self.may_act_for(record.behalf_of_user_id.as_deref(), ctx)
+            .await?;
         if !only_lowers {
             ctx.admin()?.may_hand_out(&record)?;
         }
-        Ok((record, standing))
+        Ok(record)
     }
 
     fn visible_team(&self, team: &str, ctx: &Ctx<'_>) -> Result<(), AdminError> {
@@ -538,9 +556,8 @@ impl AdminApi {
         let body: json::CreateBody = json::parse_body(&ctx.body)?;
         let admin = ctx.admin()?;
         admin.may_grant(body.scope_names.iter().flatten())?;
-        if let Some(standing) = self.standing(ctx).await? {
-            standing.may_act_for(body.behalf_of_user_id.as_deref())?;
-        }
+        self.may_act_for(body.behalf_of_user_id.as_deref(), ctx)
+            .await?;
         let team_id = match (body.team_id, &admin.team) {
             (Some(t), _) => {
                 self.visible_team(&t, ctx)?;
@@ -595,9 +612,8 @@ impl AdminApi {
         let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
         {
             ctx.admin()?.may_hand_out(&record)?;
-            if let Some(standing) = self.standing(ctx).await? {
-                standing.may_act_for(record.behalf_of_user_id.as_deref())?;
-            }
+            self.may_act_for(record.behalf_of_user_id.as_deref(), ctx)
+                .await?;
             self.service
                 .reveal(&record, &ctx.audit_actor()?, ctx.now)
                 .await?
@@ -619,7 +635,7 @@ impl AdminApi {
         } else {
             json::parse_body(&ctx.body)?
         };
-        let (_, standing) = self.key_to_change(id, ctx, body.only_disables()).await?;
+        self.key_to_change(id, ctx, body.only_disables()).await?;
         let admin = ctx.admin()?;
         admin.may_grant(body.scope_names.iter().flatten())?;
         let allow_ips = body.allow_ips.map(|l| parse_allow_ips(&l)).transpose()?;
@@ -629,8 +645,8 @@ impl AdminApi {
         if let Some(expires) = body.expires_at {
             admin.may_grant_expiry(expires)?;
         }
-        if let (Some(standing), Some(user)) = (&standing, &body.behalf_of_user_id) {
-            standing.may_act_for(user.as_deref())?;
+        if let Some(user) = &body.behalf_of_user_id {
+            self.may_act_for(user.as_deref(), ctx).await?;
         }
         let change = KeyChange {
             name: body.name,
