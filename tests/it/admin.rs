@@ -776,8 +776,9 @@ async fn team_admin_keys_grant_only_what_they_hold() {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn team_admin_keys_stand_where_their_user_stands() {
+/// A gateway whose team `acme` has an owner (`owner-1`), an admin (`adm-3`) and a member
+/// (`dev-2`), and no limit on its keys.
+async fn acme_team() -> Env {
     let e = start("embedded", "team_key_limit = 0").await;
     for (user, role) in [
         ("owner-1", "owner"),
@@ -793,6 +794,12 @@ async fn team_admin_keys_stand_where_their_user_stands() {
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
+    e
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn team_admin_keys_stand_where_their_user_stands() {
+    let e = acme_team().await;
     let admin_key_for = |user: &'static str| {
         let e = &e;
         async move {
@@ -927,21 +934,7 @@ async fn admin_key_changes_take_effect_on_its_next_write() {
 /// The ways round the rules a review found: each is closed.
 #[tokio::test(flavor = "multi_thread")]
 async fn team_admin_keys_cannot_raise_themselves() {
-    let e = start("embedded", "team_key_limit = 0").await;
-    for (user, role) in [
-        ("owner-1", "owner"),
-        ("adm-3", "admin"),
-        ("dev-2", "member"),
-    ] {
-        let r = e
-            .admin(
-                "PUT",
-                &format!("/v1/teams/acme/members/{user}"),
-                Some(json!({"role": role})),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    let e = acme_team().await;
     let write = json!(["api_keys_read", "api_keys_write"]);
     let (_, member) = e
         .create(

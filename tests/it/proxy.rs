@@ -1083,16 +1083,7 @@ async fn a_client_that_leaves_before_the_answer_is_counted_and_logged_once() {
         ),
         &log,
     );
-    let metrics = || async {
-        client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || gw.metrics();
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\nX-Request-Id: left-early\r\n\r\n")
         .await
@@ -1471,14 +1462,7 @@ async fn proxy_threads_share_one_socket_and_one_connection_limit() {
         assert_eq!(a.as_deref(), Some("HTTP/1.1 200 OK"), "{answers:?}");
     }
     // Each thread counts into its own series; a scrape reports their sum, under one name.
-    let text = client()
-        .get(e.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = e.gw.metrics().await;
     for (series, want) in [
         (
             "keygate_requests_total{outcome=\"forwarded\",route=\"public\"}",

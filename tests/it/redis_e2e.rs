@@ -383,16 +383,7 @@ async fn dropped_lookup_connections_refuse_nothing() {
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
     redis_cli(&redis, &["CLIENT", "KILL", "TYPE", "normal"]);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let scrape = || async {
-        client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || gw.metrics();
     // A scrape pings the shared connection, which then reconnects, as under Prometheus.
     scrape().await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -119,14 +119,7 @@ async fn an_open_tunnel_keeps_its_connection_slot_and_count() {
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
     let (key, _) = create_key(&store, |_| {}).await;
     let open = || open_tunnel(gw.addr, &key);
-    let metrics = || async {
-        reqwest::get(gw.admin_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || gw.metrics();
     let first = open().await;
     let _second = open().await;
     assert!(

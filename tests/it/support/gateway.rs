@@ -82,6 +82,18 @@ impl Gateway {
         &self.config_path
     }
 
+    /// The admin listener's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        super::client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("read /metrics")
+    }
+
     /// The gateway process's id (to read its memory use from /proc).
     pub fn pid(&self) -> u32 {
         self.child.id()
