@@ -743,6 +743,27 @@ def count_lines(path):
         return sum(1 for line in fh if line.strip())
 
 
+def load_generator(proxy, a, hot, args, conns, cold_keys, keyfile=None):
+    """The load for contender arguments `a`: a function of the seconds to run, and the
+    connections it uses. `cold_keys` are what a fixed-rate cold run walks (each of its 8
+    connections its own shard, in the query source); `keyfile` replaces `a`'s for wrk."""
+    if a.get("fixed") and a.get("cold"):
+        shard = len(cold_keys) // 8
+        rng = __import__("random").Random(time.time())
+        order = cold_keys[:]
+        rng.shuffle(order)
+        shards = [order[i * shard:(i + 1) * shard] for i in range(8)]
+        return (lambda d: h2load_fixed(proxy.port, d, args.rate, a["path"], uri_keys=shards)), 8
+    if a.get("fixed"):
+        return (lambda d: h2load_fixed(proxy.port, d, args.rate, a["path"],
+                                       keys=None if a.get("nokey") else hot[:8])), 8
+    if a.get("h2"):
+        return (lambda d: h2load(proxy.port_h2, d, None if a.get("nokey") else hot[0], path=a["path"])), 16 * 10
+    keyfile = keyfile or a.get("keyfile", "-")
+    return (lambda d: wrk(proxy.port, d, conns, keyfile, a.get("order", "random"), a["path"],
+                          a.get("body", "none"), a.get("keyplace", "bearer"), a.get("conn", "keep"))), conns
+
+
 def measure(workload, name, starter, a, hot, args, conns=None):
     """Start the contender, check it answers as expected, warm it, measure it, stop it."""
     if a.get("order") == "walk":
@@ -757,25 +778,7 @@ def measure(workload, name, starter, a, hot, args, conns=None):
         # The walk must not come round to keys already asked for: it gets the shorter --cold-dur.
         dur = args.cold_dur if a.get("cold") and a.get("order") == "walk" else args.dur
         conns = conns or (args.upload_conns if a.get("upload") else args.conns)
-        if a.get("fixed") and a.get("cold"):
-            # Each of the 8 connections walks its own shard of the 100 000 cold keys (query source).
-            shard = len(COLD) // 8
-            rng = __import__("random").Random(time.time())
-            order = COLD[:]
-            rng.shuffle(order)
-            shards = [order[i * shard:(i + 1) * shard] for i in range(8)]
-            gen = lambda d: h2load_fixed(proxy.port, d, args.rate, a["path"], uri_keys=shards)
-            conns = 8
-        elif a.get("fixed"):
-            gen = lambda d: h2load_fixed(proxy.port, d, args.rate, a["path"],
-                                         keys=None if a.get("nokey") else hot[:8])
-            conns = 8
-        elif a.get("h2"):
-            gen = lambda d: h2load(proxy.port_h2, d, None if a.get("nokey") else key, path=a["path"])
-            conns = 16 * 10
-        else:
-            gen = lambda d: wrk(proxy.port, d, conns, a.get("keyfile", "-"), a.get("order", "random"), a["path"],
-                                a.get("body", "none"), a.get("keyplace", "bearer"), a.get("conn", "keep"))
+        gen, conns = load_generator(proxy, a, hot, args, conns, COLD)
         watch = proxy.proc.pid if proxy.proc else UPSTREAM.pid
         is_kg = name.startswith("keygate")
         # Store traffic from here on (warm-up included), for the lookups-per-key checks.
@@ -1034,7 +1037,7 @@ SYSCALLS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_writev", "syscalls:sys
             "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex", "context-switches"]
 
 
-def profile(workload, name, starter, a, args):
+def profile(workload, name, starter, a, hot, args):
     """Where the contender's CPU goes during one run: syscalls and context switches per request
     (perf stat), then a flat perf profile by DSO and symbol (perf record)."""
     keys = walk_keys() if a.get("order") == "walk" else []
@@ -1050,9 +1053,11 @@ def profile(workload, name, starter, a, args):
             for i, path in enumerate(keyfiles):
                 with open(path, "w") as fh:
                     fh.writelines(k + "\n" for k in keys[i::2])
-        gen = lambda d, i=0: wrk(proxy.port, d, args.conns, keyfiles[i], a.get("order", "random"), a["path"],
-                                 a.get("body", "none"), a.get("keyplace", "bearer"), a.get("conn", "keep"))
-        if a.get("order") != "walk":
+        # The same load as the measured runs; a cold fixed-rate run's two runs walk halves of the
+        # cold keys, so that both see misses only.
+        gens = [load_generator(proxy, a, hot, args, args.conns, COLD[i::2], keyfiles[i])[0] for i in (0, 1)]
+        gen = lambda d, i=0: gens[i](d)
+        if a.get("order") != "walk" and not a.get("cold"):
             gen(args.warm or 1)
         pids = ",".join(str(x) for x in descendants(proxy.proc.pid))
         stat_out = os.path.join(RUN, f"perfstat-{workload}-{name}.txt")
@@ -1442,7 +1447,7 @@ def main():
                 log(f"--perf: no contender {pair}")
                 continue
             log(f"profiling {pair} …")
-            out("\n" + profile(w, n, found[0][1], found[0][2], args))
+            out("\n" + profile(w, n, found[0][1], found[0][2], hot, args))
         mem = None
         if not args.skip_mem:
             log("memory phase …")
