@@ -24,10 +24,7 @@ UP=18800; UP_H2=18801; REDIS=18802; KG=18810; ADMIN=18811
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "port $1 did not open" >&2; return 1
-}
+. benches/load/lib.sh
 sed -e "s|@UP@|$UP|g; s|@UP_H2@|$UP_H2|g; s|@RUN@|$OUT|g; s|@WORKERS@|1|g; s|@NGX_MODULES@|/usr/lib/nginx/modules|g" \
   benches/load/conf/upstream-nginx.conf >"$OUT/up.conf"
 nginx -p "$OUT" -e "$OUT/up.err" -c "$OUT/up.conf" -g 'daemon off;' & PIDS+=($!)
