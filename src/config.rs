@@ -51,6 +51,7 @@ struct RawProxy {
     worker_threads: Option<usize>,
     work_stealing: bool,
     case_insensitive_paths: bool,
+    transparent_huge_pages: bool,
     tls: Option<RawTls>,
 }
 
@@ -75,6 +76,7 @@ impl Default for RawProxy {
             worker_threads: None,
             work_stealing: false,
             case_insensitive_paths: false,
+            transparent_huge_pages: false,
             tls: None,
         }
     }
@@ -360,6 +362,9 @@ pub struct ProxyConfig {
     /// otherwise `/ADMIN` would miss the `/admin` route's rules and reach the upstream's
     /// `/admin` under another route's).
     pub case_insensitive_paths: bool,
+    /// false (default): the process uses 4 KiB pages only, whatever the system's THP policy;
+    /// true: the system's policy applies (memory.rs says why off is the default).
+    pub transparent_huge_pages: bool,
     /// `None`: plaintext (HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
 }
@@ -752,6 +757,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         worker_threads: raw.proxy.worker_threads,
         work_stealing: raw.proxy.work_stealing,
         case_insensitive_paths: raw.proxy.case_insensitive_paths,
+        transparent_huge_pages: raw.proxy.transparent_huge_pages,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
     if proxy.max_connections == 0 {
@@ -1526,6 +1532,15 @@ mod tests {
         let stealing = GOOD.replacen("[proxy]", "[proxy]\nwork_stealing = true", 1);
         assert!(from_toml(&stealing).unwrap().proxy.work_stealing);
         let not_bool = GOOD.replacen("[proxy]", "[proxy]\nwork_stealing = \"sometimes\"", 1);
+        assert!(from_toml(&not_bool).is_err());
+        assert!(!from_toml(GOOD).unwrap().proxy.transparent_huge_pages);
+        let thp = GOOD.replacen("[proxy]", "[proxy]\ntransparent_huge_pages = true", 1);
+        assert!(from_toml(&thp).unwrap().proxy.transparent_huge_pages);
+        let not_bool = GOOD.replacen(
+            "[proxy]",
+            "[proxy]\ntransparent_huge_pages = \"sometimes\"",
+            1,
+        );
         assert!(from_toml(&not_bool).is_err());
         for bad in ["0", "40000"] {
             let Err(ConfigError::Invalid(problems)) = with(bad) else {

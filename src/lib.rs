@@ -14,7 +14,7 @@
 //! Around them: [`config`] (raw TOML → checked values), [`store`] (Redis and embedded),
 //! [`keys`] (key lifecycle operations shared by the CLI and, later, the admin API),
 //! [`app`] (wiring), [`dev`] (the echo upstream), [`telemetry`] (logs), [`striped`] (counters
-//! many threads add to).
+//! many threads add to), [`memory`] (the process's huge pages).
 
 pub mod admin;
 pub mod app;
@@ -26,6 +26,7 @@ pub mod dev;
 pub mod error;
 pub mod gateway;
 pub mod keys;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod request_id;

@@ -146,9 +146,16 @@ fn main() -> ExitCode {
     let (runtime, serve_config) = match &cli.command {
         Command::Serve(args) => match load_config(args.config.as_deref()) {
             Ok(mut cfg) => {
+                // Before the runtime, the log queue and the caches allocate: the setting only
+                // governs pages faulted in after it (memory.rs says why off is the default).
+                let huge_pages =
+                    keygate::memory::set_transparent_huge_pages(cfg.proxy.transparent_huge_pages);
                 let threads = worker_threads(cfg.proxy.worker_threads);
                 cfg.proxy.worker_threads = Some(threads);
-                (server_runtime(threads, cfg.proxy.work_stealing), Some(cfg))
+                (
+                    server_runtime(threads, cfg.proxy.work_stealing),
+                    Some((cfg, huge_pages)),
+                )
             }
             Err(message) => {
                 eprintln!("keygate: {message}");
@@ -172,7 +179,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => match serve_config {
-                Some(cfg) => serve(args, cfg).await,
+                Some((cfg, huge_pages)) => serve(args, cfg, huge_pages).await,
                 None => Err("configuration not loaded".into()),
             },
             Command::CheckConfig { file } => check_config(&file),
@@ -239,7 +246,13 @@ fn server_runtime(threads: usize, work_stealing: bool) -> std::io::Result<tokio:
     }
 }
 
-async fn serve(args: ServeArgs, mut cfg: Config) -> Result<(), String> {
+/// `huge_pages`: how setting the process's transparent huge pages went (`main` does it before
+/// anything else allocates, logging included, so this logs a failure).
+async fn serve(
+    args: ServeArgs,
+    mut cfg: Config,
+    huge_pages: std::io::Result<()>,
+) -> Result<(), String> {
     if let Some(listen) = args.listen {
         cfg.proxy.listen = listen;
     }
@@ -259,6 +272,13 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> Result<(), String> {
     }
     // Held to the end of `serve`: dropping it writes out the lines still queued.
     let _log_writer = keygate::telemetry::init_logging(&cfg.log);
+    if let Err(e) = huge_pages {
+        tracing::warn!(
+            error = %e,
+            wanted = cfg.proxy.transparent_huge_pages,
+            "cannot set transparent huge pages for the process; the system's policy applies"
+        );
+    }
 
     // Dev mode keeps its temporary directory alive for the whole run.
     let mut _dev_dir = None;

@@ -1433,6 +1433,40 @@ async fn status_line(conn: &mut tokio::net::TcpStream, wait: Duration) -> Option
     text.lines().next().map(str::to_owned)
 }
 
+/// The `THP_enabled` line of a process's /proc status: 0 once THP is disabled for it.
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    line.unwrap_or_else(|| panic!("no THP_enabled in\n{status}"))
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_configured() {
+    let default = env_with("").await;
+    assert_eq!(thp_enabled(default.gw.pid()), "0");
+    let r = client()
+        .get(default.gw.url("/public/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let allowed = env_with("transparent_huge_pages = true").await;
+    assert_eq!(thp_enabled(allowed.gw.pid()), "1");
+    let r = client()
+        .get(allowed.gw.url("/public/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_threads_share_one_socket_and_one_connection_limit() {
     let e = env_with("worker_threads = 4\nmax_connections = 3").await;
