@@ -1448,23 +1448,12 @@ fn thp_enabled(pid: u32) -> String {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn transparent_huge_pages_are_off_unless_configured() {
-    let default = env_with("").await;
-    assert_eq!(thp_enabled(default.gw.pid()), "0");
-    let r = client()
-        .get(default.gw.url("/public/x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-
-    let allowed = env_with("transparent_huge_pages = true").await;
-    assert_eq!(thp_enabled(allowed.gw.pid()), "1");
-    let r = client()
-        .get(allowed.gw.url("/public/x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    for (proxy_section, expected) in [("", "0"), ("transparent_huge_pages = true", "1")] {
+        let e = env_with(proxy_section).await;
+        assert_eq!(thp_enabled(e.gw.pid()), expected, "{proxy_section:?}");
+        let r = client().get(e.gw.url("/public/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
