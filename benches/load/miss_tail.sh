@@ -4,8 +4,10 @@
 # while 8 `h2load --h1` connections (core 1, with Redis and the upstream nginx) send RATE
 # requests/s for DUR seconds, each request a new key (?api_key=, a shuffled walk: every request
 # a miss). h2load's per-request logs give p50/p99/p99.9/max over the whole run and after its
-# first 0.5 s (the process's start: new connections, first faults), and the stalls: groups of
-# requests over 1 ms that started within 20 ms of each other, with their spacing. That is how
+# first 0.5 s (the start of h2load's 8 processes, each reading its URI list, on the core of
+# the upstream and Redis: docs/benchmarks.md, "The first 0.15 s of a fixed-rate run"), and the
+# stalls: groups of requests over 1 ms that started within 20 ms of each other, with their
+# spacing. That is how
 # the huge-page stalls were found (docs/benchmarks.md, "Huge pages"); the harness's cold
 # fixed-rate contender gives only the percentiles.
 #
