@@ -82,9 +82,11 @@ use redis::{
     Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value,
 };
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
 
@@ -368,17 +370,95 @@ impl ConnectionLike for Conn {
 /// and its reconnections run there too. On the one shared connection a lookup from a proxy
 /// thread was a message to the thread driving it and one back: two cross-thread wake-ups per
 /// cache miss (docs/architecture.md, "Threads", has the counts).
+///
+/// A lookup left unanswered for the operation timeout replaces its thread's connection: redis-rs
+/// reconnects only after an error, and a connection whose peer or route hangs (a stuck proxy or
+/// load balancer in front of Redis, a dead route the kernel keeps retransmitting into) gives
+/// none for many minutes, so without this every uncached key got 503 for as long, with Redis
+/// answering new connections all along.
 struct LookupConns {
     client: Client,
+    /// Without a response timeout of its own: `RedisStore::lookup` bounds the whole lookup and
+    /// must see the timeout to replace the connection.
     config: ConnectionManagerConfig,
-    conns: ThreadLocal<ConnectionManager>,
+    conns: ThreadLocal<RefCell<Made<ConnectionManager>>>,
+}
+
+impl LookupConns {
+    fn fresh(&self) -> Result<RefCell<Made<ConnectionManager>>, RedisError> {
+        ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            .map(|conn| RefCell::new(Made::now(conn)))
+    }
+}
+
+/// A connection and when it was made: of the operations that time out on one connection at
+/// once, the first replaces it and the others find a newer one and leave it.
+struct Made<C> {
+    conn: C,
+    at: Instant,
+}
+
+impl<C> Made<C> {
+    fn now(conn: C) -> Self {
+        Self {
+            conn,
+            at: Instant::now(),
+        }
+    }
+}
+
+/// The connection for everything but the lookups, replaced on one server like theirs (see
+/// [`LookupConns`]) when an operation on it goes unanswered for the operation timeout.
+struct SharedConn {
+    current: RwLock<Made<Conn>>,
+    /// How to make another; `None` on a cluster, whose connection keeps one per node and
+    /// replaces them itself.
+    remake: Option<(Client, ConnectionManagerConfig)>,
+}
+
+impl SharedConn {
+    fn new(conn: Conn) -> Self {
+        Self {
+            current: RwLock::new(Made::now(conn)),
+            remake: None,
+        }
+    }
+
+    fn get(&self) -> Conn {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .conn
+            .clone()
+    }
+
+    fn is_cluster(&self) -> bool {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        matches!(current.conn, Conn::Cluster(_))
+    }
+
+    /// Replaces the connection unless it was made after `started` (by another operation that
+    /// timed out on the old one).
+    fn replace_if_older_than(&self, started: Instant) {
+        let Some((client, config)) = &self.remake else {
+            return;
+        };
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.at > started {
+            return;
+        }
+        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+            tracing::warn!("a Redis operation went unanswered; the shared connection is replaced");
+            *current = Made::now(Conn::Single(fresh));
+        }
+    }
 }
 
 pub struct RedisStore {
     /// Where the change feed subscribes, tried in order: the server, or every cluster seed node
     /// (a cluster broadcasts PUBLISH to all its nodes, so any one of them hears every change).
     pubsub: Vec<Client>,
-    conn: Conn,
+    conn: SharedConn,
     /// One server: lookups on per-thread connections. A cluster connection routes by slot and
     /// keeps its own connections per node; lookups share it.
     lookups: Option<LookupConns>,
@@ -407,11 +487,14 @@ impl RedisStore {
         let client = Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
         // Reconnection backoff capped at 1 s so that recovery after an outage is quick; each
-        // connection attempt and each answer bounded like the operations themselves.
+        // connection attempt bounded like the operations themselves. Answers get twice that,
+        // as a backstop only: every operation is bounded by `bounded` or `lookup`, which must
+        // see the timeout to replace the connection, and the same deadline here would come
+        // first.
         let config = ConnectionManagerConfig::new()
             .set_max_delay(Duration::from_secs(1))
             .set_connection_timeout(Some(op_timeout))
-            .set_response_timeout(Some(op_timeout));
+            .set_response_timeout(Some(op_timeout.saturating_mul(2)));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(unavailable)?;
         let mut store = Self::build(
@@ -420,9 +503,10 @@ impl RedisStore {
             namespace,
             op_timeout,
         );
+        store.conn.remake = Some((client.clone(), config.clone()));
         store.lookups = Some(LookupConns {
             client,
-            config,
+            config: config.set_response_timeout(None),
             conns: ThreadLocal::new(),
         });
         Ok(store)
@@ -462,7 +546,7 @@ impl RedisStore {
     fn build(pubsub: Vec<Client>, conn: Conn, namespace: &str, op_timeout: Duration) -> Self {
         let store = Self {
             pubsub,
-            conn,
+            conn: SharedConn::new(conn),
             lookups: None,
             names: Names {
                 ns: namespace.to_owned(),
@@ -476,7 +560,7 @@ impl RedisStore {
         };
         // Warm the connection in the background so the first request does not pay for it; a
         // failure here only means Redis is not up yet.
-        let mut warm = store.conn.clone();
+        let mut warm = store.conn.get();
         tokio::spawn(async move {
             let ping = redis::cmd("PING");
             match tokio::time::timeout(op_timeout, ping.query_async::<Value>(&mut warm)).await {
@@ -497,19 +581,24 @@ impl RedisStore {
         self
     }
 
-    /// Runs `fut` within the operation timeout; running out of time means Unavailable.
+    /// Runs `fut` within the operation timeout; running out of time means Unavailable, and a
+    /// new shared connection (see [`SharedConn`]).
     async fn bounded<T>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.op_timeout, fut)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "redis did not answer within {:?}",
-                    self.op_timeout
-                )))
-            })
+        let started = Instant::now();
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(done) => done,
+            Err(_) => {
+                self.conn.replace_if_older_than(started);
+                Err(self.no_answer())
+            }
+        }
+    }
+
+    fn no_answer(&self) -> StoreError {
+        StoreError::Unavailable(format!("redis did not answer within {:?}", self.op_timeout))
     }
 
     /// The record stored under `hash`, decoded as `R`, with the end of its grace period when the
@@ -521,7 +610,7 @@ impl RedisStore {
     ) -> Result<Option<(R, Option<i64>)>, StoreError> {
         let mut get = redis::cmd("GET");
         get.arg(self.names.hash(hash));
-        let raw: Option<String> = self.bounded(self.lookup(&get)).await?;
+        let raw: Option<String> = self.lookup(&get).await?;
         let Some(raw) = raw else { return Ok(None) };
         let entry: HashEntry<R> = decode(&raw)?;
         // Redis expiry is approximate; the recorded deadline is what counts.
@@ -536,35 +625,54 @@ impl RedisStore {
 
     /// One command on the shared connection (a cheap handle clone; the manager multiplexes).
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        cmd.query_async(&mut self.conn.clone())
+        cmd.query_async(&mut self.conn.get())
             .await
             .map_err(redis_err)
     }
 
-    /// One read on this thread's own connection (see [`LookupConns`]), or on the shared one.
+    /// One read on this thread's own connection (see [`LookupConns`]), or on the shared one,
+    /// within the operation timeout.
     async fn lookup<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         let Some(l) = &self.lookups else {
-            return self.query(cmd).await;
+            return self.bounded(self.query(cmd)).await;
         };
         // Making a lazy manager does no I/O and fails only on options we do not set.
-        match l.conns.get_or_try(|| {
-            ConnectionManager::new_lazy_with_config(l.client.clone(), l.config.clone())
-        }) {
-            Ok(conn) => {
-                let mut conn = conn.clone();
-                match cmd.query_async(&mut conn).await {
-                    // redis-rs answers a command on a dropped connection (a Redis restart, an
-                    // idle timeout: these connections idle while the cache answers) with the
-                    // error and reconnects behind it. A GET is safe to send again, and one
-                    // failed lookup per thread would start the verifier's 1 s store backoff
-                    // once per thread in turn: seconds of 503s for uncached keys.
-                    Err(e) if e.is_unrecoverable_error() => {
-                        cmd.query_async(&mut conn).await.map_err(redis_err)
-                    }
-                    other => other.map_err(redis_err),
-                }
+        let started = Instant::now();
+        let Ok(mut conn) = l
+            .conns
+            .get_or_try(|| l.fresh())
+            .map(|c| c.borrow().conn.clone())
+        else {
+            return self.bounded(self.query(cmd)).await;
+        };
+        let answer = tokio::time::timeout(self.op_timeout, async {
+            match cmd.query_async(&mut conn).await {
+                // redis-rs answers a command on a dropped connection (a Redis restart, an idle
+                // timeout: these connections idle while the cache answers) with the error and
+                // reconnects behind it. A GET is safe to send again, and one failed lookup per
+                // thread would start the verifier's 1 s store backoff once per thread in turn:
+                // seconds of 503s for uncached keys.
+                Err(e) if e.is_unrecoverable_error() => cmd.query_async(&mut conn).await,
+                other => other,
             }
-            Err(_) => self.query(cmd).await,
+        })
+        .await;
+        match answer {
+            Ok(answer) => answer.map_err(redis_err),
+            Err(_) => {
+                // The thread the task is on now: on a proxy thread (a single-threaded
+                // runtime) the one it started on.
+                if let Some(slot) = l.conns.get() {
+                    let made_before = slot.borrow().at <= started;
+                    if made_before && let Ok(fresh) = l.fresh() {
+                        tracing::warn!(
+                            "a key lookup went unanswered; this thread's Redis connection is replaced"
+                        );
+                        slot.replace(fresh.into_inner());
+                    }
+                }
+                Err(self.no_answer())
+            }
         }
     }
 
@@ -599,7 +707,7 @@ impl RedisStore {
             inv.arg(a);
         }
         let applied: i64 = inv
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn.get())
             .await
             .map_err(redis_err)?;
         if applied != 1 {
@@ -783,7 +891,7 @@ impl RedisStore {
                 .arg(raw.unwrap_or_default())
                 .arg(next.unwrap_or_default());
             let applied: i64 = inv
-                .invoke_async(&mut self.conn.clone())
+                .invoke_async(&mut self.conn.get())
                 .await
                 .map_err(redis_err)?;
             if applied == 1 {
@@ -987,7 +1095,7 @@ impl KeyStore for RedisStore {
             .arg(record.created_time.timestamp_millis())
             .arg(id)
             .clone();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let outcome: String = self
             .bounded(async {
                 self.query::<Value>(&index).await?;
@@ -1276,18 +1384,17 @@ impl KeyStore for RedisStore {
         let tagged = batch
             .iter()
             .filter_map(|d| Some((id_tag(&d.api_key_id)?, d)));
-        let groups: Vec<Vec<(SlotTag, &UsageDelta)>> = match &self.conn {
-            Conn::Single(_) => vec![tagged.collect()],
-            Conn::Cluster(_) => {
-                let mut by_slot: HashMap<Slot, Vec<(SlotTag, &UsageDelta)>> = HashMap::new();
-                for (tag, d) in tagged {
-                    by_slot
-                        .entry(Slot::for_key(tag.as_str()))
-                        .or_default()
-                        .push((tag, d));
-                }
-                by_slot.into_values().collect()
+        let groups: Vec<Vec<(SlotTag, &UsageDelta)>> = if self.conn.is_cluster() {
+            let mut by_slot: HashMap<Slot, Vec<(SlotTag, &UsageDelta)>> = HashMap::new();
+            for (tag, d) in tagged {
+                by_slot
+                    .entry(Slot::for_key(tag.as_str()))
+                    .or_default()
+                    .push((tag, d));
             }
+            by_slot.into_values().collect()
+        } else {
+            vec![tagged.collect()]
         };
         // Made a window at a time: preparing every call of a large batch first kept the thread
         // from its requests for as long.
@@ -1307,7 +1414,7 @@ impl KeyStore for RedisStore {
             let calls: Vec<_> = window.iter().map(|chunk| self.usage_call(chunk)).collect();
             // Each window has its own timeout, so a large batch is not failed for its size.
             let sent = calls.iter().map(|inv| {
-                let mut conn = self.conn.clone();
+                let mut conn = self.conn.get();
                 async move {
                     inv.invoke_async::<Value>(&mut conn)
                         .await

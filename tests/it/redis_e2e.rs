@@ -4,6 +4,7 @@
 
 use crate::support::gateway::Gateway;
 use crate::support::redis::{RedisCluster, RedisServer};
+use crate::support::relay::Relay;
 use crate::support::{cli, client, create_key, eventually, service, upstream};
 use keygate::store::KeyStore;
 use keygate::store::redis::RedisStore;
@@ -11,6 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn config_for(redis: &RedisServer, namespace: &str, cache: &str) -> String {
+    config_at(&redis.url(), namespace, cache).await
+}
+
+async fn config_at(url: &str, namespace: &str, cache: &str) -> String {
     let echo = upstream::echo().await;
     format!(
         r#"
@@ -27,8 +32,7 @@ async fn config_for(redis: &RedisServer, namespace: &str, cache: &str) -> String
         name = "api"
         path_prefix = "/"
         upstream = "echo"
-        "#,
-        url = redis.url()
+        "#
     )
 }
 
@@ -404,6 +408,54 @@ async fn dropped_lookup_connections_refuse_nothing() {
             .find(|l| l.starts_with("keygate_auth_store_errors_total"))
             .unwrap_or("no keygate_auth_store_errors_total")
     );
+}
+
+/// Redis connections that hang (a stuck proxy or load balancer in front of Redis, while new
+/// connections go through) cost uncached keys one timeout and the store backoff, not 503s
+/// until the kernel gives up on the connection: the lookup that times out replaces its thread's
+/// connection, and an operation that times out on the shared one (here the readiness ping of a
+/// metrics scrape) replaces that. Before, the gateway answered 503 for as long as the relay held
+/// the connections (over 30 s when measured by hand), and reported the store down.
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_redis_connections_are_replaced() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let store = redis_store(&redis, "hung").await;
+    let mut keys = Vec::new();
+    for _ in 0..40 {
+        keys.push(create_key(&store, |_| {}).await.0);
+    }
+    let config = format!(
+        "[proxy]\nworker_threads = 1\n{}",
+        config_at(&relay.url(), "hung", "").await
+    );
+    let gw = Gateway::start(&config);
+    assert_eq!(status(&gw, &keys[0]).await, 200);
+    relay.hang_open_connections();
+    let began = std::time::Instant::now();
+    // A refused key was not cached (the store failed, it did not say "unknown"): asking with it
+    // again is still a lookup.
+    let mut uncached = keys[1..30].iter().cycle();
+    let gw = &gw;
+    let recovered = eventually(Duration::from_secs(6), || {
+        let key = uncached.next().expect("cycles");
+        async move { status(gw, key).await == 200 }
+    })
+    .await;
+    assert!(
+        recovered,
+        "uncached keys still refused {:?} after the connection hung",
+        began.elapsed()
+    );
+    // From then on every key is looked up on the new connection.
+    for key in &keys[30..] {
+        assert_eq!(status(gw, key).await, 200);
+    }
+    let store_up = eventually(Duration::from_secs(6), || async {
+        gw.metrics().await.contains("\nkeygate_store_up 1\n")
+    })
+    .await;
+    assert!(store_up, "the shared connection was not replaced");
 }
 
 /// `count` keys in namespace `ns`, and a gateway on them with 4 proxy threads.

@@ -2,6 +2,7 @@
 
 pub mod gateway;
 pub mod redis;
+pub mod relay;
 pub mod upstream;
 
 use keygate::auth::key::KeyPrefix;
