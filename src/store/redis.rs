@@ -407,13 +407,33 @@ impl<C> Made<C> {
     }
 }
 
-/// The connection for everything but the lookups, replaced on one server like theirs (see
-/// [`LookupConns`]) when an operation on it goes unanswered for the operation timeout.
+/// The connection for everything but the lookups on one server (see [`LookupConns`]), and for
+/// everything on a cluster; replaced when an operation on it goes unanswered for the operation
+/// timeout. On a cluster that remakes every node's connection and rediscovers the slots: the
+/// cluster client, too, retries a timed-out command on the same node connection and never
+/// replaces it.
 struct SharedConn {
     current: RwLock<Made<Conn>>,
-    /// How to make another; `None` on a cluster, whose connection keeps one per node and
-    /// replaces them itself.
-    remake: Option<(Client, ConnectionManagerConfig)>,
+    /// How to make another; `None` only until the constructor sets it.
+    remake: Option<Remake>,
+}
+
+enum Remake {
+    Single(Client, ConnectionManagerConfig),
+    Cluster(ClusterClient, ClusterConfig),
+}
+
+impl Remake {
+    fn conn(&self) -> Result<Conn, RedisError> {
+        Ok(match self {
+            Remake::Single(client, config) => Conn::Single(
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            ),
+            Remake::Cluster(client, config) => {
+                Conn::Cluster(client.get_pending_async_connection_with_config(config.clone()))
+            }
+        })
+    }
 }
 
 impl SharedConn {
@@ -440,16 +460,16 @@ impl SharedConn {
     /// Replaces the connection unless it was made after `started` (by another operation that
     /// timed out on the old one).
     fn replace_if_older_than(&self, started: Instant) {
-        let Some((client, config)) = &self.remake else {
+        let Some(remake) = &self.remake else {
             return;
         };
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         if current.at > started {
             return;
         }
-        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+        if let Ok(fresh) = remake.conn() {
             tracing::warn!("a Redis operation went unanswered; the shared connection is replaced");
-            *current = Made::now(Conn::Single(fresh));
+            *current = Made::now(fresh);
         }
     }
 }
@@ -503,7 +523,7 @@ impl RedisStore {
             namespace,
             op_timeout,
         );
-        store.conn.remake = Some((client.clone(), config.clone()));
+        store.conn.remake = Some(Remake::Single(client.clone(), config.clone()));
         store.lookups = Some(LookupConns {
             client,
             config: config.set_response_timeout(None),
@@ -526,21 +546,19 @@ impl RedisStore {
             .iter()
             .map(|url| Client::open(url.as_str()).map_err(invalid))
             .collect::<Result<Vec<_>, _>>()?;
+        // Answers get twice the operation timeout, as a backstop only (see `connect`).
         let client = ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(op_timeout)
-            .response_timeout(op_timeout)
+            .response_timeout(op_timeout.saturating_mul(2))
             .build()
             .map_err(invalid)?;
         let config = ClusterConfig::new()
             .set_connection_timeout(op_timeout)
-            .set_response_timeout(op_timeout);
-        let conn = client.get_pending_async_connection_with_config(config);
-        Ok(Self::build(
-            pubsub,
-            Conn::Cluster(conn),
-            namespace,
-            op_timeout,
-        ))
+            .set_response_timeout(op_timeout.saturating_mul(2));
+        let conn = client.get_pending_async_connection_with_config(config.clone());
+        let mut store = Self::build(pubsub, Conn::Cluster(conn), namespace, op_timeout);
+        store.conn.remake = Some(Remake::Cluster(client, config));
+        Ok(store)
     }
 
     fn build(pubsub: Vec<Client>, conn: Conn, namespace: &str, op_timeout: Duration) -> Self {

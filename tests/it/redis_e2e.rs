@@ -36,6 +36,30 @@ async fn config_at(url: &str, namespace: &str, cache: &str) -> String {
     )
 }
 
+/// A gateway's configuration on the Redis Cluster whose seed nodes are `nodes`.
+async fn cluster_config(nodes: &[String], namespace: &str, timeout: &str, cache: &str) -> String {
+    let echo = upstream::echo().await;
+    let nodes: Vec<String> = nodes.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        r#"
+        [store]
+        kind = "redis"
+        redis_cluster_nodes = [{nodes}]
+        namespace = "{namespace}"
+        timeout = "{timeout}"
+        [cache]
+        {cache}
+        [upstreams.echo]
+        url = "http://{echo}"
+        [[routes]]
+        name = "api"
+        path_prefix = "/"
+        upstream = "echo"
+        "#,
+        nodes = nodes.join(", ")
+    )
+}
+
 async fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<dyn KeyStore> {
     Arc::new(
         RedisStore::connect(&redis.url(), namespace, Duration::from_millis(500))
@@ -249,26 +273,7 @@ async fn gateway_on_a_redis_cluster_verifies_and_sees_revocations() {
             .await
             .unwrap(),
     );
-    let echo = upstream::echo().await;
-    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
-    let cfg = format!(
-        r#"
-        [store]
-        kind = "redis"
-        redis_cluster_nodes = [{nodes}]
-        namespace = "kgcl"
-        timeout = "500ms"
-        [cache]
-        ttl = "10m"
-        [upstreams.echo]
-        url = "http://{echo}"
-        [[routes]]
-        name = "api"
-        path_prefix = "/"
-        upstream = "echo"
-        "#,
-        nodes = nodes.join(", ")
-    );
+    let cfg = cluster_config(&cluster.urls(), "kgcl", "500ms", "ttl = \"10m\"").await;
     let gw = Gateway::start(&cfg);
     // Keys without a team get random slot tags, so six of them land on more than one node
     // (all on one would take odds of 1 in 243); one team key besides.
@@ -456,6 +461,53 @@ async fn hung_redis_connections_are_replaced() {
     })
     .await;
     assert!(store_up, "the shared connection was not replaced");
+}
+
+/// The same on a Redis Cluster, whose client keeps a connection per node and, like the
+/// single-server one, only retries on a connection that stops answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_redis_cluster_connections_are_replaced() {
+    let cluster = RedisCluster::start();
+    let relays = cluster.behind_relays().await;
+    let seeds: Vec<String> = relays.iter().map(Relay::url).collect();
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect_cluster(&cluster.urls(), "hungcl", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    let mut keys = Vec::new();
+    for _ in 0..40 {
+        keys.push(create_key(&store, |req| req.team_id = None).await.0);
+    }
+    let config = format!(
+        "[proxy]\nworker_threads = 1\n{}",
+        cluster_config(&seeds, "hungcl", "300ms", "").await
+    );
+    let gw = Gateway::start(&config);
+    // Keys without a team have random slots: these reach every node, so the gateway has a
+    // connection to each through its relay.
+    for key in &keys[..10] {
+        assert_eq!(status(&gw, key).await, 200);
+    }
+    for relay in &relays {
+        relay.hang_open_connections();
+    }
+    let began = std::time::Instant::now();
+    let mut uncached = keys[10..30].iter().cycle();
+    let gw = &gw;
+    let recovered = eventually(Duration::from_secs(6), || {
+        let key = uncached.next().expect("cycles");
+        async move { status(gw, key).await == 200 }
+    })
+    .await;
+    assert!(
+        recovered,
+        "uncached keys still refused {:?} after the connections hung",
+        began.elapsed()
+    );
+    for key in &keys[30..] {
+        assert_eq!(status(gw, key).await, 200);
+    }
 }
 
 /// `count` keys in namespace `ns`, and a gateway on them with 4 proxy threads.

@@ -3,6 +3,7 @@
 //! each starts its own. `stop`/`restart` simulate an outage on the same port (the data is gone
 //! afterwards: nothing is saved). [`RedisCluster`]: three such servers in cluster mode.
 
+use super::relay::Relay;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -212,6 +213,52 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// A [`Relay`] in front of every node, and every node announcing its relay's port: clients
+    /// that learn the nodes from `CLUSTER SLOTS` (as cluster clients do) connect through the
+    /// relays. The nodes still talk to each other directly, on their bus ports.
+    pub async fn behind_relays(&self) -> Vec<Relay> {
+        let mut relays = Vec::new();
+        for node in &self.nodes {
+            let relay = Relay::start(([127, 0, 0, 1], node.port()).into()).await;
+            let client = redis::Client::open(node.url()).expect("node url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to a cluster node");
+            let bus: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("cluster-port")
+                .query_async(&mut conn)
+                .await
+                .expect("CONFIG GET cluster-port");
+            // Set explicitly: with only the client port announced, the bus port announced would
+            // be derived from it.
+            let () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("cluster-announce-bus-port")
+                .arg(&bus[1])
+                .arg("cluster-announce-port")
+                .arg(relay.port())
+                .query_async(&mut conn)
+                .await
+                .expect("CONFIG SET cluster-announce-port");
+            relays.push(relay);
+        }
+        let relay_ports: Vec<u16> = relays.iter().map(Relay::port).collect();
+        // Each node learns the others' new ports by gossip.
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        for node in &self.nodes {
+            while !announces_only(&node.url(), &relay_ports).await {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster nodes did not announce their relays within {CLUSTER_TIMEOUT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        relays
+    }
+
     /// Polls `CLUSTER INFO` on every node, with back-off, until all say `cluster_state:ok`.
     fn wait_until_ok(&self) {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
@@ -257,6 +304,35 @@ fn start_cluster_node(dir: &Path) -> RedisServer {
         }
     }
     panic!("no cluster node came up on any of {PORT_ATTEMPTS} ports");
+}
+
+/// Whether every slot range's primary in `url`'s `CLUSTER SLOTS` has one of `ports`.
+async fn announces_only(url: &str, ports: &[u16]) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    let Ok(ranges) = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async::<Vec<Vec<redis::Value>>>(&mut conn)
+        .await
+    else {
+        return false;
+    };
+    // Each range: start, end, then its primary as [ip, port, id, ...], then any replicas.
+    let primary_port = |range: &Vec<redis::Value>| match range.get(2) {
+        Some(redis::Value::Array(node)) => match node.get(1) {
+            Some(redis::Value::Int(port)) => u16::try_from(*port).ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    !ranges.is_empty()
+        && ranges
+            .iter()
+            .all(|range| primary_port(range).is_some_and(|port| ports.contains(&port)))
 }
 
 fn cluster_state_ok(url: &str) -> bool {

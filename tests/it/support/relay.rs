@@ -44,6 +44,10 @@ impl Relay {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
     }
