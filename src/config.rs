@@ -270,6 +270,8 @@ struct RawUpstream {
     #[serde(with = "humantime_serde")]
     response_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    body_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
     /// PEM CA bundle for an https upstream; absent: the system's roots.
@@ -284,6 +286,8 @@ impl Default for RawUpstream {
             url: String::new(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(30),
+            // nginx's client_body_timeout and proxy_read_timeout.
+            body_idle_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             ca_file: None,
@@ -551,6 +555,9 @@ pub struct UpstreamConfig {
     pub url: Uri,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// How long the client's request body or the upstream's response body may keep its reader
+    /// waiting for the next bytes before the exchange is cut off.
+    pub body_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     /// Trust anchors for an https upstream (configured bundle or system roots); `None` for http.
@@ -946,6 +953,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be more than zero",
             );
         }
+        if u.body_idle_timeout.is_zero() {
+            p.add(
+                format!("upstreams.{name}.body_idle_timeout"),
+                "must be more than zero",
+            );
+        }
         let tls_roots = if url.scheme_str() == Some("https") {
             match upstream_roots(u.ca_file.as_deref()) {
                 Ok(roots) => Some(Arc::new(roots)),
@@ -969,6 +982,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 url,
                 connect_timeout: u.connect_timeout,
                 response_timeout: u.response_timeout,
+                body_idle_timeout: u.body_idle_timeout,
                 pool_idle_timeout: u.pool_idle_timeout,
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
                 tls_roots,

@@ -14,7 +14,7 @@ use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
-use crate::proxy::{ForwardBody, ReadAheadBody, Upstream, headers};
+use crate::proxy::{ClientBodyFault, ForwardBody, Upstream, UpstreamBody, headers};
 use crate::request_id;
 use crate::request_path;
 use crate::route::{self, Route, RouteTable};
@@ -30,10 +30,9 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-pub type ResponseBody = Either<ReadAheadBody<Incoming>, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Headers the gateway may add to a forwarded request: `X-Forwarded-For/-Proto/-Host`, the
 /// request id, and the five identity headers.
@@ -242,7 +241,7 @@ impl Gateway {
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
-    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
         self.check_network(client_ip)?;
@@ -305,23 +304,35 @@ impl Gateway {
         } else {
             body.read_ahead().await
         };
-        let body_limit_hit = Arc::new(AtomicBool::new(false));
-        let body = match route.max_body_bytes {
+        let upstream = self
+            .upstreams
+            .get(route.upstream)
+            .ok_or(GatewayError::UpstreamUnavailable)?;
+        if let Some(limit) = route.max_body_bytes {
+            let declared = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            // A chunked body read ahead whole knows its size too: refused before the upstream
+            // is asked.
+            if declared.is_some_and(|n| n > limit)
+                || http_body::Body::size_hint(&body).lower() > limit
+            {
+                return Err(GatewayError::BodyTooLarge);
+            }
+        }
+        // A body still to come may outgrow the route's limit or stall; either fails the
+        // exchange, and is then answered as the client's fault.
+        let fault = (!http_body::Body::is_end_stream(&body)).then(Arc::<ClientBodyFault>::default);
+        let body = match &fault {
             None => body,
-            Some(limit) => {
-                let declared = parts
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                // A chunked body read ahead whole knows its size too: refused before the
-                // upstream is asked.
-                if declared.is_some_and(|n| n > limit)
-                    || http_body::Body::size_hint(&body).lower() > limit
-                {
-                    return Err(GatewayError::BodyTooLarge);
-                }
-                body.limit(limit, body_limit_hit.clone())
+            Some(fault) => {
+                let body = match route.max_body_bytes {
+                    Some(limit) => body.limit(limit, fault.clone()),
+                    None => body,
+                };
+                body.watch(upstream.body_idle_timeout, fault.clone())
             }
         };
         let mut req = Request::from_parts(parts, body);
@@ -340,10 +351,6 @@ impl Gateway {
         }
         headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
         h.insert(request_id::HEADER.clone(), request_id.clone());
-        let upstream = self
-            .upstreams
-            .get(route.upstream)
-            .ok_or(GatewayError::UpstreamUnavailable)?;
         let sent = Instant::now();
         let result = match upgrade {
             None => upstream.send(req).await,
@@ -352,9 +359,10 @@ impl Gateway {
         if let Some(h) = self.upstream_duration.get(route.upstream) {
             h.observe(sent.elapsed().as_secs_f64());
         }
-        // A chunked body that outgrew the limit fails the upstream exchange: the client's fault.
-        if result.is_err() && body_limit_hit.load(Ordering::Acquire) {
-            return Err(GatewayError::BodyTooLarge);
+        if result.is_err()
+            && let Some(client_fault) = fault.as_ref().and_then(|f| f.error())
+        {
+            return Err(client_fault);
         }
         result
     }

@@ -10,6 +10,7 @@
 //! ahead for what is already there ([`read_ahead`]).
 
 pub mod headers;
+mod idle;
 mod pool;
 pub mod read_ahead;
 
@@ -22,10 +23,12 @@ use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+pub use idle::{BodyStalled, IdleTimeout};
 use pool::{Pool, PoolSettings};
 pub use read_ahead::ReadAheadBody;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,6 +42,34 @@ pub enum ForwardBody {
     Limited(Box<LimitedBody>),
     /// A chunked body's frames that were already there ([`read_ahead`]), then the rest.
     ReadAhead(Box<read_ahead::Ahead<Incoming>>),
+    /// The upstream's `body_idle_timeout`: the stream fails once the client keeps it waiting
+    /// that long.
+    Watched(Box<WatchedBody>),
+}
+
+/// The upstream's answer to a client's body: the body it was sent.
+pub type UpstreamBody = IdleTimeout<ReadAheadBody<Incoming>>;
+
+/// What went wrong with a client's body on its way upstream, so that the failed exchange is
+/// answered as the client's fault (413, 408) rather than the upstream's (502).
+#[derive(Default)]
+pub struct ClientBodyFault(AtomicU8);
+
+impl ClientBodyFault {
+    const TOO_LARGE: u8 = 1;
+    const STALLED: u8 = 2;
+
+    fn set(&self, fault: u8) {
+        self.0.store(fault, Ordering::Release);
+    }
+
+    pub fn error(&self) -> Option<GatewayError> {
+        match self.0.load(Ordering::Acquire) {
+            Self::TOO_LARGE => Some(GatewayError::BodyTooLarge),
+            Self::STALLED => Some(crate::credential::body::BodyError::Timeout.into()),
+            _ => None,
+        }
+    }
 }
 
 /// Per upstream connection; hyper's default (~400 KiB) would let an upload queue that much.
@@ -72,13 +103,21 @@ impl ForwardBody {
         }
     }
 
-    /// Caps the body at `limit` bytes; `exceeded` is set when a client sends more, so the
-    /// caller can answer 413 instead of blaming the upstream.
-    pub fn limit(self, limit: u64, exceeded: Arc<std::sync::atomic::AtomicBool>) -> Self {
+    /// Caps the body at `limit` bytes; `fault` says so when a client sends more, so the caller
+    /// can answer 413 instead of blaming the upstream.
+    pub fn limit(self, limit: u64, fault: Arc<ClientBodyFault>) -> Self {
         ForwardBody::Limited(Box::new(LimitedBody {
             inner: self,
             remaining: limit,
-            exceeded,
+            fault,
+        }))
+    }
+
+    /// Fails the body once the client keeps it waiting for `limit`; `fault` says so, for a 408.
+    pub fn watch(self, limit: Duration, fault: Arc<ClientBodyFault>) -> Self {
+        ForwardBody::Watched(Box::new(WatchedBody {
+            inner: IdleTimeout::new(self, limit, "the client's request body"),
+            fault,
         }))
     }
 }
@@ -86,7 +125,12 @@ impl ForwardBody {
 pub struct LimitedBody {
     inner: ForwardBody,
     remaining: u64,
-    exceeded: Arc<std::sync::atomic::AtomicBool>,
+    fault: Arc<ClientBodyFault>,
+}
+
+pub struct WatchedBody {
+    inner: IdleTimeout<ForwardBody>,
+    fault: Arc<ClientBodyFault>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +155,7 @@ impl Body for ForwardBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                         if len > l.remaining {
-                            l.exceeded.store(true, std::sync::atomic::Ordering::Release);
+                            l.fault.set(ClientBodyFault::TOO_LARGE);
                             return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
                         }
                         l.remaining -= len;
@@ -119,6 +163,16 @@ impl Body for ForwardBody {
                     }
                     other => other,
                 }
+            }
+            ForwardBody::Watched(w) => {
+                let w = w.as_mut();
+                let polled = Pin::new(&mut w.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled
+                    && e.is::<BodyStalled>()
+                {
+                    w.fault.set(ClientBodyFault::STALLED);
+                }
+                polled
             }
         }
     }
@@ -129,6 +183,7 @@ impl Body for ForwardBody {
             ForwardBody::Replay(b) => b.is_end_stream(),
             ForwardBody::ReadAhead(b) => b.is_end_stream(),
             ForwardBody::Limited(l) => l.inner.is_end_stream(),
+            ForwardBody::Watched(w) => w.inner.is_end_stream(),
         }
     }
 
@@ -138,6 +193,7 @@ impl Body for ForwardBody {
             ForwardBody::Replay(b) => b.size_hint(),
             ForwardBody::ReadAhead(b) => b.size_hint(),
             ForwardBody::Limited(l) => l.inner.size_hint(),
+            ForwardBody::Watched(w) => w.inner.size_hint(),
         }
     }
 }
@@ -149,6 +205,8 @@ pub struct Upstream {
     /// Prepended to every forwarded path; empty for `http://host:port`.
     base_path: String,
     response_timeout: Duration,
+    /// How long either body of an exchange may keep its reader waiting.
+    pub body_idle_timeout: Duration,
     http2: bool,
     /// The `Host` an HTTP/1.1 upstream gets; `None` for HTTP/2.
     host: Option<http::HeaderValue>,
@@ -194,6 +252,7 @@ impl Upstream {
             authority,
             base_path,
             response_timeout: cfg.response_timeout,
+            body_idle_timeout: cfg.body_idle_timeout,
             http2: cfg.http2,
             host: if cfg.http2 {
                 None
@@ -235,7 +294,7 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<ForwardBody>,
-    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let resp = self.exchange(req).await?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
@@ -252,7 +311,7 @@ impl Upstream {
     pub async fn send_upgrade(
         &self,
         mut req: Request<ForwardBody>,
-    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
             return Err(GatewayError::UpstreamUnavailable);
@@ -294,7 +353,7 @@ impl Upstream {
                 }
             }
         });
-        Ok(resp.map(ReadAheadBody::Streaming))
+        Ok(resp.map(|body| self.watched(ReadAheadBody::Streaming(body))))
     }
 
     /// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
@@ -303,7 +362,7 @@ impl Upstream {
     async fn for_the_client(
         &self,
         resp: Response<Incoming>,
-    ) -> Result<Response<ReadAheadBody<Incoming>>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = resp.into_parts();
         headers::remove_upstream_framing(&mut parts.headers);
         let body = ReadAheadBody::read_ahead(body).await;
@@ -311,7 +370,11 @@ impl Upstream {
             tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
             return Err(GatewayError::UpstreamUnavailable);
         }
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(parts, self.watched(body)))
+    }
+
+    fn watched(&self, body: ReadAheadBody<Incoming>) -> UpstreamBody {
+        IdleTimeout::new(body, self.body_idle_timeout, "the upstream's response body")
     }
 
     async fn exchange(

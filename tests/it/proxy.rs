@@ -1122,11 +1122,97 @@ async fn a_client_that_leaves_before_the_answer_is_counted_and_logged_once() {
 
 /// A gateway with one public route to `upstream`.
 fn public_gateway(dir: &tempfile::TempDir, upstream: std::net::SocketAddr) -> Gateway {
+    public_gateway_with(dir, upstream, "")
+}
+
+/// The same, with more settings for the upstream (`[upstreams.up]` lines).
+fn public_gateway_with(
+    dir: &tempfile::TempDir,
+    upstream: std::net::SocketAddr,
+    upstream_settings: &str,
+) -> Gateway {
     Gateway::start(&format!(
         "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.up]\nurl = \"http://{upstream}\"\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+         {upstream_settings}\n[[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
         dir.path().join("keys.db").display()
     ))
+}
+
+/// An upstream that sends part of its response and then nothing, keeping the connection open:
+/// the client gets what came, then the response is cut off once `body_idle_timeout` passes,
+/// instead of holding both connections for as long as the upstream does.
+#[tokio::test]
+async fn a_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let never = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::chunked(&["event: first\n\n"], &["event: never\n\n"], never).await;
+    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    let mut r = client().get(gw.url("/events")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"event: first\n\n");
+    let started = std::time::Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+        .await
+        .expect("the stalled response was not cut off");
+    assert!(rest.is_err(), "the response ended as if whole: {rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "cut off before the idle timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A client that sends part of its upload and then nothing gets 408 once `body_idle_timeout`
+/// passes (the upstream, still waiting for the rest, has not answered).
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let got_first = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::signals_first_frame(got_first.clone()).await;
+    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let sent = tokio::spawn(client().post(gw.url("/upload")).body(body).send());
+    tx.send(Ok(vec![b'a'; 1000])).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), got_first.notified())
+        .await
+        .expect("the first part of the upload was not forwarded");
+    let r = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .expect("the stalled upload was not cut off")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status(), 408);
+    assert_eq!(error_code(r).await, "REQUEST_TIMEOUT");
+    drop(tx);
+}
+
+/// Gaps shorter than the idle timeout, each, however long the whole takes: the upload and the
+/// answer go through.
+#[tokio::test]
+async fn an_upload_with_pauses_shorter_than_the_idle_timeout_goes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"800ms\"");
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(0, |i| async move {
+        if i == 4 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Some((Ok::<_, std::io::Error>(vec![b'x'; 100]), i + 1))
+    }));
+    let r = client()
+        .post(gw.url("/slow"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(echoed["body_len"], 400, "{echoed}");
 }
 
 #[tokio::test]
