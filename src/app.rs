@@ -114,6 +114,7 @@ pub async fn run(
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
         drain_timeout: config.proxy.drain_timeout,
+        send_timeout: config.proxy.send_timeout,
         open_connections: Some(metrics.open_connections.clone()),
         shared_slots: None,
     };

@@ -48,6 +48,8 @@ struct RawProxy {
     idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    send_timeout: Duration,
     worker_threads: Option<usize>,
     work_stealing: bool,
     case_insensitive_paths: bool,
@@ -73,6 +75,8 @@ impl Default for RawProxy {
             // nginx's keepalive_timeout, which it applies to HTTP/2 connections too.
             idle_timeout: Duration::from_secs(75),
             drain_timeout: Duration::from_secs(20),
+            // nginx's send_timeout.
+            send_timeout: Duration::from_secs(60),
             worker_threads: None,
             work_stealing: false,
             case_insensitive_paths: false,
@@ -354,6 +358,9 @@ pub struct ProxyConfig {
     /// gracefully (GOAWAY; streams in flight finish).
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// How long a write to a client may wait for the client to take it (it stopped reading)
+    /// before the connection is closed.
+    pub send_timeout: Duration,
     /// Threads that serve requests; `None`: one per CPU the process may use. One thread runs
     /// the single-threaded scheduler, which costs less per request than a one-worker pool.
     pub worker_threads: Option<usize>,
@@ -761,6 +768,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         header_read_timeout: raw.proxy.header_read_timeout,
         idle_timeout: raw.proxy.idle_timeout,
         drain_timeout: raw.proxy.drain_timeout,
+        send_timeout: raw.proxy.send_timeout,
         worker_threads: raw.proxy.worker_threads,
         work_stealing: raw.proxy.work_stealing,
         case_insensitive_paths: raw.proxy.case_insensitive_paths,
@@ -791,6 +799,9 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     if proxy.idle_timeout < Duration::from_secs(1) {
         p.add("proxy.idle_timeout", "must be at least 1s");
+    }
+    if proxy.send_timeout.is_zero() {
+        p.add("proxy.send_timeout", "must be more than zero");
     }
 
     let key_prefix = KeyPrefix::new(&raw.auth.key_prefix).unwrap_or_else(|reason| {

@@ -10,20 +10,19 @@
 //! ahead for what is already there ([`read_ahead`]).
 
 pub mod headers;
-mod idle;
 mod pool;
 pub mod read_ahead;
 
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
+use crate::idle::{BodyStalled, IdleTimeout, Sender};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-pub use idle::{BodyStalled, IdleTimeout};
 use pool::{Pool, PoolSettings};
 pub use read_ahead::ReadAheadBody;
 use std::pin::Pin;
@@ -116,7 +115,7 @@ impl ForwardBody {
     /// Fails the body once the client keeps it waiting for `limit`; `fault` says so, for a 408.
     pub fn watch(self, limit: Duration, fault: Arc<ClientBodyFault>) -> Self {
         ForwardBody::Watched(Box::new(WatchedBody {
-            inner: IdleTimeout::new(self, limit, "the client's request body"),
+            inner: IdleTimeout::new(self, limit, Sender::Client),
             fault,
         }))
     }
@@ -374,7 +373,7 @@ impl Upstream {
     }
 
     fn watched(&self, body: ReadAheadBody<Incoming>) -> UpstreamBody {
-        IdleTimeout::new(body, self.body_idle_timeout, "the upstream's response body")
+        IdleTimeout::new(body, self.body_idle_timeout, Sender::Upstream)
     }
 
     async fn exchange(

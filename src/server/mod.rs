@@ -14,6 +14,7 @@ pub mod tls;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
+use crate::idle::WriteStall;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,6 +48,10 @@ pub struct ServeOptions {
     /// closed by hyper when `header_read_timeout` passes without its next request.)
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// A write the client has not taken for this long (it stopped reading: its receive window
+    /// stays shut) closes the connection, so a client cannot hold a response, and the
+    /// upstream connection feeding it, for as long as it keeps the socket open.
+    pub send_timeout: Duration,
     /// Gauge of open client connections (TLS handshakes included), when metrics are wanted.
     pub open_connections: Option<prometheus::IntGauge>,
     /// Connection slots shared by every thread serving the same listening socket, so
@@ -133,6 +138,7 @@ pub async fn serve_shared<M, S, B>(
             peer,
             first_request_timeout: opts.header_read_timeout,
             idle_timeout: opts.idle_timeout,
+            send_timeout: opts.send_timeout,
             hold: ConnectionHold {
                 _held: Arc::new(Held {
                     _permit: permit,
@@ -246,6 +252,8 @@ struct Conn {
     first_request_timeout: Duration,
     /// [`ServeOptions::idle_timeout`].
     idle_timeout: Duration,
+    /// [`ServeOptions::send_timeout`].
+    send_timeout: Duration,
 }
 
 /// What a connection holds for as long as it lives, released when the last holder drops it:
@@ -324,7 +332,10 @@ impl Conn {
         };
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(WriteStall::new(io, self.send_timeout)),
+                service,
+            )
             .into_owned();
         tokio::pin!(conn);
         let mut closing = self.closing;

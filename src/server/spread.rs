@@ -186,6 +186,7 @@ mod tests {
             max_header_bytes: 16 * 1024,
             max_headers: 50,
             header_read_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(75),
             drain_timeout: Duration::from_millis(200),
             open_connections: None,

@@ -1163,6 +1163,45 @@ async fn a_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
     );
 }
 
+/// A client that asks for a large response and stops reading it: once a write to it has waited
+/// `send_timeout`, the gateway closes the connection (the client finds the response cut short)
+/// instead of holding it, and the upstream connection feeding it, for as long as the client
+/// keeps the socket open.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::large(LEN).await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET /large HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // Reads nothing for six send timeouts...
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...then all there is: what the buffers held, and the end the gateway made.
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the connection was still open: the client was not cut off")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < LEN, "the whole response arrived: {got} bytes");
+}
+
 /// A client that sends part of its upload and then nothing gets 408 once `body_idle_timeout`
 /// passes (the upstream, still waiting for the rest, has not answered).
 #[tokio::test]

@@ -187,3 +187,32 @@ pub async fn raw(response: &'static [u8]) -> SocketAddr {
     });
     addr
 }
+
+/// Answers every request with a body of `len` zero bytes (with its `Content-Length`).
+pub async fn large(len: usize) -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind large");
+    let addr = listener.local_addr().expect("addr");
+    let body = bytes::Bytes::from(vec![0u8; len]);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,338 @@
+//! Cutting off a peer that stops moving: a body that keeps its reader waiting for its next frame
+//! ([`IdleTimeout`]: a client that stops sending its upload half-way, an upstream that stops
+//! sending its response), and a connection whose writes cannot progress ([`WriteStall`]: a
+//! client that stops reading its response). Either would otherwise hold the client's connection,
+//! an upstream connection and their buffers for as long as the peer keeps its socket open.
+//! nginx does the same with `client_body_timeout`, `proxy_read_timeout` and `send_timeout`, 60 s
+//! each by default.
+//!
+//! Only waiting counts: a wait begins when the reader (or writer) is told "not yet", and ends
+//! with the next frame (or write). Time the reader spends elsewhere is not counted: hyper stops
+//! asking for a body while the far side is not taking what was already written, and that stall
+//! is the far side's.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One wait at a time, and whether it has lasted `limit`.
+struct Wait {
+    limit: Duration,
+    /// Made on the first wait: a body whose frames are all there when asked for (most small
+    /// ones), or a connection whose writes never block, never allocates a timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When the current wait ends; `None` between waits.
+    deadline: Option<Instant>,
+}
+
+impl Wait {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            timer: None,
+            deadline: None,
+        }
+    }
+
+    fn ended(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Whether the current wait (begun now when there is none) has lasted `limit`; arms the
+    /// timer to wake the task at its end.
+    fn too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + limit);
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A body that fails once it has kept its reader waiting `limit` for a frame.
+pub struct IdleTimeout<B> {
+    inner: B,
+    wait: Wait,
+    sender: Sender,
+}
+
+/// Who sends the body: named in the log line when it stalls.
+#[derive(Clone, Copy)]
+pub enum Sender {
+    /// Logged at debug: a client that stops sending is answered 408, which the access log
+    /// shows, and on a public port it can be routine.
+    Client,
+    /// Logged as a warning: an upstream that stops mid-response is the operator's to look at.
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the body sent nothing for {0:?}")]
+pub struct BodyStalled(pub Duration);
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, limit: Duration, sender: Sender) -> Self {
+        Self {
+            inner,
+            wait: Wait::new(limit),
+            sender,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.wait.ended();
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending if this.wait.too_long(cx) => {
+                let limit = this.wait.limit;
+                match this.sender {
+                    Sender::Client => {
+                        tracing::debug!(
+                            timeout = ?limit,
+                            "a client's request body stalled; the exchange is cut off"
+                        )
+                    }
+                    Sender::Upstream => {
+                        tracing::warn!(
+                            timeout = ?limit,
+                            "an upstream's response body stalled; the response is cut off"
+                        )
+                    }
+                }
+                Poll::Ready(Some(Err(Box::new(BodyStalled(limit)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection whose writes fail with `TimedOut` once one has waited `limit` to be taken (the
+/// peer's receive window stays shut); reads pass through untouched.
+pub struct WriteStall<I> {
+    io: I,
+    wait: Wait,
+}
+
+impl<I> WriteStall<I> {
+    pub fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            wait: Wait::new(limit),
+        }
+    }
+
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending if self.wait.too_long(cx) => {
+                tracing::debug!(
+                    timeout = ?self.wait.limit,
+                    "a peer took nothing written for the send timeout; closing"
+                );
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the peer took nothing written for {:?}", self.wait.limit),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.wait.ended();
+                ready
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteStall<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStall<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.check(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use http_body_util::StreamBody;
+    use std::convert::Infallible;
+    use tokio::sync::mpsc;
+
+    /// A body fed by a channel: frames arrive when the test sends them.
+    fn channel_body() -> (
+        mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+        impl Body<Data = Bytes, Error = Infallible> + Unpin,
+    ) {
+        let (tx, rx) = mpsc::channel(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        (tx, StreamBody::new(Box::pin(stream)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_its_reader_waiting_fails() {
+        let (tx, body) = channel_body();
+        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Sender::Upstream);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "a");
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyStalled>(), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_frame_starts_the_wait_afresh() {
+        let (tx, body) = channel_body();
+        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Sender::Upstream);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut got = 0;
+        while let Some(frame) = body.frame().await {
+            got += frame.unwrap().into_data().unwrap().len();
+        }
+        assert_eq!(got, 5);
+        feeder.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_body_needs_no_timer() {
+        let body = http_body_util::Full::new(Bytes::from_static(b"whole"));
+        let mut body = IdleTimeout::new(body, Duration::from_secs(1), Sender::Upstream);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "whole"
+        );
+        assert!(body.frame().await.is_none());
+        assert!(body.wait.timer.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_fails_after_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        // A pipe with room for 64 bytes whose other end nobody reads.
+        let (near, _far) = tokio::io::duplex(64);
+        let mut conn = WriteStall::new(near, Duration::from_secs(60));
+        let started = Instant::now();
+        let err = conn.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_is_not_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut conn = WriteStall::new(near, Duration::from_secs(60));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                match far.read(&mut buf).await.unwrap() {
+                    0 => return got,
+                    n => got += n,
+                }
+            }
+        });
+        conn.write_all(&[0u8; 640]).await.unwrap();
+        conn.shutdown().await.unwrap();
+        drop(conn);
+        assert_eq!(reader.await.unwrap(), 640);
+    }
+}
