@@ -243,6 +243,9 @@ impl Upstream {
                 // Caps the read buffer and the queue of body chunks waiting to be written:
                 // memory per forwarded request stays bounded however fast the client sends.
                 max_buf_size: UPSTREAM_MAX_BUF_BYTES,
+                // The request's bytes standing still on their way upstream, as the bodies'
+                // idle timeout has them standing still on their way in.
+                send_timeout: cfg.body_idle_timeout,
             },
         );
         Ok(Self {

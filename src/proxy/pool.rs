@@ -15,8 +15,12 @@
 //!   `pool_idle_timeout` is closed instead of used;
 //! - an HTTP/2 upstream gets one connection, shared by every request and opened by one of them
 //!   while the others wait; a new one when it closes.
+//!
+//! And one thing it did not have: a connection whose writes the upstream stops taking fails
+//! after the upstream's `body_idle_timeout` ([`WriteStall`]) instead of standing still.
 
 use super::BoxError;
+use crate::idle::WriteStall;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -84,6 +88,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// HTTP/1.1 read buffer and write queue per connection.
     pub max_buf_size: usize,
+    /// A write the upstream has not taken for this long (it stopped reading) fails the
+    /// connection ([`WriteStall`]).
+    pub send_timeout: Duration,
 }
 
 /// Generic over the request body only so the tests can send empty bodies; the gateway's is
@@ -278,15 +285,16 @@ where
     }
 
     /// TCP (and TLS for https) to the origin; the connector applies the connect timeout.
-    async fn connect_io(&self) -> Result<Io, PoolError> {
+    async fn connect_io(&self) -> Result<WriteStall<Io>, PoolError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(PoolError::Connect)?;
-        connector
+        let io = connector
             .call(self.origin.clone())
             .await
-            .map_err(PoolError::Connect)
+            .map_err(PoolError::Connect)?;
+        Ok(WriteStall::new(io, self.settings.send_timeout))
     }
 
     #[cfg(test)]
@@ -384,6 +392,7 @@ mod tests {
                 max_idle,
                 idle_timeout,
                 max_buf_size: 64 * 1024,
+                send_timeout: Duration::from_secs(60),
             },
         )
     }

@@ -1202,6 +1202,51 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     assert!(got < LEN, "the whole response arrived: {got} bytes");
 }
 
+/// An upstream that answers before it has read the upload and then stops reading, keeping the
+/// connection open: once a write to it has waited `body_idle_timeout`, the gateway drops that
+/// connection and with it the client's upload, whose connection is then closed, instead of both
+/// standing still for as long as the upstream keeps its socket open.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_upload_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::answers_early_then_never_reads().await;
+    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 1073741824\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut read, mut write) = conn.into_split();
+    let answer = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = read.read_to_end(&mut got).await;
+        got
+    });
+    let chunk = vec![b'x'; 64 * 1024];
+    let started = std::time::Instant::now();
+    let mut sent = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), write.write_all(&chunk)).await {
+            Err(_) => panic!(
+                "the upload stood still for 10 s after {sent} bytes: the stalled upstream was kept"
+            ),
+            Ok(Err(_)) => break,
+            Ok(Ok(())) => sent += chunk.len(),
+        }
+        assert!(sent < 1 << 30, "the whole upload went through");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the client connection stayed open")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
 /// A client that sends part of its upload and then nothing gets 408 once `body_idle_timeout`
 /// passes (the upstream, still waiting for the rest, has not answered).
 #[tokio::test]

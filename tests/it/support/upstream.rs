@@ -216,3 +216,39 @@ pub async fn large(len: usize) -> SocketAddr {
     });
     addr
 }
+
+/// Reads each request's head, answers `200 ok` at once, and then never reads again, holding
+/// the connection open: an upstream that stopped taking the request body. Its receive buffer is
+/// small, so the sender's writes stop soon.
+pub async fn answers_early_then_never_reads() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(16).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                // Open, unread, for as long as the test runs.
+                std::future::pending::<()>().await;
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
