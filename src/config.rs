@@ -42,13 +42,13 @@ struct RawProxy {
     max_connections: usize,
     max_header_bytes: usize,
     max_headers: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     header_read_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     drain_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     send_timeout: Duration,
     worker_threads: Option<usize>,
     work_stealing: bool,
@@ -91,12 +91,12 @@ impl Default for RawProxy {
 struct RawAdmin {
     enabled: bool,
     listen: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     reveal_window: Duration,
     team_key_limit: u32,
     bootstrap_token_env: String,
     max_body_bytes: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     body_read_timeout: Duration,
     ready_without_store: bool,
     tls: Option<RawTls>,
@@ -126,9 +126,9 @@ struct RawTls {
     key_file: String,
     client_ca_file: Option<String>,
     client_auth: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     handshake_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     reload_interval: Duration,
 }
 
@@ -149,7 +149,7 @@ impl Default for RawTls {
 #[serde(deny_unknown_fields, default)]
 struct RawUsage {
     enabled: bool,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     flush_interval: Duration,
 }
 
@@ -196,13 +196,13 @@ impl Default for RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawCache {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     ttl: Duration,
     max_entries: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     negative_ttl: Duration,
     negative_max_entries: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     stale_for: Duration,
 }
 
@@ -227,7 +227,7 @@ struct RawStore {
     redis_url: Option<String>,
     redis_cluster_nodes: Vec<String>,
     namespace: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     timeout: Duration,
 }
 
@@ -269,13 +269,13 @@ impl Default for RawLog {
 #[serde(deny_unknown_fields, default)]
 struct RawUpstream {
     url: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     response_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     body_idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
     /// PEM CA bundle for an https upstream; absent: the system's roots.
@@ -314,7 +314,7 @@ struct RawRoute {
     sources: Option<Vec<String>>,
     form_fields: Option<Vec<String>>,
     max_peek_bytes: Option<usize>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration::optional")]
     peek_timeout: Option<Duration>,
     strip_form_field: bool,
     max_body_bytes: Option<u64>,
@@ -1424,6 +1424,43 @@ fn parse_sources(p: &mut Problems, field: &str, list: &[String]) -> Vec<KeySourc
     out
 }
 
+/// Durations: humantime's syntax (`"30s"`, `"5m"`, `"1h 30m"`), at most [`duration::MAX`]. A
+/// longer one would overflow the clock arithmetic that arms a timer: `header_read_timeout =
+/// "500000000000years"` passed the check and then panicked a proxy thread on its first
+/// connection. Nothing here needs more than a few days.
+mod duration {
+    use serde::{Deserialize, Deserializer, de::Error};
+    use std::time::Duration;
+
+    /// Ten years, as humantime counts them (365.25 days each), so the message says "10years".
+    pub const MAX: Duration = Duration::from_secs(10 * 31_557_600);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let value: Duration = humantime_serde::deserialize(d)?;
+        within_max(value)
+    }
+
+    fn within_max<E: Error>(value: Duration) -> Result<Duration, E> {
+        if value > MAX {
+            return Err(E::custom(format!(
+                "{} is longer than the longest duration accepted, {}",
+                humantime::format_duration(value),
+                humantime::format_duration(MAX)
+            )));
+        }
+        Ok(value)
+    }
+
+    pub mod optional {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let value: Option<humantime_serde::Serde<Duration>> = Option::deserialize(d)?;
+            value.map(|v| within_max(v.into_inner())).transpose()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1661,6 +1698,38 @@ mod tests {
     }
 
     #[test]
+    fn durations_over_ten_years_are_refused_naming_their_key() {
+        assert_eq!(
+            from_toml("[cache]\nttl = \"10years\"").unwrap().cache.ttl,
+            duration::MAX
+        );
+        for (section, key) in [
+            ("proxy", "header_read_timeout"),
+            ("proxy", "send_timeout"),
+            ("cache", "ttl"),
+            ("store", "timeout"),
+            ("admin", "reveal_window"),
+            ("upstreams.up", "body_idle_timeout"),
+        ] {
+            for value in ["10years 1s", "500000000000years"] {
+                let err = from_toml(&format!("[{section}]\n{key} = \"{value}\"")).unwrap_err();
+                let text = err.to_string();
+                assert!(
+                    matches!(err, ConfigError::Load(_)) && text.contains(key),
+                    "{section}.{key} = {value}: {text}"
+                );
+            }
+        }
+        let route =
+            "[[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npeek_timeout = \"11years\"";
+        let err = from_toml(route).unwrap_err().to_string();
+        assert!(
+            err.contains("peek_timeout") && err.contains("10years"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn redis_single_or_cluster_by_configuration() {
         let single = from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"")).unwrap();
         match single.store {
@@ -1751,6 +1820,18 @@ mod tests {
             prop_assert_eq!(net.prefix_len(), len);
             let ip: IpAddr = format!("{a}.{b}.{c}.{d}").parse().unwrap();
             prop_assert!(net.contains(&ip));
+        }
+
+        #[test]
+        fn a_duration_is_accepted_only_up_to_ten_years(secs: u64) {
+            let parsed = from_toml(&format!("[proxy]\nsend_timeout = \"{secs}s\""));
+            match parsed {
+                Ok(c) => prop_assert!(c.proxy.send_timeout <= duration::MAX),
+                Err(e) => prop_assert!(
+                    secs == 0 || Duration::from_secs(secs) > duration::MAX,
+                    "{secs}s refused: {e}"
+                ),
+            }
         }
 
         #[test]

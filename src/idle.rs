@@ -22,6 +22,9 @@ use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// About 30 years: what tokio's timers take for "never".
+const FOREVER: Duration = Duration::from_secs(86400 * 365 * 30);
+
 /// One wait at a time, and whether it has lasted `limit`.
 struct Wait {
     limit: Duration,
@@ -49,7 +52,12 @@ impl Wait {
     /// timer to wake the task at its end.
     fn too_long(&mut self, cx: &mut Context<'_>) -> bool {
         let limit = self.limit;
-        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + limit);
+        let deadline = *self.deadline.get_or_insert_with(|| {
+            let now = Instant::now();
+            // A limit set absurdly high (`"1000000000years"`) waits "forever", as tokio's own
+            // timers do, rather than overflowing.
+            now.checked_add(limit).unwrap_or(now + FOREVER)
+        });
         let timer = match &mut self.timer {
             Some(timer) => {
                 if timer.deadline() != deadline {
@@ -383,5 +391,14 @@ mod tests {
         conn.shutdown().await.unwrap();
         drop(conn);
         assert_eq!(reader.await.unwrap(), 640);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_past_the_end_of_time_waits_and_does_not_panic() {
+        let (_tx, body) = channel_body();
+        let mut body = IdleTimeout::new(body, Duration::MAX, Sender::Upstream);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
     }
 }

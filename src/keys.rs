@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The longest an old value may keep working after a rotation: the admin API and the CLI alike.
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86_400);
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("no API key with that id")]
@@ -538,6 +541,12 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(NewKey, KeyRecord), KeyError> {
+        if grace > MAX_ROTATION_GRACE {
+            return Err(KeyError::Invalid {
+                field: "grace_seconds",
+                reason: format!("at most 30 days ({})", MAX_ROTATION_GRACE.as_secs()),
+            });
+        }
         // The new key stays in the key's slot, next to its id entry; an id without a tag cannot
         // name a stored key.
         let tag = SlotTag::of_key_id(id).ok_or(KeyError::NotFound)?;

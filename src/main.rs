@@ -483,8 +483,11 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             req.behalf_of_user_id = user;
             req.is_enabled = !disabled;
             if let Some(d) = expires_in {
-                let d = chrono::Duration::from_std(d).map_err(|_| "--expires-in: too long")?;
-                req.expires_time = Some(now + d);
+                let until = chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or("--expires-in: too long")?;
+                req.expires_time = Some(until);
             }
             let (key, record) = service.create(req, &actor, now).await.map_err(fail)?;
             println!("{}", key.expose());

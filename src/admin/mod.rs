@@ -679,12 +679,6 @@ impl AdminApi {
         } else {
             json::parse_body(&ctx.body)?
         };
-        if body.grace_seconds > 30 * 86_400 {
-            return Err(AdminError::bad(
-                "grace_seconds",
-                "at most 30 days (2592000)",
-            ));
-        }
         // The new value is the key's power: only for an admin who could grant all of it.
         self.key_to_change(id, ctx, false).await?;
         let (key, record) = self

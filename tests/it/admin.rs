@@ -226,6 +226,17 @@ async fn create_use_disable_enable_rotate_delete(backing: &str) {
         .await
     );
 
+    // A grace over 30 days is refused (the rule the CLI shares), and the key keeps its value.
+    let r = e
+        .admin(
+            "POST",
+            &format!("/v1/keys/{id}/rotate"),
+            Some(json!({"grace_seconds": 30 * 86_400 + 1})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "INVALID_REQUEST");
+    assert_eq!(e.proxy_status(&key).await, 200);
     let r = e
         .admin(
             "POST",

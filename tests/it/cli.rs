@@ -60,6 +60,72 @@ fn check_config_names_every_bad_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
 
+/// A duration past what the clock arithmetic takes is a start-up error naming its key: it used
+/// to pass the check and panic a proxy thread on its first connection.
+#[test]
+fn check_config_refuses_a_duration_of_ages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ages.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nheader_read_timeout = \"500000000000years\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("proxy.header_read_timeout") && err.contains("10years"),
+        "{err}"
+    );
+}
+
+/// The key commands refuse what they cannot keep (the same rules as the admin API), with an
+/// error, not a panic: an expiry past the calendar's end, a rotation grace over 30 days.
+#[test]
+fn key_commands_refuse_an_expiry_or_grace_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n",
+            dir.path().join("keys.db").display()
+        ),
+    )
+    .unwrap();
+    let keys = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["keys", "--config"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = keys(&[
+        "create",
+        "--name",
+        "forever",
+        "--expires-in",
+        "100000000years",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--expires-in: too long"));
+    let out = keys(&["create", "--name", "rotated"]);
+    assert!(out.status.success(), "{out:?}");
+    let note = String::from_utf8_lossy(&out.stderr);
+    let id = note.split_whitespace().nth(1).unwrap().to_owned();
+    let out = keys(&["rotate", &id, "--grace", "31d"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 30 days"));
+    let out = keys(&["rotate", &id, "--grace", "30d"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[test]
 fn serve_without_routes_explains_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
