@@ -661,6 +661,9 @@ impl fmt::Display for ConfigProblem {
 // Loading
 
 /// Reads `path` (or nothing, for the built-in defaults) plus the `KEYGATE__*` environment.
+/// The shortest `send_timeout` and `body_idle_timeout` accepted.
+const MIN_STALL_TIMEOUT: Duration = Duration::from_millis(100);
+
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(path) = path {
@@ -800,8 +803,9 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     if proxy.idle_timeout < Duration::from_secs(1) {
         p.add("proxy.idle_timeout", "must be at least 1s");
     }
-    if proxy.send_timeout.is_zero() {
-        p.add("proxy.send_timeout", "must be more than zero");
+    // Below this a socket buffer that fills for a moment would cut healthy clients off.
+    if proxy.send_timeout < MIN_STALL_TIMEOUT {
+        p.add("proxy.send_timeout", "must be at least 100ms");
     }
 
     let key_prefix = KeyPrefix::new(&raw.auth.key_prefix).unwrap_or_else(|reason| {
@@ -964,10 +968,10 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be more than zero",
             );
         }
-        if u.body_idle_timeout.is_zero() {
+        if u.body_idle_timeout < MIN_STALL_TIMEOUT {
             p.add(
                 format!("upstreams.{name}.body_idle_timeout"),
-                "must be more than zero",
+                "must be at least 100ms",
             );
         }
         let tls_roots = if url.scheme_str() == Some("https") {
@@ -1698,7 +1702,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_over_ten_years_are_refused_naming_their_key() {
+    fn durations_out_of_bounds_are_refused_naming_their_key() {
         assert_eq!(
             from_toml("[cache]\nttl = \"10years\"").unwrap().cache.ttl,
             duration::MAX
@@ -1727,6 +1731,19 @@ mod tests {
             err.contains("peek_timeout") && err.contains("10years"),
             "{err}"
         );
+        for (text, field) in [
+            ("[proxy]\nsend_timeout = \"50ms\"", "proxy.send_timeout"),
+            (
+                "[upstreams.up]\nurl = \"http://127.0.0.1:1\"\nbody_idle_timeout = \"50ms\"",
+                "upstreams.up.body_idle_timeout",
+            ),
+        ] {
+            let err = from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("at least 100ms"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
-use crate::proxy::{ClientBodyFault, ForwardBody, Upstream, UpstreamBody, headers};
+use crate::proxy::{ClientBody, ForwardBody, Upstream, UpstreamBody, headers};
 use crate::request_id;
 use crate::request_path;
 use crate::route::{self, Route, RouteTable};
@@ -323,16 +323,17 @@ impl Gateway {
             }
         }
         // A body still to come may outgrow the route's limit or stall; either fails the
-        // exchange, and is then answered as the client's fault.
-        let fault = (!http_body::Body::is_end_stream(&body)).then(Arc::<ClientBodyFault>::default);
-        let body = match &fault {
+        // exchange, and is then answered as the client's fault. The response timeout counts
+        // from its end.
+        let client_body = (!http_body::Body::is_end_stream(&body)).then(Arc::<ClientBody>::default);
+        let body = match &client_body {
             None => body,
-            Some(fault) => {
+            Some(state) => {
                 let body = match route.max_body_bytes {
-                    Some(limit) => body.limit(limit, fault.clone()),
+                    Some(limit) => body.limit(limit, state.clone()),
                     None => body,
                 };
-                body.watch(upstream.body_idle_timeout, fault.clone())
+                body.watch(upstream.body_idle_timeout, state.clone())
             }
         };
         let mut req = Request::from_parts(parts, body);
@@ -353,14 +354,14 @@ impl Gateway {
         h.insert(request_id::HEADER.clone(), request_id.clone());
         let sent = Instant::now();
         let result = match upgrade {
-            None => upstream.send(req).await,
-            Some(_) => upstream.send_upgrade(req).await,
+            None => upstream.send(req, client_body.as_deref()).await,
+            Some(_) => upstream.send_upgrade(req, client_body.as_deref()).await,
         };
         if let Some(h) = self.upstream_duration.get(route.upstream) {
             h.observe(sent.elapsed().as_secs_f64());
         }
         if result.is_err()
-            && let Some(client_fault) = fault.as_ref().and_then(|f| f.error())
+            && let Some(client_fault) = client_body.as_ref().and_then(|b| b.error())
         {
             return Err(client_fault);
         }

@@ -27,7 +27,7 @@ use pool::{Pool, PoolSettings};
 pub use read_ahead::ReadAheadBody;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,25 +49,49 @@ pub enum ForwardBody {
 /// The upstream's answer to a client's body: the body it was sent.
 pub type UpstreamBody = IdleTimeout<ReadAheadBody<Incoming>>;
 
-/// What went wrong with a client's body on its way upstream, so that the failed exchange is
-/// answered as the client's fault (413, 408) rather than the upstream's (502).
+/// A client's body on its way upstream, as the exchange waiting for the response sees it:
+/// whether it went wrong, so that the failed exchange is answered as the client's fault (413,
+/// 408) rather than the upstream's (502), and whether all of it has been handed upstream, from
+/// when the response timeout counts.
 #[derive(Default)]
-pub struct ClientBodyFault(AtomicU8);
+pub struct ClientBody {
+    fault: AtomicU8,
+    sent: AtomicBool,
+    sent_now: tokio::sync::Notify,
+}
 
-impl ClientBodyFault {
+impl ClientBody {
     const TOO_LARGE: u8 = 1;
     const STALLED: u8 = 2;
 
-    fn set(&self, fault: u8) {
-        self.0.store(fault, Ordering::Release);
+    fn set_fault(&self, fault: u8) {
+        self.fault.store(fault, Ordering::Release);
     }
 
     pub fn error(&self) -> Option<GatewayError> {
-        match self.0.load(Ordering::Acquire) {
+        match self.fault.load(Ordering::Acquire) {
             Self::TOO_LARGE => Some(GatewayError::BodyTooLarge),
             Self::STALLED => Some(crate::credential::body::BodyError::Timeout.into()),
             _ => None,
         }
+    }
+
+    fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.sent_now.notify_waiters();
+        }
+    }
+
+    /// Resolves once the last of the body has been handed to the upstream connection.
+    async fn all_sent(&self) {
+        let notified = self.sent_now.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a `mark_sent` in between is not missed.
+        notified.as_mut().enable();
+        if self.sent.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -102,21 +126,22 @@ impl ForwardBody {
         }
     }
 
-    /// Caps the body at `limit` bytes; `fault` says so when a client sends more, so the caller
+    /// Caps the body at `limit` bytes; `state` says so when a client sends more, so the caller
     /// can answer 413 instead of blaming the upstream.
-    pub fn limit(self, limit: u64, fault: Arc<ClientBodyFault>) -> Self {
+    pub fn limit(self, limit: u64, state: Arc<ClientBody>) -> Self {
         ForwardBody::Limited(Box::new(LimitedBody {
             inner: self,
             remaining: limit,
-            fault,
+            state,
         }))
     }
 
-    /// Fails the body once the client keeps it waiting for `limit`; `fault` says so, for a 408.
-    pub fn watch(self, limit: Duration, fault: Arc<ClientBodyFault>) -> Self {
+    /// Fails the body once the client keeps it waiting for `limit`; `state` says so, for a 408,
+    /// and when the body has all been handed on.
+    pub fn watch(self, limit: Duration, state: Arc<ClientBody>) -> Self {
         ForwardBody::Watched(Box::new(WatchedBody {
             inner: IdleTimeout::new(self, limit, Sender::Client),
-            fault,
+            state,
         }))
     }
 }
@@ -124,12 +149,12 @@ impl ForwardBody {
 pub struct LimitedBody {
     inner: ForwardBody,
     remaining: u64,
-    fault: Arc<ClientBodyFault>,
+    state: Arc<ClientBody>,
 }
 
 pub struct WatchedBody {
     inner: IdleTimeout<ForwardBody>,
-    fault: Arc<ClientBodyFault>,
+    state: Arc<ClientBody>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +179,7 @@ impl Body for ForwardBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                         if len > l.remaining {
-                            l.fault.set(ClientBodyFault::TOO_LARGE);
+                            l.state.set_fault(ClientBody::TOO_LARGE);
                             return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
                         }
                         l.remaining -= len;
@@ -166,10 +191,14 @@ impl Body for ForwardBody {
             ForwardBody::Watched(w) => {
                 let w = w.as_mut();
                 let polled = Pin::new(&mut w.inner).poll_frame(cx);
-                if let Poll::Ready(Some(Err(e))) = &polled
-                    && e.is::<BodyStalled>()
-                {
-                    w.fault.set(ClientBodyFault::STALLED);
+                match &polled {
+                    Poll::Ready(Some(Err(e))) if e.is::<BodyStalled>() => {
+                        w.state.set_fault(ClientBody::STALLED);
+                    }
+                    // hyper stops asking once a body of known length says it has ended.
+                    Poll::Ready(None) => w.state.mark_sent(),
+                    Poll::Ready(Some(Ok(_))) if w.inner.is_end_stream() => w.state.mark_sent(),
+                    _ => {}
                 }
                 polled
             }
@@ -182,7 +211,13 @@ impl Body for ForwardBody {
             ForwardBody::Replay(b) => b.is_end_stream(),
             ForwardBody::ReadAhead(b) => b.is_end_stream(),
             ForwardBody::Limited(l) => l.inner.is_end_stream(),
-            ForwardBody::Watched(w) => w.inner.is_end_stream(),
+            ForwardBody::Watched(w) => {
+                let ended = w.inner.is_end_stream();
+                if ended {
+                    w.state.mark_sent();
+                }
+                ended
+            }
         }
     }
 
@@ -292,12 +327,14 @@ impl Upstream {
     }
 
     /// Sends the prepared request (identity and forwarding headers already set) and waits for
-    /// the response headers; the body streams afterwards.
+    /// the response headers; the body streams afterwards. `client_body`: the state of a request
+    /// body still to come (see [`ForwardBody::watch`]).
     pub async fn send(
         &self,
         req: Request<ForwardBody>,
+        client_body: Option<&ClientBody>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let resp = self.exchange(req).await?;
+        let resp = self.exchange(req, client_body).await?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
             // on, the 101 would leave the client with no answer at all.
@@ -313,6 +350,7 @@ impl Upstream {
     pub async fn send_upgrade(
         &self,
         mut req: Request<ForwardBody>,
+        client_body: Option<&ClientBody>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
@@ -323,7 +361,7 @@ impl Upstream {
             .extensions()
             .get::<crate::server::ConnectionHold>()
             .cloned();
-        let mut resp = self.exchange(req).await?;
+        let mut resp = self.exchange(req, client_body).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             return self.for_the_client(resp).await;
         }
@@ -382,6 +420,7 @@ impl Upstream {
     async fn exchange(
         &self,
         mut req: Request<ForwardBody>,
+        client_body: Option<&ClientBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         *req.uri_mut() = self.target(std::mem::take(req.uri_mut()))?;
         // The client's HTTP version does not carry over: the upstream gets HTTP/1.1 (or HTTP/2
@@ -424,19 +463,41 @@ impl Upstream {
         // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
         // future (the timeout, this one, the gateway's, the connection's slot), each copied as
         // it is created: ~11 KiB of copying per request, against one allocation.
-        let sent = Box::pin(self.pool.send(req));
-        let resp = match tokio::time::timeout(self.response_timeout, sent).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                tracing::warn!(upstream = %self.name, error = %e, connect = e.is_connect(), "upstream request failed");
-                return Err(GatewayError::UpstreamUnavailable);
+        let mut sent = Box::pin(self.pool.send(req));
+        // The response timeout counts from the end of the request: while a body is still going
+        // up, the client's pace and the upstream's reading are bounded by the body and write
+        // watches instead, so a long upload at a steady pace is not taken for a slow upstream.
+        if let Some(body) = client_body {
+            tokio::select! {
+                biased;
+                answered = &mut sent => return self.answered(answered, client_body),
+                () = body.all_sent() => {}
             }
-            Err(_) => {
+        }
+        let answered = tokio::time::timeout(self.response_timeout, sent)
+            .await
+            .map_err(|_| {
                 tracing::warn!(upstream = %self.name, "upstream response timed out");
-                return Err(GatewayError::UpstreamTimeout);
+                GatewayError::UpstreamTimeout
+            })?;
+        self.answered(answered, client_body)
+    }
+
+    /// The exchange's outcome as the gateway answers it (a failure the client's body caused is
+    /// the caller's to answer, and not the upstream's to be warned about).
+    fn answered(
+        &self,
+        answered: Result<Response<Incoming>, pool::PoolError>,
+        client_body: Option<&ClientBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        answered.map_err(|e| {
+            if client_body.is_some_and(|b| b.error().is_some()) {
+                tracing::debug!(upstream = %self.name, error = %e, "upstream request failed on the client's body");
+            } else {
+                tracing::warn!(upstream = %self.name, error = %e, connect = e.is_connect(), "upstream request failed");
             }
-        };
-        Ok(resp)
+            GatewayError::UpstreamUnavailable
+        })
     }
 }
 

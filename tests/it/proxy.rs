@@ -1147,17 +1147,19 @@ async fn a_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
     let never = Arc::new(tokio::sync::Notify::new());
     let up = upstream::chunked(&["event: first\n\n"], &["event: never\n\n"], never).await;
     let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    // Before the request: the gateway's wait begins after this, however late the first chunk
+    // reaches the client.
+    let started = std::time::Instant::now();
     let mut r = client().get(gw.url("/events")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().unwrap();
     assert_eq!(&first[..], b"event: first\n\n");
-    let started = std::time::Instant::now();
     let rest = tokio::time::timeout(Duration::from_secs(10), r.chunk())
         .await
         .expect("the stalled response was not cut off");
     assert!(rest.is_err(), "the response ended as if whole: {rest:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(400),
+        started.elapsed() >= Duration::from_millis(500),
         "cut off before the idle timeout: {:?}",
         started.elapsed()
     );
@@ -1247,14 +1249,42 @@ async fn an_upstream_that_stops_reading_the_upload_is_let_go() {
     );
 }
 
+/// An upstream that takes the whole request and then does not answer: 504 once the response
+/// timeout has passed since the request's end, with a body as without one.
+#[tokio::test]
+async fn an_upstream_slow_to_answer_a_post_gets_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::delayed(Duration::from_secs(5)).await;
+    let gw = public_gateway_with(&dir, up, "response_timeout = \"500ms\"");
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(gw.url("/slow"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(r).await, "UPSTREAM_TIMEOUT");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A client that sends part of its upload and then nothing gets 408 once `body_idle_timeout`
-/// passes (the upstream, still waiting for the rest, has not answered).
+/// passes (the upstream, still waiting for the rest, has not answered), also when the
+/// response timeout is the shorter: it counts from the end of the request.
 #[tokio::test]
 async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let got_first = Arc::new(tokio::sync::Notify::new());
     let up = upstream::signals_first_frame(got_first.clone()).await;
-    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    let gw = public_gateway_with(
+        &dir,
+        up,
+        "body_idle_timeout = \"800ms\"\nresponse_timeout = \"300ms\"",
+    );
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -1274,13 +1304,18 @@ async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
     drop(tx);
 }
 
-/// Gaps shorter than the idle timeout, each, however long the whole takes: the upload and the
-/// answer go through.
+/// Gaps shorter than the idle timeout, each, however long the whole takes (here longer than the
+/// response timeout, which counts from the end of the request): the upload and the answer go
+/// through.
 #[tokio::test]
 async fn an_upload_with_pauses_shorter_than_the_idle_timeout_goes_through() {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::echo().await;
-    let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"800ms\"");
+    let gw = public_gateway_with(
+        &dir,
+        up,
+        "body_idle_timeout = \"800ms\"\nresponse_timeout = \"1s\"",
+    );
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(0, |i| async move {
         if i == 4 {
             return None;
