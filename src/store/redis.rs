@@ -85,7 +85,8 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
@@ -409,38 +410,37 @@ impl<C> Made<C> {
 
 /// The connection for everything but the lookups on one server (see [`LookupConns`]), and for
 /// everything on a cluster; replaced when an operation on it goes unanswered for the operation
-/// timeout. On a cluster that remakes every node's connection and rediscovers the slots: the
-/// cluster client, too, retries a timed-out command on the same node connection and never
-/// replaces it.
+/// timeout. The cluster client, too, retries a timed-out command on the same node connection
+/// and never replaces it. On a cluster the replacement (every node's connection, the slots
+/// discovered again) is made in the background and swapped in only once it is up, while the
+/// current one goes on serving the nodes that answer: a node that stays hung makes each new
+/// connection wait for it, and swapped in at once, every new one would time out in turn for
+/// every node's keys.
 struct SharedConn {
-    current: RwLock<Made<Conn>>,
+    current: Arc<RwLock<Made<Conn>>>,
     /// How to make another; `None` only until the constructor sets it.
     remake: Option<Remake>,
+    /// A cluster connection is being made (at most one at a time, one a second).
+    remaking: Arc<AtomicBool>,
 }
+
+/// How long a new cluster connection may take to come up (the seed nodes, the slots, every
+/// node's connection), in operation timeouts.
+const CLUSTER_REMAKE_TIMEOUTS: u32 = 10;
+/// The least time between two cluster connections made in a row.
+const CLUSTER_REMAKE_PAUSE: Duration = Duration::from_secs(1);
 
 enum Remake {
     Single(Client, ConnectionManagerConfig),
     Cluster(ClusterClient, ClusterConfig),
 }
 
-impl Remake {
-    fn conn(&self) -> Result<Conn, RedisError> {
-        Ok(match self {
-            Remake::Single(client, config) => Conn::Single(
-                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
-            ),
-            Remake::Cluster(client, config) => {
-                Conn::Cluster(client.get_pending_async_connection_with_config(config.clone()))
-            }
-        })
-    }
-}
-
 impl SharedConn {
     fn new(conn: Conn) -> Self {
         Self {
-            current: RwLock::new(Made::now(conn)),
+            current: Arc::new(RwLock::new(Made::now(conn))),
             remake: None,
+            remaking: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -459,17 +459,64 @@ impl SharedConn {
 
     /// Replaces the connection unless it was made after `started` (by another operation that
     /// timed out on the old one).
-    fn replace_if_older_than(&self, started: Instant) {
-        let Some(remake) = &self.remake else {
-            return;
-        };
-        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
-        if current.at > started {
-            return;
-        }
-        if let Ok(fresh) = remake.conn() {
-            tracing::warn!("a Redis operation went unanswered; the shared connection is replaced");
-            *current = Made::now(fresh);
+    fn replace_if_older_than(&self, started: Instant, op_timeout: Duration) {
+        match &self.remake {
+            None => {}
+            Some(Remake::Single(client, config)) => {
+                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+                if current.at > started {
+                    return;
+                }
+                // Lazy: it connects on its first use.
+                if let Ok(fresh) =
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                {
+                    tracing::warn!(
+                        "a Redis operation went unanswered; the shared connection is replaced"
+                    );
+                    *current = Made::now(Conn::Single(fresh));
+                }
+            }
+            Some(Remake::Cluster(client, config)) => {
+                let made_after = self
+                    .current
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .at
+                    > started;
+                if made_after || self.remaking.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                tracing::warn!(
+                    "a Redis Cluster operation went unanswered; making a new cluster connection"
+                );
+                let (current, remaking) = (self.current.clone(), self.remaking.clone());
+                let (client, config) = (client.clone(), config.clone());
+                let limit = op_timeout.saturating_mul(CLUSTER_REMAKE_TIMEOUTS);
+                tokio::spawn(async move {
+                    let made = tokio::time::timeout(
+                        limit,
+                        client.get_async_connection_with_config(config),
+                    )
+                    .await;
+                    match made {
+                        Ok(Ok(conn)) => {
+                            *current.write().unwrap_or_else(PoisonError::into_inner) =
+                                Made::now(Conn::Cluster(conn));
+                            tracing::warn!("the new Redis Cluster connection replaces the old");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "no new Redis Cluster connection; the old one stays")
+                        }
+                        Err(_) => tracing::warn!(
+                            ?limit,
+                            "no new Redis Cluster connection in time; the old one stays"
+                        ),
+                    }
+                    tokio::time::sleep(CLUSTER_REMAKE_PAUSE).await;
+                    remaking.store(false, Ordering::Release);
+                });
+            }
         }
     }
 }
@@ -609,7 +656,7 @@ impl RedisStore {
         match tokio::time::timeout(self.op_timeout, fut).await {
             Ok(done) => done,
             Err(_) => {
-                self.conn.replace_if_older_than(started);
+                self.conn.replace_if_older_than(started, self.op_timeout);
                 Err(self.no_answer())
             }
         }

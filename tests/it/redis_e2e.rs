@@ -510,6 +510,64 @@ async fn hung_redis_cluster_connections_are_replaced() {
     }
 }
 
+/// A cluster node that hangs for good (it accepts connections and answers nothing): its keys
+/// are refused, and the other nodes' keys keep passing while new cluster connections are made
+/// (each waits for the hung node as it comes up, and is swapped in only once up). This passed
+/// with the earlier swap-at-once too, sequential requests giving each new connection the
+/// verifier's 1 s store back-off to come up: a guard, not the reproduction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_node_that_hangs_for_good_leaves_the_others_keys_working() {
+    let cluster = RedisCluster::start();
+    let relays = cluster.behind_relays().await;
+    let seeds: Vec<String> = relays.iter().map(Relay::url).collect();
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect_cluster(&cluster.urls(), "hungnode", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    let mut keys = Vec::new();
+    for _ in 0..40 {
+        let (key, record) = create_key(&store, |req| req.team_id = None).await;
+        keys.push((key, record.api_key_id));
+    }
+    // Which keys live on the node that will hang: its id entries (`hungnode:k:{tag}:<id>`).
+    let on_node = redis::Client::open(cluster.urls()[0].as_str()).unwrap();
+    let mut node = on_node.get_multiplexed_async_connection().await.unwrap();
+    let held: Vec<String> = redis::cmd("KEYS")
+        .arg("hungnode:k:*")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    let on_hung = |id: &str| held.iter().any(|k| k.ends_with(&format!(":{id}")));
+    let (hung, answering): (Vec<_>, Vec<_>) = keys[10..].iter().partition(|(_, id)| on_hung(id));
+    assert!(
+        !hung.is_empty() && answering.len() >= 5,
+        "keys spread: {} on the node that hangs, {} elsewhere",
+        hung.len(),
+        answering.len()
+    );
+    let config = format!(
+        "[proxy]\nworker_threads = 1\n{}",
+        cluster_config(&seeds, "hungnode", "300ms", "").await
+    );
+    let gw = Gateway::start(&config);
+    for (key, _) in &keys[..10] {
+        assert_eq!(status(&gw, key).await, 200);
+    }
+    relays[0].hang_everything();
+    let gw = &gw;
+    for (key, _) in answering.iter().take(5) {
+        // A key on the hung node first: its lookup times out, and a new cluster connection is
+        // made.
+        assert_eq!(status(gw, &hung[0].0).await, 503);
+        let passed = eventually(Duration::from_secs(4), || async {
+            status(gw, key).await == 200
+        })
+        .await;
+        assert!(passed, "a key on an answering node was refused for 4 s");
+    }
+}
+
 /// `count` keys in namespace `ns`, and a gateway on them with 4 proxy threads.
 async fn four_threads_and_keys(
     redis: &RedisServer,

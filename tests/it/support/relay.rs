@@ -57,6 +57,12 @@ impl Relay {
         self.hung_below
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
     }
+
+    /// Every connection, open now or opened later, stops relaying: a server that is there (it
+    /// accepts) and answers nothing.
+    pub fn hang_everything(&self) {
+        self.hung_below.store(u64::MAX, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Relay {
