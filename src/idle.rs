@@ -13,6 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -77,17 +78,73 @@ impl Wait {
 pub struct IdleTimeout<B> {
     inner: B,
     wait: Wait,
-    sender: Sender,
+    sender: Peer,
 }
 
-/// Who sends the body: named in the log line when it stalls.
+/// The peer a watch waits on: the one sending the body, or the one not taking the writes.
 #[derive(Clone, Copy)]
-pub enum Sender {
-    /// Logged at debug: a client that stops sending is answered 408, which the access log
+pub enum Peer {
+    /// A client's stalled body is logged at debug: it is answered 408, which the access log
     /// shows, and on a public port it can be routine.
     Client,
-    /// Logged as a warning: an upstream that stops mid-response is the operator's to look at.
+    /// An upstream's stalled body is logged as a warning: the operator's to look at.
     Upstream,
+}
+
+/// Exchanges and connections cut off, by [`CutOff`] (`keygate_cut_off_total`). Process-wide
+/// atomics rather than a metrics handle in every wrapper: counted only when something is cut
+/// off, and read at scrape time.
+static CUT_OFFS: [AtomicU64; CutOff::ALL.len()] = [const { AtomicU64::new(0) }; 4];
+
+/// Why something was cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutOff {
+    ClientBodyStalled,
+    UpstreamBodyStalled,
+    ClientNotReading,
+    UpstreamNotReading,
+}
+
+impl CutOff {
+    pub const ALL: [CutOff; 4] = [
+        CutOff::ClientBodyStalled,
+        CutOff::UpstreamBodyStalled,
+        CutOff::ClientNotReading,
+        CutOff::UpstreamNotReading,
+    ];
+
+    fn of_body(sender: Peer) -> Self {
+        match sender {
+            Peer::Client => CutOff::ClientBodyStalled,
+            Peer::Upstream => CutOff::UpstreamBodyStalled,
+        }
+    }
+
+    fn of_writes(reader: Peer) -> Self {
+        match reader {
+            Peer::Client => CutOff::ClientNotReading,
+            Peer::Upstream => CutOff::UpstreamNotReading,
+        }
+    }
+
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CutOff::ClientBodyStalled => "client_body_stalled",
+            CutOff::UpstreamBodyStalled => "upstream_body_stalled",
+            CutOff::ClientNotReading => "client_not_reading",
+            CutOff::UpstreamNotReading => "upstream_not_reading",
+        }
+    }
+
+    /// How many so far, in this process.
+    pub fn count(self) -> u64 {
+        CUT_OFFS[self as usize].load(Ordering::Relaxed)
+    }
+
+    fn add(self) {
+        CUT_OFFS[self as usize].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +152,7 @@ pub enum Sender {
 pub struct BodyStalled(pub Duration);
 
 impl<B> IdleTimeout<B> {
-    pub fn new(inner: B, limit: Duration, sender: Sender) -> Self {
+    pub fn new(inner: B, limit: Duration, sender: Peer) -> Self {
         Self {
             inner,
             wait: Wait::new(limit),
@@ -124,14 +181,15 @@ where
             }
             Poll::Pending if this.wait.too_long(cx) => {
                 let limit = this.wait.limit;
+                CutOff::of_body(this.sender).add();
                 match this.sender {
-                    Sender::Client => {
+                    Peer::Client => {
                         tracing::debug!(
                             timeout = ?limit,
                             "a client's request body stalled; the exchange is cut off"
                         )
                     }
-                    Sender::Upstream => {
+                    Peer::Upstream => {
                         tracing::warn!(
                             timeout = ?limit,
                             "an upstream's response body stalled; the response is cut off"
@@ -158,13 +216,16 @@ where
 pub struct WriteStall<I> {
     io: I,
     wait: Wait,
+    /// Who should be taking the writes.
+    reader: Peer,
 }
 
 impl<I> WriteStall<I> {
-    pub fn new(io: I, limit: Duration) -> Self {
+    pub fn new(io: I, limit: Duration, reader: Peer) -> Self {
         Self {
             io,
             wait: Wait::new(limit),
+            reader,
         }
     }
 
@@ -175,6 +236,7 @@ impl<I> WriteStall<I> {
     ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Pending if self.wait.too_long(cx) => {
+                CutOff::of_writes(self.reader).add();
                 tracing::debug!(
                     timeout = ?self.wait.limit,
                     "a peer took nothing written for the send timeout; closing"
@@ -314,7 +376,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_keeps_its_reader_waiting_fails() {
         let (tx, body) = channel_body();
-        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Sender::Upstream);
+        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Peer::Upstream);
         tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
             .await
             .unwrap();
@@ -330,7 +392,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_frame_starts_the_wait_afresh() {
         let (tx, body) = channel_body();
-        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Sender::Upstream);
+        let mut body = IdleTimeout::new(body, Duration::from_secs(60), Peer::Upstream);
         let feeder = tokio::spawn(async move {
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_secs(50)).await;
@@ -350,7 +412,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_ended_body_needs_no_timer() {
         let body = http_body_util::Full::new(Bytes::from_static(b"whole"));
-        let mut body = IdleTimeout::new(body, Duration::from_secs(1), Sender::Upstream);
+        let mut body = IdleTimeout::new(body, Duration::from_secs(1), Peer::Upstream);
         assert_eq!(
             body.frame().await.unwrap().unwrap().into_data().unwrap(),
             "whole"
@@ -364,7 +426,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         // A pipe with room for 64 bytes whose other end nobody reads.
         let (near, _far) = tokio::io::duplex(64);
-        let mut conn = WriteStall::new(near, Duration::from_secs(60));
+        let mut conn = WriteStall::new(near, Duration::from_secs(60), Peer::Client);
         let started = Instant::now();
         let err = conn.write_all(&[0u8; 1024]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -375,7 +437,7 @@ mod tests {
     async fn a_slow_reader_that_keeps_taking_is_not_cut_off() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (near, mut far) = tokio::io::duplex(64);
-        let mut conn = WriteStall::new(near, Duration::from_secs(60));
+        let mut conn = WriteStall::new(near, Duration::from_secs(60), Peer::Client);
         let reader = tokio::spawn(async move {
             let mut got = 0;
             let mut buf = [0u8; 64];
@@ -396,7 +458,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_limit_past_the_end_of_time_waits_and_does_not_panic() {
         let (_tx, body) = channel_body();
-        let mut body = IdleTimeout::new(body, Duration::MAX, Sender::Upstream);
+        let mut body = IdleTimeout::new(body, Duration::MAX, Peer::Upstream);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());

@@ -348,6 +348,7 @@ impl Metrics {
         registry.register(Box::new(store_up.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(CutOffCollector::new()?))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -494,6 +495,48 @@ impl Collector for VerifyCollector {
     }
 }
 
+/// `keygate_cut_off_total{reason}`: what the body and write watches cut off
+/// ([`crate::idle::CutOff`]), read from their process-wide counts at scrape time.
+struct CutOffCollector {
+    desc: Desc,
+}
+
+const CUT_OFF_NAME: &str = "keygate_cut_off_total";
+const CUT_OFF_HELP: &str = "Exchanges and connections cut off because a peer stopped moving: a \
+                            body that sent nothing for body_idle_timeout, writes not taken for \
+                            send_timeout (client) or body_idle_timeout (upstream)";
+
+impl CutOffCollector {
+    fn new() -> Result<Self, prometheus::Error> {
+        let desc = Desc::new(
+            CUT_OFF_NAME.into(),
+            CUT_OFF_HELP.into(),
+            vec!["reason".into()],
+            Default::default(),
+        )?;
+        Ok(Self { desc })
+    }
+}
+
+impl Collector for CutOffCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(counts) = IntCounterVec::new(Opts::new(CUT_OFF_NAME, CUT_OFF_HELP), &["reason"])
+        else {
+            return Vec::new();
+        };
+        for reason in crate::idle::CutOff::ALL {
+            counts
+                .with_label_values(&[reason.label()])
+                .inc_by(reason.count());
+        }
+        counts.collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +561,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("keygate_requests_total{outcome=\"no_route\",route=\"-\"} 1"));
+        // Every cut-off reason's series, from the start.
+        for reason in crate::idle::CutOff::ALL {
+            let series = format!("keygate_cut_off_total{{reason=\"{}\"}} ", reason.label());
+            assert!(text.contains(&series), "{series} missing");
+        }
         assert!(text.contains("keygate_store_errors_total{operation=\"find_by_hash\"} 1"));
         assert!(text.contains("keygate_build_info{version="));
     }

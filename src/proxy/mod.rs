@@ -16,7 +16,7 @@ pub mod read_ahead;
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
-use crate::idle::{BodyStalled, IdleTimeout, Sender};
+use crate::idle::{BodyStalled, IdleTimeout, Peer};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
@@ -140,7 +140,7 @@ impl ForwardBody {
     /// and when the body has all been handed on.
     pub fn watch(self, limit: Duration, state: Arc<ClientBody>) -> Self {
         ForwardBody::Watched(Box::new(WatchedBody {
-            inner: IdleTimeout::new(self, limit, Sender::Client),
+            inner: IdleTimeout::new(self, limit, Peer::Client),
             state,
         }))
     }
@@ -414,7 +414,7 @@ impl Upstream {
     }
 
     fn watched(&self, body: ReadAheadBody<Incoming>) -> UpstreamBody {
-        IdleTimeout::new(body, self.body_idle_timeout, Sender::Upstream)
+        IdleTimeout::new(body, self.body_idle_timeout, Peer::Upstream)
     }
 
     async fn exchange(

@@ -20,7 +20,7 @@
 //! after the upstream's `body_idle_timeout` ([`WriteStall`]) instead of standing still.
 
 use super::BoxError;
-use crate::idle::WriteStall;
+use crate::idle::{Peer, WriteStall};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -294,7 +294,11 @@ where
             .call(self.origin.clone())
             .await
             .map_err(PoolError::Connect)?;
-        Ok(WriteStall::new(io, self.settings.send_timeout))
+        Ok(WriteStall::new(
+            io,
+            self.settings.send_timeout,
+            Peer::Upstream,
+        ))
     }
 
     #[cfg(test)]

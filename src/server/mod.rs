@@ -14,7 +14,7 @@ pub mod tls;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
-use crate::idle::WriteStall;
+use crate::idle::{Peer, WriteStall};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -333,7 +333,7 @@ impl Conn {
         let conn = self
             .builder
             .serve_connection_with_upgrades(
-                TokioIo::new(WriteStall::new(io, self.send_timeout)),
+                TokioIo::new(WriteStall::new(io, self.send_timeout, Peer::Client)),
                 service,
             )
             .into_owned();

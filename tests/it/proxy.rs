@@ -1163,6 +1163,17 @@ async fn a_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
         "cut off before the idle timeout: {:?}",
         started.elapsed()
     );
+    assert_cut_off(&gw, "upstream_body_stalled").await;
+}
+
+/// The gateway's `keygate_cut_off_total` shows one cut-off for `reason`.
+async fn assert_cut_off(gw: &Gateway, reason: &str) {
+    let line = format!("\nkeygate_cut_off_total{{reason=\"{reason}\"}} 1\n");
+    let counted = eventually(Duration::from_secs(2), || async {
+        gw.metrics().await.contains(&line)
+    })
+    .await;
+    assert!(counted, "no {line:?} in {}", gw.metrics().await);
 }
 
 /// A client that asks for a large response and stops reading it: once a write to it has waited
@@ -1202,6 +1213,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
         }
     }
     assert!(got < LEN, "the whole response arrived: {got} bytes");
+    assert_cut_off(&gw, "client_not_reading").await;
 }
 
 /// An upstream that answers before it has read the upload and then stops reading, keeping the
@@ -1247,6 +1259,7 @@ async fn an_upstream_that_stops_reading_the_upload_is_let_go() {
         "{:?}",
         String::from_utf8_lossy(&answer)
     );
+    assert_cut_off(&gw, "upstream_not_reading").await;
 }
 
 /// An upstream that takes the whole request and then does not answer: 504 once the response
@@ -1301,6 +1314,7 @@ async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
         .unwrap();
     assert_eq!(r.status(), 408);
     assert_eq!(error_code(r).await, "REQUEST_TIMEOUT");
+    assert_cut_off(&gw, "client_body_stalled").await;
     drop(tx);
 }
 
