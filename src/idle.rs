@@ -142,7 +142,7 @@ impl CutOff {
         CUT_OFFS[self as usize].load(Ordering::Relaxed)
     }
 
-    fn add(self) {
+    pub(crate) fn add(self) {
         CUT_OFFS[self as usize].fetch_add(1, Ordering::Relaxed);
     }
 }

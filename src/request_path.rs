@@ -106,12 +106,11 @@ fn decode(bytes: &[u8]) -> Result<Vec<u8>, PathError> {
     Ok(out)
 }
 
-/// Segments after the leading `/`: none is `.` or `..`, and none but the last is empty.
-/// A path that does not start with `/` (`*` of `OPTIONS *`) has no segments to check.
+/// Segments after the leading `/`: none is `.` or `..`, and none but the last is empty. A path
+/// that does not start with `/` (`*` of `OPTIONS *`; hyper lets no other through) is checked
+/// whole, so `a/.` is as ambiguous as `/a/.`.
 fn check_segments(path: &[u8]) -> Result<(), PathError> {
-    let Some(rest) = path.strip_prefix(b"/") else {
-        return Ok(());
-    };
+    let rest = path.strip_prefix(b"/").unwrap_or(path);
     let mut segments = rest.split(|&b| b == b'/').peekable();
     while let Some(segment) = segments.next() {
         match segment {
@@ -178,6 +177,10 @@ mod tests {
             ("/admin%", BadEncoding),
             ("/admin%4", BadEncoding),
             ("/admin%zz", BadEncoding),
+            // No leading `/` (hyper parses none but `*` so): checked whole all the same.
+            ("a/.", DotSegment),
+            ("a/../admin", DotSegment),
+            ("a//admin", EmptySegment),
         ] {
             assert_eq!(routing_path(p), Err(why), "{p}");
         }

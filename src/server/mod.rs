@@ -11,10 +11,11 @@
 mod read_ahead;
 pub mod spread;
 pub mod tls;
+mod window_watch;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
-use crate::idle::{Peer, WriteStall};
+use crate::idle::{CutOff, Peer, WriteStall};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +28,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use window_watch::{Sends, StreamSends, WatchedResponse};
 
 /// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
 /// answer may take before the connection is closed.
@@ -324,11 +326,13 @@ impl Conn {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let activity = Arc::new(Activity::default());
+        let sends = Arc::new(StreamSends::default());
         let service = WithConnectionInfo {
             inner: service,
             info: (info != ConnectionInfo::default()).then_some(info),
             activity: activity.clone(),
             hold: self.hold.clone(),
+            sends: sends.clone(),
         };
         let conn = self
             .builder
@@ -339,40 +343,66 @@ impl Conn {
             .into_owned();
         tokio::pin!(conn);
         let mut closing = self.closing;
-        // Whether to look at the connection's requests at `check_at`: until its first, then
-        // for as long as it is an HTTP/2 connection (hyper times HTTP/1.1's idle waits).
-        let mut checking = true;
-        let first_request_by = tokio::time::Instant::now() + self.first_request_timeout;
-        let mut check_at =
-            tokio::time::Instant::now() + self.first_request_timeout.min(self.idle_timeout);
+        // One timer for two looks, each `None` once it is not needed. `idle_at`: the connection's
+        // requests, until its first, then for as long as it is an HTTP/2 connection (hyper times
+        // HTTP/1.1's idle waits). `sends_at`: its HTTP/2 streams' responses, draining included,
+        // until it turns out to be HTTP/1.1 (whose stalled writes `WriteStall` sees).
+        let now = tokio::time::Instant::now();
+        let first_request_by = now + self.first_request_timeout;
+        let mut idle_at = Some(now + self.first_request_timeout.min(self.idle_timeout));
+        let mut sends_at = Some(now + self.send_timeout);
         let mut requests_at_check = 0;
         let mut finishing = false;
         let ended = loop {
+            let wake_at = [idle_at.filter(|_| !finishing), sends_at]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 ended = conn.as_mut() => break ended,
                 _ = closing.wait_for(|c| *c), if !finishing => {
                     conn.as_mut().graceful_shutdown();
                     finishing = true;
                 }
-                () = tokio::time::sleep_until(check_at), if checking && !finishing => {
+                () = sleep_until_some(wake_at), if wake_at.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if sends_at.is_some_and(|at| at <= now) {
+                        match sends.look_over(self.send_timeout) {
+                            Sends::MovingUntil(next) => sends_at = Some(next),
+                            Sends::Stalled => {
+                                CutOff::ClientNotReading.add();
+                                tracing::debug!(
+                                    peer = %self.peer,
+                                    timeout = ?self.send_timeout,
+                                    "an HTTP/2 client gave no window for a response for the \
+                                     send timeout; closing"
+                                );
+                                return;
+                            }
+                        }
+                    }
+                    if finishing || idle_at.is_none_or(|at| at > now) {
+                        continue;
+                    }
                     let requests = activity.requests.load(Ordering::Relaxed);
                     if requests == 0 {
-                        if tokio::time::Instant::now() < first_request_by {
-                            check_at = first_request_by;
+                        if now < first_request_by {
+                            idle_at = Some(first_request_by);
                             continue;
                         }
                         tracing::debug!(peer = %self.peer, "no request in time; connection closed");
                         return;
                     }
                     if !activity.http2.load(Ordering::Relaxed) {
-                        checking = false;
+                        idle_at = None;
+                        sends_at = None;
                     } else if requests == requests_at_check {
                         tracing::debug!(peer = %self.peer, "idle HTTP/2 connection closed");
                         conn.as_mut().graceful_shutdown();
                         finishing = true;
                     } else {
                         requests_at_check = requests;
-                        check_at = tokio::time::Instant::now() + self.idle_timeout;
+                        idle_at = Some(now + self.idle_timeout);
                     }
                 }
             }
@@ -380,6 +410,14 @@ impl Conn {
         if let Err(e) = ended {
             tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
         }
+    }
+}
+
+/// Sleeps until `at`; never ends for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -432,15 +470,17 @@ struct WithConnectionInfo<S> {
     activity: Arc<Activity>,
     /// Given to requests that ask for an upgrade.
     hold: ConnectionHold,
+    /// Watches the responses of HTTP/2 streams.
+    sends: Arc<StreamSends>,
 }
 
-impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
+impl<S, B> Service<http::Request<Incoming>> for WithConnectionInfo<S>
 where
-    S: Service<http::Request<Incoming>>,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>>,
 {
-    type Response = S::Response;
+    type Response = http::Response<window_watch::SendWatch<B>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = WatchedResponse<S::Future>;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         // The connection's requests come one call at a time: no read-modify-write needed.
@@ -463,6 +503,7 @@ where
         {
             req.extensions_mut().insert(self.hold.clone());
         }
-        self.inner.call(req)
+        let send = (req.version() == http::Version::HTTP_2).then(|| self.sends.register());
+        WatchedResponse::new(self.inner.call(req), send)
     }
 }

@@ -1216,6 +1216,96 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     assert_cut_off(&gw, "client_not_reading").await;
 }
 
+/// The same over HTTP/2, where the client stops reading by withholding its flow-control window
+/// (WINDOW_UPDATE) rather than its socket: the socket keeps taking frames, so no write waits,
+/// and hyper stops asking for the response until the window opens. Once a stream's response
+/// has waited `send_timeout` for window, the gateway closes the connection.
+#[tokio::test]
+async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_timeout() {
+    const LEN: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::large(LEN).await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    let client = h2_client();
+    let response = client
+        .get(format!("http://{}/large", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    // Reads nothing for six send timeouts: the client's stack keeps reading the socket, but
+    // the stream's window (2 MiB, reqwest's default) is spent and not given back...
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...then all there is.
+    let body = tokio::time::timeout(Duration::from_secs(10), response.bytes())
+        .await
+        .expect("the stream was still open: the client was not cut off");
+    assert!(
+        body.as_ref().map_or(true, |b| b.len() < LEN),
+        "the whole response arrived"
+    );
+    assert_cut_off(&gw, "client_not_reading").await;
+}
+
+/// What the HTTP/2 window watch must leave alone: a client that reads slowly but keeps reading
+/// (pauses shorter than `send_timeout`, the window spent and given back many times over), and a
+/// response that waits on its upstream longer than `send_timeout` (a long poll: the stream has
+/// window, the body has nothing yet).
+#[tokio::test]
+async fn an_http2_client_that_reads_slowly_or_waits_on_its_upstream_is_not_cut_off() {
+    const LEN: usize = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let large = upstream::large(LEN).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let events = upstream::chunked(&["first\n"], &["second\n"], release.clone()).await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.large]\nurl = \"http://{large}\"\n\
+         [upstreams.events]\nurl = \"http://{events}\"\n\
+         [[routes]]\npath_prefix = \"/large\"\nupstream = \"large\"\npublic = true\n\
+         [[routes]]\npath_prefix = \"/events\"\nupstream = \"events\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    let client = h2_client();
+
+    let mut slow = client
+        .get(format!("http://{}/large", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.version(), reqwest::Version::HTTP_2);
+    let (mut got, mut since_pause) = (0, 0);
+    while let Some(chunk) = slow.chunk().await.unwrap() {
+        got += chunk.len();
+        since_pause += chunk.len();
+        if since_pause >= 512 << 10 {
+            since_pause = 0;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(got, LEN);
+
+    let mut waiting = client
+        .get(format!("http://{}/events", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waiting.chunk().await.unwrap().unwrap(), "first\n");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    release.notify_one();
+    assert_eq!(waiting.chunk().await.unwrap().unwrap(), "second\n");
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\nkeygate_cut_off_total{reason=\"client_not_reading\"} 0\n")
+    );
+}
+
 /// An upstream that answers before it has read the upload and then stops reading, keeping the
 /// connection open: once a write to it has waited `body_idle_timeout`, the gateway drops that
 /// connection and with it the client's upload, whose connection is then closed, instead of both

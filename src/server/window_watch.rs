@@ -1,0 +1,297 @@
+//! HTTP/2 clients that stop reading by withholding flow-control window. Over HTTP/1.1 a client
+//! that stops reading fills its socket and [`WriteStall`](crate::idle::WriteStall) sees the
+//! write wait. Over HTTP/2 its stack keeps reading the socket but sends no WINDOW_UPDATE, so the
+//! socket never fills: hyper holds the frame it was handed and stops asking the response body
+//! for the next one until the window opens, and no wait is seen anywhere. Left alone, the stream
+//! would hold its upstream connection and a frame of buffers for as long as the client keeps
+//! answering pings, up to the 200 streams of each connection.
+//!
+//! So each stream's response body ([`SendWatch`]) notes when it hands hyper a frame and when it
+//! is asked for the next, and the connection's task looks over its streams ([`StreamSends`]).
+//! hyper offers no way to reset one stream from outside, so a stream held for `send_timeout`
+//! closes the connection, as a client that stops reading does over HTTP/1.1.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+/// Live streams that make the registry look for dead ones: below it, registering never scans.
+const PRUNE_FLOOR: usize = 64;
+
+/// The responses of one HTTP/2 connection's streams, as its task sees them.
+pub struct StreamSends {
+    epoch: Instant,
+    streams: Mutex<Streams>,
+}
+
+struct Streams {
+    /// A stream's entry dies with its response body; dead entries go at the next look-over or
+    /// when the list has doubled.
+    sends: Vec<Weak<StreamSend>>,
+    prune_at: usize,
+}
+
+/// What the look-over found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sends {
+    /// No stream's response has waited the limit; look again then.
+    MovingUntil(Instant),
+    /// A stream's response has waited the limit for the client to take its last frame.
+    Stalled,
+}
+
+impl Default for StreamSends {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            streams: Mutex::new(Streams {
+                sends: Vec::new(),
+                prune_at: PRUNE_FLOOR,
+            }),
+        }
+    }
+}
+
+impl StreamSends {
+    /// A new stream's response, to be watched until its body is dropped.
+    pub fn register(&self) -> Arc<StreamSend> {
+        let send = Arc::new(StreamSend {
+            epoch: self.epoch,
+            held_since: AtomicU64::new(NOT_HELD),
+        });
+        let mut streams = self.lock();
+        if streams.sends.len() >= streams.prune_at {
+            streams.sends.retain(|s| s.strong_count() > 0);
+            streams.prune_at = (streams.sends.len() * 2).max(PRUNE_FLOOR);
+        }
+        streams.sends.push(Arc::downgrade(&send));
+        send
+    }
+
+    /// Whether a stream's response has waited `limit` for hyper to ask for its next frame, and
+    /// otherwise when to look again: when the oldest wait reaches `limit`, or `limit` from now
+    /// (a wait that begins later is seen within twice the limit).
+    pub fn look_over(&self, limit: Duration) -> Sends {
+        let now = Instant::now();
+        let mut next = now + limit;
+        let mut streams = self.lock();
+        let mut stalled = false;
+        streams.sends.retain(|s| {
+            let Some(send) = s.upgrade() else {
+                return false;
+            };
+            if let Some(since) = send.held_since() {
+                let due = since + limit;
+                if due <= now {
+                    stalled = true;
+                }
+                next = next.min(due);
+            }
+            true
+        });
+        streams.prune_at = (streams.sends.len() * 2).max(PRUNE_FLOOR);
+        if stalled {
+            Sends::Stalled
+        } else {
+            Sends::MovingUntil(next)
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
+        // The lists are whole after any panic (push and retain), so a poisoned lock is usable.
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+const NOT_HELD: u64 = 0;
+
+/// One stream's response: since when hyper has held a frame without asking for the next.
+pub struct StreamSend {
+    epoch: Instant,
+    /// Nanoseconds after `epoch`, plus one; [`NOT_HELD`] while hyper is asking or the body is
+    /// done.
+    held_since: AtomicU64,
+}
+
+impl StreamSend {
+    fn asked(&self) {
+        self.held_since.store(NOT_HELD, Ordering::Relaxed);
+    }
+
+    fn handed_a_frame(&self) {
+        let since = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.held_since.store(since + 1, Ordering::Relaxed);
+    }
+
+    fn held_since(&self) -> Option<Instant> {
+        match self.held_since.load(Ordering::Relaxed) {
+            NOT_HELD => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that tells its stream's [`StreamSend`] when it hands over a frame and
+    /// when it is asked for the next; without one (HTTP/1.1) it only passes frames on.
+    pub struct SendWatch<B> {
+        #[pin]
+        inner: B,
+        send: Option<Arc<StreamSend>>,
+    }
+}
+
+impl<B> SendWatch<B> {
+    pub fn new(inner: B, send: Option<Arc<StreamSend>>) -> Self {
+        Self { inner, send }
+    }
+}
+
+impl<B: Body> Body for SendWatch<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let Some(send) = this.send.as_ref() else {
+            return this.inner.poll_frame(cx);
+        };
+        send.asked();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // After the last frame hyper asks for nothing more: that is not a wait.
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            send.handed_a_frame();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A service's response future whose body becomes a [`SendWatch`].
+    pub struct WatchedResponse<F> {
+        #[pin]
+        inner: F,
+        send: Option<Arc<StreamSend>>,
+    }
+}
+
+impl<F> WatchedResponse<F> {
+    pub fn new(inner: F, send: Option<Arc<StreamSend>>) -> Self {
+        Self { inner, send }
+    }
+}
+
+impl<F, B, E> std::future::Future for WatchedResponse<F>
+where
+    F: std::future::Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<SendWatch<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(
+            response.map(|body| SendWatch::new(body, this.send.take()))
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    fn two_frames() -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames = [b"a", b"b"].map(|d| Ok(Frame::data(Bytes::from_static(d))));
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_hyper_holds_for_the_limit_is_a_stall() {
+        let sends = StreamSends::default();
+        let mut body = SendWatch::new(two_frames(), Some(sends.register()));
+        body.frame().await.unwrap().unwrap();
+        let started = Instant::now();
+        assert_eq!(sends.look_over(LIMIT), Sends::MovingUntil(started + LIMIT));
+        tokio::time::advance(LIMIT - Duration::from_secs(1)).await;
+        assert_eq!(sends.look_over(LIMIT), Sends::MovingUntil(started + LIMIT));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(sends.look_over(LIMIT), Sends::Stalled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asking_for_the_next_frame_ends_the_wait() {
+        let sends = StreamSends::default();
+        let mut body = SendWatch::new(two_frames(), Some(sends.register()));
+        body.frame().await.unwrap().unwrap();
+        tokio::time::advance(LIMIT - Duration::from_secs(1)).await;
+        body.frame().await.unwrap().unwrap();
+        // The second frame is not the last (the stream does not know yet), so it is held anew.
+        let now = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(sends.look_over(LIMIT), Sends::MovingUntil(now + LIMIT));
+        assert!(body.frame().await.is_none());
+        let now = Instant::now();
+        assert_eq!(sends.look_over(LIMIT), Sends::MovingUntil(now + LIMIT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_frame_and_a_dropped_body_are_not_waits() {
+        let sends = StreamSends::default();
+        let mut whole = SendWatch::new(
+            http_body_util::Full::new(Bytes::from_static(b"whole")),
+            Some(sends.register()),
+        );
+        whole.frame().await.unwrap().unwrap();
+        let mut dropped = SendWatch::new(two_frames(), Some(sends.register()));
+        dropped.frame().await.unwrap().unwrap();
+        drop(dropped);
+        tokio::time::advance(LIMIT * 2).await;
+        let now = Instant::now();
+        assert_eq!(sends.look_over(LIMIT), Sends::MovingUntil(now + LIMIT));
+        assert_eq!(
+            sends.lock().sends.len(),
+            1,
+            "the dropped stream's entry is gone"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_entries_do_not_pile_up_between_look_overs() {
+        let sends = StreamSends::default();
+        let live: Vec<_> = (0..10).map(|_| sends.register()).collect();
+        for _ in 0..10_000 {
+            drop(sends.register());
+        }
+        let len = sends.lock().sends.len();
+        assert!(len <= 2 * PRUNE_FLOOR, "{len} entries for 10 live streams");
+        drop(live);
+    }
+
+    #[tokio::test]
+    async fn without_a_stream_frames_only_pass_through() {
+        let body = SendWatch::new(two_frames(), None);
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "ab");
+    }
+}
