@@ -104,8 +104,9 @@ pub struct Verifier {
     ttl_ms: i64,
     /// Bumped whenever changes may have been missed.
     feed_epoch: AtomicU64,
-    /// Milliseconds since `epoch` until which the store is not asked (0: ask).
-    store_backoff_until_ms: AtomicI64,
+    /// Per failure domain of the store (`KeyStore::failure_domain`: one, or one per group of
+    /// Redis Cluster slots), milliseconds since `epoch` until which it is not asked (0: ask).
+    store_backoff_until_ms: Box<[AtomicI64]>,
     epoch: Instant,
     /// Bumped by every applied change; see `verify`.
     generation: AtomicU64,
@@ -116,6 +117,9 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(prefix: KeyPrefix, store: Arc<dyn KeyStore>, cfg: &CacheConfig) -> Self {
+        let store_backoff_until_ms = (0..store.failure_domains().max(1))
+            .map(|_| AtomicI64::new(0))
+            .collect();
         Self {
             prefix,
             store,
@@ -129,7 +133,7 @@ impl Verifier {
                 .build_with_hasher(CacheHasher::default()),
             ttl_ms: i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX),
             feed_epoch: AtomicU64::new(0),
-            store_backoff_until_ms: AtomicI64::new(0),
+            store_backoff_until_ms,
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
             id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
@@ -185,7 +189,9 @@ impl Verifier {
         hash: KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Arc<VerifiedKey>, VerifyError> {
-        if self.store_in_backoff() {
+        // A failed part of the store is skipped for a while; the others are still asked.
+        let domain = self.store.failure_domain(&hash) % self.store_backoff_until_ms.len();
+        if self.store_in_backoff(domain) {
             return self.stale_or_unavailable(&hash).await;
         }
         // A change that lands while the load is in flight may describe a newer state than the
@@ -238,7 +244,7 @@ impl Verifier {
             Err(err) => {
                 self.stats.store_errors.add(1);
                 tracing::warn!(error = %err, "key store lookup failed");
-                self.enter_backoff();
+                self.enter_backoff(domain);
                 self.stale_or_unavailable(&hash).await
             }
         }
@@ -284,13 +290,13 @@ impl Verifier {
         i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
-    fn store_in_backoff(&self) -> bool {
-        self.now_ms() < self.store_backoff_until_ms.load(Ordering::Relaxed)
+    fn store_in_backoff(&self, domain: usize) -> bool {
+        self.now_ms() < self.store_backoff_until_ms[domain].load(Ordering::Relaxed)
     }
 
-    fn enter_backoff(&self) {
+    fn enter_backoff(&self, domain: usize) {
         let until = self.now_ms() + STORE_BACKOFF.as_millis() as i64;
-        self.store_backoff_until_ms.store(until, Ordering::Relaxed);
+        self.store_backoff_until_ms[domain].store(until, Ordering::Relaxed);
     }
 
     /// Applies a change from the store's feed. The generation moves twice: before the caches

@@ -68,6 +68,14 @@ impl KeyStore for MeteredStore {
             .await
     }
 
+    fn failure_domains(&self) -> usize {
+        self.inner.failure_domains()
+    }
+
+    fn failure_domain(&self, hash: &KeyHash) -> usize {
+        self.inner.failure_domain(hash)
+    }
+
     async fn create(
         &self,
         record: &KeyRecord,

@@ -172,6 +172,18 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(self.find_by_hash(hash, now).await?.map(VerifiedKey::from))
     }
 
+    /// How many parts of the store can fail on their own: one for a server, a group of slots
+    /// per part for Redis Cluster. The verifier backs lookups off per part, so a failed part
+    /// does not get the others' uncached keys refused.
+    fn failure_domains(&self) -> usize {
+        1
+    }
+
+    /// Which of [`Self::failure_domains`] answers for `hash`.
+    fn failure_domain(&self, _hash: &KeyHash) -> usize {
+        0
+    }
+
     /// Stores a new record under `hash`. With `team_limit`, refuses with `LimitExceeded` when the
     /// record's team already holds that many keys (enabled or not), atomically: concurrent
     /// creates never overshoot.

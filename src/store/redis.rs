@@ -153,6 +153,21 @@ const USAGE_KEYS_PER_CALL: usize = 16;
 /// A flush of 100 000 keys takes ~0.9 s this way (0.6–0.7 s with 256). Up to this many keys (one
 /// call on one server)...
 const USAGE_KEYS_IN_FLIGHT: usize = 16;
+/// Redis Cluster's hash slots.
+const CLUSTER_SLOTS: usize = 16384;
+
+/// Slots backed off together when a lookup fails (`KeyStore::failure_domain`): a node owns
+/// ranges of consecutive slots, so a group of 16 lies on one node but at a range's edge, and a
+/// failed node's thousands of slots cost hundreds of lookups that wait for it, not thousands.
+const SLOTS_PER_FAILURE_DOMAIN: usize = 16;
+
+/// The cluster slot of every entry of `tag` (their names carry it as the hash tag `{tag}`):
+/// CRC16 (XMODEM) of the tag, as Redis computes it.
+fn cluster_slot(tag: SlotTag) -> u16 {
+    let slots = u16::try_from(CLUSTER_SLOTS).unwrap_or(u16::MAX);
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_str().as_bytes()) % slots
+}
+
 /// ...and up to this many calls (on a cluster, keys without a team have slots of their own, so
 /// most calls there carry one key, and the window's round trips overlap).
 const USAGE_CALLS_IN_FLIGHT: usize = 16;
@@ -1104,6 +1119,22 @@ impl KeyStore for RedisStore {
             }))
     }
 
+    fn failure_domains(&self) -> usize {
+        if self.conn.is_cluster() {
+            CLUSTER_SLOTS / SLOTS_PER_FAILURE_DOMAIN
+        } else {
+            1
+        }
+    }
+
+    fn failure_domain(&self, hash: &KeyHash) -> usize {
+        if self.conn.is_cluster() {
+            usize::from(cluster_slot(hash.tag())) / SLOTS_PER_FAILURE_DOMAIN
+        } else {
+            0
+        }
+    }
+
     async fn create(
         &self,
         record: &KeyRecord,
@@ -1616,6 +1647,19 @@ fn redis_err(e: RedisError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tags_cluster_slot_is_the_one_redis_routes_its_entries_to() {
+        for _ in 0..2000 {
+            let tag = SlotTag::random();
+            let name = format!("ns:h:{{{tag}}}:00ff");
+            assert_eq!(
+                Slot::new(cluster_slot(tag)),
+                Some(Slot::for_key(&name)),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn hash_entry_names_are_namespace_tag_and_digest() {
