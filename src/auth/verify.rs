@@ -96,6 +96,34 @@ struct Known {
     feed_epoch: u64,
 }
 
+/// A log line at most every [`STORE_BACKOFF`], saying how many it left out before it.
+#[derive(Default)]
+struct LogEvery {
+    /// Milliseconds since the verifier's epoch when the last line went out, plus one (0: none).
+    last_ms: AtomicI64,
+    left_out: AtomicU64,
+}
+
+impl LogEvery {
+    /// `Some(lines left out since the last)` when a line is due at `now_ms`; `None` counts
+    /// this one as left out.
+    fn due(&self, now_ms: i64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let every = STORE_BACKOFF.as_millis() as i64;
+        let due = last == 0 || now_ms + 1 - last >= every;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.left_out.swap(0, Ordering::Relaxed));
+        }
+        self.left_out.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 pub struct Verifier {
     prefix: KeyPrefix,
     store: Arc<dyn KeyStore>,
@@ -112,6 +140,8 @@ pub struct Verifier {
     generation: AtomicU64,
     /// This verifier's name in the per-thread caches.
     id: u64,
+    /// Spaces out the warnings of failed lookups.
+    failure_log: LogEvery,
     pub stats: VerifyStats,
 }
 
@@ -137,6 +167,7 @@ impl Verifier {
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
             id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
+            failure_log: LogEvery::default(),
             stats: VerifyStats::default(),
         }
     }
@@ -243,7 +274,11 @@ impl Verifier {
             Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => Err(VerifyError::Unknown),
             Err(err) => {
                 self.stats.store_errors.add(1);
-                tracing::warn!(error = %err, "key store lookup failed");
+                // One line a second at most: a whole cluster down fails a lookup per group of
+                // slots, up to a thousand a second (`keygate_store_errors_total` counts them all).
+                if let Some(unlogged) = self.failure_log.due(self.now_ms()) {
+                    tracing::warn!(error = %err, unlogged, "key store lookup failed");
+                }
                 self.enter_backoff(domain);
                 self.stale_or_unavailable(&hash).await
             }
@@ -386,6 +421,17 @@ pub async fn follow_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_lookups_are_logged_once_a_second_with_the_count_left_out() {
+        let log = LogEvery::default();
+        assert_eq!(log.due(0), Some(0));
+        assert_eq!(log.due(10), None);
+        assert_eq!(log.due(999), None);
+        assert_eq!(log.due(1000), Some(2));
+        assert_eq!(log.due(1500), None);
+        assert_eq!(log.due(2000), Some(1));
+    }
     use crate::auth::key::{NewKey, SlotTag, new_key_id};
     use crate::auth::record::sample_record;
     use crate::store::embedded::EmbeddedStore;
