@@ -17,6 +17,7 @@ use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
 use crate::idle::{BodyStalled, IdleTimeout, Peer};
+use crate::server::window_watch::{SendWatch, StreamSend};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
@@ -47,7 +48,9 @@ pub enum ForwardBody {
 }
 
 /// The upstream's answer to a client's body: the body it was sent.
-pub type UpstreamBody = IdleTimeout<ReadAheadBody<Incoming>>;
+/// The upstream's response body as it goes back: watched for the upstream stalling, and over
+/// HTTP/2 for the client withholding window (`server::window_watch`).
+pub type UpstreamBody = SendWatch<IdleTimeout<ReadAheadBody<Incoming>>>;
 
 /// A client's body on its way upstream, as the exchange waiting for the response sees it:
 /// whether it went wrong, so that the failed exchange is answered as the client's fault (413,
@@ -331,9 +334,12 @@ impl Upstream {
     /// body still to come (see [`ForwardBody::watch`]).
     pub async fn send(
         &self,
-        req: Request<ForwardBody>,
+        mut req: Request<ForwardBody>,
         client_body: Option<&ClientBody>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
+        // An HTTP/2 client's stream, whose window the response will wait on (none over HTTP/1.1,
+        // whose extensions are empty: nothing to look through).
+        let stream = req.extensions_mut().remove::<Arc<StreamSend>>();
         let resp = self.exchange(req, client_body).await?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
@@ -341,7 +347,7 @@ impl Upstream {
             tracing::warn!(upstream = %self.name, "upstream switched protocols unasked");
             return Err(GatewayError::UpstreamUnavailable);
         }
-        self.for_the_client(resp).await
+        self.for_the_client(resp, stream).await
     }
 
     /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
@@ -363,7 +369,8 @@ impl Upstream {
             .cloned();
         let mut resp = self.exchange(req, client_body).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            return self.for_the_client(resp).await;
+            // Upgrades are HTTP/1.1's: no stream to watch.
+            return self.for_the_client(resp, None).await;
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
         headers::remove_hop_by_hop(resp.headers_mut());
@@ -393,7 +400,7 @@ impl Upstream {
                 }
             }
         });
-        Ok(resp.map(|body| self.watched(ReadAheadBody::Streaming(body))))
+        Ok(resp.map(|body| self.watched(ReadAheadBody::Streaming(body), None)))
     }
 
     /// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
@@ -402,6 +409,7 @@ impl Upstream {
     async fn for_the_client(
         &self,
         resp: Response<Incoming>,
+        stream: Option<Arc<StreamSend>>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = resp.into_parts();
         headers::remove_upstream_framing(&mut parts.headers);
@@ -410,11 +418,18 @@ impl Upstream {
             tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
             return Err(GatewayError::UpstreamUnavailable);
         }
-        Ok(Response::from_parts(parts, self.watched(body)))
+        Ok(Response::from_parts(parts, self.watched(body, stream)))
     }
 
-    fn watched(&self, body: ReadAheadBody<Incoming>) -> UpstreamBody {
-        IdleTimeout::new(body, self.body_idle_timeout, Peer::Upstream)
+    fn watched(
+        &self,
+        body: ReadAheadBody<Incoming>,
+        stream: Option<Arc<StreamSend>>,
+    ) -> UpstreamBody {
+        SendWatch::new(
+            IdleTimeout::new(body, self.body_idle_timeout, Peer::Upstream),
+            stream,
+        )
     }
 
     async fn exchange(

@@ -11,7 +11,7 @@
 mod read_ahead;
 pub mod spread;
 pub mod tls;
-mod window_watch;
+pub mod window_watch;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use window_watch::{Sends, StreamSends, WatchedResponse};
+use window_watch::{Sends, StreamSends};
 
 /// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
 /// answer may take before the connection is closed.
@@ -470,17 +470,17 @@ struct WithConnectionInfo<S> {
     activity: Arc<Activity>,
     /// Given to requests that ask for an upgrade.
     hold: ConnectionHold,
-    /// Watches the responses of HTTP/2 streams.
+    /// Watches the responses of HTTP/2 streams: each request gets its stream's entry.
     sends: Arc<StreamSends>,
 }
 
-impl<S, B> Service<http::Request<Incoming>> for WithConnectionInfo<S>
+impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
 where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S: Service<http::Request<Incoming>>,
 {
-    type Response = http::Response<window_watch::SendWatch<B>>;
+    type Response = S::Response;
     type Error = S::Error;
-    type Future = WatchedResponse<S::Future>;
+    type Future = S::Future;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         // The connection's requests come one call at a time: no read-modify-write needed.
@@ -503,7 +503,9 @@ where
         {
             req.extensions_mut().insert(self.hold.clone());
         }
-        let send = (req.version() == http::Version::HTTP_2).then(|| self.sends.register());
-        WatchedResponse::new(self.inner.call(req), send)
+        if req.version() == http::Version::HTTP_2 {
+            req.extensions_mut().insert(self.sends.register());
+        }
+        self.inner.call(req)
     }
 }
