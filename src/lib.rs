@@ -38,3 +38,4 @@ pub mod store;
 pub mod striped;
 pub mod telemetry;
 pub mod usage;
+pub mod window_watch;

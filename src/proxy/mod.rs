@@ -17,7 +17,7 @@ use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
 use crate::idle::{BodyStalled, IdleTimeout, Peer};
-use crate::server::window_watch::{SendWatch, StreamSend};
+use crate::window_watch::{SendWatch, StreamSend};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
@@ -49,7 +49,7 @@ pub enum ForwardBody {
 
 /// The upstream's answer to a client's body: the body it was sent.
 /// The upstream's response body as it goes back: watched for the upstream stalling, and over
-/// HTTP/2 for the client withholding window (`server::window_watch`).
+/// HTTP/2 for the client withholding window (`window_watch`).
 pub type UpstreamBody = SendWatch<IdleTimeout<ReadAheadBody<Incoming>>>;
 
 /// A client's body on its way upstream, as the exchange waiting for the response sees it:

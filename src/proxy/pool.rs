@@ -20,7 +20,8 @@
 //! after the upstream's `body_idle_timeout` ([`WriteStall`]) instead of standing still.
 
 use super::BoxError;
-use crate::idle::{Peer, WriteStall};
+use crate::idle::{CutOff, Peer, WriteStall};
+use crate::window_watch::{SendWatch, Sends, Severable, Severance, StreamSends};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -106,12 +107,49 @@ pub struct Pool<B> {
     idle: Mutex<Vec<Idle<B>>>,
     /// The HTTP/2 connection and when a request last took it; the lock is held while one is
     /// being opened.
-    shared: tokio::sync::Mutex<Option<(http2::SendRequest<B>, Instant)>>,
+    shared: tokio::sync::Mutex<Option<(SharedH2<B>, Instant)>>,
+}
+
+/// The HTTP/2 connection to the upstream, and its streams' request bodies, watched as the
+/// client connections' responses are (`window_watch`): an upstream that withholds
+/// window from an upload holds it before the socket fills, where the write watch cannot see.
+struct SharedH2<B> {
+    conn: http2::SendRequest<SendWatch<B>>,
+    sends: Arc<StreamSends>,
+}
+
+impl<B> Clone for SharedH2<B> {
+    fn clone(&self) -> Self {
+        Self {
+            conn: self.conn.clone(),
+            sends: self.sends.clone(),
+        }
+    }
+}
+
+impl<B> SharedH2<B> {
+    /// `req`, its body watched as one of this connection's streams.
+    fn watched(&self, req: Request<B>) -> Request<SendWatch<B>> {
+        let send = self.sends.register();
+        req.map(|body| SendWatch::new(body, Some(send)))
+    }
 }
 
 struct Idle<B> {
     conn: http1::SendRequest<B>,
     since: Instant,
+}
+
+/// Ends once one of `sends`' streams has waited `limit` for window.
+async fn stalled(sends: &StreamSends, limit: Duration) {
+    let mut next = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::time::sleep_until(next).await;
+        match sends.look_over(limit) {
+            Sends::MovingUntil(at) => next = at,
+            Sends::Stalled => return,
+        }
+    }
 }
 
 impl<B> Pool<B>
@@ -177,15 +215,18 @@ where
     }
 
     async fn send_h2(&self, req: Request<B>) -> Result<Response<Incoming>, PoolError> {
-        let (mut conn, reused) = self.shared_h2().await?;
-        match conn.try_send_request(req).await {
+        let (mut h2, reused) = self.shared_h2().await?;
+        let req = h2.watched(req);
+        match h2.conn.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 // hyper hands a message back only once the connection is closed (GOAWAY or
                 // gone), so `shared_h2` opens a new one: once.
                 Some(unsent) if reused => {
-                    let (mut conn, _) = self.shared_h2().await?;
-                    conn.try_send_request(unsent)
+                    let (mut h2, _) = self.shared_h2().await?;
+                    let req = h2.watched(unsent.map(SendWatch::into_inner));
+                    h2.conn
+                        .try_send_request(req)
                         .await
                         .map_err(|e| PoolError::Exchange(e.into_error()))
                 }
@@ -254,16 +295,16 @@ where
 
     /// The shared HTTP/2 connection, opened when there is none (or it closed); `true` when it
     /// was already open.
-    async fn shared_h2(&self) -> Result<(http2::SendRequest<B>, bool), PoolError> {
+    async fn shared_h2(&self) -> Result<(SharedH2<B>, bool), PoolError> {
         let mut shared = self.shared.lock().await;
-        if let Some((conn, last_used)) = shared.as_mut()
-            && !conn.is_closed()
+        if let Some((h2, last_used)) = shared.as_mut()
+            && !h2.conn.is_closed()
             // Unused for longer than an idle connection may live: a middlebox may have
             // dropped it without either end knowing, so it is not trusted with requests.
             && last_used.elapsed() <= self.settings.idle_timeout
         {
             *last_used = Instant::now();
-            return Ok((conn.clone(), true));
+            return Ok((h2.clone(), true));
         }
         *shared = None;
         // Boxed, as in `send_h1`.
@@ -272,16 +313,35 @@ where
         Ok((conn, false))
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<B>, PoolError> {
-        let io = self.connect_io().await?;
+    async fn connect_h2(&self) -> Result<SharedH2<B>, PoolError> {
+        let severance = Arc::new(Severance::default());
+        let io = Severable::new(self.connect_io().await?, severance.clone());
         let (mut conn, driver) = self.h2.handshake(io).await.map_err(PoolError::Handshake)?;
+        let sends = Arc::new(StreamSends::default());
+        let watched = sends.clone();
+        let limit = self.settings.send_timeout;
         tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            tokio::select! {
+                ended = driver => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                    }
+                }
+                () = stalled(&watched, limit) => {
+                    // hyper runs the connection in a task of its own, which its streams keep
+                    // alive: cut its I/O, and every stream on it fails.
+                    severance.sever();
+                    CutOff::UpstreamNotReading.add();
+                    tracing::warn!(
+                        timeout = ?limit,
+                        "an HTTP/2 upstream gave no window for a request body for the body idle \
+                         timeout; closing its connection"
+                    );
+                }
             }
         });
         conn.ready().await.map_err(PoolError::Handshake)?;
-        Ok(conn)
+        Ok(SharedH2 { conn, sends })
     }
 
     /// TCP (and TLS for https) to the origin; the connector applies the connect timeout.

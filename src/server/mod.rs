@@ -11,11 +11,11 @@
 mod read_ahead;
 pub mod spread;
 pub mod tls;
-pub mod window_watch;
 
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use crate::idle::{CutOff, Peer, WriteStall};
+use crate::window_watch::{Sends, StreamSends};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,7 +28,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use window_watch::{Sends, StreamSends};
 
 /// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
 /// answer may take before the connection is closed.

@@ -1252,6 +1252,89 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
     assert_cut_off(&gw, "client_not_reading").await;
 }
 
+/// The upload's side of the same stall: an HTTP/2 upstream that stops granting window for a
+/// request body (it neither reads it nor answers) holds the upload before the socket fills, so
+/// the write watch sees nothing. Once a stream's body has waited the upstream's
+/// `body_idle_timeout` for window, the upstream connection is closed, and the client gets 502
+/// instead of an upload that stands still for as long as the upstream keeps the connection.
+#[tokio::test]
+async fn an_http2_upstream_that_withholds_its_window_from_an_upload_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::h2_never_reads().await;
+    let gw = public_gateway_with(&dir, up, "http2 = true\nbody_idle_timeout = \"500ms\"");
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 1073741824\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut read, mut write) = conn.into_split();
+    let answer = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = read.read_to_end(&mut got).await;
+        got
+    });
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), write.write_all(&chunk)).await {
+            Err(_) => panic!(
+                "the upload stood still for 10 s after {sent} bytes: the stalled upstream was kept"
+            ),
+            Ok(Err(_)) => break,
+            Ok(Ok(())) => sent += chunk.len(),
+        }
+        assert!(sent < 1 << 30, "the whole upload went through");
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the client connection stayed open")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 502"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_cut_off(&gw, "upstream_not_reading").await;
+}
+
+/// An upload to an HTTP/2 upstream that reads it, with pauses of the client's shorter than the
+/// upstream's `body_idle_timeout`, is not taken for one whose window is withheld.
+#[tokio::test]
+async fn an_upload_to_an_http2_upstream_that_reads_it_goes_through() {
+    const CHUNKS: usize = 64;
+    const CHUNK: usize = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = public_gateway_with(&dir, up, "http2 = true\nbody_idle_timeout = \"500ms\"");
+    let chunks = futures_util::stream::unfold(0, |sent| async move {
+        if sent == CHUNKS {
+            return None;
+        }
+        if sent % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; CHUNK])),
+            sent + 1,
+        ))
+    });
+    let r = client()
+        .post(format!("http://{}/upload", gw.addr))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(echoed["version"], "HTTP/2.0");
+    assert_eq!(echoed["body_len"], CHUNKS * CHUNK);
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\nkeygate_cut_off_total{reason=\"upstream_not_reading\"} 0\n")
+    );
+}
+
 /// What the HTTP/2 window watch must leave alone: a client that reads slowly but keeps reading
 /// (pauses shorter than `send_timeout`, the window spent and given back many times over), and a
 /// response that waits on its upstream longer than `send_timeout` (a long poll: the stream has

@@ -252,3 +252,36 @@ pub async fn answers_early_then_never_reads() -> SocketAddr {
     });
     addr
 }
+
+/// An HTTP/2 (h2c) upstream that takes each request and then neither reads its body nor
+/// answers, keeping the connection open: hyper gives window back only as a body is read, so
+/// an upload to it stops once its first window (hyper's default, 1 MiB) is spent, with the
+/// socket still taking frames.
+pub async fn h2_never_reads() -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind h2_never_reads");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let _held = req;
+                    std::future::pending::<
+                        Result<
+                            hyper::Response<http_body_util::Empty<bytes::Bytes>>,
+                            std::convert::Infallible,
+                        >,
+                    >()
+                    .await
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
