@@ -1259,36 +1259,10 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
 /// instead of an upload that stands still for as long as the upstream keeps the connection.
 #[tokio::test]
 async fn an_http2_upstream_that_withholds_its_window_from_an_upload_is_let_go() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::h2_never_reads().await;
     let gw = public_gateway_with(&dir, up, "http2 = true\nbody_idle_timeout = \"500ms\"");
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    conn.write_all(b"POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 1073741824\r\n\r\n")
-        .await
-        .unwrap();
-    let (mut read, mut write) = conn.into_split();
-    let answer = tokio::spawn(async move {
-        let mut got = Vec::new();
-        let _ = read.read_to_end(&mut got).await;
-        got
-    });
-    let chunk = vec![b'x'; 64 * 1024];
-    let mut sent = 0usize;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), write.write_all(&chunk)).await {
-            Err(_) => panic!(
-                "the upload stood still for 10 s after {sent} bytes: the stalled upstream was kept"
-            ),
-            Ok(Err(_)) => break,
-            Ok(Ok(())) => sent += chunk.len(),
-        }
-        assert!(sent < 1 << 30, "the whole upload went through");
-    }
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("the client connection stayed open")
-        .unwrap();
+    let answer = upload_until_let_go(&gw).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 502"),
         "{:?}",
@@ -1395,10 +1369,23 @@ async fn an_http2_client_that_reads_slowly_or_waits_on_its_upstream_is_not_cut_o
 /// standing still for as long as the upstream keeps its socket open.
 #[tokio::test]
 async fn an_upstream_that_stops_reading_the_upload_is_let_go() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::answers_early_then_never_reads().await;
     let gw = public_gateway_with(&dir, up, "body_idle_timeout = \"500ms\"");
+    let answer = upload_until_let_go(&gw).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_cut_off(&gw, "upstream_not_reading").await;
+}
+
+/// Sends a 1 GiB upload, 64 KiB at a time, until the gateway stops taking it, and returns the
+/// answer read meanwhile. Fails if a write stands still for 10 s (the stalled upstream was
+/// kept), or if the gateway let go sooner than 400 ms (the tests' idle timeouts are 500 ms).
+async fn upload_until_let_go(gw: &Gateway) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     conn.write_all(b"POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 1073741824\r\n\r\n")
         .await
@@ -1423,16 +1410,10 @@ async fn an_upstream_that_stops_reading_the_upload_is_let_go() {
         assert!(sent < 1 << 30, "the whole upload went through");
     }
     assert!(started.elapsed() >= Duration::from_millis(400));
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+    tokio::time::timeout(Duration::from_secs(10), answer)
         .await
         .expect("the client connection stayed open")
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
-    assert_cut_off(&gw, "upstream_not_reading").await;
+        .unwrap()
 }
 
 /// An upstream that takes the whole request and then does not answer: 504 once the response
