@@ -1252,6 +1252,34 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
     assert_cut_off(&gw, "client_not_reading").await;
 }
 
+/// A response of one small frame waits for window too: a client that grants none (its initial
+/// stream window 0) is cut off all the same, not left holding the stream and its connection.
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_for_a_small_response_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(0)
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("http://{}/small", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_cut_off(&gw, "client_not_reading").await;
+    drop(response);
+}
+
 /// The upload's side of the same stall: an HTTP/2 upstream that stops granting window for a
 /// request body (it neither reads it nor answers) holds the upload before the socket fills, so
 /// the write watch sees nothing. Once a stream's body has waited the upstream's
