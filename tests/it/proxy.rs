@@ -1176,6 +1176,16 @@ async fn assert_cut_off(gw: &Gateway, reason: &str) {
     assert!(counted, "no {line:?} in {}", gw.metrics().await);
 }
 
+/// A public route to `upstream` on a gateway whose `send_timeout` is 500 ms.
+fn gateway_with_short_send_timeout(dir: &tempfile::TempDir, up: std::net::SocketAddr) -> Gateway {
+    Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ))
+}
+
 /// A client that asks for a large response and stops reading it: once a write to it has waited
 /// `send_timeout`, the gateway closes the connection (the client finds the response cut short)
 /// instead of holding it, and the upstream connection feeding it, for as long as the client
@@ -1186,12 +1196,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     const LEN: usize = 64 << 20;
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::large(LEN).await;
-    let gw = Gateway::start(&format!(
-        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
-         [upstreams.up]\nurl = \"http://{up}\"\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
-        dir.path().join("keys.db").display()
-    ));
+    let gw = gateway_with_short_send_timeout(&dir, up);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(gw.addr).await.unwrap();
@@ -1225,12 +1230,7 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
     const LEN: usize = 64 << 20;
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::large(LEN).await;
-    let gw = Gateway::start(&format!(
-        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
-         [upstreams.up]\nurl = \"http://{up}\"\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
-        dir.path().join("keys.db").display()
-    ));
+    let gw = gateway_with_short_send_timeout(&dir, up);
     let client = h2_client();
     let response = client
         .get(format!("http://{}/large", gw.addr))
@@ -1258,12 +1258,7 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
 async fn an_http2_client_that_grants_no_window_for_a_small_response_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream::echo().await;
-    let gw = Gateway::start(&format!(
-        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
-         [upstreams.up]\nurl = \"http://{up}\"\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
-        dir.path().join("keys.db").display()
-    ));
+    let gw = gateway_with_short_send_timeout(&dir, up);
     let client = reqwest::Client::builder()
         .no_proxy()
         .http2_prior_knowledge()
