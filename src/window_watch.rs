@@ -26,9 +26,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -150,59 +151,93 @@ impl StreamSend {
     }
 }
 
+/// The most a watched body hands hyper at once: HTTP/2's default largest frame. hyper asks for
+/// the next piece only once the last has gone out whole, so a wait measures how long the stream
+/// stood without window (nginx's `send_timeout` over HTTP/2) rather than how long a client
+/// took over a whole piece: unsplit, a client reading steadily at under 64 KiB (an upstream
+/// read) per `send_timeout` was cut off.
+const PIECE_BYTES: usize = 16 * 1024;
+
 pin_project! {
-    /// A response body that tells its stream's [`StreamSend`] when it hands over a frame and
-    /// when it is asked for the next; without one (HTTP/1.1) it only passes frames on.
+    /// A body that tells its stream's [`StreamSend`] when it hands over a frame and when it is
+    /// asked for the next, handing data over [`PIECE_BYTES`] at a time; without a stream
+    /// (HTTP/1.1) it only passes frames on.
     pub struct SendWatch<B> {
         #[pin]
         inner: B,
         send: Option<Arc<StreamSend>>,
+        // What is left of the frame being handed over in pieces.
+        rest: Bytes,
     }
 }
 
 impl<B> SendWatch<B> {
     pub fn new(inner: B, send: Option<Arc<StreamSend>>) -> Self {
-        Self { inner, send }
+        Self {
+            inner,
+            send,
+            rest: Bytes::new(),
+        }
     }
 
-    /// The body, no longer watched.
+    /// The body, no longer watched. Only for a body not yet polled: a piece held back would
+    /// be lost.
     pub fn into_inner(self) -> B {
+        debug_assert!(self.rest.is_empty());
         self.inner
     }
 }
 
-impl<B: Body> Body for SendWatch<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes>> Body for SendWatch<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
         let Some(send) = this.send.as_ref() else {
             return this.inner.poll_frame(cx);
         };
         send.asked();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        // Every frame with data waits for window, the last one too: hyper keeps it until the
+        let mut data = if this.rest.is_empty() {
+            match ready!(this.inner.poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                ended => return Poll::Ready(ended),
+            }
+        } else {
+            std::mem::take(this.rest)
+        };
+        if data.len() > PIECE_BYTES {
+            *this.rest = data.split_off(PIECE_BYTES);
+        }
+        // Every piece with data waits for window, the last one too: hyper keeps it until the
         // stream has window and only then drops the body, which ends the wait (a review found
         // single-frame responses, and the last frame of every sized one, held unwatched when the
-        // last frame was left out). Empty frames and trailers need no window.
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.data_ref().is_some_and(bytes::Buf::has_remaining)
-        {
+        // last frame was left out). Empty frames need no window.
+        if !data.is_empty() {
             send.handed_a_frame();
         }
-        polled
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -296,7 +331,6 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use http_body_util::BodyExt;
 
     const LIMIT: Duration = Duration::from_secs(60);
@@ -370,6 +404,74 @@ mod tests {
         let len = sends.lock().sends.len();
         assert!(len <= 2 * PRUNE_FLOOR, "{len} entries for 10 live streams");
         drop(live);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_frame_is_handed_over_in_pieces_each_awaited() {
+        let sends = StreamSends::default();
+        let whole = Bytes::from((0..40_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let mut body = SendWatch::new(
+            http_body_util::Full::new(whole.clone()),
+            Some(sends.register()),
+        );
+        assert_eq!(body.size_hint().exact(), Some(40_000));
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let piece = frame.unwrap().into_data().unwrap();
+            assert!(piece.len() <= PIECE_BYTES);
+            let started = Instant::now();
+            tokio::time::advance(LIMIT).await;
+            assert_eq!(sends.look_over(LIMIT), Sends::Stalled, "each piece waits");
+            let left = whole.len() - got.len() - piece.len();
+            assert_eq!(body.size_hint().exact(), Some(left as u64));
+            assert_eq!(body.is_end_stream(), left == 0);
+            got.extend_from_slice(&piece);
+            assert!(Instant::now() > started);
+        }
+        assert_eq!(got, whole);
+    }
+
+    #[tokio::test]
+    async fn trailers_and_empty_frames_pass_and_wait_for_nothing() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = [Frame::data(Bytes::new()), Frame::trailers(trailers.clone())]
+            .map(Ok::<_, std::convert::Infallible>);
+        let sends = StreamSends::default();
+        let mut body = SendWatch::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            Some(sends.register()),
+        );
+        assert!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .data_ref()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(sends.look_over(LIMIT), Sends::MovingUntil(_)));
+        let last = body.frame().await.unwrap().unwrap();
+        assert_eq!(last.trailers_ref(), Some(&trailers));
+        assert!(
+            sends.lock().sends[0]
+                .upgrade()
+                .unwrap()
+                .held_since()
+                .is_none()
+        );
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn without_a_stream_frames_pass_whole() {
+        let whole = Bytes::from(vec![7u8; 40_000]);
+        let mut body = SendWatch::new(http_body_util::Full::new(whole.clone()), None);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            whole
+        );
     }
 
     #[tokio::test]

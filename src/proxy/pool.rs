@@ -22,6 +22,7 @@
 use super::BoxError;
 use crate::idle::{CutOff, Peer, WriteStall};
 use crate::window_watch::{SendWatch, Sends, Severable, Severance, StreamSends};
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -154,8 +155,7 @@ async fn stalled(sends: &StreamSends, limit: Duration) {
 
 impl<B> Pool<B>
 where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     pub fn new(connector: Connector, origin: Uri, settings: PoolSettings) -> Arc<Self> {

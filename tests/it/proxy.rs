@@ -1386,6 +1386,44 @@ async fn an_http2_client_that_reads_slowly_or_waits_on_its_upstream_is_not_cut_o
     );
 }
 
+/// A client that reads steadily but slowly, granting window 8 KiB at a time: each grant lets
+/// the stream move, so it is not cut off, however large the pieces the upstream's body comes in
+/// (up to a few hundred KiB here, each taking longer than `send_timeout` to go out at this
+/// pace).
+#[tokio::test]
+async fn an_http2_client_that_reads_steadily_but_slowly_is_not_cut_off() {
+    const LEN: usize = 512 << 10;
+    const BYTES_PER_SEC: u64 = 96 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::large(LEN).await;
+    let gw = gateway_with_short_send_timeout(&dir, up);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(16 << 10)
+        .build()
+        .unwrap();
+    let mut slow = client
+        .get(format!("http://{}/large", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.version(), reqwest::Version::HTTP_2);
+    let started = tokio::time::Instant::now();
+    let mut got = 0;
+    while let Some(chunk) = slow.chunk().await.unwrap() {
+        got += chunk.len();
+        let due = Duration::from_micros(got as u64 * 1_000_000 / BYTES_PER_SEC);
+        tokio::time::sleep_until(started + due).await;
+    }
+    assert_eq!(got, LEN);
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\nkeygate_cut_off_total{reason=\"client_not_reading\"} 0\n")
+    );
+}
+
 /// An upstream that answers before it has read the upload and then stops reading, keeping the
 /// connection open: once a write to it has waited `body_idle_timeout`, the gateway drops that
 /// connection and with it the client's upload, whose connection is then closed, instead of both
