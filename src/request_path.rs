@@ -49,7 +49,9 @@ pub fn check_case_folding(path: &[u8]) -> Result<(), PathError> {
 /// path has a `%`; one pass over it unless it has a `%` or a `/` followed by `.` or `/`.
 pub fn routing_path(raw: &str) -> Result<Cow<'_, [u8]>, PathError> {
     let bytes = raw.as_bytes();
-    let (mut encoded, mut dot_or_empty) = (false, false);
+    // A path without its leading `/` (`*` of `OPTIONS *`, or whatever an HTTP/2 `:path`
+    // carries) is rare: its segments are checked whole, so `../admin` is found.
+    let (mut encoded, mut dot_or_empty) = (false, bytes.first() != Some(&b'/'));
     let mut previous = 0u8;
     for &b in bytes {
         match b {
@@ -107,8 +109,9 @@ fn decode(bytes: &[u8]) -> Result<Vec<u8>, PathError> {
 }
 
 /// Segments after the leading `/`: none is `.` or `..`, and none but the last is empty. A path
-/// that does not start with `/` (`*` of `OPTIONS *`; hyper lets no other through) is checked
-/// whole, so `a/.` is as ambiguous as `/a/.`.
+/// that does not start with `/` (`*` of `OPTIONS *`; over HTTP/1.1 hyper lets no other through,
+/// but an HTTP/2 `:path` may be anything) is checked whole, so `a/.` and `../admin` are as
+/// ambiguous as `/a/.` and `/../admin`.
 fn check_segments(path: &[u8]) -> Result<(), PathError> {
     let rest = path.strip_prefix(b"/").unwrap_or(path);
     let mut segments = rest.split(|&b| b == b'/').peekable();
@@ -177,8 +180,12 @@ mod tests {
             ("/admin%", BadEncoding),
             ("/admin%4", BadEncoding),
             ("/admin%zz", BadEncoding),
-            // No leading `/` (hyper parses none but `*` so): checked whole all the same.
+            // No leading `/` (over HTTP/1.1 hyper parses none but `*` so): checked whole.
             ("a/.", DotSegment),
+            ("../admin", DotSegment),
+            ("./admin", DotSegment),
+            ("..", DotSegment),
+            (".", DotSegment),
             ("a/../admin", DotSegment),
             ("a//admin", EmptySegment),
         ] {
@@ -230,6 +237,7 @@ mod tests {
                 prop_assert!(!s.contains("//") && !s.contains(';') && !s.contains('\\'), "{}", s);
                 prop_assert!(!s.contains("/./") && !s.contains("/../"), "{}", s);
                 prop_assert!(!s.ends_with("/.") && !s.ends_with("/.."), "{}", s);
+                prop_assert!(s.split('/').all(|seg| seg != "." && seg != ".."), "{}", s);
                 prop_assert!(raw.contains('%') || *path == *raw.as_bytes());
             }
         }
