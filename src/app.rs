@@ -14,6 +14,7 @@ use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::{KeyStore, StoreError};
 use crate::usage::UsageRecorder;
+use crate::window_watch::{self, SendWatch};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -215,9 +216,13 @@ pub async fn run(
             listeners.admin_tls,
             move |peer| {
                 let api = api.clone();
-                hyper::service::service_fn(move |req| {
+                hyper::service::service_fn(move |mut req| {
                     let api = api.clone();
-                    async move { Ok::<_, std::convert::Infallible>(api.handle(req, peer).await) }
+                    let stream = window_watch::take_stream(&mut req);
+                    async move {
+                        let resp = api.handle(req, peer).await;
+                        Ok::<_, std::convert::Infallible>(resp.map(|b| SendWatch::new(b, stream)))
+                    }
                 })
             },
             stopped(stop_rx.clone()),

@@ -19,6 +19,7 @@ use crate::request_id;
 use crate::request_path;
 use crate::route::{self, Route, RouteTable};
 use crate::usage::UsageRecorder;
+use crate::window_watch::{self, SendWatch, StreamSend};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response};
@@ -32,7 +33,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+/// The upstream's response, or keygate's own answer; over HTTP/2 both are watched for a client
+/// that withholds window (`window_watch`), or a client could hold a stream, and with it the
+/// connection, on a 401 for good.
+pub type ResponseBody = Either<UpstreamBody, SendWatch<Full<Bytes>>>;
 
 /// Headers the gateway may add to a forwarded request: `X-Forwarded-For/-Proto/-Host`, the
 /// request id, and the five identity headers.
@@ -210,10 +214,11 @@ impl Gateway {
         &self.verifier
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
         let mut request = InFlight::start(self, peer, &req);
+        let mut stream = window_watch::take_stream(&mut req);
         let result = self
-            .authorize_and_forward(req, peer, &request.id, &mut request.trace)
+            .authorize_and_forward(req, peer, &request.id, &mut request.trace, &mut stream)
             .await;
         let route = request.trace.route.and_then(|i| self.routes.get(i));
         let (mut resp, outcome, code) = match result {
@@ -222,7 +227,8 @@ impl Gateway {
                 let answer = error::classify(&err, self.reveal_refusal_reason);
                 let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
                 let id = request.id.to_str().unwrap_or("");
-                let resp = error::render(&answer, &self.realm, id, scopes).map(Either::Right);
+                let resp = error::render(&answer, &self.realm, id, scopes)
+                    .map(|body| Either::Right(SendWatch::new(body, stream)));
                 if answer.outcome != Outcome::Forwarded {
                     tracing::debug!(request_id = id, reason = %err, "request refused");
                 }
@@ -241,6 +247,7 @@ impl Gateway {
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
+        stream: &mut Option<Arc<StreamSend>>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
@@ -354,7 +361,7 @@ impl Gateway {
         h.insert(request_id::HEADER.clone(), request_id.clone());
         let sent = Instant::now();
         let result = match upgrade {
-            None => upstream.send(req, client_body.as_deref()).await,
+            None => upstream.send(req, client_body.as_deref(), stream).await,
             Some(_) => upstream.send_upgrade(req, client_body.as_deref()).await,
         };
         if let Some(h) = self.upstream_duration.get(route.upstream) {

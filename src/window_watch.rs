@@ -11,7 +11,9 @@
 //! a frame and when it is asked for the next, and the connection's task looks over its streams
 //! ([`StreamSends`]). hyper offers no way to reset one stream from outside, so a stream held
 //! for `send_timeout` closes the connection, as a client that stops reading does over HTTP/1.1.
-//! Responses keygate makes itself (errors, the admin API's pages) are small and not watched.
+//! Responses keygate makes itself (errors, the admin API's pages) are watched the same way:
+//! small as they are, a client that grants no window holds them, its stream, and so the
+//! connection (even a graceful close waits for it) for good.
 //! The watch sits on the upstream's body rather than on every response, so an HTTP/1.1 request
 //! pays for nothing but an empty extension lookup: wrapping every response cost ~300
 //! instructions per HTTP/1.1 request (callgrind), moving each response once more.
@@ -121,6 +123,12 @@ impl StreamSends {
         // The lists are whole after any panic (push and retain), so a poisoned lock is usable.
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The stream entry of an HTTP/2 request (put there by the server), for the body that answers
+/// it; `None` over HTTP/1.1, whose requests' extensions are empty: nothing to look through.
+pub fn take_stream<B>(req: &mut http::Request<B>) -> Option<Arc<StreamSend>> {
+    req.extensions_mut().remove::<Arc<StreamSend>>()
 }
 
 const NOT_HELD: u64 = 0;

@@ -332,14 +332,14 @@ impl Upstream {
     /// Sends the prepared request (identity and forwarding headers already set) and waits for
     /// the response headers; the body streams afterwards. `client_body`: the state of a request
     /// body still to come (see [`ForwardBody::watch`]).
+    /// `stream`: an HTTP/2 client's stream, whose window the response will wait on; taken
+    /// for the upstream's response, left for keygate's own answer when the exchange fails.
     pub async fn send(
         &self,
-        mut req: Request<ForwardBody>,
+        req: Request<ForwardBody>,
         client_body: Option<&ClientBody>,
+        stream: &mut Option<Arc<StreamSend>>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        // An HTTP/2 client's stream, whose window the response will wait on (none over HTTP/1.1,
-        // whose extensions are empty: nothing to look through).
-        let stream = req.extensions_mut().remove::<Arc<StreamSend>>();
         let resp = self.exchange(req, client_body).await?;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
@@ -370,7 +370,7 @@ impl Upstream {
         let mut resp = self.exchange(req, client_body).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             // Upgrades are HTTP/1.1's: no stream to watch.
-            return self.for_the_client(resp, None).await;
+            return self.for_the_client(resp, &mut None).await;
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
         headers::remove_hop_by_hop(resp.headers_mut());
@@ -409,7 +409,7 @@ impl Upstream {
     async fn for_the_client(
         &self,
         resp: Response<Incoming>,
-        stream: Option<Arc<StreamSend>>,
+        stream: &mut Option<Arc<StreamSend>>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = resp.into_parts();
         headers::remove_upstream_framing(&mut parts.headers);
@@ -418,7 +418,10 @@ impl Upstream {
             tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
             return Err(GatewayError::UpstreamUnavailable);
         }
-        Ok(Response::from_parts(parts, self.watched(body, stream)))
+        Ok(Response::from_parts(
+            parts,
+            self.watched(body, stream.take()),
+        ))
     }
 
     fn watched(

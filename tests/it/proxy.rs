@@ -1275,6 +1275,44 @@ async fn an_http2_client_that_grants_no_window_for_a_small_response_is_cut_off()
     drop(response);
 }
 
+/// keygate's own answers wait for window too: a client that grants none could otherwise hold
+/// a stream on a 401, without a key, and with it the connection for good (a graceful close
+/// waits for the streams in flight). Over HTTP/2 both listeners' answers are watched.
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_for_keygates_own_answer_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "[proxy]\nsend_timeout = \"500ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\n",
+        dir.path().join("keys.db").display()
+    ));
+    let no_window = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .http2_initial_stream_window_size(0)
+            .build()
+            .unwrap()
+    };
+    for (n, url) in [
+        (1, format!("http://{}/private", gw.addr)),
+        (2, gw.admin_url("/v1/keys")),
+    ] {
+        let response = no_window().get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{url}");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let body = tokio::time::timeout(Duration::from_secs(5), response.bytes()).await;
+        assert!(
+            matches!(body, Ok(Err(_))),
+            "{url}: the held answer was not cut off: {body:?}"
+        );
+        let line = format!("\nkeygate_cut_off_total{{reason=\"client_not_reading\"}} {n}\n");
+        assert!(gw.metrics().await.contains(&line), "{url}: no {line:?}");
+    }
+}
+
 /// The upload's side of the same stall: an HTTP/2 upstream that stops granting window for a
 /// request body (it neither reads it nor answers) holds the upload before the socket fills, so
 /// the write watch sees nothing. Once a stream's body has waited the upstream's
