@@ -8,13 +8,14 @@ use crate::gateway::Gateway;
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
-use crate::server::{self, ServeOptions};
+use crate::server::{self, RequestContext, ServeOptions};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::{KeyStore, StoreError};
 use crate::usage::UsageRecorder;
-use crate::window_watch::{self, SendWatch};
+use crate::window_watch::SendWatch;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,14 +217,13 @@ pub async fn run(
             listeners.admin_tls,
             move |peer| {
                 let api = api.clone();
-                hyper::service::service_fn(move |mut req| {
+                move |req, context: RequestContext| {
                     let api = api.clone();
-                    let stream = window_watch::take_stream(&mut req);
                     async move {
                         let resp = api.handle(req, peer).await;
-                        Ok::<_, std::convert::Infallible>(resp.map(|b| SendWatch::new(b, stream)))
+                        Ok::<_, Infallible>(resp.map(|body| SendWatch::new(body, context.stream)))
                     }
-                })
+                }
             },
             stopped(stop_rx.clone()),
         )
@@ -300,11 +300,11 @@ async fn serve_proxy(
         move |addr| {
             let gateway = gateway.clone();
             let peer = gateway.peer(addr);
-            hyper::service::service_fn(move |req| {
+            move |req, context| {
                 let gateway = gateway.clone();
                 let peer = peer.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, &peer).await) }
-            })
+                async move { Ok::<_, Infallible>(gateway.handle(req, &peer, context).await) }
+            }
         },
         shutdown,
     );

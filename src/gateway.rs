@@ -18,8 +18,9 @@ use crate::proxy::{ClientBody, ForwardBody, Upstream, UpstreamBody, headers};
 use crate::request_id;
 use crate::request_path;
 use crate::route::{self, Route, RouteTable};
+use crate::server::RequestContext;
 use crate::usage::UsageRecorder;
-use crate::window_watch::{self, SendWatch, StreamSend};
+use crate::window_watch::SendWatch;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response};
@@ -214,11 +215,15 @@ impl Gateway {
         &self.verifier
     }
 
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        mut context: RequestContext,
+    ) -> Response<ResponseBody> {
         let mut request = InFlight::start(self, peer, &req);
-        let mut stream = window_watch::take_stream(&mut req);
         let result = self
-            .authorize_and_forward(req, peer, &request.id, &mut request.trace, &mut stream)
+            .authorize_and_forward(req, peer, &request.id, &mut request.trace, &mut context)
             .await;
         let route = request.trace.route.and_then(|i| self.routes.get(i));
         let (mut resp, outcome, code) = match result {
@@ -228,7 +233,7 @@ impl Gateway {
                 let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
                 let id = request.id.to_str().unwrap_or("");
                 let resp = error::render(&answer, &self.realm, id, scopes)
-                    .map(|body| Either::Right(SendWatch::new(body, stream)));
+                    .map(|body| Either::Right(SendWatch::new(body, context.stream)));
                 if answer.outcome != Outcome::Forwarded {
                     tracing::debug!(request_id = id, reason = %err, "request refused");
                 }
@@ -247,7 +252,7 @@ impl Gateway {
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
-        stream: &mut Option<Arc<StreamSend>>,
+        context: &mut RequestContext,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
         trace.client_ip = Some(client_ip);
@@ -345,7 +350,7 @@ impl Gateway {
         };
         let mut req = Request::from_parts(parts, body);
 
-        let proto = crate::server::ConnectionInfo::scheme_of(req.extensions());
+        let proto = context.connection.scheme();
         let upgrade = headers::upgrade_protocol(&req);
         let h = req.headers_mut();
         headers::remove_hop_by_hop_and_claims(h, !peer.trusted);
@@ -361,8 +366,17 @@ impl Gateway {
         h.insert(request_id::HEADER.clone(), request_id.clone());
         let sent = Instant::now();
         let result = match upgrade {
-            None => upstream.send(req, client_body.as_deref(), stream).await,
-            Some(_) => upstream.send_upgrade(req, client_body.as_deref()).await,
+            None => {
+                upstream
+                    .send(req, client_body.as_deref(), &mut context.stream)
+                    .await
+            }
+            Some(_) => {
+                let hold = context.hold.take();
+                upstream
+                    .send_upgrade(req, client_body.as_deref(), hold)
+                    .await
+            }
         };
         if let Some(h) = self.upstream_duration.get(route.upstream) {
             h.observe(sent.elapsed().as_secs_f64());

@@ -6,7 +6,7 @@
 //! would hold its upstream connection and a frame of buffers for as long as the client keeps
 //! answering pings, up to the 200 streams of each connection.
 //!
-//! So each HTTP/2 request carries its stream's [`StreamSend`] (a request extension), the
+//! So each HTTP/2 request carries its stream's [`StreamSend`] (in its context), the
 //! response body from the upstream is wrapped in a [`SendWatch`] that notes when it hands hyper
 //! a frame and when it is asked for the next, and the connection's task looks over its streams
 //! ([`StreamSends`]). hyper offers no way to reset one stream from outside, so a stream held
@@ -14,9 +14,10 @@
 //! Responses keygate makes itself (errors, the admin API's pages) are watched the same way:
 //! small as they are, a client that grants no window holds them, its stream, and so the
 //! connection (even a graceful close waits for it) for good.
-//! The watch sits on the upstream's body rather than on every response, so an HTTP/1.1 request
-//! pays for nothing but an empty extension lookup: wrapping every response cost ~300
-//! instructions per HTTP/1.1 request (callgrind), moving each response once more.
+//! The watch goes on each body where it is made (the upstream's, keygate's own) rather than
+//! around every response in the server, so an HTTP/1.1 request pays a `None` check per frame:
+//! wrapping every response in the server cost ~300 instructions per HTTP/1.1 request
+//! (callgrind), moving each response once more.
 //!
 //! The same holds the other way, for an upload to an HTTP/2 upstream that withholds window:
 //! the pool wraps each request body sent on its HTTP/2 connection, and that connection's task
@@ -123,12 +124,6 @@ impl StreamSends {
         // The lists are whole after any panic (push and retain), so a poisoned lock is usable.
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// The stream entry of an HTTP/2 request (put there by the server), for the body that answers
-/// it; `None` over HTTP/1.1, whose requests' extensions are empty: nothing to look through.
-pub fn take_stream<B>(req: &mut http::Request<B>) -> Option<Arc<StreamSend>> {
-    req.extensions_mut().remove::<Arc<StreamSend>>()
 }
 
 const NOT_HELD: u64 = 0;

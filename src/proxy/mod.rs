@@ -357,16 +357,13 @@ impl Upstream {
         &self,
         mut req: Request<ForwardBody>,
         client_body: Option<&ClientBody>,
+        hold: Option<crate::server::ConnectionHold>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
             return Err(GatewayError::UpstreamUnavailable);
         }
         let client_side = hyper::upgrade::on(&mut req);
-        let hold = req
-            .extensions()
-            .get::<crate::server::ConnectionHold>()
-            .cloned();
         let mut resp = self.exchange(req, client_body).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             // Upgrades are HTTP/1.1's: no stream to watch.

@@ -6,7 +6,8 @@
 //! return. Shutdown is a future passed in, so `main` and
 //! the tests drive it the same way.
 //!
-//! Every request carries a [`ConnectionInfo`] extension saying whether it came over TLS.
+//! Each request goes to the [`Handler`] with its [`RequestContext`]: how its connection
+//! arrived (TLS or not), the connection's hold for an upgrade, its HTTP/2 stream's watch.
 
 mod read_ahead;
 pub mod spread;
@@ -15,11 +16,12 @@ pub mod tls;
 pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use crate::idle::{CutOff, Peer, WriteStall};
-use crate::window_watch::{Sends, StreamSends};
+use crate::window_watch::{Sends, StreamSend, StreamSends};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,21 +62,58 @@ pub struct ServeOptions {
     pub shared_slots: Option<Arc<Semaphore>>,
 }
 
+/// What the listener knows of a request beyond the request itself, handed to the handler
+/// beside it. (It travelled in the request's extensions before: that map costs three
+/// allocations on its first insert, which every HTTP/2 and TLS request paid.)
+#[derive(Default)]
+pub struct RequestContext {
+    /// How the request's connection arrived.
+    pub connection: ConnectionInfo,
+    /// For a request that may upgrade (HTTP/1.1 with `Upgrade`): its connection's hold, for
+    /// the tunnel to keep.
+    pub hold: Option<ConnectionHold>,
+    /// An HTTP/2 request's stream, for the body that answers it to be watched for window
+    /// (`window_watch`); `None` over HTTP/1.1.
+    pub stream: Option<Arc<StreamSend>>,
+}
+
+/// A listener's requests' handler: each request with its context in, its response out. (The
+/// response comes as hyper's service gives it, in an infallible `Result`: wrapping the
+/// handler's future to add it moved that future once more, ~300 instructions per request.)
+pub trait Handler: Send + 'static {
+    type Body;
+    type Future: Future<Output = Result<http::Response<Self::Body>, Infallible>> + Send + 'static;
+
+    fn call(&self, req: http::Request<Incoming>, context: RequestContext) -> Self::Future;
+}
+
+impl<F, Fut, B> Handler for F
+where
+    F: Fn(http::Request<Incoming>, RequestContext) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<http::Response<B>, Infallible>> + Send + 'static,
+{
+    type Body = B;
+    type Future = Fut;
+
+    #[inline]
+    fn call(&self, req: http::Request<Incoming>, context: RequestContext) -> Fut {
+        self(req, context)
+    }
+}
+
 /// Serves `listener` until `shutdown` resolves, then drains. `make_service` builds the
-/// per-connection service from the peer address. With `tls`, every connection must complete a
+/// per-connection handler from the peer address. With `tls`, every connection must complete a
 /// TLS handshake within the acceptor's handshake timeout before HTTP starts; a failed or slow
 /// handshake closes that connection only.
-pub async fn serve<M, S, B>(
+pub async fn serve<M, H, B>(
     listener: TcpListener,
     opts: ServeOptions,
     tls: Option<TlsAcceptor>,
     make_service: M,
     shutdown: impl Future<Output = ()>,
 ) where
-    M: Fn(SocketAddr) -> S,
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    M: Fn(SocketAddr) -> H,
+    H: Handler<Body = B>,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -84,7 +123,7 @@ pub async fn serve<M, S, B>(
 
 /// [`serve`] for one of several threads accepting from the same socket: `member` (from
 /// [`spread::members`]) evens their connections out.
-pub async fn serve_shared<M, S, B>(
+pub async fn serve_shared<M, H, B>(
     listener: TcpListener,
     mut member: Option<spread::Member>,
     opts: ServeOptions,
@@ -92,10 +131,8 @@ pub async fn serve_shared<M, S, B>(
     make_service: M,
     shutdown: impl Future<Output = ()>,
 ) where
-    M: Fn(SocketAddr) -> S,
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    M: Fn(SocketAddr) -> H,
+    H: Handler<Body = B>,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -132,7 +169,7 @@ pub async fn serve_shared<M, S, B>(
                  permit: OwnedSemaphorePermit,
                  assigned: Option<spread::Assigned>| {
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
+        let handler = make_service(peer);
         let conn = Conn {
             builder: builder.clone(),
             closing: closing_rx.clone(),
@@ -153,7 +190,7 @@ pub async fn serve_shared<M, S, B>(
             None => {
                 // Over TLS, rustls already reads in large chunks.
                 let stream = read_ahead::ReadAhead::new(stream);
-                tokio::spawn(conn.serve(stream, service, ConnectionInfo::default()));
+                tokio::spawn(conn.serve(stream, handler, ConnectionInfo::default()));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -177,7 +214,7 @@ pub async fn serve_shared<M, S, B>(
                         },
                         _ = closing.wait_for(|c| *c) => return,
                     };
-                    conn.serve(stream, service, info).await;
+                    conn.serve(stream, handler, info).await;
                 });
             }
         }
@@ -259,7 +296,7 @@ struct Conn {
 
 /// What a connection holds for as long as it lives, released when the last holder drops it:
 /// the connection itself, and the relay of an upgraded (WebSocket) connection, which outlives
-/// hyper's. A request that asks for an upgrade carries a clone in its extensions for the
+/// hyper's. A request that asks for an upgrade carries a clone in its context for the
 /// relay to keep; without it a tunnel would give back its slot under `max_connections` and
 /// leave `keygate_open_connections` while it still runs.
 #[derive(Clone)]
@@ -314,21 +351,19 @@ impl Drop for OpenConnection {
 }
 
 impl Conn {
-    async fn serve<I, S, B>(self, io: I, service: S, info: ConnectionInfo)
+    async fn serve<I, H, B>(self, io: I, handler: H, info: ConnectionInfo)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        H: Handler<Body = B>,
         B: http_body::Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let activity = Arc::new(Activity::default());
         let sends = Arc::new(StreamSends::default());
-        let service = WithConnectionInfo {
-            inner: service,
-            info: (info != ConnectionInfo::default()).then_some(info),
+        let service = WithContext {
+            handler,
+            info,
             activity: activity.clone(),
             hold: self.hold.clone(),
             sends: sends.clone(),
@@ -458,13 +493,10 @@ fn keep_or_hand_off(
     }
 }
 
-/// Puts the connection's [`ConnectionInfo`] into every request before the handler sees it.
-struct WithConnectionInfo<S> {
-    inner: S,
-    /// `None` for a plain connection: its info is the default, which readers assume when
-    /// there is none (`ConnectionInfo::scheme_of`), and not inserting it saves allocating the
-    /// extensions map on every request.
-    info: Option<ConnectionInfo>,
+/// Hands every request to the handler with its [`RequestContext`].
+struct WithContext<H> {
+    handler: H,
+    info: ConnectionInfo,
     /// Counts the connection's requests.
     activity: Arc<Activity>,
     /// Given to requests that ask for an upgrade.
@@ -473,15 +505,12 @@ struct WithConnectionInfo<S> {
     sends: Arc<StreamSends>,
 }
 
-impl<S> Service<http::Request<Incoming>> for WithConnectionInfo<S>
-where
-    S: Service<http::Request<Incoming>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+impl<H: Handler> Service<http::Request<Incoming>> for WithContext<H> {
+    type Response = http::Response<H::Body>;
+    type Error = Infallible;
+    type Future = H::Future;
 
-    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
         // The connection's requests come one call at a time: no read-modify-write needed.
         let requests = self.activity.requests.load(Ordering::Relaxed);
         self.activity
@@ -490,21 +519,17 @@ where
         if requests == 0 && req.version() == http::Version::HTTP_2 {
             self.activity.http2.store(true, Ordering::Relaxed);
         }
-        if let Some(info) = &self.info {
-            req.extensions_mut().insert(info.clone());
-        }
         // hyper marks the requests that may upgrade (HTTP/1.1 with `Upgrade`); looking for
         // its mark costs nothing on the others, whose extensions are empty.
-        if req
+        let may_upgrade = req
             .extensions()
             .get::<hyper::upgrade::OnUpgrade>()
-            .is_some()
-        {
-            req.extensions_mut().insert(self.hold.clone());
-        }
-        if req.version() == http::Version::HTTP_2 {
-            req.extensions_mut().insert(self.sends.register());
-        }
-        self.inner.call(req)
+            .is_some();
+        let context = RequestContext {
+            connection: self.info.clone(),
+            hold: may_upgrade.then(|| self.hold.clone()),
+            stream: (req.version() == http::Version::HTTP_2).then(|| self.sends.register()),
+        };
+        self.handler.call(req, context)
     }
 }

@@ -210,12 +210,10 @@ mod tests {
                         rt.block_on(async move {
                             let l = tokio::net::TcpListener::from_std(copy).unwrap();
                             let service = |_peer| {
-                                hyper::service::service_fn(|_req| async {
+                                |_req, _context| async {
                                     let name = std::thread::current().name().unwrap().to_owned();
-                                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                                        Full::new(Bytes::from(name)),
-                                    ))
-                                })
+                                    Ok(http::Response::new(Full::new(Bytes::from(name))))
+                                }
                             };
                             let stopped = async move {
                                 let _ = stop.wait_for(|s| *s).await;

@@ -23,8 +23,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// What the serve loop knows about a connection, put into every request's extensions so
-/// handlers can tell how the request arrived (the gateway's `X-Forwarded-Proto`, for one).
+/// What the serve loop knows about a connection, in every request's context
+/// ([`crate::server::RequestContext`]) so handlers can tell how the request arrived (the gateway's `X-Forwarded-Proto`, for one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionInfo {
     /// The connection is TLS (terminated here).
@@ -38,14 +38,6 @@ impl ConnectionInfo {
     /// `https` over TLS, `http` otherwise.
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
-    }
-
-    /// The scheme of the connection a request came in on; `http` when the request did not
-    /// come through [`crate::server::serve`] (unit tests build requests by hand).
-    pub fn scheme_of(extensions: &http::Extensions) -> &'static str {
-        extensions
-            .get::<ConnectionInfo>()
-            .map_or("http", ConnectionInfo::scheme)
     }
 
     fn from_tls(conn: &ServerConnection) -> Self {
@@ -818,14 +810,11 @@ mod tests {
 
     #[test]
     fn connection_info_scheme() {
-        let mut ext = http::Extensions::new();
-        assert_eq!(ConnectionInfo::scheme_of(&ext), "http");
-        ext.insert(ConnectionInfo::default());
-        assert_eq!(ConnectionInfo::scheme_of(&ext), "http");
-        ext.insert(ConnectionInfo {
+        assert_eq!(ConnectionInfo::default().scheme(), "http");
+        let tls = ConnectionInfo {
             tls: true,
             client_cert_subject: None,
-        });
-        assert_eq!(ConnectionInfo::scheme_of(&ext), "https");
+        };
+        assert_eq!(tls.scheme(), "https");
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::support::gateway::{BIN, spawn_and_read_addrs};
 use crate::support::{create_key, eventually, upstream};
-use keygate::server::{ConnectionInfo, ServeOptions, TlsAcceptor};
+use keygate::server::{RequestContext, ServeOptions, TlsAcceptor};
 use keygate::store::KeyStore;
 use keygate::store::embedded::EmbeddedStore;
 use rcgen::{
@@ -660,13 +660,13 @@ async fn requests_carry_connection_info() {
         },
         Some(acceptor),
         |_peer| {
-            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                let info = req.extensions().get::<ConnectionInfo>().cloned();
-                let text = format!("{info:?} {}", ConnectionInfo::scheme_of(req.extensions()));
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            |_req, context: RequestContext| async move {
+                let info = &context.connection;
+                let text = format!("{info:?} {}", info.scheme());
+                Ok(http::Response::new(http_body_util::Full::new(
                     bytes::Bytes::from(text),
                 )))
-            })
+            }
         },
         async {
             let _ = stop_rx.await;
