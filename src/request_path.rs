@@ -49,8 +49,8 @@ pub fn check_case_folding(path: &[u8]) -> Result<(), PathError> {
 /// path has a `%`; one pass over it unless it has a `%` or a `/` followed by `.` or `/`.
 pub fn routing_path(raw: &str) -> Result<Cow<'_, [u8]>, PathError> {
     let bytes = raw.as_bytes();
-    // A path without its leading `/` (`*` of `OPTIONS *`, or whatever an HTTP/2 `:path`
-    // carries) is rare: its segments are checked whole, so `../admin` is found.
+    // A path without its leading `/` (`*` of `OPTIONS *`) is rare: its segments are checked
+    // whole, so `../admin` would be found, should hyper or h2 ever let one through.
     let (mut encoded, mut dot_or_empty) = (false, bytes.first() != Some(&b'/'));
     let mut previous = 0u8;
     for &b in bytes {
@@ -109,9 +109,9 @@ fn decode(bytes: &[u8]) -> Result<Vec<u8>, PathError> {
 }
 
 /// Segments after the leading `/`: none is `.` or `..`, and none but the last is empty. A path
-/// that does not start with `/` (`*` of `OPTIONS *`; over HTTP/1.1 hyper lets no other through,
-/// but an HTTP/2 `:path` may be anything) is checked whole, so `a/.` and `../admin` are as
-/// ambiguous as `/a/.` and `/../admin`.
+/// that does not start with `/` (`*` of `OPTIONS *`; hyper lets no other through, and h2 resets
+/// a stream whose `:path` is `../admin`, `./x` or `x`, a review found) is checked whole all the
+/// same, so `a/.` and `../admin` are as ambiguous as `/a/.` and `/../admin`.
 fn check_segments(path: &[u8]) -> Result<(), PathError> {
     let rest = path.strip_prefix(b"/").unwrap_or(path);
     let mut segments = rest.split(|&b| b == b'/').peekable();
@@ -180,7 +180,7 @@ mod tests {
             ("/admin%", BadEncoding),
             ("/admin%4", BadEncoding),
             ("/admin%zz", BadEncoding),
-            // No leading `/` (over HTTP/1.1 hyper parses none but `*` so): checked whole.
+            // No leading `/` (neither hyper nor h2 passes one but `*`): checked whole.
             ("a/.", DotSegment),
             ("../admin", DotSegment),
             ("./admin", DotSegment),

@@ -155,10 +155,18 @@ impl StreamSend {
 }
 
 /// The most a watched body hands hyper at once: HTTP/2's default largest frame. hyper asks for
-/// the next piece only once the last has gone out whole, so a wait measures how long the stream
-/// stood without window (nginx's `send_timeout` over HTTP/2) rather than how long a client
-/// took over a whole piece: unsplit, a client reading steadily at under 64 KiB (an upstream
-/// read) per `send_timeout` was cut off.
+/// the next piece only once the stream's window covers what it holds and one byte more
+/// (h2's `capacity()` is the window beyond what is buffered), so a wait measures how long the
+/// stream stood without window (nginx's `send_timeout` over HTTP/2) rather than how long a
+/// client took over a whole piece: unsplit, a client reading steadily at under 64 KiB (an
+/// upstream read) per `send_timeout` was cut off.
+///
+/// The piece that ends the stream is different: hyper hands it to h2 once the stream has any
+/// window at all and drops the body at once, the data still waiting in h2 for the rest of the
+/// window. So a body's last byte goes alone, after the rest: hyper asks for it only once the
+/// window covers everything before it, and that byte then has its window too. Without this, a
+/// client that granted one byte (its initial window 1) held a response, a 401 included, and its
+/// connection for good (a review found it).
 const PIECE_BYTES: usize = 16 * 1024;
 
 pin_project! {
@@ -199,13 +207,13 @@ impl<B: Body<Data = Bytes>> Body for SendWatch<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         let Some(send) = this.send.as_ref() else {
             return this.inner.poll_frame(cx);
         };
         send.asked();
         let mut data = if this.rest.is_empty() {
-            match ready!(this.inner.poll_frame(cx)) {
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => data,
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
@@ -217,11 +225,12 @@ impl<B: Body<Data = Bytes>> Body for SendWatch<B> {
         };
         if data.len() > PIECE_BYTES {
             *this.rest = data.split_off(PIECE_BYTES);
+        } else if data.len() > 1 && this.inner.is_end_stream() {
+            *this.rest = data.split_off(data.len() - 1);
         }
         // Every piece with data waits for window, the last one too: hyper keeps it until the
-        // stream has window and only then drops the body, which ends the wait (a review found
-        // single-frame responses, and the last frame of every sized one, held unwatched when the
-        // last frame was left out). Empty frames need no window.
+        // stream has window (a review found single-frame responses, and the last frame of every
+        // sized one, held unwatched when the last frame was left out). Empty frames need none.
         if !data.is_empty() {
             send.handed_a_frame();
         }
@@ -234,6 +243,9 @@ impl<B: Body<Data = Bytes>> Body for SendWatch<B> {
 
     fn size_hint(&self) -> SizeHint {
         let inner = self.inner.size_hint();
+        if self.rest.is_empty() {
+            return inner;
+        }
         let rest = self.rest.len() as u64;
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(rest));
@@ -418,10 +430,10 @@ mod tests {
             Some(sends.register()),
         );
         assert_eq!(body.size_hint().exact(), Some(40_000));
-        let mut got = Vec::new();
+        let (mut got, mut sizes) = (Vec::new(), Vec::new());
         while let Some(frame) = body.frame().await {
             let piece = frame.unwrap().into_data().unwrap();
-            assert!(piece.len() <= PIECE_BYTES);
+            sizes.push(piece.len());
             let started = Instant::now();
             tokio::time::advance(LIMIT).await;
             assert_eq!(sends.look_over(LIMIT), Sends::Stalled, "each piece waits");
@@ -432,6 +444,38 @@ mod tests {
             assert!(Instant::now() > started);
         }
         assert_eq!(got, whole);
+        // The last byte alone, so that hyper asks for it only once the rest has window.
+        assert_eq!(
+            sizes,
+            [PIECE_BYTES, PIECE_BYTES, 40_000 - 2 * PIECE_BYTES - 1, 1]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_body_known_to_end_keeps_its_last_byte_back() {
+        let sends = StreamSends::default();
+        let mut sized = SendWatch::new(
+            http_body_util::Full::new(Bytes::from_static(b"whole")),
+            Some(sends.register()),
+        );
+        let mut pieces = Vec::new();
+        while let Some(frame) = sized.frame().await {
+            pieces.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(pieces, ["whol", "e"]);
+        // A stream whose end shows only as its `None` (chunked): frames go whole. hyper asks
+        // for that `None` only once the last frame has window, so the last wait is seen.
+        let frames = [b"abc", b"def"].map(|d| Ok(Frame::data(Bytes::from_static(d))));
+        let mut chunked = SendWatch::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            Some(sends.register()),
+        )
+        .map_err(|e: std::convert::Infallible| e);
+        let mut pieces = Vec::new();
+        while let Some(frame) = chunked.frame().await {
+            pieces.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(pieces, ["abc", "def"]);
     }
 
     #[tokio::test]
