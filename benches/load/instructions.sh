@@ -12,22 +12,25 @@
 # and walks them, each once, on a warm process: every counted request is a cache miss and one
 # Redis GET (the script warns if fewer went to the store than were answered). With FORM=1 two
 # more routes send the harness's 4 KiB multipart POST: `mp-bearer` (key in the header, the body
-# not read) and `mp-form` (key only in the body's first field: the form peek).
+# not read) and `mp-form` (key only in the body's first field: the form peek). With H2=1 one
+# more, `h2-cached`: h2c requests (prior knowledge) with one cached key, driven by h2load
+# (`-c4 -m10`, 3 000 warm-up requests), the HTTP/2 path.
 #
 #   bash benches/load/instructions.sh target/release/keygate                 # one binary
 #   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
 #
 # Needs: valgrind, nginx with the Lua module, redis-server, wrk (apt-get install valgrind nginx
-# libnginx-mod-http-lua redis-server wrk),
+# libnginx-mod-http-lua redis-server wrk), with H2=1 h2load (nghttp2-client),
 # and the key loader (LOAD_KEYS_BIN, default target/release/examples/load_keys; build it with
 # `cargo build --release --example load_keys`). Ports 18700-18712 on 127.0.0.1.
 # Per-function costs: callgrind_annotate OUT/cg-<n>-<route>.out (OUT is printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,23p "$0"; exit 2; }
 for bin in valgrind nginx redis-server wrk curl; do
   command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install valgrind nginx libnginx-mod-http-lua redis-server wrk curl)" >&2; exit 1; }
 done
+[ "${H2:-0}" = 0 ] || command -v h2load >/dev/null || { echo "missing h2load (apt-get install nghttp2-client)" >&2; exit 1; }
 [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || { echo "missing nginx's Lua module (apt-get install libnginx-mod-http-lua)" >&2; exit 1; }
 LOADER="${LOAD_KEYS_BIN:-target/release/examples/load_keys}"
 [ -x "$LOADER" ] || { echo "no key loader at $LOADER (cargo build --release --example load_keys)" >&2; exit 1; }
@@ -75,7 +78,11 @@ run() { # binary tag path requests keyfile [miss] [body keyplace]
   # Warm: every key through the cache (a walk: each key once before any repeats; 3 s under
   # callgrind is well over HOT requests), the upstream pool filled.
   # The miss route warms on the public route instead: its keys must stay uncached.
-  if [ -n "$miss" ]; then
+  local h2key=""
+  [ "$body" != h2 ] || h2key=$(head -1 "$keyfile")
+  if [ -n "$h2key" ]; then
+    h2load -n 3000 -c4 -m10 -H "authorization: Bearer $h2key" "http://127.0.0.1:$KG$path" >/dev/null 2>&1 || true
+  elif [ -n "$miss" ]; then
     wrk -t1 -c8 -d3s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG/public/v1/resource" -- \
       - random /public/v1/resource none none keep >/dev/null 2>&1 || true
   elif [ "$n" -gt 0 ]; then
@@ -87,7 +94,10 @@ run() { # binary tag path requests keyfile [miss] [body keyplace]
   lookups_before=$(store_lookups)
   callgrind_control -z "$pid" >/dev/null 2>&1
   local sent=0
-  if [ "$n" -gt 0 ]; then
+  if [ -n "$h2key" ]; then
+    sent=$(h2load -n "$n" -c4 -m10 -H "authorization: Bearer $h2key" "http://127.0.0.1:$KG$path" 2>&1 |
+      awk '/^requests:/ {print $8}')
+  elif [ "$n" -gt 0 ]; then
     # Misses are slower under callgrind: a shorter run, so that the walk does not come round.
     local dur=$(( n / 1500 + 1 )) order=random
     [ -z "$miss" ] || { dur=$(( n / 4000 + 1 )); order=walk; }
@@ -127,6 +137,7 @@ for bin in "$@"; do
   routes=(public:/public/v1/resource cached:/v1/resource)
   [ "$MISS" -eq 0 ] || routes+=(miss:/v1/resource)
   [ "${FORM:-0}" = 0 ] || routes+=(mp-bearer:/form mp-form:/form)
+  [ "${H2:-0}" = 0 ] || routes+=(h2-cached:/v1/resource)
   for route in "${routes[@]}"; do
     name=${route%%:*}; path=${route#*:}
     if [ "$name" = miss ]; then
@@ -134,6 +145,8 @@ for bin in "$@"; do
     elif [ "$name" = mp-bearer ] || [ "$name" = mp-form ]; then
       local_place=both; [ "$name" = mp-form ] && local_place=form
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" multipart "$local_place")
+    elif [ "$name" = h2-cached ]; then
+      read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" h2)
     else
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt")
     fi
