@@ -79,7 +79,8 @@ pub struct RequestContext {
 
 /// A listener's requests' handler: each request with its context in, its response out. (The
 /// response comes as hyper's service gives it, in an infallible `Result`: wrapping the
-/// handler's future to add it moved that future once more, ~300 instructions per request.)
+/// handler's future to add it moved that future once more: +551 instructions of `memcpy` per
+/// h2c request, callgrind.)
 pub trait Handler: Send + 'static {
     type Body;
     type Future: Future<Output = Result<http::Response<Self::Body>, Infallible>> + Send + 'static;
@@ -101,7 +102,7 @@ where
     }
 }
 
-/// Serves `listener` until `shutdown` resolves, then drains. `make_service` builds the
+/// Serves `listener` until `shutdown` resolves, then drains. `make_handler` builds the
 /// per-connection handler from the peer address. With `tls`, every connection must complete a
 /// TLS handshake within the acceptor's handshake timeout before HTTP starts; a failed or slow
 /// handshake closes that connection only.
@@ -109,7 +110,7 @@ pub async fn serve<M, H, B>(
     listener: TcpListener,
     opts: ServeOptions,
     tls: Option<TlsAcceptor>,
-    make_service: M,
+    make_handler: M,
     shutdown: impl Future<Output = ()>,
 ) where
     M: Fn(SocketAddr) -> H,
@@ -118,7 +119,7 @@ pub async fn serve<M, H, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_shared(listener, None, opts, tls, make_service, shutdown).await;
+    serve_shared(listener, None, opts, tls, make_handler, shutdown).await;
 }
 
 /// [`serve`] for one of several threads accepting from the same socket: `member` (from
@@ -128,7 +129,7 @@ pub async fn serve_shared<M, H, B>(
     mut member: Option<spread::Member>,
     opts: ServeOptions,
     tls: Option<TlsAcceptor>,
-    make_service: M,
+    make_handler: M,
     shutdown: impl Future<Output = ()>,
 ) where
     M: Fn(SocketAddr) -> H,
@@ -169,7 +170,7 @@ pub async fn serve_shared<M, H, B>(
                  permit: OwnedSemaphorePermit,
                  assigned: Option<spread::Assigned>| {
         let _ = stream.set_nodelay(true);
-        let handler = make_service(peer);
+        let handler = make_handler(peer);
         let conn = Conn {
             builder: builder.clone(),
             closing: closing_rx.clone(),
