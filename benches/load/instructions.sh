@@ -14,7 +14,9 @@
 # more routes send the harness's 4 KiB multipart POST: `mp-bearer` (key in the header, the body
 # not read) and `mp-form` (key only in the body's first field: the form peek). With H2=1 one
 # more, `h2-cached`: h2c requests (prior knowledge) with one cached key, driven by h2load
-# (`-c4 -m10`, 3 000 warm-up requests), the HTTP/2 path.
+# (`-c4 -m10`, 3 000 warm-up requests), the HTTP/2 path. With NEWCONN=1 one more, `newconn`:
+# the cached key over a new connection per request (`Connection: close`), what accepting,
+# setting up and closing a client connection adds.
 #
 #   bash benches/load/instructions.sh target/release/keygate                 # one binary
 #   bash benches/load/instructions.sh /tmp/keygate-before target/release/keygate   # A/B
@@ -26,7 +28,7 @@
 # Per-function costs: callgrind_annotate OUT/cg-<n>-<route>.out (OUT is printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ $# -ge 1 ] || { sed -n 2,23p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,27p "$0"; exit 2; }
 for bin in valgrind nginx redis-server wrk curl; do
   command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install valgrind nginx libnginx-mod-http-lua redis-server wrk curl)" >&2; exit 1; }
 done
@@ -69,8 +71,8 @@ store_lookups() {
 
 # A run: keygate under callgrind, about `requests` requests on `path`, the counters dumped
 # after them. Prints the requests answered and the instructions counted.
-run() { # binary tag path requests keyfile [miss] [body keyplace]
-  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5 miss=${6:-} body=${7:-none} keyplace=${8:-bearer}
+run() { # binary tag path requests keyfile [miss] [body keyplace conn]
+  local bin=$1 tag=$2 path=$3 n=$4 keyfile=$5 miss=${6:-} body=${7:-none} keyplace=${8:-bearer} conn=${9:-keep}
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg-$tag.out" --dump-instr=no \
     "$bin" serve --config "$OUT/keygate.toml" >"$OUT/kg-$tag.log" 2>&1 &
   local pid=$!
@@ -87,7 +89,7 @@ run() { # binary tag path requests keyfile [miss] [body keyplace]
       - random /public/v1/resource none none keep >/dev/null 2>&1 || true
   elif [ "$n" -gt 0 ]; then
     wrk -t1 -c8 -d3s -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
-      "$keyfile" walk "$path" "$body" "$keyplace" keep >/dev/null 2>&1 || true
+      "$keyfile" walk "$path" "$body" "$keyplace" "$conn" >/dev/null 2>&1 || true
   fi
   # Start-up and warm-up are not counted.
   local lookups_before
@@ -102,7 +104,7 @@ run() { # binary tag path requests keyfile [miss] [body keyplace]
     local dur=$(( n / 1500 + 1 )) order=random
     [ -z "$miss" ] || { dur=$(( n / 4000 + 1 )); order=walk; }
     sent=$(wrk -t1 -c8 -d"${dur}s" -s benches/load/wrk/keys.lua "http://127.0.0.1:$KG$path" -- \
-      "$keyfile" "$order" "$path" "$body" "$keyplace" keep 2>/dev/null | awk '/requests in/ {print $1}')
+      "$keyfile" "$order" "$path" "$body" "$keyplace" "$conn" 2>/dev/null | awk '/requests in/ {print $1}')
   fi
   callgrind_control -d "$pid" >/dev/null 2>&1
   # A cached-route count is only a cache-hit count if no request went to the store.
@@ -138,6 +140,7 @@ for bin in "$@"; do
   [ "$MISS" -eq 0 ] || routes+=(miss:/v1/resource)
   [ "${FORM:-0}" = 0 ] || routes+=(mp-bearer:/form mp-form:/form)
   [ "${H2:-0}" = 0 ] || routes+=(h2-cached:/v1/resource)
+  [ "${NEWCONN:-0}" = 0 ] || routes+=(newconn:/v1/resource)
   for route in "${routes[@]}"; do
     name=${route%%:*}; path=${route#*:}
     if [ "$name" = miss ]; then
@@ -145,6 +148,8 @@ for bin in "$@"; do
     elif [ "$name" = mp-bearer ] || [ "$name" = mp-form ]; then
       local_place=both; [ "$name" = mp-form ] && local_place=form
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" multipart "$local_place")
+    elif [ "$name" = newconn ]; then
+      read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" none bearer close)
     elif [ "$name" = h2-cached ]; then
       read -r sent ir flush_ir flush_redis_ms < <(run "$bin" "$i-$name" "$path" "$REQUESTS" "$OUT/hot.txt" "" h2)
     else

@@ -1,7 +1,7 @@
 //! Listeners: accept TCP connections (bounded by a semaphore taken *before* accept, so a flood
 //! waits in the kernel's backlog instead of in our memory), optionally terminate TLS
-//! ([`tls`]), serve HTTP/1.1 and HTTP/2 through hyper-util's auto builder (h2c in cleartext,
-//! ALPN-negotiated over TLS), close connections that sit idle, and shut down gracefully: stop
+//! ([`tls`]), serve HTTP/1.1 and HTTP/2 ([`connection`]: h2c with prior knowledge in
+//! cleartext, ALPN-negotiated over TLS), close connections that sit idle, and shut down gracefully: stop
 //! accepting, let in-flight requests and open tunnels finish up to the drain timeout, then
 //! return. Shutdown is a future passed in, so `main` and
 //! the tests drive it the same way.
@@ -9,6 +9,7 @@
 //! Each request goes to the [`Handler`] with its [`RequestContext`]: how its connection
 //! arrived (TLS or not), the connection's hold for an upgrade, its HTTP/2 stream's watch.
 
+mod connection;
 mod read_ahead;
 pub mod spread;
 pub mod tls;
@@ -17,10 +18,10 @@ pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use crate::idle::{CutOff, Peer, WriteStall};
 use crate::window_watch::{Sends, StreamSend, StreamSends};
+use connection::{Builders, HttpConnection};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -138,21 +139,24 @@ pub async fn serve_shared<M, H, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
+        // The head's own limit, exact. (The buffer's limit alone is reached or not depending
+        // on how the head's bytes were cut into reads: a head read in larger pieces could
+        // pass it by up to one read.)
+        .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192))
         .max_headers(opts.max_headers);
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
         // A peer that stops answering pings (gone, or never reading) is let go.
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders { http1, http2 });
     // Tells connections to finish (HTTP: gracefully; a TLS handshake: at once).
     let (closing_tx, closing_rx) = watch::channel(false);
     // Every connection's hold keeps a sender: the drain is over when the last is dropped,
@@ -172,7 +176,7 @@ pub async fn serve_shared<M, H, B>(
         let _ = stream.set_nodelay(true);
         let handler = make_handler(peer);
         let conn = Conn {
-            builder: builder.clone(),
+            builders: builders.clone(),
             closing: closing_rx.clone(),
             peer,
             first_request_timeout: opts.header_read_timeout,
@@ -189,8 +193,6 @@ pub async fn serve_shared<M, H, B>(
         };
         match &tls {
             None => {
-                // Over TLS, rustls already reads in large chunks.
-                let stream = read_ahead::ReadAhead::new(stream);
                 tokio::spawn(conn.serve(stream, handler, ConnectionInfo::default()));
             }
             Some(acceptor) => {
@@ -280,7 +282,7 @@ pub async fn serve_shared<M, H, B>(
 /// One accepted connection's share of the listener: the HTTP builder, the listener's signal
 /// to finish, and what it holds while it lives.
 struct Conn {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     /// `true` once the listener drains.
     closing: watch::Receiver<bool>,
     peer: SocketAddr,
@@ -369,13 +371,11 @@ impl Conn {
             hold: self.hold.clone(),
             sends: sends.clone(),
         };
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(WriteStall::new(io, self.send_timeout, Peer::Client)),
-                service,
-            )
-            .into_owned();
+        let conn = HttpConnection::new(
+            self.builders.clone(),
+            WriteStall::new(io, self.send_timeout, Peer::Client),
+            service,
+        );
         tokio::pin!(conn);
         let mut closing = self.closing;
         // One timer for two looks, each `None` once it is not needed. `idle_at`: the connection's

@@ -441,7 +441,7 @@ fn server_config(
         .map_err(TlsError::Settings)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
-    // h2 first: clients that can do both get HTTP/2; hyper-util's auto builder then sees the
+    // h2 first: clients that can do both get HTTP/2; `server::connection` then sees the
     // preface the negotiated protocol implies.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -885,6 +885,49 @@ async fn by_default_a_head_of_up_to_32_kib_is_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_head_limit_is_exact_however_the_head_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    // A request head of exactly `len` bytes (32 KiB: the default limit), sent in `piece`-byte
+    // writes; the status the gateway answers.
+    let status = |len: usize, piece: usize| {
+        let key = key.clone();
+        async move {
+            let start = format!(
+                "GET /api/x HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {key}\r\nx-big: "
+            );
+            let pad = len - start.len() - "\r\n\r\n".len();
+            let head = format!("{start}{}\r\n\r\n", "a".repeat(pad));
+            assert_eq!(head.len(), len);
+            let mut conn = tokio::net::TcpStream::connect(e.gw.addr).await.unwrap();
+            conn.set_nodelay(true).unwrap();
+            for chunk in head.as_bytes().chunks(piece) {
+                conn.write_all(chunk).await.unwrap();
+                if piece < len {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            let mut answer = [0u8; 12];
+            conn.read_exact(&mut answer).await.unwrap();
+            String::from_utf8_lossy(&answer[9..12]).into_owned()
+        }
+    };
+    for piece in [32 * 1024 + 1, 1000] {
+        assert_eq!(
+            status(32 * 1024, piece).await,
+            "200",
+            "in {piece}-byte writes"
+        );
+        assert_eq!(
+            status(32 * 1024 + 1, piece).await,
+            "431",
+            "in {piece}-byte writes"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connections_that_never_send_a_request_give_their_slot_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let e = env_with("max_connections = 2\nheader_read_timeout = \"300ms\"").await;
