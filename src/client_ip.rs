@@ -2,7 +2,7 @@
 //! untrusted address in `X-Forwarded-For` (or, if absent, `Forwarded: for=`), walking from the
 //! right, since everything left of the last trusted hop may be written by the client.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 use std::net::IpAddr;
 
@@ -64,6 +64,29 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
+}
+
+/// `ip` as text, for `X-Forwarded-For`: the same text as its `Display`, which took ~2 600
+/// instructions for an IPv4 address (a formatter call per octet, padding checks), once per
+/// new connection (callgrind). IPv4 is written octet by octet (`itoa`); IPv6 is rare enough.
+pub fn header_text(ip: IpAddr) -> HeaderValue {
+    let text = match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(digits.format(octet));
+            }
+            text
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    };
+    // An address's text is always a valid header value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 fn parse_xff_element(s: &str) -> Option<IpAddr> {
@@ -167,6 +190,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn header_text_is_the_address_display(v4 in any::<u32>(), v6 in any::<u128>()) {
+            for ip in [IpAddr::from(v4.to_be_bytes()), IpAddr::from(v6.to_be_bytes())] {
+                let text = header_text(ip);
+                prop_assert_eq!(text.to_str().unwrap(), ip.to_string());
+            }
+        }
+
         #[test]
         fn never_panics(xff in ".{0,64}", fwd in ".{0,64}") {
             let mut h = HeaderMap::new();

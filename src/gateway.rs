@@ -205,9 +205,7 @@ impl Gateway {
             addr,
             ip,
             trusted: self.trusted_proxies.iter().any(|n| n.contains(&ip)),
-            // An IP address's text is always a valid header value.
-            forwarded_for: HeaderValue::from_str(&ip.to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for: client_ip::header_text(ip),
         }
     }
 
