@@ -54,8 +54,8 @@ pub type UpstreamBody = SendWatch<IdleTimeout<ReadAheadBody<Incoming>>>;
 
 /// A client's body on its way upstream, as the exchange waiting for the response sees it:
 /// whether it went wrong, so that the failed exchange is answered as the client's fault (413,
-/// 408) rather than the upstream's (502), and whether all of it has been handed upstream, from
-/// when the response timeout counts.
+/// 408, 400) rather than the upstream's (502), and whether all of it has been handed upstream,
+/// from when the response timeout counts.
 #[derive(Default)]
 pub struct ClientBody {
     fault: AtomicU8,
@@ -66,6 +66,9 @@ pub struct ClientBody {
 impl ClientBody {
     const TOO_LARGE: u8 = 1;
     const STALLED: u8 = 2;
+    /// The client's stream itself failed: bad chunked framing, trailers over the head limit,
+    /// its connection or HTTP/2 stream gone mid-body.
+    const UNREADABLE: u8 = 3;
 
     fn set_fault(&self, fault: u8) {
         self.fault.store(fault, Ordering::Release);
@@ -75,6 +78,7 @@ impl ClientBody {
         match self.fault.load(Ordering::Acquire) {
             Self::TOO_LARGE => Some(GatewayError::BodyTooLarge),
             Self::STALLED => Some(crate::credential::body::BodyError::Timeout.into()),
+            Self::UNREADABLE => Some(crate::credential::body::BodyError::Unreadable.into()),
             _ => None,
         }
     }
@@ -197,6 +201,11 @@ impl Body for ForwardBody {
                 match &polled {
                     Poll::Ready(Some(Err(e))) if e.is::<BodyStalled>() => {
                         w.state.set_fault(ClientBody::STALLED);
+                    }
+                    // The route's limit set its own fault; any other error is the client's
+                    // stream failing.
+                    Poll::Ready(Some(Err(e))) if !e.is::<BodyLimitExceeded>() => {
+                        w.state.set_fault(ClientBody::UNREADABLE);
                     }
                     // hyper stops asking once a body of known length says it has ended.
                     Poll::Ready(None) => w.state.mark_sent(),

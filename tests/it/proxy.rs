@@ -1602,6 +1602,50 @@ async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
     drop(tx);
 }
 
+/// A chunked upload whose framing breaks after part of it went upstream (a bad chunk size, or
+/// trailers over the head limit) is the client's fault: 400, not a 502 blaming the upstream.
+#[tokio::test]
+async fn an_upload_whose_chunked_framing_breaks_midway_gets_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let got_first = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::signals_first_frame(got_first.clone()).await;
+    let gw = public_gateway(&dir, up);
+    let big_trailer = format!("0\r\nx-big: {}\r\n\r\n", "a".repeat(40_000));
+    for (what, tail) in [
+        ("a bad chunk size", "zz\r\nmore\r\n".to_owned()),
+        ("a 40 000-byte trailer", big_trailer),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), got_first.notified())
+            .await
+            .expect("the first chunk was not forwarded");
+        conn.write_all(tail.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&answer).contains("}") {
+                    break;
+                }
+            }
+        })
+        .await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(answer.contains("BODY_MALFORMED"), "{what}: {answer}");
+    }
+}
+
 /// Gaps shorter than the idle timeout, each, however long the whole takes (here longer than the
 /// response timeout, which counts from the end of the request): the upload and the answer go
 /// through.
