@@ -31,6 +31,10 @@ pub enum GatewayError {
     Policy(#[from] PolicyRefusal),
     #[error("the request body is larger than this route allows")]
     BodyTooLarge,
+    /// The client's body failed on its way upstream, after any key check (bad chunked framing,
+    /// trailers over the limits, the client gone mid-body): its fault, not the upstream's.
+    #[error("the request body broke off on its way upstream")]
+    BodyBroken,
     #[error("the upstream cannot be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -260,6 +264,14 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             None,
             Outcome::BadRequest,
         ),
+        // No challenge: the key, if the route wants one, was not the problem.
+        GatewayError::BodyBroken => a(
+            S::BAD_REQUEST,
+            "BODY_MALFORMED",
+            "the request body could not be read to the end",
+            None,
+            Outcome::BadRequest,
+        ),
         GatewayError::UpstreamUnavailable => a(
             S::BAD_GATEWAY,
             "UPSTREAM_UNAVAILABLE",
@@ -404,6 +416,7 @@ mod tests {
                 "BODY_MALFORMED",
                 Some(Challenge::InvalidRequest),
             ),
+            (GatewayError::BodyBroken, 400, "BODY_MALFORMED", None),
             (
                 BodyError::NotWithinLimit(65536).into(),
                 401,

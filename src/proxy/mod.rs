@@ -78,7 +78,7 @@ impl ClientBody {
         match self.fault.load(Ordering::Acquire) {
             Self::TOO_LARGE => Some(GatewayError::BodyTooLarge),
             Self::STALLED => Some(crate::credential::body::BodyError::Timeout.into()),
-            Self::UNREADABLE => Some(crate::credential::body::BodyError::Unreadable.into()),
+            Self::UNREADABLE => Some(GatewayError::BodyBroken),
             _ => None,
         }
     }

@@ -1603,7 +1603,8 @@ async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
 }
 
 /// A chunked upload whose framing breaks after part of it went upstream (a bad chunk size, or
-/// trailers over the head limit) is the client's fault: 400, not a 502 blaming the upstream.
+/// trailers over the head limit) is the client's fault: 400 without a challenge, not a 502
+/// blaming the upstream.
 #[tokio::test]
 async fn an_upload_whose_chunked_framing_breaks_midway_gets_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1643,6 +1644,11 @@ async fn an_upload_whose_chunked_framing_breaks_midway_gets_400() {
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
         assert!(answer.contains("BODY_MALFORMED"), "{what}: {answer}");
+        // The key (none here: a public route) was not the problem.
+        assert!(
+            !answer.to_ascii_lowercase().contains("www-authenticate"),
+            "{what}: {answer}"
+        );
     }
 }
 
