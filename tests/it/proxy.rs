@@ -1608,47 +1608,54 @@ async fn an_upload_that_stalls_gets_408_after_the_idle_timeout() {
 #[tokio::test]
 async fn an_upload_whose_chunked_framing_breaks_midway_gets_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
     let got_first = Arc::new(tokio::sync::Notify::new());
     let up = upstream::signals_first_frame(got_first.clone()).await;
-    let gw = public_gateway(&dir, up);
     let big_trailer = format!("0\r\nx-big: {}\r\n\r\n", "a".repeat(40_000));
-    for (what, tail) in [
-        ("a bad chunk size", "zz\r\nmore\r\n".to_owned()),
-        ("a 40 000-byte trailer", big_trailer),
-    ] {
-        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        conn.write_all(
+    // Over an HTTP/1.1 upstream connection and over HTTP/2 (the upstream speaks both).
+    let gateways = [
+        ("", tempfile::tempdir().unwrap()),
+        ("http2 = true", tempfile::tempdir().unwrap()),
+    ]
+    .map(|(settings, dir)| (settings, public_gateway_with(&dir, up, settings), dir));
+    for (upstream_settings, gw, _dir) in &gateways {
+        for (what, tail) in [
+            ("a bad chunk size", "zz\r\nmore\r\n".to_owned()),
+            ("a 40 000-byte trailer", big_trailer.clone()),
+        ] {
+            let what = format!("{what} ({upstream_settings:?})");
+            let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+            conn.write_all(
             b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
         )
         .await
         .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), got_first.notified())
-            .await
-            .expect("the first chunk was not forwarded");
-        conn.write_all(tail.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = conn.read(&mut buf).await {
-                if n == 0 {
-                    break;
+            tokio::time::timeout(Duration::from_secs(5), got_first.notified())
+                .await
+                .expect("the first chunk was not forwarded");
+            conn.write_all(tail.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    answer.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&answer).contains("}") {
+                        break;
+                    }
                 }
-                answer.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&answer).contains("}") {
-                    break;
-                }
-            }
-        })
-        .await;
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
-        assert!(answer.contains("BODY_MALFORMED"), "{what}: {answer}");
-        // The key (none here: a public route) was not the problem.
-        assert!(
-            !answer.to_ascii_lowercase().contains("www-authenticate"),
-            "{what}: {answer}"
-        );
+            })
+            .await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+            assert!(answer.contains("BODY_MALFORMED"), "{what}: {answer}");
+            // The key (none here: a public route) was not the problem.
+            assert!(
+                !answer.to_ascii_lowercase().contains("www-authenticate"),
+                "{what}: {answer}"
+            );
+        }
     }
 }
 
