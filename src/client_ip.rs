@@ -14,10 +14,10 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     let mut hops: Vec<IpAddr> = Vec::new();
     if headers.contains_key("x-forwarded-for") {
         for value in headers.get_all("x-forwarded-for") {
-            let Ok(text) = value.to_str() else {
-                return peer;
-            };
-            for part in text.split(',') {
+            // Split the bytes, not a text of the whole value: a value with one byte that is not
+            // ASCII (written by the client, left of the proxy's own hop) must cost the client
+            // only its own hops, never make the proxy's address the answer.
+            for part in value.as_bytes().split(|&b| b == b',') {
                 match parse_xff_element(part) {
                     Some(ip) => hops.push(ip),
                     // An unparsable hop: nothing to its left can be trusted.
@@ -27,13 +27,13 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         }
     } else {
         for value in headers.get_all(http::header::FORWARDED) {
-            let Ok(text) = value.to_str() else {
-                return peer;
-            };
-            for element in text.split(',') {
-                let for_value = element.split(';').find_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+            for element in value.as_bytes().split(|&b| b == b',') {
+                // An element that is not UTF-8 is an unparsable hop, as in X-Forwarded-For.
+                let for_value = std::str::from_utf8(element).ok().and_then(|element| {
+                    element.split(';').find_map(|pair| {
+                        let (k, v) = pair.split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+                    })
                 });
                 match for_value.and_then(parse_forwarded_node) {
                     Some(ip) => hops.push(ip),
@@ -89,8 +89,8 @@ pub fn header_text(ip: IpAddr) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-fn parse_xff_element(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
+fn parse_xff_element(bytes: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(bytes).ok()?.trim();
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(canonical(ip));
     }
@@ -174,6 +174,36 @@ mod tests {
         assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted()), ip("10.0.0.2"));
     }
 
+    fn header_of_bytes(name: &'static str, bytes: &[u8]) -> (http::HeaderName, HeaderValue) {
+        (
+            http::HeaderName::from_static(name),
+            HeaderValue::from_bytes(bytes).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_hop_that_is_not_ascii_costs_only_the_hops_left_of_it() {
+        for pairs in [
+            vec![header_of_bytes("x-forwarded-for", b"\xff, 203.0.113.5")],
+            vec![
+                header_of_bytes("x-forwarded-for", b"\xff"),
+                header_of_bytes("x-forwarded-for", b"203.0.113.5"),
+            ],
+            vec![header_of_bytes("forwarded", b"for=\xff, for=203.0.113.5")],
+            vec![header_of_bytes(
+                "forwarded",
+                b"for=\"\xc3\xa9\", for=203.0.113.5;proto=http",
+            )],
+        ] {
+            let h: HeaderMap = pairs.into_iter().collect();
+            assert_eq!(
+                client_ip(ip("10.0.0.2"), &h, &trusted()),
+                ip("203.0.113.5"),
+                "{h:?}"
+            );
+        }
+    }
+
     #[test]
     fn forwarded_header_is_used_without_xff() {
         let h = headers(&[(
@@ -196,6 +226,30 @@ mod tests {
                 let text = header_text(ip);
                 prop_assert_eq!(text.to_str().unwrap(), ip.to_string());
             }
+        }
+
+        /// Whatever bytes the client sends, a trusted proxy that appends its peer's address
+        /// to the list makes that address the client's.
+        #[test]
+        fn the_hop_a_trusted_proxy_appends_wins(
+            sent in proptest::collection::vec(
+                any::<u8>().prop_filter("a header value byte", |&b| b == b'\t' || (b >= 0x20 && b != 0x7f)),
+                0..64,
+            ),
+            v4 in any::<u32>(),
+            forwarded in any::<bool>(),
+        ) {
+            let real = canonical(IpAddr::from(v4.to_be_bytes()));
+            prop_assume!(!is_trusted(real, &trusted()));
+            let (name, appended) = if forwarded {
+                ("forwarded", format!(", for={real}"))
+            } else {
+                ("x-forwarded-for", format!(", {real}"))
+            };
+            let mut value = sent;
+            value.extend_from_slice(appended.as_bytes());
+            let h: HeaderMap = [header_of_bytes(name, &value)].into_iter().collect();
+            prop_assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted()), real);
         }
 
         #[test]

@@ -16,6 +16,8 @@ pub enum GatewayError {
     NoRoute,
     #[error(transparent)]
     Path(#[from] crate::request_path::PathError),
+    #[error(transparent)]
+    Host(#[from] crate::route::HostError),
     /// `CONNECT` asks for a tunnel, which a reverse proxy does not open.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
@@ -134,6 +136,19 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             S::BAD_REQUEST,
             "PATH_NOT_CANONICAL",
             "the path has dot or empty segments, `;` parameters, a backslash, an encoded `/`, `\\` or `%`, or a control character: upstreams read such paths differently",
+            None,
+            Outcome::BadRequest,
+        ),
+        GatewayError::Host(e) => a(
+            S::BAD_REQUEST,
+            "HOST_INVALID",
+            match e {
+                crate::route::HostError::Repeated => "the request has more than one Host header",
+                crate::route::HostError::Invalid => {
+                    "the Host header is not a host name or address with an optional port"
+                }
+                crate::route::HostError::Missing => "an HTTP/1.1 request needs a Host header",
+            },
             None,
             Outcome::BadRequest,
         ),

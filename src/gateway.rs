@@ -259,7 +259,7 @@ impl Gateway {
             return Err(GatewayError::ConnectNotSupported);
         }
 
-        let host = route::request_host(&req);
+        let host = route::request_host(&req)?;
         let path = request_path::routing_path(req.uri().path())?;
         if self.routes.ignores_path_case() {
             request_path::check_case_folding(&path)?;
@@ -350,8 +350,12 @@ impl Gateway {
 
         let proto = context.connection.scheme();
         let upgrade = headers::upgrade_protocol(&req);
+        let from_http2 = req.version() == http::Version::HTTP_2;
         let h = req.headers_mut();
         headers::remove_hop_by_hop_and_claims(h, !peer.trusted);
+        if from_http2 {
+            headers::join_cookies(h);
+        }
         if let Some(protocol) = &upgrade {
             headers::restore_upgrade(h, protocol.clone());
         }

@@ -23,10 +23,20 @@ pub struct Route {
 
 impl Route {
     fn matches(&self, method: &Method, host: Option<&str>, path: &[u8], ignore_case: bool) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method))
+        (self.methods.is_empty() || self.methods.iter().any(|m| serves(m, method)))
             && self.host.as_deref().is_none_or(|h| Some(h) == host)
             && path_has_prefix(path, &self.path_prefix, ignore_case)
     }
+}
+
+/// Whether a route listing `listed` takes a request with `method`: without regard to case,
+/// since frameworks (Werkzeug, Rack) upper-case the method before they route, and a `get` or
+/// `post` must meet the rules of the route its upstream will run; and `HEAD` where `GET` is
+/// listed, since upstreams run their GET handler for it.
+fn serves(listed: &Method, method: &Method) -> bool {
+    let method = method.as_str();
+    listed.as_str().eq_ignore_ascii_case(method)
+        || (*listed == Method::GET && method.eq_ignore_ascii_case("HEAD"))
 }
 
 /// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`; with `ignore_case`, `/API/x`
@@ -124,22 +134,54 @@ impl RouteTable {
     }
 }
 
-/// The host a request names (`:authority` for HTTP/2, `Host` for HTTP/1.1), lowercased, port
-/// and a trailing dot removed (`api.example.com.` is the same name, and DNS and most servers
-/// take it so); `None` when absent or not valid.
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let host = match req.uri().host() {
-        Some(h) => h.to_ascii_lowercase(),
-        None => {
-            let value = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            let authority: http::uri::Authority = value.parse().ok()?;
+/// Why a request's host is refused: RFC 9112 §3.2 requires a 400 for each, and a gateway
+/// that routes by host must not guess which of two hosts the upstream will read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("more than one Host header")]
+    Repeated,
+    #[error("the Host header is not a host name or address, with an optional port")]
+    Invalid,
+    #[error("an HTTP/1.1 request without a Host header")]
+    Missing,
+}
+
+/// The host a request names (`:authority` for HTTP/2 or an absolute URI, else `Host`),
+/// lowercased, port and a trailing dot removed (`api.example.com.` is the same name, and DNS
+/// and most servers take it so). `None` when the request names none and may do so (HTTP/1.0,
+/// HTTP/2, an empty `Host`).
+pub fn request_host<B>(req: &http::Request<B>) -> Result<Option<String>, HostError> {
+    let mut values = req.headers().get_all(http::header::HOST).iter();
+    let value = values.next();
+    if values.next().is_some() {
+        return Err(HostError::Repeated);
+    }
+    let host = match (req.uri().host(), value) {
+        (Some(h), _) => h.to_ascii_lowercase(),
+        (None, Some(value)) if value.is_empty() => return Ok(None),
+        (None, Some(value)) => {
+            let authority: http::uri::Authority = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or(HostError::Invalid)?;
             authority.host().to_ascii_lowercase()
         }
+        (None, None) if req.version() == http::Version::HTTP_11 => {
+            return Err(HostError::Missing);
+        }
+        (None, None) => return Ok(None),
     };
-    Some(match host.strip_suffix('.') {
+    let host = match host.strip_suffix('.') {
         Some(bare) => bare.to_owned(),
         None => host,
-    })
+    };
+    // `a..example` or `example..`: no name has an empty label, and an upstream that mends
+    // it would serve another host's routes.
+    if host.is_empty() || host.starts_with('.') || host.ends_with('.') || host.contains("..") {
+        return Err(HostError::Invalid);
+    }
+    Ok(Some(host))
 }
 
 #[cfg(test)]
@@ -204,6 +246,30 @@ mod tests {
         );
     }
 
+    /// Upstreams run `post` as POST and HEAD as GET: such a request must meet the rules of
+    /// the route that lists POST or GET, not fall to a wider one.
+    #[test]
+    fn methods_match_as_upstreams_route_them() {
+        let method = |m: &str| Method::from_bytes(m.as_bytes()).unwrap();
+        for (m, path, want) in [
+            ("post", "/api/x", "api-write"),
+            ("Post", "/api/x", "api-write"),
+            ("HEAD", "/health/live", "health"),
+            ("head", "/health/live", "health"),
+            ("get", "/health/live", "health"),
+            ("HEAD", "/api/x", "api"),
+            ("PUT", "/api/x", "api"),
+            ("postx", "/api/x", "api"),
+            ("OPTIONS", "/health/live", "root"),
+        ] {
+            assert_eq!(
+                name(method(m), None, path).as_deref(),
+                Some(want),
+                "{m} {path}"
+            );
+        }
+    }
+
     #[test]
     fn case_is_ignored_only_when_asked() {
         let t = table();
@@ -259,18 +325,59 @@ mod tests {
             .header("host", "API.Example:8080")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example"));
+        assert_eq!(request_host(&req).unwrap().as_deref(), Some("api.example"));
         let req = http::Request::get("/x")
             .header("host", "api.example.:8080")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example"));
+        assert_eq!(request_host(&req).unwrap().as_deref(), Some("api.example"));
         let req = http::Request::get("http://h2.example/x").body(()).unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("h2.example"));
+        assert_eq!(request_host(&req).unwrap().as_deref(), Some("h2.example"));
         let req = http::Request::get("/x")
-            .header("host", "bad host")
+            .header("host", "")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req), None);
+        assert_eq!(request_host(&req), Ok(None));
+        for version in [http::Version::HTTP_10, http::Version::HTTP_2] {
+            let req = http::Request::get("/x").version(version).body(()).unwrap();
+            assert_eq!(request_host(&req), Ok(None), "{version:?}");
+        }
+    }
+
+    #[test]
+    fn a_host_the_upstream_could_read_otherwise_is_refused() {
+        let with = |hosts: &[&[u8]]| {
+            let mut req = http::Request::get("/x");
+            for h in hosts {
+                req = req.header("host", http::HeaderValue::from_bytes(h).unwrap());
+            }
+            request_host(&req.body(()).unwrap())
+        };
+        assert_eq!(
+            with(&[b"a.example", b"b.example"]),
+            Err(HostError::Repeated)
+        );
+        assert_eq!(
+            with(&[b"a.example", b"a.example"]),
+            Err(HostError::Repeated)
+        );
+        for bad in [
+            &b"bad host"[..],
+            b"a.example..",
+            b"a..example",
+            b".a.example",
+            b":80",
+            b"a.example\xff",
+            b"a.example/x",
+        ] {
+            assert_eq!(with(&[bad]), Err(HostError::Invalid), "{:?}", bad);
+        }
+        assert_eq!(with(&[]), Err(HostError::Missing));
+        let absolute = http::Request::get("http://a.example/x")
+            .header("host", "a.example")
+            .header("host", "b.example")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&absolute), Err(HostError::Repeated));
     }
 }

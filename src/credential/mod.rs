@@ -122,7 +122,9 @@ fn query<'a>(uri: &'a Uri, param: &str) -> Result<Option<Cow<'a, str>>, Credenti
     let mut found: Option<Cow<'a, str>> = None;
     for pair in q.split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if decode(name)? != param {
+        // A name that does not decode to `param` is not ours to judge, whatever its bytes:
+        // `?%ff=1` on a route whose key comes from the body is the upstream's business.
+        if !decodes_to(name, param) {
             continue;
         }
         if found.is_some() {
@@ -135,6 +137,15 @@ fn query<'a>(uri: &'a Uri, param: &str) -> Result<Option<Cow<'a, str>>, Credenti
         found = Some(value);
     }
     Ok(found)
+}
+
+/// Whether `s`, form-style percent decoded (`+` is a space), is exactly `want`.
+fn decodes_to(s: &str, want: &str) -> bool {
+    if !s.contains(['%', '+']) {
+        return s == want;
+    }
+    let replaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&replaced).eq(want.bytes())
 }
 
 /// Form-style percent decoding (`+` is a space) that refuses bytes that are not UTF-8.
@@ -187,7 +198,7 @@ fn uri_without_param(uri: &Uri, param: &str) -> Option<Uri> {
         .split('&')
         .filter(|pair| {
             let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
-            decode(name).map_or(true, |n| n != param)
+            !decodes_to(name, param)
         })
         .collect();
     let mut pq = uri.path().to_owned();
@@ -290,6 +301,35 @@ mod tests {
             run(&[], "/?api_key=%FF"),
             Err(CredentialError::Malformed(_))
         ));
+    }
+
+    /// Another parameter's name that is not UTF-8 is the upstream's business: it neither
+    /// hides nor spoils the key in a later source.
+    #[test]
+    fn an_undecodable_parameter_name_is_not_the_key_parameter() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "k".parse().unwrap());
+        for uri in ["/?%ff=1", "/?%ff", "/?a%ff+b=1&api_key%ff=2"] {
+            let uri: Uri = uri.parse().unwrap();
+            let query_first = [KeySource::Query, KeySource::Header];
+            assert_eq!(
+                extract(&query_first, &names(), &h, &uri).map(|p| (p.key.into_owned(), p.source)),
+                Ok(("k".into(), KeySource::Header)),
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            run(&[], "/?%ff=1&api%5Fkey=q"),
+            Ok(("q".into(), KeySource::Query))
+        );
+        let mut uri: Uri = "/p?%ff=1&api_key=z".parse().unwrap();
+        strip(
+            &[KeySource::Query],
+            &names(),
+            &mut HeaderMap::new(),
+            &mut uri,
+        );
+        assert_eq!(uri.to_string(), "/p?%ff=1");
     }
 
     #[test]

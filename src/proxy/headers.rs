@@ -52,6 +52,25 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     remove_hop_by_hop_and_claims(headers, false);
 }
 
+/// RFC 9113 §8.2.3: an HTTP/2 client may send each cookie as a field of its own, and those
+/// must be one `Cookie` (joined with `; `) before an HTTP/1.1 upstream, where many servers
+/// read only the first line. One field is also what an HTTP/2 upstream accepts.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = BytesMut::from(first.as_bytes());
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Header value bytes joined by `; ` are a header value.
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// [`remove_hop_by_hop`], and with `untrusted_peer` the client's own `Forwarded` and
 /// `X-Real-IP` (which keygate does not write, so from anyone but a trusted proxy they are
 /// claims an upstream could believe), in the same pass over the names.
@@ -181,9 +200,10 @@ pub fn set_forwarded(
     host: Option<&str>,
 ) {
     let xff = match (peer_is_trusted, joined(headers, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => {
-            let peer = peer.to_str().unwrap_or_default();
-            HeaderValue::from_str(&format!("{prior}, {peer}")).ok()
+        (true, Some(mut prior)) => {
+            prior.extend_from_slice(b", ");
+            prior.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_maybe_shared(prior.freeze()).ok()
         }
         _ => Some(peer.clone()),
     };
@@ -205,13 +225,21 @@ pub fn set_forwarded(
     }
 }
 
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let parts: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
+/// Every `name` value, joined as one list. Bytes, not text: a value the client wrote with a
+/// byte that is not ASCII stays in the list, left of the hops after it, instead of taking them
+/// with it.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<BytesMut> {
+    let mut list: Option<BytesMut> = None;
+    for value in headers.get_all(name) {
+        match list.as_mut() {
+            Some(list) => {
+                list.extend_from_slice(b", ");
+                list.extend_from_slice(value.as_bytes());
+            }
+            None => list = Some(BytesMut::from(value.as_bytes())),
+        }
+    }
+    list
 }
 
 /// The `X-Keygate-*` values of one key, validated once when the key is loaded, in one shared
@@ -485,6 +513,37 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "198.51.100.2, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-real-ip"], "198.51.100.2");
+    }
+
+    #[test]
+    fn a_forwarded_hop_that_is_not_ascii_keeps_the_hops_after_it() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap());
+        h.append("x-forwarded-for", "203.0.113.5".parse().unwrap());
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.1"),
+            true,
+            "http",
+            None,
+        );
+        assert_eq!(
+            h["x-forwarded-for"].as_bytes(),
+            b"\xff, 203.0.113.5, 10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn cookies_split_by_an_http2_client_become_one_field() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1".parse().unwrap());
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        h.append(header::COOKIE, "b=2".parse().unwrap());
+        h.append(header::COOKIE, "c=3".parse().unwrap());
+        join_cookies(&mut h);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
     }
 
     #[test]

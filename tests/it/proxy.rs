@@ -229,6 +229,55 @@ async fn a_path_spelled_differently_meets_its_own_route_or_a_400() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A method spelled as the upstream's framework reads it meets that method's route: `post`
+/// is Flask's and Rack's POST, so it needs the `writes` route's scope, not the wider `api`'s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_method_in_lowercase_meets_its_route() {
+    let e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let send = |method: &str| {
+        raw_request(
+            e.gw.addr,
+            format!("{method} /api/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"),
+        )
+    };
+    for method in ["POST", "post", "Post", "delete"] {
+        let (status, body) = send(method).await;
+        assert_eq!(status, 403, "{method}: {body}");
+        assert!(
+            body.contains("API_KEY_SCOPE_INSUFFICIENT"),
+            "{method}: {body}"
+        );
+    }
+    assert_eq!(send("get").await.0, 200);
+}
+
+/// RFC 9112 §3.2: two `Host` lines, an invalid one, or none in HTTP/1.1 get a 400; routing by
+/// host must not guess which host the upstream will read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_two_hosts_a_bad_one_or_none_gets_400() {
+    let e = env().await;
+    for head in [
+        "GET /public/x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: a.example..\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: bad host\r\n",
+        "GET /public/x HTTP/1.1\r\n",
+        "GET http://a.example/public/x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n",
+    ] {
+        let (status, body) = raw_request(e.gw.addr, head.into()).await;
+        assert_eq!(status, 400, "{head}: {body}");
+        assert!(body.contains("HOST_INVALID"), "{head}: {body}");
+    }
+    for head in [
+        "GET /public/x HTTP/1.0\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: a.example.\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: [::1]:8080\r\n",
+    ] {
+        let (status, body) = raw_request(e.gw.addr, head.into()).await;
+        assert_eq!(status, 200, "{head}: {body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_cannot_remove_identity_headers_or_upgrade_to_h2c() {
     let e = env_with("").await;
@@ -592,6 +641,34 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     assert_eq!(seen["headers"]["x-forwarded-for"][0], "127.0.0.1");
 }
 
+/// Behind a trusted proxy that appends the client's address, bytes the client wrote itself
+/// (not ASCII, not an address) cost only its own hops: the address the proxy appended is the
+/// client's, for the listener's lists and for the upstream's `X-Forwarded-For`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_hop_the_client_garbled_does_not_make_it_the_proxy() {
+    let e = env_with("trusted_proxies = [\"127.0.0.1/32\"]\ndeny_ips = [\"203.0.113.0/24\"]").await;
+    for claims in [
+        &b"X-Forwarded-For: \xff, 203.0.113.5\r\n"[..],
+        b"X-Forwarded-For: \xff\r\nX-Forwarded-For: 203.0.113.5\r\n",
+        b"Forwarded: for=\xff, for=203.0.113.5\r\n",
+    ] {
+        let mut request = b"GET /public/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".to_vec();
+        request.extend_from_slice(claims);
+        request.extend_from_slice(b"\r\n");
+        let (status_line, body) = raw_exchange(e.gw.addr, &request).await;
+        assert!(status_line.contains(" 403 "), "{status_line}: {body}");
+        assert!(body.contains("CLIENT_IP_DENIED"), "{body}");
+    }
+    let mut request = b"GET /public/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".to_vec();
+    request.extend_from_slice(b"X-Forwarded-For: \xff\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n");
+    let (status_line, body) = raw_exchange(e.gw.addr, &request).await;
+    assert!(status_line.contains(" 200 "), "{status_line}: {body}");
+    assert!(
+        body.contains("198.51.100.7, 127.0.0.1"),
+        "the upstream lost the client's hop: {body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn listener_deny_and_allow_lists() {
     let e = env_with("deny_ips = [\"127.0.0.0/8\"]").await;
@@ -692,6 +769,25 @@ async fn http2_cleartext_clients_are_served() {
     let seen: Value = r.json().await.unwrap();
     // Upstream is spoken to in HTTP/1.1 with the Host of the upstream.
     assert_eq!(seen["version"], "HTTP/1.1");
+}
+
+/// RFC 9113 §8.2.3: cookies an HTTP/2 client sends as fields of their own reach an HTTP/1.1
+/// upstream as one `Cookie` line.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_clients_split_cookies_reach_the_upstream_as_one_line() {
+    let e = env().await;
+    let (mut sender, _conn) = h2_connection(e.gw.addr).await;
+    let mut req = h2_get(e.gw.addr, "/public/x");
+    req.headers_mut().append("cookie", "a=1".parse().unwrap());
+    req.headers_mut().append("cookie", "b=2".parse().unwrap());
+    let r = sender.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap();
+    let seen: Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1");
+    assert_eq!(seen["headers"]["cookie"], serde_json::json!(["a=1; b=2"]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
