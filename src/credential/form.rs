@@ -105,7 +105,8 @@ pub fn unreadable_reason(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-/// Whether `name` is not one of `fields` but some framework files it under one: PHP drops
+/// Whether `name` is not one of `fields` but some framework files it under one: ASP.NET
+/// ignores case (as [`same_without_case`] does), PHP drops
 /// leading spaces, cuts a name at a NUL, turns ` ` and `.` (and a `[` never closed) into `_`,
 /// and reads `name[…]` as an array called `name`, as qs (Express) and Rails do. Such a field
 /// next to the real one would give the upstream another key than the one checked.
@@ -157,7 +158,18 @@ fn lookalike(name: &[u8], fields: &[String], truncated: bool) -> bool {
         .map_or(&[][..], |i| &name[i..]);
     let rack_end = rack.iter().position(|&c| c == b'[' || c == b']');
     let rack_open = truncated && rack_end.is_none();
-    matches(&base, php_open) || matches(&rack[..rack_end.unwrap_or(rack.len())], rack_open)
+    matches(&base, php_open)
+        || matches(&rack[..rack_end.unwrap_or(rack.len())], rack_open)
+        || (!truncated && fields.iter().any(|f| same_without_case(name, f)))
+}
+
+/// ASP.NET's form and query collections, like Go's encoding/json, match names without case:
+/// `CLIENTKEY` next to `clientKey` would be a second key field to it.
+fn same_without_case(name: &[u8], field: &str) -> bool {
+    if name.is_ascii() && field.is_ascii() {
+        return name.eq_ignore_ascii_case(field.as_bytes());
+    }
+    std::str::from_utf8(name).is_ok_and(|name| folds_to(name, field))
 }
 
 /// Whether a query string has a parameter named like one of `fields` (or a look-alike): with
@@ -647,7 +659,21 @@ mod tests {
         );
         assert_eq!(key_of("api_key=k+2&").unwrap().as_deref(), Some("k 2"));
         assert_eq!(key_of("client%4Bey=k3").unwrap().as_deref(), Some("k3"));
-        assert_eq!(key_of("clientkey=k&other=1").unwrap(), None);
+        // ASP.NET reads names without case (Unicode's simple folding: the Kelvin sign is a k).
+        for body in [
+            "clientkey=k&other=1",
+            "clientKey=A&CLIENTKEY=B",
+            "CLIENTKEY=B&clientKey=A",
+            "client%E2%84%AAey=B&clientKey=A",
+        ] {
+            assert!(
+                matches!(
+                    key_of(body),
+                    Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+                ),
+                "{body}"
+            );
+        }
         assert_eq!(key_of("").unwrap(), None);
         assert_eq!(key_of("&&=&").unwrap(), None);
         // Values that are not ours are not decoded, so lenient clients still pass.

@@ -33,6 +33,9 @@ enum State {
     ContentStart(Option<Vec<u8>>),
     /// A part's content up to the next delimiter; `Some` collects the value of our field.
     Content(Option<Vec<u8>>),
+    /// After the close delimiter, with `want_all`: only line breaks and spaces may follow.
+    /// Django and PHP read on past the close delimiter and would take a part there.
+    Epilogue,
     /// The close delimiter was read, or the key without `want_all`: nothing more is parsed.
     Done,
 }
@@ -113,7 +116,7 @@ impl<'f> MultipartScanner<'f> {
     /// is malformed (unless the key was complete and nothing more was wanted).
     pub fn finish(self) -> Result<Option<String>, PeekError> {
         match self.state {
-            State::Done => Ok(self.found),
+            State::Done | State::Epilogue => Ok(self.found),
             // Ended inside the line after the key's field: no `--boundaryX` follows it, as
             // nothing does. (multer gives the key here too.)
             State::AfterBoundary | State::Padding if !self.want_all && self.found.is_some() => {
@@ -132,7 +135,8 @@ impl<'f> MultipartScanner<'f> {
     /// The key, for a caller that stops before the end of the body: only once the line that
     /// closes its field has been read whole (a delimiter cut short is not yet one).
     pub fn into_found(self) -> Option<String> {
-        self.found.filter(|_| matches!(self.state, State::Done))
+        self.found
+            .filter(|_| matches!(self.state, State::Done | State::Epilogue))
     }
 
     /// One step of the state machine over the unparsed bytes: `Some(n)` consumed `n` of them
@@ -176,7 +180,11 @@ impl<'f> MultipartScanner<'f> {
                     return Ok(None);
                 }
                 if data.starts_with(b"--") {
-                    self.state = State::Done;
+                    self.state = if self.want_all {
+                        State::Epilogue
+                    } else {
+                        State::Done
+                    };
                     return Ok(Some(2));
                 }
                 self.state = State::Padding;
@@ -251,24 +259,21 @@ impl<'f> MultipartScanner<'f> {
                 Ok(Some(0))
             }
             State::Content(value) => {
-                // `--boundary` after a CRLF is the delimiter; after a bare LF or CR, Werkzeug
-                // (and others) also start a part there, where this would read on: refused.
-                // Elsewhere in a line it is content. The `dlen - 1` bytes kept between pieces
-                // hold the two bytes before a match that begins in them; a match at 0 is
-                // content (one at the very start of a part was refused in `ContentStart`).
-                let mut delimiter_at = None;
-                for i in self.finder.find_iter(data) {
-                    let before = &data[..i];
-                    if before.ends_with(b"\r\n") {
-                        delimiter_at = Some(i - 2);
-                        break;
-                    }
-                    if before.ends_with(b"\n") || before.ends_with(b"\r") {
+                // `--boundary` after a CRLF is the delimiter. Anywhere else RFC 2046 forbids
+                // it in a part, and parsers differ: Werkzeug starts a part after a bare LF or
+                // CR, Django wherever `--boundary` appears, mid-line too; a part there would
+                // be read upstream and not here: refused. The `dlen - 1` bytes kept between
+                // pieces hold the two bytes before a match that begins in them (one at the
+                // very start of a part was refused in `ContentStart`).
+                let delimiter_at = match self.finder.find(data) {
+                    Some(i) if data[..i].ends_with(b"\r\n") => Some(i - 2),
+                    Some(_) => {
                         return Err(malformed(
-                            "the multipart boundary follows a bare line break in a part",
+                            "the multipart boundary appears inside a part, not after a CRLF",
                         ));
                     }
-                }
+                    None => None,
+                };
                 let (content, used, complete) = match delimiter_at {
                     Some(i) => (&data[..i], i + dlen, true),
                     None => {
@@ -296,6 +301,15 @@ impl<'f> MultipartScanner<'f> {
                 }
                 Ok(Some(used))
             }
+            State::Epilogue => match data
+                .iter()
+                .position(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+            {
+                Some(_) => Err(malformed(
+                    "the multipart body goes on after its close delimiter",
+                )),
+                None => Ok(nonzero(data.len())),
+            },
             State::Done => Ok(None),
         }
     }
@@ -359,6 +373,18 @@ const MAX_BOUNDARY_LEN: usize = 70;
 
 /// The boundary of a `multipart/form-data` `Content-Type` value.
 pub fn content_type_boundary(value: &str) -> Result<String, PeekError> {
+    // PHP takes the boundary from the first `boundary` anywhere in the value (`xboundary=A;
+    // boundary=B` is A to it): another parameter with `boundary` in its name or value could
+    // frame the body another way upstream.
+    for param in params(value.as_bytes()) {
+        let Ok((name, text)) = param else { break };
+        let has_boundary = |b: &[u8]| b.windows(8).any(|w| w.eq_ignore_ascii_case(b"boundary"));
+        if !name.eq_ignore_ascii_case(b"boundary") && (has_boundary(name) || has_boundary(&text)) {
+            return Err(malformed(
+                "a Content-Type parameter other than the boundary names a boundary",
+            ));
+        }
+    }
     let boundary = match header_param(value.as_bytes(), b"boundary") {
         // Parsers disagree on which of two boundaries wins; a body read one way here and
         // another way upstream could carry a different key there.
@@ -525,7 +551,8 @@ impl<'v> Params<'v> {
             } else {
                 let end = memchr::memchr(b';', after_eq).unwrap_or(after_eq.len());
                 let token = trim_end(&after_eq[..end]);
-                if memchr::memchr3(b' ', b'\t', b'"', token).is_some() {
+                // PHP takes `'clientKey'` for a quoted `clientKey`.
+                if memchr::memchr3(b' ', b'\t', b'"', token).is_some() || token.starts_with(b"'") {
                     return Some(Err(ParamError::Invalid));
                 }
                 text = Cow::Borrowed(token);
@@ -760,11 +787,19 @@ mod tests {
     #[test]
     fn parts_are_framed_as_rfc_2046_says() {
         // A preamble, transport padding after the boundaries, a part without headers, header
-        // names in any case, an epilogue.
-        let b = b"preamble text\r\n--XyZ \t\r\n\r\nno headers\r\n--XyZ\r\ncontent-disposition: form-data; name=clientKey\r\nContent-Type: text/plain\r\n\r\nkg_2\r\n--XyZ--\r\nepilogue";
+        // names in any case, an epilogue of line breaks and spaces.
+        let b = b"preamble text\r\n--XyZ \t\r\n\r\nno headers\r\n--XyZ\r\ncontent-disposition: form-data; name=clientKey\r\nContent-Type: text/plain\r\n\r\nkg_2\r\n--XyZ--\r\n \t\r\n";
         for split in [1, 4, 1000] {
             assert_eq!(scan(b, "XyZ", split, true), Outcome::Key("kg_2".into()));
         }
+        // An epilogue of text is refused when the body is read whole (below), ignored when the
+        // key is taken before it.
+        let mut with_text = b.to_vec();
+        with_text.extend_from_slice(b"epilogue");
+        assert_eq!(
+            scan(&with_text, "XyZ", 4, false),
+            Outcome::Key("kg_2".into())
+        );
         // A preamble ending in a CRLF, even an empty one.
         for split in [1, 3, 100] {
             assert_eq!(
@@ -833,6 +868,18 @@ mod tests {
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
             ),
             (
+                "a part after the close delimiter (Django, PHP: B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ--\r\n",
+            ),
+            (
+                "a boundary in the middle of a line of another part (Django: B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
+                "a single-quoted name (PHP: clientKey, B)",
+                b"--XyZ\r\nContent-Disposition: form-data; name='clientKey'\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
+            ),
+            (
                 "the boundary as a prefix of a line in the key's value (Werkzeug: A\\r\\n--XyZW)",
                 b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZW\r\n--XyZ--\r\n",
             ),
@@ -840,6 +887,11 @@ mod tests {
         for (what, body) in cases {
             for split in [1, 2, 7, 4096] {
                 for want_all in [true, false] {
+                    // Without `want_all` reading stops once the key's field is closed: what
+                    // follows it is not looked at (the body is larger than the peek limit).
+                    if !want_all && what.starts_with("a part after the close") {
+                        continue;
+                    }
                     assert_eq!(
                         scan(body, "XyZ", split, want_all),
                         Outcome::Malformed,
@@ -857,14 +909,23 @@ mod tests {
             ],
         );
         assert_eq!(scan(&b, "XyZ", 3, true), Outcome::Ambiguous);
-        // `--boundary` inside a line is content; a file name with backslashes (old browsers
-        // send full Windows paths) is framing only; RFC 2231 continuations are files too.
+        // A name equal without case (ASP.NET's form collection ignores case).
+        let b = body(
+            "XyZ",
+            &[
+                ("form-data; name=\"CLIENTKEY\"", b"B"),
+                ("form-data; name=\"clientKey\"", b"A"),
+            ],
+        );
+        assert_eq!(scan(&b, "XyZ", 3, false), Outcome::Ambiguous);
+        // A file name with backslashes (old browsers send full Windows paths) is framing
+        // only; RFC 2231 continuations are files too.
         let b = body(
             "XyZ",
             &[
                 (
                     "form-data; name=\"doc\"; filename=\"C:\\Users\\a.txt\"",
-                    b"x --XyZ y",
+                    b"x -- XyZ y",
                 ),
                 ("form-data; name=\"clientKey\"", b"kg_5"),
             ],
@@ -1010,6 +1071,10 @@ mod tests {
             "multipart/form-data; boundary=\"open",
             "multipart/form-data; boundary=a b",
             "multipart/form-data; boundary=a; Boundary=b",
+            // PHP takes the first `boundary` anywhere in the value.
+            "multipart/form-data; xboundary=AAA; boundary=BBB",
+            "multipart/form-data; boundary=BBB; x-Boundary=AAA",
+            "multipart/form-data; charset=\"boundary=AAA\"; boundary=BBB",
         ] {
             assert!(content_type_boundary(bad).is_err(), "{bad}");
         }
@@ -1073,10 +1138,19 @@ mod tests {
             if let Some(cut) = cut {
                 b.truncate(cut.index(b.len() + 1));
             }
-            prop_assert_eq!(
-                scan(&b, &boundary, split, want_all),
-                multer_scan(&b, &boundary, split, want_all)
-            );
+            let ours = scan(&b, &boundary, split, want_all);
+            // multer ignores an epilogue; read whole, one of text is refused here (Django
+            // and PHP read parts in it).
+            let text_after_close = b
+                .windows(boundary.len() + 4)
+                .position(|w| w == format!("--{boundary}--").as_bytes())
+                .is_some_and(|at| b[at + boundary.len() + 4..].iter().any(|c| !b"\r\n".contains(c)));
+            let theirs = multer_scan(&b, &boundary, split, want_all);
+            if want_all && text_after_close && matches!(theirs, Outcome::Key(_) | Outcome::NoKey) {
+                prop_assert_eq!(ours, Outcome::Malformed);
+            } else {
+                prop_assert_eq!(ours, theirs);
+            }
         }
 
         #[test]

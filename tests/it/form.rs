@@ -630,14 +630,68 @@ async fn malformed_bodies_are_400_and_never_pass() {
     assert_eq!(code(&v), "API_KEY_AMBIGUOUS", "{v}");
 
     // What RFC 2046 allows is read: a preamble, padding after a boundary, a part without
-    // headers, a token name in other case, an epilogue.
+    // headers, a token name in other case, an epilogue of line breaks.
     let framed = format!(
-        "preamble\r\n--b5 \t\r\n\r\nno headers\r\n--b5\r\ncontent-disposition: form-data; NAME=clientKey\r\n\r\n{k}\r\n--b5--\r\nepilogue"
+        "preamble\r\n--b5 \t\r\n\r\nno headers\r\n--b5\r\ncontent-disposition: form-data; NAME=clientKey\r\n\r\n{k}\r\n--b5--\r\n\r\n"
     )
     .into_bytes();
     let (s, v) = post("multipart/form-data; boundary=b5".into(), framed.clone()).await;
     assert_eq!(s, 200, "{v}");
     assert_received(&v, &framed);
+
+    // What Django or PHP would read another key from (review, checked against Django 5.2):
+    // a part after the close delimiter, `--boundary` mid-line, a single-quoted name, another
+    // parameter naming a boundary; and a name equal without case (ASP.NET).
+    let part = |name: &str, value: &str| {
+        format!("--b5\r\nContent-Disposition: form-data; name={name}\r\n\r\n{value}\r\n")
+    };
+    let real = part("\"clientKey\"", k);
+    let cases = [
+        (
+            "b5",
+            format!(
+                "{real}--b5--\r\n{}--b5--\r\n",
+                part("\"clientKey\"", "VICTIM")
+            ),
+            "BODY_MALFORMED",
+        ),
+        (
+            "b5",
+            format!(
+                "{}{real}--b5--\r\n",
+                part(
+                    "\"note\"",
+                    "hello--b5\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nVICTIM"
+                )
+            ),
+            "BODY_MALFORMED",
+        ),
+        (
+            "b5",
+            format!("{real}{}--b5--\r\n", part("'clientKey'", "VICTIM")),
+            "BODY_MALFORMED",
+        ),
+        (
+            "xboundary=AAA; boundary=b5",
+            format!("{real}--b5--\r\n"),
+            "BODY_MALFORMED",
+        ),
+        (
+            "b5",
+            format!("{real}{}--b5--\r\n", part("\"CLIENTKEY\"", "VICTIM")),
+            "API_KEY_AMBIGUOUS",
+        ),
+    ];
+    for (params, body, want) in cases {
+        let params = if params.contains('=') {
+            params.to_owned()
+        } else {
+            format!("boundary={params}")
+        };
+        let (s, v) = post(format!("multipart/form-data; {params}"), body.into_bytes()).await;
+        assert_eq!(s, 400, "{params}: {v}");
+        assert_eq!(code(&v), want, "{params}: {v}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
