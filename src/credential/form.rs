@@ -245,8 +245,13 @@ enum State {
     Name(Vec<u8>),
     /// Reading the value of one of our fields.
     KeyValue(Vec<u8>),
-    /// Inside a pair that is not ours: everything up to the next `&` is skipped unread.
+    /// Inside a pair that is not ours: everything up to the next `&` is skipped unread, but
+    /// for a `;`.
     Skip,
+    /// After a `;` in a pair that is not ours, the name that older parsers (Go before 1.17,
+    /// Django before 3.2, Python before 3.9.2) split a pair there for: `page=1;clientKey=B`
+    /// is a second key field to them.
+    ShadowName(Vec<u8>),
 }
 
 /// Finds the key in an `application/x-www-form-urlencoded` body fed in arbitrary pieces. It
@@ -340,13 +345,52 @@ impl<'f> UrlencodedScanner<'f> {
                         None => chunk.len(),
                     }
                 }
-                State::Skip => match memchr::memchr(b'&', chunk) {
-                    Some(i) => {
+                State::Skip => match memchr::memchr2(b'&', b';', chunk) {
+                    Some(i) if chunk[i] == b'&' => {
                         self.pos += i as u64;
                         self.next_pair();
                         i + 1
                     }
+                    Some(i) => {
+                        self.pos += (i + 1) as u64;
+                        self.state = State::ShadowName(Vec::new());
+                        i + 1
+                    }
                     None => {
+                        self.pos += chunk.len() as u64;
+                        chunk.len()
+                    }
+                },
+                State::ShadowName(name) => match memchr::memchr3(b'=', b'&', b';', chunk) {
+                    Some(i) if name.len() + i > MAX_NAME_LEN => {
+                        long_name(self.fields, name, chunk)?;
+                        self.state = State::Skip;
+                        0
+                    }
+                    Some(i) => {
+                        name.extend_from_slice(&chunk[..i]);
+                        let name = std::mem::take(name);
+                        self.refuse_shadow_key(&name)?;
+                        match chunk[i] {
+                            b'&' => {
+                                self.pos += i as u64;
+                                self.next_pair();
+                            }
+                            b';' => self.pos += (i + 1) as u64,
+                            _ => {
+                                self.pos += (i + 1) as u64;
+                                self.state = State::Skip;
+                            }
+                        }
+                        i + 1
+                    }
+                    None if name.len() + chunk.len() > MAX_NAME_LEN => {
+                        long_name(self.fields, name, chunk)?;
+                        self.state = State::Skip;
+                        0
+                    }
+                    None => {
+                        name.extend_from_slice(chunk);
                         self.pos += chunk.len() as u64;
                         chunk.len()
                     }
@@ -371,6 +415,7 @@ impl<'f> UrlencodedScanner<'f> {
                     }
                 }
                 State::KeyValue(value) => self.end_key_pair(value, false)?,
+                State::ShadowName(name) => self.refuse_shadow_key(&name)?,
                 State::Skip => {}
             }
         }
@@ -387,6 +432,11 @@ impl<'f> UrlencodedScanner<'f> {
         if raw.is_empty() {
             return Ok(false);
         }
+        if memchr::memchr(b';', raw).is_some() {
+            for part in raw.split(|&b| b == b';') {
+                self.refuse_shadow_key(part)?;
+            }
+        }
         let name = decode_strict(raw)
             .ok_or_else(|| malformed("invalid percent-encoding in a form field name"))?;
         if self.fields.iter().any(|f| f.as_bytes() == name.as_slice()) {
@@ -396,6 +446,20 @@ impl<'f> UrlencodedScanner<'f> {
             return Err(CredentialError::Ambiguous("API key body field").into());
         }
         Ok(false)
+    }
+
+    /// A name after a `;` (see [`State::ShadowName`]) that names a key field, or looks like
+    /// one, is a second key to older parsers.
+    fn refuse_shadow_key(&self, raw: &[u8]) -> Result<(), PeekError> {
+        let Some(name) = decode_strict(raw) else {
+            return Ok(());
+        };
+        if self.fields.iter().any(|f| f.as_bytes() == name.as_slice())
+            || is_lookalike(&name, self.fields)
+        {
+            return Err(CredentialError::Ambiguous("API key body field").into());
+        }
+        Ok(())
     }
 
     /// A pair of ours ends at `self.pos` (the `&` or the end of the body).
@@ -598,6 +662,36 @@ mod tests {
 
     fn key_of(body: &str) -> Result<Option<String>, PeekError> {
         scan(body.as_bytes(), usize::MAX, true).map(|f| f.map(|f| f.value))
+    }
+
+    /// Go before 1.17, Django before 3.2 and Python before 3.9.2 also split pairs at `;`.
+    #[test]
+    fn a_key_field_after_a_semicolon_is_a_second_key() {
+        for body in [
+            "page=1;clientKey=B&clientKey=A",
+            "clientKey=A&page=1;clientKey=B",
+            "clientKey=A&page=1;x=2;clientKey=B",
+            "a;clientKey=B&clientKey=A",
+            "page=1;clientKey&clientKey=A",
+            "page=1;CLIENTKEY=B&clientKey=A",
+            "page=1;client%4Bey[]=B&clientKey=A",
+        ] {
+            for split in [1, 2, 5, usize::MAX] {
+                assert!(
+                    matches!(
+                        scan(body.as_bytes(), split, true),
+                        Err(PeekError::Credential(CredentialError::Ambiguous(_)))
+                    ),
+                    "{body} split {split}"
+                );
+            }
+        }
+        for body in ["note=a;b=c;d&clientKey=A", "x=;;&clientKey=A&y=1;z"] {
+            for split in [1, 3, usize::MAX] {
+                let found = scan(body.as_bytes(), split, true).unwrap();
+                assert_eq!(found.map(|f| f.value).as_deref(), Some("A"), "{body}");
+            }
+        }
     }
 
     #[test]
