@@ -17,6 +17,10 @@ use std::time::Duration;
 /// The longest an old value may keep working after a rotation: the admin API and the CLI alike.
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86_400);
 
+/// How often `change` re-reads a key that other writers keep changing before it gives up
+/// (503, retryable): enough for any burst of admin requests on one key.
+const CHANGE_ATTEMPTS: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("no API key with that id")]
@@ -422,6 +426,9 @@ impl KeyService {
         self.store.get(id).await?.ok_or(KeyError::NotFound)
     }
 
+    /// Applies `change` to the key. Read, check and write repeat (a few times at most) when
+    /// another writer changed the key in between, so a change never undoes a concurrent one
+    /// (a disable, a narrowed scope) and is checked against the record it is applied to.
     pub async fn change(
         &self,
         id: &str,
@@ -429,8 +436,46 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, KeyError> {
-        let mut record = self.get(id).await?;
-        let mut fields: Vec<&str> = Vec::new();
+        for _ in 0..CHANGE_ATTEMPTS {
+            let current = self.get(id).await?;
+            let (record, fields, toggled) = self
+                .apply_change(current.clone(), change.clone(), now)
+                .await?;
+            match self.store.update(&current, &record).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if !fields.is_empty() {
+                let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
+                self.audit(actor, AuditAction::Update, Some(&record), details, now)
+                    .await?;
+            }
+            if let Some(enabled) = toggled {
+                let action = if enabled {
+                    AuditAction::Enable
+                } else {
+                    AuditAction::Disable
+                };
+                self.audit(actor, action, Some(&record), BTreeMap::new(), now)
+                    .await?;
+            }
+            return Ok(record);
+        }
+        Err(KeyError::Store(StoreError::Unavailable(format!(
+            "key {id} kept changing under concurrent writers"
+        ))))
+    }
+
+    /// `record` with `change` applied and checked, the names of the fields it sets and, when
+    /// it flips `is_enabled`, the new value.
+    async fn apply_change(
+        &self,
+        mut record: KeyRecord,
+        change: KeyChange,
+        now: DateTime<Utc>,
+    ) -> Result<(KeyRecord, Vec<&'static str>, Option<bool>), KeyError> {
+        let mut fields: Vec<&'static str> = Vec::new();
         if let Some(name) = change.name {
             Self::check_text("name", &name, MAX_NAME_LEN)?;
             record.name = name;
@@ -483,22 +528,7 @@ impl KeyService {
             .filter(|e| *e != record.is_enabled)
             .inspect(|e| record.is_enabled = *e);
         record.updated_time = now;
-        self.store.update(&record).await?;
-        if !fields.is_empty() {
-            let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
-            self.audit(actor, AuditAction::Update, Some(&record), details, now)
-                .await?;
-        }
-        if let Some(enabled) = toggled {
-            let action = if enabled {
-                AuditAction::Enable
-            } else {
-                AuditAction::Disable
-            };
-            self.audit(actor, action, Some(&record), BTreeMap::new(), now)
-                .await?;
-        }
-        Ok(record)
+        Ok((record, fields, toggled))
     }
 
     pub async fn set_enabled(

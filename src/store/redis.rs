@@ -1225,9 +1225,14 @@ impl KeyStore for RedisStore {
             .await
     }
 
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
         let id = record.api_key_id.as_str();
         self.bounded(self.modify(id, |current| {
+            // The script compares the raw text `modify` read, so this decoded comparison holds
+            // until the write lands.
+            if current.record != *expected {
+                return Err(StoreError::Conflict);
+            }
             let now_ms = Utc::now().timestamp_millis();
             let (live, dead): (Vec<HashRef>, Vec<HashRef>) = current
                 .hashes

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::auth::verified::VerifiedKey;
+use keygate::keys::{Actor, CreateKey, KeyChange, KeyRules, KeyService};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
@@ -163,7 +164,8 @@ conformance!(
     team_limit_holds_under_concurrency,
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
-    update_keeps_the_rotated_key_start,
+    update_of_a_stale_copy_is_refused,
+    concurrent_changes_never_undo_a_disable,
     usage_adds_up_and_forgets_deleted_keys,
     usage_of_many_keys_in_many_slots_in_one_flush,
     members_put_get_remove,
@@ -280,31 +282,33 @@ async fn get_update_delete(h: Harness) {
     changed.name = "renamed".into();
     changed.scope_names = vec!["write".into(), "admin".into()];
     changed.updated_time = now + secs(1);
-    s.update(&changed).await.unwrap();
+    s.update(&r, &changed).await.unwrap();
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(changed.clone()));
     assert_eq!(find(s, &key, now).await, Some(changed.clone()));
 
     // Disabling is an update; the record says so and the gateway refuses it.
+    let before = changed.clone();
     changed.is_enabled = false;
-    s.update(&changed).await.unwrap();
+    s.update(&before, &changed).await.unwrap();
     let found = find(s, &key, now).await.unwrap();
     assert!(!found.is_enabled);
 
     // Moving to another team moves it in team listings too.
+    let before = changed.clone();
     changed.team_id = Some("team-b".into());
-    s.update(&changed).await.unwrap();
+    s.update(&before, &changed).await.unwrap();
     assert_eq!(s.list(&team("team-b"), page(1, 10)).await.unwrap().1, 1);
     assert_eq!(s.list(&team("team-a"), page(1, 10)).await.unwrap().1, 0);
 
     let missing = record(Some("team-a"), now);
-    assert_not_found(s.update(&missing).await);
+    assert_not_found(s.update(&missing, &missing).await);
     assert_eq!(s.get(&missing.api_key_id).await.unwrap(), None);
 
     s.delete(&r.api_key_id).await.unwrap();
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
     assert_eq!(find(s, &key, now).await, None);
     assert_not_found(s.delete(&r.api_key_id).await);
-    assert_not_found(s.update(&changed).await);
+    assert_not_found(s.update(&changed, &changed).await);
 }
 
 async fn rotate_with_grace(h: Harness) {
@@ -338,7 +342,7 @@ async fn rotate_with_grace(h: Harness) {
     // An update during the grace reaches the old hash and keeps its deadline.
     let mut updated = rotated.clone();
     updated.name = "updated in grace".into();
-    s.update(&updated).await.unwrap();
+    s.update(&rotated, &updated).await.unwrap();
     assert_eq!(find(s, &k1, now + secs(59)).await, Some(old_view(&updated)));
     assert_eq!(find(s, &k1, now + secs(61)).await, None);
 
@@ -482,13 +486,14 @@ async fn usage_of_many_keys_in_many_slots_in_one_flush(h: Harness) {
     }
 }
 
-async fn update_keeps_the_rotated_key_start(h: Harness) {
+async fn update_of_a_stale_copy_is_refused(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(None, now);
     s.create(&r, &new_hash(&r), None).await.unwrap();
-    // An update computed from a copy read before the rotation.
-    let mut stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
+    // An update computed from a copy read before another writer's change (here a rotation)
+    // would write that copy's other fields back: refused, nothing written.
+    let stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
     s.rotate(
         &r.api_key_id,
         &new_hash(&r),
@@ -498,11 +503,79 @@ async fn update_keeps_the_rotated_key_start(h: Harness) {
     )
     .await
     .unwrap();
-    stale_copy.name = "renamed".into();
-    s.update(&stale_copy).await.unwrap();
+    let mut renamed = stale_copy.clone();
+    renamed.name = "renamed".into();
+    assert!(matches!(
+        s.update(&stale_copy, &renamed).await,
+        Err(StoreError::Conflict)
+    ));
+    let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
+    assert_eq!(stored.name, r.name);
+    assert_eq!(stored.key_start, "kg_rotated");
+
+    // From the current copy it applies; `key_start` stays rotation's even if the update says
+    // otherwise.
+    let mut renamed = stored.clone();
+    renamed.name = "renamed".into();
+    renamed.key_start = "kg_forged".into();
+    s.update(&stored, &renamed).await.unwrap();
     let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
     assert_eq!(stored.name, "renamed");
     assert_eq!(stored.key_start, "kg_rotated");
+}
+
+/// The reviewer's race: renames from two "replicas" racing one disable. Each change re-reads
+/// and re-applies on a conflict, so the disable (answered Ok) is never written over by a
+/// rename computed from the enabled copy, and the audit log records it exactly once.
+async fn concurrent_changes_never_undo_a_disable(h: Harness) {
+    let services = [h.store.clone(), h.second().await].map(|s| {
+        Arc::new(KeyService::new(
+            s,
+            KeyPrefix::default(),
+            KeyRules::permissive(),
+        ))
+    });
+    let actor = Actor::cli();
+    for trial in 0..10 {
+        let (_, created) = services[0]
+            .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+            .await
+            .unwrap();
+        let id = created.api_key_id;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (svc, key, who) = (services[i % 2].clone(), id.clone(), actor.clone());
+            tasks.push(tokio::spawn(async move {
+                let change = KeyChange {
+                    name: Some(format!("n{i}")),
+                    description: Some(Some(format!("d{i}"))),
+                    ..KeyChange::default()
+                };
+                svc.change(&key, change, &who, Utc::now()).await.unwrap();
+            }));
+            if i == 3 {
+                let (svc, key, who) = (services[1].clone(), id.clone(), actor.clone());
+                tasks.push(tokio::spawn(async move {
+                    svc.set_enabled(&key, false, &who, Utc::now())
+                        .await
+                        .unwrap();
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stored = h.store.get(&id).await.unwrap().unwrap();
+        assert!(!stored.is_enabled, "trial {trial}: the disable was undone");
+        let filter = AuditFilter {
+            api_key_id: Some(id.clone()),
+            ..AuditFilter::default()
+        };
+        let (events, _) = h.store.list_audit(&filter, page(1, 100)).await.unwrap();
+        let count = |a: AuditAction| events.iter().filter(|e| e.action == a).count();
+        assert_eq!(count(AuditAction::Disable), 1, "trial {trial}");
+        assert_eq!(count(AuditAction::Update), 8, "trial {trial}");
+    }
 }
 
 async fn delete_removes_every_hash(h: Harness) {
@@ -1129,8 +1202,9 @@ async fn change_feed_reports_every_write(h: Harness) {
     writer.create(&r, &k1, None).await.unwrap();
     expect_change(&mut feed, &[k1]).await;
 
+    let before = r.clone();
     r.is_enabled = false;
-    writer.update(&r).await.unwrap();
+    writer.update(&before, &r).await.unwrap();
     expect_change(&mut feed, &[k1]).await;
 
     writer
@@ -1367,7 +1441,7 @@ async fn redis_outage_is_unavailable_and_recovers() {
     assert!(started.elapsed() < op_timeout + Duration::from_secs(1));
     assert_unavailable("get", store.get(&r.api_key_id).await);
     assert_unavailable("create", store.create(&r, &new_hash(&r), None).await);
-    assert_unavailable("update", store.update(&r).await);
+    assert_unavailable("update", store.update(&r, &r).await);
     assert_unavailable("list", store.list(&all_filter(), page(1, 10)).await);
     assert_unavailable("ping", store.ping().await);
     assert_unavailable("changes", store.changes().await);
