@@ -1255,15 +1255,9 @@ impl KeyStore for RedisStore {
                     self.team_write(&mut writes, id, t, false)?;
                 }
             }
-            // Idempotent; puts back an id that a failed create or delete left out.
-            let score = record.created_time.timestamp_millis();
-            writes.after.push(
-                redis::cmd("ZADD")
-                    .arg(self.names.all())
-                    .arg(score)
-                    .arg(id)
-                    .clone(),
-            );
+            // No `ZADD` to the listing index here: create indexed the id before its record
+            // existed, and a re-add after this script could land after a racing delete's
+            // `ZREM`, leaving an id in the index for good with no record behind it.
             let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
             Ok((writes, announce, ()))
         }))

@@ -166,6 +166,7 @@ conformance!(
     change_feed_reports_every_write,
     update_of_a_stale_copy_is_refused,
     concurrent_changes_never_undo_a_disable,
+    updates_racing_a_delete_leave_nothing_listed,
     usage_adds_up_and_forgets_deleted_keys,
     usage_of_many_keys_in_many_slots_in_one_flush,
     members_put_get_remove,
@@ -576,6 +577,35 @@ async fn concurrent_changes_never_undo_a_disable(h: Harness) {
         assert_eq!(count(AuditAction::Disable), 1, "trial {trial}");
         assert_eq!(count(AuditAction::Update), 8, "trial {trial}");
     }
+}
+
+/// An update racing a delete (from another process) must not put the deleted id back into
+/// the listing index: the unfiltered total would count it for good.
+async fn updates_racing_a_delete_leave_nothing_listed(h: Harness) {
+    let deleter = h.second().await;
+    let now = Utc::now();
+    for _ in 0..10 {
+        let mut races = Vec::new();
+        for _ in 0..30 {
+            let r = record(None, now);
+            h.store.create(&r, &new_hash(&r), None).await.unwrap();
+            let mut renamed = r.clone();
+            renamed.name = "renamed".into();
+            let (store, deleter, id) = (h.store.clone(), deleter.clone(), r.api_key_id.clone());
+            races.push(tokio::spawn(async move {
+                let update = store.update(&r, &renamed);
+                let (_, deleted) = tokio::join!(update, deleter.delete(&id));
+                // The update may find the key gone; only what is left afterwards matters.
+                deleted.unwrap();
+            }));
+        }
+        for race in races {
+            race.await.unwrap();
+        }
+    }
+    let (listed, total) = h.store.list(&all_filter(), page(1, 10)).await.unwrap();
+    assert!(listed.is_empty());
+    assert_eq!(total, 0, "deleted ids left in the listing index");
 }
 
 async fn delete_removes_every_hash(h: Harness) {
