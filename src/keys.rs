@@ -3,7 +3,7 @@
 //! the `keygate keys` CLI alike, so the two can never disagree. Plaintext keys leave this
 //! module only inside [`NewKey`] (to be shown once) and through the reveal window.
 
-use crate::auth::key::{KeyPrefix, NewKey, SlotTag, new_key_id};
+use crate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use crate::auth::record::{KeyRecord, KeyType};
 use crate::store::{
     AuditAction, AuditEvent, AuditFilter, KeyFilter, KeyStore, Member, Page, Role, StoreError,
@@ -403,6 +403,12 @@ impl KeyService {
         let Some(value) = self.reveal.get(&record.api_key_id) else {
             return Ok(None);
         };
+        // Only this process's latest value is remembered: another replica, or a concurrent
+        // rotation here that stored later, may have replaced it, and handing it out would give
+        // the caller a key that no longer works (or stops at the end of a grace period).
+        if !self.is_current(record, &value, now).await? {
+            return Ok(None);
+        }
         self.audit(
             actor,
             AuditAction::Reveal,
@@ -412,6 +418,21 @@ impl KeyService {
         )
         .await?;
         Ok(Some(value))
+    }
+
+    /// Whether `value` is `record`'s current key: its hint matches, and the store still leads
+    /// from its hash to this key (the hint alone has only three random characters).
+    async fn is_current(
+        &self,
+        record: &KeyRecord,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, KeyError> {
+        if !value.starts_with(&record.key_start) {
+            return Ok(false);
+        }
+        let found = self.store.find_by_hash(&KeyHash::of(value), now).await?;
+        Ok(found.is_some_and(|r| r.api_key_id == record.api_key_id))
     }
 
     pub async fn list(

@@ -167,6 +167,7 @@ conformance!(
     update_of_a_stale_copy_is_refused,
     concurrent_changes_never_undo_a_disable,
     updates_racing_a_delete_leave_nothing_listed,
+    reveal_after_another_process_rotated_is_null,
     usage_adds_up_and_forgets_deleted_keys,
     usage_of_many_keys_in_many_slots_in_one_flush,
     members_put_get_remove,
@@ -606,6 +607,59 @@ async fn updates_racing_a_delete_leave_nothing_listed(h: Harness) {
     let (listed, total) = h.store.list(&all_filter(), page(1, 10)).await.unwrap();
     assert!(listed.is_empty());
     assert_eq!(total, 0, "deleted ids left in the listing index");
+}
+
+/// The reveal window is one process's memory: once another process (replica) rotated the key,
+/// the value remembered here is not the key's any more, so it is not handed out, nor audited
+/// as revealed; the rotating process reveals its own value.
+async fn reveal_after_another_process_rotated_is_null(h: Harness) {
+    let rules = KeyRules {
+        reveal_window: MINUTE,
+        ..KeyRules::permissive()
+    };
+    let [here, there] = [h.store.clone(), h.second().await]
+        .map(|s| KeyService::new(s, KeyPrefix::default(), rules.clone()));
+    let actor = Actor::cli();
+    let reveals = |id: &str| {
+        let filter = AuditFilter {
+            api_key_id: Some(id.to_owned()),
+            ..AuditFilter::default()
+        };
+        let store = h.store.clone();
+        async move {
+            let (events, _) = store.list_audit(&filter, page(1, 100)).await.unwrap();
+            events
+                .iter()
+                .filter(|e| e.action == AuditAction::Reveal)
+                .count()
+        }
+    };
+    // Rotated elsewhere with and without a grace period: the old value still works in the
+    // first case, but is not the key's value any more.
+    for grace in [Duration::ZERO, HOUR] {
+        let (key, created) = here
+            .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+            .await
+            .unwrap();
+        let id = created.api_key_id.clone();
+        let shown = here.reveal(&created, &actor, Utc::now()).await.unwrap();
+        assert_eq!(shown.as_deref().map(String::as_str), Some(key.expose()));
+        assert_eq!(reveals(&id).await, 1);
+
+        let (rotated, _) = there.rotate(&id, grace, &actor, Utc::now()).await.unwrap();
+        let stored = h.store.get(&id).await.unwrap().unwrap();
+        assert_eq!(
+            here.reveal(&stored, &actor, Utc::now()).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            reveals(&id).await,
+            1,
+            "a withheld value audited as revealed"
+        );
+        let shown = there.reveal(&stored, &actor, Utc::now()).await.unwrap();
+        assert_eq!(shown.as_deref().map(String::as_str), Some(rotated.expose()));
+    }
 }
 
 async fn delete_removes_every_hash(h: Harness) {
