@@ -150,7 +150,20 @@ pub const MAX_DESCRIPTION_LEN: usize = 2000;
 pub const MAX_SCOPES: usize = 100;
 pub const MAX_ALLOW_IPS: usize = 100;
 pub const MAX_METADATA_ENTRIES: usize = 50;
+pub const MAX_METADATA_KEY_LEN: usize = 100;
 pub const MAX_METADATA_LEN: usize = 500;
+
+/// `scope_names` without repeats, first occurrence kept: a repeat grants nothing more, and
+/// storing it would show the key with the scope twice.
+fn dedup_scopes(scopes: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(scopes.len());
+    for s in scopes {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
 
 /// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
 pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
@@ -226,6 +239,8 @@ impl KeyService {
         Ok(())
     }
 
+    /// Lengths in characters, like `name` and `description`; no control characters, which
+    /// could forge lines in anything that prints metadata.
     fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), KeyError> {
         if metadata.len() > MAX_METADATA_ENTRIES {
             return Err(KeyError::Invalid {
@@ -234,12 +249,22 @@ impl KeyService {
             });
         }
         for (k, v) in metadata {
-            if k.is_empty() || k.len() > 100 || v.len() > MAX_METADATA_LEN {
+            if k.is_empty()
+                || k.chars().count() > MAX_METADATA_KEY_LEN
+                || v.chars().count() > MAX_METADATA_LEN
+            {
                 return Err(KeyError::Invalid {
                     field: "metadata",
                     reason: format!(
-                        "keys must be 1-100 characters and values at most {MAX_METADATA_LEN}"
+                        "keys must be 1-{MAX_METADATA_KEY_LEN} characters and values at most \
+                         {MAX_METADATA_LEN}"
                     ),
+                });
+            }
+            if k.chars().chain(v.chars()).any(char::is_control) {
+                return Err(KeyError::Invalid {
+                    field: "metadata",
+                    reason: "keys and values must not contain control characters".into(),
                 });
             }
         }
@@ -335,7 +360,8 @@ impl KeyService {
             Self::check_id("team_id", t)?;
         }
         Self::check_expiry(req.expires_time, now)?;
-        self.check_scopes(&req.scope_names)?;
+        let scope_names = dedup_scopes(req.scope_names);
+        self.check_scopes(&scope_names)?;
         Self::check_metadata(&req.metadata)?;
         if req.allow_ips.len() > MAX_ALLOW_IPS {
             return Err(KeyError::AllowIpInvalid(format!(
@@ -361,7 +387,7 @@ impl KeyService {
             team_id: req.team_id,
             created_by: Some(actor.id.clone()),
             behalf_of_user_id: req.behalf_of_user_id,
-            scope_names: req.scope_names,
+            scope_names,
             allow_ips: req.allow_ips,
             is_enabled: req.is_enabled,
             created_time: now,
@@ -510,6 +536,7 @@ impl KeyService {
             fields.push("description");
         }
         if let Some(scopes) = change.scope_names {
+            let scopes = dedup_scopes(scopes);
             self.check_scopes(&scopes)?;
             record.scope_names = scopes;
             fields.push("scope_names");
