@@ -184,6 +184,8 @@ pub struct KeyService {
     /// New key values by key id, for `rules.reveal_window` after create/rotate. Memory only:
     /// never written to the store, gone on restart, and only on the process that made the key.
     reveal: moka::sync::Cache<String, Arc<String>>,
+    /// Counts changes whose audit event could not be stored (see `audit_done`).
+    unaudited: Option<prometheus::IntCounter>,
 }
 
 impl KeyService {
@@ -197,7 +199,14 @@ impl KeyService {
             prefix,
             rules,
             reveal,
+            unaudited: None,
         }
+    }
+
+    /// Counts changes that took effect without their audit event in `counter`.
+    pub fn with_unaudited_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.unaudited = Some(counter);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn KeyStore> {
@@ -314,15 +323,14 @@ impl KeyService {
         Ok(())
     }
 
-    async fn audit(
-        &self,
+    fn event(
         actor: &Actor,
         action: AuditAction,
         key: Option<&KeyRecord>,
         details: BTreeMap<String, String>,
         now: DateTime<Utc>,
-    ) -> Result<(), KeyError> {
-        let event = AuditEvent {
+    ) -> AuditEvent {
+        AuditEvent {
             event_id: String::new(),
             time: now,
             actor: actor.id.clone(),
@@ -333,9 +341,41 @@ impl KeyService {
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
             details,
-        };
-        self.store.append_audit(&event).await?;
-        Ok(())
+        }
+    }
+
+    /// Audits a change that is already in force.
+    async fn audit(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        key: Option<&KeyRecord>,
+        details: BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) {
+        self.audit_done(Self::event(actor, action, key, details, now))
+            .await;
+    }
+
+    /// Appends the event of a change that is already in force. A failure does not fail the
+    /// request: the change stands either way, a retry would repeat it (a second rotation),
+    /// and a create's or rotation's answer holds the only copy of the new value. So it is
+    /// logged at error level (the event, never a value) and counted instead.
+    async fn audit_done(&self, event: AuditEvent) {
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::error!(
+                error = %e,
+                action = ?event.action,
+                api_key_id = event.api_key_id.as_deref().unwrap_or(""),
+                team_id = event.team_id.as_deref().unwrap_or(""),
+                actor = %event.actor,
+                request_id = event.request_id.as_deref().unwrap_or(""),
+                "a change is in force but its audit event could not be stored"
+            );
+            if let Some(counter) = &self.unaudited {
+                counter.inc();
+            }
+        }
     }
 
     pub async fn create(
@@ -408,7 +448,7 @@ impl KeyService {
             BTreeMap::new(),
             now,
         )
-        .await?;
+        .await;
         Ok((key, record))
     }
 
@@ -435,14 +475,15 @@ impl KeyService {
         if !self.is_current(record, &value, now).await? {
             return Ok(None);
         }
-        self.audit(
+        // Audited before it is shown, and not shown unless audited: nothing has happened yet.
+        let event = Self::event(
             actor,
             AuditAction::Reveal,
             Some(record),
             BTreeMap::new(),
             now,
-        )
-        .await?;
+        );
+        self.store.append_audit(&event).await?;
         Ok(Some(value))
     }
 
@@ -496,7 +537,7 @@ impl KeyService {
             if !fields.is_empty() {
                 let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
                 self.audit(actor, AuditAction::Update, Some(&record), details, now)
-                    .await?;
+                    .await;
             }
             if let Some(enabled) = toggled {
                 let action = if enabled {
@@ -505,7 +546,7 @@ impl KeyService {
                     AuditAction::Disable
                 };
                 self.audit(actor, action, Some(&record), BTreeMap::new(), now)
-                    .await?;
+                    .await;
             }
             return Ok(record);
         }
@@ -609,7 +650,8 @@ impl KeyService {
             BTreeMap::new(),
             now,
         )
-        .await
+        .await;
+        Ok(())
     }
 
     pub async fn rotate(
@@ -636,7 +678,7 @@ impl KeyService {
         self.remember_for_reveal(id, &key);
         let details = BTreeMap::from([("grace_seconds".to_owned(), grace.as_secs().to_string())]);
         self.audit(actor, AuditAction::Rotate, Some(&record), details, now)
-            .await?;
+            .await;
         Ok((key, record))
     }
 
@@ -671,7 +713,7 @@ impl KeyService {
             request_id: actor.request_id.clone(),
             details: BTreeMap::from([("role".to_owned(), format!("{role:?}").to_lowercase())]),
         };
-        self.store.append_audit(&event).await?;
+        self.audit_done(event).await;
         Ok(member)
     }
 
@@ -704,7 +746,7 @@ impl KeyService {
             request_id: actor.request_id.clone(),
             details: BTreeMap::new(),
         };
-        self.store.append_audit(&event).await?;
+        self.audit_done(event).await;
 
         let members = self.store.list_members(team).await?;
         let fallback = members

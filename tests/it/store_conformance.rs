@@ -1301,6 +1301,112 @@ async fn change_feed_reports_every_write(h: Harness) {
     expect_change(&mut feed, &[k1, k2]).await;
 }
 
+// ---- The audit log failing on its own ----
+
+/// Once a change is in force, failing to audit it must not fail the request: above all a
+/// rotation without grace, whose answer holds the only copy of the key's new value. The audit
+/// log is broken for real: a trigger refusing inserts into the embedded store's table, the
+/// wrong type under the Redis store's stream key.
+async fn changes_stand_when_their_audit_event_cannot_be_stored(
+    h: &Harness,
+    break_audit: impl FnOnce(),
+) {
+    let unaudited = prometheus::IntCounter::new("unaudited", "changes not audited").unwrap();
+    let svc = KeyService::new(
+        h.store.clone(),
+        KeyPrefix::default(),
+        KeyRules::permissive(),
+    )
+    .with_unaudited_counter(unaudited.clone());
+    let actor = Actor::cli();
+    let (_, created) = svc
+        .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+        .await
+        .unwrap();
+    let id = created.api_key_id;
+    break_audit();
+    let probe = AuditEvent {
+        event_id: String::new(),
+        time: Utc::now(),
+        actor: "tester".into(),
+        action: AuditAction::Update,
+        api_key_id: None,
+        team_id: None,
+        user_id: None,
+        client_ip: None,
+        request_id: None,
+        details: BTreeMap::new(),
+    };
+    assert!(
+        h.store.append_audit(&probe).await.is_err(),
+        "audit log not broken"
+    );
+
+    let now = Utc::now();
+    let (new_key, _) = svc.rotate(&id, Duration::ZERO, &actor, now).await.unwrap();
+    let found = h.store.find_by_hash(&new_key.hash(), now).await.unwrap();
+    assert_eq!(found.map(|r| r.api_key_id), Some(id.clone()));
+    let disable = KeyChange {
+        is_enabled: Some(false),
+        ..KeyChange::default()
+    };
+    let changed = svc.change(&id, disable, &actor, Utc::now()).await.unwrap();
+    assert!(!changed.is_enabled);
+    assert!(!h.store.get(&id).await.unwrap().unwrap().is_enabled);
+    let (_, other) = svc
+        .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+        .await
+        .unwrap();
+    assert!(h.store.get(&other.api_key_id).await.unwrap().is_some());
+    svc.put_member("team-a", "alice", Role::Owner, &actor, Utc::now())
+        .await
+        .unwrap();
+    svc.remove_member("team-a", "alice", &actor, Utc::now())
+        .await
+        .unwrap();
+    svc.revoke(&id, &actor, Utc::now()).await.unwrap();
+    assert_eq!(h.store.get(&id).await.unwrap(), None);
+    // Rotate, disable, create, member put and remove, revoke: each counted once.
+    assert_eq!(unaudited.get(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_changes_stand_when_their_audit_event_cannot_be_stored() {
+    let h = Harness::embedded();
+    let Backing::Embedded(dir) = &h.backing else {
+        unreachable!()
+    };
+    let path = dir.path().join("keys.db");
+    changes_stand_when_their_audit_event_cannot_be_stored(&h, || {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER audit_down BEFORE INSERT ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'audit log down'); END;",
+            )
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_changes_stand_when_their_audit_event_cannot_be_stored() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let mut raw = raw_conn(server);
+    let key = format!("{ns}:audit");
+    changes_stand_when_their_audit_event_cannot_be_stored(&h, move || {
+        let _: () = ::redis::cmd("SET")
+            .arg(&key)
+            .arg("not a stream")
+            .query(&mut raw)
+            .unwrap();
+    })
+    .await;
+}
+
 // ---- Redis only: real time, layout and outages ----
 
 fn raw_conn(server: &RedisServer) -> ::redis::Connection {
