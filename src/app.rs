@@ -195,7 +195,8 @@ pub async fn run(
                 store.clone(),
                 config.auth.key_prefix.clone(),
                 KeyRules::from_config(config),
-            ),
+            )
+            .with_unaudited_counter(metrics.audit_unrecorded.clone()),
             verifier.clone(),
             bootstrap_token,
             config.scopes.clone(),

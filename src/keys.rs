@@ -3,7 +3,7 @@
 //! the `keygate keys` CLI alike, so the two can never disagree. Plaintext keys leave this
 //! module only inside [`NewKey`] (to be shown once) and through the reveal window.
 
-use crate::auth::key::{KeyPrefix, NewKey, SlotTag, new_key_id};
+use crate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use crate::auth::record::{KeyRecord, KeyType};
 use crate::store::{
     AuditAction, AuditEvent, AuditFilter, KeyFilter, KeyStore, Member, Page, Role, StoreError,
@@ -16,6 +16,10 @@ use std::time::Duration;
 
 /// The longest an old value may keep working after a rotation: the admin API and the CLI alike.
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86_400);
+
+/// How often `change` re-reads a key that other writers keep changing before it gives up
+/// (503, retryable): enough for any burst of admin requests on one key.
+const CHANGE_ATTEMPTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -146,7 +150,20 @@ pub const MAX_DESCRIPTION_LEN: usize = 2000;
 pub const MAX_SCOPES: usize = 100;
 pub const MAX_ALLOW_IPS: usize = 100;
 pub const MAX_METADATA_ENTRIES: usize = 50;
+pub const MAX_METADATA_KEY_LEN: usize = 100;
 pub const MAX_METADATA_LEN: usize = 500;
+
+/// `scope_names` without repeats, first occurrence kept: a repeat grants nothing more, and
+/// storing it would show the key with the scope twice.
+fn dedup_scopes(scopes: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(scopes.len());
+    for s in scopes {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
 
 /// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
 pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
@@ -167,6 +184,8 @@ pub struct KeyService {
     /// New key values by key id, for `rules.reveal_window` after create/rotate. Memory only:
     /// never written to the store, gone on restart, and only on the process that made the key.
     reveal: moka::sync::Cache<String, Arc<String>>,
+    /// Counts changes whose audit event could not be stored (see `audit_done`).
+    unaudited: Option<prometheus::IntCounter>,
 }
 
 impl KeyService {
@@ -180,7 +199,14 @@ impl KeyService {
             prefix,
             rules,
             reveal,
+            unaudited: None,
         }
+    }
+
+    /// Counts changes that took effect without their audit event in `counter`.
+    pub fn with_unaudited_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.unaudited = Some(counter);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn KeyStore> {
@@ -222,6 +248,8 @@ impl KeyService {
         Ok(())
     }
 
+    /// Lengths in characters, like `name` and `description`; no control characters, which
+    /// could forge lines in anything that prints metadata.
     fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), KeyError> {
         if metadata.len() > MAX_METADATA_ENTRIES {
             return Err(KeyError::Invalid {
@@ -230,12 +258,22 @@ impl KeyService {
             });
         }
         for (k, v) in metadata {
-            if k.is_empty() || k.len() > 100 || v.len() > MAX_METADATA_LEN {
+            if k.is_empty()
+                || k.chars().count() > MAX_METADATA_KEY_LEN
+                || v.chars().count() > MAX_METADATA_LEN
+            {
                 return Err(KeyError::Invalid {
                     field: "metadata",
                     reason: format!(
-                        "keys must be 1-100 characters and values at most {MAX_METADATA_LEN}"
+                        "keys must be 1-{MAX_METADATA_KEY_LEN} characters and values at most \
+                         {MAX_METADATA_LEN}"
                     ),
+                });
+            }
+            if k.chars().chain(v.chars()).any(char::is_control) {
+                return Err(KeyError::Invalid {
+                    field: "metadata",
+                    reason: "keys and values must not contain control characters".into(),
                 });
             }
         }
@@ -285,15 +323,14 @@ impl KeyService {
         Ok(())
     }
 
-    async fn audit(
-        &self,
+    fn event(
         actor: &Actor,
         action: AuditAction,
         key: Option<&KeyRecord>,
         details: BTreeMap<String, String>,
         now: DateTime<Utc>,
-    ) -> Result<(), KeyError> {
-        let event = AuditEvent {
+    ) -> AuditEvent {
+        AuditEvent {
             event_id: String::new(),
             time: now,
             actor: actor.id.clone(),
@@ -304,9 +341,41 @@ impl KeyService {
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
             details,
-        };
-        self.store.append_audit(&event).await?;
-        Ok(())
+        }
+    }
+
+    /// Audits a change that is already in force.
+    async fn audit(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        key: Option<&KeyRecord>,
+        details: BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) {
+        self.audit_done(Self::event(actor, action, key, details, now))
+            .await;
+    }
+
+    /// Appends the event of a change that is already in force. A failure does not fail the
+    /// request: the change stands either way, a retry would repeat it (a second rotation),
+    /// and a create's or rotation's answer holds the only copy of the new value. So it is
+    /// logged at error level (the event, never a value) and counted instead.
+    async fn audit_done(&self, event: AuditEvent) {
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::error!(
+                error = %e,
+                action = ?event.action,
+                api_key_id = event.api_key_id.as_deref().unwrap_or(""),
+                team_id = event.team_id.as_deref().unwrap_or(""),
+                actor = %event.actor,
+                request_id = event.request_id.as_deref().unwrap_or(""),
+                "a change is in force but its audit event could not be stored"
+            );
+            if let Some(counter) = &self.unaudited {
+                counter.inc();
+            }
+        }
     }
 
     pub async fn create(
@@ -331,7 +400,8 @@ impl KeyService {
             Self::check_id("team_id", t)?;
         }
         Self::check_expiry(req.expires_time, now)?;
-        self.check_scopes(&req.scope_names)?;
+        let scope_names = dedup_scopes(req.scope_names);
+        self.check_scopes(&scope_names)?;
         Self::check_metadata(&req.metadata)?;
         if req.allow_ips.len() > MAX_ALLOW_IPS {
             return Err(KeyError::AllowIpInvalid(format!(
@@ -357,7 +427,7 @@ impl KeyService {
             team_id: req.team_id,
             created_by: Some(actor.id.clone()),
             behalf_of_user_id: req.behalf_of_user_id,
-            scope_names: req.scope_names,
+            scope_names,
             allow_ips: req.allow_ips,
             is_enabled: req.is_enabled,
             created_time: now,
@@ -378,7 +448,7 @@ impl KeyService {
             BTreeMap::new(),
             now,
         )
-        .await?;
+        .await;
         Ok((key, record))
     }
 
@@ -399,15 +469,37 @@ impl KeyService {
         let Some(value) = self.reveal.get(&record.api_key_id) else {
             return Ok(None);
         };
-        self.audit(
+        // Only this process's latest value is remembered: another replica, or a concurrent
+        // rotation here that stored later, may have replaced it, and handing it out would give
+        // the caller a key that no longer works (or stops at the end of a grace period).
+        if !self.is_current(record, &value, now).await? {
+            return Ok(None);
+        }
+        // Audited before it is shown, and not shown unless audited: nothing has happened yet.
+        let event = Self::event(
             actor,
             AuditAction::Reveal,
             Some(record),
             BTreeMap::new(),
             now,
-        )
-        .await?;
+        );
+        self.store.append_audit(&event).await?;
         Ok(Some(value))
+    }
+
+    /// Whether `value` is `record`'s current key: its hint matches, and the store still leads
+    /// from its hash to this key (the hint alone has only three random characters).
+    async fn is_current(
+        &self,
+        record: &KeyRecord,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, KeyError> {
+        if !value.starts_with(&record.key_start) {
+            return Ok(false);
+        }
+        let found = self.store.find_by_hash(&KeyHash::of(value), now).await?;
+        Ok(found.is_some_and(|r| r.api_key_id == record.api_key_id))
     }
 
     pub async fn list(
@@ -422,6 +514,9 @@ impl KeyService {
         self.store.get(id).await?.ok_or(KeyError::NotFound)
     }
 
+    /// Applies `change` to the key. Read, check and write repeat (a few times at most) when
+    /// another writer changed the key in between, so a change never undoes a concurrent one
+    /// (a disable, a narrowed scope) and is checked against the record it is applied to.
     pub async fn change(
         &self,
         id: &str,
@@ -429,8 +524,46 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, KeyError> {
-        let mut record = self.get(id).await?;
-        let mut fields: Vec<&str> = Vec::new();
+        for _ in 0..CHANGE_ATTEMPTS {
+            let current = self.get(id).await?;
+            let (record, fields, toggled) = self
+                .apply_change(current.clone(), change.clone(), now)
+                .await?;
+            match self.store.update(&current, &record).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if !fields.is_empty() {
+                let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
+                self.audit(actor, AuditAction::Update, Some(&record), details, now)
+                    .await;
+            }
+            if let Some(enabled) = toggled {
+                let action = if enabled {
+                    AuditAction::Enable
+                } else {
+                    AuditAction::Disable
+                };
+                self.audit(actor, action, Some(&record), BTreeMap::new(), now)
+                    .await;
+            }
+            return Ok(record);
+        }
+        Err(KeyError::Store(StoreError::Unavailable(format!(
+            "key {id} kept changing under concurrent writers"
+        ))))
+    }
+
+    /// `record` with `change` applied and checked, the names of the fields it sets and, when
+    /// it flips `is_enabled`, the new value.
+    async fn apply_change(
+        &self,
+        mut record: KeyRecord,
+        change: KeyChange,
+        now: DateTime<Utc>,
+    ) -> Result<(KeyRecord, Vec<&'static str>, Option<bool>), KeyError> {
+        let mut fields: Vec<&'static str> = Vec::new();
         if let Some(name) = change.name {
             Self::check_text("name", &name, MAX_NAME_LEN)?;
             record.name = name;
@@ -444,6 +577,7 @@ impl KeyService {
             fields.push("description");
         }
         if let Some(scopes) = change.scope_names {
+            let scopes = dedup_scopes(scopes);
             self.check_scopes(&scopes)?;
             record.scope_names = scopes;
             fields.push("scope_names");
@@ -483,22 +617,7 @@ impl KeyService {
             .filter(|e| *e != record.is_enabled)
             .inspect(|e| record.is_enabled = *e);
         record.updated_time = now;
-        self.store.update(&record).await?;
-        if !fields.is_empty() {
-            let details = BTreeMap::from([("fields".to_owned(), fields.join(","))]);
-            self.audit(actor, AuditAction::Update, Some(&record), details, now)
-                .await?;
-        }
-        if let Some(enabled) = toggled {
-            let action = if enabled {
-                AuditAction::Enable
-            } else {
-                AuditAction::Disable
-            };
-            self.audit(actor, action, Some(&record), BTreeMap::new(), now)
-                .await?;
-        }
-        Ok(record)
+        Ok((record, fields, toggled))
     }
 
     pub async fn set_enabled(
@@ -531,7 +650,8 @@ impl KeyService {
             BTreeMap::new(),
             now,
         )
-        .await
+        .await;
+        Ok(())
     }
 
     pub async fn rotate(
@@ -558,7 +678,7 @@ impl KeyService {
         self.remember_for_reveal(id, &key);
         let details = BTreeMap::from([("grace_seconds".to_owned(), grace.as_secs().to_string())]);
         self.audit(actor, AuditAction::Rotate, Some(&record), details, now)
-            .await?;
+            .await;
         Ok((key, record))
     }
 
@@ -593,7 +713,7 @@ impl KeyService {
             request_id: actor.request_id.clone(),
             details: BTreeMap::from([("role".to_owned(), format!("{role:?}").to_lowercase())]),
         };
-        self.store.append_audit(&event).await?;
+        self.audit_done(event).await;
         Ok(member)
     }
 
@@ -626,7 +746,7 @@ impl KeyService {
             request_id: actor.request_id.clone(),
             details: BTreeMap::new(),
         };
-        self.store.append_audit(&event).await?;
+        self.audit_done(event).await;
 
         let members = self.store.list_members(team).await?;
         let fallback = members

@@ -283,6 +283,8 @@ pub struct Metrics {
     store_duration: HistogramVec,
     store_up: IntGauge,
     cache_entries: IntGauge,
+    /// Admin changes in force whose audit event could not be stored.
+    pub audit_unrecorded: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +326,10 @@ impl Metrics {
         )?;
         let cache_entries =
             IntGauge::new("keygate_auth_cache_entries", "Verified keys in the cache")?;
+        let audit_unrecorded = IntCounter::new(
+            "keygate_audit_unrecorded_total",
+            "Key and team changes that took effect but whose audit event could not be stored",
+        )?;
         let build_info = IntGauge::with_opts(
             Opts::new("keygate_build_info", "Build information; always 1")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -347,6 +353,7 @@ impl Metrics {
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_up.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(audit_unrecorded.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(CutOffCollector::new()?))?;
         #[cfg(target_os = "linux")]
@@ -364,6 +371,7 @@ impl Metrics {
             store_duration,
             store_up,
             cache_entries,
+            audit_unrecorded,
         })
     }
 

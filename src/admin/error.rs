@@ -79,7 +79,7 @@ impl AdminError {
                 KeyError::UserInvalid(_) => (S::BAD_REQUEST, "API_KEY_USER_INVALID"),
                 KeyError::MemberNotFound { .. } => (S::NOT_FOUND, "MEMBER_NOT_FOUND"),
                 KeyError::Invalid { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
-                KeyError::Store(StoreError::Unavailable(_)) => {
+                KeyError::Store(StoreError::Unavailable(_) | StoreError::Conflict) => {
                     (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE")
                 }
                 KeyError::Store(
@@ -94,7 +94,7 @@ impl AdminError {
     /// The message shown to the client: internal details stay in the log.
     pub fn public_message(&self) -> String {
         match self {
-            AdminError::Key(KeyError::Store(StoreError::Unavailable(_))) => {
+            AdminError::Key(KeyError::Store(StoreError::Unavailable(_) | StoreError::Conflict)) => {
                 "the key store is unavailable; retry shortly".into()
             }
             AdminError::Key(KeyError::Store(_)) => {

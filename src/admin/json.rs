@@ -14,7 +14,15 @@ use std::fmt;
 use std::time::Duration;
 
 /// Parses a JSON body, naming the offending field (`scope_names[1]`) when it is wrong.
+/// Every body is a JSON object: serde would also read a struct from a positional array
+/// (`["shared","name"]`), which no client means and which would slip past `deny_unknown_fields`.
 pub fn parse_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, AdminError> {
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(AdminError::bad("body", "must be a JSON object"));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

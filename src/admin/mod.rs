@@ -571,6 +571,9 @@ impl AdminApi {
                 "give expires_in or expires_at, not both",
             ));
         }
+        if body.expires_in.is_some_and(|d| d.is_zero()) {
+            return Err(AdminError::bad("expires_in", "must be more than zero"));
+        }
         let expires_time = match (body.expires_in, body.expires_at) {
             (Some(d), _) => Some(
                 chrono::Duration::from_std(d)

@@ -269,7 +269,8 @@ impl KeyStore for EmbeddedStore {
         json.as_deref().map(decode).transpose()
     }
 
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
+        let expected = expected.clone();
         let mut record = record.clone();
         let id = record.api_key_id.clone();
         let team = record.team_id.clone();
@@ -287,7 +288,11 @@ impl KeyStore for EmbeddedStore {
             let Some(current) = current else {
                 return Err(StoreError::NotFound);
             };
-            record.key_start = decode::<KeyRecord>(&current)?.key_start;
+            let current: KeyRecord = decode(&current)?;
+            if current != expected {
+                return Err(StoreError::Conflict);
+            }
+            record.key_start = current.key_start;
             let json = encode(&record)?;
             let n = tx
                 .execute(

@@ -90,8 +90,9 @@ impl KeyStore for MeteredStore {
         self.timed("get", self.inner.get(id)).await
     }
 
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        self.timed("update", self.inner.update(record)).await
+    async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
+        self.timed("update", self.inner.update(expected, record))
+            .await
     }
 
     async fn rotate(

@@ -34,6 +34,9 @@ pub enum StoreError {
     /// A stored value could not be decoded: a bug or a foreign writer, never the client's fault.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A conditional write found the record changed since the caller read it: read again.
+    #[error("the key changed since it was read")]
+    Conflict,
 }
 
 /// Filters for listing keys; `None` matches everything.
@@ -197,9 +200,12 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Replaces the record with the same `api_key_id` (`NotFound` if there is none), for every
-    /// hash that still leads to it, and publishes the change. `key_start` is kept from the
-    /// stored record: only `rotate` changes it.
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// hash that still leads to it, and publishes the change, atomically and only if the stored
+    /// record still equals `expected` (else `Conflict`, nothing written): a change computed
+    /// from a copy that another writer has since replaced would silently undo that writer's
+    /// change (a disable, a narrowed scope). `key_start` is kept from the stored record: only
+    /// `rotate` changes it.
+    async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError>;
 
     /// Gives the key a new hash. The previous current hash keeps working until `now + grace`
     /// (not at all when `grace` is zero), then stops by itself. Returns the updated record.

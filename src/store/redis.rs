@@ -1225,9 +1225,14 @@ impl KeyStore for RedisStore {
             .await
     }
 
-    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
         let id = record.api_key_id.as_str();
         self.bounded(self.modify(id, |current| {
+            // The script compares the raw text `modify` read, so this decoded comparison holds
+            // until the write lands.
+            if current.record != *expected {
+                return Err(StoreError::Conflict);
+            }
             let now_ms = Utc::now().timestamp_millis();
             let (live, dead): (Vec<HashRef>, Vec<HashRef>) = current
                 .hashes
@@ -1250,15 +1255,9 @@ impl KeyStore for RedisStore {
                     self.team_write(&mut writes, id, t, false)?;
                 }
             }
-            // Idempotent; puts back an id that a failed create or delete left out.
-            let score = record.created_time.timestamp_millis();
-            writes.after.push(
-                redis::cmd("ZADD")
-                    .arg(self.names.all())
-                    .arg(score)
-                    .arg(id)
-                    .clone(),
-            );
+            // No `ZADD` to the listing index here: create indexed the id before its record
+            // existed, and a re-add after this script could land after a racing delete's
+            // `ZREM`, leaving an id in the index for good with no record behind it.
             let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
             Ok((writes, announce, ()))
         }))

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use keygate::auth::key::{KeyHash, KeyPrefix, NewKey, SlotTag, new_key_id};
 use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::auth::verified::VerifiedKey;
+use keygate::keys::{Actor, CreateKey, KeyChange, KeyRules, KeyService};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
@@ -163,7 +164,10 @@ conformance!(
     team_limit_holds_under_concurrency,
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
-    update_keeps_the_rotated_key_start,
+    update_of_a_stale_copy_is_refused,
+    concurrent_changes_never_undo_a_disable,
+    updates_racing_a_delete_leave_nothing_listed,
+    reveal_after_another_process_rotated_is_null,
     usage_adds_up_and_forgets_deleted_keys,
     usage_of_many_keys_in_many_slots_in_one_flush,
     members_put_get_remove,
@@ -280,31 +284,33 @@ async fn get_update_delete(h: Harness) {
     changed.name = "renamed".into();
     changed.scope_names = vec!["write".into(), "admin".into()];
     changed.updated_time = now + secs(1);
-    s.update(&changed).await.unwrap();
+    s.update(&r, &changed).await.unwrap();
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(changed.clone()));
     assert_eq!(find(s, &key, now).await, Some(changed.clone()));
 
     // Disabling is an update; the record says so and the gateway refuses it.
+    let before = changed.clone();
     changed.is_enabled = false;
-    s.update(&changed).await.unwrap();
+    s.update(&before, &changed).await.unwrap();
     let found = find(s, &key, now).await.unwrap();
     assert!(!found.is_enabled);
 
     // Moving to another team moves it in team listings too.
+    let before = changed.clone();
     changed.team_id = Some("team-b".into());
-    s.update(&changed).await.unwrap();
+    s.update(&before, &changed).await.unwrap();
     assert_eq!(s.list(&team("team-b"), page(1, 10)).await.unwrap().1, 1);
     assert_eq!(s.list(&team("team-a"), page(1, 10)).await.unwrap().1, 0);
 
     let missing = record(Some("team-a"), now);
-    assert_not_found(s.update(&missing).await);
+    assert_not_found(s.update(&missing, &missing).await);
     assert_eq!(s.get(&missing.api_key_id).await.unwrap(), None);
 
     s.delete(&r.api_key_id).await.unwrap();
     assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
     assert_eq!(find(s, &key, now).await, None);
     assert_not_found(s.delete(&r.api_key_id).await);
-    assert_not_found(s.update(&changed).await);
+    assert_not_found(s.update(&changed, &changed).await);
 }
 
 async fn rotate_with_grace(h: Harness) {
@@ -338,7 +344,7 @@ async fn rotate_with_grace(h: Harness) {
     // An update during the grace reaches the old hash and keeps its deadline.
     let mut updated = rotated.clone();
     updated.name = "updated in grace".into();
-    s.update(&updated).await.unwrap();
+    s.update(&rotated, &updated).await.unwrap();
     assert_eq!(find(s, &k1, now + secs(59)).await, Some(old_view(&updated)));
     assert_eq!(find(s, &k1, now + secs(61)).await, None);
 
@@ -482,13 +488,14 @@ async fn usage_of_many_keys_in_many_slots_in_one_flush(h: Harness) {
     }
 }
 
-async fn update_keeps_the_rotated_key_start(h: Harness) {
+async fn update_of_a_stale_copy_is_refused(h: Harness) {
     let s = &*h.store;
     let now = Utc::now();
     let r = record(None, now);
     s.create(&r, &new_hash(&r), None).await.unwrap();
-    // An update computed from a copy read before the rotation.
-    let mut stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
+    // An update computed from a copy read before another writer's change (here a rotation)
+    // would write that copy's other fields back: refused, nothing written.
+    let stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
     s.rotate(
         &r.api_key_id,
         &new_hash(&r),
@@ -498,11 +505,161 @@ async fn update_keeps_the_rotated_key_start(h: Harness) {
     )
     .await
     .unwrap();
-    stale_copy.name = "renamed".into();
-    s.update(&stale_copy).await.unwrap();
+    let mut renamed = stale_copy.clone();
+    renamed.name = "renamed".into();
+    assert!(matches!(
+        s.update(&stale_copy, &renamed).await,
+        Err(StoreError::Conflict)
+    ));
+    let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
+    assert_eq!(stored.name, r.name);
+    assert_eq!(stored.key_start, "kg_rotated");
+
+    // From the current copy it applies; `key_start` stays rotation's even if the update says
+    // otherwise.
+    let mut renamed = stored.clone();
+    renamed.name = "renamed".into();
+    renamed.key_start = "kg_forged".into();
+    s.update(&stored, &renamed).await.unwrap();
     let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
     assert_eq!(stored.name, "renamed");
     assert_eq!(stored.key_start, "kg_rotated");
+}
+
+/// The reviewer's race: renames from two "replicas" racing one disable. Each change re-reads
+/// and re-applies on a conflict, so the disable (answered Ok) is never written over by a
+/// rename computed from the enabled copy, and the audit log records it exactly once.
+async fn concurrent_changes_never_undo_a_disable(h: Harness) {
+    let services = [h.store.clone(), h.second().await].map(|s| {
+        Arc::new(KeyService::new(
+            s,
+            KeyPrefix::default(),
+            KeyRules::permissive(),
+        ))
+    });
+    let actor = Actor::cli();
+    for trial in 0..10 {
+        let (_, created) = services[0]
+            .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+            .await
+            .unwrap();
+        let id = created.api_key_id;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (svc, key, who) = (services[i % 2].clone(), id.clone(), actor.clone());
+            tasks.push(tokio::spawn(async move {
+                let change = KeyChange {
+                    name: Some(format!("n{i}")),
+                    description: Some(Some(format!("d{i}"))),
+                    ..KeyChange::default()
+                };
+                svc.change(&key, change, &who, Utc::now()).await.unwrap();
+            }));
+            if i == 3 {
+                let (svc, key, who) = (services[1].clone(), id.clone(), actor.clone());
+                tasks.push(tokio::spawn(async move {
+                    svc.set_enabled(&key, false, &who, Utc::now())
+                        .await
+                        .unwrap();
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stored = h.store.get(&id).await.unwrap().unwrap();
+        assert!(!stored.is_enabled, "trial {trial}: the disable was undone");
+        let filter = AuditFilter {
+            api_key_id: Some(id.clone()),
+            ..AuditFilter::default()
+        };
+        let (events, _) = h.store.list_audit(&filter, page(1, 100)).await.unwrap();
+        let count = |a: AuditAction| events.iter().filter(|e| e.action == a).count();
+        assert_eq!(count(AuditAction::Disable), 1, "trial {trial}");
+        assert_eq!(count(AuditAction::Update), 8, "trial {trial}");
+    }
+}
+
+/// An update racing a delete (from another process) must not put the deleted id back into
+/// the listing index: the unfiltered total would count it for good.
+async fn updates_racing_a_delete_leave_nothing_listed(h: Harness) {
+    let deleter = h.second().await;
+    let now = Utc::now();
+    for _ in 0..10 {
+        let mut races = Vec::new();
+        for _ in 0..30 {
+            let r = record(None, now);
+            h.store.create(&r, &new_hash(&r), None).await.unwrap();
+            let mut renamed = r.clone();
+            renamed.name = "renamed".into();
+            let (store, deleter, id) = (h.store.clone(), deleter.clone(), r.api_key_id.clone());
+            races.push(tokio::spawn(async move {
+                let update = store.update(&r, &renamed);
+                let (_, deleted) = tokio::join!(update, deleter.delete(&id));
+                // The update may find the key gone; only what is left afterwards matters.
+                deleted.unwrap();
+            }));
+        }
+        for race in races {
+            race.await.unwrap();
+        }
+    }
+    let (listed, total) = h.store.list(&all_filter(), page(1, 10)).await.unwrap();
+    assert!(listed.is_empty());
+    assert_eq!(total, 0, "deleted ids left in the listing index");
+}
+
+/// The reveal window is one process's memory: once another process (replica) rotated the key,
+/// the value remembered here is not the key's any more, so it is not handed out, nor audited
+/// as revealed; the rotating process reveals its own value.
+async fn reveal_after_another_process_rotated_is_null(h: Harness) {
+    let rules = KeyRules {
+        reveal_window: MINUTE,
+        ..KeyRules::permissive()
+    };
+    let [here, there] = [h.store.clone(), h.second().await]
+        .map(|s| KeyService::new(s, KeyPrefix::default(), rules.clone()));
+    let actor = Actor::cli();
+    let reveals = |id: &str| {
+        let filter = AuditFilter {
+            api_key_id: Some(id.to_owned()),
+            ..AuditFilter::default()
+        };
+        let store = h.store.clone();
+        async move {
+            let (events, _) = store.list_audit(&filter, page(1, 100)).await.unwrap();
+            events
+                .iter()
+                .filter(|e| e.action == AuditAction::Reveal)
+                .count()
+        }
+    };
+    // Rotated elsewhere with and without a grace period: the old value still works in the
+    // first case, but is not the key's value any more.
+    for grace in [Duration::ZERO, HOUR] {
+        let (key, created) = here
+            .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+            .await
+            .unwrap();
+        let id = created.api_key_id.clone();
+        let shown = here.reveal(&created, &actor, Utc::now()).await.unwrap();
+        assert_eq!(shown.as_deref().map(String::as_str), Some(key.expose()));
+        assert_eq!(reveals(&id).await, 1);
+
+        let (rotated, _) = there.rotate(&id, grace, &actor, Utc::now()).await.unwrap();
+        let stored = h.store.get(&id).await.unwrap().unwrap();
+        assert_eq!(
+            here.reveal(&stored, &actor, Utc::now()).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            reveals(&id).await,
+            1,
+            "a withheld value audited as revealed"
+        );
+        let shown = there.reveal(&stored, &actor, Utc::now()).await.unwrap();
+        assert_eq!(shown.as_deref().map(String::as_str), Some(rotated.expose()));
+    }
 }
 
 async fn delete_removes_every_hash(h: Harness) {
@@ -1129,8 +1286,9 @@ async fn change_feed_reports_every_write(h: Harness) {
     writer.create(&r, &k1, None).await.unwrap();
     expect_change(&mut feed, &[k1]).await;
 
+    let before = r.clone();
     r.is_enabled = false;
-    writer.update(&r).await.unwrap();
+    writer.update(&before, &r).await.unwrap();
     expect_change(&mut feed, &[k1]).await;
 
     writer
@@ -1141,6 +1299,112 @@ async fn change_feed_reports_every_write(h: Harness) {
 
     writer.delete(&r.api_key_id).await.unwrap();
     expect_change(&mut feed, &[k1, k2]).await;
+}
+
+// ---- The audit log failing on its own ----
+
+/// Once a change is in force, failing to audit it must not fail the request: above all a
+/// rotation without grace, whose answer holds the only copy of the key's new value. The audit
+/// log is broken for real: a trigger refusing inserts into the embedded store's table, the
+/// wrong type under the Redis store's stream key.
+async fn changes_stand_when_their_audit_event_cannot_be_stored(
+    h: &Harness,
+    break_audit: impl FnOnce(),
+) {
+    let unaudited = prometheus::IntCounter::new("unaudited", "changes not audited").unwrap();
+    let svc = KeyService::new(
+        h.store.clone(),
+        KeyPrefix::default(),
+        KeyRules::permissive(),
+    )
+    .with_unaudited_counter(unaudited.clone());
+    let actor = Actor::cli();
+    let (_, created) = svc
+        .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+        .await
+        .unwrap();
+    let id = created.api_key_id;
+    break_audit();
+    let probe = AuditEvent {
+        event_id: String::new(),
+        time: Utc::now(),
+        actor: "tester".into(),
+        action: AuditAction::Update,
+        api_key_id: None,
+        team_id: None,
+        user_id: None,
+        client_ip: None,
+        request_id: None,
+        details: BTreeMap::new(),
+    };
+    assert!(
+        h.store.append_audit(&probe).await.is_err(),
+        "audit log not broken"
+    );
+
+    let now = Utc::now();
+    let (new_key, _) = svc.rotate(&id, Duration::ZERO, &actor, now).await.unwrap();
+    let found = h.store.find_by_hash(&new_key.hash(), now).await.unwrap();
+    assert_eq!(found.map(|r| r.api_key_id), Some(id.clone()));
+    let disable = KeyChange {
+        is_enabled: Some(false),
+        ..KeyChange::default()
+    };
+    let changed = svc.change(&id, disable, &actor, Utc::now()).await.unwrap();
+    assert!(!changed.is_enabled);
+    assert!(!h.store.get(&id).await.unwrap().unwrap().is_enabled);
+    let (_, other) = svc
+        .create(CreateKey::new(KeyType::Shared), &actor, Utc::now())
+        .await
+        .unwrap();
+    assert!(h.store.get(&other.api_key_id).await.unwrap().is_some());
+    svc.put_member("team-a", "alice", Role::Owner, &actor, Utc::now())
+        .await
+        .unwrap();
+    svc.remove_member("team-a", "alice", &actor, Utc::now())
+        .await
+        .unwrap();
+    svc.revoke(&id, &actor, Utc::now()).await.unwrap();
+    assert_eq!(h.store.get(&id).await.unwrap(), None);
+    // Rotate, disable, create, member put and remove, revoke: each counted once.
+    assert_eq!(unaudited.get(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_changes_stand_when_their_audit_event_cannot_be_stored() {
+    let h = Harness::embedded();
+    let Backing::Embedded(dir) = &h.backing else {
+        unreachable!()
+    };
+    let path = dir.path().join("keys.db");
+    changes_stand_when_their_audit_event_cannot_be_stored(&h, || {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER audit_down BEFORE INSERT ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'audit log down'); END;",
+            )
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_changes_stand_when_their_audit_event_cannot_be_stored() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let mut raw = raw_conn(server);
+    let key = format!("{ns}:audit");
+    changes_stand_when_their_audit_event_cannot_be_stored(&h, move || {
+        let _: () = ::redis::cmd("SET")
+            .arg(&key)
+            .arg("not a stream")
+            .query(&mut raw)
+            .unwrap();
+    })
+    .await;
 }
 
 // ---- Redis only: real time, layout and outages ----
@@ -1367,7 +1631,7 @@ async fn redis_outage_is_unavailable_and_recovers() {
     assert!(started.elapsed() < op_timeout + Duration::from_secs(1));
     assert_unavailable("get", store.get(&r.api_key_id).await);
     assert_unavailable("create", store.create(&r, &new_hash(&r), None).await);
-    assert_unavailable("update", store.update(&r).await);
+    assert_unavailable("update", store.update(&r, &r).await);
     assert_unavailable("list", store.list(&all_filter(), page(1, 10)).await);
     assert_unavailable("ping", store.ping().await);
     assert_unavailable("changes", store.changes().await);
