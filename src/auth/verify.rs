@@ -15,7 +15,7 @@
 use super::key::{KeyFormatError, KeyHash, KeyPrefix, check_format};
 use super::verified::VerifiedKey;
 use crate::config::CacheConfig;
-use crate::store::{Change, KeyStore};
+use crate::store::{Change, KeyStore, StoreError};
 use crate::striped::StripedCounter;
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
@@ -73,6 +73,10 @@ pub enum VerifyError {
     Unknown,
     #[error("the key store is unavailable")]
     StoreUnavailable,
+    /// The store answered with a record it could not decode (a foreign writer, a bad
+    /// migration): this key cannot be checked, the store and the other keys are fine.
+    #[error("the key's stored record is unreadable")]
+    RecordUnreadable,
 }
 
 /// Counters read by the metrics endpoint and the tests. Striped: every proxy thread bumps them.
@@ -84,6 +88,7 @@ pub struct VerifyStats {
     pub stale_served: StripedCounter,
     pub store_lookups: StripedCounter,
     pub store_errors: StripedCounter,
+    pub unreadable_records: StripedCounter,
 }
 
 /// A cached answer and how long it may answer on its own.
@@ -142,6 +147,9 @@ pub struct Verifier {
     id: u64,
     /// Spaces out the warnings of failed lookups.
     failure_log: LogEvery,
+    /// Spaces out the errors of unreadable records: one client can present one such key
+    /// as often as it likes.
+    unreadable_log: LogEvery,
     pub stats: VerifyStats,
 }
 
@@ -168,6 +176,7 @@ impl Verifier {
             generation: AtomicU64::new(0),
             id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
             failure_log: LogEvery::default(),
+            unreadable_log: LogEvery::default(),
             stats: VerifyStats::default(),
         }
     }
@@ -272,6 +281,16 @@ impl Verifier {
                 Ok(e.into_value().record)
             }
             Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => Err(VerifyError::Unknown),
+            // One bad record says nothing about the store: no back-off, which would refuse
+            // every uncached key for as long as someone keeps presenting this one. No stale
+            // copy either: the store did answer, and what it holds now cannot be checked.
+            Err(err @ StoreError::Corrupt(_)) => {
+                self.stats.unreadable_records.add(1);
+                if let Some(unlogged) = self.unreadable_log.due(self.now_ms()) {
+                    tracing::error!(error = %err, unlogged, "a key's stored record is unreadable");
+                }
+                Err(VerifyError::RecordUnreadable)
+            }
             Err(err) => {
                 self.stats.store_errors.add(1);
                 // One line a second at most: a whole cluster down fails a lookup per group of

@@ -692,7 +692,10 @@ impl RedisStore {
         get.arg(self.names.hash(hash));
         let raw: Option<String> = self.lookup(&get).await?;
         let Some(raw) = raw else { return Ok(None) };
-        let entry: HashEntry<R> = decode(&raw)?;
+        let entry: HashEntry<R> = decode(&raw).map_err(|e| match (e, stored_key_id(&raw)) {
+            (StoreError::Corrupt(why), Some(id)) => StoreError::Corrupt(format!("key {id}: {why}")),
+            (e, _) => e,
+        })?;
         // Redis expiry is approximate; the recorded deadline is what counts.
         if entry
             .valid_until
@@ -1629,6 +1632,13 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
 }
 
+/// The key id in a stored entry that does not decode as a whole, so that the operator learns
+/// which key to fix.
+fn stored_key_id(raw: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(raw).ok()?;
+    Some(value.get("record")?.get("api_key_id")?.as_str()?.to_owned())
+}
+
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
@@ -1640,6 +1650,8 @@ fn redis_err(e: RedisError) -> StoreError {
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
             StoreError::Corrupt(format!("redis: {e}"))
         }
+        // A value of another type at one of our names: that name is broken, Redis is not.
+        _ if e.code() == Some("WRONGTYPE") => StoreError::Corrupt(format!("redis: {e}")),
         _ => unavailable(e),
     }
 }

@@ -586,3 +586,50 @@ fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
     assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// One record that no longer decodes (here: a key type this version does not know) fails the
+/// requests that present its key with 500 KEY_RECORD_UNREADABLE, and nothing else: before,
+/// it put the whole store in back-off, and every uncached key got 503 for a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_key_record_fails_only_its_own_key() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "kgbad").await;
+    let gw = Gateway::start(&config_for(&redis, "kgbad", "ttl = \"1m\"").await);
+    let (bad, bad_record) = create_key(&store, |_| {}).await;
+    let (good, _) = create_key(&store, |_| {}).await;
+    let id = bad_record.api_key_id.to_string();
+    let names = redis_cli(&redis, &["--scan", "--pattern", "kgbad:h:*"]);
+    let name = names
+        .lines()
+        .find(|n| redis_cli(&redis, &["GET", n]).contains(&id))
+        .expect("the bad key's hash entry");
+    let raw = redis_cli(&redis, &["GET", name]);
+    let broken = raw
+        .trim()
+        .replace("\"key_type\":\"shared\"", "\"key_type\":\"service\"");
+    assert_ne!(broken, raw.trim(), "{raw}");
+    redis_cli(&redis, &["SET", name, &broken]);
+
+    let r = client()
+        .get(gw.url("/x"))
+        .bearer_auth(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.headers().get("www-authenticate").is_none());
+    let body = r.text().await.unwrap();
+    assert!(body.contains("KEY_RECORD_UNREADABLE"), "{body}");
+    // At once, within what was the back-off: the store still answers for other keys.
+    assert_eq!(status(&gw, &good).await, 200);
+    assert_eq!(status(&gw, &bad).await, 500);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("keygate_auth_key_records_unreadable_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keygate_requests_total{outcome=\"internal_error\",route=\"api\"} 2"),
+        "{metrics}"
+    );
+}
