@@ -67,6 +67,9 @@ pub enum Outcome {
     UpstreamError,
     /// The client closed its connection before the answer was ready (nginx's 499).
     ClientClosed,
+    /// Keygate closed the connection before the answer was ready: the drain timeout ran out
+    /// at shutdown (nginx's 444, "closed without a response").
+    DrainCutOff,
 }
 
 impl Outcome {
@@ -82,6 +85,7 @@ impl Outcome {
             Outcome::InternalError => "internal_error",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientClosed => "client_closed",
+            Outcome::DrainCutOff => "drain_cut_off",
         }
     }
 }

@@ -176,6 +176,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Dropping it writes out the lines still queued: held until the runtime is gone, for the
+    // requests a drain cut off are dropped with it and log then.
+    let log_writer = serve_config
+        .as_ref()
+        .map(|(cfg, _)| keygate::telemetry::init_logging(&cfg.log));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => match serve_config {
@@ -188,6 +193,8 @@ fn main() -> ExitCode {
             Command::Echo { listen } => echo(listen).await,
         }
     });
+    drop(runtime);
+    drop(log_writer);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -270,8 +277,6 @@ async fn serve(
             .to_owned(),
         );
     }
-    // Held to the end of `serve`: dropping it writes out the lines still queued.
-    let _log_writer = keygate::telemetry::init_logging(&cfg.log);
     if let Err(e) = huge_pages {
         tracing::warn!(
             error = %e,

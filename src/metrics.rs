@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 10] = [
+pub const OUTCOMES: [Outcome; 11] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -28,6 +28,7 @@ pub const OUTCOMES: [Outcome; 10] = [
     Outcome::InternalError,
     Outcome::UpstreamError,
     Outcome::ClientClosed,
+    Outcome::DrainCutOff,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -69,6 +70,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::InternalError => 7,
         Outcome::UpstreamError => 8,
         Outcome::ClientClosed => 9,
+        Outcome::DrainCutOff => 10,
     }
 }
 
