@@ -4,6 +4,7 @@
 
 use crate::support::gateway::Gateway;
 use crate::support::redis::RedisServer;
+use crate::support::relay::Relay;
 use crate::support::{client, eventually, upstream};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -1285,6 +1286,34 @@ async fn readiness_follows_the_store() {
     assert_eq!(r.status(), 200);
     redis.restart();
     assert!(eventually(Duration::from_secs(5), || async { ready().await == 200 }).await);
+}
+
+/// A Redis that accepts and never answers: a gateway told to stay ready without its store
+/// answers /readyz well inside a kubelet's default 1 s probe timeout. It waited for the ping
+/// (min(store.timeout, 2 s)) before, so the probe timed out and the replica went unready.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_without_store_answers_at_once_when_redis_hangs() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let section = format!(
+        "kind = \"redis\"\nredis_url = \"{}\"\ntimeout = \"3s\"",
+        relay.url()
+    );
+    let gw = start_gateway(&section, "ready_without_store = true").await;
+    let readyz = || async {
+        let started = std::time::Instant::now();
+        let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap(), started.elapsed())
+    };
+    assert_eq!(readyz().await.0, 200);
+    relay.hang_everything();
+    for _ in 0..3 {
+        let (status, body, took) = readyz().await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("unreachable"), "{body}");
+        assert!(took < Duration::from_millis(800), "/readyz took {took:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
