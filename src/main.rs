@@ -285,6 +285,8 @@ async fn serve(
         );
     }
 
+    catch_hangup(cfg.proxy.tls.is_some() || (cfg.admin.enabled && cfg.admin.tls.is_some()));
+
     // Dev mode keeps its temporary directory alive for the whole run.
     let mut _dev_dir = None;
     let mut dev_banner = None;
@@ -404,6 +406,32 @@ async fn serve(
         keygate::app::shutdown_signal(),
     )
     .await
+}
+
+/// SIGHUP reloads TLS material (each acceptor's reloader catches it too). Caught from start-up
+/// on, with or without TLS: its default action ends the process at once, no drain, and the
+/// README tells operators to send it.
+fn catch_hangup(tls: bool) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        if tls {
+                            tracing::info!("SIGHUP received; reloading TLS material");
+                        } else {
+                            tracing::info!("SIGHUP received; no TLS configured, nothing to reload");
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot catch SIGHUP; it would end the process"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// A listener's TLS acceptor with its certificate reloader running, when TLS is configured.

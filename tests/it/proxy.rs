@@ -2259,6 +2259,31 @@ async fn case_insensitive_paths_keep_a_routes_rules_on_every_spelling() {
     assert_eq!(r.status(), 401);
 }
 
+/// SIGHUP reloads TLS material; a gateway with no TLS must live through it (its default
+/// action ended the process at once, exit 129, no drain) and keep serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_without_tls_neither_stops_nor_disturbs_the_gateway() {
+    let mut e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &e.gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("the gateway is gone after SIGHUP");
+    assert_eq!(r.status(), 200);
+    let status = tokio::task::spawn_blocking(move || e.gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// A request still waiting on its upstream when the drain time runs out is cut by keygate,
 /// not by its client: its access line says so (status 444, outcome `drain_cut_off`), and it
 /// reaches the log. Before, the line came after the log writer had closed, so it was lost
