@@ -151,7 +151,7 @@ impl AdminApi {
     /// listener is kept inside the cluster).
     async fn metrics(&self) -> AdminResponse {
         self.metrics
-            .set_cache_entries(self.verifier.cached_entries());
+            .set_cache_entries(self.verifier.cached_entries().await);
         let up = matches!(
             tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await,
             Ok(Ok(()))

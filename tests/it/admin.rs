@@ -1442,6 +1442,41 @@ async fn head_answers_like_get_without_a_body_or_a_reveal() {
     assert_eq!(r.headers()["allow"], "GET, HEAD");
 }
 
+/// `keygate_auth_cache_entries` counts the keys the cache holds when scraped. It read moka's
+/// count without letting moka apply its queued inserts, which cached requests (answered from
+/// per-thread copies) never make it do, so it stayed at 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cache_entries_gauge_counts_cached_keys() {
+    let e = start("embedded", "").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(e.create(json!({"key_type": "shared"})).await.1);
+    }
+    // A key loaded while a change arrives is answered but not cached: the creations' changes
+    // are in before the keys are used, and each key is used until it is a cache hit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for key in &keys {
+        for _ in 0..3 {
+            assert_eq!(e.proxy_status(key).await, 200);
+        }
+    }
+    let gauge = || async {
+        let text = client()
+            .get(e.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_auth_cache_entries "))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert_eq!(gauge().await, "3");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_exposed_parsable_and_free_of_keys() {
     let e = start("embedded", "").await;
