@@ -79,14 +79,15 @@ use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
-    Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
+    RedisFuture, Script, Value,
 };
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
@@ -407,6 +408,109 @@ impl LookupConns {
     }
 }
 
+/// Why connecting to one Redis fails, when it fails for a reason other than silence. The
+/// connection manager retries a refused login (or connection) for seconds, with back-off, so an
+/// operation sees only its own timeout: a wrong password read "redis did not answer within
+/// 500ms" on every lookup, each waiting the whole timeout. After an operation times out, one
+/// direct connection attempt (no retries) finds the cause; a refused login then fails every
+/// operation at once, naming it, and is looked at again at most once per [`RECHECK`] until a
+/// login succeeds.
+struct ConnectDoctor {
+    client: Client,
+    timeout: Duration,
+    examining: AtomicBool,
+    found: Mutex<Option<Finding>>,
+}
+
+struct Finding {
+    at: Instant,
+    /// A refused login, which no retry fixes: fail fast. Anything else (refused connection,
+    /// unknown host) is only named, as outages come and go.
+    login_refused: bool,
+    cause: String,
+}
+
+/// How long a refused login fails operations at once before it is checked again.
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl ConnectDoctor {
+    fn new(client: Client, timeout: Duration) -> Self {
+        Self {
+            client,
+            timeout,
+            examining: AtomicBool::new(false),
+            found: Mutex::new(None),
+        }
+    }
+
+    fn found(&self) -> std::sync::MutexGuard<'_, Option<Finding>> {
+        self.found.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The refused login to fail an operation with, if one is known; a stale one is checked
+    /// again in the background meanwhile.
+    fn refused_login(self: &Arc<Self>) -> Option<StoreError> {
+        let (cause, stale) = {
+            let found = self.found();
+            let f = found.as_ref().filter(|f| f.login_refused)?;
+            (f.cause.clone(), f.at.elapsed() >= RECHECK)
+        };
+        if stale {
+            self.examine();
+        }
+        Some(StoreError::Unavailable(format!(
+            "redis refused keygate's login: {cause}"
+        )))
+    }
+
+    /// What the last examination found, whatever its age.
+    fn cause(&self) -> Option<String> {
+        self.found().as_ref().map(|f| f.cause.clone())
+    }
+
+    /// Tries one connection in the background, unless one is being tried.
+    fn examine(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.examining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let doctor = self.clone();
+        runtime.spawn(async move {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(doctor.timeout))
+                .set_response_timeout(Some(doctor.timeout));
+            let attempt = tokio::time::timeout(
+                doctor.timeout.saturating_mul(2),
+                doctor
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await;
+            // Connected, or no answer: nothing to name (a hung connection is replaced anyway).
+            let finding = match attempt {
+                Ok(Err(e)) if !e.is_timeout() => Some(Finding {
+                    at: Instant::now(),
+                    login_refused: e.kind() == ErrorKind::AuthenticationFailed
+                        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")),
+                    cause: e.to_string(),
+                }),
+                _ => None,
+            };
+            {
+                let mut found = doctor.found();
+                let news = finding.as_ref().map(|f| &f.cause) != found.as_ref().map(|f| &f.cause);
+                if news && let Some(f) = &finding {
+                    tracing::error!(cause = %f.cause, "cannot connect to redis");
+                }
+                *found = finding;
+            }
+            doctor.examining.store(false, Ordering::Release);
+        });
+    }
+}
+
 /// A connection and when it was made: of the operations that time out on one connection at
 /// once, the first replaces it and the others find a newer one and leave it.
 struct Made<C> {
@@ -552,6 +656,8 @@ pub struct RedisStore {
     usage_script: Script,
     /// [`AUDIT_CAP`], except in tests (see [`RedisStore::with_audit_cap`]).
     audit_cap: usize,
+    /// One server: names why connecting fails (see [`ConnectDoctor`]).
+    doctor: Option<Arc<ConnectDoctor>>,
 }
 
 impl RedisStore {
@@ -586,6 +692,7 @@ impl RedisStore {
             op_timeout,
         );
         store.conn.remake = Some(Remake::Single(client.clone(), config.clone()));
+        store.doctor = Some(Arc::new(ConnectDoctor::new(client.clone(), op_timeout)));
         store.lookups = Some(LookupConns {
             client,
             config: config.set_response_timeout(None),
@@ -637,6 +744,7 @@ impl RedisStore {
             member_script: Script::new(MEMBER_LUA),
             usage_script: Script::new(USAGE_LUA),
             audit_cap: AUDIT_CAP,
+            doctor: None,
         };
         // Warm the connection in the background so the first request does not pay for it; a
         // failure here only means Redis is not up yet.
@@ -667,6 +775,9 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
         let started = Instant::now();
         match tokio::time::timeout(self.op_timeout, fut).await {
             Ok(done) => done,
@@ -677,8 +788,26 @@ impl RedisStore {
         }
     }
 
+    fn refused_login(&self) -> Option<StoreError> {
+        self.doctor.as_ref()?.refused_login()
+    }
+
+    /// A timed-out operation's error; it also has the doctor look for a cause.
     fn no_answer(&self) -> StoreError {
-        StoreError::Unavailable(format!("redis did not answer within {:?}", self.op_timeout))
+        let cause = self.doctor.as_ref().and_then(|d| {
+            d.examine();
+            d.cause()
+        });
+        match cause {
+            Some(cause) => StoreError::Unavailable(format!(
+                "redis did not answer within {:?}; connecting to it fails: {cause}",
+                self.op_timeout
+            )),
+            None => StoreError::Unavailable(format!(
+                "redis did not answer within {:?}",
+                self.op_timeout
+            )),
+        }
     }
 
     /// The record stored under `hash`, decoded as `R`, with the end of its grace period when the
@@ -719,6 +848,9 @@ impl RedisStore {
         let Some(l) = &self.lookups else {
             return self.bounded(self.query(cmd)).await;
         };
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
         // Making a lazy manager does no I/O and fails only on options we do not set.
         let started = Instant::now();
         let Ok(mut conn) = l

@@ -633,3 +633,61 @@ async fn an_unreadable_key_record_fails_only_its_own_key() {
         "{metrics}"
     );
 }
+
+/// A wrong Redis password is reported as such, and operations stop waiting out their timeout
+/// for it: every lookup said "redis did not answer within …" and took the whole timeout, the
+/// connection manager retrying the refused login behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_redis_login_is_named_and_fails_fast() {
+    let redis = RedisServer::start();
+    redis_cli(&redis, &["CONFIG", "SET", "requirepass", "right-secret"]);
+    let url = format!("redis://:wrong-secret@127.0.0.1:{}/", redis.port());
+    let store = RedisStore::connect(&url, "kgpw", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let hash = keygate::auth::key::KeyHash::of("kg_not_a_stored_key");
+    let fails_fast_naming_the_login = || async {
+        let started = std::time::Instant::now();
+        let ping = store.ping().await.expect_err("a refused login cannot ping");
+        let lookup = store
+            .find_verified_by_hash(&hash, chrono::Utc::now())
+            .await
+            .expect_err("a refused login cannot look up");
+        let took = started.elapsed();
+        let (ping, lookup) = (ping.to_string(), lookup.to_string());
+        assert!(
+            !ping.contains("secret") && !lookup.contains("secret"),
+            "{ping} {lookup}"
+        );
+        took < Duration::from_millis(500) && ping.contains("login") && lookup.contains("login")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), fails_fast_naming_the_login).await,
+        "a wrong password still reads as a timeout: {:?}",
+        store.ping().await
+    );
+    // The password is put right on the server's side: the store recovers on its own.
+    redis_cli(
+        &redis,
+        &[
+            "-a",
+            "right-secret",
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "wrong-secret",
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            store.ping().await.is_ok()
+                && store
+                    .find_verified_by_hash(&hash, chrono::Utc::now())
+                    .await
+                    .is_ok()
+        })
+        .await,
+        "no recovery: {:?}",
+        store.ping().await
+    );
+}
