@@ -419,6 +419,8 @@ struct ConnectDoctor {
     client: Client,
     timeout: Duration,
     examining: AtomicBool,
+    /// `found` holds a refused login: read without the lock by every operation.
+    refusing: AtomicBool,
     found: Mutex<Option<Finding>>,
 }
 
@@ -432,6 +434,9 @@ struct Finding {
 
 /// How long a refused login fails operations at once before it is checked again.
 const RECHECK: Duration = Duration::from_secs(1);
+/// How long a finding names the cause of later timeouts: each timeout examines again, so an
+/// older one is from an earlier trouble.
+const CAUSE_KEPT: Duration = Duration::from_secs(10);
 
 impl ConnectDoctor {
     fn new(client: Client, timeout: Duration) -> Self {
@@ -439,6 +444,7 @@ impl ConnectDoctor {
             client,
             timeout,
             examining: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             found: Mutex::new(None),
         }
     }
@@ -450,6 +456,9 @@ impl ConnectDoctor {
     /// The refused login to fail an operation with, if one is known; a stale one is checked
     /// again in the background meanwhile.
     fn refused_login(self: &Arc<Self>) -> Option<StoreError> {
+        if !self.refusing.load(Ordering::Acquire) {
+            return None;
+        }
         let (cause, stale) = {
             let found = self.found();
             let f = found.as_ref().filter(|f| f.login_refused)?;
@@ -463,9 +472,11 @@ impl ConnectDoctor {
         )))
     }
 
-    /// What the last examination found, whatever its age.
+    /// What a recent examination found.
     fn cause(&self) -> Option<String> {
-        self.found().as_ref().map(|f| f.cause.clone())
+        let found = self.found();
+        let f = found.as_ref().filter(|f| f.at.elapsed() < CAUSE_KEPT)?;
+        Some(f.cause.clone())
     }
 
     /// Tries one connection in the background, unless one is being tried.
@@ -504,7 +515,9 @@ impl ConnectDoctor {
                 if news && let Some(f) = &finding {
                     tracing::error!(cause = %f.cause, "cannot connect to redis");
                 }
+                let refusing = finding.as_ref().is_some_and(|f| f.login_refused);
                 *found = finding;
+                doctor.refusing.store(refusing, Ordering::Release);
             }
             doctor.examining.store(false, Ordering::Release);
         });
