@@ -146,6 +146,7 @@ pub async fn run(
     // noticed the failure) must outlive the drain.
     let (release_tx, release_rx) = watch::channel(false);
     let mut others_done = Vec::new();
+    let mut other_threads = Vec::new();
     for ((index, gateway), member) in gateways.enumerate().zip(members) {
         let thread = ProxyThread {
             index: index + 1,
@@ -159,7 +160,10 @@ pub async fn run(
         };
         let started = thread.start(&listeners.proxy);
         match started {
-            Ok(done) => others_done.push(done),
+            Ok((done, thread)) => {
+                others_done.push(done);
+                other_threads.push(thread);
+            }
             Err(e) => {
                 // Those already started stop and drain on their own.
                 let _ = stop_tx.send(true);
@@ -261,6 +265,11 @@ pub async fn run(
     }
     let _ = release_tx.send(true);
     follower.abort();
+    // Their runtimes drop what the drain cut off, writing those requests' access lines: done
+    // before `run` returns, while the log writer is still there to take them.
+    for thread in other_threads {
+        let _ = thread.join();
+    }
     Ok(())
 }
 
@@ -293,6 +302,7 @@ async fn serve_proxy(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let cut_off = gateway.clone();
     let serving = server::serve_shared(
         listener,
         member,
@@ -310,7 +320,9 @@ async fn serve_proxy(
         shutdown,
     );
     tokio::select! {
-        () = serving => {}
+        expired = serving => if expired {
+            cut_off.drain_expired();
+        },
         () = timer_floor() => {}
     }
 }
@@ -352,8 +364,12 @@ struct ProxyThread {
 
 impl ProxyThread {
     /// Starts the thread; everything that can fail happens before it does. The receiver
-    /// resolves once the thread has drained (its runtime then runs until `release`).
-    fn start(self, listener: &TcpListener) -> std::io::Result<oneshot::Receiver<()>> {
+    /// resolves once the thread has drained (its runtime then runs until `release`); the
+    /// thread ends once its runtime is dropped.
+    fn start(
+        self,
+        listener: &TcpListener,
+    ) -> std::io::Result<(oneshot::Receiver<()>, std::thread::JoinHandle<()>)> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             // Each thread has its own blocking pool (DNS lookups, the embedded store):
@@ -378,7 +394,7 @@ impl ProxyThread {
             mut release,
             ..
         } = self;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("keygate-proxy-{index}"))
             .spawn(move || {
                 let stopped = async move {
@@ -390,7 +406,7 @@ impl ProxyThread {
                     let _ = release.wait_for(|r| *r).await;
                 });
             })?;
-        Ok(done_rx)
+        Ok((done_rx, thread))
     }
 }
 

@@ -1125,6 +1125,16 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         ready_without_store: raw.admin.ready_without_store,
         tls: check_tls(&mut p, "admin.tls", raw.admin.tls),
     };
+    if admin.enabled && same_port(proxy.listen, admin.listen) {
+        p.add(
+            "admin.listen",
+            format!(
+                "{} clashes with proxy.listen ({}): the proxy and the admin listener need \
+                 ports of their own",
+                admin.listen, proxy.listen
+            ),
+        );
+    }
     if admin.max_body_bytes < 1024 {
         p.add("admin.max_body_bytes", "must be at least 1024");
     }
@@ -1321,6 +1331,14 @@ fn upstream_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String
     Ok(roots)
 }
 
+/// Whether two listeners would take the same port: the same address, or one on every address
+/// (`0.0.0.0`, `::`). Port 0 asks for a free port, so never clashes.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|_| {
         p.add(field, format!("{s:?} is not an address:port"));
@@ -1489,6 +1507,41 @@ mod tests {
         assert_eq!(c.routes[0].scopes, vec!["read".to_string()]);
         assert_eq!(c.proxy.trusted_proxies.len(), 2);
         assert_eq!(c.auth.sources, vec![KeySource::Bearer, KeySource::Header]);
+    }
+
+    #[test]
+    fn the_proxy_and_admin_listeners_may_not_share_a_port() {
+        for (proxy, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ] {
+            let toml = format!("[proxy]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n");
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{proxy} and {admin} accepted")
+            };
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.field == "admin.listen" && p.reason.contains("proxy.listen")),
+                "{problems:?}"
+            );
+        }
+        for (proxy, admin, enabled) in [
+            ("127.0.0.1:8080", "127.0.0.1:9090", true),
+            ("127.0.0.1:8080", "127.0.0.2:8080", true),
+            ("127.0.0.1:0", "127.0.0.1:0", true),
+            ("127.0.0.1:8080", "127.0.0.1:8080", false),
+        ] {
+            let toml = format!(
+                "[proxy]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\nenabled = {enabled}\n"
+            );
+            if let Err(ConfigError::Invalid(problems)) = from_toml(&toml) {
+                assert!(
+                    !problems.iter().any(|p| p.field == "admin.listen"),
+                    "{proxy} {admin} {enabled}: {problems:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -63,9 +63,15 @@ pub enum Outcome {
     Unauthenticated,
     Forbidden,
     StoreUnavailable,
+    /// Keygate's own fault, not the client's nor a dependency being down (an unreadable key
+    /// record).
+    InternalError,
     UpstreamError,
     /// The client closed its connection before the answer was ready (nginx's 499).
     ClientClosed,
+    /// Keygate closed the connection before the answer was ready: the drain timeout ran out
+    /// at shutdown (nginx's 444, "closed without a response").
+    DrainCutOff,
 }
 
 impl Outcome {
@@ -78,8 +84,10 @@ impl Outcome {
             Outcome::Unauthenticated => "unauthenticated",
             Outcome::Forbidden => "forbidden",
             Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::InternalError => "internal_error",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientClosed => "client_closed",
+            Outcome::DrainCutOff => "drain_cut_off",
         }
     }
 }
@@ -242,6 +250,15 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             "the key store is unavailable; retry shortly",
             None,
             Outcome::StoreUnavailable,
+        ),
+        // Not 401: the key may be perfectly good, and a client told its key is invalid would
+        // drop it. Not 503: retrying does not help until the record is fixed.
+        GatewayError::Verify(VerifyError::RecordUnreadable) => a(
+            S::INTERNAL_SERVER_ERROR,
+            "KEY_RECORD_UNREADABLE",
+            "the API key's stored record cannot be read; the gateway's operators must fix it",
+            None,
+            Outcome::InternalError,
         ),
         GatewayError::Policy(PolicyRefusal::Disabled) if reveal_reason => a(
             S::UNAUTHORIZED,
@@ -409,6 +426,12 @@ mod tests {
                 VerifyError::StoreUnavailable.into(),
                 503,
                 "STORE_UNAVAILABLE",
+                None,
+            ),
+            (
+                VerifyError::RecordUnreadable.into(),
+                500,
+                "KEY_RECORD_UNREADABLE",
                 None,
             ),
             (

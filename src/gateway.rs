@@ -32,6 +32,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The upstream's response, or keygate's own answer; over HTTP/2 both are watched for a client
@@ -59,6 +60,9 @@ pub struct Gateway {
     metrics: RequestSeries,
     /// `None` when usage records are disabled.
     usage: Option<Arc<UsageRecorder>>,
+    /// Set once this gateway's listener gave up draining: a request still unanswered then is
+    /// dropped by keygate, not by its client.
+    drain_expired: AtomicBool,
 }
 
 /// The client end of one connection, worked out when it opens rather than on every request:
@@ -92,7 +96,8 @@ struct Trace {
 /// One request between its headers and its answer: in `keygate_in_flight_requests` for that
 /// long, then counted and logged once. When the client closes its connection first, hyper
 /// drops [`Gateway::handle`] at its `await`; the drop still takes the request out of the gauge
-/// and counts and logs it, as `client_closed` with nginx's status 499.
+/// and counts and logs it, as `client_closed` with nginx's status 499; when the drain timeout
+/// dropped it, as `drain_cut_off` with nginx's 444.
 struct InFlight<'g> {
     gateway: &'g Gateway,
     peer: &'g Peer,
@@ -144,7 +149,11 @@ impl<'g> InFlight<'g> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.finish(499, Outcome::ClientClosed, "");
+            if self.gateway.drain_expired.load(Ordering::Relaxed) {
+                self.finish(444, Outcome::DrainCutOff, "");
+            } else {
+                self.finish(499, Outcome::ClientClosed, "");
+            }
         }
     }
 }
@@ -196,7 +205,14 @@ impl Gateway {
             deny_ips,
             metrics,
             usage,
+            drain_expired: AtomicBool::new(false),
         })
+    }
+
+    /// The listener stopped draining with requests of this gateway still unanswered; they are
+    /// dropped next (with the runtime), and logged as cut off by the drain.
+    pub fn drain_expired(&self) {
+        self.drain_expired.store(true, Ordering::Relaxed);
     }
 
     pub fn peer(&self, addr: SocketAddr) -> Peer {

@@ -176,6 +176,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Dropping it writes out the lines still queued: held until the runtime is gone, for the
+    // requests a drain cut off are dropped with it and log then.
+    let log_writer = serve_config
+        .as_ref()
+        .map(|(cfg, _)| keygate::telemetry::init_logging(&cfg.log));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => match serve_config {
@@ -188,6 +193,8 @@ fn main() -> ExitCode {
             Command::Echo { listen } => echo(listen).await,
         }
     });
+    drop(runtime);
+    drop(log_writer);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -270,8 +277,6 @@ async fn serve(
             .to_owned(),
         );
     }
-    // Held to the end of `serve`: dropping it writes out the lines still queued.
-    let _log_writer = keygate::telemetry::init_logging(&cfg.log);
     if let Err(e) = huge_pages {
         tracing::warn!(
             error = %e,
@@ -279,6 +284,8 @@ async fn serve(
             "cannot set transparent huge pages for the process; the system's policy applies"
         );
     }
+
+    catch_hangup(cfg.proxy.tls.is_some() || (cfg.admin.enabled && cfg.admin.tls.is_some()));
 
     // Dev mode keeps its temporary directory alive for the whole run.
     let mut _dev_dir = None;
@@ -399,6 +406,32 @@ async fn serve(
         keygate::app::shutdown_signal(),
     )
     .await
+}
+
+/// SIGHUP reloads TLS material (each acceptor's reloader catches it too). Caught from start-up
+/// on, with or without TLS: its default action ends the process at once, no drain, and the
+/// README tells operators to send it.
+fn catch_hangup(tls: bool) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        if tls {
+                            tracing::info!("SIGHUP received; reloading TLS material");
+                        } else {
+                            tracing::info!("SIGHUP received; no TLS configured, nothing to reload");
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot catch SIGHUP; it would end the process"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// A listener's TLS acceptor with its certificate reloader running, when TLS is configured.

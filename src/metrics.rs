@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 9] = [
+pub const OUTCOMES: [Outcome; 11] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -25,8 +25,10 @@ pub const OUTCOMES: [Outcome; 9] = [
     Outcome::Unauthenticated,
     Outcome::Forbidden,
     Outcome::StoreUnavailable,
+    Outcome::InternalError,
     Outcome::UpstreamError,
     Outcome::ClientClosed,
+    Outcome::DrainCutOff,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -65,8 +67,10 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::Unauthenticated => 4,
         Outcome::Forbidden => 5,
         Outcome::StoreUnavailable => 6,
-        Outcome::UpstreamError => 7,
-        Outcome::ClientClosed => 8,
+        Outcome::InternalError => 7,
+        Outcome::UpstreamError => 8,
+        Outcome::ClientClosed => 9,
+        Outcome::DrainCutOff => 10,
     }
 }
 
@@ -437,7 +441,7 @@ struct VerifyCollector {
     descs: Vec<Desc>,
 }
 
-const VERIFY_COUNTERS: [(&str, &str); 6] = [
+const VERIFY_COUNTERS: [(&str, &str); 7] = [
     (
         "keygate_auth_cache_hits_total",
         "Key verifications answered by the cache",
@@ -461,6 +465,10 @@ const VERIFY_COUNTERS: [(&str, &str); 6] = [
     (
         "keygate_auth_store_errors_total",
         "Key lookups the store could not answer",
+    ),
+    (
+        "keygate_auth_key_records_unreadable_total",
+        "Key lookups that found a stored record that could not be decoded",
     ),
 ];
 
@@ -490,6 +498,7 @@ impl Collector for VerifyCollector {
             s.stale_served.get(),
             s.store_lookups.get(),
             s.store_errors.get(),
+            s.unreadable_records.get(),
         ];
         VERIFY_COUNTERS
             .iter()

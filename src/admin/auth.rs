@@ -237,6 +237,7 @@ pub async fn authenticate(
 
     let key = verifier.verify(token, now).await.map_err(|e| match e {
         VerifyError::StoreUnavailable => AdminError::StoreUnavailable,
+        VerifyError::RecordUnreadable => AdminError::KeyRecordUnreadable,
         VerifyError::Malformed(_) | VerifyError::Unknown => AdminError::InvalidCredential,
     })?;
     policy::authorize(&key, &[required_scope.to_owned()], client_ip, now).map_err(|e| match e {

@@ -38,6 +38,8 @@ pub enum AdminError {
     UnsupportedMediaType,
     #[error("the key store is unavailable; retry shortly")]
     StoreUnavailable,
+    #[error("the admin key's stored record cannot be read")]
+    KeyRecordUnreadable,
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -71,6 +73,7 @@ impl AdminError {
                 (S::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
             }
             AdminError::StoreUnavailable => (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
+            AdminError::KeyRecordUnreadable => (S::INTERNAL_SERVER_ERROR, "KEY_RECORD_UNREADABLE"),
             AdminError::Key(e) => match e {
                 KeyError::NotFound => (S::NOT_FOUND, "API_KEY_NOT_FOUND"),
                 KeyError::LimitExceeded { .. } => (S::FORBIDDEN, "API_KEY_LIMIT_EXCEEDED"),

@@ -36,6 +36,10 @@ pub type AdminResponse = Response<Full<Bytes>>;
 const DEFAULT_PER_PAGE: u32 = 20;
 const MAX_PER_PAGE: u32 = 100;
 const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// With `ready_without_store` the answer is "ready" whatever the ping says (it only picks the
+/// reason), so the ping gets this long at most: well inside a kubelet's default 1 s probe
+/// timeout, which a hung store would otherwise run out and make the replica unready.
+const READY_PING_TIMEOUT_WITHOUT_STORE: Duration = Duration::from_millis(250);
 
 pub struct AdminApi {
     pub service: KeyService,
@@ -147,7 +151,7 @@ impl AdminApi {
     /// listener is kept inside the cluster).
     async fn metrics(&self) -> AdminResponse {
         self.metrics
-            .set_cache_entries(self.verifier.cached_entries());
+            .set_cache_entries(self.verifier.cached_entries().await);
         let up = matches!(
             tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await,
             Ok(Ok(()))
@@ -390,7 +394,12 @@ impl AdminApi {
                 meta: None,
             });
         }
-        match tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await {
+        let wait = if self.ready_without_store {
+            READY_PING_TIMEOUT_WITHOUT_STORE
+        } else {
+            READY_PING_TIMEOUT
+        };
+        match tokio::time::timeout(wait, self.service.store().ping()).await {
             Ok(Ok(())) => Ok(Reply::ok(json!({"status": "ready"}))),
             _ if self.ready_without_store => Ok(Reply::ok(json!({
                 "status": "ready",

@@ -124,7 +124,9 @@ pub async fn serve<M, H, B>(
 }
 
 /// [`serve`] for one of several threads accepting from the same socket: `member` (from
-/// [`spread::members`]) evens their connections out.
+/// [`spread::members`]) evens their connections out. `true` when the drain timeout ran out
+/// with connections still open: their tasks are left to the runtime, which drops them (and
+/// the requests they serve) when it is dropped.
 pub async fn serve_shared<M, H, B>(
     listener: TcpListener,
     mut member: Option<spread::Member>,
@@ -132,7 +134,8 @@ pub async fn serve_shared<M, H, B>(
     tls: Option<TlsAcceptor>,
     make_handler: M,
     shutdown: impl Future<Output = ()>,
-) where
+) -> bool
+where
     M: Fn(SocketAddr) -> H,
     H: Handler<Body = B>,
     B: http_body::Body + Send + 'static,
@@ -272,9 +275,13 @@ pub async fn serve_shared<M, H, B>(
     // bytes keygate cannot ask to finish, so they get the drain time to close on their own.
     let drained = async { while holds_rx.recv().await.is_some() {} };
     tokio::select! {
-        () = drained => tracing::debug!("all connections drained"),
+        () = drained => {
+            tracing::debug!("all connections drained");
+            false
+        }
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
+            true
         }
     }
 }

@@ -79,14 +79,15 @@ use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
-    Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
+    RedisFuture, Script, Value,
 };
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
@@ -407,6 +408,122 @@ impl LookupConns {
     }
 }
 
+/// Why connecting to one Redis fails, when it fails for a reason other than silence. The
+/// connection manager retries a refused login (or connection) for seconds, with back-off, so an
+/// operation sees only its own timeout: a wrong password read "redis did not answer within
+/// 500ms" on every lookup, each waiting the whole timeout. After an operation times out, one
+/// direct connection attempt (no retries) finds the cause; a refused login then fails every
+/// operation at once, naming it, and is looked at again at most once per [`RECHECK`] until a
+/// login succeeds.
+struct ConnectDoctor {
+    client: Client,
+    timeout: Duration,
+    examining: AtomicBool,
+    /// `found` holds a refused login: read without the lock by every operation.
+    refusing: AtomicBool,
+    found: Mutex<Option<Finding>>,
+}
+
+struct Finding {
+    at: Instant,
+    /// A refused login, which no retry fixes: fail fast. Anything else (refused connection,
+    /// unknown host) is only named, as outages come and go.
+    login_refused: bool,
+    cause: String,
+}
+
+/// How long a refused login fails operations at once before it is checked again.
+const RECHECK: Duration = Duration::from_secs(1);
+/// How long a finding names the cause of later timeouts: each timeout examines again, so an
+/// older one is from an earlier trouble.
+const CAUSE_KEPT: Duration = Duration::from_secs(10);
+
+impl ConnectDoctor {
+    fn new(client: Client, timeout: Duration) -> Self {
+        Self {
+            client,
+            timeout,
+            examining: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            found: Mutex::new(None),
+        }
+    }
+
+    fn found(&self) -> std::sync::MutexGuard<'_, Option<Finding>> {
+        self.found.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The refused login to fail an operation with, if one is known; a stale one is checked
+    /// again in the background meanwhile.
+    fn refused_login(self: &Arc<Self>) -> Option<StoreError> {
+        if !self.refusing.load(Ordering::Acquire) {
+            return None;
+        }
+        let (cause, stale) = {
+            let found = self.found();
+            let f = found.as_ref().filter(|f| f.login_refused)?;
+            (f.cause.clone(), f.at.elapsed() >= RECHECK)
+        };
+        if stale {
+            self.examine();
+        }
+        Some(StoreError::Unavailable(format!(
+            "redis refused keygate's login: {cause}"
+        )))
+    }
+
+    /// What a recent examination found.
+    fn cause(&self) -> Option<String> {
+        let found = self.found();
+        let f = found.as_ref().filter(|f| f.at.elapsed() < CAUSE_KEPT)?;
+        Some(f.cause.clone())
+    }
+
+    /// Tries one connection in the background, unless one is being tried.
+    fn examine(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.examining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let doctor = self.clone();
+        runtime.spawn(async move {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(doctor.timeout))
+                .set_response_timeout(Some(doctor.timeout));
+            let attempt = tokio::time::timeout(
+                doctor.timeout.saturating_mul(2),
+                doctor
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await;
+            // Connected, or no answer: nothing to name (a hung connection is replaced anyway).
+            let finding = match attempt {
+                Ok(Err(e)) if !e.is_timeout() => Some(Finding {
+                    at: Instant::now(),
+                    login_refused: e.kind() == ErrorKind::AuthenticationFailed
+                        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")),
+                    cause: e.to_string(),
+                }),
+                _ => None,
+            };
+            {
+                let mut found = doctor.found();
+                let news = finding.as_ref().map(|f| &f.cause) != found.as_ref().map(|f| &f.cause);
+                if news && let Some(f) = &finding {
+                    tracing::error!(cause = %f.cause, "cannot connect to redis");
+                }
+                let refusing = finding.as_ref().is_some_and(|f| f.login_refused);
+                *found = finding;
+                doctor.refusing.store(refusing, Ordering::Release);
+            }
+            doctor.examining.store(false, Ordering::Release);
+        });
+    }
+}
+
 /// A connection and when it was made: of the operations that time out on one connection at
 /// once, the first replaces it and the others find a newer one and leave it.
 struct Made<C> {
@@ -552,6 +669,8 @@ pub struct RedisStore {
     usage_script: Script,
     /// [`AUDIT_CAP`], except in tests (see [`RedisStore::with_audit_cap`]).
     audit_cap: usize,
+    /// One server: names why connecting fails (see [`ConnectDoctor`]).
+    doctor: Option<Arc<ConnectDoctor>>,
 }
 
 impl RedisStore {
@@ -586,6 +705,7 @@ impl RedisStore {
             op_timeout,
         );
         store.conn.remake = Some(Remake::Single(client.clone(), config.clone()));
+        store.doctor = Some(Arc::new(ConnectDoctor::new(client.clone(), op_timeout)));
         store.lookups = Some(LookupConns {
             client,
             config: config.set_response_timeout(None),
@@ -637,6 +757,7 @@ impl RedisStore {
             member_script: Script::new(MEMBER_LUA),
             usage_script: Script::new(USAGE_LUA),
             audit_cap: AUDIT_CAP,
+            doctor: None,
         };
         // Warm the connection in the background so the first request does not pay for it; a
         // failure here only means Redis is not up yet.
@@ -667,6 +788,9 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
         let started = Instant::now();
         match tokio::time::timeout(self.op_timeout, fut).await {
             Ok(done) => done,
@@ -677,8 +801,26 @@ impl RedisStore {
         }
     }
 
+    fn refused_login(&self) -> Option<StoreError> {
+        self.doctor.as_ref()?.refused_login()
+    }
+
+    /// A timed-out operation's error; it also has the doctor look for a cause.
     fn no_answer(&self) -> StoreError {
-        StoreError::Unavailable(format!("redis did not answer within {:?}", self.op_timeout))
+        let cause = self.doctor.as_ref().and_then(|d| {
+            d.examine();
+            d.cause()
+        });
+        match cause {
+            Some(cause) => StoreError::Unavailable(format!(
+                "redis did not answer within {:?}; connecting to it fails: {cause}",
+                self.op_timeout
+            )),
+            None => StoreError::Unavailable(format!(
+                "redis did not answer within {:?}",
+                self.op_timeout
+            )),
+        }
     }
 
     /// The record stored under `hash`, decoded as `R`, with the end of its grace period when the
@@ -692,7 +834,10 @@ impl RedisStore {
         get.arg(self.names.hash(hash));
         let raw: Option<String> = self.lookup(&get).await?;
         let Some(raw) = raw else { return Ok(None) };
-        let entry: HashEntry<R> = decode(&raw)?;
+        let entry: HashEntry<R> = decode(&raw).map_err(|e| match (e, stored_key_id(&raw)) {
+            (StoreError::Corrupt(why), Some(id)) => StoreError::Corrupt(format!("key {id}: {why}")),
+            (e, _) => e,
+        })?;
         // Redis expiry is approximate; the recorded deadline is what counts.
         if entry
             .valid_until
@@ -716,6 +861,9 @@ impl RedisStore {
         let Some(l) = &self.lookups else {
             return self.bounded(self.query(cmd)).await;
         };
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
         // Making a lazy manager does no I/O and fails only on options we do not set.
         let started = Instant::now();
         let Ok(mut conn) = l
@@ -1628,6 +1776,13 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
 }
 
+/// The key id in a stored entry that does not decode as a whole, so that the operator learns
+/// which key to fix.
+fn stored_key_id(raw: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(raw).ok()?;
+    Some(value.get("record")?.get("api_key_id")?.as_str()?.to_owned())
+}
+
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
@@ -1639,6 +1794,8 @@ fn redis_err(e: RedisError) -> StoreError {
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
             StoreError::Corrupt(format!("redis: {e}"))
         }
+        // A value of another type at one of our names: that name is broken, Redis is not.
+        _ if e.code() == Some("WRONGTYPE") => StoreError::Corrupt(format!("redis: {e}")),
         _ => unavailable(e),
     }
 }

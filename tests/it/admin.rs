@@ -4,6 +4,7 @@
 
 use crate::support::gateway::Gateway;
 use crate::support::redis::RedisServer;
+use crate::support::relay::Relay;
 use crate::support::{client, eventually, upstream};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -1425,6 +1426,34 @@ async fn readiness_follows_the_store() {
     assert!(eventually(Duration::from_secs(5), || async { ready().await == 200 }).await);
 }
 
+/// A Redis that accepts and never answers: a gateway told to stay ready without its store
+/// answers /readyz well inside a kubelet's default 1 s probe timeout. It waited for the ping
+/// (min(store.timeout, 2 s)) before, so the probe timed out and the replica went unready.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_without_store_answers_at_once_when_redis_hangs() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let section = format!(
+        "kind = \"redis\"\nredis_url = \"{}\"\ntimeout = \"3s\"",
+        relay.url()
+    );
+    let gw = start_gateway(&section, "ready_without_store = true").await;
+    let readyz = || async {
+        let started = std::time::Instant::now();
+        let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap(), started.elapsed())
+    };
+    assert_eq!(readyz().await.0, 200);
+    relay.hang_everything();
+    for _ in 0..3 {
+        let (status, body, took) = readyz().await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("unreachable"), "{body}");
+        assert!(took < Duration::from_millis(800), "/readyz took {took:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_readiness_need_no_credential() {
     let e = start("embedded", "").await;
@@ -1549,6 +1578,41 @@ async fn head_answers_like_get_without_a_body_or_a_reveal() {
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "GET, HEAD");
+}
+
+/// `keygate_auth_cache_entries` counts the keys the cache holds when scraped. It read moka's
+/// count without letting moka apply its queued inserts, which cached requests (answered from
+/// per-thread copies) never make it do, so it stayed at 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cache_entries_gauge_counts_cached_keys() {
+    let e = start("embedded", "").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(e.create(json!({"key_type": "shared"})).await.1);
+    }
+    // A key loaded while a change arrives is answered but not cached: the creations' changes
+    // are in before the keys are used, and each key is used until it is a cache hit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for key in &keys {
+        for _ in 0..3 {
+            assert_eq!(e.proxy_status(key).await, 200);
+        }
+    }
+    let gauge = || async {
+        let text = client()
+            .get(e.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_auth_cache_entries "))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert_eq!(gauge().await, "3");
 }
 
 #[tokio::test(flavor = "multi_thread")]

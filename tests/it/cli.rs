@@ -126,6 +126,65 @@ fn key_commands_refuse_an_expiry_or_grace_too_long() {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// The README's key-management commands, as written, on a copy of `config/dev.toml` (the
+/// `CFG` they use). The first failed on a scope the file did not define, the user key on a
+/// user who was not a member of the team.
+#[test]
+fn the_readme_key_commands_work_on_the_dev_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dev.toml");
+    std::fs::copy("config/dev.toml", &cfg).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "{args:?}: {stdout}{stderr}");
+        stdout + &stderr
+    };
+    let cfg = cfg.to_str().unwrap();
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let created = run(&[
+        "keys",
+        "--config",
+        cfg,
+        "create",
+        "--team",
+        "acme",
+        "--name",
+        "CI deploys",
+        "--scopes",
+        "orders:read,orders:write",
+        "--allow-ip",
+        "203.0.113.0/24",
+        "--allow-ip",
+        "2001:db8::/32",
+        "--expires-in",
+        "90d",
+    ]);
+    assert!(readme.contains("--scopes orders:read,orders:write"));
+    let id = created
+        .split_whitespace()
+        .find(|w| w.starts_with("apk_"))
+        .expect("the new key's id")
+        .to_owned();
+    assert!(readme.contains("keygate teams --config $CFG add-member acme u-42"));
+    run(&["teams", "--config", cfg, "add-member", "acme", "u-42"]);
+    run(&[
+        "keys", "--config", cfg, "create", "--team", "acme", "--type", "user", "--user", "u-42",
+    ]);
+    assert!(run(&["keys", "--config", cfg, "list", "--team", "acme"]).contains(&id));
+    run(&["keys", "--config", cfg, "disable", &id]);
+    run(&["keys", "--config", cfg, "enable", &id]);
+    run(&["keys", "--config", cfg, "rotate", &id, "--grace", "1h"]);
+    run(&["keys", "--config", cfg, "revoke", &id]);
+}
+
 #[test]
 fn serve_without_routes_explains_what_to_do() {
     let dir = tempfile::tempdir().unwrap();

@@ -2354,3 +2354,80 @@ async fn case_insensitive_paths_keep_a_routes_rules_on_every_spelling() {
     let r = client().get(gw.url("/admin/users")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// SIGHUP reloads TLS material; a gateway with no TLS must live through it (its default
+/// action ended the process at once, exit 129, no drain) and keep serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_without_tls_neither_stops_nor_disturbs_the_gateway() {
+    let mut e = env().await;
+    let (key, _) = create_key(&e.store, |_| {}).await;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &e.gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client()
+        .get(e.gw.url("/api/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("the gateway is gone after SIGHUP");
+    assert_eq!(r.status(), 200);
+    let status = tokio::task::spawn_blocking(move || e.gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// A request still waiting on its upstream when the drain time runs out is cut by keygate,
+/// not by its client: its access line says so (status 444, outcome `drain_cut_off`), and it
+/// reaches the log. Before, the line came after the log writer had closed, so it was lost
+/// (a "[tracing-subscriber] Unable to write an event" on stderr instead), and it blamed the
+/// client (499, `client_closed`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_cut_off_by_the_drain_is_logged_as_such() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keygate.log");
+    let silent = upstream::silent().await;
+    let mut gw = Gateway::start_logging_to(
+        &format!(
+            "[proxy]\ndrain_timeout = \"300ms\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+             [upstreams.silent]\nurl = \"http://{silent}\"\nresponse_timeout = \"60s\"\n\
+             [[routes]]\nname = \"hangs\"\npath_prefix = \"/\"\nupstream = \"silent\"\n\
+             public = true\n",
+            dir.path().join("keys.db").display()
+        ),
+        &log,
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\nX-Request-Id: cut-by-drain\r\n\r\n")
+        .await
+        .unwrap();
+    let waiting = eventually(Duration::from_secs(5), || async {
+        gw.metrics()
+            .await
+            .contains("\nkeygate_in_flight_requests 1\n")
+    })
+    .await;
+    assert!(waiting, "the request never showed as in flight");
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    drop(conn);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("Unable to write"), "{text}");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("cut-by-drain"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("status=444"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("outcome=\"drain_cut_off\""),
+        "{}",
+        lines[0]
+    );
+}

@@ -586,3 +586,108 @@ fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
     assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// One record that no longer decodes (here: a key type this version does not know) fails the
+/// requests that present its key with 500 KEY_RECORD_UNREADABLE, and nothing else: before,
+/// it put the whole store in back-off, and every uncached key got 503 for a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_key_record_fails_only_its_own_key() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "kgbad").await;
+    let gw = Gateway::start(&config_for(&redis, "kgbad", "ttl = \"1m\"").await);
+    let (bad, bad_record) = create_key(&store, |_| {}).await;
+    let (good, _) = create_key(&store, |_| {}).await;
+    let id = bad_record.api_key_id.to_string();
+    let names = redis_cli(&redis, &["--scan", "--pattern", "kgbad:h:*"]);
+    let name = names
+        .lines()
+        .find(|n| redis_cli(&redis, &["GET", n]).contains(&id))
+        .expect("the bad key's hash entry");
+    let raw = redis_cli(&redis, &["GET", name]);
+    let broken = raw
+        .trim()
+        .replace("\"key_type\":\"shared\"", "\"key_type\":\"service\"");
+    assert_ne!(broken, raw.trim(), "{raw}");
+    redis_cli(&redis, &["SET", name, &broken]);
+
+    let r = client()
+        .get(gw.url("/x"))
+        .bearer_auth(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.headers().get("www-authenticate").is_none());
+    let body = r.text().await.unwrap();
+    assert!(body.contains("KEY_RECORD_UNREADABLE"), "{body}");
+    // At once, within what was the back-off: the store still answers for other keys.
+    assert_eq!(status(&gw, &good).await, 200);
+    assert_eq!(status(&gw, &bad).await, 500);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("keygate_auth_key_records_unreadable_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keygate_requests_total{outcome=\"internal_error\",route=\"api\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A wrong Redis password is reported as such, and operations stop waiting out their timeout
+/// for it: every lookup said "redis did not answer within …" and took the whole timeout, the
+/// connection manager retrying the refused login behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_redis_login_is_named_and_fails_fast() {
+    let redis = RedisServer::start();
+    redis_cli(&redis, &["CONFIG", "SET", "requirepass", "right-secret"]);
+    let url = format!("redis://:wrong-secret@127.0.0.1:{}/", redis.port());
+    let store = RedisStore::connect(&url, "kgpw", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let hash = keygate::auth::key::KeyHash::of("kg_not_a_stored_key");
+    let fails_fast_naming_the_login = || async {
+        let started = std::time::Instant::now();
+        let ping = store.ping().await.expect_err("a refused login cannot ping");
+        let lookup = store
+            .find_verified_by_hash(&hash, chrono::Utc::now())
+            .await
+            .expect_err("a refused login cannot look up");
+        let took = started.elapsed();
+        let (ping, lookup) = (ping.to_string(), lookup.to_string());
+        assert!(
+            !ping.contains("secret") && !lookup.contains("secret"),
+            "{ping} {lookup}"
+        );
+        took < Duration::from_millis(500) && ping.contains("login") && lookup.contains("login")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), fails_fast_naming_the_login).await,
+        "a wrong password still reads as a timeout: {:?}",
+        store.ping().await
+    );
+    // The password is put right on the server's side: the store recovers on its own.
+    redis_cli(
+        &redis,
+        &[
+            "-a",
+            "right-secret",
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "wrong-secret",
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            store.ping().await.is_ok()
+                && store
+                    .find_verified_by_hash(&hash, chrono::Utc::now())
+                    .await
+                    .is_ok()
+        })
+        .await,
+        "no recovery: {:?}",
+        store.ping().await
+    );
+}
