@@ -362,6 +362,9 @@ struct ProxyThread {
     release: watch::Receiver<bool>,
 }
 
+/// The longest a proxy thread's exit waits for its blocking tasks after the drain.
+const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl ProxyThread {
     /// Starts the thread; everything that can fail happens before it does. The receiver
     /// resolves once the thread has drained (its runtime then runs until `release`); the
@@ -405,6 +408,10 @@ impl ProxyThread {
                 runtime.block_on(async move {
                     let _ = release.wait_for(|r| *r).await;
                 });
+                // Drops the tasks the drain cut off (their access lines are written then);
+                // a blocking task still running (a slow DNS lookup) is not waited for past
+                // this, so exit stays within the drain time and a little more.
+                runtime.shutdown_timeout(RUNTIME_EXIT_GRACE);
             })?;
         Ok((done_rx, thread))
     }

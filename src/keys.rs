@@ -154,15 +154,22 @@ pub const MAX_METADATA_KEY_LEN: usize = 100;
 pub const MAX_METADATA_LEN: usize = 500;
 
 /// `scope_names` without repeats, first occurrence kept: a repeat grants nothing more, and
-/// storing it would show the key with the scope twice.
-fn dedup_scopes(scopes: Vec<String>) -> Vec<String> {
+/// storing it would show the key with the scope twice. More than `MAX_SCOPES` entries are
+/// refused before, repeats or not: the pairwise check stays small.
+fn dedup_scopes(scopes: Vec<String>) -> Result<Vec<String>, KeyError> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(KeyError::Invalid {
+            field: "scope_names",
+            reason: format!("at most {MAX_SCOPES} scopes"),
+        });
+    }
     let mut out: Vec<String> = Vec::with_capacity(scopes.len());
     for s in scopes {
         if !out.contains(&s) {
             out.push(s);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
@@ -400,7 +407,7 @@ impl KeyService {
             Self::check_id("team_id", t)?;
         }
         Self::check_expiry(req.expires_time, now)?;
-        let scope_names = dedup_scopes(req.scope_names);
+        let scope_names = dedup_scopes(req.scope_names)?;
         self.check_scopes(&scope_names)?;
         Self::check_metadata(&req.metadata)?;
         if req.allow_ips.len() > MAX_ALLOW_IPS {
@@ -524,8 +531,26 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, KeyError> {
+        self.change_if(id, change, actor, now, |_| true)
+            .await?
+            .ok_or(KeyError::NotFound)
+    }
+
+    /// [`Self::change`], made only while `applies` holds for the key as it is read (each
+    /// attempt reads it again): `None` when it does not.
+    async fn change_if(
+        &self,
+        id: &str,
+        change: KeyChange,
+        actor: &Actor,
+        now: DateTime<Utc>,
+        applies: impl Fn(&KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, KeyError> {
         for _ in 0..CHANGE_ATTEMPTS {
             let current = self.get(id).await?;
+            if !applies(&current) {
+                return Ok(None);
+            }
             let (record, fields, toggled) = self
                 .apply_change(current.clone(), change.clone(), now)
                 .await?;
@@ -548,7 +573,7 @@ impl KeyService {
                 self.audit(actor, action, Some(&record), BTreeMap::new(), now)
                     .await;
             }
-            return Ok(record);
+            return Ok(Some(record));
         }
         Err(KeyError::Store(StoreError::Unavailable(format!(
             "key {id} kept changing under concurrent writers"
@@ -577,7 +602,7 @@ impl KeyService {
             fields.push("description");
         }
         if let Some(scopes) = change.scope_names {
-            let scopes = dedup_scopes(scopes);
+            let scopes = dedup_scopes(scopes)?;
             self.check_scopes(&scopes)?;
             record.scope_names = scopes;
             fields.push("scope_names");
@@ -785,7 +810,15 @@ impl KeyService {
                         ..KeyChange::default()
                     },
                 };
-                changed.push(self.change(&r.api_key_id, change, actor, now).await?);
+                // Only while the key is still the user's: a concurrent change may have given
+                // it to someone else, and that change must stand.
+                let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
+                if let Some(record) = self
+                    .change_if(&r.api_key_id, change, actor, now, still_theirs)
+                    .await?
+                {
+                    changed.push(record);
+                }
             }
             if records.is_empty() || u64::from(page) * 500 >= total {
                 break;
