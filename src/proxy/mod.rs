@@ -293,6 +293,7 @@ impl Upstream {
                 // The request's bytes standing still on their way upstream, as the bodies'
                 // idle timeout has them standing still on their way in.
                 send_timeout: cfg.body_idle_timeout,
+                connect_timeout: cfg.connect_timeout,
             },
         );
         Ok(Self {

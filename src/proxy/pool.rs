@@ -93,6 +93,11 @@ pub struct PoolSettings {
     /// A write the upstream has not taken for this long (it stopped reading) fails the
     /// connection ([`WriteStall`]).
     pub send_timeout: Duration,
+    /// TCP connect and TLS handshake together. The connector bounds the TCP connect only; an
+    /// upstream that accepts and then never finishes the handshake (a process that stopped
+    /// calling accept(), its backlog still taking connects) would hold a request with a body
+    /// for ever: `response_timeout` starts only once the body is sent.
+    pub connect_timeout: Duration,
 }
 
 /// Generic over the request body only so the tests can send empty bodies; the gateway's is
@@ -344,15 +349,18 @@ where
         Ok(SharedH2 { conn, sends })
     }
 
-    /// TCP (and TLS for https) to the origin; the connector applies the connect timeout.
+    /// TCP (and TLS for https) to the origin, within the connect timeout.
     async fn connect_io(&self) -> Result<WriteStall<Io>, PoolError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(PoolError::Connect)?;
-        let io = connector
-            .call(self.origin.clone())
+        let limit = self.settings.connect_timeout;
+        let io = tokio::time::timeout(limit, connector.call(self.origin.clone()))
             .await
+            .map_err(|_| {
+                PoolError::Connect(format!("no connection (TLS included) within {limit:?}").into())
+            })?
             .map_err(PoolError::Connect)?;
         Ok(WriteStall::new(
             io,
@@ -457,6 +465,7 @@ mod tests {
                 idle_timeout,
                 max_buf_size: 64 * 1024,
                 send_timeout: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(2),
             },
         )
     }

@@ -897,6 +897,64 @@ async fn tls_echo(pair: &Pair) -> SocketAddr {
     addr
 }
 
+/// An https upstream that accepts the TCP connection and never answers the TLS handshake (a
+/// process that stopped calling accept(): its backlog still takes connects) is an unreachable
+/// upstream within `connect_timeout`, for a request with a body too, over HTTP/1.1 and HTTP/2.
+/// Before, such a POST waited for ever: `response_timeout` starts once the body is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_that_never_finishes_the_handshake_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = crate::support::upstream::silent().await;
+    let db = dir.path().join("keys.db");
+    let config = format!(
+        r#"
+        [store]
+        kind = "embedded"
+        path = "{db}"
+        [upstreams.mute]
+        url = "https://localhost:{port}"
+        connect_timeout = "300ms"
+        response_timeout = "60s"
+        body_idle_timeout = "60s"
+        [upstreams.mute_h2]
+        url = "https://localhost:{port}"
+        connect_timeout = "300ms"
+        response_timeout = "60s"
+        body_idle_timeout = "60s"
+        http2 = true
+        [[routes]]
+        path_prefix = "/mute"
+        upstream = "mute"
+        public = true
+        [[routes]]
+        path_prefix = "/h2mute"
+        upstream = "mute_h2"
+        public = true
+        "#,
+        db = db.display(),
+        port = silent.port(),
+    );
+    let gw = crate::support::gateway::Gateway::start(&config);
+    for path in ["/mute/x", "/h2mute/x"] {
+        let started = std::time::Instant::now();
+        let r = crate::support::client()
+            .post(gw.url(path))
+            .body("a body")
+            .timeout(std::time::Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "UPSTREAM_UNAVAILABLE", "{path}: {v}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{path}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn https_and_http2_upstreams_are_verified_and_spoken_to() {
     let dir = tempfile::tempdir().unwrap();
