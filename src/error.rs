@@ -18,6 +18,10 @@ pub enum GatewayError {
     Path(#[from] crate::request_path::PathError),
     #[error(transparent)]
     Host(#[from] crate::route::HostError),
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1: 501): hyper would not undo it,
+    /// and the upstream would get the coded bytes as the body.
+    #[error("a transfer coding other than chunked")]
+    TransferCodingNotSupported,
     /// `CONNECT` asks for a tunnel, which a reverse proxy does not open.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
@@ -157,6 +161,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
                 }
                 crate::route::HostError::Missing => "an HTTP/1.1 request needs a Host header",
             },
+            None,
+            Outcome::BadRequest,
+        ),
+        GatewayError::TransferCodingNotSupported => a(
+            S::NOT_IMPLEMENTED,
+            "TRANSFER_CODING_NOT_SUPPORTED",
+            "only the chunked transfer coding is supported",
             None,
             Outcome::BadRequest,
         ),

@@ -274,6 +274,9 @@ impl Gateway {
         if req.method() == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotSupported);
         }
+        if headers::has_unsupported_transfer_coding(req.headers()) {
+            return Err(GatewayError::TransferCodingNotSupported);
+        }
 
         let host = route::request_host(&req)?;
         let path = request_path::routing_path(req.uri().path())?;

@@ -20,19 +20,32 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The hop-by-hop fields (RFC 9110 §7.6.1, and the older `Keep-Alive`/`Proxy-Connection`),
 /// the proxy-authentication ones, `Upgrade`, and `HTTP2-Settings` (only ever meant for the
-/// next hop: RFC 9113 §3.2.1 of old).
-static HOP_BY_HOP: [HeaderName; 10] = [
+/// next hop: RFC 9113 §3.2.1 of old). Not `Trailer`: it is end-to-end (RFC 9110 §6.6.2), and
+/// hyper's HTTP/1.1 encoder sends only the trailer fields it declares, so without it every
+/// trailer was dropped.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("http2-settings"),
 ];
+
+/// Whether a message's `Transfer-Encoding` names a coding other than `chunked`. hyper undoes
+/// only chunked: the body would go on still coded (gzip bytes as if plain), its coding gone
+/// with the hop-by-hop headers.
+pub fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|coding| {
+            let coding = coding.trim_ascii();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked")
+        })
+    })
+}
 
 /// Removes an upstream response's hop-by-hop headers and, when it came with a
 /// `Transfer-Encoding`, its `Content-Length` too (RFC 9112 §6.3: such a length is not the
@@ -103,7 +116,7 @@ pub fn remove_hop_by_hop_and_claims(headers: &mut HeaderMap, untrusted_peer: boo
         headers.remove(&X_REAL_IP);
     }
     if present & 1 != 0 {
-        // Names the `Connection` header lists beyond the nine (and `close`) are rare: only
+        // Names the `Connection` header lists beyond these (and `close`) are rare: only
         // they are parsed. Bytes, not text: a value with a non-ASCII byte in one token still
         // has its other tokens honoured.
         let named: Vec<HeaderName> = headers
@@ -139,10 +152,9 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
         "proxy-authenticate" => 3,
         "proxy-authorization" => 4,
         "te" => 5,
-        "trailer" => 6,
-        "transfer-encoding" => 7,
-        "upgrade" => 8,
-        "http2-settings" => 9,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        "http2-settings" => 8,
         _ => return None,
     })
 }
@@ -384,7 +396,7 @@ mod tests {
                 prop_oneof![
                     prop::sample::select(vec![
                         "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+                        "proxy-authorization", "te", "transfer-encoding", "upgrade",
                         "content-type", "x-a", "x-b", "x-c",
                     ]).prop_map(str::to_owned),
                     "x-[a-d]{1,2}",
@@ -544,6 +556,25 @@ mod tests {
         join_cookies(&mut h);
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn only_chunked_is_a_supported_transfer_coding() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, v.parse().unwrap());
+            }
+            has_unsupported_transfer_coding(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&["chunked"]));
+        assert!(!with(&["Chunked"]));
+        assert!(!with(&[" chunked , "]));
+        assert!(with(&["gzip, chunked"]));
+        assert!(with(&["gzip", "chunked"]));
+        assert!(with(&["identity"]));
+        assert!(with(&["chunked;q=1"]));
     }
 
     #[test]

@@ -1277,6 +1277,84 @@ fn public_gateway_with(
     ))
 }
 
+/// Trailers cross keygate both ways over HTTP/1.1 (RFC 9110 §6.5): `Trailer` is end-to-end,
+/// and hyper's HTTP/1.1 encoder writes only the trailer fields it declares.
+#[tokio::test]
+async fn trailers_reach_the_upstream_and_the_client_over_http1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The request ends with its trailer section's empty line.
+        while !seen.ends_with(b"\r\n0\r\nx-sig: abc\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n\
+              2\r\nok\r\n0\r\nx-sum: 42\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let _ = seen_tx.send(seen);
+    });
+    let gw = public_gateway_with(&dir, up, "");
+    let request = b"POST /t HTTP/1.1\r\nHost: t\r\nTE: trailers\r\nTrailer: x-sig\r\n\
+        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-sig: abc\r\n\r\n";
+    let (status, body) = raw_exchange(gw.addr, request).await;
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(
+        body.contains("x-sum: 42"),
+        "the client lost the trailer: {body:?}"
+    );
+    let seen = String::from_utf8(seen_rx.await.unwrap()).unwrap();
+    assert!(
+        seen.to_ascii_lowercase().contains("trailer: x-sig"),
+        "{seen}"
+    );
+}
+
+/// A transfer coding other than chunked is not undone by hyper: forwarded, its bytes would be
+/// taken for the body itself, its coding header gone. A request with one gets 501 (RFC 9112
+/// §6.1), a response with one 502.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let gw = public_gateway_with(&dir, up, "");
+    let request = b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\
+        Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (status, body) = raw_exchange(gw.addr, request).await;
+    assert!(status.contains(" 501 "), "{status}: {body}");
+    assert!(body.contains("TRANSFER_CODING_NOT_SUPPORTED"), "{body}");
+    let (status, body) = raw_exchange(
+        gw.addr,
+        b"GET /t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status.contains(" 502 "), "{status}: {body}");
+    assert!(body.contains("UPSTREAM_UNAVAILABLE"), "{body}");
+}
+
 /// An upstream that sends part of its response and then nothing, keeping the connection open:
 /// the client gets what came, then the response is cut off once `body_idle_timeout` passes,
 /// instead of holding both connections for as long as the upstream does.
