@@ -371,7 +371,12 @@ impl Gateway {
         let upgrade = headers::upgrade_protocol(&req);
         let from_http2 = req.version() == http::Version::HTTP_2;
         let h = req.headers_mut();
+        // `TE` is hop-by-hop, but an HTTP/2 upstream may get `te: trailers` (gRPC asks for it).
+        let te_trailers = upstream.http2 && headers::accepts_trailers(h);
         headers::remove_hop_by_hop_and_claims(h, !peer.trusted);
+        if te_trailers {
+            h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         if from_http2 {
             headers::join_cookies(h);
         }

@@ -35,6 +35,18 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// Whether a request's `TE` accepts trailers (`te: trailers`): the one `TE` an HTTP/2 hop may
+/// carry (RFC 9113 §8.2.2), and what gRPC servers ask of their clients.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            t.split(|&b| b == b';')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        })
+    })
+}
+
 /// Whether a message's `Transfer-Encoding` names a coding other than `chunked`. hyper undoes
 /// only chunked: the body would go on still coded (gzip bytes as if plain), its coding gone
 /// with the hop-by-hop headers.
@@ -556,6 +568,20 @@ mod tests {
         join_cookies(&mut h);
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn te_trailers_is_told_among_other_codings() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::TE, v.parse().unwrap());
+            accepts_trailers(&h)
+        };
+        assert!(with("trailers"));
+        assert!(with("gzip;q=0.5, Trailers"));
+        assert!(!with("gzip"));
+        assert!(!with("trailersx"));
+        assert!(!accepts_trailers(&HeaderMap::new()));
     }
 
     #[test]

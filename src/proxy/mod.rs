@@ -253,7 +253,7 @@ pub struct Upstream {
     response_timeout: Duration,
     /// How long either body of an exchange may keep its reader waiting.
     pub body_idle_timeout: Duration,
-    http2: bool,
+    pub http2: bool,
     /// The `Host` an HTTP/1.1 upstream gets; `None` for HTTP/2.
     host: Option<http::HeaderValue>,
     pool: Arc<Pool<ForwardBody>>,

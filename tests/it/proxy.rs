@@ -1320,6 +1320,32 @@ async fn trailers_reach_the_upstream_and_the_client_over_http1() {
     );
 }
 
+/// `te: trailers` reaches an HTTP/2 upstream (gRPC servers ask for it); any other `TE`, and
+/// any `TE` towards HTTP/1.1, is a hop-by-hop header and goes.
+#[tokio::test]
+async fn te_trailers_reaches_an_http2_upstream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = upstream::echo().await;
+    let h2 = public_gateway_with(&dir, echo, "http2 = true");
+    let dir1 = tempfile::tempdir().unwrap();
+    let h1 = public_gateway_with(&dir1, echo, "");
+    for (gw, te, want) in [
+        (&h2, "trailers", Some("trailers")),
+        (&h2, "gzip, trailers", Some("trailers")),
+        (&h2, "gzip", None),
+        (&h1, "trailers", None),
+    ] {
+        let r = client()
+            .get(gw.url("/x"))
+            .header("te", te)
+            .send()
+            .await
+            .unwrap();
+        let seen: Value = r.json().await.unwrap();
+        assert_eq!(seen["headers"]["te"][0].as_str(), want, "{te}: {seen}");
+    }
+}
+
 /// A transfer coding other than chunked is not undone by hyper: forwarded, its bytes would be
 /// taken for the body itself, its coding header gone. A request with one gets 501 (RFC 9112
 /// §6.1), a response with one 502.
