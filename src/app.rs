@@ -85,6 +85,11 @@ pub async fn run(
         }
         Err(_) => None,
     };
+    // Before serving begins (nothing is cached yet): with a feed, entries may be fresh from the
+    // first request on; without one, every lookup asks the store until the feed is up.
+    if first_feed.is_some() {
+        verifier.feed_connected();
+    }
     let follower = tokio::spawn(follow_changes(verifier.clone(), store.clone(), first_feed));
     let usage = config
         .usage

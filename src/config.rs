@@ -1409,13 +1409,29 @@ fn check_tls(p: &mut Problems, at: &str, raw: Option<RawTls>) -> Option<TlsConfi
 /// Parses a list of addresses and CIDR blocks; a bare address is a /32 or /128.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = if let Ok(net) = s.parse::<IpNet>() {
+        net.trunc()
+    } else if let Ok(ip) = s.parse::<IpAddr>() {
+        IpNet::from(ip)
+    } else {
+        return Err(format!("{s:?} is not an IP address or CIDR block"));
+    };
+    Ok(ipv4_mapped_as_ipv4(net))
+}
+
+/// `::ffff:10.0.0.0/104` is `10.0.0.0/8`: a client's IPv4-mapped address is taken as its IPv4
+/// address (`client_ip::canonical`), so a mapped network as written would never match, and an
+/// entry in `deny_ips` would never deny.
+fn ipv4_mapped_as_ipv4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
     }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!("{s:?} is not an IP address or CIDR block"))
 }
 
 fn parse_cidrs(p: &mut Problems, field: &str, list: &[String]) -> Vec<IpNet> {
@@ -1875,6 +1891,20 @@ mod tests {
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("example.com").is_err());
         assert!(parse_cidr("").is_err());
+        // IPv4-mapped forms are their IPv4 networks: clients' mapped addresses are IPv4.
+        for (mapped, v4) in [
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            ("::ffff:1.2.3.4", "1.2.3.4/32"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+        ] {
+            assert_eq!(parse_cidr(mapped).unwrap().to_string(), v4, "{mapped}");
+        }
+        let client = crate::client_ip::canonical("::ffff:10.1.2.3".parse().unwrap());
+        assert!(parse_cidr("::ffff:10.0.0.0/104").unwrap().contains(&client));
+        assert_eq!(
+            parse_cidr("::ffff:0:0/95").unwrap().to_string(),
+            "::fffe:0:0/95"
+        );
     }
 
     proptest! {

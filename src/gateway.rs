@@ -301,8 +301,10 @@ impl Gateway {
         let body = if route.public {
             ForwardBody::Direct(incoming)
         } else {
-            let now = chrono::Utc::now();
             let found = self.find_key(route, &parts, incoming).await?;
+            // After the key is found: a body source may have waited up to `peek_timeout` for
+            // it, and a key that expired meanwhile must not pass on the time it arrived at.
+            let now = chrono::Utc::now();
             let (field, mut body) = (found.field, found.body);
             let key = self.verifier.verify(&found.key, now).await?;
             trace.key = Some(key.clone());

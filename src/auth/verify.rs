@@ -135,7 +135,10 @@ pub struct Verifier {
     known: Cache<KeyHash, Known, CacheHasher>,
     negative: Cache<KeyHash, (), CacheHasher>,
     ttl_ms: i64,
-    /// Bumped whenever changes may have been missed.
+    /// Bumped when a change feed is connected (even) and when it is lost (odd): an entry is
+    /// fresh only under the even epoch it was loaded in. While no feed is connected (odd),
+    /// nothing is: a change would reach no cache, so every lookup asks the store, and cached
+    /// copies serve only outages.
     feed_epoch: AtomicU64,
     /// Per failure domain of the store (`KeyStore::failure_domain`: one, or one per group of
     /// Redis Cluster slots), milliseconds since `epoch` until which it is not asked (0: ask).
@@ -170,7 +173,7 @@ impl Verifier {
                 .time_to_live(cfg.negative_ttl.max(Duration::from_millis(1)))
                 .build_with_hasher(CacheHasher::default()),
             ttl_ms: i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX),
-            feed_epoch: AtomicU64::new(0),
+            feed_epoch: AtomicU64::new(1),
             store_backoff_until_ms,
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
@@ -326,8 +329,8 @@ impl Verifier {
     }
 
     fn is_fresh(&self, known: &Known) -> bool {
-        self.now_ms() < known.fresh_until_ms
-            && known.feed_epoch == self.feed_epoch.load(Ordering::Acquire)
+        let epoch = self.feed_epoch.load(Ordering::Acquire);
+        self.now_ms() < known.fresh_until_ms && known.feed_epoch == epoch && epoch.is_multiple_of(2)
     }
 
     async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<VerifiedKey>, VerifyError> {
@@ -374,12 +377,28 @@ impl Verifier {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The change feed was lost: changes may have been missed. Answers must come from the store
-    /// again, but the stale copies stay for outages (bounded by `stale_for`). The generation
-    /// moves before and after, as in `apply`.
+    /// A change feed is connected: from now on every change reaches this cache, and entries
+    /// may be fresh. Whatever changed before is unknown: entries from before are stale and the
+    /// negative cache is emptied. The generation moves before and after, as in `apply`.
+    pub fn feed_connected(&self) {
+        self.next_feed_epoch(0);
+    }
+
+    /// The change feed was lost: changes may have been missed, and until a feed is connected
+    /// again none would be seen. Answers must come from the store, but the stale copies stay
+    /// for outages (bounded by `stale_for`).
     pub fn feed_lost(&self) {
+        self.next_feed_epoch(1);
+    }
+
+    /// Moves the feed epoch to the next one of `parity` (0: connected, 1: not).
+    fn next_feed_epoch(&self, parity: u64) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.feed_epoch.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .feed_epoch
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                Some(if e % 2 == parity { e + 2 } else { e + 1 })
+            });
         self.negative.invalidate_all();
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -414,9 +433,10 @@ pub async fn follow_changes(
         };
         match feed {
             Ok(mut feed) => {
-                // Whatever changed while we were not listening is unknown: start clean.
+                // Whatever changed while we were not listening is unknown: start clean. (The
+                // first feed was marked connected before serving began.)
                 if !missed_nothing {
-                    verifier.feed_lost();
+                    verifier.feed_connected();
                 }
                 delay = Duration::from_millis(100);
                 tracing::debug!("subscribed to key changes");
@@ -474,11 +494,39 @@ mod tests {
         record.api_key_id = new_key_id(SlotTag::random());
         store.create(&record, &key.hash(), None).await.unwrap();
         let verifier = Verifier::new(prefix, store, &cache_config(ttl));
+        verifier.feed_connected();
         (verifier, key.expose().to_owned(), record.api_key_id, dir)
     }
 
     fn lookups(v: &Verifier) -> u64 {
         v.stats.store_lookups.get()
+    }
+
+    /// A change made while no feed is connected would reach no cache: nothing is fresh then,
+    /// or a disabled key would pass for the whole TTL (review: a gateway whose Redis user may
+    /// not SUBSCRIBE accepted a disabled key for 30 s).
+    #[tokio::test]
+    async fn without_a_change_feed_every_lookup_asks_the_store() {
+        let (v, key, _id, _dir) = with_one_key(Duration::from_secs(3600)).await;
+        let now = Utc::now();
+        v.feed_lost();
+        for want in 1..=3 {
+            v.verify(&key, now).await.unwrap();
+            assert_eq!(lookups(&v), want);
+        }
+        v.feed_connected();
+        v.verify(&key, now).await.unwrap();
+        v.verify(&key, now).await.unwrap();
+        assert_eq!(lookups(&v), 4, "cached again once a feed is connected");
+        // A verifier that never had a feed.
+        let never = Verifier::new(
+            KeyPrefix::default(),
+            v.store.clone(),
+            &cache_config(Duration::from_secs(3600)),
+        );
+        never.verify(&key, now).await.unwrap();
+        never.verify(&key, now).await.unwrap();
+        assert_eq!(lookups(&never), 2);
     }
 
     #[tokio::test]
@@ -496,6 +544,7 @@ mod tests {
         assert_eq!(lookups(&v), 1);
         assert_eq!(v.cached_entries().await, 1);
         v.feed_lost();
+        v.feed_connected(); // resubscribed
         assert_eq!(
             v.verify(&key, now).await.unwrap().api_key_id,
             Box::from(id.as_str())

@@ -691,3 +691,35 @@ async fn a_refused_redis_login_is_named_and_fails_fast() {
         store.ping().await
     );
 }
+
+/// A gateway whose Redis user may not SUBSCRIBE (an ACL, a Redis proxy without pub/sub) has no
+/// change feed. Then nothing it caches is fresh: a disabled key is refused at once, not once
+/// the cache's TTL has passed (review: accepted for the whole 30 s TTL).
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_change_feed_a_disabled_key_is_refused_at_once() {
+    let redis = RedisServer::start();
+    redis_cli(
+        &redis,
+        &[
+            "ACL",
+            "SETUSER",
+            "nosub",
+            "on",
+            ">nosub-pw",
+            "~*",
+            "resetchannels",
+            "+@all",
+        ],
+    );
+    let store = redis_store(&redis, "kgnofeed").await;
+    let url = format!("redis://nosub:nosub-pw@127.0.0.1:{}/", redis.port());
+    let gw = Gateway::start(&config_at(&url, "kgnofeed", "ttl = \"10m\"").await);
+    let (key, record) = create_key(&store, |_| {}).await;
+    assert_eq!(status(&gw, &key).await, 200);
+    assert_eq!(status(&gw, &key).await, 200);
+    service(&store)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(status(&gw, &key).await, 401);
+}
