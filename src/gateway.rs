@@ -274,9 +274,6 @@ impl Gateway {
         if req.method() == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotSupported);
         }
-        if headers::has_unsupported_transfer_coding(req.headers()) {
-            return Err(GatewayError::TransferCodingNotSupported);
-        }
 
         let host = route::request_host(&req)?;
         let path = request_path::routing_path(req.uri().path())?;
@@ -375,7 +372,10 @@ impl Gateway {
         let h = req.headers_mut();
         // `TE` is hop-by-hop, but an HTTP/2 upstream may get `te: trailers` (gRPC asks for it).
         let te_trailers = upstream.http2 && headers::accepts_trailers(h);
-        headers::remove_hop_by_hop_and_claims(h, !peer.trusted);
+        if headers::remove_hop_by_hop_and_claims(h, !peer.trusted) == headers::TransferCoding::Other
+        {
+            return Err(GatewayError::TransferCodingNotSupported);
+        }
         if te_trailers {
             h.insert(http::header::TE, HeaderValue::from_static("trailers"));
         }

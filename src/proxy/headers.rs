@@ -47,10 +47,18 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
     })
 }
 
-/// Whether a message's `Transfer-Encoding` names a coding other than `chunked`. hyper undoes
-/// only chunked: the body would go on still coded (gzip bytes as if plain), its coding gone
-/// with the hop-by-hop headers.
-pub fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+/// What a message's `Transfer-Encoding`, removed with the hop-by-hop headers, said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferCoding {
+    None,
+    Chunked,
+    /// A coding other than `chunked` (`gzip, chunked`). hyper undoes only chunked: the body
+    /// would go on still coded (gzip bytes as if plain), its coding gone with the header.
+    Other,
+}
+
+/// Whether a message's `Transfer-Encoding` names a coding other than `chunked`.
+fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
     headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
         v.as_bytes().split(|&b| b == b',').any(|coding| {
             let coding = coding.trim_ascii();
@@ -64,17 +72,20 @@ pub fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
 /// body's and must not be forwarded). hyper's client keeps that header while it decodes the
 /// body by its transfer coding; left in, it would contradict the length hyper's server frames
 /// the body with once the body is read ahead whole.
-pub fn remove_upstream_framing(headers: &mut HeaderMap) {
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+/// Returns what its `Transfer-Encoding` said (a response with another coding than chunked is
+/// the caller's to refuse).
+pub fn remove_upstream_framing(headers: &mut HeaderMap) -> TransferCoding {
+    let coding = remove_hop_by_hop_and_claims(headers, false);
+    if coding != TransferCoding::None {
         headers.remove(http::header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers);
+    coding
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` goes
 /// too (the gateway puts it back on an upgrade request).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    remove_hop_by_hop_and_claims(headers, false);
+    let _ = remove_hop_by_hop_and_claims(headers, false);
 }
 
 /// RFC 9113 §8.2.3: an HTTP/2 client may send each cookie as a field of its own, and those
@@ -99,7 +110,11 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// [`remove_hop_by_hop`], and with `untrusted_peer` the client's own `Forwarded` and
 /// `X-Real-IP` (which keygate does not write, so from anyone but a trusted proxy they are
 /// claims an upstream could believe), in the same pass over the names.
-pub fn remove_hop_by_hop_and_claims(headers: &mut HeaderMap, untrusted_peer: bool) {
+/// Returns what the message's `Transfer-Encoding` said, read in the same pass.
+pub fn remove_hop_by_hop_and_claims(
+    headers: &mut HeaderMap,
+    untrusted_peer: bool,
+) -> TransferCoding {
     const FORWARDED_BIT: u16 = 1 << 14;
     const X_REAL_IP_BIT: u16 = 1 << 15;
     // One pass over the names, each matched once as a string, notes which of the names are
@@ -119,8 +134,15 @@ pub fn remove_hop_by_hop_and_claims(headers: &mut HeaderMap, untrusted_peer: boo
         }
     }
     if present == 0 {
-        return;
+        return TransferCoding::None;
     }
+    let coding = if present & (1 << TRANSFER_ENCODING_INDEX) == 0 {
+        TransferCoding::None
+    } else if has_unsupported_transfer_coding(headers) {
+        TransferCoding::Other
+    } else {
+        TransferCoding::Chunked
+    };
     if present & FORWARDED_BIT != 0 {
         headers.remove(header::FORWARDED);
     }
@@ -153,7 +175,11 @@ pub fn remove_hop_by_hop_and_claims(headers: &mut HeaderMap, untrusted_peer: boo
             headers.remove(name);
         }
     }
+    coding
 }
+
+/// `transfer-encoding`'s place in `HOP_BY_HOP`.
+const TRANSFER_ENCODING_INDEX: usize = 6;
 
 /// Where `name` (lowercase, as `HeaderName::as_str` gives it) is in `HOP_BY_HOP`.
 fn hop_by_hop_index(name: &str) -> Option<usize> {
@@ -362,6 +388,10 @@ mod tests {
 
     #[test]
     fn the_name_match_is_exactly_the_hop_by_hop_list() {
+        assert_eq!(
+            HOP_BY_HOP[TRANSFER_ENCODING_INDEX],
+            header::TRANSFER_ENCODING
+        );
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
         }

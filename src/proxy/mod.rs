@@ -419,11 +419,10 @@ impl Upstream {
         stream: &mut Option<Arc<StreamSend>>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = resp.into_parts();
-        if headers::has_unsupported_transfer_coding(&parts.headers) {
+        if headers::remove_upstream_framing(&mut parts.headers) == headers::TransferCoding::Other {
             tracing::warn!(upstream = %self.name, "upstream response has a transfer coding other than chunked");
             return Err(GatewayError::UpstreamUnavailable);
         }
-        headers::remove_upstream_framing(&mut parts.headers);
         let body = ReadAheadBody::read_ahead(body).await;
         if body.failed_before_any_frame() {
             tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
