@@ -18,6 +18,9 @@ pub enum GatewayError {
     Path(#[from] crate::request_path::PathError),
     #[error(transparent)]
     Host(#[from] crate::route::HostError),
+    /// More header fields than `max_headers` over HTTP/2 (hyper answers HTTP/1.1's itself).
+    #[error("more header fields than max_headers")]
+    TooManyHeaders,
     /// A transfer coding other than `chunked` (RFC 9112 §6.1: 501): hyper would not undo it,
     /// and the upstream would get the coded bytes as the body.
     #[error("a transfer coding other than chunked")]
@@ -161,6 +164,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
                 }
                 crate::route::HostError::Missing => "an HTTP/1.1 request needs a Host header",
             },
+            None,
+            Outcome::BadRequest,
+        ),
+        GatewayError::TooManyHeaders => a(
+            S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "REQUEST_HEADERS_TOO_MANY",
+            "the request has more header fields than this gateway accepts",
             None,
             Outcome::BadRequest,
         ),

@@ -54,6 +54,8 @@ pub struct Gateway {
     realm: String,
     reveal_refusal_reason: bool,
     trusted_proxies: Vec<IpNet>,
+    /// `proxy.max_headers`: hyper enforces it over HTTP/1.1 only.
+    max_headers: usize,
     allow_ips: Vec<IpNet>,
     deny_ips: Vec<IpNet>,
     /// This gateway's own copy of the per-request metrics (one per proxy thread).
@@ -200,6 +202,7 @@ impl Gateway {
             },
             realm: config.auth.realm.clone(),
             reveal_refusal_reason: config.auth.reveal_refusal_reason,
+            max_headers: config.proxy.max_headers,
             trusted_proxies,
             allow_ips,
             deny_ips,
@@ -273,6 +276,11 @@ impl Gateway {
         self.check_network(client_ip)?;
         if req.method() == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotSupported);
+        }
+        // Over HTTP/2 only the header list's bytes are bounded (`max_header_bytes`); hyper's
+        // count limit is HTTP/1.1's.
+        if req.version() == http::Version::HTTP_2 && req.headers().len() > self.max_headers {
+            return Err(GatewayError::TooManyHeaders);
         }
 
         let host = route::request_host(&req)?;

@@ -771,6 +771,32 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(seen["version"], "HTTP/1.1");
 }
 
+/// `max_headers` (default 100) holds over HTTP/2 too, where hyper bounds only the header
+/// list's bytes: 150 small fields got through to the upstream before.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_headers_holds_over_http2() {
+    let e = env().await;
+    let (mut sender, _conn) = h2_connection(e.gw.addr).await;
+    for (count, want) in [(90, 200), (150, 431)] {
+        let mut req = h2_get(e.gw.addr, "/public/x");
+        for i in 0..count {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                "v".parse().unwrap(),
+            );
+        }
+        let r = sender.send_request(req).await.unwrap();
+        assert_eq!(r.status(), want, "{count} fields");
+        if want == 431 {
+            let body = http_body_util::BodyExt::collect(r.into_body())
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+            assert_eq!(v["error"]["code"], "REQUEST_HEADERS_TOO_MANY");
+        }
+    }
+}
+
 /// RFC 9113 §8.2.3: cookies an HTTP/2 client sends as fields of their own reach an HTTP/1.1
 /// upstream as one `Cookie` line.
 #[tokio::test(flavor = "multi_thread")]
