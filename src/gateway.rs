@@ -5,15 +5,17 @@
 //! credential may come from the body ([`crate::credential::body`]); the body is then forwarded
 //! as a replay of what was read followed by the rest of the stream.
 
+use crate::auth::key::KeyHash;
 use crate::auth::policy;
 use crate::auth::verified::VerifiedKey;
-use crate::auth::verify::Verifier;
+use crate::auth::verify::{Verifier, VerifyError};
 use crate::client_ip::{self, canonical};
 use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
+use crate::proxy::tunnel::KeyEnds;
 use crate::proxy::{ClientBody, ForwardBody, Upstream, UpstreamBody, headers};
 use crate::request_id;
 use crate::request_path;
@@ -160,6 +162,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How often an open tunnel's key is checked again (a cache hit but for the first check after
+/// a change).
+const TUNNEL_KEY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Gateway {
     pub fn new(
         config: &Config,
@@ -303,6 +309,9 @@ impl Gateway {
         // Identity headers are ours alone, on every route, public ones included.
         headers::remove_identity(&mut parts.headers);
         let mut verified = None;
+        // A request that may become a tunnel keeps its key's hash, to end the tunnel when
+        // the key stops being valid.
+        let mut tunnel_key = None;
         let body = if route.public {
             ForwardBody::Direct(incoming)
         } else {
@@ -314,6 +323,9 @@ impl Gateway {
             let key = self.verifier.verify(&found.key, now).await?;
             trace.key = Some(key.clone());
             policy::authorize(&key, &route.scopes, client_ip, now)?;
+            if context.hold.is_some() {
+                tunnel_key = Some(KeyHash::of(&found.key));
+            }
             if let Some(usage) = &self.usage {
                 usage.record(&key.api_key_id, now);
             }
@@ -409,8 +421,10 @@ impl Gateway {
             }
             Some(_) => {
                 let hold = context.hold.take();
+                let key_ends =
+                    tunnel_key.map(|hash| self.key_ends(hash, route.scopes.clone(), client_ip));
                 upstream
-                    .send_upgrade(req, client_body.as_deref(), hold)
+                    .send_upgrade(req, client_body.as_deref(), hold, key_ends)
                     .await
             }
         };
@@ -483,6 +497,28 @@ impl Gateway {
     }
 
     /// Listener-wide address rules: deny wins, then the allow list when there is one.
+    /// Resolves once the key with `hash` no longer passes (disabled, revoked, expired, its
+    /// scopes or addresses narrowed): checked every `TUNNEL_KEY_CHECK`, from this thread's
+    /// cache, which every change reaches at once. A store outage or an unreadable record says
+    /// nothing against the key: the tunnel stays.
+    fn key_ends(&self, hash: KeyHash, scopes: Vec<String>, client_ip: IpAddr) -> KeyEnds {
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(TUNNEL_KEY_CHECK).await;
+                let now = chrono::Utc::now();
+                let valid = match verifier.reverify(&hash, now).await {
+                    Ok(key) => policy::authorize(&key, &scopes, client_ip, now).is_ok(),
+                    Err(VerifyError::StoreUnavailable | VerifyError::RecordUnreadable) => true,
+                    Err(VerifyError::Unknown | VerifyError::Malformed(_)) => false,
+                };
+                if !valid {
+                    return;
+                }
+            }
+        })
+    }
+
     fn check_network(&self, ip: IpAddr) -> Result<(), GatewayError> {
         if self.deny_ips.iter().any(|n| n.contains(&ip))
             || (!self.allow_ips.is_empty() && !self.allow_ips.iter().any(|n| n.contains(&ip)))

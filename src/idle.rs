@@ -94,7 +94,7 @@ pub enum Peer {
 /// Exchanges and connections cut off, by [`CutOff`] (`keygate_cut_off_total`). Process-wide
 /// atomics rather than a metrics handle in every wrapper: counted only when something is cut
 /// off, and read at scrape time.
-static CUT_OFFS: [AtomicU64; CutOff::ALL.len()] = [const { AtomicU64::new(0) }; 4];
+static CUT_OFFS: [AtomicU64; CutOff::ALL.len()] = [const { AtomicU64::new(0) }; 6];
 
 /// Why something was cut off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,14 +103,20 @@ pub enum CutOff {
     UpstreamBodyStalled,
     ClientNotReading,
     UpstreamNotReading,
+    /// An upgraded connection (WebSocket) carried nothing either way for the idle limit.
+    TunnelIdle,
+    /// An upgraded connection's key stopped being valid (disabled, revoked, expired).
+    TunnelKeyInvalid,
 }
 
 impl CutOff {
-    pub const ALL: [CutOff; 4] = [
+    pub const ALL: [CutOff; 6] = [
         CutOff::ClientBodyStalled,
         CutOff::UpstreamBodyStalled,
         CutOff::ClientNotReading,
         CutOff::UpstreamNotReading,
+        CutOff::TunnelIdle,
+        CutOff::TunnelKeyInvalid,
     ];
 
     fn of_body(sender: Peer) -> Self {
@@ -134,6 +140,8 @@ impl CutOff {
             CutOff::UpstreamBodyStalled => "upstream_body_stalled",
             CutOff::ClientNotReading => "client_not_reading",
             CutOff::UpstreamNotReading => "upstream_not_reading",
+            CutOff::TunnelIdle => "tunnel_idle",
+            CutOff::TunnelKeyInvalid => "tunnel_key_invalid",
         }
     }
 

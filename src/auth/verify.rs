@@ -198,24 +198,54 @@ impl Verifier {
         // entry. Strings of any other length cannot be keys, and are refused below before they
         // cost a hash (a long one would cost a long one).
         let hash = (presented.len() == self.prefix.key_len()).then(|| KeyHash::of(presented));
-        // Read before any cache: a change applied after this makes what is read below stale,
-        // and the per-thread copy is kept under this generation only.
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Some(hash) = &hash {
-            if let Some(record) = self.local_hit(hash, generation) {
-                self.stats.cache_hits.add(1);
-                return Ok(record);
-            }
-            if let Some(known) = self.known.get(hash).await
-                && self.is_fresh(&known)
-            {
-                self.stats.cache_hits.add(1);
-                self.keep_local(*hash, generation, &known);
-                return Ok(known.record);
-            }
+        if let Some(hash) = &hash
+            && let Some(record) = self.cached(hash).await
+        {
+            return Ok(record);
         }
         check_format(&self.prefix, presented)?;
         let hash = hash.unwrap_or_else(|| KeyHash::of(presented));
+        self.uncached(hash, now).await
+    }
+
+    /// [`Self::verify`] for a key verified before, by its hash (its format was checked then):
+    /// for an exchange that lasts (a WebSocket tunnel) and must end when its key does.
+    pub async fn reverify(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<VerifiedKey>, VerifyError> {
+        if let Some(record) = self.cached(hash).await {
+            return Ok(record);
+        }
+        self.uncached(*hash, now).await
+    }
+
+    /// A fresh cached record: this thread's copy, or the shared cache's (copied to this thread).
+    async fn cached(&self, hash: &KeyHash) -> Option<Arc<VerifiedKey>> {
+        // Read before any cache: a change applied after this makes what is read below stale,
+        // and the per-thread copy is kept under this generation only.
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(record) = self.local_hit(hash, generation) {
+            self.stats.cache_hits.add(1);
+            return Some(record);
+        }
+        if let Some(known) = self.known.get(hash).await
+            && self.is_fresh(&known)
+        {
+            self.stats.cache_hits.add(1);
+            self.keep_local(*hash, generation, &known);
+            return Some(known.record);
+        }
+        None
+    }
+
+    /// A key whose format is known good and that has no fresh cached record.
+    async fn uncached(
+        &self,
+        hash: KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<VerifiedKey>, VerifyError> {
         if self.negative.contains_key(&hash) {
             self.stats.negative_hits.add(1);
             return Err(VerifyError::Unknown);

@@ -12,6 +12,7 @@
 pub mod headers;
 mod pool;
 pub mod read_ahead;
+pub mod tunnel;
 
 use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
@@ -368,6 +369,7 @@ impl Upstream {
         mut req: Request<ForwardBody>,
         client_body: Option<&ClientBody>,
         hold: Option<crate::server::ConnectionHold>,
+        key_ends: Option<tunnel::KeyEnds>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         if self.http2 {
             // HTTP/2 has no Upgrade; extended CONNECT is not supported.
@@ -390,17 +392,14 @@ impl Upstream {
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let name = self.name.clone();
+        let idle = self.body_idle_timeout;
         tokio::spawn(async move {
             // The client connection's slot and counts stay taken while the tunnel runs.
             let _hold = hold;
             match (client_side.await, upstream_side.await) {
                 (Ok(client), Ok(upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
-                    }
+                    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    tunnel::splice(client, upstream, idle, key_ends).await;
                 }
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::debug!(upstream = %name, error = %e, "upgrade did not complete");

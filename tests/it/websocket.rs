@@ -186,3 +186,73 @@ async fn sigterm_lets_an_open_tunnel_finish_within_the_drain_timeout() {
         started.elapsed()
     );
 }
+
+/// A tunnel ends once its key stops being valid (here: disabled), and a tunnel that carries
+/// nothing either way for the upstream's `body_idle_timeout` ends too: neither outlives a
+/// revocation nor holds its connection slot for ever (review: both stayed open).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_ends_with_its_key_or_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let upstream = ws_echo().await;
+    let gw = Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.ws]\nurl = \"http://{upstream}\"\n\
+         body_idle_timeout = \"2s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"ws\"\n",
+        db.display()
+    ));
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, record) = create_key(&store, |_| {}).await;
+    let ends_within = |mut ws: tokio_tungstenite::WebSocketStream<_>, limit| async move {
+        let started = std::time::Instant::now();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(limit), async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        (ended.is_ok(), started.elapsed())
+    };
+
+    // Busy, past the idle limit: a message a second for 4 s keeps the tunnel open.
+    let mut busy = open_tunnel(gw.addr, &key).await;
+    for i in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        busy.send(Message::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(
+            busy.next().await.unwrap().unwrap(),
+            Message::text(format!("m{i}"))
+        );
+    }
+    // Idle: closed after the 2 s limit.
+    let (ended, took) = ends_within(busy, 10).await;
+    assert!(ended, "an idle tunnel stayed open");
+    assert!(took >= std::time::Duration::from_millis(1500), "{took:?}");
+
+    // Disabled: closed within the key check's second (and well before the idle limit, the
+    // tunnel being kept busy meanwhile).
+    let mut ws = open_tunnel(gw.addr, &key).await;
+    crate::support::service(&store)
+        .set_enabled(
+            &record.api_key_id,
+            false,
+            &crate::support::cli(),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < std::time::Duration::from_secs(8) {
+        if ws.send(Message::text("ping")).await.is_err() {
+            closed = true;
+            break;
+        }
+        match tokio::time::timeout(std::time::Duration::from_millis(500), ws.next()).await {
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "a disabled key's tunnel stayed open");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
