@@ -1422,7 +1422,7 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 /// `::ffff:10.0.0.0/104` is `10.0.0.0/8`: a client's IPv4-mapped address is taken as its IPv4
 /// address (`client_ip::canonical`), so a mapped network as written would never match, and an
 /// entry in `deny_ips` would never deny.
-fn ipv4_mapped_as_ipv4(net: IpNet) -> IpNet {
+pub fn ipv4_mapped_as_ipv4(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)

@@ -286,7 +286,19 @@ impl Gateway {
         // Over HTTP/2 only the header list's bytes are bounded (`max_header_bytes`); hyper's
         // count limit is HTTP/1.1's.
         if req.version() == http::Version::HTTP_2 && req.headers().len() > self.max_headers {
-            return Err(GatewayError::TooManyHeaders);
+            // Browsers send each cookie as a field of its own over HTTP/2; over HTTP/1.1 they
+            // are one line, and count as one here too.
+            let cookies = req.headers().get_all(http::header::COOKIE).iter().count();
+            if req.headers().len() - cookies.saturating_sub(1) > self.max_headers {
+                return Err(GatewayError::TooManyHeaders);
+            }
+        }
+        // Refused before the key is looked for (a body source would read the coded bytes) or
+        // counted as used; only a request with a body can have a transfer coding.
+        if !http_body::Body::is_end_stream(req.body())
+            && headers::has_unsupported_transfer_coding(req.headers())
+        {
+            return Err(GatewayError::TransferCodingNotSupported);
         }
 
         let host = route::request_host(&req)?;

@@ -39,7 +39,12 @@ impl From<&KeyRecord> for VerifiedKey {
                 .iter()
                 .map(|s| s.as_str().into())
                 .collect(),
-            allow_ips: record.allow_ips.iter().copied().collect(),
+            // Records written before mapped networks were canonicalised still match.
+            allow_ips: record
+                .allow_ips
+                .iter()
+                .map(|n| crate::config::ipv4_mapped_as_ipv4(*n))
+                .collect(),
             is_enabled: record.is_enabled,
             expires_time: record.expires_time,
             identity: IdentityHeaders::of(record),
@@ -97,7 +102,14 @@ impl<'de> Deserialize<'de> for VerifiedKey {
             team_id: s.team_id,
             key_type: s.key_type,
             scope_names: s.scope_names,
-            allow_ips: s.allow_ips,
+            allow_ips: {
+                // Records written before mapped networks were canonicalised still match.
+                let mut ips = s.allow_ips;
+                for n in ips.iter_mut() {
+                    *n = crate::config::ipv4_mapped_as_ipv4(*n);
+                }
+                ips
+            },
             is_enabled: s.is_enabled,
             expires_time: s.expires_time,
             identity,
@@ -218,6 +230,19 @@ mod tests {
         assert_eq!(v.expires_time.map(|t| t.timestamp_millis()), Some(1_000));
         v.expire_at_grace_end(5_000);
         assert_eq!(v.expires_time.map(|t| t.timestamp_millis()), Some(1_000));
+    }
+
+    /// A record stored before `::ffff:a.b.c.d/len` was written as `a.b.c.d/(len-96)` matches
+    /// IPv4 clients (their mapped addresses are taken as IPv4), read either way.
+    #[test]
+    fn a_stored_ipv4_mapped_network_is_its_ipv4_network() {
+        let mut r = sample_record("apk_1");
+        r.allow_ips = vec!["::ffff:10.0.0.0/104".parse().unwrap()];
+        let want: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(&*VerifiedKey::from(&r).allow_ips, [want]);
+        let json = serde_json::to_vec(&r).unwrap();
+        let read: VerifiedKey = serde_json::from_slice(&json).unwrap();
+        assert_eq!(&*read.allow_ips, [want]);
     }
 
     #[test]

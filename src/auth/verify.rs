@@ -99,6 +99,9 @@ struct Known {
     fresh_until_ms: i64,
     /// The `feed_epoch` it was loaded in: a lost change feed makes every older entry stale.
     feed_epoch: u64,
+    /// `Verifier::loads` when it was loaded: tells a call that waited for it that it is newer
+    /// than the call.
+    load_seq: u64,
 }
 
 /// A log line at most every [`STORE_BACKOFF`], saying how many it left out before it.
@@ -146,6 +149,8 @@ pub struct Verifier {
     epoch: Instant,
     /// Bumped by every applied change; see `verify`.
     generation: AtomicU64,
+    /// Counts the store loads that gave a record.
+    loads: AtomicU64,
     /// This verifier's name in the per-thread caches.
     id: u64,
     /// Spaces out the warnings of failed lookups.
@@ -177,6 +182,7 @@ impl Verifier {
             store_backoff_until_ms,
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
             id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
             failure_log: LogEvery::default(),
             unreadable_log: LogEvery::default(),
@@ -271,12 +277,14 @@ impl Verifier {
         // one loaded; then the loaded copy must not stay cached.
         let generation = self.generation.load(Ordering::Acquire);
         // Calls on one key run one after the other: the first loads, the others find its
-        // fresh entry and do nothing.
+        // entry and do nothing. Fresh, or loaded since this call began: with no change feed
+        // nothing is fresh, and each waiting call would ask the store in turn.
+        let asked = self.loads.load(Ordering::Acquire);
         let loaded = self
             .known
             .entry(hash)
             .and_try_compute_with(|current| async move {
-                if current.is_some_and(|e| self.is_fresh(e.value())) {
+                if current.is_some_and(|e| self.is_fresh(e.value()) || e.value().load_seq > asked) {
                     return Ok(Op::Nop);
                 }
                 // A call that waited behind one which learned the key is unknown: StillNone.
@@ -289,6 +297,7 @@ impl Verifier {
                         record: Arc::new(record),
                         fresh_until_ms: self.now_ms().saturating_add(self.ttl_ms),
                         feed_epoch: self.feed_epoch.load(Ordering::Acquire),
+                        load_seq: self.loads.fetch_add(1, Ordering::AcqRel) + 1,
                     })),
                     // Remembered before the key's lock is released, so the calls waiting on
                     // it do not ask the store again. A key known a moment ago may have been
@@ -544,10 +553,24 @@ mod tests {
             v.verify(&key, now).await.unwrap();
             assert_eq!(lookups(&v), want);
         }
+        // Calls at the same time still share one load: each would otherwise wait for the one
+        // before it to ask the store.
+        let together = futures_util::future::join_all((0..10).map(|_| v.verify(&key, now))).await;
+        assert!(together.iter().all(Result::is_ok));
+        assert!(
+            lookups(&v) <= 5,
+            "{} lookups for 10 calls at once",
+            lookups(&v) - 3
+        );
+        let before = lookups(&v);
         v.feed_connected();
         v.verify(&key, now).await.unwrap();
         v.verify(&key, now).await.unwrap();
-        assert_eq!(lookups(&v), 4, "cached again once a feed is connected");
+        assert_eq!(
+            lookups(&v),
+            before + 1,
+            "cached again once a feed is connected"
+        );
         // A verifier that never had a feed.
         let never = Verifier::new(
             KeyPrefix::default(),

@@ -58,7 +58,7 @@ pub enum TransferCoding {
 }
 
 /// Whether a message's `Transfer-Encoding` names a coding other than `chunked`.
-fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+pub fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
     headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
         v.as_bytes().split(|&b| b == b',').any(|coding| {
             let coding = coding.trim_ascii();
@@ -235,6 +235,35 @@ pub fn remove_identity(headers: &mut HeaderMap) {
         .collect();
     for name in spoofed {
         headers.remove(name);
+    }
+}
+
+/// Removes from a client's request trailers every field that claims what keygate sets or
+/// removes in the head: identity, forwarding, the request id, credentials, `Host`. Upstream
+/// frameworks may merge trailers into the headers.
+pub fn remove_from_request_trailers(trailers: &mut HeaderMap) {
+    let claims: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with(IDENTITY_PREFIX)
+                || k.starts_with("x-forwarded-")
+                || matches!(
+                    k,
+                    "forwarded"
+                        | "x-real-ip"
+                        | "x-request-id"
+                        | "authorization"
+                        | "proxy-authorization"
+                        | "x-api-key"
+                        | "host"
+                        | "cookie"
+                )
+        })
+        .cloned()
+        .collect();
+    for name in claims {
+        trailers.remove(name);
     }
 }
 
@@ -598,6 +627,29 @@ mod tests {
         join_cookies(&mut h);
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn request_trailers_lose_every_claim_and_keep_the_rest() {
+        let mut t = HeaderMap::new();
+        for name in [
+            "x-keygate-key-id",
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "x-request-id",
+            "authorization",
+            "x-api-key",
+            "host",
+            "x-checksum",
+            "grpc-status",
+        ] {
+            t.insert(HeaderName::from_static(name), "v".parse().unwrap());
+        }
+        remove_from_request_trailers(&mut t);
+        let mut kept: Vec<_> = t.keys().map(|k| k.as_str().to_owned()).collect();
+        kept.sort();
+        assert_eq!(kept, ["grpc-status", "x-checksum"]);
     }
 
     #[test]

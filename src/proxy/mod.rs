@@ -177,6 +177,31 @@ impl Body for ForwardBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut polled = self.poll_inner(cx);
+        // A client's trailers reach the upstream, where frameworks may merge them into the
+        // headers: none may claim what keygate sets or removes in the head.
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            headers::remove_from_request_trailers(trailers);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end_stream_inner()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size_hint_inner()
+    }
+}
+
+impl ForwardBody {
+    fn poll_inner(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
@@ -218,7 +243,7 @@ impl Body for ForwardBody {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
+    fn is_end_stream_inner(&self) -> bool {
         match self {
             ForwardBody::Direct(b) => b.is_end_stream(),
             ForwardBody::Replay(b) => b.is_end_stream(),
@@ -234,7 +259,7 @@ impl Body for ForwardBody {
         }
     }
 
-    fn size_hint(&self) -> SizeHint {
+    fn size_hint_inner(&self) -> SizeHint {
         match self {
             ForwardBody::Direct(b) => b.size_hint(),
             ForwardBody::Replay(b) => b.size_hint(),
