@@ -287,6 +287,7 @@ pub struct Metrics {
     store_duration: HistogramVec,
     store_up: IntGauge,
     cache_entries: IntGauge,
+    change_feed_up: IntGauge,
     /// Admin changes in force whose audit event could not be stored.
     pub audit_unrecorded: IntCounter,
 }
@@ -330,6 +331,11 @@ impl Metrics {
         )?;
         let cache_entries =
             IntGauge::new("keygate_auth_cache_entries", "Verified keys in the cache")?;
+        let change_feed_up = IntGauge::new(
+            "keygate_change_feed_up",
+            "1 while the store's change feed is connected; 0: no key is served from the cache, \
+             every request asks the store",
+        )?;
         let audit_unrecorded = IntCounter::new(
             "keygate_audit_unrecorded_total",
             "Key and team changes that took effect but whose audit event could not be stored",
@@ -357,6 +363,7 @@ impl Metrics {
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_up.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(change_feed_up.clone()))?;
         registry.register(Box::new(audit_unrecorded.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(CutOffCollector::new()?))?;
@@ -375,6 +382,7 @@ impl Metrics {
             store_duration,
             store_up,
             cache_entries,
+            change_feed_up,
             audit_unrecorded,
         })
     }
@@ -409,6 +417,10 @@ impl Metrics {
 
     pub fn set_store_up(&self, up: bool) {
         self.store_up.set(i64::from(up));
+    }
+
+    pub fn set_change_feed_up(&self, up: bool) {
+        self.change_feed_up.set(i64::from(up));
     }
 
     pub fn set_cache_entries(&self, n: u64) {

@@ -152,6 +152,8 @@ impl AdminApi {
     async fn metrics(&self) -> AdminResponse {
         self.metrics
             .set_cache_entries(self.verifier.cached_entries().await);
+        self.metrics
+            .set_change_feed_up(self.verifier.change_feed_connected());
         let up = matches!(
             tokio::time::timeout(READY_PING_TIMEOUT, self.service.store().ping()).await,
             Ok(Ok(()))

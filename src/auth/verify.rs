@@ -430,6 +430,11 @@ impl Verifier {
         self.next_feed_epoch(1);
     }
 
+    /// Whether a change feed is connected now (the cache may serve keys).
+    pub fn change_feed_connected(&self) -> bool {
+        self.feed_epoch.load(Ordering::Acquire).is_multiple_of(2)
+    }
+
     /// Moves the feed epoch to the next one of `parity` (0: connected, 1: not).
     fn next_feed_epoch(&self, parity: u64) {
         self.generation.fetch_add(1, Ordering::AcqRel);
