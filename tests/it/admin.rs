@@ -1598,21 +1598,7 @@ async fn the_cache_entries_gauge_counts_cached_keys() {
             assert_eq!(e.proxy_status(key).await, 200);
         }
     }
-    let gauge = || async {
-        let text = client()
-            .get(e.gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("keygate_auth_cache_entries "))
-            .map(str::to_owned)
-            .unwrap_or_default()
-    };
-    assert_eq!(gauge().await, "3");
+    assert_eq!(e.gw.metric("keygate_auth_cache_entries").await, "3");
 }
 
 #[tokio::test(flavor = "multi_thread")]

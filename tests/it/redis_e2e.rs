@@ -723,24 +723,7 @@ async fn without_a_change_feed_a_disabled_key_is_refused_at_once() {
         .unwrap();
     assert_eq!(status(&gw, &key).await, 401);
     // Operators see it: the feed gauge reads 0 here, 1 on a gateway that may subscribe.
-    let feed_up = |gw: &Gateway| {
-        let url = gw.admin_url("/metrics");
-        async move {
-            let text = client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix("keygate_change_feed_up "))
-                .map(str::to_owned)
-                .unwrap_or_default()
-        }
-    };
-    assert_eq!(feed_up(&gw).await, "0");
+    assert_eq!(gw.metric("keygate_change_feed_up").await, "0");
     let subscribed = Gateway::start(&config_for(&redis, "kgnofeed", "ttl = \"10m\"").await);
-    assert_eq!(feed_up(&subscribed).await, "1");
+    assert_eq!(subscribed.metric("keygate_change_feed_up").await, "1");
 }

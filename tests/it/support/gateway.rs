@@ -94,6 +94,16 @@ impl Gateway {
             .expect("read /metrics")
     }
 
+    /// The value of the unlabelled series `name` on `/metrics` (empty when absent).
+    pub async fn metric(&self, name: &str) -> String {
+        let text = self.metrics().await;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// The gateway process's id (to read its memory use from /proc).
     pub fn pid(&self) -> u32 {
         self.child.id()
