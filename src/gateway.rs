@@ -385,7 +385,8 @@ impl Gateway {
         // A body still to come may outgrow the route's limit or stall; either fails the
         // exchange, and is then answered as the client's fault. The response timeout counts
         // from its end.
-        let client_body = (!http_body::Body::is_end_stream(&body)).then(Arc::<ClientBody>::default);
+        let client_body = (!http_body::Body::is_end_stream(&body))
+            .then(|| Arc::new(ClientBody::new(self.names.header.clone())));
         let body = match &client_body {
             None => body,
             Some(state) => {

@@ -22,6 +22,23 @@ pub struct Route {
 }
 
 impl Route {
+    /// The order routes are tried in: longer prefixes first, then those with a host, then
+    /// those with methods.
+    fn rank(&self) -> (std::cmp::Reverse<usize>, bool, bool) {
+        (
+            std::cmp::Reverse(self.path_prefix.len()),
+            self.host.is_none(),
+            self.methods.is_empty(),
+        )
+    }
+
+    /// Whether the route names `method` itself (case aside), not only through `GET`.
+    fn lists(&self, method: &Method) -> bool {
+        self.methods
+            .iter()
+            .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
+    }
+
     fn matches(&self, method: &Method, host: Option<&str>, path: &[u8], ignore_case: bool) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| serves(m, method)))
             && self.host.as_deref().is_none_or(|h| Some(h) == host)
@@ -91,13 +108,7 @@ impl RouteTable {
             })
             .collect();
         // Stable sort keeps the file's order among equals.
-        routes.sort_by_key(|r| {
-            (
-                std::cmp::Reverse(r.path_prefix.len()),
-                r.host.is_none(),
-                r.methods.is_empty(),
-            )
-        });
+        routes.sort_by_key(Route::rank);
         Self {
             routes,
             ignore_case: false,
@@ -122,9 +133,22 @@ impl RouteTable {
     }
 
     pub fn find_index(&self, method: &Method, host: Option<&str>, path: &[u8]) -> Option<usize> {
-        self.routes
-            .iter()
-            .position(|r| r.matches(method, host, path, self.ignore_case))
+        let matches = |r: &Route| r.matches(method, host, path, self.ignore_case);
+        let first = self.routes.iter().position(matches)?;
+        // A `HEAD` taken by a route only because it lists `GET` goes to a route of the same
+        // rank that lists `HEAD` itself, wherever the file put the two.
+        let route = &self.routes[first];
+        if method.as_str().eq_ignore_ascii_case("HEAD") && !route.lists(method) {
+            let rank = route.rank();
+            let explicit = self.routes[first + 1..]
+                .iter()
+                .take_while(|r| r.rank() == rank)
+                .position(|r| r.lists(method) && matches(r));
+            if let Some(i) = explicit {
+                return Some(first + 1 + i);
+            }
+        }
+        Some(first)
     }
 
     pub fn get(&self, index: usize) -> Option<&Route> {
@@ -274,6 +298,36 @@ mod tests {
                 "{m} {path}"
             );
         }
+    }
+
+    /// A route that lists `HEAD` takes HEAD requests from one of the same rank that takes
+    /// them only through `GET`, in either order in the file; GET stays with the GET route.
+    #[test]
+    fn an_explicit_head_route_beats_a_get_route_of_the_same_rank() {
+        let method = |m: &str| Method::from_bytes(m.as_bytes()).unwrap();
+        let get = route("get", "/files", None, &[Method::GET]);
+        let head = route("head", "/files", None, &[Method::HEAD]);
+        let wider_head = route("wider-head", "/", None, &[Method::HEAD]);
+        for configs in [
+            vec![get.clone(), head.clone(), wider_head.clone()],
+            vec![head.clone(), get.clone(), wider_head.clone()],
+        ] {
+            let t = RouteTable::new(&configs, &[KeySource::Bearer], |_| 0);
+            let name = |m: &str| {
+                t.find(&method(m), None, b"/files/a")
+                    .map(|r| r.name.clone())
+            };
+            assert_eq!(name("HEAD").as_deref(), Some("head"));
+            assert_eq!(name("head").as_deref(), Some("head"));
+            assert_eq!(name("GET").as_deref(), Some("get"));
+        }
+        // A HEAD route of a lower rank (a shorter prefix) does not take it from the GET route.
+        let t = RouteTable::new(&[get, wider_head], &[KeySource::Bearer], |_| 0);
+        assert_eq!(
+            t.find(&Method::HEAD, None, b"/files/a")
+                .map(|r| r.name.as_str()),
+            Some("get")
+        );
     }
 
     #[test]

@@ -240,8 +240,12 @@ pub fn remove_identity(headers: &mut HeaderMap) {
 
 /// Removes from a client's request trailers every field that claims what keygate sets or
 /// removes in the head: identity, forwarding, the request id, credentials, `Host`. Upstream
-/// frameworks may merge trailers into the headers.
-pub fn remove_from_request_trailers(trailers: &mut HeaderMap) {
+/// frameworks may merge trailers into the headers. `key_header`: the configured key header,
+/// when it is not `X-API-Key`.
+pub fn remove_from_request_trailers(trailers: &mut HeaderMap, key_header: Option<&HeaderName>) {
+    if let Some(name) = key_header {
+        trailers.remove(name);
+    }
     let claims: Vec<HeaderName> = trailers
         .keys()
         .filter(|k| {
@@ -646,7 +650,11 @@ mod tests {
         ] {
             t.insert(HeaderName::from_static(name), "v".parse().unwrap());
         }
-        remove_from_request_trailers(&mut t);
+        t.insert(
+            HeaderName::from_static("x-client-key"),
+            "v".parse().unwrap(),
+        );
+        remove_from_request_trailers(&mut t, Some(&HeaderName::from_static("x-client-key")));
         let mut kept: Vec<_> = t.keys().map(|k| k.as_str().to_owned()).collect();
         kept.sort();
         assert_eq!(kept, ["grpc-status", "x-checksum"]);

@@ -21,7 +21,7 @@ use crate::idle::{BodyStalled, IdleTimeout, Peer};
 use crate::window_watch::{SendWatch, StreamSend};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{Method, Request, Response, Version};
+use http::{HeaderName, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -62,9 +62,19 @@ pub struct ClientBody {
     fault: AtomicU8,
     sent: AtomicBool,
     sent_now: tokio::sync::Notify,
+    /// The configured key header (`auth.header_name`), kept out of the body's trailers with
+    /// the names every gateway removes.
+    key_header: Option<HeaderName>,
 }
 
 impl ClientBody {
+    pub fn new(key_header: HeaderName) -> Self {
+        Self {
+            key_header: Some(key_header),
+            ..Self::default()
+        }
+    }
+
     const TOO_LARGE: u8 = 1;
     const STALLED: u8 = 2;
     /// The client's stream itself failed: bad chunked framing, trailers over the head limit,
@@ -177,13 +187,20 @@ impl Body for ForwardBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut polled = self.poll_inner(cx);
+        let this = self.get_mut();
+        let mut polled = Pin::new(&mut *this).poll_inner(cx);
         // A client's trailers reach the upstream, where frameworks may merge them into the
-        // headers: none may claim what keygate sets or removes in the head.
+        // headers: none may claim what keygate sets or removes in the head. A body that can
+        // still bring trailers is watched (`Gateway::forward`), and its state names the key
+        // header.
         if let Poll::Ready(Some(Ok(frame))) = &mut polled
             && let Some(trailers) = frame.trailers_mut()
         {
-            headers::remove_from_request_trailers(trailers);
+            let key_header = match this {
+                ForwardBody::Watched(w) => w.state.key_header.as_ref(),
+                _ => None,
+            };
+            headers::remove_from_request_trailers(trailers, key_header);
         }
         polled
     }

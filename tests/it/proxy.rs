@@ -1316,8 +1316,15 @@ async fn trailers_reach_the_upstream_and_the_client_over_http1() {
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
-        // The request ends with its trailer section's empty line.
-        while !seen.ends_with(b"\r\n0\r\nx-sig: abc\r\n\r\n") {
+        // The request ends with its trailer section's empty line, after the last chunk.
+        let ended = |seen: &[u8]| {
+            let text = String::from_utf8_lossy(seen);
+            text.split_once("\r\n0\r\n")
+                .is_some_and(|(_, trailers)| trailers.ends_with("\r\n"))
+                && text.ends_with("\r\n\r\n")
+                && text.contains("x-sig: abc\r\n")
+        };
+        while !ended(&seen) {
             let n = conn.read(&mut buf).await.unwrap();
             assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
             seen.extend_from_slice(&buf[..n]);
@@ -1330,11 +1337,18 @@ async fn trailers_reach_the_upstream_and_the_client_over_http1() {
         .unwrap();
         let _ = seen_tx.send(seen);
     });
-    let gw = public_gateway_with(&dir, up, "");
-    // A trailer claiming an identity is dropped: upstreams may merge trailers into headers.
+    // The key header renamed: a trailer of that name is a credential too.
+    let gw = Gateway::start(&format!(
+        "[auth]\nheader_name = \"x-client-key\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    // A trailer claiming an identity or carrying a key is dropped: upstreams may merge
+    // trailers into headers.
     let request = b"POST /t HTTP/1.1\r\nHost: t\r\nTE: trailers\r\n\
-        Trailer: x-keygate-key-id, x-sig\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
-        5\r\nhello\r\n0\r\nx-keygate-key-id: forged\r\nx-sig: abc\r\n\r\n";
+        Trailer: x-keygate-key-id, x-client-key, x-sig\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        5\r\nhello\r\n0\r\nx-keygate-key-id: forged\r\nx-client-key: k-forged\r\nx-sig: abc\r\n\r\n";
     let (status, body) = raw_exchange(gw.addr, request).await;
     assert!(status.contains(" 200 "), "{status}");
     assert!(
@@ -1344,12 +1358,12 @@ async fn trailers_reach_the_upstream_and_the_client_over_http1() {
     let seen = String::from_utf8(seen_rx.await.unwrap()).unwrap();
     assert!(
         seen.to_ascii_lowercase()
-            .contains("trailer: x-keygate-key-id, x-sig"),
+            .contains("trailer: x-keygate-key-id, x-client-key, x-sig"),
         "{seen}"
     );
     assert!(
         !seen.contains("forged"),
-        "a trailer forged an identity: {seen}"
+        "a trailer forged an identity or carried a key: {seen}"
     );
 }
 
