@@ -223,18 +223,22 @@ impl Default for RawCache {
 struct RawStore {
     kind: String,
     path: String,
-    /// `None` unless set, so that setting it together with `redis_cluster_nodes` is caught.
+    /// `None` unless set, so that setting it together with `redis_cluster_nodes` is caught,
+    /// and so that a Redis setting under `kind = "embedded"` is refused rather than ignored
+    /// (`namespace` and `timeout` too; their defaults are applied when checking).
     redis_url: Option<String>,
     redis_cluster_nodes: Vec<String>,
-    namespace: String,
-    #[serde(with = "duration")]
-    timeout: Duration,
+    namespace: Option<String>,
+    #[serde(with = "duration::optional")]
+    timeout: Option<Duration>,
 }
 
-/// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 /// Far above any machine keygate runs on; a typo such as `40000` is refused, not obeyed.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_REDIS_NAMESPACE: &str = "kg";
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Default for RawStore {
     fn default() -> Self {
@@ -243,8 +247,8 @@ impl Default for RawStore {
             path: "keygate.db".into(),
             redis_url: None,
             redis_cluster_nodes: Vec::new(),
-            namespace: "kg".into(),
-            timeout: Duration::from_millis(500),
+            namespace: None,
+            timeout: None,
         }
     }
 }
@@ -858,6 +862,27 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             if raw.store.path.is_empty() {
                 p.add("store.path", "must not be empty");
             }
+            // Each replica would otherwise run on a SQLite file of its own while its operator
+            // believes they share one Redis.
+            let redis_only = [
+                ("store.redis_url", raw.store.redis_url.is_some()),
+                (
+                    "store.redis_cluster_nodes",
+                    !raw.store.redis_cluster_nodes.is_empty(),
+                ),
+                ("store.namespace", raw.store.namespace.is_some()),
+                ("store.timeout", raw.store.timeout.is_some()),
+            ];
+            for (field, set) in redis_only {
+                if set {
+                    p.add(
+                        field,
+                        "only applies to the Redis store, and store.kind is \"embedded\" (the \
+                         default): set store.kind = \"redis\" (KEYGATE__STORE__KIND=redis), or \
+                         remove it",
+                    );
+                }
+            }
             StoreConfig::Embedded {
                 path: PathBuf::from(raw.store.path),
             }
@@ -884,20 +909,24 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
                 RedisTarget::Cluster(raw.store.redis_cluster_nodes)
             };
-            if raw.store.namespace.is_empty() || raw.store.namespace.contains(['{', '}', ' ', ':'])
-            {
+            let namespace = raw
+                .store
+                .namespace
+                .unwrap_or_else(|| DEFAULT_REDIS_NAMESPACE.to_owned());
+            if namespace.is_empty() || namespace.contains(['{', '}', ' ', ':']) {
                 p.add(
                     "store.namespace",
                     "must be non-empty, without braces, spaces or colons",
                 );
             }
-            if raw.store.timeout.is_zero() {
+            let timeout = raw.store.timeout.unwrap_or(DEFAULT_REDIS_TIMEOUT);
+            if timeout.is_zero() {
                 p.add("store.timeout", "must be more than zero");
             }
             StoreConfig::Redis {
                 target,
-                namespace: raw.store.namespace,
-                timeout: raw.store.timeout,
+                namespace,
+                timeout,
             }
         }
         other => {
@@ -1843,6 +1872,47 @@ mod tests {
             fields,
             ["store.redis_cluster_nodes", "store.redis_cluster_nodes[1]"]
         );
+    }
+
+    /// `KEYGATE__STORE__REDIS_URL` without `KEYGATE__STORE__KIND=redis` used to run every
+    /// replica on a SQLite file of its own (the kind defaults to embedded).
+    #[test]
+    fn redis_settings_are_refused_when_the_store_is_embedded() {
+        let Err(ConfigError::Invalid(problems)) =
+            from_toml("[store]\nredis_url = \"redis://r:6379/0\"")
+        else {
+            panic!("a Redis URL for the embedded store accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_url"], "{problems:?}");
+        assert!(problems[0].reason.contains("store.kind"), "{problems:?}");
+        assert!(!problems[0].reason.contains("r:6379"), "{problems:?}");
+        let all = "[store]\nkind = \"embedded\"\nredis_cluster_nodes = [\"redis://a:1\"]\n\
+                   namespace = \"x\"\ntimeout = \"1s\"";
+        let Err(ConfigError::Invalid(problems)) = from_toml(all) else {
+            panic!("Redis settings for the embedded store accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "store.redis_cluster_nodes",
+                "store.namespace",
+                "store.timeout"
+            ]
+        );
+        // Unset, they keep their defaults for the Redis store, and an empty list is no setting.
+        let c = from_toml("[store]\nredis_cluster_nodes = []").unwrap();
+        assert!(matches!(c.store, StoreConfig::Embedded { .. }));
+        match from_toml("[store]\nkind = \"redis\"").unwrap().store {
+            StoreConfig::Redis {
+                namespace, timeout, ..
+            } => assert_eq!(
+                (namespace.as_str(), timeout),
+                ("kg", Duration::from_millis(500))
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -312,6 +312,7 @@ async fn serve(
         );
     }
 
+    log_store(&cfg.store);
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
@@ -406,6 +407,26 @@ async fn serve(
         keygate::app::shutdown_signal(),
     )
     .await
+}
+
+/// Which store this gateway uses, so that a replica on an embedded store of its own (a Redis
+/// setting that did not take) shows in its first lines. Never the Redis URL: it may hold a
+/// password.
+fn log_store(store: &StoreConfig) {
+    match store {
+        StoreConfig::Embedded { path } => {
+            tracing::info!(store = "embedded", path = %path.display(), "key store");
+        }
+        StoreConfig::Redis {
+            target, namespace, ..
+        } => {
+            let (deployment, nodes) = match target {
+                config::RedisTarget::Single(_) => ("one server", 1),
+                config::RedisTarget::Cluster(nodes) => ("cluster", nodes.len()),
+            };
+            tracing::info!(store = "redis", deployment, nodes, namespace = %namespace, "key store");
+        }
+    }
 }
 
 /// SIGHUP reloads TLS material (each acceptor's reloader catches it too). Caught from start-up
