@@ -940,7 +940,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
 
-    let log = LogConfig {
+    let mut log = LogConfig {
         format: match raw.log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -954,11 +954,9 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         level: raw.log.level,
     };
-    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        p.add(
-            "log.level",
-            "is not a valid level or filter (e.g. info, keygate=debug)",
-        );
+    match log_filter(&log.level) {
+        Ok(filter) => log.level = filter,
+        Err(reason) => p.add("log.level", reason),
     }
 
     let mut upstreams = BTreeMap::new();
@@ -1194,6 +1192,39 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         })
     } else {
         Err(ConfigError::Invalid(p.0))
+    }
+}
+
+/// A logging filter (`log.level`, `RUST_LOG`), checked and with each comma-separated
+/// directive trimmed: `EnvFilter` slices a directive with spaces around it wrongly (`info `
+/// became a target named "info "). Each directive without `=` or `[` must be a level name
+/// (`trace`, `debug`, `info`, `warn`, `error`, `off`): `EnvFilter` takes any other bare word
+/// for a target to log at every level, so a misspelled level (`warning`, `verbose`) turned
+/// every line off.
+pub fn log_filter(filter: &str) -> Result<String, String> {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    for directive in &directives {
+        if directive.contains(['=', '[']) {
+            continue;
+        }
+        if directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error or off); a \
+                 target needs its level after = (e.g. {directive}=debug)"
+            ));
+        }
+    }
+    let filter = directives.join(",");
+    match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(_) => Ok(filter),
+        Err(_) => Err("is not a valid level or filter (e.g. info, keygate=debug)".to_owned()),
     }
 }
 
@@ -1784,6 +1815,47 @@ mod tests {
             2,
             "{problems:?}"
         );
+    }
+
+    /// `EnvFilter` takes a bare word that is not a level for a target, so these turned every
+    /// log line off instead of being refused.
+    #[test]
+    fn log_level_must_name_a_level() {
+        for bad in [
+            "warning",
+            "verbose",
+            "notice",
+            "err",
+            "info,warning",
+            "keygate",
+            "keygate=loud",
+        ] {
+            let Err(ConfigError::Invalid(problems)) =
+                from_toml(&format!("[log]\nlevel = \"{bad}\""))
+            else {
+                panic!("log.level = {bad:?} accepted")
+            };
+            assert_eq!(problems[0].field, "log.level", "{bad}: {problems:?}");
+        }
+        for good in [
+            "trace",
+            "debug",
+            "info",
+            "warn",
+            "error",
+            "off",
+            "WARN",
+            "info,keygate::access=off",
+            "warn, keygate=debug",
+            "info,",
+            "[request]=debug",
+        ] {
+            let c = from_toml(&format!("[log]\nlevel = \"{good}\""));
+            assert!(c.is_ok(), "log.level = {good:?}: {:?}", c.err());
+        }
+        // Spaces around a directive would make `EnvFilter` read "info " as a target.
+        let c = from_toml("[log]\nlevel = \" warn , keygate=debug \"").unwrap();
+        assert_eq!(c.log.level, "warn,keygate=debug");
     }
 
     #[test]
