@@ -8,6 +8,7 @@ use http::{HeaderName, Method, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -645,6 +646,9 @@ pub enum ConfigError {
     Load(String),
     #[error("{}", format_problems(.0))]
     Invalid(Vec<ConfigProblem>),
+    /// A `KEYGATE__*` variable (named lossily) whose name or value is not UTF-8.
+    #[error("environment variable {0}: not valid UTF-8")]
+    EnvNotUnicode(String),
 }
 
 fn format_problems(problems: &[ConfigProblem]) -> String {
@@ -683,7 +687,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
                 .required(true),
         );
     }
-    builder = builder.add_source(env_source(std::env::vars()));
+    builder = builder.add_source(env_source(keygate_vars(std::env::vars_os())?.into_iter()));
     let raw: RawConfig = builder
         .build()
         .and_then(|c| c.try_deserialize())
@@ -701,6 +705,31 @@ pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
     check(raw)
 }
 
+/// What every environment variable that configures keygate starts with.
+const ENV_PREFIX: &str = "KEYGATE__";
+
+/// The `KEYGATE__*` variables of `vars`. No other is read as text: any may hold bytes that are
+/// not UTF-8 (`std::env::vars` panicked at start-up on `OLDPWD=/tmp/\xff`), and a
+/// `KEYGATE__*` one that does is an error naming it.
+fn keygate_vars(
+    vars: impl Iterator<Item = (OsString, OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        if !name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes()) {
+            continue;
+        }
+        let name = name
+            .into_string()
+            .map_err(|n| ConfigError::EnvNotUnicode(n.to_string_lossy().into_owned()))?;
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::EnvNotUnicode(name.clone()))?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
 /// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`).
 const ENV_LIST_KEYS: &[&str] = &[
     "proxy.trusted_proxies",
@@ -712,7 +741,7 @@ const ENV_LIST_KEYS: &[&str] = &[
 
 fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
     let map: config::Map<String, String> =
-        vars.filter(|(k, _)| k.starts_with("KEYGATE__")).collect();
+        vars.filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     let mut env = config::Environment::with_prefix("KEYGATE")
         .prefix_separator("__")
         .separator("__")
@@ -2016,6 +2045,31 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(c.proxy.trusted_proxies.len(), 2);
+    }
+
+    /// Variables other than `KEYGATE__*` are never read as text; a `KEYGATE__*` one that is
+    /// not UTF-8 is an error naming it.
+    #[cfg(unix)]
+    #[test]
+    fn only_keygate_variables_need_to_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let vars = vec![
+            (bytes(b"OLDPWD"), bytes(b"/tmp/\xff")),
+            (bytes(b"\xffODD"), bytes(b"x")),
+            (bytes(b"KEYGATE__LOG__LEVEL"), bytes(b"warn")),
+        ];
+        assert_eq!(
+            keygate_vars(vars.into_iter()).unwrap(),
+            [("KEYGATE__LOG__LEVEL".to_string(), "warn".to_string())]
+        );
+        let vars = vec![(bytes(b"KEYGATE__STORE__PATH"), bytes(b"/data/\xff.db"))];
+        match keygate_vars(vars.into_iter()) {
+            Err(e @ ConfigError::EnvNotUnicode(_)) => {
+                assert!(e.to_string().contains("KEYGATE__STORE__PATH"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -60,6 +60,35 @@ fn check_config_names_every_bad_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
 
+/// An environment variable that is not UTF-8, any at all, made start-up panic
+/// (`std::env::vars`); now only a `KEYGATE__*` one matters, and it is an error naming it.
+#[cfg(unix)]
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_no_panic() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env("OLDPWD", OsString::from_vec(b"/tmp/\xff".to_vec()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env(
+            "KEYGATE__STORE__PATH",
+            OsString::from_vec(b"/data/\xff.db".to_vec()),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("KEYGATE__STORE__PATH") && err.contains("UTF-8"),
+        "{err}"
+    );
+}
+
 /// A duration past what the clock arithmetic takes is a start-up error naming its key: it used
 /// to pass the check and panic a proxy thread on its first connection.
 #[test]
