@@ -739,19 +739,47 @@ const ENV_LIST_KEYS: &[&str] = &[
     "store.redis_cluster_nodes",
 ];
 
-fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
-    let map: config::Map<String, String> =
-        vars.filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-    let mut env = config::Environment::with_prefix("KEYGATE")
-        .prefix_separator("__")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .source(Some(map));
-    for key in ENV_LIST_KEYS {
-        env = env.with_list_parse_key(key);
+/// The `KEYGATE__*` variables as a configuration source: `KEYGATE__STORE__NAMESPACE` sets
+/// `store.namespace`. A value stays the text it was, which the field's type reads (config-rs
+/// takes `"5000"` for a number and `"true"` for a bool where the field wants one), so a string
+/// field keeps its exact text: config-rs's `try_parsing` turned `NAMESPACE=007` into `"7"`
+/// (and `key_prefix`, `realm` likewise). The list fields ([`ENV_LIST_KEYS`]) are split on
+/// commas here.
+#[derive(Debug, Clone)]
+struct EnvSource(config::Map<String, config::Value>);
+
+fn env_source(vars: impl Iterator<Item = (String, String)>) -> EnvSource {
+    let origin = "the environment".to_owned();
+    let map = vars
+        .filter_map(|(name, value)| {
+            let key = name
+                .strip_prefix(ENV_PREFIX)?
+                .to_lowercase()
+                .replace("__", ".");
+            let value = if ENV_LIST_KEYS.contains(&key.as_str()) {
+                config::ValueKind::Array(
+                    value
+                        .split(',')
+                        .map(|item| config::Value::new(Some(&origin), item))
+                        .collect(),
+                )
+            } else {
+                config::ValueKind::String(value)
+            };
+            Some((key, config::Value::new(Some(&origin), value)))
+        })
+        .collect();
+    EnvSource(map)
+}
+
+impl config::Source for EnvSource {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
     }
-    env
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2029,6 +2057,26 @@ mod tests {
                 "10.0.0.0/8,192.168.0.0/16".to_string(),
             ),
             ("UNRELATED".to_string(), "x".to_string()),
+            // Strings keep their text (config-rs's `try_parsing` made these "7", "7", "1.5"),
+            // and numbers, booleans and durations are still read from theirs.
+            ("KEYGATE__STORE__NAMESPACE".to_string(), "007".to_string()),
+            ("KEYGATE__AUTH__KEY_PREFIX".to_string(), "007".to_string()),
+            ("KEYGATE__AUTH__REALM".to_string(), "1.50".to_string()),
+            (
+                "KEYGATE__PROXY__MAX_CONNECTIONS".to_string(),
+                "5000".to_string(),
+            ),
+            (
+                "KEYGATE__PROXY__WORKER_THREADS".to_string(),
+                "3".to_string(),
+            ),
+            ("KEYGATE__USAGE__ENABLED".to_string(), "false".to_string()),
+            (
+                "KEYGATE__AUTH__REVEAL_REFUSAL_REASON".to_string(),
+                "TRUE".to_string(),
+            ),
+            ("KEYGATE__CACHE__TTL".to_string(), "2m".to_string()),
+            ("KEYGATE__AUTH__SOURCES".to_string(), "query".to_string()),
         ];
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(GOOD, config::FileFormat::Toml))
@@ -2039,12 +2087,23 @@ mod tests {
             .unwrap();
         let c = check(raw).unwrap();
         match c.store {
-            StoreConfig::Redis { target, .. } => {
+            StoreConfig::Redis {
+                target, namespace, ..
+            } => {
                 assert_eq!(target, RedisTarget::Single("redis://10.1.1.1:6380".into()));
+                assert_eq!(namespace, "007");
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(c.proxy.trusted_proxies.len(), 2);
+        assert_eq!(c.auth.key_prefix.as_str(), "007");
+        assert_eq!(c.auth.realm, "1.50");
+        assert_eq!(c.proxy.max_connections, 5000);
+        assert_eq!(c.proxy.worker_threads, Some(3));
+        assert!(!c.usage.enabled);
+        assert!(c.auth.reveal_refusal_reason);
+        assert_eq!(c.cache.ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.sources, [KeySource::Query]);
     }
 
     /// Variables other than `KEYGATE__*` are never read as text; a `KEYGATE__*` one that is
