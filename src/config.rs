@@ -730,7 +730,9 @@ fn keygate_vars(
     Ok(out)
 }
 
-/// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`).
+/// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`),
+/// each item trimmed (`bearer, header` is two sources, not `" header"`), empty items dropped
+/// (so an empty value is an empty list).
 const ENV_LIST_KEYS: &[&str] = &[
     "proxy.trusted_proxies",
     "proxy.allow_ips",
@@ -760,6 +762,8 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> EnvSource {
                 config::ValueKind::Array(
                     value
                         .split(',')
+                        .map(str::trim)
+                        .filter(|item| !item.is_empty())
                         .map(|item| config::Value::new(Some(&origin), item))
                         .collect(),
                 )
@@ -2076,7 +2080,11 @@ mod tests {
                 "TRUE".to_string(),
             ),
             ("KEYGATE__CACHE__TTL".to_string(), "2m".to_string()),
-            ("KEYGATE__AUTH__SOURCES".to_string(), "query".to_string()),
+            (
+                "KEYGATE__AUTH__SOURCES".to_string(),
+                " query, bearer ,".to_string(),
+            ),
+            ("KEYGATE__PROXY__DENY_IPS".to_string(), "".to_string()),
         ];
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(GOOD, config::FileFormat::Toml))
@@ -2103,7 +2111,8 @@ mod tests {
         assert!(!c.usage.enabled);
         assert!(c.auth.reveal_refusal_reason);
         assert_eq!(c.cache.ttl, Duration::from_secs(120));
-        assert_eq!(c.auth.sources, [KeySource::Query]);
+        assert_eq!(c.auth.sources, [KeySource::Query, KeySource::Bearer]);
+        assert!(c.proxy.deny_ips.is_empty());
     }
 
     /// Variables other than `KEYGATE__*` are never read as text; a `KEYGATE__*` one that is
