@@ -1170,7 +1170,13 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             name,
             path_prefix: r.path_prefix,
             methods,
-            host: r.host.map(|h| h.to_ascii_lowercase()),
+            host: r.host.and_then(|h| match route_host(&h) {
+                Ok(host) => Some(host),
+                Err(reason) => {
+                    p.add(at("host"), reason);
+                    None
+                }
+            }),
             upstream: r.upstream,
             public: r.public,
             scopes: r.scopes,
@@ -1287,6 +1293,57 @@ pub fn log_filter(filter: &str) -> Result<String, String> {
         Ok(_) => Ok(filter),
         Err(_) => Err("is not a valid level or filter (e.g. info, keygate=debug)".to_owned()),
     }
+}
+
+/// A route's `host` as requests are matched against it: lowercase, without a trailing dot
+/// (requests' are removed too). Refused: what no request host could equal once its port and
+/// trailing dot are gone, as a port, an empty label or a wildcard; such a route never matched.
+fn route_host(host: &str) -> Result<String, String> {
+    if host.is_empty() {
+        return Err("must not be empty (leave host out to match any host)".into());
+    }
+    if host.contains('*') {
+        return Err("wildcards are not supported: give each host a route".into());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        // An IPv6 address: requests name it so, in brackets.
+        return match inner
+            .strip_suffix(']')
+            .map(str::parse::<std::net::Ipv6Addr>)
+        {
+            Some(Ok(_)) => Ok(host.to_ascii_lowercase()),
+            _ if inner.contains("]:") => Err(
+                "must not have a port: a route matches its host on every port the proxy \
+                 listens on"
+                    .into(),
+            ),
+            _ => Err("is not an IPv6 address in brackets".into()),
+        };
+    }
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err("an IPv6 address must be in brackets, as requests name it ([::1])".into());
+    }
+    if host.contains(':') {
+        return Err(
+            "must not have a port: a route matches its host on every port the proxy listens on"
+                .into(),
+        );
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return Err("is not a host name: it has an empty label (\"..\" or a leading dot)".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(
+            "must be a bare host name or address (letters, digits, '-', '_' and dots; an \
+             internationalised name in its xn-- form), without scheme, port or path"
+                .into(),
+        );
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// A route's body-key settings; settings that cannot take effect are refused rather than
@@ -1917,6 +1974,65 @@ mod tests {
         // Spaces around a directive would make `EnvFilter` read "info " as a target.
         let c = from_toml("[log]\nlevel = \" warn , keygate=debug \"").unwrap();
         assert_eq!(c.log.level, "warn,keygate=debug");
+    }
+
+    /// A host that no request's could equal (ports and trailing dots are removed from
+    /// requests' hosts) made a route that never matched.
+    #[test]
+    fn route_hosts_are_bare_host_names() {
+        let with_host = |host: &str| {
+            from_toml(&format!(
+                "{GOOD}\n[[routes]]\nname = \"h\"\npath_prefix = \"/h\"\nupstream = \"api\"\n\
+                 host = \"{host}\"\n"
+            ))
+        };
+        for bad in [
+            "",
+            "api.example.com:8080",
+            "*.example.com",
+            "*",
+            "a..example.com",
+            ".example.com",
+            ".",
+            "http://api.example.com",
+            "api.example.com/x",
+            "api example.com",
+            "bücher.example",
+            "::1",
+            "[::1]:8080",
+            "[nope]",
+        ] {
+            let Err(ConfigError::Invalid(problems)) = with_host(bad) else {
+                panic!("host = {bad:?} accepted")
+            };
+            assert_eq!(
+                problems
+                    .iter()
+                    .map(|p| p.field.as_str())
+                    .collect::<Vec<_>>(),
+                ["routes[1].host"],
+                "{bad:?}"
+            );
+        }
+        for (good, matched) in [
+            ("API.Example.com", "api.example.com"),
+            ("api.example.com.", "api.example.com"),
+            ("localhost", "localhost"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("[::1]", "[::1]"),
+            ("[2001:DB8::1]", "[2001:db8::1]"),
+            ("my_host-1.internal", "my_host-1.internal"),
+        ] {
+            let c = with_host(good).unwrap();
+            assert_eq!(c.routes[1].host.as_deref(), Some(matched), "{good}");
+            // The request side agrees: the route is found for a request to that host.
+            let req = http::Request::get("/h")
+                .header("host", format!("{good}:8080"))
+                .body(())
+                .unwrap();
+            let host = crate::route::request_host(&req).unwrap();
+            assert_eq!(host.as_deref(), Some(matched), "{good}");
+        }
     }
 
     #[test]
