@@ -469,9 +469,20 @@ fn start_tls(
 }
 
 /// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.
+/// Refused (without printing it) when no request could present it: the admin API trims the
+/// token it is given, and a header cannot carry control characters or non-ASCII text, so a
+/// token read from a secret file with its trailing newline could never log in.
 fn bootstrap_token(cfg: &Config) -> Result<Option<String>, String> {
     let name = &cfg.admin.bootstrap_token_env;
     match std::env::var(name) {
+        Ok(t) if t.trim() != t => Err(format!(
+            "{name}: the bootstrap admin token starts or ends with whitespace (a newline from \
+             a secret file?), which no request can present; remove it"
+        )),
+        Ok(t) if t.chars().any(|c| c.is_control() || !c.is_ascii()) => Err(format!(
+            "{name}: the bootstrap admin token holds control characters or non-ASCII text, \
+             which no request can present in a header"
+        )),
         Ok(t) if t.len() < keygate::admin::auth::MIN_BOOTSTRAP_LEN => Err(format!(
             "{name}: the bootstrap admin token must be at least {} characters",
             keygate::admin::auth::MIN_BOOTSTRAP_LEN
