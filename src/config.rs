@@ -236,6 +236,9 @@ struct RawStore {
 
 /// Far above any machine keygate runs on; a typo such as `40000` is refused, not obeyed.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// More open connections than one process's file descriptors allow on any usual system; the
+/// connection semaphore panics above `usize::MAX >> 3`, which `3000000000000000000` passed.
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 /// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_REDIS_NAMESPACE: &str = "kg";
@@ -843,8 +846,11 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         transparent_huge_pages: raw.proxy.transparent_huge_pages,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
-    if proxy.max_connections == 0 {
-        p.add("proxy.max_connections", "must be at least 1");
+    if !(1..=MAX_MAX_CONNECTIONS).contains(&proxy.max_connections) {
+        p.add(
+            "proxy.max_connections",
+            format!("must be from 1 to {MAX_MAX_CONNECTIONS}"),
+        );
     }
     if proxy
         .worker_threads
@@ -1860,6 +1866,25 @@ mod tests {
                 panic!("worker_threads = {bad} accepted")
             };
             assert_eq!(problems[0].field, "proxy.worker_threads");
+        }
+    }
+
+    /// `3000000000000000000` passed the check and panicked in `Semaphore::new`.
+    #[test]
+    fn max_connections_is_bounded() {
+        let with = |n: &str| {
+            from_toml(&GOOD.replacen("[proxy]", &format!("[proxy]\nmax_connections = {n}"), 1))
+        };
+        assert_eq!(with("1").unwrap().proxy.max_connections, 1);
+        assert_eq!(
+            with("1000000").unwrap().proxy.max_connections,
+            MAX_MAX_CONNECTIONS
+        );
+        for bad in ["0", "1000001", "3000000000000000000"] {
+            let Err(ConfigError::Invalid(problems)) = with(bad) else {
+                panic!("max_connections = {bad} accepted")
+            };
+            assert_eq!(problems[0].field, "proxy.max_connections", "{problems:?}");
         }
     }
 
