@@ -137,6 +137,43 @@ fn serve_refuses_a_bootstrap_token_no_request_can_present() {
     }
 }
 
+/// `TOKIO_WORKER_THREADS` is read once, by keygate: tokio's own reading panicked (exit code
+/// 101) on 0 or a value that is not a number, in every command but `serve`, which dropped or
+/// clamped such a value without a word.
+#[test]
+fn a_bad_tokio_worker_threads_is_an_error_not_a_panic() {
+    for value in ["0", "abc", "", "-1", "5000"] {
+        let out = Command::new(BIN)
+            .args(["check-config", "config/dev.toml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{value:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("TOKIO_WORKER_THREADS") && !err.contains("panicked"),
+            "{value:?}: {err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("TOKIO_WORKER_THREADS", "abc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TOKIO_WORKER_THREADS"));
+    for value in ["1", " 2 "] {
+        let out = Command::new(BIN)
+            .args(["check-config", "config/dev.toml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{value:?}: {out:?}");
+    }
+}
+
 /// A duration past what the clock arithmetic takes is a start-up error naming its key: it used
 /// to pass the check and panic a proxy thread on its first connection.
 #[test]
