@@ -1028,6 +1028,14 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let mut upstreams = BTreeMap::new();
     for (name, u) in raw.upstreams {
+        if !valid_upstream_name(&name) {
+            p.add(
+                format!("upstreams.{name}"),
+                "an upstream's name must be lowercase letters, digits, '-' and '_': the \
+                 environment names upstreams in lowercase (KEYGATE__UPSTREAMS__API__URL sets \
+                 upstreams.api), so an override of this one would make another upstream",
+            );
+        }
         let field = format!("upstreams.{name}.url");
         let url = match u.url.parse::<Uri>() {
             Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
@@ -1191,6 +1199,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             body,
             max_body_bytes: r.max_body_bytes,
         });
+    }
+    for name in upstreams.keys() {
+        if !routes.iter().any(|r| &r.upstream == name) {
+            p.add(
+                format!("upstreams.{name}"),
+                "no route uses it: route to it or remove it (a KEYGATE__UPSTREAMS__… override \
+                 with a misspelt name makes a new upstream instead of changing the one meant)",
+            );
+        }
     }
     if proxy.case_insensitive_paths {
         // Prefixes equal but for case would both match the same requests: the one first in
@@ -1428,6 +1445,12 @@ fn check_body_keys(
         body.strip_form_field = true;
     }
     body
+}
+
+fn valid_upstream_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
 }
 
 fn valid_scope_name(s: &str) -> bool {
@@ -2058,6 +2081,55 @@ mod tests {
             let host = crate::route::request_host(&req).unwrap();
             assert_eq!(host.as_deref(), Some(matched), "{good}");
         }
+    }
+
+    /// config-rs lowercases environment keys, so `KEYGATE__UPSTREAMS__ORDERS__URL` made a
+    /// second upstream `orders` beside the file's `Orders`, which no route used: the override
+    /// was silently lost.
+    #[test]
+    fn upstreams_are_lowercase_and_used() {
+        let toml = "[upstreams.Orders]\nurl = \"http://127.0.0.1:9000\"\n\
+                    [[routes]]\npath_prefix = \"/\"\nupstream = \"Orders\"\n";
+        let Err(ConfigError::Invalid(problems)) = from_toml(toml) else {
+            panic!("upstream name with capitals accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["upstreams.Orders"], "{problems:?}");
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(
+                &GOOD
+                    .replace("[upstreams.api]", "[upstreams.API]")
+                    .replace("upstream = \"api\"", "upstream = \"API\""),
+                config::FileFormat::Toml,
+            ))
+            .add_source(env_source(
+                [(
+                    "KEYGATE__UPSTREAMS__API__URL".to_string(),
+                    "http://10.0.0.9:9000".to_string(),
+                )]
+                .into_iter(),
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let Err(ConfigError::Invalid(problems)) = check(raw) else {
+            panic!("the override's new upstream accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["upstreams.API", "upstreams.api"], "{problems:?}");
+
+        let unused = format!("{GOOD}\n[upstreams.spare]\nurl = \"http://127.0.0.1:9001\"\n");
+        let Err(ConfigError::Invalid(problems)) = from_toml(&unused) else {
+            panic!("an upstream no route uses accepted")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "upstreams.spare");
+        assert!(problems[0].reason.contains("no route uses it"));
+        let names = GOOD
+            .replace("upstreams.api", "upstreams.api_v2-1")
+            .replace("upstream = \"api\"", "upstream = \"api_v2-1\"");
+        assert!(from_toml(&names).is_ok());
     }
 
     #[test]
