@@ -813,6 +813,28 @@ fn check_redis_url(p: &mut Problems, field: &str, url: &str, unix_ok: bool) {
             field,
             "must start with redis:// (cluster nodes are reached over TCP)",
         );
+    } else if let Err(e) = redis::Client::open(url) {
+        // Parsed as the store will parse it, so that `check-config` catches what `serve`
+        // would fail on. Never the URL itself in the message: it may hold a password
+        // (redis-rs's errors do not echo it).
+        p.add(
+            field,
+            format!(
+                "is not a usable Redis URL ({e}); expected redis://[[user]:password@]host[:port][/db]"
+            ),
+        );
+    }
+}
+
+/// The cluster's seed nodes together, as the store will take them (one password and user
+/// for all), once each has passed [`check_redis_url`].
+fn check_cluster_nodes(p: &mut Problems, nodes: &[String]) {
+    if let Err(e) = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str)).build()
+    {
+        p.add(
+            "store.redis_cluster_nodes",
+            format!("cannot be used as one cluster's nodes ({e})"),
+        );
     }
 }
 
@@ -970,9 +992,13 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                          not both",
                     );
                 }
+                let before = p.0.len();
                 for (i, url) in raw.store.redis_cluster_nodes.iter().enumerate() {
                     let field = format!("store.redis_cluster_nodes[{i}]");
                     check_redis_url(&mut p, &field, url, false);
+                }
+                if p.0.len() == before {
+                    check_cluster_nodes(&mut p, &raw.store.redis_cluster_nodes);
                 }
                 RedisTarget::Cluster(raw.store.redis_cluster_nodes)
             };
@@ -2259,6 +2285,55 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `check-config` only looked at the scheme, so `redis://r:6379/prod` passed and `serve`
+    /// failed later without naming the field. Never the URL in the message (a password).
+    #[test]
+    fn redis_urls_are_parsed_as_the_store_parses_them() {
+        let store = |lines: &str| from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"\n{lines}"));
+        for url in [
+            "redis://:hunter2@r:6379/prod",
+            "redis://:hunter2@r:6379/0?protocol=9",
+            "redis://:hunter2@0.0.0.0:6379",
+            "redis://",
+        ] {
+            let Err(ConfigError::Invalid(problems)) = store(&format!("redis_url = \"{url}\""))
+            else {
+                panic!("{url} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+            assert_eq!(problems[0].field, "store.redis_url", "{url}");
+            let text = problems[0].to_string();
+            assert!(
+                !text.contains("hunter2") && !text.contains("r:6379"),
+                "{text}"
+            );
+        }
+        for url in [
+            "redis://:pw@r:6379/3",
+            "redis://user:pw@r",
+            "unix:///run/redis.sock",
+            "redis+unix:///run/redis.sock?db=2",
+        ] {
+            assert!(store(&format!("redis_url = \"{url}\"")).is_ok(), "{url}");
+        }
+        let Err(ConfigError::Invalid(problems)) =
+            store("redis_cluster_nodes = [\"redis://a:6379\", \"redis://:hunter2@b:6379/x\"]")
+        else {
+            panic!("a bad cluster node accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_cluster_nodes[1]"]);
+        assert!(!problems[0].to_string().contains("hunter2"));
+        let Err(ConfigError::Invalid(problems)) =
+            store("redis_cluster_nodes = [\"redis://:one@a:6379\", \"redis://:two@b:6379\"]")
+        else {
+            panic!("nodes with different passwords accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_cluster_nodes"]);
+        assert!(!problems[0].to_string().contains("one@"));
     }
 
     #[test]
