@@ -1187,19 +1187,42 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         if r.public && !r.scopes.is_empty() {
             p.add(at("scopes"), "a public route cannot require scopes");
         }
-        let sources = r
-            .sources
-            .as_ref()
-            .map(|s| parse_sources(&mut p, &at("sources"), s));
-        let effective = sources.as_deref().unwrap_or(&auth.sources);
-        let raw_body = RawBodyKeys {
-            form_fields: r.form_fields.as_deref(),
-            max_peek_bytes: r.max_peek_bytes,
-            peek_timeout: r.peek_timeout,
-            strip_form_field: r.strip_form_field,
-            keep_credential: r.keep_credential,
+        let (sources, body) = if r.public {
+            // A public route reads no key, so what says how to read one would be ignored.
+            let key_settings = [
+                ("sources", r.sources.is_some()),
+                ("form_fields", r.form_fields.is_some()),
+                ("max_peek_bytes", r.max_peek_bytes.is_some()),
+                ("peek_timeout", r.peek_timeout.is_some()),
+                ("strip_form_field", r.strip_form_field),
+                ("keep_credential", r.keep_credential),
+            ];
+            for (field, set) in key_settings {
+                if set {
+                    p.add(
+                        at(field),
+                        "has no effect on a public route, which reads no key (and forwards \
+                         the request as sent)",
+                    );
+                }
+            }
+            (None, BodyKeyConfig::default())
+        } else {
+            let sources = r
+                .sources
+                .as_ref()
+                .map(|s| parse_sources(&mut p, &at("sources"), s));
+            let effective = sources.as_deref().unwrap_or(&auth.sources);
+            let raw_body = RawBodyKeys {
+                form_fields: r.form_fields.as_deref(),
+                max_peek_bytes: r.max_peek_bytes,
+                peek_timeout: r.peek_timeout,
+                strip_form_field: r.strip_form_field,
+                keep_credential: r.keep_credential,
+            };
+            let body = check_body_keys(&mut p, &at, &raw_body, effective);
+            (sources, body)
         };
-        let body = check_body_keys(&mut p, &at, &raw_body, effective);
         if r.max_body_bytes == Some(0) {
             p.add(
                 at("max_body_bytes"),
@@ -2156,6 +2179,37 @@ mod tests {
             .replace("upstreams.api", "upstreams.api_v2-1")
             .replace("upstream = \"api\"", "upstream = \"api_v2-1\"");
         assert!(from_toml(&names).is_ok());
+    }
+
+    /// A public route reads no key: settings for reading one were accepted and ignored.
+    #[test]
+    fn a_public_route_takes_no_key_settings() {
+        for setting in [
+            "sources = [\"query\"]",
+            "form_fields = [\"k\"]",
+            "max_peek_bytes = 4096",
+            "peek_timeout = \"2s\"",
+            "strip_form_field = true",
+            "keep_credential = true",
+            "scopes = [\"read\"]",
+        ] {
+            let toml = format!(
+                "{GOOD}\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\n\
+                 upstream = \"api\"\npublic = true\n{setting}\n"
+            );
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{setting} accepted on a public route")
+            };
+            let field = format!("routes[1].{}", setting.split(' ').next().unwrap());
+            let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+            assert_eq!(fields, [field.as_str()], "{setting}");
+        }
+        let open = format!(
+            "{GOOD}\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\n\
+             upstream = \"api\"\npublic = true\nkeep_credential = false\n\
+             strip_form_field = false\n"
+        );
+        assert!(from_toml(&open).unwrap().routes[1].public);
     }
 
     #[test]
