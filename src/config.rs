@@ -916,8 +916,18 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             "must not be Authorization (use the \"bearer\" source for it)",
         );
     }
-    if raw.auth.realm.contains('"') || raw.auth.realm.contains('\\') {
-        p.add("auth.realm", "must not contain quotes or backslashes");
+    // A control character would make every challenge an invalid header value, and 401s
+    // would go out without their WWW-Authenticate.
+    if raw
+        .auth
+        .realm
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        p.add(
+            "auth.realm",
+            "must not contain quotes, backslashes or control characters",
+        );
     }
     if raw.auth.query_param.is_empty() {
         p.add("auth.query_param", "must not be empty");
@@ -1064,23 +1074,30 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         let field = format!("upstreams.{name}.url");
         let url = match u.url.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() =>
+            {
                 if uri.query().is_some() {
                     p.add(&field, "must not have a query string");
                 }
-                uri
-            }
-            Ok(uri) if uri.scheme_str() == Some("https") && uri.authority().is_some() => {
-                if uri.query().is_some() {
-                    p.add(&field, "must not have a query string");
+                // Never sent upstream, so refused rather than ignored; not echoed either.
+                if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    p.add(
+                        &field,
+                        "must not hold credentials (user:password@): keygate does not send them",
+                    );
                 }
                 uri
             }
             _ => {
-                p.add(
-                    &field,
-                    format!("{:?} is not an http(s)://host:port URL", u.url),
-                );
+                // Echoed to help find the typo, unless it may hold a password.
+                let shown = if u.url.contains('@') {
+                    "it".to_owned()
+                } else {
+                    format!("{:?}", u.url)
+                };
+                p.add(&field, format!("{shown} is not an http(s)://host:port URL"));
                 Uri::from_static("http://invalid")
             }
         };
@@ -2210,6 +2227,45 @@ mod tests {
              strip_form_field = false\n"
         );
         assert!(from_toml(&open).unwrap().routes[1].public);
+    }
+
+    /// A control character in the realm made every challenge an invalid header value, so
+    /// 401s went out without WWW-Authenticate.
+    #[test]
+    fn the_realm_must_fit_in_a_header() {
+        for bad in ["a\\nb", "a\\tb", "a\\u007fb", "a\\\"b", "a\\\\b"] {
+            let Err(ConfigError::Invalid(problems)) =
+                from_toml(&format!("[auth]\nrealm = \"{bad}\""))
+            else {
+                panic!("realm {bad:?} accepted")
+            };
+            assert_eq!(problems[0].field, "auth.realm", "{bad}");
+        }
+        let c = from_toml("[auth]\nrealm = \"Zürich API v2\"").unwrap();
+        assert_eq!(c.auth.realm, "Zürich API v2");
+    }
+
+    /// Credentials in an upstream URL are never sent: refused, and never echoed.
+    #[test]
+    fn upstream_urls_carry_no_credentials() {
+        for url in [
+            "http://user:hunter2@api:8080",
+            "http://hunter2@api",
+            "http://:hunter2@api:1",
+        ] {
+            let toml = GOOD.replace("http://127.0.0.1:9000", url);
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{url} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].field, "upstreams.api.url");
+            assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
+        }
+        let toml = GOOD.replace("http://127.0.0.1:9000", "http://u:hunter2@ bad");
+        let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+            panic!("a bad URL accepted")
+        };
+        assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
     }
 
     #[test]
