@@ -174,6 +174,53 @@ fn a_bad_tokio_worker_threads_is_an_error_not_a_panic() {
     }
 }
 
+/// An invalid `RUST_LOG` (a misspelled level turns every line off) is ignored with a warning
+/// naming it, not silently.
+#[test]
+fn an_invalid_rust_log_is_a_warning() {
+    for value in ["warning", "keygate=loud"] {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", value)
+            .env_remove("KEYGATE_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let warned = loop {
+            match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+                Ok(line) if line.contains("RUST_LOG") => break Some(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break None,
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let warned = warned.unwrap_or_else(|| panic!("RUST_LOG={value}: no warning in {seen:?}"));
+        assert!(
+            warned.contains("warning") && warned.contains(value),
+            "{warned}"
+        );
+    }
+}
+
 /// A duration past what the clock arithmetic takes is a start-up error naming its key: it used
 /// to pass the check and panic a proxy thread on its first connection.
 #[test]
