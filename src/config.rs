@@ -40,8 +40,11 @@ struct RawProxy {
     trusted_proxies: Vec<String>,
     allow_ips: Vec<String>,
     deny_ips: Vec<String>,
+    #[serde(deserialize_with = "strict::int")]
     max_connections: usize,
+    #[serde(deserialize_with = "strict::int")]
     max_header_bytes: usize,
+    #[serde(deserialize_with = "strict::int")]
     max_headers: usize,
     #[serde(with = "duration")]
     header_read_timeout: Duration,
@@ -51,9 +54,13 @@ struct RawProxy {
     drain_timeout: Duration,
     #[serde(with = "duration")]
     send_timeout: Duration,
+    #[serde(deserialize_with = "strict::opt_int")]
     worker_threads: Option<usize>,
+    #[serde(deserialize_with = "strict::boolean")]
     work_stealing: bool,
+    #[serde(deserialize_with = "strict::boolean")]
     case_insensitive_paths: bool,
+    #[serde(deserialize_with = "strict::boolean")]
     transparent_huge_pages: bool,
     tls: Option<RawTls>,
 }
@@ -90,15 +97,19 @@ impl Default for RawProxy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
+    #[serde(deserialize_with = "strict::boolean")]
     enabled: bool,
     listen: String,
     #[serde(with = "duration")]
     reveal_window: Duration,
+    #[serde(deserialize_with = "strict::int")]
     team_key_limit: u32,
     bootstrap_token_env: String,
+    #[serde(deserialize_with = "strict::int")]
     max_body_bytes: usize,
     #[serde(with = "duration")]
     body_read_timeout: Duration,
+    #[serde(deserialize_with = "strict::boolean")]
     ready_without_store: bool,
     tls: Option<RawTls>,
 }
@@ -149,6 +160,7 @@ impl Default for RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawUsage {
+    #[serde(deserialize_with = "strict::boolean")]
     enabled: bool,
     #[serde(with = "duration")]
     flush_interval: Duration,
@@ -178,6 +190,7 @@ struct RawAuth {
     sources: Vec<String>,
     header_name: String,
     query_param: String,
+    #[serde(deserialize_with = "strict::boolean")]
     reveal_refusal_reason: bool,
 }
 
@@ -199,9 +212,11 @@ impl Default for RawAuth {
 struct RawCache {
     #[serde(with = "duration")]
     ttl: Duration,
+    #[serde(deserialize_with = "strict::int")]
     max_entries: u64,
     #[serde(with = "duration")]
     negative_ttl: Duration,
+    #[serde(deserialize_with = "strict::int")]
     negative_max_entries: u64,
     #[serde(with = "duration")]
     stale_for: Duration,
@@ -285,10 +300,12 @@ struct RawUpstream {
     body_idle_timeout: Duration,
     #[serde(with = "duration")]
     pool_idle_timeout: Duration,
+    #[serde(deserialize_with = "strict::int")]
     pool_max_idle_per_host: usize,
     /// PEM CA bundle for an https upstream; absent: the system's roots.
     ca_file: Option<String>,
     /// Speak HTTP/2 to the upstream (h2c with prior knowledge for http://, ALPN for https://).
+    #[serde(deserialize_with = "strict::boolean")]
     http2: bool,
 }
 
@@ -316,15 +333,20 @@ struct RawRoute {
     methods: Vec<String>,
     host: Option<String>,
     upstream: String,
+    #[serde(deserialize_with = "strict::boolean")]
     public: bool,
     scopes: Vec<String>,
+    #[serde(deserialize_with = "strict::boolean")]
     keep_credential: bool,
     sources: Option<Vec<String>>,
     form_fields: Option<Vec<String>>,
+    #[serde(deserialize_with = "strict::opt_int")]
     max_peek_bytes: Option<usize>,
     #[serde(with = "duration::optional")]
     peek_timeout: Option<Duration>,
+    #[serde(deserialize_with = "strict::boolean")]
     strip_form_field: bool,
+    #[serde(deserialize_with = "strict::opt_int")]
     max_body_bytes: Option<u64>,
 }
 
@@ -1772,6 +1794,107 @@ mod duration {
     }
 }
 
+/// Whole numbers and booleans as written. config-rs converts between them: a float was rounded
+/// into an integer field (`team_key_limit = -1.0` became 0, which means no limit), a bool was
+/// 0 or 1, a number was a bool. These take a TOML integer (or boolean), or its text, which is
+/// how the environment gives every value.
+mod strict {
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    /// An unsigned whole number.
+    struct Int<T>(T);
+
+    struct IntVisitor<T>(PhantomData<T>);
+
+    impl<T: TryFrom<u64>> Visitor<'_> for IntVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!("{v} is negative"))),
+            }
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<T, E> {
+            let v = u64::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))?;
+            self.visit_u64(v)
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<T, E> {
+            if v < 0 {
+                return Err(E::custom(format!("{v} is negative")));
+            }
+            self.visit_u128(v.unsigned_abs())
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            let t = v.trim();
+            if let Ok(n) = t.parse::<u64>() {
+                self.visit_u64(n)
+            } else if let Ok(n) = t.parse::<i64>() {
+                self.visit_i64(n)
+            } else {
+                Err(E::invalid_value(Unexpected::Str(v), &self))
+            }
+        }
+    }
+
+    impl<'de, T: TryFrom<u64>> Deserialize<'de> for Int<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(IntVisitor(PhantomData)).map(Int)
+        }
+    }
+
+    pub fn int<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        Int::deserialize(d).map(|Int(v)| v)
+    }
+
+    pub fn opt_int<'de, D: Deserializer<'de>, T: TryFrom<u64>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<Int<T>>::deserialize(d).map(|v| v.map(|Int(v)| v))
+    }
+
+    struct BoolVisitor;
+
+    impl Visitor<'_> for BoolVisitor {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("true or false")
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+
+        /// The words config-rs took from the environment before, so no deployment breaks.
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            }
+        }
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(BoolVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2266,6 +2389,48 @@ mod tests {
             panic!("a bad URL accepted")
         };
         assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
+    }
+
+    /// config-rs rounded a float into an integer field (`team_key_limit = -1.0` became 0, no
+    /// limit) and took a number for a bool; each is now refused, naming its key.
+    #[test]
+    fn numbers_and_booleans_are_taken_as_written() {
+        for (text, key) in [
+            ("[admin]\nteam_key_limit = -1.0", "team_key_limit"),
+            ("[admin]\nteam_key_limit = 2.5", "team_key_limit"),
+            ("[admin]\nteam_key_limit = -1", "team_key_limit"),
+            ("[admin]\nteam_key_limit = 4294967296", "team_key_limit"),
+            ("[admin]\nteam_key_limit = true", "team_key_limit"),
+            ("[proxy]\nmax_connections = 1e4", "max_connections"),
+            ("[proxy]\nworker_threads = 2.0", "worker_threads"),
+            ("[cache]\nmax_entries = \"lots\"", "max_entries"),
+            ("[usage]\nenabled = 0", "enabled"),
+            ("[proxy]\nwork_stealing = 1.0", "work_stealing"),
+            ("[admin]\nenabled = \"maybe\"", "enabled"),
+            (
+                "[[routes]]\npath_prefix = \"/\"\nupstream = \"u\"\nmax_body_bytes = 1.5",
+                "max_body_bytes",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/\"\nupstream = \"u\"\npublic = 1",
+                "public",
+            ),
+        ] {
+            let err = from_toml(text).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Load(_)) && err.to_string().contains(key),
+                "{text}: {err}"
+            );
+        }
+        let c = from_toml(
+            "[admin]\nteam_key_limit = 7\nenabled = false\n[proxy]\nworker_threads = 2\n\
+             max_connections = \"300\"\n[usage]\nenabled = \"off\"",
+        )
+        .unwrap();
+        assert_eq!(c.admin.team_key_limit, 7);
+        assert!(!c.admin.enabled && !c.usage.enabled);
+        assert_eq!(c.proxy.worker_threads, Some(2));
+        assert_eq!(c.proxy.max_connections, 300);
     }
 
     #[test]
