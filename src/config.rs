@@ -2761,6 +2761,43 @@ mod tests {
             }
         }
 
+        /// A string from the environment is the text that was written (config-rs's
+        /// `try_parsing` made `007` 7 and `1.50` 1.5).
+        #[test]
+        fn an_environment_string_keeps_its_text(
+            text in "[0-9][0-9.]{0,6}|[ -~]{1,16}",
+        ) {
+            prop_assume!(!text.contains(['"', '\\']));
+            let raw: RawConfig = config::Config::builder()
+                .add_source(env_source(
+                    [("KEYGATE__AUTH__REALM".to_string(), text.clone())].into_iter(),
+                ))
+                .build()
+                .unwrap()
+                .try_deserialize()
+                .unwrap();
+            prop_assert_eq!(check(raw).unwrap().auth.realm, text);
+        }
+
+        /// A route host that is accepted is what a request naming that host, with or without
+        /// a port, is matched as; nothing panics.
+        #[test]
+        fn accepted_route_hosts_match_their_requests(
+            host in "[a-zA-Z0-9._:*\\[\\]-]{0,16}",
+            port in proptest::option::of(1u16..),
+        ) {
+            if let Ok(matched) = route_host(&host) {
+                let authority = match port {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.clone(),
+                };
+                let req = http::Request::get("/").header("host", authority).body(());
+                prop_assume!(req.is_ok());
+                let found = crate::route::request_host(&req.unwrap());
+                prop_assert_eq!(found, Ok(Some(matched)), "{}", host);
+            }
+        }
+
         #[test]
         fn config_parser_never_panics(s in "(\\[[a-z]{1,8}\\]\n)?([a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n){0,4}") {
             let _ = from_toml(&s);
