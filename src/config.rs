@@ -8,6 +8,7 @@ use http::{HeaderName, Method, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -39,8 +40,11 @@ struct RawProxy {
     trusted_proxies: Vec<String>,
     allow_ips: Vec<String>,
     deny_ips: Vec<String>,
+    #[serde(deserialize_with = "strict::int")]
     max_connections: usize,
+    #[serde(deserialize_with = "strict::int")]
     max_header_bytes: usize,
+    #[serde(deserialize_with = "strict::int")]
     max_headers: usize,
     #[serde(with = "duration")]
     header_read_timeout: Duration,
@@ -50,9 +54,13 @@ struct RawProxy {
     drain_timeout: Duration,
     #[serde(with = "duration")]
     send_timeout: Duration,
+    #[serde(deserialize_with = "strict::opt_int")]
     worker_threads: Option<usize>,
+    #[serde(deserialize_with = "strict::boolean")]
     work_stealing: bool,
+    #[serde(deserialize_with = "strict::boolean")]
     case_insensitive_paths: bool,
+    #[serde(deserialize_with = "strict::boolean")]
     transparent_huge_pages: bool,
     tls: Option<RawTls>,
 }
@@ -89,15 +97,19 @@ impl Default for RawProxy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
+    #[serde(deserialize_with = "strict::boolean")]
     enabled: bool,
     listen: String,
     #[serde(with = "duration")]
     reveal_window: Duration,
+    #[serde(deserialize_with = "strict::int")]
     team_key_limit: u32,
     bootstrap_token_env: String,
+    #[serde(deserialize_with = "strict::int")]
     max_body_bytes: usize,
     #[serde(with = "duration")]
     body_read_timeout: Duration,
+    #[serde(deserialize_with = "strict::boolean")]
     ready_without_store: bool,
     tls: Option<RawTls>,
 }
@@ -148,6 +160,7 @@ impl Default for RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawUsage {
+    #[serde(deserialize_with = "strict::boolean")]
     enabled: bool,
     #[serde(with = "duration")]
     flush_interval: Duration,
@@ -177,6 +190,7 @@ struct RawAuth {
     sources: Vec<String>,
     header_name: String,
     query_param: String,
+    #[serde(deserialize_with = "strict::boolean")]
     reveal_refusal_reason: bool,
 }
 
@@ -198,9 +212,11 @@ impl Default for RawAuth {
 struct RawCache {
     #[serde(with = "duration")]
     ttl: Duration,
+    #[serde(deserialize_with = "strict::int")]
     max_entries: u64,
     #[serde(with = "duration")]
     negative_ttl: Duration,
+    #[serde(deserialize_with = "strict::int")]
     negative_max_entries: u64,
     #[serde(with = "duration")]
     stale_for: Duration,
@@ -223,18 +239,25 @@ impl Default for RawCache {
 struct RawStore {
     kind: String,
     path: String,
-    /// `None` unless set, so that setting it together with `redis_cluster_nodes` is caught.
+    /// `None` unless set, so that setting it together with `redis_cluster_nodes` is caught,
+    /// and so that a Redis setting under `kind = "embedded"` is refused rather than ignored
+    /// (`namespace` and `timeout` too; their defaults are applied when checking).
     redis_url: Option<String>,
     redis_cluster_nodes: Vec<String>,
-    namespace: String,
-    #[serde(with = "duration")]
-    timeout: Duration,
+    namespace: Option<String>,
+    #[serde(with = "duration::optional")]
+    timeout: Option<Duration>,
 }
 
-/// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 /// Far above any machine keygate runs on; a typo such as `40000` is refused, not obeyed.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// More open connections than one process's file descriptors allow on any usual system; the
+/// connection semaphore panics above `usize::MAX >> 3`, which `3000000000000000000` passed.
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+/// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_REDIS_NAMESPACE: &str = "kg";
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Default for RawStore {
     fn default() -> Self {
@@ -243,8 +266,8 @@ impl Default for RawStore {
             path: "keygate.db".into(),
             redis_url: None,
             redis_cluster_nodes: Vec::new(),
-            namespace: "kg".into(),
-            timeout: Duration::from_millis(500),
+            namespace: None,
+            timeout: None,
         }
     }
 }
@@ -277,10 +300,12 @@ struct RawUpstream {
     body_idle_timeout: Duration,
     #[serde(with = "duration")]
     pool_idle_timeout: Duration,
+    #[serde(deserialize_with = "strict::int")]
     pool_max_idle_per_host: usize,
     /// PEM CA bundle for an https upstream; absent: the system's roots.
     ca_file: Option<String>,
     /// Speak HTTP/2 to the upstream (h2c with prior knowledge for http://, ALPN for https://).
+    #[serde(deserialize_with = "strict::boolean")]
     http2: bool,
 }
 
@@ -308,15 +333,20 @@ struct RawRoute {
     methods: Vec<String>,
     host: Option<String>,
     upstream: String,
+    #[serde(deserialize_with = "strict::boolean")]
     public: bool,
     scopes: Vec<String>,
+    #[serde(deserialize_with = "strict::boolean")]
     keep_credential: bool,
     sources: Option<Vec<String>>,
     form_fields: Option<Vec<String>>,
+    #[serde(deserialize_with = "strict::opt_int")]
     max_peek_bytes: Option<usize>,
     #[serde(with = "duration::optional")]
     peek_timeout: Option<Duration>,
+    #[serde(deserialize_with = "strict::boolean")]
     strip_form_field: bool,
+    #[serde(deserialize_with = "strict::opt_int")]
     max_body_bytes: Option<u64>,
 }
 
@@ -641,6 +671,9 @@ pub enum ConfigError {
     Load(String),
     #[error("{}", format_problems(.0))]
     Invalid(Vec<ConfigProblem>),
+    /// A `KEYGATE__*` variable (named lossily) whose name or value is not UTF-8.
+    #[error("environment variable {0}: not valid UTF-8")]
+    EnvNotUnicode(String),
 }
 
 fn format_problems(problems: &[ConfigProblem]) -> String {
@@ -679,7 +712,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
                 .required(true),
         );
     }
-    builder = builder.add_source(env_source(std::env::vars()));
+    builder = builder.add_source(env_source(keygate_vars(std::env::vars_os())?.into_iter()));
     let raw: RawConfig = builder
         .build()
         .and_then(|c| c.try_deserialize())
@@ -697,7 +730,34 @@ pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
     check(raw)
 }
 
-/// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`).
+/// What every environment variable that configures keygate starts with.
+const ENV_PREFIX: &str = "KEYGATE__";
+
+/// The `KEYGATE__*` variables of `vars`. No other is read as text: any may hold bytes that are
+/// not UTF-8 (`std::env::vars` panicked at start-up on `OLDPWD=/tmp/\xff`), and a
+/// `KEYGATE__*` one that does is an error naming it.
+fn keygate_vars(
+    vars: impl Iterator<Item = (OsString, OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        if !name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes()) {
+            continue;
+        }
+        let name = name
+            .into_string()
+            .map_err(|n| ConfigError::EnvNotUnicode(n.to_string_lossy().into_owned()))?;
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::EnvNotUnicode(name.clone()))?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// Lists in the environment are comma-separated (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,…`),
+/// each item trimmed (`bearer, header` is two sources, not `" header"`), empty items dropped
+/// (so an empty value is an empty list).
 const ENV_LIST_KEYS: &[&str] = &[
     "proxy.trusted_proxies",
     "proxy.allow_ips",
@@ -706,19 +766,49 @@ const ENV_LIST_KEYS: &[&str] = &[
     "store.redis_cluster_nodes",
 ];
 
-fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
-    let map: config::Map<String, String> =
-        vars.filter(|(k, _)| k.starts_with("KEYGATE__")).collect();
-    let mut env = config::Environment::with_prefix("KEYGATE")
-        .prefix_separator("__")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .source(Some(map));
-    for key in ENV_LIST_KEYS {
-        env = env.with_list_parse_key(key);
+/// The `KEYGATE__*` variables as a configuration source: `KEYGATE__STORE__NAMESPACE` sets
+/// `store.namespace`. A value stays the text it was, which the field's type reads (config-rs
+/// takes `"5000"` for a number and `"true"` for a bool where the field wants one), so a string
+/// field keeps its exact text: config-rs's `try_parsing` turned `NAMESPACE=007` into `"7"`
+/// (and `key_prefix`, `realm` likewise). The list fields ([`ENV_LIST_KEYS`]) are split on
+/// commas here.
+#[derive(Debug, Clone)]
+struct EnvSource(config::Map<String, config::Value>);
+
+fn env_source(vars: impl Iterator<Item = (String, String)>) -> EnvSource {
+    let origin = "the environment".to_owned();
+    let map = vars
+        .filter_map(|(name, value)| {
+            let key = name
+                .strip_prefix(ENV_PREFIX)?
+                .to_lowercase()
+                .replace("__", ".");
+            let value = if ENV_LIST_KEYS.contains(&key.as_str()) {
+                config::ValueKind::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|item| !item.is_empty())
+                        .map(|item| config::Value::new(Some(&origin), item))
+                        .collect(),
+                )
+            } else {
+                config::ValueKind::String(value)
+            };
+            Some((key, config::Value::new(Some(&origin), value)))
+        })
+        .collect();
+    EnvSource(map)
+}
+
+impl config::Source for EnvSource {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
     }
-    env
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,6 +834,28 @@ fn check_redis_url(p: &mut Problems, field: &str, url: &str, unix_ok: bool) {
         p.add(
             field,
             "must start with redis:// (cluster nodes are reached over TCP)",
+        );
+    } else if let Err(e) = redis::Client::open(url) {
+        // Parsed as the store will parse it, so that `check-config` catches what `serve`
+        // would fail on. Never the URL itself in the message: it may hold a password
+        // (redis-rs's errors do not echo it).
+        p.add(
+            field,
+            format!(
+                "is not a usable Redis URL ({e}); expected redis://[[user]:password@]host[:port][/db]"
+            ),
+        );
+    }
+}
+
+/// The cluster's seed nodes together, as the store will take them (one password and user
+/// for all), once each has passed [`check_redis_url`].
+fn check_cluster_nodes(p: &mut Problems, nodes: &[String]) {
+    if let Err(e) = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str)).build()
+    {
+        p.add(
+            "store.redis_cluster_nodes",
+            format!("cannot be used as one cluster's nodes ({e})"),
         );
     }
 }
@@ -778,8 +890,11 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         transparent_huge_pages: raw.proxy.transparent_huge_pages,
         tls: check_tls(&mut p, "proxy.tls", raw.proxy.tls),
     };
-    if proxy.max_connections == 0 {
-        p.add("proxy.max_connections", "must be at least 1");
+    if !(1..=MAX_MAX_CONNECTIONS).contains(&proxy.max_connections) {
+        p.add(
+            "proxy.max_connections",
+            format!("must be from 1 to {MAX_MAX_CONNECTIONS}"),
+        );
     }
     if proxy
         .worker_threads
@@ -823,8 +938,18 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             "must not be Authorization (use the \"bearer\" source for it)",
         );
     }
-    if raw.auth.realm.contains('"') || raw.auth.realm.contains('\\') {
-        p.add("auth.realm", "must not contain quotes or backslashes");
+    // A control character would make every challenge an invalid header value, and 401s
+    // would go out without their WWW-Authenticate.
+    if raw
+        .auth
+        .realm
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        p.add(
+            "auth.realm",
+            "must not contain quotes, backslashes or control characters",
+        );
     }
     if raw.auth.query_param.is_empty() {
         p.add("auth.query_param", "must not be empty");
@@ -858,6 +983,27 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             if raw.store.path.is_empty() {
                 p.add("store.path", "must not be empty");
             }
+            // Each replica would otherwise run on a SQLite file of its own while its operator
+            // believes they share one Redis.
+            let redis_only = [
+                ("store.redis_url", raw.store.redis_url.is_some()),
+                (
+                    "store.redis_cluster_nodes",
+                    !raw.store.redis_cluster_nodes.is_empty(),
+                ),
+                ("store.namespace", raw.store.namespace.is_some()),
+                ("store.timeout", raw.store.timeout.is_some()),
+            ];
+            for (field, set) in redis_only {
+                if set {
+                    p.add(
+                        field,
+                        "only applies to the Redis store, and store.kind is \"embedded\" (the \
+                         default): set store.kind = \"redis\" (KEYGATE__STORE__KIND=redis), or \
+                         remove it",
+                    );
+                }
+            }
             StoreConfig::Embedded {
                 path: PathBuf::from(raw.store.path),
             }
@@ -878,26 +1024,34 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                          not both",
                     );
                 }
+                let before = p.0.len();
                 for (i, url) in raw.store.redis_cluster_nodes.iter().enumerate() {
                     let field = format!("store.redis_cluster_nodes[{i}]");
                     check_redis_url(&mut p, &field, url, false);
                 }
+                if p.0.len() == before {
+                    check_cluster_nodes(&mut p, &raw.store.redis_cluster_nodes);
+                }
                 RedisTarget::Cluster(raw.store.redis_cluster_nodes)
             };
-            if raw.store.namespace.is_empty() || raw.store.namespace.contains(['{', '}', ' ', ':'])
-            {
+            let namespace = raw
+                .store
+                .namespace
+                .unwrap_or_else(|| DEFAULT_REDIS_NAMESPACE.to_owned());
+            if namespace.is_empty() || namespace.contains(['{', '}', ' ', ':']) {
                 p.add(
                     "store.namespace",
                     "must be non-empty, without braces, spaces or colons",
                 );
             }
-            if raw.store.timeout.is_zero() {
+            let timeout = raw.store.timeout.unwrap_or(DEFAULT_REDIS_TIMEOUT);
+            if timeout.is_zero() {
                 p.add("store.timeout", "must be more than zero");
             }
             StoreConfig::Redis {
                 target,
-                namespace: raw.store.namespace,
-                timeout: raw.store.timeout,
+                namespace,
+                timeout,
             }
         }
         other => {
@@ -911,7 +1065,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
 
-    let log = LogConfig {
+    let mut log = LogConfig {
         format: match raw.log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -925,34 +1079,47 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         level: raw.log.level,
     };
-    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        p.add(
-            "log.level",
-            "is not a valid level or filter (e.g. info, keygate=debug)",
-        );
+    match log_filter(&log.level) {
+        Ok(filter) => log.level = filter,
+        Err(reason) => p.add("log.level", reason),
     }
 
     let mut upstreams = BTreeMap::new();
     for (name, u) in raw.upstreams {
+        if !valid_upstream_name(&name) {
+            p.add(
+                format!("upstreams.{name}"),
+                "an upstream's name must be lowercase letters, digits, '-' and '_': the \
+                 environment names upstreams in lowercase (KEYGATE__UPSTREAMS__API__URL sets \
+                 upstreams.api), so an override of this one would make another upstream",
+            );
+        }
         let field = format!("upstreams.{name}.url");
         let url = match u.url.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() =>
+            {
                 if uri.query().is_some() {
                     p.add(&field, "must not have a query string");
                 }
-                uri
-            }
-            Ok(uri) if uri.scheme_str() == Some("https") && uri.authority().is_some() => {
-                if uri.query().is_some() {
-                    p.add(&field, "must not have a query string");
+                // Never sent upstream, so refused rather than ignored; not echoed either.
+                if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    p.add(
+                        &field,
+                        "must not hold credentials (user:password@): keygate does not send them",
+                    );
                 }
                 uri
             }
             _ => {
-                p.add(
-                    &field,
-                    format!("{:?} is not an http(s)://host:port URL", u.url),
-                );
+                // Echoed to help find the typo, unless it may hold a password.
+                let shown = if u.url.contains('@') {
+                    "it".to_owned()
+                } else {
+                    format!("{:?}", u.url)
+                };
+                p.add(&field, format!("{shown} is not an http(s)://host:port URL"));
                 Uri::from_static("http://invalid")
             }
         };
@@ -1059,19 +1226,42 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         if r.public && !r.scopes.is_empty() {
             p.add(at("scopes"), "a public route cannot require scopes");
         }
-        let sources = r
-            .sources
-            .as_ref()
-            .map(|s| parse_sources(&mut p, &at("sources"), s));
-        let effective = sources.as_deref().unwrap_or(&auth.sources);
-        let raw_body = RawBodyKeys {
-            form_fields: r.form_fields.as_deref(),
-            max_peek_bytes: r.max_peek_bytes,
-            peek_timeout: r.peek_timeout,
-            strip_form_field: r.strip_form_field,
-            keep_credential: r.keep_credential,
+        let (sources, body) = if r.public {
+            // A public route reads no key, so what says how to read one would be ignored.
+            let key_settings = [
+                ("sources", r.sources.is_some()),
+                ("form_fields", r.form_fields.is_some()),
+                ("max_peek_bytes", r.max_peek_bytes.is_some()),
+                ("peek_timeout", r.peek_timeout.is_some()),
+                ("strip_form_field", r.strip_form_field),
+                ("keep_credential", r.keep_credential),
+            ];
+            for (field, set) in key_settings {
+                if set {
+                    p.add(
+                        at(field),
+                        "has no effect on a public route, which reads no key (and forwards \
+                         the request as sent)",
+                    );
+                }
+            }
+            (None, BodyKeyConfig::default())
+        } else {
+            let sources = r
+                .sources
+                .as_ref()
+                .map(|s| parse_sources(&mut p, &at("sources"), s));
+            let effective = sources.as_deref().unwrap_or(&auth.sources);
+            let raw_body = RawBodyKeys {
+                form_fields: r.form_fields.as_deref(),
+                max_peek_bytes: r.max_peek_bytes,
+                peek_timeout: r.peek_timeout,
+                strip_form_field: r.strip_form_field,
+                keep_credential: r.keep_credential,
+            };
+            let body = check_body_keys(&mut p, &at, &raw_body, effective);
+            (sources, body)
         };
-        let body = check_body_keys(&mut p, &at, &raw_body, effective);
         if r.max_body_bytes == Some(0) {
             p.add(
                 at("max_body_bytes"),
@@ -1082,7 +1272,13 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             name,
             path_prefix: r.path_prefix,
             methods,
-            host: r.host.map(|h| h.to_ascii_lowercase()),
+            host: r.host.and_then(|h| match route_host(&h) {
+                Ok(host) => Some(host),
+                Err(reason) => {
+                    p.add(at("host"), reason);
+                    None
+                }
+            }),
             upstream: r.upstream,
             public: r.public,
             scopes: r.scopes,
@@ -1091,6 +1287,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             body,
             max_body_bytes: r.max_body_bytes,
         });
+    }
+    for name in upstreams.keys() {
+        if !routes.iter().any(|r| &r.upstream == name) {
+            p.add(
+                format!("upstreams.{name}"),
+                "no route uses it: route to it or remove it (a KEYGATE__UPSTREAMS__… override \
+                 with a misspelt name makes a new upstream instead of changing the one meant)",
+            );
+        }
     }
     if proxy.case_insensitive_paths {
         // Prefixes equal but for case would both match the same requests: the one first in
@@ -1166,6 +1371,90 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     } else {
         Err(ConfigError::Invalid(p.0))
     }
+}
+
+/// A logging filter (`log.level`, `RUST_LOG`), checked and with each comma-separated
+/// directive trimmed: `EnvFilter` slices a directive with spaces around it wrongly (`info `
+/// became a target named "info "). Each directive without `=` or `[` must be a level name
+/// (`trace`, `debug`, `info`, `warn`, `error`, `off`): `EnvFilter` takes any other bare word
+/// for a target to log at every level, so a misspelled level (`warning`, `verbose`) turned
+/// every line off.
+pub fn log_filter(filter: &str) -> Result<String, String> {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    for directive in &directives {
+        if directive.contains(['=', '[']) {
+            continue;
+        }
+        if directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error or off); a \
+                 target needs its level after = (e.g. {directive}=debug)"
+            ));
+        }
+    }
+    let filter = directives.join(",");
+    match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(_) => Ok(filter),
+        Err(_) => Err("is not a valid level or filter (e.g. info, keygate=debug)".to_owned()),
+    }
+}
+
+/// A route's `host` as requests are matched against it: lowercase, without a trailing dot
+/// (requests' are removed too). Refused: what no request host could equal once its port and
+/// trailing dot are gone, as a port, an empty label or a wildcard; such a route never matched.
+fn route_host(host: &str) -> Result<String, String> {
+    if host.is_empty() {
+        return Err("must not be empty (leave host out to match any host)".into());
+    }
+    if host.contains('*') {
+        return Err("wildcards are not supported: give each host a route".into());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        // An IPv6 address: requests name it so, in brackets.
+        return match inner
+            .strip_suffix(']')
+            .map(str::parse::<std::net::Ipv6Addr>)
+        {
+            Some(Ok(_)) => Ok(host.to_ascii_lowercase()),
+            _ if inner.contains("]:") => Err(
+                "must not have a port: a route matches its host on every port the proxy \
+                 listens on"
+                    .into(),
+            ),
+            _ => Err("is not an IPv6 address in brackets".into()),
+        };
+    }
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err("an IPv6 address must be in brackets, as requests name it ([::1])".into());
+    }
+    if host.contains(':') {
+        return Err(
+            "must not have a port: a route matches its host on every port the proxy listens on"
+                .into(),
+        );
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return Err("is not a host name: it has an empty label (\"..\" or a leading dot)".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(
+            "must be a bare host name or address (letters, digits, '-', '_' and dots; an \
+             internationalised name in its xn-- form), without scheme, port or path"
+                .into(),
+        );
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// A route's body-key settings; settings that cannot take effect are refused rather than
@@ -1244,6 +1533,12 @@ fn check_body_keys(
         body.strip_form_field = true;
     }
     body
+}
+
+fn valid_upstream_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
 }
 
 fn valid_scope_name(s: &str) -> bool {
@@ -1499,6 +1794,107 @@ mod duration {
     }
 }
 
+/// Whole numbers and booleans as written. config-rs converts between them: a float was rounded
+/// into an integer field (`team_key_limit = -1.0` became 0, which means no limit), a bool was
+/// 0 or 1, a number was a bool. These take a TOML integer (or boolean), or its text, which is
+/// how the environment gives every value.
+mod strict {
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    /// An unsigned whole number.
+    struct Int<T>(T);
+
+    struct IntVisitor<T>(PhantomData<T>);
+
+    impl<T: TryFrom<u64>> Visitor<'_> for IntVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!("{v} is negative"))),
+            }
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<T, E> {
+            let v = u64::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))?;
+            self.visit_u64(v)
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<T, E> {
+            if v < 0 {
+                return Err(E::custom(format!("{v} is negative")));
+            }
+            self.visit_u128(v.unsigned_abs())
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            let t = v.trim();
+            if let Ok(n) = t.parse::<u64>() {
+                self.visit_u64(n)
+            } else if let Ok(n) = t.parse::<i64>() {
+                self.visit_i64(n)
+            } else {
+                Err(E::invalid_value(Unexpected::Str(v), &self))
+            }
+        }
+    }
+
+    impl<'de, T: TryFrom<u64>> Deserialize<'de> for Int<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(IntVisitor(PhantomData)).map(Int)
+        }
+    }
+
+    pub fn int<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        Int::deserialize(d).map(|Int(v)| v)
+    }
+
+    pub fn opt_int<'de, D: Deserializer<'de>, T: TryFrom<u64>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<Int<T>>::deserialize(d).map(|v| v.map(|Int(v)| v))
+    }
+
+    struct BoolVisitor;
+
+    impl Visitor<'_> for BoolVisitor {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("true or false")
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+
+        /// The words config-rs took from the environment before, so no deployment breaks.
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            }
+        }
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(BoolVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1685,6 +2081,25 @@ mod tests {
         }
     }
 
+    /// `3000000000000000000` passed the check and panicked in `Semaphore::new`.
+    #[test]
+    fn max_connections_is_bounded() {
+        let with = |n: &str| {
+            from_toml(&GOOD.replacen("[proxy]", &format!("[proxy]\nmax_connections = {n}"), 1))
+        };
+        assert_eq!(with("1").unwrap().proxy.max_connections, 1);
+        assert_eq!(
+            with("1000000").unwrap().proxy.max_connections,
+            MAX_MAX_CONNECTIONS
+        );
+        for bad in ["0", "1000001", "3000000000000000000"] {
+            let Err(ConfigError::Invalid(problems)) = with(bad) else {
+                panic!("max_connections = {bad} accepted")
+            };
+            assert_eq!(problems[0].field, "proxy.max_connections", "{problems:?}");
+        }
+    }
+
     #[test]
     fn body_key_settings_have_defaults_and_are_checked() {
         let c = from_toml(&format!(
@@ -1755,6 +2170,267 @@ mod tests {
             2,
             "{problems:?}"
         );
+    }
+
+    /// `EnvFilter` takes a bare word that is not a level for a target, so these turned every
+    /// log line off instead of being refused.
+    #[test]
+    fn log_level_must_name_a_level() {
+        for bad in [
+            "warning",
+            "verbose",
+            "notice",
+            "err",
+            "info,warning",
+            "keygate",
+            "keygate=loud",
+        ] {
+            let Err(ConfigError::Invalid(problems)) =
+                from_toml(&format!("[log]\nlevel = \"{bad}\""))
+            else {
+                panic!("log.level = {bad:?} accepted")
+            };
+            assert_eq!(problems[0].field, "log.level", "{bad}: {problems:?}");
+        }
+        for good in [
+            "trace",
+            "debug",
+            "info",
+            "warn",
+            "error",
+            "off",
+            "WARN",
+            "info,keygate::access=off",
+            "warn, keygate=debug",
+            "info,",
+            "[request]=debug",
+        ] {
+            let c = from_toml(&format!("[log]\nlevel = \"{good}\""));
+            assert!(c.is_ok(), "log.level = {good:?}: {:?}", c.err());
+        }
+        // Spaces around a directive would make `EnvFilter` read "info " as a target.
+        let c = from_toml("[log]\nlevel = \" warn , keygate=debug \"").unwrap();
+        assert_eq!(c.log.level, "warn,keygate=debug");
+    }
+
+    /// A host that no request's could equal (ports and trailing dots are removed from
+    /// requests' hosts) made a route that never matched.
+    #[test]
+    fn route_hosts_are_bare_host_names() {
+        let with_host = |host: &str| {
+            from_toml(&format!(
+                "{GOOD}\n[[routes]]\nname = \"h\"\npath_prefix = \"/h\"\nupstream = \"api\"\n\
+                 host = \"{host}\"\n"
+            ))
+        };
+        for bad in [
+            "",
+            "api.example.com:8080",
+            "*.example.com",
+            "*",
+            "a..example.com",
+            ".example.com",
+            ".",
+            "http://api.example.com",
+            "api.example.com/x",
+            "api example.com",
+            "bücher.example",
+            "::1",
+            "[::1]:8080",
+            "[nope]",
+        ] {
+            let Err(ConfigError::Invalid(problems)) = with_host(bad) else {
+                panic!("host = {bad:?} accepted")
+            };
+            assert_eq!(
+                problems
+                    .iter()
+                    .map(|p| p.field.as_str())
+                    .collect::<Vec<_>>(),
+                ["routes[1].host"],
+                "{bad:?}"
+            );
+        }
+        for (good, matched) in [
+            ("API.Example.com", "api.example.com"),
+            ("api.example.com.", "api.example.com"),
+            ("localhost", "localhost"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("[::1]", "[::1]"),
+            ("[2001:DB8::1]", "[2001:db8::1]"),
+            ("my_host-1.internal", "my_host-1.internal"),
+        ] {
+            let c = with_host(good).unwrap();
+            assert_eq!(c.routes[1].host.as_deref(), Some(matched), "{good}");
+            // The request side agrees: the route is found for a request to that host.
+            let req = http::Request::get("/h")
+                .header("host", format!("{good}:8080"))
+                .body(())
+                .unwrap();
+            let host = crate::route::request_host(&req).unwrap();
+            assert_eq!(host.as_deref(), Some(matched), "{good}");
+        }
+    }
+
+    /// config-rs lowercases environment keys, so `KEYGATE__UPSTREAMS__ORDERS__URL` made a
+    /// second upstream `orders` beside the file's `Orders`, which no route used: the override
+    /// was silently lost.
+    #[test]
+    fn upstreams_are_lowercase_and_used() {
+        let toml = "[upstreams.Orders]\nurl = \"http://127.0.0.1:9000\"\n\
+                    [[routes]]\npath_prefix = \"/\"\nupstream = \"Orders\"\n";
+        let Err(ConfigError::Invalid(problems)) = from_toml(toml) else {
+            panic!("upstream name with capitals accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["upstreams.Orders"], "{problems:?}");
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(
+                &GOOD
+                    .replace("[upstreams.api]", "[upstreams.API]")
+                    .replace("upstream = \"api\"", "upstream = \"API\""),
+                config::FileFormat::Toml,
+            ))
+            .add_source(env_source(
+                [(
+                    "KEYGATE__UPSTREAMS__API__URL".to_string(),
+                    "http://10.0.0.9:9000".to_string(),
+                )]
+                .into_iter(),
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let Err(ConfigError::Invalid(problems)) = check(raw) else {
+            panic!("the override's new upstream accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["upstreams.API", "upstreams.api"], "{problems:?}");
+
+        let unused = format!("{GOOD}\n[upstreams.spare]\nurl = \"http://127.0.0.1:9001\"\n");
+        let Err(ConfigError::Invalid(problems)) = from_toml(&unused) else {
+            panic!("an upstream no route uses accepted")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "upstreams.spare");
+        assert!(problems[0].reason.contains("no route uses it"));
+        let names = GOOD
+            .replace("upstreams.api", "upstreams.api_v2-1")
+            .replace("upstream = \"api\"", "upstream = \"api_v2-1\"");
+        assert!(from_toml(&names).is_ok());
+    }
+
+    /// A public route reads no key: settings for reading one were accepted and ignored.
+    #[test]
+    fn a_public_route_takes_no_key_settings() {
+        for setting in [
+            "sources = [\"query\"]",
+            "form_fields = [\"k\"]",
+            "max_peek_bytes = 4096",
+            "peek_timeout = \"2s\"",
+            "strip_form_field = true",
+            "keep_credential = true",
+            "scopes = [\"read\"]",
+        ] {
+            let toml = format!(
+                "{GOOD}\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\n\
+                 upstream = \"api\"\npublic = true\n{setting}\n"
+            );
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{setting} accepted on a public route")
+            };
+            let field = format!("routes[1].{}", setting.split(' ').next().unwrap());
+            let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+            assert_eq!(fields, [field.as_str()], "{setting}");
+        }
+        let open = format!(
+            "{GOOD}\n[[routes]]\nname = \"open\"\npath_prefix = \"/open\"\n\
+             upstream = \"api\"\npublic = true\nkeep_credential = false\n\
+             strip_form_field = false\n"
+        );
+        assert!(from_toml(&open).unwrap().routes[1].public);
+    }
+
+    /// A control character in the realm made every challenge an invalid header value, so
+    /// 401s went out without WWW-Authenticate.
+    #[test]
+    fn the_realm_must_fit_in_a_header() {
+        for bad in ["a\\nb", "a\\tb", "a\\u007fb", "a\\\"b", "a\\\\b"] {
+            let Err(ConfigError::Invalid(problems)) =
+                from_toml(&format!("[auth]\nrealm = \"{bad}\""))
+            else {
+                panic!("realm {bad:?} accepted")
+            };
+            assert_eq!(problems[0].field, "auth.realm", "{bad}");
+        }
+        let c = from_toml("[auth]\nrealm = \"Zürich API v2\"").unwrap();
+        assert_eq!(c.auth.realm, "Zürich API v2");
+    }
+
+    /// Credentials in an upstream URL are never sent: refused, and never echoed.
+    #[test]
+    fn upstream_urls_carry_no_credentials() {
+        for url in [
+            "http://user:hunter2@api:8080",
+            "http://hunter2@api",
+            "http://:hunter2@api:1",
+        ] {
+            let toml = GOOD.replace("http://127.0.0.1:9000", url);
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{url} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].field, "upstreams.api.url");
+            assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
+        }
+        let toml = GOOD.replace("http://127.0.0.1:9000", "http://u:hunter2@ bad");
+        let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+            panic!("a bad URL accepted")
+        };
+        assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
+    }
+
+    /// config-rs rounded a float into an integer field (`team_key_limit = -1.0` became 0, no
+    /// limit) and took a number for a bool; each is now refused, naming its key.
+    #[test]
+    fn numbers_and_booleans_are_taken_as_written() {
+        for (text, key) in [
+            ("[admin]\nteam_key_limit = -1.0", "team_key_limit"),
+            ("[admin]\nteam_key_limit = 2.5", "team_key_limit"),
+            ("[admin]\nteam_key_limit = -1", "team_key_limit"),
+            ("[admin]\nteam_key_limit = 4294967296", "team_key_limit"),
+            ("[admin]\nteam_key_limit = true", "team_key_limit"),
+            ("[proxy]\nmax_connections = 1e4", "max_connections"),
+            ("[proxy]\nworker_threads = 2.0", "worker_threads"),
+            ("[cache]\nmax_entries = \"lots\"", "max_entries"),
+            ("[usage]\nenabled = 0", "enabled"),
+            ("[proxy]\nwork_stealing = 1.0", "work_stealing"),
+            ("[admin]\nenabled = \"maybe\"", "enabled"),
+            (
+                "[[routes]]\npath_prefix = \"/\"\nupstream = \"u\"\nmax_body_bytes = 1.5",
+                "max_body_bytes",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/\"\nupstream = \"u\"\npublic = 1",
+                "public",
+            ),
+        ] {
+            let err = from_toml(text).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Load(_)) && err.to_string().contains(key),
+                "{text}: {err}"
+            );
+        }
+        let c = from_toml(
+            "[admin]\nteam_key_limit = 7\nenabled = false\n[proxy]\nworker_threads = 2\n\
+             max_connections = \"300\"\n[usage]\nenabled = \"off\"",
+        )
+        .unwrap();
+        assert_eq!(c.admin.team_key_limit, 7);
+        assert!(!c.admin.enabled && !c.usage.enabled);
+        assert_eq!(c.proxy.worker_threads, Some(2));
+        assert_eq!(c.proxy.max_connections, 300);
     }
 
     #[test]
@@ -1845,6 +2521,96 @@ mod tests {
         );
     }
 
+    /// `KEYGATE__STORE__REDIS_URL` without `KEYGATE__STORE__KIND=redis` used to run every
+    /// replica on a SQLite file of its own (the kind defaults to embedded).
+    #[test]
+    fn redis_settings_are_refused_when_the_store_is_embedded() {
+        let Err(ConfigError::Invalid(problems)) =
+            from_toml("[store]\nredis_url = \"redis://r:6379/0\"")
+        else {
+            panic!("a Redis URL for the embedded store accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_url"], "{problems:?}");
+        assert!(problems[0].reason.contains("store.kind"), "{problems:?}");
+        assert!(!problems[0].reason.contains("r:6379"), "{problems:?}");
+        let all = "[store]\nkind = \"embedded\"\nredis_cluster_nodes = [\"redis://a:1\"]\n\
+                   namespace = \"x\"\ntimeout = \"1s\"";
+        let Err(ConfigError::Invalid(problems)) = from_toml(all) else {
+            panic!("Redis settings for the embedded store accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "store.redis_cluster_nodes",
+                "store.namespace",
+                "store.timeout"
+            ]
+        );
+        // Unset, they keep their defaults for the Redis store, and an empty list is no setting.
+        let c = from_toml("[store]\nredis_cluster_nodes = []").unwrap();
+        assert!(matches!(c.store, StoreConfig::Embedded { .. }));
+        match from_toml("[store]\nkind = \"redis\"").unwrap().store {
+            StoreConfig::Redis {
+                namespace, timeout, ..
+            } => assert_eq!(
+                (namespace.as_str(), timeout),
+                ("kg", Duration::from_millis(500))
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `check-config` only looked at the scheme, so `redis://r:6379/prod` passed and `serve`
+    /// failed later without naming the field. Never the URL in the message (a password).
+    #[test]
+    fn redis_urls_are_parsed_as_the_store_parses_them() {
+        let store = |lines: &str| from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"\n{lines}"));
+        for url in [
+            "redis://:hunter2@r:6379/prod",
+            "redis://:hunter2@r:6379/0?protocol=9",
+            "redis://:hunter2@0.0.0.0:6379",
+            "redis://",
+        ] {
+            let Err(ConfigError::Invalid(problems)) = store(&format!("redis_url = \"{url}\""))
+            else {
+                panic!("{url} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+            assert_eq!(problems[0].field, "store.redis_url", "{url}");
+            let text = problems[0].to_string();
+            assert!(
+                !text.contains("hunter2") && !text.contains("r:6379"),
+                "{text}"
+            );
+        }
+        for url in [
+            "redis://:pw@r:6379/3",
+            "redis://user:pw@r",
+            "unix:///run/redis.sock",
+            "redis+unix:///run/redis.sock?db=2",
+        ] {
+            assert!(store(&format!("redis_url = \"{url}\"")).is_ok(), "{url}");
+        }
+        let Err(ConfigError::Invalid(problems)) =
+            store("redis_cluster_nodes = [\"redis://a:6379\", \"redis://:hunter2@b:6379/x\"]")
+        else {
+            panic!("a bad cluster node accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_cluster_nodes[1]"]);
+        assert!(!problems[0].to_string().contains("hunter2"));
+        let Err(ConfigError::Invalid(problems)) =
+            store("redis_cluster_nodes = [\"redis://:one@a:6379\", \"redis://:two@b:6379\"]")
+        else {
+            panic!("nodes with different passwords accepted")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["store.redis_cluster_nodes"]);
+        assert!(!problems[0].to_string().contains("one@"));
+    }
+
     #[test]
     fn environment_overrides_file() {
         let vars = vec![
@@ -1858,6 +2624,30 @@ mod tests {
                 "10.0.0.0/8,192.168.0.0/16".to_string(),
             ),
             ("UNRELATED".to_string(), "x".to_string()),
+            // Strings keep their text (config-rs's `try_parsing` made these "7", "7", "1.5"),
+            // and numbers, booleans and durations are still read from theirs.
+            ("KEYGATE__STORE__NAMESPACE".to_string(), "007".to_string()),
+            ("KEYGATE__AUTH__KEY_PREFIX".to_string(), "007".to_string()),
+            ("KEYGATE__AUTH__REALM".to_string(), "1.50".to_string()),
+            (
+                "KEYGATE__PROXY__MAX_CONNECTIONS".to_string(),
+                "5000".to_string(),
+            ),
+            (
+                "KEYGATE__PROXY__WORKER_THREADS".to_string(),
+                "3".to_string(),
+            ),
+            ("KEYGATE__USAGE__ENABLED".to_string(), "false".to_string()),
+            (
+                "KEYGATE__AUTH__REVEAL_REFUSAL_REASON".to_string(),
+                "TRUE".to_string(),
+            ),
+            ("KEYGATE__CACHE__TTL".to_string(), "2m".to_string()),
+            (
+                "KEYGATE__AUTH__SOURCES".to_string(),
+                " query, bearer ,".to_string(),
+            ),
+            ("KEYGATE__PROXY__DENY_IPS".to_string(), "".to_string()),
         ];
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(GOOD, config::FileFormat::Toml))
@@ -1868,12 +2658,49 @@ mod tests {
             .unwrap();
         let c = check(raw).unwrap();
         match c.store {
-            StoreConfig::Redis { target, .. } => {
+            StoreConfig::Redis {
+                target, namespace, ..
+            } => {
                 assert_eq!(target, RedisTarget::Single("redis://10.1.1.1:6380".into()));
+                assert_eq!(namespace, "007");
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(c.proxy.trusted_proxies.len(), 2);
+        assert_eq!(c.auth.key_prefix.as_str(), "007");
+        assert_eq!(c.auth.realm, "1.50");
+        assert_eq!(c.proxy.max_connections, 5000);
+        assert_eq!(c.proxy.worker_threads, Some(3));
+        assert!(!c.usage.enabled);
+        assert!(c.auth.reveal_refusal_reason);
+        assert_eq!(c.cache.ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.sources, [KeySource::Query, KeySource::Bearer]);
+        assert!(c.proxy.deny_ips.is_empty());
+    }
+
+    /// Variables other than `KEYGATE__*` are never read as text; a `KEYGATE__*` one that is
+    /// not UTF-8 is an error naming it.
+    #[cfg(unix)]
+    #[test]
+    fn only_keygate_variables_need_to_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let vars = vec![
+            (bytes(b"OLDPWD"), bytes(b"/tmp/\xff")),
+            (bytes(b"\xffODD"), bytes(b"x")),
+            (bytes(b"KEYGATE__LOG__LEVEL"), bytes(b"warn")),
+        ];
+        assert_eq!(
+            keygate_vars(vars.into_iter()).unwrap(),
+            [("KEYGATE__LOG__LEVEL".to_string(), "warn".to_string())]
+        );
+        let vars = vec![(bytes(b"KEYGATE__STORE__PATH"), bytes(b"/data/\xff.db"))];
+        match keygate_vars(vars.into_iter()) {
+            Err(e @ ConfigError::EnvNotUnicode(_)) => {
+                assert!(e.to_string().contains("KEYGATE__STORE__PATH"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1931,6 +2758,43 @@ mod tests {
                     secs == 0 || Duration::from_secs(secs) > duration::MAX,
                     "{secs}s refused: {e}"
                 ),
+            }
+        }
+
+        /// A string from the environment is the text that was written (config-rs's
+        /// `try_parsing` made `007` 7 and `1.50` 1.5).
+        #[test]
+        fn an_environment_string_keeps_its_text(
+            text in "[0-9][0-9.]{0,6}|[ -~]{1,16}",
+        ) {
+            prop_assume!(!text.contains(['"', '\\']));
+            let raw: RawConfig = config::Config::builder()
+                .add_source(env_source(
+                    [("KEYGATE__AUTH__REALM".to_string(), text.clone())].into_iter(),
+                ))
+                .build()
+                .unwrap()
+                .try_deserialize()
+                .unwrap();
+            prop_assert_eq!(check(raw).unwrap().auth.realm, text);
+        }
+
+        /// A route host that is accepted is what a request naming that host, with or without
+        /// a port, is matched as; nothing panics.
+        #[test]
+        fn accepted_route_hosts_match_their_requests(
+            host in "[a-zA-Z0-9._:*\\[\\]-]{0,16}",
+            port in proptest::option::of(1u16..),
+        ) {
+            if let Ok(matched) = route_host(&host) {
+                let authority = match port {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.clone(),
+                };
+                let req = http::Request::get("/").header("host", authority).body(());
+                prop_assume!(req.is_ok());
+                let found = crate::route::request_host(&req.unwrap());
+                prop_assert_eq!(found, Ok(Some(matched)), "{}", host);
             }
         }
 

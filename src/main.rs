@@ -142,6 +142,13 @@ fn parse_role(s: &str) -> Result<keygate::store::Role, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let env_threads = match tokio_worker_threads() {
+        Ok(n) => n,
+        Err(message) => {
+            eprintln!("keygate: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     // `serve` reads its configuration first: the runtime's shape is part of it.
     let (runtime, serve_config) = match &cli.command {
         Command::Serve(args) => match load_config(args.config.as_deref()) {
@@ -150,7 +157,7 @@ fn main() -> ExitCode {
                 // governs pages faulted in after it (memory.rs says why off is the default).
                 let huge_pages =
                     keygate::memory::set_transparent_huge_pages(cfg.proxy.transparent_huge_pages);
-                let threads = worker_threads(cfg.proxy.worker_threads);
+                let threads = worker_threads(cfg.proxy.worker_threads, env_threads);
                 cfg.proxy.worker_threads = Some(threads);
                 (
                     server_runtime(threads, cfg.proxy.work_stealing),
@@ -162,8 +169,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        // The thread count given, so that tokio never reads `TOKIO_WORKER_THREADS` itself.
         _ => (
             tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(env_threads.unwrap_or_else(available_cpus))
                 .enable_all()
                 .build(),
             None,
@@ -223,17 +232,38 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `proxy.worker_threads`; unset: tokio's choice (`TOKIO_WORKER_THREADS`, else one per CPU the
-/// process may use).
-fn worker_threads(configured: Option<usize>) -> usize {
+/// `proxy.worker_threads`; unset: `TOKIO_WORKER_THREADS`, else one per CPU the process may
+/// use (at most [`config::MAX_WORKER_THREADS`]).
+fn worker_threads(configured: Option<usize>, env_threads: Option<usize>) -> usize {
     configured
-        .or_else(|| {
-            std::env::var("TOKIO_WORKER_THREADS")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .or(env_threads)
+        .unwrap_or_else(available_cpus)
         .clamp(1, config::MAX_WORKER_THREADS)
+}
+
+fn available_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(config::MAX_WORKER_THREADS)
+}
+
+/// `TOKIO_WORKER_THREADS`, read once, here, for every runtime `main` builds. tokio's own
+/// reading of it panics on a value that is not a number or is 0 (`check-config`, `keys`,
+/// `teams` and `echo` did), and `serve` used to drop an unparsable value and clamp the others
+/// without a word.
+fn tokio_worker_threads() -> Result<Option<usize>, String> {
+    const NAME: &str = "TOKIO_WORKER_THREADS";
+    let max = config::MAX_WORKER_THREADS;
+    match std::env::var(NAME) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{NAME}: not valid UTF-8")),
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "{NAME}={value:?}: must be a number of threads from 1 to {max}"
+            )),
+        },
+    }
 }
 
 /// The single-threaded scheduler, unless `work_stealing` asks for one pool of `threads`: no
@@ -312,6 +342,7 @@ async fn serve(
         );
     }
 
+    log_store(&cfg.store);
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
@@ -408,6 +439,26 @@ async fn serve(
     .await
 }
 
+/// Which store this gateway uses, so that a replica on an embedded store of its own (a Redis
+/// setting that did not take) shows in its first lines. Never the Redis URL: it may hold a
+/// password.
+fn log_store(store: &StoreConfig) {
+    match store {
+        StoreConfig::Embedded { path } => {
+            tracing::info!(store = "embedded", path = %path.display(), "key store");
+        }
+        StoreConfig::Redis {
+            target, namespace, ..
+        } => {
+            let (deployment, nodes) = match target {
+                config::RedisTarget::Single(_) => ("one server", 1),
+                config::RedisTarget::Cluster(nodes) => ("cluster", nodes.len()),
+            };
+            tracing::info!(store = "redis", deployment, nodes, namespace = %namespace, "key store");
+        }
+    }
+}
+
 /// SIGHUP reloads TLS material (each acceptor's reloader catches it too). Caught from start-up
 /// on, with or without TLS: its default action ends the process at once, no drain, and the
 /// README tells operators to send it.
@@ -448,9 +499,20 @@ fn start_tls(
 }
 
 /// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.
+/// Refused (without printing it) when no request could present it: the admin API trims the
+/// token it is given, and a header cannot carry control characters or non-ASCII text, so a
+/// token read from a secret file with its trailing newline could never log in.
 fn bootstrap_token(cfg: &Config) -> Result<Option<String>, String> {
     let name = &cfg.admin.bootstrap_token_env;
     match std::env::var(name) {
+        Ok(t) if t.trim() != t => Err(format!(
+            "{name}: the bootstrap admin token starts or ends with whitespace (a newline from \
+             a secret file?), which no request can present; remove it"
+        )),
+        Ok(t) if t.chars().any(|c| c.is_control() || !c.is_ascii()) => Err(format!(
+            "{name}: the bootstrap admin token holds control characters or non-ASCII text, \
+             which no request can present in a header"
+        )),
         Ok(t) if t.len() < keygate::admin::auth::MIN_BOOTSTRAP_LEN => Err(format!(
             "{name}: the bootstrap admin token must be at least {} characters",
             keygate::admin::auth::MIN_BOOTSTRAP_LEN

@@ -22,8 +22,7 @@ const QUEUED_LINES: usize = 16_384;
 /// Installs the global subscriber. The guard flushes the queued lines when dropped: keep it
 /// until the process is done logging. A second call (tests) keeps the first subscriber.
 pub fn init_logging(cfg: &LogConfig) -> WorkerGuard {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
+    let filter = rust_log(&cfg.level)
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
@@ -45,4 +44,20 @@ pub fn init_logging(cfg: &LogConfig) -> WorkerGuard {
         LogFormat::Text => builder.try_init(),
     };
     guard
+}
+
+/// `RUST_LOG`, checked as `log.level` is (`config::log_filter`). One that does not pass is not
+/// fatal, but said on stderr, before any log line: it used to be ignored without a word, so
+/// an operator who set it wondered why the logs did not change.
+fn rust_log(level: &str) -> Option<String> {
+    let reason = match std::env::var("RUST_LOG") {
+        Err(std::env::VarError::NotPresent) => return None,
+        Err(std::env::VarError::NotUnicode(_)) => "not valid UTF-8".to_owned(),
+        Ok(value) => match crate::config::log_filter(&value) {
+            Ok(filter) => return Some(filter),
+            Err(reason) => format!("{value:?}: {reason}"),
+        },
+    };
+    eprintln!("keygate: warning: RUST_LOG ignored, log.level ({level:?}) applies: {reason}");
+    None
 }

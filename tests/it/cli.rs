@@ -60,6 +60,167 @@ fn check_config_names_every_bad_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
 
+/// An environment variable that is not UTF-8, any at all, made start-up panic
+/// (`std::env::vars`); now only a `KEYGATE__*` one matters, and it is an error naming it.
+#[cfg(unix)]
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_no_panic() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env("OLDPWD", OsString::from_vec(b"/tmp/\xff".to_vec()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env(
+            "KEYGATE__STORE__PATH",
+            OsString::from_vec(b"/data/\xff.db".to_vec()),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("KEYGATE__STORE__PATH") && err.contains("UTF-8"),
+        "{err}"
+    );
+}
+
+/// A bootstrap token no request can present (the admin API trims the presented one; a header
+/// carries no control characters) was accepted and then never logged in: a token read from a
+/// secret file with its trailing newline. Refused at start-up, named, never printed.
+#[test]
+fn serve_refuses_a_bootstrap_token_no_request_can_present() {
+    const TOKEN: &str = "a-bootstrap-token-of-enough-length";
+    for token in [
+        format!("{TOKEN}\n"),
+        format!(" {TOKEN}"),
+        format!("{TOKEN}\t"),
+        format!("bootstrap\u{1}{TOKEN}"),
+        format!("bootstrap-ä-{TOKEN}"),
+    ] {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("KEYGATE_ADMIN_TOKEN", &token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{token:?}: serve started with that bootstrap token");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(status.code(), Some(1), "{token:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("KEYGATE_ADMIN_TOKEN"), "{token:?}: {err}");
+        assert!(!err.contains(TOKEN), "the token was printed: {err}");
+    }
+}
+
+/// `TOKIO_WORKER_THREADS` is read once, by keygate: tokio's own reading panicked (exit code
+/// 101) on 0 or a value that is not a number, in every command but `serve`, which dropped or
+/// clamped such a value without a word.
+#[test]
+fn a_bad_tokio_worker_threads_is_an_error_not_a_panic() {
+    for value in ["0", "abc", "", "-1", "5000"] {
+        let out = Command::new(BIN)
+            .args(["check-config", "config/dev.toml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{value:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("TOKIO_WORKER_THREADS") && !err.contains("panicked"),
+            "{value:?}: {err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("TOKIO_WORKER_THREADS", "abc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TOKIO_WORKER_THREADS"));
+    for value in ["1", " 2 "] {
+        let out = Command::new(BIN)
+            .args(["check-config", "config/dev.toml"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{value:?}: {out:?}");
+    }
+}
+
+/// An invalid `RUST_LOG` (a misspelled level turns every line off) is ignored with a warning
+/// naming it, not silently.
+#[test]
+fn an_invalid_rust_log_is_a_warning() {
+    for value in ["warning", "keygate=loud"] {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", value)
+            .env_remove("KEYGATE_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let warned = loop {
+            match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+                Ok(line) if line.contains("RUST_LOG") => break Some(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break None,
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let warned = warned.unwrap_or_else(|| panic!("RUST_LOG={value}: no warning in {seen:?}"));
+        assert!(
+            warned.contains("warning") && warned.contains(value),
+            "{warned}"
+        );
+    }
+}
+
 /// A duration past what the clock arithmetic takes is a start-up error naming its key: it used
 /// to pass the check and panic a proxy thread on its first connection.
 #[test]
