@@ -512,6 +512,52 @@ async fn bodies_and_fields_are_checked_as_documented() {
     assert_eq!(r.body["data"]["scope_names"], json!(["orders:write"]));
 }
 
+/// `null` for `scope_names` or `allow_ips` in a PATCH once read as `[]`: a client sending
+/// `null` for "unchanged" (as `name` and `is_enabled` take it) lifted the key's restrictions.
+/// It is refused, naming the field, and changes nothing; `[]` still clears.
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_refuses_null_lists_and_changes_nothing() {
+    let e = start("embedded", "").await;
+    let (id, _) = e
+        .create(json!({"key_type": "shared", "name": "kept",
+                       "scope_names": ["orders:read"], "allow_ips": ["127.0.0.1"]}))
+        .await;
+    for body in [
+        json!({"name": "renamed", "scope_names": null, "allow_ips": null}),
+        json!({"name": "renamed", "scope_names": null}),
+        json!({"name": "renamed", "allow_ips": null}),
+    ] {
+        let r = e
+            .admin("PATCH", &format!("/v1/keys/{id}"), Some(body.clone()))
+            .await;
+        assert_eq!(r.status, 400, "{body} → {}", r.body);
+        assert_eq!(r.body["error"]["code"], "INVALID_REQUEST");
+        let msg = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            ["scope_names", "allow_ips"]
+                .iter()
+                .any(|f| body.get(f).is_some() && msg.starts_with(&format!("{f}: "))),
+            "{body}: {msg:?} should name a field given as null"
+        );
+    }
+    let r = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(r.body["data"]["name"], "kept");
+    assert_eq!(r.body["data"]["scope_names"], json!(["orders:read"]));
+    assert_eq!(r.body["data"]["allow_ips"], json!(["127.0.0.1"]));
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"allow_ips": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["allow_ips"], json!([]));
+    assert_eq!(r.body["data"]["scope_names"], json!(["orders:read"]));
+}
+
 /// The statuses `docs/openapi.yaml` lists for the operation `operation_id` (the spec's own
 /// layout: an operation's `operationId:` and `responses:` indented six spaces, its end where
 /// the indentation drops back to the next method or path).
