@@ -303,6 +303,21 @@ impl KeyService {
         }
     }
 
+    /// A `user` key works only while its user is a member of its team: removing the member
+    /// disables it, and enabling or rotating it again is refused as creating it would be.
+    async fn check_user_key(&self, record: &KeyRecord) -> Result<(), KeyError> {
+        match record.key_type {
+            KeyType::User => {
+                self.check_user(
+                    record.team_id.as_deref(),
+                    record.behalf_of_user_id.as_deref(),
+                )
+                .await
+            }
+            KeyType::Shared => Ok(()),
+        }
+    }
+
     /// A team or user id: part of store key names (no braces or slashes) and of identity
     /// headers (no control characters).
     fn check_id(field: &'static str, v: &str) -> Result<(), KeyError> {
@@ -641,6 +656,9 @@ impl KeyService {
             .is_enabled
             .filter(|e| *e != record.is_enabled)
             .inspect(|e| record.is_enabled = *e);
+        if toggled == Some(true) {
+            self.check_user_key(&record).await?;
+        }
         record.updated_time = now;
         Ok((record, fields, toggled))
     }
@@ -695,6 +713,8 @@ impl KeyService {
         // The new key stays in the key's slot, next to its id entry; an id without a tag cannot
         // name a stored key.
         let tag = SlotTag::of_key_id(id).ok_or(KeyError::NotFound)?;
+        // A removed member's `user` key gets no new value, as it could not be made for them.
+        self.check_user_key(&self.get(id).await?).await?;
         let key = NewKey::generate(&self.prefix, tag);
         let record = self
             .store

@@ -1349,6 +1349,43 @@ async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &st
         )
         .await;
     assert_eq!(r.body["data"]["behalf_of_user_id"], Value::Null);
+
+    // The removed member's user key stays off: enabling it or giving it a new value is
+    // refused as creating it would be, until the user is a member again.
+    let key_path = format!("/v1/keys/{user_key_id}");
+    let rotate_path = format!("/v1/keys/{user_key_id}/rotate");
+    let enable = || e.admin("PATCH", &key_path, Some(json!({"is_enabled": true})));
+    let rotate = || e.admin("POST", &rotate_path, None);
+    let r = enable().await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "API_KEY_USER_INVALID");
+    let r = rotate().await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "API_KEY_USER_INVALID");
+    let r = e
+        .admin("GET", &format!("/v1/keys/{user_key_id}"), None)
+        .await;
+    assert_eq!(r.body["data"]["is_enabled"], false);
+    assert_eq!(r.body["data"]["key_start"], &user_key[..10]);
+    assert_eq!(e.proxy_status(&user_key).await, 401);
+    assert_eq!(
+        e.audit_actions(&user_key_id).await,
+        ["create", "disable"],
+        "a refused change is not audited"
+    );
+    let r = e
+        .admin(
+            "PUT",
+            "/v1/teams/acme/members/dev-2",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = enable().await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["is_enabled"], true);
+    let r = rotate().await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 async fn audit_records_every_action_with_actor_and_request(backing: &str) {
