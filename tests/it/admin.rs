@@ -1779,4 +1779,23 @@ async fn usage_is_counted_and_flushed_in_batches() {
         })
         .await
     );
+    // A change's and a rotation's answers show the usage as GET does.
+    let used = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+    let last_used = &used.body["data"]["last_used_time"];
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
+    assert_eq!(&r.body["data"]["last_used_time"], last_used);
+    let r = e
+        .admin("POST", &format!("/v1/keys/{id}/rotate"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
+    assert_eq!(&r.body["data"]["last_used_time"], last_used);
 }
