@@ -145,6 +145,13 @@ pub struct KeyChange {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// The latest a key may expire: 9999-12-31T23:59:59Z. RFC 3339 has four-digit years; a later
+/// time would be written `+10000-…`, which the documented `date-time` format is not.
+pub const LATEST_EXPIRY: DateTime<Utc> = match DateTime::<Utc>::from_timestamp(253_402_300_799, 0) {
+    Some(t) => t,
+    None => panic!("9999-12-31T23:59:59Z is a valid time"),
+};
+
 pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_DESCRIPTION_LEN: usize = 2000;
 pub const MAX_SCOPES: usize = 100;
@@ -336,13 +343,15 @@ impl KeyService {
     }
 
     fn check_expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Result<(), KeyError> {
-        if t.is_some_and(|t| t <= now) {
-            return Err(KeyError::Invalid {
-                field: "expires_at",
-                reason: "must be in the future".into(),
-            });
-        }
-        Ok(())
+        let reason = match t {
+            Some(t) if t <= now => "must be in the future",
+            Some(t) if t > LATEST_EXPIRY => "must be no later than 9999-12-31T23:59:59Z",
+            _ => return Ok(()),
+        };
+        Err(KeyError::Invalid {
+            field: "expires_at",
+            reason: reason.into(),
+        })
     }
 
     fn event(

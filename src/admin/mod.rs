@@ -13,7 +13,7 @@ use crate::auth::record::KeyType;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{canonical, client_ip};
 use crate::config::{SCOPE_KEYS_READ, SCOPE_KEYS_WRITE, ScopeConfig};
-use crate::keys::{Actor, CreateKey, KeyChange, KeyService, parse_allow_ips};
+use crate::keys::{Actor, CreateKey, KeyChange, KeyService, LATEST_EXPIRY, parse_allow_ips};
 use crate::metrics::Metrics;
 use crate::request_id;
 use crate::store::{AuditFilter, KeyFilter, Page, Role};
@@ -590,7 +590,13 @@ impl AdminApi {
                 chrono::Duration::from_std(d)
                     .ok()
                     .and_then(|d| ctx.now.checked_add_signed(d))
-                    .ok_or_else(|| AdminError::bad("expires_in", "is too long"))?,
+                    .filter(|t| *t <= LATEST_EXPIRY)
+                    .ok_or_else(|| {
+                        AdminError::bad(
+                            "expires_in",
+                            "is too long: a key expires by 9999-12-31T23:59:59Z at the latest",
+                        )
+                    })?,
             ),
             (None, at) => at,
         };

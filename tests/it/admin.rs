@@ -488,6 +488,36 @@ async fn bodies_and_fields_are_checked_as_documented() {
         "expires_in",
     )
     .await;
+    // After year 9999 a time is written `+10000-…`, which is not RFC 3339.
+    bad(
+        json!({"key_type": "shared", "expires_in": 300_000_000_000_u64}),
+        "expires_in",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "expires_at": "+10000-01-01T00:00:00Z"}),
+        "expires_at",
+    )
+    .await;
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"expires_at": "+10000-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("expires_at"), "{msg:?}");
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"expires_at": "9999-12-31T23:59:59Z"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["expires_time"], "9999-12-31T23:59:59Z");
 
     // 500 characters are 1 000 bytes here: the limit is the characters the message names.
     let (id, _) = e
