@@ -179,6 +179,14 @@ fn dedup_scopes(scopes: Vec<String>) -> Result<Vec<String>, KeyError> {
     Ok(out)
 }
 
+/// Sets `slot` to `value` and names it in `fields`, when that changes it.
+fn set<T: PartialEq>(slot: &mut T, value: T, name: &'static str, fields: &mut Vec<&'static str>) {
+    if *slot != value {
+        *slot = value;
+        fields.push(name);
+    }
+}
+
 /// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
 pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
     if list.len() > MAX_ALLOW_IPS {
@@ -575,9 +583,15 @@ impl KeyService {
             if !applies(&current) {
                 return Ok(None);
             }
-            let (record, fields, toggled) = self
+            let (mut record, fields, toggled) = self
                 .apply_change(current.clone(), change.clone(), now)
                 .await?;
+            // A change to what the key already is (`{}`, `is_enabled` as it stands) writes
+            // nothing: no new updated_time, no change published to the gateways, no event.
+            if record == current {
+                return Ok(Some(current));
+            }
+            record.updated_time = now;
             match self.store.update(&current, &record).await {
                 Ok(()) => {}
                 Err(StoreError::Conflict) => continue,
@@ -604,8 +618,8 @@ impl KeyService {
         ))))
     }
 
-    /// `record` with `change` applied and checked, the names of the fields it sets and, when
-    /// it flips `is_enabled`, the new value.
+    /// `record` with `change` applied and checked, the names of the fields whose value it
+    /// changes and, when it flips `is_enabled`, the new value. `updated_time` is the caller's.
     async fn apply_change(
         &self,
         mut record: KeyRecord,
@@ -615,21 +629,18 @@ impl KeyService {
         let mut fields: Vec<&'static str> = Vec::new();
         if let Some(name) = change.name {
             Self::check_text("name", &name, MAX_NAME_LEN)?;
-            record.name = name;
-            fields.push("name");
+            set(&mut record.name, name, "name", &mut fields);
         }
         if let Some(d) = change.description {
             if let Some(d) = &d {
                 Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
             }
-            record.description = d;
-            fields.push("description");
+            set(&mut record.description, d, "description", &mut fields);
         }
         if let Some(scopes) = change.scope_names {
             let scopes = dedup_scopes(scopes)?;
             self.check_scopes(&scopes)?;
-            record.scope_names = scopes;
-            fields.push("scope_names");
+            set(&mut record.scope_names, scopes, "scope_names", &mut fields);
         }
         if let Some(ips) = change.allow_ips {
             if ips.len() > MAX_ALLOW_IPS {
@@ -637,8 +648,7 @@ impl KeyService {
                     "at most {MAX_ALLOW_IPS} entries"
                 )));
             }
-            record.allow_ips = ips;
-            fields.push("allow_ips");
+            set(&mut record.allow_ips, ips, "allow_ips", &mut fields);
         }
         if let Some(user) = change.behalf_of_user_id {
             self.check_user(record.team_id.as_deref(), user.as_deref())
@@ -648,18 +658,20 @@ impl KeyService {
                     "a user key must keep the user it acts for".into(),
                 ));
             }
-            record.behalf_of_user_id = user;
-            fields.push("behalf_of_user_id");
+            set(
+                &mut record.behalf_of_user_id,
+                user,
+                "behalf_of_user_id",
+                &mut fields,
+            );
         }
         if let Some(t) = change.expires_time {
             Self::check_expiry(t, now)?;
-            record.expires_time = t;
-            fields.push("expires_time");
+            set(&mut record.expires_time, t, "expires_time", &mut fields);
         }
         if let Some(m) = change.metadata {
             Self::check_metadata(&m)?;
-            record.metadata = m;
-            fields.push("metadata");
+            set(&mut record.metadata, m, "metadata", &mut fields);
         }
         let toggled = change
             .is_enabled
@@ -668,7 +680,6 @@ impl KeyService {
         if toggled == Some(true) {
             self.check_user_key(&record).await?;
         }
-        record.updated_time = now;
         Ok((record, fields, toggled))
     }
 

@@ -588,6 +588,47 @@ async fn patch_refuses_null_lists_and_changes_nothing() {
     assert_eq!(r.body["data"]["scope_names"], json!(["orders:read"]));
 }
 
+/// A PATCH that changes nothing (`{}`, no body, `is_enabled` or a field as it stands) once
+/// wrote a new `updated_time` and published a change, with no audit event. It writes nothing
+/// and answers the key as it is; an update's event names only the fields it changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_that_changes_nothing_writes_nothing() {
+    let e = start("embedded", "").await;
+    let (id, _) = e
+        .create(json!({"key_type": "shared", "name": "same", "description": "d"}))
+        .await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for body in [
+        Some(json!({})),
+        None,
+        Some(json!({"is_enabled": true})),
+        Some(json!({"name": "same", "description": "d", "scope_names": []})),
+    ] {
+        let r = e.admin("PATCH", &path, body.clone()).await;
+        assert_eq!(r.status, 200, "{body:?} → {}", r.body);
+        assert_eq!(r.body["data"], before, "{body:?}");
+    }
+    assert_eq!(e.admin("GET", &path, None).await.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let r = e
+        .admin(
+            "PATCH",
+            &path,
+            Some(json!({"name": "same", "description": "new"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.body["data"]["updated_time"], before["updated_time"]);
+    let r = e
+        .admin("GET", &format!("/v1/audit?api_key_id={id}"), None)
+        .await;
+    assert_eq!(r.body["data"][0]["action"], "update");
+    assert_eq!(r.body["data"][0]["details"]["fields"], "description");
+}
+
 /// The statuses `docs/openapi.yaml` lists for the operation `operation_id` (the spec's own
 /// layout: an operation's `operationId:` and `responses:` indented six spaces, its end where
 /// the indentation drops back to the next method or path).
