@@ -819,53 +819,83 @@ impl KeyService {
             .find(|m| m.role == Role::Owner)
             .or_else(|| members.iter().find(|m| m.role == Role::Admin))
             .map(|m| m.user_id.clone());
+        let mut changed = Vec::new();
+        for (id, key_type) in self.keys_acting_for(team, user).await? {
+            let change = match key_type {
+                KeyType::User => KeyChange {
+                    is_enabled: Some(false),
+                    ..KeyChange::default()
+                },
+                KeyType::Shared => KeyChange {
+                    behalf_of_user_id: Some(fallback.clone()),
+                    ..KeyChange::default()
+                },
+            };
+            // Only while the key is still the user's: a concurrent change may have given it to
+            // someone else, and that change must stand. A key deleted since is passed over.
+            let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
+            match self.change_if(&id, change, actor, now, still_theirs).await {
+                Ok(Some(record)) => changed.push(record),
+                Ok(None) | Err(KeyError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The ids and types of `team`'s keys that act for `user`, all read before any is changed.
+    /// The listing pages by offset, oldest first: a key deleted (by anyone) between two page
+    /// reads moves every later key back by one, and the one that moves onto a page already
+    /// read is never seen. Changing keys between the reads, as this once did (a write and an
+    /// audit event each), held the window open for the whole removal; now the pages are read
+    /// back to back, and read again (a few times at most) when the team's key count moved
+    /// during a pass.
+    async fn keys_acting_for(
+        &self,
+        team: &str,
+        user: &str,
+    ) -> Result<Vec<(String, KeyType)>, KeyError> {
+        const PER_PAGE: u32 = 500;
+        const SCANS: usize = 4;
         let filter = KeyFilter {
             team_id: Some(team.to_owned()),
             ..KeyFilter::default()
         };
-        let mut changed = Vec::new();
-        let mut page = 1;
-        loop {
-            let (records, total) = self
-                .store
-                .list(
-                    &filter,
-                    Page {
-                        page,
-                        per_page: 500,
-                    },
-                )
-                .await?;
-            for r in &records {
-                if r.behalf_of_user_id.as_deref() != Some(user) {
-                    continue;
+        let mut found: Vec<(String, KeyType)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..SCANS {
+            let mut first_total = None;
+            let mut steady = true;
+            let mut page = 1;
+            loop {
+                let (records, total) = self
+                    .store
+                    .list(
+                        &filter,
+                        Page {
+                            page,
+                            per_page: PER_PAGE,
+                        },
+                    )
+                    .await?;
+                steady &= *first_total.get_or_insert(total) == total;
+                for r in &records {
+                    if r.behalf_of_user_id.as_deref() == Some(user)
+                        && seen.insert(r.api_key_id.clone())
+                    {
+                        found.push((r.api_key_id.clone(), r.key_type));
+                    }
                 }
-                let change = match r.key_type {
-                    KeyType::User => KeyChange {
-                        is_enabled: Some(false),
-                        ..KeyChange::default()
-                    },
-                    KeyType::Shared => KeyChange {
-                        behalf_of_user_id: Some(fallback.clone()),
-                        ..KeyChange::default()
-                    },
-                };
-                // Only while the key is still the user's: a concurrent change may have given
-                // it to someone else, and that change must stand.
-                let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
-                if let Some(record) = self
-                    .change_if(&r.api_key_id, change, actor, now, still_theirs)
-                    .await?
-                {
-                    changed.push(record);
+                if records.is_empty() || u64::from(page) * u64::from(PER_PAGE) >= total {
+                    break;
                 }
+                page += 1;
             }
-            if records.is_empty() || u64::from(page) * 500 >= total {
+            if steady {
                 break;
             }
-            page += 1;
         }
-        Ok(changed)
+        Ok(found)
     }
 
     /// How often the key was used, summed over every gateway's flushed usage records.
