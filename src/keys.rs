@@ -145,6 +145,13 @@ pub struct KeyChange {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// The latest a key may expire: 9999-12-31T23:59:59Z. RFC 3339 has four-digit years; a later
+/// time would be written `+10000-…`, which the documented `date-time` format is not.
+pub const LATEST_EXPIRY: DateTime<Utc> = match DateTime::<Utc>::from_timestamp(253_402_300_799, 0) {
+    Some(t) => t,
+    None => panic!("9999-12-31T23:59:59Z is a valid time"),
+};
+
 pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_DESCRIPTION_LEN: usize = 2000;
 pub const MAX_SCOPES: usize = 100;
@@ -170,6 +177,14 @@ fn dedup_scopes(scopes: Vec<String>) -> Result<Vec<String>, KeyError> {
         }
     }
     Ok(out)
+}
+
+/// Sets `slot` to `value` and names it in `fields`, when that changes it.
+fn set<T: PartialEq>(slot: &mut T, value: T, name: &'static str, fields: &mut Vec<&'static str>) {
+    if *slot != value {
+        *slot = value;
+        fields.push(name);
+    }
 }
 
 /// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
@@ -303,6 +318,21 @@ impl KeyService {
         }
     }
 
+    /// A `user` key works only while its user is a member of its team: removing the member
+    /// disables it, and enabling or rotating it again is refused as creating it would be.
+    async fn check_user_key(&self, record: &KeyRecord) -> Result<(), KeyError> {
+        match record.key_type {
+            KeyType::User => {
+                self.check_user(
+                    record.team_id.as_deref(),
+                    record.behalf_of_user_id.as_deref(),
+                )
+                .await
+            }
+            KeyType::Shared => Ok(()),
+        }
+    }
+
     /// A team or user id: part of store key names (no braces or slashes) and of identity
     /// headers (no control characters).
     fn check_id(field: &'static str, v: &str) -> Result<(), KeyError> {
@@ -321,13 +351,15 @@ impl KeyService {
     }
 
     fn check_expiry(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Result<(), KeyError> {
-        if t.is_some_and(|t| t <= now) {
-            return Err(KeyError::Invalid {
-                field: "expires_at",
-                reason: "must be in the future".into(),
-            });
-        }
-        Ok(())
+        let reason = match t {
+            Some(t) if t <= now => "must be in the future",
+            Some(t) if t > LATEST_EXPIRY => "must be no later than 9999-12-31T23:59:59Z",
+            _ => return Ok(()),
+        };
+        Err(KeyError::Invalid {
+            field: "expires_at",
+            reason: reason.into(),
+        })
     }
 
     fn event(
@@ -551,9 +583,15 @@ impl KeyService {
             if !applies(&current) {
                 return Ok(None);
             }
-            let (record, fields, toggled) = self
+            let (mut record, fields, toggled) = self
                 .apply_change(current.clone(), change.clone(), now)
                 .await?;
+            // A change to what the key already is (`{}`, `is_enabled` as it stands) writes
+            // nothing: no new updated_time, no change published to the gateways, no event.
+            if record == current {
+                return Ok(Some(current));
+            }
+            record.updated_time = now;
             match self.store.update(&current, &record).await {
                 Ok(()) => {}
                 Err(StoreError::Conflict) => continue,
@@ -580,8 +618,8 @@ impl KeyService {
         ))))
     }
 
-    /// `record` with `change` applied and checked, the names of the fields it sets and, when
-    /// it flips `is_enabled`, the new value.
+    /// `record` with `change` applied and checked, the names of the fields whose value it
+    /// changes and, when it flips `is_enabled`, the new value. `updated_time` is the caller's.
     async fn apply_change(
         &self,
         mut record: KeyRecord,
@@ -591,21 +629,18 @@ impl KeyService {
         let mut fields: Vec<&'static str> = Vec::new();
         if let Some(name) = change.name {
             Self::check_text("name", &name, MAX_NAME_LEN)?;
-            record.name = name;
-            fields.push("name");
+            set(&mut record.name, name, "name", &mut fields);
         }
         if let Some(d) = change.description {
             if let Some(d) = &d {
                 Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
             }
-            record.description = d;
-            fields.push("description");
+            set(&mut record.description, d, "description", &mut fields);
         }
         if let Some(scopes) = change.scope_names {
             let scopes = dedup_scopes(scopes)?;
             self.check_scopes(&scopes)?;
-            record.scope_names = scopes;
-            fields.push("scope_names");
+            set(&mut record.scope_names, scopes, "scope_names", &mut fields);
         }
         if let Some(ips) = change.allow_ips {
             if ips.len() > MAX_ALLOW_IPS {
@@ -613,8 +648,7 @@ impl KeyService {
                     "at most {MAX_ALLOW_IPS} entries"
                 )));
             }
-            record.allow_ips = ips;
-            fields.push("allow_ips");
+            set(&mut record.allow_ips, ips, "allow_ips", &mut fields);
         }
         if let Some(user) = change.behalf_of_user_id {
             self.check_user(record.team_id.as_deref(), user.as_deref())
@@ -624,24 +658,28 @@ impl KeyService {
                     "a user key must keep the user it acts for".into(),
                 ));
             }
-            record.behalf_of_user_id = user;
-            fields.push("behalf_of_user_id");
+            set(
+                &mut record.behalf_of_user_id,
+                user,
+                "behalf_of_user_id",
+                &mut fields,
+            );
         }
         if let Some(t) = change.expires_time {
             Self::check_expiry(t, now)?;
-            record.expires_time = t;
-            fields.push("expires_time");
+            set(&mut record.expires_time, t, "expires_time", &mut fields);
         }
         if let Some(m) = change.metadata {
             Self::check_metadata(&m)?;
-            record.metadata = m;
-            fields.push("metadata");
+            set(&mut record.metadata, m, "metadata", &mut fields);
         }
         let toggled = change
             .is_enabled
             .filter(|e| *e != record.is_enabled)
             .inspect(|e| record.is_enabled = *e);
-        record.updated_time = now;
+        if toggled == Some(true) {
+            self.check_user_key(&record).await?;
+        }
         Ok((record, fields, toggled))
     }
 
@@ -695,6 +733,8 @@ impl KeyService {
         // The new key stays in the key's slot, next to its id entry; an id without a tag cannot
         // name a stored key.
         let tag = SlotTag::of_key_id(id).ok_or(KeyError::NotFound)?;
+        // A removed member's `user` key gets no new value, as it could not be made for them.
+        self.check_user_key(&self.get(id).await?).await?;
         let key = NewKey::generate(&self.prefix, tag);
         let record = self
             .store
@@ -779,53 +819,83 @@ impl KeyService {
             .find(|m| m.role == Role::Owner)
             .or_else(|| members.iter().find(|m| m.role == Role::Admin))
             .map(|m| m.user_id.clone());
+        let mut changed = Vec::new();
+        for (id, key_type) in self.keys_acting_for(team, user).await? {
+            let change = match key_type {
+                KeyType::User => KeyChange {
+                    is_enabled: Some(false),
+                    ..KeyChange::default()
+                },
+                KeyType::Shared => KeyChange {
+                    behalf_of_user_id: Some(fallback.clone()),
+                    ..KeyChange::default()
+                },
+            };
+            // Only while the key is still the user's: a concurrent change may have given it to
+            // someone else, and that change must stand. A key deleted since is passed over.
+            let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
+            match self.change_if(&id, change, actor, now, still_theirs).await {
+                Ok(Some(record)) => changed.push(record),
+                Ok(None) | Err(KeyError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The ids and types of `team`'s keys that act for `user`, all read before any is changed.
+    /// The listing pages by offset, oldest first: a key deleted (by anyone) between two page
+    /// reads moves every later key back by one, and the one that moves onto a page already
+    /// read is never seen. Changing keys between the reads, as this once did (a write and an
+    /// audit event each), held the window open for the whole removal; now the pages are read
+    /// back to back, and read again (a few times at most) when the team's key count moved
+    /// during a pass.
+    async fn keys_acting_for(
+        &self,
+        team: &str,
+        user: &str,
+    ) -> Result<Vec<(String, KeyType)>, KeyError> {
+        const PER_PAGE: u32 = 500;
+        const SCANS: usize = 4;
         let filter = KeyFilter {
             team_id: Some(team.to_owned()),
             ..KeyFilter::default()
         };
-        let mut changed = Vec::new();
-        let mut page = 1;
-        loop {
-            let (records, total) = self
-                .store
-                .list(
-                    &filter,
-                    Page {
-                        page,
-                        per_page: 500,
-                    },
-                )
-                .await?;
-            for r in &records {
-                if r.behalf_of_user_id.as_deref() != Some(user) {
-                    continue;
+        let mut found: Vec<(String, KeyType)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..SCANS {
+            let mut first_total = None;
+            let mut steady = true;
+            let mut page = 1;
+            loop {
+                let (records, total) = self
+                    .store
+                    .list(
+                        &filter,
+                        Page {
+                            page,
+                            per_page: PER_PAGE,
+                        },
+                    )
+                    .await?;
+                steady &= *first_total.get_or_insert(total) == total;
+                for r in &records {
+                    if r.behalf_of_user_id.as_deref() == Some(user)
+                        && seen.insert(r.api_key_id.clone())
+                    {
+                        found.push((r.api_key_id.clone(), r.key_type));
+                    }
                 }
-                let change = match r.key_type {
-                    KeyType::User => KeyChange {
-                        is_enabled: Some(false),
-                        ..KeyChange::default()
-                    },
-                    KeyType::Shared => KeyChange {
-                        behalf_of_user_id: Some(fallback.clone()),
-                        ..KeyChange::default()
-                    },
-                };
-                // Only while the key is still the user's: a concurrent change may have given
-                // it to someone else, and that change must stand.
-                let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
-                if let Some(record) = self
-                    .change_if(&r.api_key_id, change, actor, now, still_theirs)
-                    .await?
-                {
-                    changed.push(record);
+                if records.is_empty() || u64::from(page) * u64::from(PER_PAGE) >= total {
+                    break;
                 }
+                page += 1;
             }
-            if records.is_empty() || u64::from(page) * 500 >= total {
+            if steady {
                 break;
             }
-            page += 1;
         }
-        Ok(changed)
+        Ok(found)
     }
 
     /// How often the key was used, summed over every gateway's flushed usage records.

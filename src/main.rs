@@ -581,7 +581,8 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 let until = chrono::Duration::from_std(d)
                     .ok()
                     .and_then(|d| now.checked_add_signed(d))
-                    .ok_or("--expires-in: too long")?;
+                    .filter(|t| *t <= keygate::keys::LATEST_EXPIRY)
+                    .ok_or("--expires-in: too long (a key expires by 9999-12-31T23:59:59Z)")?;
                 req.expires_time = Some(until);
             }
             let (key, record) = service.create(req, &actor, now).await.map_err(fail)?;

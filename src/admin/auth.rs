@@ -20,6 +20,7 @@ use crate::store::Role;
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
 use ipnet::IpNet;
+use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use subtle::ConstantTimeEq;
 
@@ -196,6 +197,15 @@ const BOOTSTRAP_ACTOR: &str = "bootstrap";
 /// Minimum bootstrap token length, checked at start-up.
 pub const MIN_BOOTSTRAP_LEN: usize = 16;
 
+/// Whether `token` is the bootstrap token, in a time that tells nothing of either: their
+/// SHA-256 digests compared in constant time. `ct_eq` on the values themselves answers at once
+/// when the lengths differ, and so would tell the token's length to anyone who times it.
+fn is_bootstrap_token(token: &[u8], expected: &[u8]) -> bool {
+    Sha256::digest(token)
+        .ct_eq(&Sha256::digest(expected))
+        .into()
+}
+
 pub async fn authenticate(
     headers: &HeaderMap,
     bootstrap: Option<&[u8]>,
@@ -225,7 +235,7 @@ pub async fn authenticate(
         .ok_or(AdminError::Unauthenticated)?;
 
     if let Some(expected) = bootstrap
-        && bool::from(token.as_bytes().ct_eq(expected))
+        && is_bootstrap_token(token.as_bytes(), expected)
     {
         return Ok(Admin {
             actor_id: BOOTSTRAP_ACTOR.into(),
@@ -271,6 +281,30 @@ mod tests {
                 ("adm".into(), Admin),
                 ("dev".into(), Member),
             ],
+        }
+    }
+
+    #[test]
+    fn the_bootstrap_token_matches_itself_only() {
+        let long = "x".repeat(1000);
+        for token in ["", "a", "bootstrap-token-for-tests-0123", long.as_str()] {
+            assert!(
+                is_bootstrap_token(token.as_bytes(), token.as_bytes()),
+                "{token}"
+            );
+        }
+        let expected = b"bootstrap-token-for-tests-0123";
+        for other in [
+            &b""[..],
+            b"b",
+            b"bootstrap-token-for-tests-012",
+            b"bootstrap-token-for-tests-0124",
+            b"bootstrap-token-for-tests-01234",
+            b"Bootstrap-token-for-tests-0123",
+            long.as_bytes(),
+        ] {
+            assert!(!is_bootstrap_token(other, expected), "{other:?}");
+            assert!(!is_bootstrap_token(expected, other), "{other:?}");
         }
     }
 

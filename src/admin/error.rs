@@ -159,6 +159,43 @@ mod tests {
         }
     }
 
+    /// Every code `status_and_code` answers with (read from this file's source, so a new one
+    /// cannot be missed) is in the `Error.code` enum of `docs/openapi.yaml`, which
+    /// schemathesis checks every error answer against.
+    #[test]
+    fn every_code_is_in_the_spec() {
+        let source = include_str!("error.rs");
+        let mapping = &source
+            [source.find("fn status_and_code").unwrap()..source.find("fn public_message").unwrap()];
+        let codes: Vec<&str> = mapping
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|c| c.len() > 3 && c.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        assert!(codes.len() > 15, "{codes:?}");
+        let spec = include_str!("../../docs/openapi.yaml");
+        let code_schema = &spec[spec.find("\n    Error:\n      type: object").unwrap()..];
+        let listed: Vec<&str> = code_schema
+            .lines()
+            .skip_while(|l| l.trim() != "enum:")
+            .skip(1)
+            .map_while(|l| l.trim().strip_prefix("- "))
+            .collect();
+        for code in &codes {
+            assert!(
+                listed.contains(code),
+                "{code} is not in Error.code in docs/openapi.yaml ({listed:?})"
+            );
+        }
+        for code in &listed {
+            assert!(
+                codes.contains(code),
+                "docs/openapi.yaml lists {code}, never answered"
+            );
+        }
+    }
+
     #[test]
     fn internal_details_are_not_shown() {
         let e: AdminError = KeyError::Store(StoreError::Corrupt("row 7 bad json".into())).into();

@@ -35,31 +35,65 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Admin
 }
 
 /// A string or a list of strings (the seeds accept both for `scope_names` and `allow_ips`).
+/// `null` reads as the empty list: on create, where absent means "none" too.
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<Vec<String>>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string or a list of strings")
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(vec![v.to_owned()]))
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::new();
-            while let Some(s) = seq.next_element::<String>()? {
-                out.push(s);
-            }
-            Ok(Some(out))
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(Some(Vec::new()))
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(Some(Vec::new()))
+    d.deserialize_any(OneOrMany {
+        null: NullIs::Empty,
+    })
+}
+
+/// [`one_or_many`] for a change (`PATCH`): `null` is refused, naming the field. Read as `[]`
+/// it would lift the key's restrictions (any address, no scope) for a client that sends
+/// `null` for "unchanged", as `name`, `is_enabled` and `metadata` take it; `[]` clears.
+fn one_or_many_not_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    d.deserialize_any(OneOrMany {
+        null: NullIs::Refused,
+    })
+}
+
+/// What a `null` list means.
+#[derive(Clone, Copy)]
+enum NullIs {
+    Empty,
+    Refused,
+}
+
+struct OneOrMany {
+    null: NullIs,
+}
+
+impl OneOrMany {
+    fn null<E: de::Error>(self) -> Result<Option<Vec<String>>, E> {
+        match self.null {
+            NullIs::Empty => Ok(Some(Vec::new())),
+            NullIs::Refused => Err(E::custom(
+                "must not be null: leave it out to keep the list, or give [] to clear it",
+            )),
         }
     }
-    d.deserialize_any(V)
+}
+
+impl<'de> Visitor<'de> for OneOrMany {
+    type Value = Option<Vec<String>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or a list of strings")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(vec![v.to_owned()]))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(s) = seq.next_element::<String>()? {
+            out.push(s);
+        }
+        Ok(Some(out))
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.null()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.null()
+    }
 }
 
 /// Distinguishes "absent" (outer `None`) from `null` (inner `None`).
@@ -132,9 +166,9 @@ pub struct PatchBody {
     pub name: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub description: Option<Option<String>>,
-    #[serde(default, deserialize_with = "one_or_many")]
+    #[serde(default, deserialize_with = "one_or_many_not_null")]
     pub scope_names: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "one_or_many")]
+    #[serde(default, deserialize_with = "one_or_many_not_null")]
     pub allow_ips: Option<Vec<String>>,
     #[serde(default)]
     pub is_enabled: Option<bool>,
@@ -358,6 +392,28 @@ mod tests {
         assert_eq!(p.behalf_of_user_id, Some(None));
         let p: PatchBody = parse_body(br#"{}"#).unwrap();
         assert_eq!(p.behalf_of_user_id, None);
+    }
+
+    #[test]
+    fn patch_refuses_null_lists_and_create_reads_them_as_none() {
+        for field in ["scope_names", "allow_ips"] {
+            let body = format!(r#"{{"name":"renamed","{field}":null}}"#);
+            let e = parse_body::<PatchBody>(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::BadRequest { field: f, .. } if f == field),
+                "{e:?}"
+            );
+            let body = format!(r#"{{"{field}":[]}}"#);
+            let p: PatchBody = parse_body(body.as_bytes()).unwrap();
+            assert_eq!(
+                p.scope_names.or(p.allow_ips),
+                Some(vec![]),
+                "[] still clears"
+            );
+            let body = format!(r#"{{"key_type":"shared","{field}":null}}"#);
+            let c: CreateBody = parse_body(body.as_bytes()).unwrap();
+            assert_eq!(c.scope_names.or(c.allow_ips), Some(vec![]));
+        }
     }
 
     #[test]

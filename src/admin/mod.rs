@@ -13,7 +13,7 @@ use crate::auth::record::KeyType;
 use crate::auth::verify::Verifier;
 use crate::client_ip::{canonical, client_ip};
 use crate::config::{SCOPE_KEYS_READ, SCOPE_KEYS_WRITE, ScopeConfig};
-use crate::keys::{Actor, CreateKey, KeyChange, KeyService, parse_allow_ips};
+use crate::keys::{Actor, CreateKey, KeyChange, KeyService, LATEST_EXPIRY, parse_allow_ips};
 use crate::metrics::Metrics;
 use crate::request_id;
 use crate::store::{AuditFilter, KeyFilter, Page, Role};
@@ -590,7 +590,13 @@ impl AdminApi {
                 chrono::Duration::from_std(d)
                     .ok()
                     .and_then(|d| ctx.now.checked_add_signed(d))
-                    .ok_or_else(|| AdminError::bad("expires_in", "is too long"))?,
+                    .filter(|t| *t <= LATEST_EXPIRY)
+                    .ok_or_else(|| {
+                        AdminError::bad(
+                            "expires_in",
+                            "is too long: a key expires by 9999-12-31T23:59:59Z at the latest",
+                        )
+                    })?,
             ),
             (None, at) => at,
         };
@@ -662,6 +668,8 @@ impl AdminApi {
         if let Some(user) = &body.behalf_of_user_id {
             self.may_act_for(user.as_deref(), ctx).await?;
         }
+        // Read before the change, like GET shows it: a failed read then changes nothing.
+        let usage = self.service.usage(id).await?;
         let change = KeyChange {
             name: body.name,
             description: body.description,
@@ -676,7 +684,12 @@ impl AdminApi {
             .service
             .change(id, change, &ctx.audit_actor()?, ctx.now)
             .await?;
-        Ok(Reply::ok(json::key(&record, true, None)))
+        Ok(Reply::ok(json::key_with_usage(
+            &record,
+            true,
+            None,
+            Some(&usage),
+        )))
     }
 
     async fn delete_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
@@ -695,6 +708,9 @@ impl AdminApi {
         };
         // The new value is the key's power: only for an admin who could grant all of it.
         self.key_to_change(id, ctx, false).await?;
+        // Read before the rotation: its answer holds the only copy of the new value, so
+        // nothing may fail after it.
+        let usage = self.service.usage(id).await?;
         let (key, record) = self
             .service
             .rotate(
@@ -704,7 +720,12 @@ impl AdminApi {
                 ctx.now,
             )
             .await?;
-        Ok(Reply::ok(json::key(&record, true, Some(key.expose()))))
+        Ok(Reply::ok(json::key_with_usage(
+            &record,
+            true,
+            Some(key.expose()),
+            Some(&usage),
+        )))
     }
 
     async fn list_members(&self, team: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {

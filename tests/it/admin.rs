@@ -488,6 +488,36 @@ async fn bodies_and_fields_are_checked_as_documented() {
         "expires_in",
     )
     .await;
+    // After year 9999 a time is written `+10000-…`, which is not RFC 3339.
+    bad(
+        json!({"key_type": "shared", "expires_in": 300_000_000_000_u64}),
+        "expires_in",
+    )
+    .await;
+    bad(
+        json!({"key_type": "shared", "expires_at": "+10000-01-01T00:00:00Z"}),
+        "expires_at",
+    )
+    .await;
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"expires_at": "+10000-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("expires_at"), "{msg:?}");
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"expires_at": "9999-12-31T23:59:59Z"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["expires_time"], "9999-12-31T23:59:59Z");
 
     // 500 characters are 1 000 bytes here: the limit is the characters the message names.
     let (id, _) = e
@@ -510,6 +540,93 @@ async fn bodies_and_fields_are_checked_as_documented() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["scope_names"], json!(["orders:write"]));
+}
+
+/// `null` for `scope_names` or `allow_ips` in a PATCH once read as `[]`: a client sending
+/// `null` for "unchanged" (as `name` and `is_enabled` take it) lifted the key's restrictions.
+/// It is refused, naming the field, and changes nothing; `[]` still clears.
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_refuses_null_lists_and_changes_nothing() {
+    let e = start("embedded", "").await;
+    let (id, _) = e
+        .create(json!({"key_type": "shared", "name": "kept",
+                       "scope_names": ["orders:read"], "allow_ips": ["127.0.0.1"]}))
+        .await;
+    for body in [
+        json!({"name": "renamed", "scope_names": null, "allow_ips": null}),
+        json!({"name": "renamed", "scope_names": null}),
+        json!({"name": "renamed", "allow_ips": null}),
+    ] {
+        let r = e
+            .admin("PATCH", &format!("/v1/keys/{id}"), Some(body.clone()))
+            .await;
+        assert_eq!(r.status, 400, "{body} → {}", r.body);
+        assert_eq!(r.body["error"]["code"], "INVALID_REQUEST");
+        let msg = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            ["scope_names", "allow_ips"]
+                .iter()
+                .any(|f| body.get(f).is_some() && msg.starts_with(&format!("{f}: "))),
+            "{body}: {msg:?} should name a field given as null"
+        );
+    }
+    let r = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(r.body["data"]["name"], "kept");
+    assert_eq!(r.body["data"]["scope_names"], json!(["orders:read"]));
+    assert_eq!(r.body["data"]["allow_ips"], json!(["127.0.0.1"]));
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"allow_ips": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["allow_ips"], json!([]));
+    assert_eq!(r.body["data"]["scope_names"], json!(["orders:read"]));
+}
+
+/// A PATCH that changes nothing (`{}`, no body, `is_enabled` or a field as it stands) once
+/// wrote a new `updated_time` and published a change, with no audit event. It writes nothing
+/// and answers the key as it is; an update's event names only the fields it changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_that_changes_nothing_writes_nothing() {
+    let e = start("embedded", "").await;
+    let (id, _) = e
+        .create(json!({"key_type": "shared", "name": "same", "description": "d"}))
+        .await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for body in [
+        Some(json!({})),
+        None,
+        Some(json!({"is_enabled": true})),
+        Some(json!({"name": "same", "description": "d", "scope_names": []})),
+    ] {
+        let r = e.admin("PATCH", &path, body.clone()).await;
+        assert_eq!(r.status, 200, "{body:?} → {}", r.body);
+        assert_eq!(r.body["data"], before, "{body:?}");
+    }
+    assert_eq!(e.admin("GET", &path, None).await.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let r = e
+        .admin(
+            "PATCH",
+            &path,
+            Some(json!({"name": "same", "description": "new"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.body["data"]["updated_time"], before["updated_time"]);
+    let r = e
+        .admin("GET", &format!("/v1/audit?api_key_id={id}"), None)
+        .await;
+    assert_eq!(r.body["data"][0]["action"], "update");
+    assert_eq!(r.body["data"][0]["details"]["fields"], "description");
 }
 
 /// The statuses `docs/openapi.yaml` lists for the operation `operation_id` (the spec's own
@@ -552,11 +669,91 @@ async fn a_corrupt_record_is_a_documented_500() {
         let r = e.admin(method, &path, Some(json!({}))).await;
         assert_eq!(r.status, 500, "{method} {path}: {}", r.body);
         assert_eq!(r.body["error"]["code"], "API_KEY_UPDATE_FAILED");
-        assert!(
-            documented_statuses(operation).contains(&"500".to_owned()),
-            "{operation} answers 500 but docs/openapi.yaml lists only {:?}",
-            documented_statuses(operation)
-        );
+        assert_documented(operation, "500");
+    }
+
+    // A member's role and an audit event the store cannot decode: the listings fail the same way.
+    let r = e
+        .admin(
+            "PUT",
+            "/v1/teams/acme/members/dev-1",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    db.execute(
+        "UPDATE members SET role = 'boss' WHERE user_id = 'dev-1'",
+        [],
+    )
+    .unwrap();
+    db.execute("UPDATE audit SET event = 'not json'", [])
+        .unwrap();
+    for (path, operation) in [
+        ("/v1/teams/acme/members", "listMembers"),
+        ("/v1/audit", "listAudit"),
+    ] {
+        let r = e.admin("GET", path, None).await;
+        assert_eq!(r.status, 500, "{path}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "API_KEY_UPDATE_FAILED");
+        assert_documented(operation, "500");
+    }
+
+    // An admin key whose own record does not decode: 500 KEY_RECORD_UNREADABLE, on reads and
+    // writes alike. Corrupted before its first use, so no gateway holds a readable copy.
+    let (admin_id, admin_key) = e
+        .create(json!({"key_type": "shared", "scope_names": ["api_keys_read", "api_keys_write"]}))
+        .await;
+    db.execute(
+        "UPDATE keys SET record = 'not json' WHERE id = ?1",
+        [&admin_id],
+    )
+    .unwrap();
+    for (method, path, body, operation) in [
+        ("GET", "/v1/scopes", None, "listScopes"),
+        (
+            "PUT",
+            "/v1/teams/acme/members/dev-2",
+            Some(json!({"role": "member"})),
+            "putMember",
+        ),
+    ] {
+        let r = e.call(&admin_key, method, path, body).await;
+        assert_eq!(r.status, 500, "{method} {path}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "KEY_RECORD_UNREADABLE");
+        assert_documented(operation, "500");
+    }
+}
+
+/// Fails unless `docs/openapi.yaml` lists `status` for `operation`.
+fn assert_documented(operation: &str, status: &str) {
+    let documented = documented_statuses(operation);
+    assert!(
+        documented.iter().any(|s| s == status),
+        "{operation} answers {status} but docs/openapi.yaml lists only {documented:?}"
+    );
+}
+
+/// Every status an operation can answer is in the spec: 408, 413 and 415 too on operations
+/// that take no body (the body is read, and limited, whatever the method), and 500 wherever a
+/// credential is checked (the admin key's own record may not decode).
+#[test]
+fn every_operation_documents_what_any_request_may_get() {
+    for operation in [
+        "listKeys",
+        "createKey",
+        "getKey",
+        "updateKey",
+        "deleteKey",
+        "rotateKey",
+        "listScopes",
+        "listMembers",
+        "putMember",
+        "removeMember",
+        "listAudit",
+    ] {
+        for status in ["400", "401", "403", "408", "413", "415", "500", "503"] {
+            assert_documented(operation, status);
+        }
     }
 }
 
@@ -1303,6 +1500,43 @@ async fn removing_a_member_disables_user_keys_and_moves_shared_ones(backing: &st
         )
         .await;
     assert_eq!(r.body["data"]["behalf_of_user_id"], Value::Null);
+
+    // The removed member's user key stays off: enabling it or giving it a new value is
+    // refused as creating it would be, until the user is a member again.
+    let key_path = format!("/v1/keys/{user_key_id}");
+    let rotate_path = format!("/v1/keys/{user_key_id}/rotate");
+    let enable = || e.admin("PATCH", &key_path, Some(json!({"is_enabled": true})));
+    let rotate = || e.admin("POST", &rotate_path, None);
+    let r = enable().await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "API_KEY_USER_INVALID");
+    let r = rotate().await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "API_KEY_USER_INVALID");
+    let r = e
+        .admin("GET", &format!("/v1/keys/{user_key_id}"), None)
+        .await;
+    assert_eq!(r.body["data"]["is_enabled"], false);
+    assert_eq!(r.body["data"]["key_start"], &user_key[..10]);
+    assert_eq!(e.proxy_status(&user_key).await, 401);
+    assert_eq!(
+        e.audit_actions(&user_key_id).await,
+        ["create", "disable"],
+        "a refused change is not audited"
+    );
+    let r = e
+        .admin(
+            "PUT",
+            "/v1/teams/acme/members/dev-2",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = enable().await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["is_enabled"], true);
+    let r = rotate().await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 async fn audit_records_every_action_with_actor_and_request(backing: &str) {
@@ -1696,4 +1930,23 @@ async fn usage_is_counted_and_flushed_in_batches() {
         })
         .await
     );
+    // A change's and a rotation's answers show the usage as GET does.
+    let used = e.admin("GET", &format!("/v1/keys/{id}"), None).await;
+    let last_used = &used.body["data"]["last_used_time"];
+    let r = e
+        .admin(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
+    assert_eq!(&r.body["data"]["last_used_time"], last_used);
+    let r = e
+        .admin("POST", &format!("/v1/keys/{id}/rotate"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
+    assert_eq!(&r.body["data"]["last_used_time"], last_used);
 }

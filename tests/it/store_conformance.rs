@@ -1389,6 +1389,63 @@ async fn embedded_changes_stand_when_their_audit_event_cannot_be_stored() {
     .await;
 }
 
+/// Removing a member reads every key acting for them before it changes any. It once changed
+/// each page's keys before reading the next page (by offset, oldest first): a key deleted
+/// meanwhile moved every later key back by one, and the one moved onto the page already read
+/// was never disabled. Here a trigger plays the concurrent delete: the team's oldest key goes
+/// the moment alice's first key is changed, and her last key heads the second page.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_member_removal_misses_no_key_deleted_around_it() {
+    let h = Harness::embedded();
+    let svc = KeyService::new(
+        h.store.clone(),
+        KeyPrefix::default(),
+        KeyRules::permissive(),
+    );
+    let actor = Actor::cli();
+    let t0 = Utc::now();
+    svc.put_member("team-a", "alice", Role::Member, &actor, t0)
+        .await
+        .unwrap();
+    // 0: for no one; 1: alice's (shared); 2..=499: for no one; 500: alice's (user), the first
+    // key of the second page of 500.
+    let mut ids = Vec::new();
+    for i in 0..=500 {
+        let alices = i == 1 || i == 500;
+        let mut req = CreateKey::new(if i == 500 {
+            KeyType::User
+        } else {
+            KeyType::Shared
+        });
+        req.team_id = Some("team-a".into());
+        req.behalf_of_user_id = alices.then(|| "alice".to_owned());
+        let at = t0 + chrono::Duration::milliseconds(i);
+        ids.push(svc.create(req, &actor, at).await.unwrap().1.api_key_id);
+    }
+    let Backing::Embedded(dir) = &h.backing else {
+        unreachable!()
+    };
+    rusqlite::Connection::open(dir.path().join("keys.db"))
+        .unwrap()
+        .execute_batch(&format!(
+            "CREATE TRIGGER concurrent_delete AFTER UPDATE ON keys WHEN OLD.id = '{}' \
+             BEGIN DELETE FROM keys WHERE id = '{}'; END;",
+            ids[1], ids[0]
+        ))
+        .unwrap();
+    let changed = svc
+        .remove_member("team-a", "alice", &actor, Utc::now())
+        .await
+        .unwrap();
+    let changed: Vec<&str> = changed.iter().map(|r| r.api_key_id.as_str()).collect();
+    assert_eq!(changed, [ids[1].as_str(), ids[500].as_str()]);
+    assert!(
+        h.store.get(&ids[0]).await.unwrap().is_none(),
+        "the trigger ran"
+    );
+    assert!(!h.store.get(&ids[500]).await.unwrap().unwrap().is_enabled);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_changes_stand_when_their_audit_event_cannot_be_stored() {
     let h = Harness::redis().await;
