@@ -91,6 +91,15 @@ pub struct VerifyStats {
     pub unreadable_records: StripedCounter,
 }
 
+/// Why a load, in the key's lock, has no answer from the store.
+#[derive(Debug)]
+enum LoadError {
+    /// The store failed (it is in back-off from now on), or answered with a corrupt record.
+    Store(StoreError),
+    /// The key's part of the store is in back-off: not asked.
+    BackedOff,
+}
+
 /// A cached answer and how long it may answer on its own.
 #[derive(Clone)]
 struct Known {
@@ -269,6 +278,8 @@ impl Verifier {
         now: DateTime<Utc>,
     ) -> Result<Arc<VerifiedKey>, VerifyError> {
         // A failed part of the store is skipped for a while; the others are still asked.
+        // Checked here, so a call in the back-off does not queue for the key's lock, and again
+        // inside it: a call that waited there behind a failed lookup must not ask in turn.
         let domain = self.store.failure_domain(&hash) % self.store_backoff_until_ms.len();
         if self.store_in_backoff(domain) {
             return self.stale_or_unavailable(&hash).await;
@@ -291,6 +302,11 @@ impl Verifier {
                 if self.negative.contains_key(&hash) {
                     return Ok(Op::Nop);
                 }
+                // A call that waited behind one whose lookup failed (or on another key of the
+                // same failure domain): answered as if it had been backed off from the start.
+                if self.store_in_backoff(domain) {
+                    return Err(LoadError::BackedOff);
+                }
                 self.stats.store_lookups.add(1);
                 match self.store.find_verified_by_hash(&hash, now).await {
                     Ok(Some(record)) => Ok(Op::Put(Known {
@@ -306,7 +322,14 @@ impl Verifier {
                         self.negative.insert(hash, ()).await;
                         Ok(Op::Remove)
                     }
-                    Err(e) => Err(e),
+                    // One bad record says nothing about the store (see below): no back-off.
+                    Err(e @ StoreError::Corrupt(_)) => Err(LoadError::Store(e)),
+                    // Entered before the key's lock is released, so the calls waiting on it
+                    // do not each wait for the store's timeout in turn.
+                    Err(e) => {
+                        self.enter_backoff(domain);
+                        Err(LoadError::Store(e))
+                    }
                 }
             })
             .await;
@@ -323,24 +346,25 @@ impl Verifier {
                 Ok(e.into_value().record)
             }
             Ok(CompResult::Removed(_) | CompResult::StillNone(_)) => Err(VerifyError::Unknown),
+            Err(LoadError::BackedOff) => self.stale_or_unavailable(&hash).await,
             // One bad record says nothing about the store: no back-off, which would refuse
             // every uncached key for as long as someone keeps presenting this one. No stale
             // copy either: the store did answer, and what it holds now cannot be checked.
-            Err(err @ StoreError::Corrupt(_)) => {
+            Err(LoadError::Store(err @ StoreError::Corrupt(_))) => {
                 self.stats.unreadable_records.add(1);
                 if let Some(unlogged) = self.unreadable_log.due(self.now_ms()) {
                     tracing::error!(error = %err, unlogged, "a key's stored record is unreadable");
                 }
                 Err(VerifyError::RecordUnreadable)
             }
-            Err(err) => {
+            Err(LoadError::Store(err)) => {
                 self.stats.store_errors.add(1);
                 // One line a second at most: a whole cluster down fails a lookup per group of
                 // slots, up to a thousand a second (`keygate_store_errors_total` counts them all).
                 if let Some(unlogged) = self.failure_log.due(self.now_ms()) {
                     tracing::warn!(error = %err, unlogged, "key store lookup failed");
                 }
-                self.enter_backoff(domain);
+                // The back-off was entered in the key's lock.
                 self.stale_or_unavailable(&hash).await
             }
         }
@@ -514,8 +538,9 @@ mod tests {
         assert_eq!(log.due(2000), Some(1));
     }
     use crate::auth::key::{NewKey, SlotTag, new_key_id};
-    use crate::auth::record::sample_record;
+    use crate::auth::record::{KeyRecord, sample_record};
     use crate::store::embedded::EmbeddedStore;
+    use crate::store::{AuditEvent, AuditFilter, KeyFilter, Member, Page, Usage, UsageDelta};
 
     fn cache_config(ttl: Duration) -> CacheConfig {
         CacheConfig {
@@ -544,6 +569,203 @@ mod tests {
 
     fn lookups(v: &Verifier) -> u64 {
         v.stats.store_lookups.get()
+    }
+
+    /// An embedded store whose key lookups can be made to hang and fail (`down`: each waits
+    /// `delay`, as a dead Redis does its timeout, then errs) or to wait for the test
+    /// (`hold`: until `release`). Everything else goes to the embedded store.
+    struct Flaky {
+        inner: EmbeddedStore,
+        down: std::sync::atomic::AtomicBool,
+        delay: Duration,
+        hold: std::sync::atomic::AtomicBool,
+        release: tokio::sync::Notify,
+        /// Lookups begun, whatever their outcome.
+        lookups: AtomicU64,
+    }
+
+    impl Flaky {
+        fn lookups(&self) -> u64 {
+            self.lookups.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl KeyStore for Flaky {
+        async fn find_by_hash(
+            &self,
+            hash: &KeyHash,
+            now: DateTime<Utc>,
+        ) -> Result<Option<KeyRecord>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            if self.hold.load(Ordering::SeqCst) {
+                self.release.notified().await;
+            }
+            if self.down.load(Ordering::SeqCst) {
+                tokio::time::sleep(self.delay).await;
+                return Err(StoreError::Unavailable("timed out".into()));
+            }
+            self.inner.find_by_hash(hash, now).await
+        }
+        async fn create(
+            &self,
+            record: &KeyRecord,
+            hash: &KeyHash,
+            team_limit: Option<u32>,
+        ) -> Result<(), StoreError> {
+            self.inner.create(record, hash, team_limit).await
+        }
+        async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.get(id).await
+        }
+        async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
+            self.inner.update(expected, record).await
+        }
+        async fn rotate(
+            &self,
+            id: &str,
+            new_hash: &KeyHash,
+            new_key_start: &str,
+            grace: Duration,
+            now: DateTime<Utc>,
+        ) -> Result<KeyRecord, StoreError> {
+            self.inner
+                .rotate(id, new_hash, new_key_start, grace, now)
+                .await
+        }
+        async fn delete(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.delete(id).await
+        }
+        async fn list(
+            &self,
+            filter: &KeyFilter,
+            page: Page,
+        ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+            self.inner.list(filter, page).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn changes(&self) -> Result<crate::store::ChangeFeed, StoreError> {
+            self.inner.changes().await
+        }
+        async fn put_member(&self, member: &Member) -> Result<Member, StoreError> {
+            self.inner.put_member(member).await
+        }
+        async fn remove_member(
+            &self,
+            team_id: &str,
+            user_id: &str,
+        ) -> Result<Option<Member>, StoreError> {
+            self.inner.remove_member(team_id, user_id).await
+        }
+        async fn get_member(
+            &self,
+            team_id: &str,
+            user_id: &str,
+        ) -> Result<Option<Member>, StoreError> {
+            self.inner.get_member(team_id, user_id).await
+        }
+        async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError> {
+            self.inner.list_members(team_id).await
+        }
+        async fn append_audit(&self, event: &AuditEvent) -> Result<AuditEvent, StoreError> {
+            self.inner.append_audit(event).await
+        }
+        async fn list_audit(
+            &self,
+            filter: &AuditFilter,
+            page: Page,
+        ) -> Result<(Vec<AuditEvent>, u64), StoreError> {
+            self.inner.list_audit(filter, page).await
+        }
+        async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+            self.inner.record_usage(batch).await
+        }
+        async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
+            self.inner.usage(ids).await
+        }
+    }
+
+    /// A verifier over a [`Flaky`] store holding one key (lookups taking `delay` when down).
+    async fn flaky_with_one_key(
+        ttl: Duration,
+        delay: Duration,
+    ) -> (Arc<Verifier>, Arc<Flaky>, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky {
+            inner: EmbeddedStore::open(&dir.path().join("k.db")).unwrap(),
+            down: false.into(),
+            delay,
+            hold: false.into(),
+            release: tokio::sync::Notify::new(),
+            lookups: AtomicU64::new(0),
+        });
+        let prefix = KeyPrefix::default();
+        let key = NewKey::generate(&prefix, SlotTag::random());
+        let mut record = sample_record("x");
+        record.api_key_id = new_key_id(SlotTag::random());
+        store.create(&record, &key.hash(), None).await.unwrap();
+        let verifier = Verifier::new(prefix, store.clone(), &cache_config(ttl));
+        verifier.feed_connected();
+        (Arc::new(verifier), store, key.expose().to_owned(), dir)
+    }
+
+    /// `n` calls at once for `key`, each on a task of its own; their answers and how long
+    /// the slowest took.
+    async fn at_once(
+        v: &Arc<Verifier>,
+        key: &str,
+        n: usize,
+    ) -> (Vec<Result<Arc<VerifiedKey>, VerifyError>>, Duration) {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (v, key) = (v.clone(), key.to_owned());
+                tokio::spawn(async move { v.verify(&key, Utc::now()).await })
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(n);
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        (answers, started.elapsed())
+    }
+
+    /// Review repro: with Redis paused, 10 requests for one key whose entry was stale were
+    /// answered at 0.5, 1.0, ... 5.0 s (`store.timeout` 500 ms): each call waiting for the
+    /// key's lock asked the store again, the back-off being set only after the lock was
+    /// released. The first failure must put every call behind it into the back-off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn calls_waiting_on_a_failing_load_do_not_ask_the_store_again() {
+        let delay = Duration::from_millis(200);
+        let (v, store, key, _dir) = flaky_with_one_key(Duration::from_millis(50), delay).await;
+        v.verify(&key, Utc::now()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await; // stale now
+        store.down.store(true, Ordering::SeqCst);
+        let before = store.lookups();
+
+        let (answers, took) = at_once(&v, &key, 10).await;
+        assert!(answers.iter().all(Result::is_ok), "the stale copy serves");
+        assert_eq!(store.lookups() - before, 1, "one call asked the dead store");
+        assert_eq!(v.stats.stale_served.get(), 10);
+        assert_eq!(v.stats.store_errors.get(), 1);
+        // One timeout, not ten in a row (2 s): generous for a loaded machine.
+        assert!(took < delay * 5, "took {took:?}");
+
+        // A key never cached: 503 for every call, after one lookup. (The back-off from the
+        // failure above has to pass first, or no call would ask.)
+        tokio::time::sleep(STORE_BACKOFF).await;
+        let unknown = NewKey::generate(&KeyPrefix::default(), SlotTag::random());
+        let before = store.lookups();
+        let (answers, took) = at_once(&v, unknown.expose(), 10).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().err() == Some(&VerifyError::StoreUnavailable))
+        );
+        assert_eq!(store.lookups() - before, 1, "one call asked the dead store");
+        assert!(took < delay * 5, "took {took:?}");
     }
 
     /// A change made while no feed is connected would reach no cache: nothing is fresh then,
