@@ -118,6 +118,7 @@ pub async fn run(
         max_connections: config.proxy.max_connections,
         max_header_bytes: config.proxy.max_header_bytes,
         max_headers: config.proxy.max_headers,
+        max_concurrent_streams: config.proxy.max_concurrent_streams,
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
         drain_timeout: config.proxy.drain_timeout,

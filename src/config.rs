@@ -46,6 +46,8 @@ struct RawProxy {
     max_header_bytes: usize,
     #[serde(deserialize_with = "strict::int")]
     max_headers: usize,
+    #[serde(deserialize_with = "strict::int")]
+    max_concurrent_streams: u32,
     #[serde(with = "duration")]
     header_read_timeout: Duration,
     #[serde(with = "duration")]
@@ -79,6 +81,9 @@ impl Default for RawProxy {
             // nginx's default allows 32 KiB of headers too (4 x 8k).
             max_header_bytes: 32 * 1024,
             max_headers: 100,
+            // Envoy's default; nginx's http2_max_concurrent_streams is 128. (hyper's own, 200,
+            // let one connection hold 200 body peeks or upstream connections at once.)
+            max_concurrent_streams: 100,
             header_read_timeout: Duration::from_secs(10),
             // nginx's keepalive_timeout, which it applies to HTTP/2 connections too.
             idle_timeout: Duration::from_secs(75),
@@ -254,6 +259,9 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 /// More open connections than one process's file descriptors allow on any usual system; the
 /// connection semaphore panics above `usize::MAX >> 3`, which `3000000000000000000` passed.
 pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+/// Streams per HTTP/2 client connection: 1000 x `max_connections` is already more than any
+/// gateway should hold in peeks and upstream connections.
+pub const MAX_MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_REDIS_NAMESPACE: &str = "kg";
@@ -383,6 +391,9 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Most header fields accepted in one request; more gets 431.
     pub max_headers: usize,
+    /// Most streams (requests) one HTTP/2 client connection may have open at once, announced
+    /// in SETTINGS_MAX_CONCURRENT_STREAMS; each can hold a body peek or an upstream connection.
+    pub max_concurrent_streams: u32,
     pub header_read_timeout: Duration,
     /// How long an HTTP/2 client connection may go without a new request before it is closed
     /// gracefully (GOAWAY; streams in flight finish).
@@ -880,6 +891,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         max_connections: raw.proxy.max_connections,
         max_header_bytes: raw.proxy.max_header_bytes,
         max_headers: raw.proxy.max_headers,
+        max_concurrent_streams: raw.proxy.max_concurrent_streams,
         header_read_timeout: raw.proxy.header_read_timeout,
         idle_timeout: raw.proxy.idle_timeout,
         drain_timeout: raw.proxy.drain_timeout,
@@ -911,6 +923,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     if !(1..=1000).contains(&proxy.max_headers) {
         p.add("proxy.max_headers", "must be from 1 to 1000");
+    }
+    if !(1..=MAX_MAX_CONCURRENT_STREAMS).contains(&proxy.max_concurrent_streams) {
+        p.add(
+            "proxy.max_concurrent_streams",
+            format!("must be from 1 to {MAX_MAX_CONCURRENT_STREAMS}"),
+        );
     }
     if proxy.header_read_timeout.is_zero() {
         p.add("proxy.header_read_timeout", "must be more than zero");
@@ -2078,6 +2096,39 @@ mod tests {
                 panic!("worker_threads = {bad} accepted")
             };
             assert_eq!(problems[0].field, "proxy.worker_threads");
+        }
+    }
+
+    #[test]
+    fn max_concurrent_streams_defaults_to_100_and_is_bounded() {
+        assert_eq!(from_toml(GOOD).unwrap().proxy.max_concurrent_streams, 100);
+        let with = |n: &str| {
+            from_toml(&GOOD.replacen(
+                "[proxy]",
+                &format!("[proxy]\nmax_concurrent_streams = {n}"),
+                1,
+            ))
+        };
+        for n in [1, 128, 1000] {
+            assert_eq!(
+                with(&n.to_string()).unwrap().proxy.max_concurrent_streams,
+                n
+            );
+        }
+        for bad in ["0", "1001", "200000"] {
+            let Err(ConfigError::Invalid(problems)) = with(bad) else {
+                panic!("max_concurrent_streams = {bad} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].field, "proxy.max_concurrent_streams");
+            assert!(problems[0].reason.contains("1 to 1000"), "{problems:?}");
+        }
+        // Out of u32's range, negative, or not a number: refused while loading.
+        for bad in ["-1", "4294967296", "\"many\""] {
+            assert!(
+                with(bad).is_err(),
+                "max_concurrent_streams = {bad} accepted"
+            );
         }
     }
 

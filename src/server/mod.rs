@@ -43,6 +43,9 @@ pub struct ServeOptions {
     /// Largest request head; over it hyper answers 431 (HTTP/1) or refuses the stream (h2).
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a stream over it is refused (RST_STREAM REFUSED_STREAM, safe for the client to retry).
+    pub max_concurrent_streams: u32,
     /// Slowloris guard: a client must finish sending request headers within this time, and a
     /// new connection must bring its first request within it (HTTP/1.1 or HTTP/2, over TLS
     /// after the handshake).
@@ -156,6 +159,8 @@ where
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
+        // hyper's default is 200: each stream may hold a body peek or an upstream connection.
+        .max_concurrent_streams(opts.max_concurrent_streams)
         // A peer that stops answering pings (gone, or never reading) is let go.
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);

@@ -185,6 +185,7 @@ mod tests {
             max_connections: 100,
             max_header_bytes: 16 * 1024,
             max_headers: 50,
+            max_concurrent_streams: 100,
             header_read_timeout: Duration::from_secs(5),
             send_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(75),

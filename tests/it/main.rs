@@ -6,6 +6,7 @@
 mod admin;
 mod cli;
 mod form;
+mod limits;
 mod proxy;
 mod redis_e2e;
 mod store_conformance;

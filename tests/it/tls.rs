@@ -651,6 +651,7 @@ async fn requests_carry_connection_info() {
             max_connections: 8,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_concurrent_streams: 100,
             header_read_timeout: Duration::from_secs(5),
             send_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(75),

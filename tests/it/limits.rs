@@ -1,0 +1,139 @@
+//! Limits on what clients can make keygate hold: HTTP/2 streams per client connection.
+
+use crate::support::gateway::Gateway;
+use crate::support::upstream;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const REFUSED_STREAM: u32 = 0x7;
+
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = len[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn read_frame(s: &mut TcpStream) -> Frame {
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("a frame within 5 s")
+        .expect("the connection stays open");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+/// Opens an h2c connection (preface, empty SETTINGS), acknowledges keygate's SETTINGS, and
+/// returns the connection and keygate's SETTINGS_MAX_CONCURRENT_STREAMS (`None`: not sent).
+async fn handshake(addr: SocketAddr) -> (TcpStream, Option<u32>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    let settings = loop {
+        let f = read_frame(&mut s).await;
+        if f.kind == SETTINGS && f.flags & ACK == 0 {
+            break f;
+        }
+    };
+    let max_streams = settings.payload.chunks_exact(6).find_map(|setting| {
+        (u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+    });
+    s.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+    (s, max_streams)
+}
+
+/// A GET (HPACK literals without indexing, so no table state), ending the stream.
+fn get(stream: u32, authority: &str, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+    for (name_index, value) in [(4u8, path), (1u8, authority)] {
+        block.push(name_index);
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    frame(HEADERS, 0x4 | 0x1, stream, &block) // END_HEADERS | END_STREAM
+}
+
+fn config(dir: &tempfile::TempDir, up: SocketAddr, proxy: &str) -> String {
+    format!(
+        "[proxy]\n{proxy}\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\n\
+         [[routes]]\npath_prefix = \"/public\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    )
+}
+
+/// keygate announces `proxy.max_concurrent_streams` (100 by default, not hyper's 200) and
+/// refuses a stream over it while the others are in flight (RST_STREAM REFUSED_STREAM, which
+/// clients retry), so one connection cannot hold more body peeks or upstream connections.
+#[tokio::test]
+async fn http2_clients_get_the_configured_max_concurrent_streams_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::delayed(Duration::from_secs(2)).await;
+
+    let gw = Gateway::start(&config(&dir, up, ""));
+    let (_conn, announced) = handshake(gw.addr).await;
+    assert_eq!(announced, Some(100), "the default");
+    drop(gw);
+
+    let gw = Gateway::start(&config(&dir, up, "max_concurrent_streams = 2"));
+    let (mut s, announced) = handshake(gw.addr).await;
+    assert_eq!(announced, Some(2));
+    let authority = gw.addr.to_string();
+    let mut requests = Vec::new();
+    for stream in [1, 3, 5] {
+        requests.extend(get(stream, &authority, "/public/slow"));
+    }
+    s.write_all(&requests).await.unwrap();
+    // The upstream answers after 2 s: before then, the only stream ended is the third.
+    let refused = loop {
+        let f = read_frame(&mut s).await;
+        if f.kind == RST_STREAM || (f.kind == HEADERS && f.stream != 0) {
+            break f;
+        }
+    };
+    assert_eq!(
+        (refused.kind, refused.stream),
+        (RST_STREAM, 5),
+        "the third stream is refused, before any answer"
+    );
+    let code = u32::from_be_bytes(refused.payload[..4].try_into().unwrap());
+    assert_eq!(code, REFUSED_STREAM);
+    // The two within the limit are answered.
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let f = read_frame(&mut s).await;
+        assert_ne!(f.kind, RST_STREAM, "stream {} reset", f.stream);
+        if f.kind == HEADERS {
+            answered.push(f.stream);
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 3]);
+}
