@@ -358,6 +358,42 @@ async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
     assert_eq!(counted, answered, "{usage:?}");
 }
 
+/// Review: the last usage flush at SIGTERM was one try, so counts since the last flush were
+/// lost when Redis could not take them at that moment (the log said "will retry", the process
+/// exited). Now it is tried again for a few seconds: here Redis refuses writes (`CLIENT PAUSE
+/// … WRITE`, which holds the usage script while key lookups go on) for longer than the first
+/// tries take, and every answered request is counted once it lets them through.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_usage_flush_outlasts_a_short_redis_pause() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "pause").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(create_key(&store, |_| {}).await);
+    }
+    let config = format!(
+        "[usage]\nflush_interval = \"1h\"\n{}",
+        config_for(&redis, "pause", "").await
+    );
+    let mut gw = Gateway::start(&config);
+    let mut answered = 0u64;
+    for (key, _) in keys.iter().chain(&keys[..1]) {
+        assert_eq!(status(&gw, key).await, 200);
+        answered += 1;
+    }
+    // The gateway's `store.timeout` is 300 ms: several tries fail before the pause ends.
+    redis_cli(&redis, &["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let started = std::time::Instant::now();
+    assert!(gw.terminate().success());
+    let took = started.elapsed();
+    let ids: Vec<String> = keys.iter().map(|(_, r)| r.api_key_id.clone()).collect();
+    let usage = store.usage(&ids).await.unwrap();
+    let counted: u64 = usage.iter().map(|u| u.request_count).sum();
+    assert_eq!(counted, answered, "exited after {took:?}: {usage:?}");
+    // It did wait for the pause to end (else the test proves nothing).
+    assert!(took >= Duration::from_millis(1200), "exited after {took:?}");
+}
+
 /// Each proxy thread looks keys up on a Redis connection of its own, made on that thread, rather
 /// than sending every lookup to the thread that drives one shared connection and back.
 #[tokio::test(flavor = "multi_thread")]
