@@ -763,3 +763,63 @@ async fn without_a_change_feed_a_disabled_key_is_refused_at_once() {
     let subscribed = Gateway::start(&config_for(&redis, "kgnofeed", "ttl = \"10m\"").await);
     assert_eq!(subscribed.metric("keygate_change_feed_up").await, "1");
 }
+
+/// Review: a change feed whose connection dies silently (a proxy or load balancer in front of
+/// Redis that stops relaying, a route that drops packets) went unnoticed for up to 15.5 s, its
+/// next PING and that PING's timeout, while the cache went on answering from fresh entries: a
+/// disabled key passed for as long. The feed's connection is pinged every 500 ms now, so the
+/// loss is noticed within a second, and until the gateway has resubscribed it asks the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let store = redis_store(&redis, "deadfeed").await;
+    let (key, record) = create_key(&store, |_| {}).await;
+    // A long TTL: only the feed (or its loss) can explain a quick refusal.
+    let gw = Gateway::start(&config_at(&relay.url(), "deadfeed", "ttl = \"10m\"").await);
+    assert_eq!(status(&gw, &key).await, 200);
+    assert_eq!(status(&gw, &key).await, 200);
+    assert_eq!(
+        relay.subscribers(),
+        1,
+        "the gateway subscribes before it serves"
+    );
+    relay.hang_subscribers();
+    // The disable's message goes into the hung connection and never reaches the gateway.
+    service(&store)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = eventually(Duration::from_secs(3), || async {
+        status(&gw, &key).await == 401
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(refused, "the disabled key still passed after {took:?}");
+    // The gateway subscribed again, on a new connection, and changes reach it through that.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            relay.subscribers() == 2
+        })
+        .await,
+        "no new subscription"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.metric("keygate_change_feed_up").await == "1"
+        })
+        .await
+    );
+    assert_eq!(status(&gw, &key).await, 401);
+    service(&store)
+        .set_enabled(&record.api_key_id, true, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &key).await == 200
+        })
+        .await
+    );
+}
