@@ -23,6 +23,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
 
 const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the last usage flush, once the proxy has drained, keeps trying a store that fails
+/// (`UsageRecorder::flush_at_exit`); what it has not sent then is logged and dropped.
+pub const LAST_USAGE_FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, StoreError> {
     Ok(match cfg {
@@ -111,6 +114,8 @@ pub async fn run(
     };
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Every proxy thread has drained: no request counts usage any more.
+    let (drained_tx, drained_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -194,6 +199,7 @@ pub async fn run(
             }
         };
         tokio::join!(own, others);
+        let _ = drained_tx.send(true);
     };
 
     let admin = async {
@@ -248,14 +254,16 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    let usage_for_flusher = usage.clone();
+    // Flushes go on through the drain; the last one, once it is done, covers the requests
+    // that finished while draining.
     let usage_flusher = async {
-        if let Some(usage) = usage_for_flusher {
+        if let Some(usage) = usage {
             crate::usage::flush_periodically(
                 usage,
                 store.clone(),
                 config.usage.flush_interval,
-                stopped(stop_rx.clone()),
+                stopped(drained_rx),
+                LAST_USAGE_FLUSH_WITHIN,
             )
             .await;
         }
@@ -265,10 +273,6 @@ pub async fn run(
     // backlog may be served as soon as the admin loop runs.
     ready.store(true, Ordering::Release);
     tokio::join!(proxy, admin, control, usage_flusher);
-    // Requests that finished while draining were counted after the flusher's last flush.
-    if let Some(usage) = &usage {
-        usage.flush(&*store).await;
-    }
     let _ = release_tx.send(true);
     follower.abort();
     // Their runtimes drop what the drain cut off, writing those requests' access lines: done

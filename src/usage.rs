@@ -1,6 +1,8 @@
 //! Usage records: per key, how many requests passed and when the last one did. Counted in
 //! memory on the hot path (a sharded map, one short lock, no I/O) and flushed to the store in
-//! batches every `usage.flush_interval`, so no request ever waits on a store write.
+//! batches every `usage.flush_interval`, so no request ever waits on a store write. A failed
+//! flush keeps its counts for the next one; at shutdown the last flush is tried again for a
+//! while (see [`UsageRecorder::flush_at_exit`]), then what is left is logged and dropped.
 
 use crate::store::{KeyStore, StoreError, UsageDelta};
 use chrono::{DateTime, Utc};
@@ -9,10 +11,22 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::time::Instant;
 
 const SHARDS: usize = 32;
 /// Deltas per store call in a flush: what a failed call can leave in doubt.
 const FLUSH_CHUNK: usize = 256;
+
+/// The first pause between two tries of the last flush; it doubles up to [`EXIT_RETRY_MAX`].
+const EXIT_RETRY_FIRST: Duration = Duration::from_millis(100);
+const EXIT_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// What the last flush could not send before its deadline: dropped when the process exits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub keys: usize,
+    pub requests: u64,
+}
 
 #[derive(Default)]
 struct Counts {
@@ -96,8 +110,73 @@ impl UsageRecorder {
 
     /// Writes what was counted to the store; on failure keeps it for the next flush.
     pub async fn flush(&self, store: &dyn KeyStore) {
-        self.flush_with(async |chunk| store.record_usage(chunk).await)
-            .await;
+        if let Err(e) = self
+            .flush_with(async |chunk| store.record_usage(chunk).await)
+            .await
+        {
+            tracing::warn!(
+                error = %e,
+                keys = self.keys_counted(),
+                "usage flush failed; kept for the next flush"
+            );
+        }
+    }
+
+    /// The last flush, at shutdown: tried again after a failure (pausing 100 ms, doubling up to
+    /// 1 s) until everything counted is sent or `within` has passed; a try under way when it
+    /// passes is let finish (each store call is bounded: `store.timeout` on Redis, the usage
+    /// busy timeout on SQLite). What is left then is dropped, logged at `error` with how many
+    /// keys and requests, and returned.
+    pub async fn flush_at_exit(&self, store: &dyn KeyStore, within: Duration) -> Dropped {
+        self.flush_at_exit_with(async |chunk| store.record_usage(chunk).await, within)
+            .await
+    }
+
+    async fn flush_at_exit_with(
+        &self,
+        mut send: impl AsyncFnMut(&[UsageDelta]) -> Result<(), StoreError>,
+        within: Duration,
+    ) -> Dropped {
+        let deadline = Instant::now() + within;
+        let mut pause = EXIT_RETRY_FIRST;
+        loop {
+            let Err(e) = self.flush_with(&mut send).await else {
+                return Dropped::default();
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let dropped = self.drop_all();
+                tracing::error!(
+                    error = %e,
+                    keys = dropped.keys,
+                    requests = dropped.requests,
+                    ?within,
+                    "usage counts dropped at shutdown: the store took none of them in time"
+                );
+                return dropped;
+            }
+            let retry_in = pause.min(left);
+            tracing::warn!(
+                error = %e,
+                keys = self.keys_counted(),
+                ?retry_in,
+                "usage flush at shutdown failed; trying again"
+            );
+            tokio::time::sleep(retry_in).await;
+            pause = (pause * 2).min(EXIT_RETRY_MAX);
+        }
+    }
+
+    /// Empties every shard, saying how much was in them.
+    fn drop_all(&self) -> Dropped {
+        let mut dropped = Dropped::default();
+        for shard in &self.shards {
+            for d in Self::take(shard) {
+                dropped.keys += 1;
+                dropped.requests = dropped.requests.saturating_add(d.requests);
+            }
+        }
+        dropped
     }
 
     /// Sends what was counted in chunks of [`FLUSH_CHUNK`], taking the shards one at a time as
@@ -107,7 +186,10 @@ impl UsageRecorder {
     /// the shards not yet taken keep counting; the chunks before it were applied and are not
     /// sent again. A failed chunk may have been applied in part (a timeout does not say), so its
     /// retry can count up to one chunk twice: counts err high, never lost.
-    async fn flush_with(&self, mut send: impl AsyncFnMut(&[UsageDelta]) -> Result<(), StoreError>) {
+    async fn flush_with(
+        &self,
+        mut send: impl AsyncFnMut(&[UsageDelta]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut shards = self.shards.iter();
         let mut pending: Vec<UsageDelta> = Vec::new();
         loop {
@@ -117,19 +199,18 @@ impl UsageRecorder {
                 pending.extend(Self::take(shard));
             }
             if pending.is_empty() {
-                return;
+                return Ok(());
             }
             let chunk = pending.len() - pending.len().min(FLUSH_CHUNK);
             if let Err(e) = send(&pending[chunk..]).await {
-                tracing::warn!(error = %e, keys = pending.len(), "usage flush failed; will retry");
                 self.restore(pending);
-                return;
+                return Err(e);
             }
             pending.truncate(chunk);
         }
     }
 
-    #[cfg(test)]
+    /// Keys with counts not yet flushed.
     fn keys_counted(&self) -> usize {
         self.shards
             .iter()
@@ -138,13 +219,16 @@ impl UsageRecorder {
     }
 }
 
-/// Flushes every `interval` until `stop` resolves, then once more.
+/// Flushes every `interval` until `stop` resolves, then flushes what is left with
+/// [`UsageRecorder::flush_at_exit`], trying again for up to `last_within`. Returns what that
+/// last flush dropped. `stop` should resolve once nothing counts any more (the proxy drained).
 pub async fn flush_periodically(
     recorder: Arc<UsageRecorder>,
     store: Arc<dyn KeyStore>,
     interval: Duration,
     stop: impl std::future::Future<Output = ()>,
-) {
+    last_within: Duration,
+) -> Dropped {
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -154,7 +238,7 @@ pub async fn flush_periodically(
             () = &mut stop => break,
         }
     }
-    recorder.flush(&*store).await;
+    recorder.flush_at_exit(&*store, last_within).await
 }
 
 #[cfg(test)]
@@ -194,7 +278,8 @@ mod tests {
             sent += chunk.len();
             Ok(())
         })
-        .await;
+        .await
+        .unwrap();
         assert_eq!(sent, keys);
         assert_eq!(r.keys_counted(), 0);
         // About one shard (keys / SHARDS, give or take the hash) plus a chunk; a flush that
@@ -224,7 +309,8 @@ mod tests {
             applied.extend_from_slice(chunk);
             Ok(())
         })
-        .await;
+        .await
+        .unwrap_err();
         assert_eq!(calls, 3, "no chunk is sent after a failure");
         assert_eq!(applied.len(), FLUSH_CHUNK * 2);
         let kept = r.drain();
@@ -246,8 +332,76 @@ mod tests {
             resent += chunk.len();
             Ok(())
         })
-        .await;
+        .await
+        .unwrap();
         assert_eq!(resent, keys - FLUSH_CHUNK * 2);
         assert!(r.drain().is_empty());
+    }
+
+    /// Review: the last flush at shutdown was one try, so a store down at that moment lost
+    /// every count since the last flush (while the log said "will retry"). It is tried again
+    /// until the store takes it.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_flush_is_tried_again_until_the_store_takes_it() {
+        let r = UsageRecorder::default();
+        let now = Utc::now();
+        for i in 0..10 {
+            r.record(&format!("apk_{i}"), now);
+        }
+        r.record("apk_0", now);
+        let started = Instant::now();
+        let (mut calls, mut sent) = (0, 0u64);
+        let dropped = r
+            .flush_at_exit_with(
+                async |chunk| {
+                    calls += 1;
+                    if calls < 4 {
+                        return Err(StoreError::Unavailable("down".into()));
+                    }
+                    sent += chunk.iter().map(|d| d.requests).sum::<u64>();
+                    Ok(())
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(dropped, Dropped::default());
+        assert_eq!((calls, sent), (4, 11));
+        // Pauses of 100, 200 and 400 ms between the tries.
+        assert_eq!(started.elapsed(), Duration::from_millis(700));
+        assert_eq!(r.keys_counted(), 0);
+    }
+
+    /// A store that takes nothing before the deadline: the last flush gives up then (not
+    /// before), and says what it dropped.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_flush_gives_up_at_its_deadline_and_says_what_it_dropped() {
+        let r = UsageRecorder::default();
+        let now = Utc::now();
+        for _ in 0..3 {
+            r.record("apk_a", now);
+        }
+        r.record("apk_b", now);
+        let started = Instant::now();
+        let mut calls = 0;
+        let dropped = r
+            .flush_at_exit_with(
+                async |_| {
+                    calls += 1;
+                    Err(StoreError::Unavailable("down".into()))
+                },
+                Duration::from_secs(3),
+            )
+            .await;
+        assert_eq!(
+            dropped,
+            Dropped {
+                keys: 2,
+                requests: 4
+            }
+        );
+        // 0, 0.1, 0.3, 0.7, 1.5, 2.5 and 3 s (the last pause cut to the deadline).
+        assert_eq!(calls, 7);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert_eq!(r.keys_counted(), 0);
     }
 }

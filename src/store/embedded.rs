@@ -25,8 +25,16 @@
 //! rows older than [`CHANGE_RETENTION`] and hashes past their grace, so readers never write.
 //! Member and audit writes log no change: no cache holds what they touch.
 //!
-//! The connection sits behind a `std::sync::Mutex` and is only used inside `spawn_blocking`;
-//! the lock is never held across an `.await`.
+//! Two connections, each behind a `std::sync::Mutex` and only used inside `spawn_blocking` (the
+//! lock is never held across an `.await`): one for writes, one for reads (`find_by_hash`, the
+//! change poller, `ping`, `get`, `list`, members, audit and usage reads; `PRAGMA query_only`).
+//! A write may wait up to the busy timeout for another process's write lock (a CLI write, a
+//! `sqlite3` shell, a backup) while holding the write connection; in WAL mode a read needs no
+//! write lock, so with a connection of their own lookups, readiness pings and the change poller
+//! never queue behind it (with one shared connection, an uncached key waited 3.5 s behind a usage
+//! flush in a review's reproduction, and `/readyz` failed). Usage flushes wait at most
+//! [`USAGE_BUSY_TIMEOUT`] for the lock: what they carry is kept and sent on the next flush, so
+//! they need not hold up admin writes for the full [`BUSY_TIMEOUT`].
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
@@ -48,7 +56,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a statement waits for another connection's lock (writes: another process's write
+/// lock; reads only without WAL).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a usage flush waits for the write lock: a flush that gives up keeps its counts for
+/// the next one, and meanwhile it holds the write connection (admin writes wait behind it).
+pub const USAGE_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Change rows older than this are pruned. A feed that could not poll for half of it (a
 /// suspended machine) may have missed rows and reports `Change::All`.
@@ -106,7 +119,10 @@ CREATE TABLE IF NOT EXISTS usage (
 ";
 
 pub struct EmbeddedStore {
-    conn: Arc<Mutex<Connection>>,
+    /// Every write transaction, one at a time.
+    writer: Arc<Mutex<Connection>>,
+    /// Every read, so that none waits behind a write that waits for the write lock.
+    reader: Arc<Mutex<Connection>>,
     /// [`AUDIT_CAP`], except in tests (see [`EmbeddedStore::with_audit_cap`]).
     audit_cap: usize,
 }
@@ -140,8 +156,16 @@ impl EmbeddedStore {
             .map_err(db_err)?;
         tx.execute_batch(SCHEMA).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
+        // Opened after the schema exists and WAL is set (a property of the file, so this
+        // connection reads in WAL mode too).
+        let reader = Connection::open(path).map_err(db_err)?;
+        reader.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(db_err)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
             audit_cap: AUDIT_CAP,
         })
     }
@@ -155,12 +179,21 @@ impl EmbeddedStore {
         self
     }
 
-    /// Runs `f` on the connection on the blocking pool.
-    async fn call<T: Send + 'static>(
+    /// Runs `f` on the write connection on the blocking pool.
+    async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        run_blocking(self.conn.clone(), f).await
+        run_blocking(self.writer.clone(), f).await
+    }
+
+    /// Runs `f` on the read connection on the blocking pool: `f` must not write (the connection
+    /// is `query_only`).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        run_blocking(self.reader.clone(), f).await
     }
 }
 
@@ -188,7 +221,7 @@ impl KeyStore for EmbeddedStore {
         let hash = *hash;
         let now_ms = now.timestamp_millis();
         let row: Option<(String, Option<i64>)> = self
-            .call(move |conn| {
+            .read(move |conn| {
                 let mut stmt = conn
                     .prepare_cached(
                         "SELECT k.record, h.valid_until_ms FROM hashes h \
@@ -226,7 +259,7 @@ impl KeyStore for EmbeddedStore {
         let team = record.team_id.clone();
         let created_ms = record.created_time.timestamp_millis();
         let hash = *hash;
-        self.call(move |conn| {
+        self.write(move |conn| {
             let tx = begin(conn)?;
             // Keys without a team are never limited (same rule as the Redis store).
             if let (Some(limit), Some(team)) = (team_limit, &team) {
@@ -260,7 +293,7 @@ impl KeyStore for EmbeddedStore {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_owned();
         let json: Option<String> = self
-            .call(move |conn| {
+            .read(move |conn| {
                 conn.query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
                     .optional()
                     .map_err(db_err)
@@ -275,7 +308,7 @@ impl KeyStore for EmbeddedStore {
         let id = record.api_key_id.clone();
         let team = record.team_id.clone();
         let created_ms = record.created_time.timestamp_millis();
-        self.call(move |conn| {
+        self.write(move |conn| {
             let tx = begin(conn)?;
             // `key_start` belongs to rotation: an update computed from a copy read before a
             // rotation must not bring the old hint back.
@@ -328,7 +361,7 @@ impl KeyStore for EmbeddedStore {
         // Nothing older than the new key outlives now + grace: a zero-grace rotation (a leaked
         // key) also ends the grace of earlier rotations, and no rotation extends one.
         let deadline = now_ms.saturating_add(grace_ms);
-        self.call(move |conn| {
+        self.write(move |conn| {
             let tx = begin(conn)?;
             let json: String = tx
                 .query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
@@ -370,7 +403,7 @@ impl KeyStore for EmbeddedStore {
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.call(move |conn| {
+        self.write(move |conn| {
             let tx = begin(conn)?;
             let hashes = hashes_of(&tx, &id)?;
             let n = tx
@@ -396,7 +429,7 @@ impl KeyStore for EmbeddedStore {
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let team = filter.team_id.clone();
         let rows: Vec<String> = self
-            .call(move |conn| {
+            .read(move |conn| {
                 let mut stmt = conn
                     .prepare_cached(
                         "SELECT record FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
@@ -426,7 +459,7 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|conn| {
+        self.read(|conn| {
             conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
                 .map(drop)
                 .map_err(db_err)
@@ -437,7 +470,7 @@ impl KeyStore for EmbeddedStore {
     async fn changes(&self) -> Result<ChangeFeed, StoreError> {
         // Only changes after this point are forwarded: the caller starts from a flushed cache.
         let start: i64 = self
-            .call(|conn| {
+            .read(|conn| {
                 conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
                     r.get(0)
                 })
@@ -445,7 +478,7 @@ impl KeyStore for EmbeddedStore {
             })
             .await?;
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
-        tokio::spawn(poll_changes(self.conn.clone(), start, tx));
+        tokio::spawn(poll_changes(self.reader.clone(), start, tx));
         Ok(rx)
     }
 
@@ -459,7 +492,7 @@ impl KeyStore for EmbeddedStore {
         let role = role_text(role)?;
         let (added_s, added_ns) = split_time(added_time);
         let (role, added_s, added_ns) = self
-            .call(move |conn| {
+            .write(move |conn| {
                 let tx = begin(conn)?;
                 // One statement, so that the first put's `added_time` is the one kept even when
                 // puts race; RETURNING gives back what is stored, not what was asked for.
@@ -492,7 +525,7 @@ impl KeyStore for EmbeddedStore {
     ) -> Result<Option<Member>, StoreError> {
         let (team, user) = (team_id.to_owned(), user_id.to_owned());
         let row: Option<(String, i64, i64)> = self
-            .call(move |conn| {
+            .write(move |conn| {
                 let tx = begin(conn)?;
                 let row = tx
                     .query_row(
@@ -514,7 +547,7 @@ impl KeyStore for EmbeddedStore {
     async fn get_member(&self, team_id: &str, user_id: &str) -> Result<Option<Member>, StoreError> {
         let (team, user) = (team_id.to_owned(), user_id.to_owned());
         let row: Option<(String, i64, i64)> = self
-            .call(move |conn| {
+            .read(move |conn| {
                 conn.query_row(
                     "SELECT role, added_s, added_ns FROM members \
                      WHERE team_id = ?1 AND user_id = ?2",
@@ -532,7 +565,7 @@ impl KeyStore for EmbeddedStore {
     async fn list_members(&self, team_id: &str) -> Result<Vec<Member>, StoreError> {
         let team = team_id.to_owned();
         let rows: Vec<(String, String, i64, i64)> = self
-            .call(move |conn| {
+            .read(move |conn| {
                 let mut stmt = conn
                     .prepare_cached(
                         "SELECT user_id, role, added_s, added_ns FROM members \
@@ -564,7 +597,7 @@ impl KeyStore for EmbeddedStore {
         let cap = i64::try_from(self.audit_cap).unwrap_or(i64::MAX);
         let every = prune_every(self.audit_cap);
         let seq = self
-            .call(move |conn| {
+            .write(move |conn| {
                 let tx = begin(conn)?;
                 tx.execute(
                     "INSERT INTO audit (time_s, time_ns, api_key_id, team_id, event) \
@@ -625,7 +658,7 @@ impl KeyStore for EmbeddedStore {
         let per = i64::from(page.per_page);
         let skip = i64::from(page.page.saturating_sub(1)).saturating_mul(per);
         let (rows, total) = self
-            .call(move |conn| {
+            .read(move |conn| {
                 // One read transaction: the page and the total come from the same snapshot.
                 let tx = conn.transaction().map_err(db_err)?;
                 let total: i64 = tx
@@ -679,30 +712,20 @@ impl KeyStore for EmbeddedStore {
                 )
             })
             .collect();
-        self.call(move |conn| {
-            let tx = begin(conn)?;
-            {
-                // Only keys that still exist: a late flush must not resurrect a deleted key.
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO usage (key_id, count, last_ms) \
-                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
-                         ON CONFLICT(key_id) DO UPDATE SET count = count + excluded.count, \
-                         last_ms = max(last_ms, excluded.last_ms)",
-                    )
-                    .map_err(db_err)?;
-                for (id, n, ms) in &rows {
-                    stmt.execute(params![id, n, ms]).map_err(db_err)?;
-                }
-            }
-            tx.commit().map_err(db_err)
+        self.write(move |conn| {
+            // A flush that cannot get the lock soon gives up (its counts are kept for the next
+            // one) rather than hold the write connection for the full busy timeout.
+            conn.busy_timeout(USAGE_BUSY_TIMEOUT).map_err(db_err)?;
+            let written = write_usage(conn, &rows);
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+            written
         })
         .await
     }
 
     async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError> {
         let ids = ids.to_vec();
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT count, last_ms FROM usage WHERE key_id = ?1")
                 .map_err(db_err)?;
@@ -724,7 +747,8 @@ impl KeyStore for EmbeddedStore {
 }
 
 /// Forwards new change rows until the receiver goes away or the database fails; returning
-/// drops `tx`, which tells the caller to flush and subscribe again.
+/// drops `tx`, which tells the caller to flush and subscribe again. `conn` is the read
+/// connection.
 async fn poll_changes(conn: Arc<Mutex<Connection>>, mut last: i64, tx: mpsc::Sender<Change>) {
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -772,6 +796,26 @@ async fn poll_changes(conn: Arc<Mutex<Connection>>, mut last: i64, tx: mpsc::Sen
             }
         }
     }
+}
+
+/// Adds usage `rows` (id, requests, last-used ms) in one write transaction.
+fn write_usage(conn: &mut Connection, rows: &[(String, i64, i64)]) -> Result<(), StoreError> {
+    let tx = begin(conn)?;
+    {
+        // Only keys that still exist: a late flush must not resurrect a deleted key.
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO usage (key_id, count, last_ms) \
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
+                 ON CONFLICT(key_id) DO UPDATE SET count = count + excluded.count, \
+                 last_ms = max(last_ms, excluded.last_ms)",
+            )
+            .map_err(db_err)?;
+        for (id, n, ms) in rows {
+            stmt.execute(params![id, n, ms]).map_err(db_err)?;
+        }
+    }
+    tx.commit().map_err(db_err)
 }
 
 fn begin(conn: &mut Connection) -> Result<Transaction<'_>, StoreError> {
@@ -913,5 +957,167 @@ fn db_err(e: rusqlite::Error) -> StoreError {
             StoreError::Corrupt(format!("sqlite: {e}"))
         }
         _ => StoreError::Unavailable(format!("sqlite: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::record::sample_record;
+
+    /// Another process's write transaction (a CLI write, a `sqlite3` shell, a backup) on the
+    /// file at `path`, committed after `hold`.
+    fn hold_write_lock(path: &Path, hold: Duration) -> std::thread::JoinHandle<()> {
+        let other = Connection::open(path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            other.execute_batch("COMMIT").unwrap();
+        })
+    }
+
+    async fn store_with_key(path: &Path) -> (Arc<EmbeddedStore>, KeyHash, String) {
+        let store = Arc::new(EmbeddedStore::open(path).unwrap());
+        let hash = KeyHash::of("kg_reads_do_not_wait");
+        let record = sample_record("apk_reads");
+        store.create(&record, &hash, None).await.unwrap();
+        (store, hash, record.api_key_id)
+    }
+
+    /// Review: a usage flush (or an admin write) waiting for another process's write lock held
+    /// the store's only connection for up to the 5 s busy timeout, and every lookup, change
+    /// poll and readiness ping queued behind it (an uncached key took 3.5 s, `/readyz` 503).
+    /// Reads have a connection of their own now: in WAL mode they need no lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_behind_a_write_that_waits_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let (store, hash, id) = store_with_key(&path).await;
+        let mut feed = store.changes().await.unwrap();
+        let hold = Duration::from_secs(3);
+        let held = hold_write_lock(&path, hold);
+        let locked_at = Instant::now();
+        // Both kinds of gateway write, waiting for the lock on the write connection: a usage
+        // flush, then an admin write (which waits out the whole hold).
+        let flush = tokio::spawn({
+            let (store, id) = (store.clone(), id.clone());
+            async move {
+                let delta = UsageDelta {
+                    api_key_id: id,
+                    requests: 1,
+                    last_used: Utc::now(),
+                };
+                store.record_usage(&[delta]).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let create = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let record = sample_record("apk_second");
+                store.create(&record, &KeyHash::of("kg_second"), None).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut slowest = Duration::ZERO;
+        for _ in 0..5 {
+            let started = Instant::now();
+            let found = store.find_by_hash(&hash, Utc::now()).await.unwrap();
+            assert_eq!(found.map(|r| r.api_key_id), Some(id.clone()));
+            store.ping().await.unwrap();
+            assert!(store.get(&id).await.unwrap().is_some());
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Generous for a loaded machine; the first read took ~3 s before (until the hold
+        // ended). All of them ran while the lock was held.
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a read took {slowest:?} while a write waited for the lock"
+        );
+        assert!(locked_at.elapsed() < hold, "the reads outlasted the hold");
+        held.join().unwrap();
+        // The admin write got the lock once it was free; the change poller (on the read
+        // connection too) reports it.
+        create.await.unwrap().unwrap();
+        let change = tokio::time::timeout(Duration::from_secs(5), feed.recv()).await;
+        assert_eq!(
+            change.unwrap(),
+            Some(Change::Keys(vec![KeyHash::of("kg_second")]))
+        );
+        // The flush gave up after its own, shorter busy timeout (see the next test).
+        assert!(matches!(
+            flush.await.unwrap(),
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    /// A usage flush gives up on a held write lock after [`USAGE_BUSY_TIMEOUT`] rather than the
+    /// full busy timeout (admin writes would wait behind it meanwhile); its counts are kept for
+    /// the next flush by the recorder. Once the lock is free it goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_usage_flush_gives_up_on_a_held_write_lock_sooner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let (store, _hash, id) = store_with_key(&path).await;
+        let delta = UsageDelta {
+            api_key_id: id.clone(),
+            requests: 3,
+            last_used: Utc::now(),
+        };
+        let held = hold_write_lock(&path, Duration::from_secs(3));
+        let started = Instant::now();
+        let failed = store.record_usage(std::slice::from_ref(&delta)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        assert!(
+            waited >= USAGE_BUSY_TIMEOUT - Duration::from_millis(100) && waited < BUSY_TIMEOUT,
+            "gave up after {waited:?}"
+        );
+        held.join().unwrap();
+        // The connection's own busy timeout is back for the other writes.
+        let busy_ms: i64 = store
+            .write(|conn| {
+                conn.query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+                    .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        assert_eq!(u128::try_from(busy_ms).unwrap(), BUSY_TIMEOUT.as_millis());
+        store.record_usage(&[delta]).await.unwrap();
+        assert_eq!(store.usage(&[id]).await.unwrap()[0].request_count, 3);
+    }
+
+    /// The read connection never writes, and sees every write as soon as it is committed.
+    #[tokio::test]
+    async fn the_read_connection_sees_each_write_at_once_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hash, id) = store_with_key(&dir.path().join("k.db")).await;
+        assert!(
+            store
+                .find_by_hash(&hash, Utc::now())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        store.delete(&id).await.unwrap();
+        assert!(
+            store
+                .find_by_hash(&hash, Utc::now())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let wrote = store
+            .read(|conn| {
+                conn.execute("DELETE FROM changes", [])
+                    .map(drop)
+                    .map_err(db_err)
+            })
+            .await;
+        assert!(wrote.is_err(), "the read connection wrote");
     }
 }

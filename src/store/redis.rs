@@ -90,7 +90,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// How many times a compare-and-set write is tried when other writers change the same key in
 /// between. Each lost round is another writer's win, so N concurrent writers on one key all
@@ -104,9 +104,22 @@ const FEED_CAPACITY: usize = 256;
 const AUDIT_CHUNK: usize = 1000;
 /// The stream field that holds an audit event's JSON.
 const AUDIT_FIELD: &str = "event";
-/// A pub/sub connection whose peer vanished without a FIN would stay silent for ever; pinging it
-/// now and then turns that into an error, which ends the feed (the caller then resubscribes).
-const PUBSUB_PING_EVERY: Duration = Duration::from_secs(15);
+/// A pub/sub connection whose peer vanished without a FIN (or a proxy in front of Redis that
+/// stopped relaying) stays silent for ever, and a change published meanwhile reaches no cache
+/// while its entries stay fresh. The feed pings its connection this often, and also at once
+/// when any other operation of the store goes unanswered; a ping unanswered within
+/// [`pubsub_ping_timeout`] ends the feed, which marks every cached entry stale (the verifier
+/// asks the store for every key until it has resubscribed). So a silently dead feed is noticed
+/// within this plus that, 1 s at most. (It was 15 s, and a disabled key passed for as long.)
+const PUBSUB_PING_EVERY: Duration = Duration::from_millis(500);
+/// The most a feed ping may wait for its answer.
+const PUBSUB_PING_TIMEOUT_MAX: Duration = Duration::from_millis(500);
+
+/// How long a feed ping waits for its answer: the operation timeout, at most
+/// [`PUBSUB_PING_TIMEOUT_MAX`].
+fn pubsub_ping_timeout(op_timeout: Duration) -> Duration {
+    op_timeout.min(PUBSUB_PING_TIMEOUT_MAX)
+}
 
 /// Create: KEYS = id key, hash key, [team key], all in the key's slot; ARGV = id JSON, hash
 /// JSON, id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
@@ -671,6 +684,9 @@ pub struct RedisStore {
     audit_cap: usize,
     /// One server: names why connecting fails (see [`ConnectDoctor`]).
     doctor: Option<Arc<ConnectDoctor>>,
+    /// Woken when an operation goes unanswered: the change feeds ping their connections at
+    /// once (a network fault that hangs one connection may hang the feed's too).
+    feed_check: Arc<Notify>,
 }
 
 impl RedisStore {
@@ -758,6 +774,7 @@ impl RedisStore {
             usage_script: Script::new(USAGE_LUA),
             audit_cap: AUDIT_CAP,
             doctor: None,
+            feed_check: Arc::new(Notify::new()),
         };
         // Warm the connection in the background so the first request does not pay for it; a
         // failure here only means Redis is not up yet.
@@ -807,6 +824,7 @@ impl RedisStore {
 
     /// A timed-out operation's error; it also has the doctor look for a cause.
     fn no_answer(&self) -> StoreError {
+        self.feed_check.notify_waiters();
         let cause = self.doctor.as_ref().and_then(|d| {
             d.examine();
             d.cause()
@@ -1519,33 +1537,39 @@ impl KeyStore for RedisStore {
             return Err(last_error);
         };
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
-        let op_timeout = self.op_timeout;
+        let ping_timeout = pubsub_ping_timeout(self.op_timeout);
+        let check = self.feed_check.clone();
         tokio::spawn(async move {
             let mut ping = tokio::time::interval(PUBSUB_PING_EVERY);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await; // the first tick is immediate
-            loop {
+            // Ending drops `tx`, which tells the caller to flush and resubscribe.
+            let ended = loop {
                 tokio::select! {
-                    () = tx.closed() => break,
+                    () = tx.closed() => break "no longer followed",
                     msg = stream.next() => {
-                        // None: the connection is gone. Ending drops `tx`, which tells the
-                        // caller to flush and resubscribe.
-                        let Some(msg) = msg else { break };
+                        let Some(msg) = msg else { break "connection closed" };
                         let Some(change) = parse_change(msg.get_payload_bytes()) else {
                             continue;
                         };
                         if tx.send(change).await.is_err() {
-                            break;
+                            break "no longer followed";
                         }
                     }
                     _ = ping.tick() => {
-                        let pong = sink.ping::<redis::Value>();
-                        if !matches!(tokio::time::timeout(op_timeout, pong).await, Ok(Ok(_))) {
-                            break;
+                        if !answers_ping(&mut sink, ping_timeout).await {
+                            break "ping unanswered";
                         }
                     }
+                    () = check.notified() => {
+                        if !answers_ping(&mut sink, ping_timeout).await {
+                            break "ping unanswered after another operation went unanswered";
+                        }
+                        ping.reset();
+                    }
                 }
-            }
-            tracing::debug!("redis change feed ended");
+            };
+            tracing::debug!(why = ended, "redis change feed ended");
         });
         Ok(rx)
     }
@@ -1693,6 +1717,12 @@ impl KeyStore for RedisStore {
     }
 }
 
+/// Whether the feed's connection answers a PING within `timeout`.
+async fn answers_ping(sink: &mut redis::aio::PubSubSink, timeout: Duration) -> bool {
+    let pong = sink.ping::<redis::Value>();
+    matches!(tokio::time::timeout(timeout, pong).await, Ok(Ok(_)))
+}
+
 /// The event of one audit stream entry, with the entry id as its `event_id`.
 fn decode_audit(id: &str, fields: &[String]) -> Result<AuditEvent, StoreError> {
     let json = fields
@@ -1825,6 +1855,21 @@ mod tests {
             assert_eq!(
                 names.hash(&hash),
                 format!("kg:h:{{{}}}:{}", hash.tag(), &hash.to_hex()[2 * TAG_LEN..])
+            );
+        }
+    }
+
+    /// README: a change is refused everywhere within a second. A feed whose connection died
+    /// silently is noticed within one ping period and one ping timeout, whatever
+    /// `store.timeout` is (e2e: `a_silently_dead_change_feed_is_noticed_within_a_second`).
+    #[test]
+    fn a_dead_feed_is_noticed_within_a_second_whatever_the_timeout() {
+        for ms in [1, 100, 300, 500, 2_000, 60_000] {
+            let timeout = pubsub_ping_timeout(Duration::from_millis(ms));
+            assert!(timeout <= Duration::from_millis(ms));
+            assert!(
+                PUBSUB_PING_EVERY + timeout <= Duration::from_secs(1),
+                "{ms} ms"
             );
         }
     }

@@ -358,6 +358,42 @@ async fn last_usage_flush_gets_through_after_a_reconnect_on_any_proxy_thread() {
     assert_eq!(counted, answered, "{usage:?}");
 }
 
+/// Review: the last usage flush at SIGTERM was one try, so counts since the last flush were
+/// lost when Redis could not take them at that moment (the log said "will retry", the process
+/// exited). Now it is tried again for a few seconds: here Redis refuses writes (`CLIENT PAUSE
+/// … WRITE`, which holds the usage script while key lookups go on) for longer than the first
+/// tries take, and every answered request is counted once it lets them through.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_usage_flush_outlasts_a_short_redis_pause() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "pause").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(create_key(&store, |_| {}).await);
+    }
+    let config = format!(
+        "[usage]\nflush_interval = \"1h\"\n{}",
+        config_for(&redis, "pause", "").await
+    );
+    let mut gw = Gateway::start(&config);
+    let mut answered = 0u64;
+    for (key, _) in keys.iter().chain(&keys[..1]) {
+        assert_eq!(status(&gw, key).await, 200);
+        answered += 1;
+    }
+    // The gateway's `store.timeout` is 300 ms: several tries fail before the pause ends.
+    redis_cli(&redis, &["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let started = std::time::Instant::now();
+    assert!(gw.terminate().success());
+    let took = started.elapsed();
+    let ids: Vec<String> = keys.iter().map(|(_, r)| r.api_key_id.clone()).collect();
+    let usage = store.usage(&ids).await.unwrap();
+    let counted: u64 = usage.iter().map(|u| u.request_count).sum();
+    assert_eq!(counted, answered, "exited after {took:?}: {usage:?}");
+    // It did wait for the pause to end (else the test proves nothing).
+    assert!(took >= Duration::from_millis(1200), "exited after {took:?}");
+}
+
 /// Each proxy thread looks keys up on a Redis connection of its own, made on that thread, rather
 /// than sending every lookup to the thread that drives one shared connection and back.
 #[tokio::test(flavor = "multi_thread")]
@@ -726,4 +762,64 @@ async fn without_a_change_feed_a_disabled_key_is_refused_at_once() {
     assert_eq!(gw.metric("keygate_change_feed_up").await, "0");
     let subscribed = Gateway::start(&config_for(&redis, "kgnofeed", "ttl = \"10m\"").await);
     assert_eq!(subscribed.metric("keygate_change_feed_up").await, "1");
+}
+
+/// Review: a change feed whose connection dies silently (a proxy or load balancer in front of
+/// Redis that stops relaying, a route that drops packets) went unnoticed for up to 15.5 s, its
+/// next PING and that PING's timeout, while the cache went on answering from fresh entries: a
+/// disabled key passed for as long. The feed's connection is pinged every 500 ms now, so the
+/// loss is noticed within a second, and until the gateway has resubscribed it asks the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let store = redis_store(&redis, "deadfeed").await;
+    let (key, record) = create_key(&store, |_| {}).await;
+    // A long TTL: only the feed (or its loss) can explain a quick refusal.
+    let gw = Gateway::start(&config_at(&relay.url(), "deadfeed", "ttl = \"10m\"").await);
+    assert_eq!(status(&gw, &key).await, 200);
+    assert_eq!(status(&gw, &key).await, 200);
+    assert_eq!(
+        relay.subscribers(),
+        1,
+        "the gateway subscribes before it serves"
+    );
+    relay.hang_subscribers();
+    // The disable's message goes into the hung connection and never reaches the gateway.
+    service(&store)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = eventually(Duration::from_secs(3), || async {
+        status(&gw, &key).await == 401
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(refused, "the disabled key still passed after {took:?}");
+    // The gateway subscribed again, on a new connection, and changes reach it through that.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            relay.subscribers() == 2
+        })
+        .await,
+        "no new subscription"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.metric("keygate_change_feed_up").await == "1"
+        })
+        .await
+    );
+    assert_eq!(status(&gw, &key).await, 401);
+    service(&store)
+        .set_enabled(&record.api_key_id, true, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(&gw, &key).await == 200
+        })
+        .await
+    );
 }

@@ -1,10 +1,12 @@
 //! A TCP relay in front of a server, whose open connections can be made to hang: what a stuck
 //! proxy or load balancer in front of Redis does (the kernel still acknowledges what is sent,
-//! nothing answers), while connections opened afterwards go through.
+//! nothing answers), while connections opened afterwards go through. Hanging only the
+//! connections that sent `SUBSCRIBE` is a change feed that dies silently.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -12,8 +14,32 @@ pub struct Relay {
     addr: SocketAddr,
     /// Connections numbered below this one hang.
     hung_below: Arc<AtomicU64>,
+    /// Connections that hang whatever their number.
+    hung: Arc<Mutex<HashSet<u64>>>,
+    /// Connections on which the client sent `SUBSCRIBE`.
+    subscribers: Arc<Mutex<HashSet<u64>>>,
     next: Arc<AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// What each direction of one connection needs to know.
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    hung_below: Arc<AtomicU64>,
+    hung: Arc<Mutex<HashSet<u64>>>,
+    /// Set on the client-to-server direction only.
+    subscribers: Option<Arc<Mutex<HashSet<u64>>>>,
+}
+
+impl Conn {
+    fn is_hung(&self) -> bool {
+        self.id < self.hung_below.load(Ordering::SeqCst) || lock(&self.hung).contains(&self.id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Relay {
@@ -22,8 +48,11 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay addr");
         let hung_below = Arc::new(AtomicU64::new(0));
+        let hung = Arc::new(Mutex::new(HashSet::new()));
+        let subscribers = Arc::new(Mutex::new(HashSet::new()));
         let next = Arc::new(AtomicU64::new(0));
-        let (hung, counter) = (hung_below.clone(), next.clone());
+        let counter = next.clone();
+        let (below, set, subs) = (hung_below.clone(), hung.clone(), subscribers.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let id = counter.fetch_add(1, Ordering::SeqCst);
@@ -32,16 +61,41 @@ impl Relay {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, id, hung.clone()));
-                tokio::spawn(pipe(sr, cw, id, hung.clone()));
+                let conn = Conn {
+                    id,
+                    hung_below: below.clone(),
+                    hung: set.clone(),
+                    subscribers: None,
+                };
+                let upstream = Conn {
+                    subscribers: Some(subs.clone()),
+                    ..conn.clone()
+                };
+                tokio::spawn(pipe(cr, sw, upstream));
+                tokio::spawn(pipe(sr, cw, conn));
             }
         });
         Relay {
             addr,
             hung_below,
+            hung,
+            subscribers,
             next,
             accept,
         }
+    }
+
+    /// How many connections have sent `SUBSCRIBE` so far.
+    pub fn subscribers(&self) -> usize {
+        lock(&self.subscribers).len()
+    }
+
+    /// Every connection that has sent `SUBSCRIBE` so far stops relaying, in both directions,
+    /// and stays open: a change feed whose connection died without a word. Other connections,
+    /// and subscribers that come later, go through.
+    pub fn hang_subscribers(&self) {
+        let subscribers = lock(&self.subscribers).clone();
+        lock(&self.hung).extend(subscribers);
     }
 
     pub fn port(&self) -> u16 {
@@ -71,19 +125,21 @@ impl Drop for Relay {
     }
 }
 
-async fn pipe(
-    mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
-    id: u64,
-    hung_below: Arc<AtomicU64>,
-) {
+async fn pipe(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, conn: Conn) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if id < hung_below.load(Ordering::SeqCst) {
+        if let Some(subscribers) = &conn.subscribers
+            && buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            lock(subscribers).insert(conn.id);
+        }
+        if conn.is_hung() {
             // Hung: hold both ends open and pass nothing on, ever.
             std::future::pending::<()>().await;
         }
