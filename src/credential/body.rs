@@ -1,5 +1,5 @@
 //! Keys in request bodies: read the body only until the key field is complete, keep every
-//! frame read, and hand back a [`Replay`] body that yields those same frames and then the rest
+//! byte read, and hand back a [`Replay`] body that yields those same bytes and then the rest
 //! of the stream, so the upstream receives exactly what the client sent.
 //!
 //! How much is read: at most `max_peek_bytes` are given to the parser; the key field (with the
@@ -7,7 +7,9 @@
 //! and fits within the limit is read to its end, so a second key field there is refused as
 //! ambiguous; a longer or chunked body stops at the first key field, so a large upload after
 //! the key is never waited for. Memory is the limit plus at most one frame, whatever the body
-//! size.
+//! size and however it is cut: frames under [`COPY_BELOW`] (the small chunks of a chunked body)
+//! are copied together into blocks, so they cost neither a slot each nor the network read they
+//! were sliced from; larger frames are kept as read.
 
 use super::CredentialError;
 use super::form::{self, BodyKind, Progress, UrlencodedScanner};
@@ -216,12 +218,84 @@ where
     }
 }
 
-/// Reads the client's body frame by frame, records every frame for the replay, and gives the
-/// parser at most `limit` bytes. Reaching the limit, the end, or a read failure all look like
+/// Data frames shorter than this are copied into [`Kept`]'s blocks rather than kept as read.
+/// hyper hands a chunked body over one frame per chunk, each a slice of its read buffer: kept
+/// as they are, 1-byte chunks would cost a slot and a hold on that buffer per byte. Frames this
+/// large are few within the limit and are kept without a copy.
+const COPY_BELOW: usize = 16 * 1024;
+
+/// The size of each block small frames are copied into.
+const BLOCK: usize = 16 * 1024;
+
+/// The bytes read during the peek, in order, for the replay. Framing is per hop, so only the
+/// bytes and their order are kept: frames of [`COPY_BELOW`] or more as read, smaller ones
+/// copied together into blocks of [`BLOCK`] bytes (the very first frame is kept as read, so a
+/// body of one small frame is not copied). Pieces: at most one per 8 KiB kept, plus two.
+#[derive(Default)]
+struct Kept {
+    pieces: VecDeque<Bytes>,
+    /// Small frames copied after `pieces`; its spare room is the rest of the current block.
+    tail: BytesMut,
+}
+
+impl Kept {
+    fn push(&mut self, data: Bytes) {
+        if data.len() >= COPY_BELOW {
+            self.seal();
+            self.pieces.push_back(data);
+            return;
+        }
+        if self.tail.is_empty() {
+            match self.pieces.back() {
+                None => {
+                    self.pieces.push_back(data);
+                    return;
+                }
+                // Only the first frame is a small piece kept as read (a sealed tail is followed
+                // by a large frame): a second small frame copies it too.
+                Some(first) if first.len() < COPY_BELOW => {
+                    if let Some(first) = self.pieces.pop_back() {
+                        self.copy(&first);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        self.copy(&data);
+    }
+
+    /// Appends `data` to the tail, filling each block before starting the next.
+    fn copy(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.tail.len() == self.tail.capacity() {
+                self.seal();
+                self.tail = BytesMut::with_capacity(BLOCK);
+            }
+            let n = data.len().min(self.tail.capacity() - self.tail.len());
+            self.tail.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+    }
+
+    /// Ends the tail as a piece; the rest of its block stays the tail's room.
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.pieces.push_back(self.tail.split().freeze());
+        }
+    }
+
+    fn into_pieces(mut self) -> VecDeque<Bytes> {
+        self.seal();
+        self.pieces
+    }
+}
+
+/// Reads the client's body frame by frame, records every frame's bytes for the replay
+/// ([`Kept`]), and gives the parser at most `limit` bytes. Reaching the limit, the end, or a read failure all look like
 /// the end to the parser; the flags tell them apart afterwards.
 struct Tap<B> {
     body: B,
-    frames: VecDeque<Bytes>,
+    kept: Kept,
     trailers: Option<HeaderMap>,
     /// Bytes given to the parser.
     fed: usize,
@@ -240,7 +314,7 @@ where
     fn new(body: B, limit: usize) -> Self {
         Self {
             body,
-            frames: VecDeque::new(),
+            kept: Kept::default(),
             trailers: None,
             fed: 0,
             limit,
@@ -278,7 +352,7 @@ where
             if data.is_empty() {
                 continue;
             }
-            self.frames.push_back(data.clone());
+            self.kept.push(data.clone());
             let room = self.limit - self.fed;
             if data.len() > room {
                 self.limit_hit = true;
@@ -295,14 +369,14 @@ where
 
     fn into_replay(self) -> Replay<B> {
         Replay {
-            prefix: self.frames,
+            prefix: self.kept.into_pieces(),
             trailers: self.trailers,
             rest: if self.ended { None } else { Some(self.body) },
         }
     }
 }
 
-/// The frames read during the peek, then the rest of the client's body, unchanged.
+/// The bytes read during the peek, then the rest of the client's body, unchanged.
 pub struct Replay<B> {
     prefix: VecDeque<Bytes>,
     /// Trailers seen during the peek (the body had ended then).
@@ -444,11 +518,23 @@ mod tests {
 
     impl Client {
         fn new(body: &[u8], split: usize, exact: bool) -> Self {
+            Self::cut(body, &[split], exact)
+        }
+
+        /// `body` in pieces of the sizes in `sizes`, taken in turn and over again.
+        fn cut(body: &[u8], sizes: &[usize], exact: bool) -> Self {
+            let mut pieces = VecDeque::new();
+            let mut rest = body;
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (piece, after) = rest.split_at((*size).clamp(1, rest.len()));
+                pieces.push_back(Bytes::copy_from_slice(piece));
+                rest = after;
+            }
             Self {
-                pieces: body
-                    .chunks(split.max(1))
-                    .map(Bytes::copy_from_slice)
-                    .collect(),
+                pieces,
                 exact: exact.then_some(body.len() as u64),
                 then: Then::End,
             }
@@ -649,6 +735,71 @@ mod tests {
     }
 
     #[test]
+    fn one_byte_frames_are_kept_in_a_few_pieces() {
+        // A chunked body of 1-byte chunks: hyper hands each over as its own frame, a slice of
+        // its read buffer. The peek must not keep a piece (and a read buffer) per byte.
+        let body: Vec<u8> = (0..65536u32).map(|i| b'a' + (i % 26) as u8).collect();
+        rt().block_on(async {
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers("application/x-www-form-urlencoded"),
+                Client::new(&body, 1, false),
+            )
+            .await
+            .unwrap();
+            assert!(p.key.is_none());
+            assert!(p.body.prefix.len() <= 32, "{} pieces", p.body.prefix.len());
+            assert_eq!(p.body.prefix_len(), 65536);
+            assert_eq!(collect(p.body).await, body);
+        });
+        // Past the limit too, with the key found and stripped.
+        let mut body = body;
+        body.extend_from_slice(b"&clientKey=kg_1b&z=1");
+        rt().block_on(async {
+            let mut h = headers("application/x-www-form-urlencoded");
+            let p = peek(
+                &BodyKeyConfig {
+                    strip_form_field: true,
+                    ..cfg(1 << 20)
+                },
+                &[KeySource::Form],
+                &h,
+                Client::new(&body, 1, false),
+            )
+            .await
+            .unwrap();
+            let key = p.key.unwrap();
+            assert_eq!(key.value, "kg_1b");
+            assert!(p.body.prefix.len() <= 32, "{} pieces", p.body.prefix.len());
+            let mut replay = p.body;
+            strip_field(&mut replay, &mut h, key.strip.unwrap());
+            assert_eq!(collect(replay).await, [&body[..65536], b"&z=1"].concat());
+        });
+    }
+
+    #[test]
+    fn mixed_frames_keep_large_ones_as_read() {
+        // Small frames are copied together; large ones are kept as they came.
+        let body = vec![b'x'; 3 * COPY_BELOW + 10];
+        let sizes = [1, COPY_BELOW, 3, 5, COPY_BELOW + 1];
+        rt().block_on(async {
+            let p = peek(
+                &cfg(1 << 20),
+                &[KeySource::Form],
+                &headers("application/x-www-form-urlencoded"),
+                Client::cut(&body, &sizes, false),
+            )
+            .await
+            .unwrap();
+            let lens: Vec<usize> = p.body.prefix.iter().map(Bytes::len).collect();
+            // 1 | 16384 | 3+5 | 16385 | 1+... (the rest, copied)
+            assert_eq!(lens[..4], [1, COPY_BELOW, 8, COPY_BELOW + 1]);
+            assert_eq!(collect(p.body).await, body);
+        });
+    }
+
+    #[test]
     fn stripping_removes_the_field_and_fixes_the_length() {
         let body = b"page=2&clientKey=kg_4&perPage=10";
         rt().block_on(async {
@@ -791,6 +942,64 @@ mod tests {
             let (found, _, fwd) = run(MP, Client::new(&body, split, false), 1 << 20).unwrap();
             prop_assert_eq!(found, Some(key));
             prop_assert_eq!(fwd, body);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        // However the body is cut into frames (1-byte chunks, large frames, a mix), the
+        // replay is the same bytes, and stripping removes exactly the key field.
+        #[test]
+        fn any_split_replays_the_same_bytes(
+            len in 0usize..40_000,
+            seed: u8,
+            sizes in proptest::collection::vec(
+                prop_oneof![1usize..8, 1usize..2000, 15_000usize..20_000],
+                1..12,
+            ),
+            exact: bool,
+            key_at in proptest::option::of(0usize..40_000),
+        ) {
+            let filler: Vec<u8> = (0..len)
+                .map(|i| b'a' + ((i as u8).wrapping_mul(7) ^ seed) % 26)
+                .collect();
+            let (body, stripped) = match key_at {
+                Some(at) => {
+                    let at = at.min(len);
+                    let (a, b) = filler.split_at(at);
+                    let body = [a, b"&clientKey=kg_p&", b].concat();
+                    let stripped = [a, b"&", b].concat();
+                    (body, Some(stripped))
+                }
+                None => (filler, None),
+            };
+            let ct = "application/x-www-form-urlencoded";
+            let (found, _, fwd) =
+                run(ct, Client::cut(&body, &sizes, exact), 1 << 20).unwrap();
+            prop_assert_eq!(found.is_some(), key_at.is_some());
+            prop_assert_eq!(&fwd, &body);
+            let Some(stripped) = stripped else {
+                return Ok(());
+            };
+            let fwd = rt().block_on(async {
+                let mut h = headers(ct);
+                let p = peek(
+                    &BodyKeyConfig {
+                        strip_form_field: true,
+                        ..cfg(1 << 20)
+                    },
+                    &[KeySource::Form],
+                    &h,
+                    Client::cut(&body, &sizes, exact),
+                )
+                .await
+                .unwrap();
+                let mut replay = p.body;
+                strip_field(&mut replay, &mut h, p.key.unwrap().strip.unwrap());
+                collect(replay).await
+            });
+            prop_assert_eq!(fwd, stripped);
         }
     }
 }
