@@ -94,7 +94,15 @@ fn parse_xff_element(bytes: &[u8]) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(canonical(ip));
     }
-    // Some proxies append the port: `1.2.3.4:5678` or `[::1]:5678`.
+    // Some proxies append the port: `1.2.3.4:5678` or `[::1]:5678`; some bracket IPv6
+    // without one: `[2001:db8::1]`.
+    if let Some(ip) = s
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|inner| inner.parse::<std::net::Ipv6Addr>().ok())
+    {
+        return Some(canonical(IpAddr::V6(ip)));
+    }
     s.parse::<std::net::SocketAddr>()
         .ok()
         .map(|a| canonical(a.ip()))
@@ -166,6 +174,22 @@ mod tests {
             client_ip(ip("10.0.0.2"), &h, &trusted()),
             ip("198.51.100.7")
         );
+    }
+
+    #[test]
+    fn an_ipv6_hop_in_brackets_with_or_without_a_port_is_read() {
+        for hop in ["[2001:db8::7]", "[2001:db8::7]:443", "2001:db8::7"] {
+            let h = headers(&[("x-forwarded-for", hop)]);
+            assert_eq!(
+                client_ip(ip("10.0.0.2"), &h, &trusted()),
+                ip("2001:db8::7"),
+                "{hop}"
+            );
+        }
+        for junk in ["[2001:db8::7", "[1.2.3.4]", "[]"] {
+            let h = headers(&[("x-forwarded-for", junk)]);
+            assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted()), ip("10.0.0.2"));
+        }
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub enum GatewayError {
     /// and the upstream would get the coded bytes as the body.
     #[error("a transfer coding other than chunked")]
     TransferCodingNotSupported,
+    /// The request names another method (`X-HTTP-Method-Override`…) that is not a method, or
+    /// that another route than its own governs.
+    #[error("a method override names a method another route governs")]
+    MethodOverride,
     /// `CONNECT` asks for a tunnel, which a reverse proxy does not open.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
@@ -178,6 +182,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             S::NOT_IMPLEMENTED,
             "TRANSFER_CODING_NOT_SUPPORTED",
             "only the chunked transfer coding is supported",
+            None,
+            Outcome::BadRequest,
+        ),
+        GatewayError::MethodOverride => a(
+            S::BAD_REQUEST,
+            "METHOD_OVERRIDE_NOT_ALLOWED",
+            "X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override names a method that is not one, or that another route governs: send the request with that method",
             None,
             Outcome::BadRequest,
         ),

@@ -271,7 +271,7 @@ impl Gateway {
 
     async fn authorize_and_forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
@@ -301,6 +301,8 @@ impl Gateway {
             return Err(GatewayError::TransferCodingNotSupported);
         }
 
+        // On every route, public ones included.
+        let method_override = headers::remove_client_claims(req.headers_mut(), &self.names.header);
         let host = route::request_host(&req)?;
         let path = request_path::routing_path(req.uri().path())?;
         if self.routes.ignores_path_case() {
@@ -310,6 +312,9 @@ impl Gateway {
             .routes
             .find_index(req.method(), host.as_deref(), &path)
             .ok_or(GatewayError::NoRoute)?;
+        if method_override {
+            self.check_method_override(req.headers(), route_index, host.as_deref(), &path)?;
+        }
         drop(path);
         trace.route = Some(route_index);
         let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
@@ -318,8 +323,6 @@ impl Gateway {
         // Room for what is added below (forwarding, request id, identity) in one allocation,
         // instead of the map doubling twice on the way.
         parts.headers.reserve(ADDED_HEADERS);
-        // Identity headers are ours alone, on every route, public ones included.
-        headers::remove_identity(&mut parts.headers);
         let mut verified = None;
         // A request that may become a tunnel keeps its key's hash, to end the tunnel when
         // the key stops being valid.
@@ -530,6 +533,30 @@ impl Gateway {
                 }
             }
         })
+    }
+
+    /// A request that asks for another method (`X-HTTP-Method-Override: DELETE` on a POST)
+    /// runs as that method in Rails, Laravel, Express and others, but was routed by its own:
+    /// it passes only when each method it names goes to the same route, whose scopes it was
+    /// checked against. Frameworks read the name without regard to case, so keygate does.
+    fn check_method_override(
+        &self,
+        headers: &http::HeaderMap,
+        route_index: usize,
+        host: Option<&str>,
+        path: &[u8],
+    ) -> Result<(), GatewayError> {
+        for name in headers::METHOD_OVERRIDES {
+            for value in headers.get_all(name) {
+                let asked = value.as_bytes().trim_ascii().to_ascii_uppercase();
+                let method =
+                    http::Method::from_bytes(&asked).map_err(|_| GatewayError::MethodOverride)?;
+                if self.routes.find_index(&method, host, path) != Some(route_index) {
+                    return Err(GatewayError::MethodOverride);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_network(&self, ip: IpAddr) -> Result<(), GatewayError> {

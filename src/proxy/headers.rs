@@ -107,9 +107,11 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// [`remove_hop_by_hop`], and with `untrusted_peer` the client's own `Forwarded` and
-/// `X-Real-IP` (which keygate does not write, so from anyone but a trusted proxy they are
-/// claims an upstream could believe), in the same pass over the names.
+/// [`remove_hop_by_hop`], and with `untrusted_peer` the client's own `Forwarded`, `X-Real-IP`,
+/// `X-Forwarded-*` other than the three [`set_forwarded`] writes (`-Port`, `-Prefix`, `-Ssl`…)
+/// and the other address claims (`True-Client-IP`, `Client-IP`…): keygate does not write them,
+/// so from anyone but a trusted proxy they are claims an upstream could believe. In the same
+/// pass over the names.
 /// Returns what the message's `Transfer-Encoding` said, read in the same pass.
 pub fn remove_hop_by_hop_and_claims(
     headers: &mut HeaderMap,
@@ -121,17 +123,27 @@ pub fn remove_hop_by_hop_and_claims(
     // present: most messages carry none, a typical upstream answer only `Connection:
     // keep-alive`, and each removal or lookup costs more than the match.
     let mut present = 0u16;
-    for name in headers.keys() {
-        let name = name.as_str();
+    // The rarer claims of an untrusted peer, collected by name (nothing allocated without).
+    let mut claims: Vec<HeaderName> = Vec::new();
+    for header in headers.keys() {
+        let name = header.as_str();
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
         } else if untrusted_peer {
             match name {
                 "forwarded" => present |= FORWARDED_BIT,
                 "x-real-ip" => present |= X_REAL_IP_BIT,
+                // `set_forwarded` replaces these three.
+                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" => {}
+                _ if name.starts_with("x-forwarded-") || is_address_claim(name) => {
+                    claims.push(header.clone());
+                }
                 _ => {}
             }
         }
+    }
+    for name in claims {
+        headers.remove(name);
     }
     if present == 0 {
         return TransferCoding::None;
@@ -227,15 +239,99 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
-pub fn remove_identity(headers: &mut HeaderMap) {
+/// The names a request asks for another method with. Rails, Laravel, Express and others run
+/// the request as that method; keygate routes it by its own (see [`remove_client_claims`]).
+pub const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Removes, on every route, what a client may never claim, and says whether the request asks
+/// for another method (one of [`METHOD_OVERRIDES`], for the gateway to check against the
+/// routes). Removed:
+/// - every `x-keygate-*` header (the identity is keygate's alone);
+/// - `X-Original-URL` and `X-Rewrite-URL`: IIS, Laminas and older Symfony serve the path they
+///   name instead of the request's, which is the one keygate routed;
+/// - a name written with `_` where keygate's own or a forwarding header has `-`
+///   (`X_Keygate_Team_Id`, `X_Forwarded_For`, `X_API_Key`…): CGI, WSGI, Rack and PHP read both
+///   as the same `HTTP_X_KEYGATE_TEAM_ID`, so the client's value would stand beside or before
+///   keygate's. `key_header` is the configured key header, whose `_` twin goes too.
+pub fn remove_client_claims(headers: &mut HeaderMap, key_header: &HeaderName) -> bool {
+    let mut method_override = false;
+    // A key header configured with `_` (`api_key`) has a `-` twin (`api-key`) too.
+    let key_twin = key_header
+        .as_str()
+        .contains('_')
+        .then(|| key_header.as_str().replace('_', "-"));
+    // Collecting nothing allocates nothing: the common request pays the pass over its names.
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
+        .filter(|name| {
+            let name = name.as_str();
+            if name.starts_with(IDENTITY_PREFIX)
+                || matches!(name, "x-original-url" | "x-rewrite-url")
+                || key_twin.as_deref() == Some(name)
+            {
+                return true;
+            }
+            if name.as_bytes().contains(&b'_') {
+                return name != key_header.as_str() && is_claim_when_dashed(name, key_header);
+            }
+            if METHOD_OVERRIDES.contains(&name) {
+                method_override = true;
+            }
+            false
+        })
         .cloned()
         .collect();
     for name in spoofed {
         headers.remove(name);
     }
+    method_override
+}
+
+/// Whether `name`, its `_` read as `-`, is a header keygate sets, removes or reads.
+fn is_claim_when_dashed(name: &str, key_header: &HeaderName) -> bool {
+    let dashed = name.replace('_', "-");
+    is_claim(&dashed) || dashed == key_header.as_str().replace('_', "-")
+}
+
+/// keygate's own and the forwarding headers, the credential headers, and what upstreams take
+/// for the path, the method or the client's address. `name` is lowercase, with `-`.
+fn is_claim(name: &str) -> bool {
+    name.starts_with(IDENTITY_PREFIX)
+        || name.starts_with("x-forwarded-")
+        || METHOD_OVERRIDES.contains(&name)
+        || is_address_claim(name)
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "x-request-id"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "authorization"
+                | "proxy-authorization"
+                | "x-api-key"
+        )
+}
+
+/// Headers some upstreams take for the client's address or scheme, beside `X-Forwarded-*`,
+/// `Forwarded` and `X-Real-IP`: believed from trusted proxies only (Rails reads `Client-IP`,
+/// Akamai and Cloudflare set `True-Client-IP` and `CF-Connecting-IP`).
+fn is_address_claim(name: &str) -> bool {
+    matches!(
+        name,
+        "true-client-ip"
+            | "client-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-original-forwarded-for"
+            | "front-end-https"
+    )
 }
 
 /// Removes from a client's request trailers every field that claims what keygate sets or
@@ -250,19 +346,8 @@ pub fn remove_from_request_trailers(trailers: &mut HeaderMap, key_header: Option
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            k.starts_with(IDENTITY_PREFIX)
-                || k.starts_with("x-forwarded-")
-                || matches!(
-                    k,
-                    "forwarded"
-                        | "x-real-ip"
-                        | "x-request-id"
-                        | "authorization"
-                        | "proxy-authorization"
-                        | "x-api-key"
-                        | "host"
-                        | "cookie"
-                )
+            let dashed = k.replace('_', "-");
+            is_claim(&dashed) || matches!(dashed.as_str(), "host" | "cookie")
         })
         .cloned()
         .collect();
@@ -525,12 +610,16 @@ mod tests {
         }
     }
 
+    fn x_api_key() -> HeaderName {
+        HeaderName::from_static("x-api-key")
+    }
+
     #[test]
     fn spoofed_identity_is_dropped_and_replaced() {
         let mut h = HeaderMap::new();
         h.insert("x-keygate-key-id", "apk_forged".parse().unwrap());
         h.insert("x-keygate-admin", "true".parse().unwrap());
-        remove_identity(&mut h);
+        assert!(!remove_client_claims(&mut h, &x_api_key()));
         assert!(h.is_empty());
         let mut k = sample_record("apk_real");
         k.behalf_of_user_id = Some("u1".into());
@@ -540,6 +629,134 @@ mod tests {
         assert_eq!(h["x-keygate-user-id"], "u1");
         assert_eq!(h["x-keygate-key-type"], "shared");
         assert_eq!(h["x-keygate-scopes"], "read");
+    }
+
+    #[test]
+    fn underscore_twins_of_claimed_names_and_url_overrides_go_the_rest_stays() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_keygate_team_id",
+            "x_keygate_user-id",
+            "x_forwarded_for",
+            "x_forwarded_host",
+            "x_real_ip",
+            "x_request_id",
+            "x_api_key",
+            "proxy_authorization",
+            "true_client_ip",
+            "x_http_method_override",
+            "x-original-url",
+            "x-rewrite-url",
+            "x_original_url",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "forged".parse().unwrap(),
+            );
+        }
+        for kept in [
+            "x_custom_thing",
+            "accept_language",
+            "x-custom",
+            "authorization",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(kept.as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        assert!(!remove_client_claims(&mut h, &x_api_key()));
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 4, "{left:?}");
+        for kept in [
+            "x_custom_thing",
+            "accept_language",
+            "x-custom",
+            "authorization",
+        ] {
+            assert!(h.contains_key(kept), "{kept} removed");
+        }
+    }
+
+    #[test]
+    fn the_configured_key_header_stays_and_its_twin_goes() {
+        let key = HeaderName::from_static("api_key");
+        let mut h = HeaderMap::new();
+        h.insert("api_key", "kg_real".parse().unwrap());
+        h.insert("api-key", "forged".parse().unwrap());
+        remove_client_claims(&mut h, &key);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["api_key"], "kg_real");
+        let key = HeaderName::from_static("x-client-key");
+        let mut h = HeaderMap::new();
+        h.insert("x-client-key", "kg_real".parse().unwrap());
+        h.insert("x_client_key", "forged".parse().unwrap());
+        remove_client_claims(&mut h, &key);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-client-key"], "kg_real");
+    }
+
+    #[test]
+    fn a_method_override_is_reported_and_kept() {
+        for name in METHOD_OVERRIDES {
+            let mut h = HeaderMap::new();
+            h.insert(name, "DELETE".parse().unwrap());
+            assert!(remove_client_claims(&mut h, &x_api_key()), "{name}");
+            assert!(h.contains_key(name));
+        }
+    }
+
+    #[test]
+    fn address_claims_go_from_untrusted_peers_only() {
+        let claims = [
+            "true-client-ip",
+            "client-ip",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-ssl",
+            "x-forwarded-scheme",
+        ];
+        let headers = || {
+            let mut h = HeaderMap::new();
+            for name in claims {
+                h.insert(name, "6.6.6.6".parse().unwrap());
+            }
+            h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            h
+        };
+        let mut untrusted = headers();
+        remove_hop_by_hop_and_claims(&mut untrusted, true);
+        let mut left: Vec<&str> = untrusted.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-forwarded-for", "x-kept"]);
+        let mut trusted = headers();
+        remove_hop_by_hop_and_claims(&mut trusted, false);
+        assert_eq!(trusted.len(), claims.len() + 2);
+    }
+
+    #[test]
+    fn trailer_claims_go_in_either_spelling() {
+        let mut t = HeaderMap::new();
+        for name in [
+            "x_keygate_scopes",
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x_real_ip",
+            "client-ip",
+            "x-http-method-override",
+        ] {
+            t.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "forged".parse().unwrap(),
+            );
+        }
+        t.insert("x-checksum", "1".parse().unwrap());
+        remove_from_request_trailers(&mut t, None);
+        assert_eq!(t.len(), 1);
+        assert!(t.contains_key("x-checksum"));
     }
 
     #[test]

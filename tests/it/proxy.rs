@@ -559,6 +559,19 @@ async fn public_route_needs_no_key_but_still_drops_spoofed_identity() {
         .get(e.gw.url("/public/status"))
         .header("x-keygate-key-id", "apk_forged")
         .header("X-Keygate-Team-Id", "admins")
+        // CGI, WSGI, Rack and PHP read `_` as `-`: these would be `HTTP_X_KEYGATE_*` there.
+        .header("X_Keygate_Scopes", "admin")
+        .header("X_Keygate_User_Id", "u_admin")
+        .header("X_Forwarded_For", "6.6.6.6")
+        .header("X_Real_IP", "6.6.6.6")
+        // Paths and addresses some frameworks believe over the request's own.
+        .header("X-Original-URL", "/admin/secret")
+        .header("X-Rewrite-URL", "/admin/secret")
+        .header("True-Client-IP", "6.6.6.6")
+        .header("Client-IP", "6.6.6.6")
+        .header("X-Forwarded-Port", "1")
+        .header("X-Forwarded-Prefix", "/admin")
+        .header("x_custom_field", "kept")
         .header("authorization", "Basic dXNlcjpwdw==")
         .send()
         .await
@@ -567,8 +580,90 @@ async fn public_route_needs_no_key_but_still_drops_spoofed_identity() {
     let seen: Value = r.json().await.unwrap();
     let h = seen["headers"].as_object().unwrap();
     assert!(h.keys().all(|k| !k.starts_with("x-keygate-")), "{h:?}");
+    for gone in [
+        "x_keygate_scopes",
+        "x_keygate_user_id",
+        "x_forwarded_for",
+        "x_real_ip",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(h.get(gone).is_none(), "{gone} forwarded: {h:?}");
+    }
+    assert_eq!(h["x_custom_field"][0], "kept", "{h:?}");
+    // This environment trusts 127.0.0.1 as a proxy: its address claims pass (the untrusted
+    // case: forwarded_for_from_an_untrusted_peer_is_ignored).
+    for kept in [
+        "true-client-ip",
+        "client-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+    ] {
+        assert!(h.get(kept).is_some(), "{kept} dropped: {h:?}");
+    }
     // The upstream's own credential passes (README: public routes).
     assert_eq!(h["authorization"][0], "Basic dXNlcjpwdw==", "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_method_override_passes_only_within_its_own_route() {
+    let e = env().await;
+    let (reader, _) = create_key(&e.store, |r| r.scope_names = vec!["read".into()]).await;
+    let (writer, _) = create_key(&e.store, |r| r.scope_names = vec!["write".into()]).await;
+    let send = |method: reqwest::Method, key: &str, header: &'static str, value: &'static str| {
+        client()
+            .request(method, e.gw.url("/api/items/1"))
+            .bearer_auth(key)
+            .header(header, value)
+            .send()
+    };
+    // A GET the "api" route lets through would be a DELETE, which "writes" governs.
+    for header in [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+    ] {
+        let r = send(reqwest::Method::GET, &reader, header, "delete")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{header}");
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("METHOD_OVERRIDE_NOT_ALLOWED")
+        );
+    }
+    let r = send(
+        reqwest::Method::GET,
+        &reader,
+        "X-HTTP-Method-Override",
+        "not a method",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    // Within one route the override changes nothing keygate checks, and it is forwarded.
+    let r = send(
+        reqwest::Method::GET,
+        &reader,
+        "X-HTTP-Method-Override",
+        "PATCH",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-http-method-override"][0], "PATCH");
+    let r = send(
+        reqwest::Method::POST,
+        &writer,
+        "X-HTTP-Method-Override",
+        "DELETE",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -629,16 +724,29 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
         .unwrap();
     assert_eq!(r.status(), 403);
     let (open, _) = create_key(&e.store, |_| {}).await;
-    let r = client()
+    let claims = [
+        "true-client-ip",
+        "client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-ssl",
+    ];
+    let mut request = client()
         .get(e.gw.url("/api/x"))
         .bearer_auth(&open)
-        .header("x-forwarded-for", "198.51.100.7")
-        .send()
-        .await
-        .unwrap();
+        .header("x-forwarded-for", "198.51.100.7");
+    for name in claims {
+        request = request.header(name, "198.51.100.7");
+    }
+    let r = request.send().await.unwrap();
     let seen: Value = r.json().await.unwrap();
-    // The spoofed chain is replaced by the real peer.
+    // The spoofed chain is replaced by the real peer, and the other claims are gone.
     assert_eq!(seen["headers"]["x-forwarded-for"][0], "127.0.0.1");
+    for gone in claims {
+        assert!(seen["headers"].get(gone).is_none(), "{gone}: {seen}");
+    }
 }
 
 /// Behind a trusted proxy that appends the client's address, bytes the client wrote itself
