@@ -102,8 +102,19 @@ pub async fn run(
     // thread's scheduler, so a request never waits on another thread.
     let threads = proxy_threads(config);
     let per_thread = config_per_thread(config, threads);
+    // `max_connections` is for the whole process: every thread's pool draws on one cap.
+    let caps = crate::proxy::connection_caps(config, &metrics);
     let gateways = match (0..threads)
-        .map(|_| Gateway::new(&per_thread, verifier.clone(), &metrics, usage.clone()).map(Arc::new))
+        .map(|_| {
+            Gateway::new(
+                &per_thread,
+                verifier.clone(),
+                &metrics,
+                usage.clone(),
+                &caps,
+            )
+            .map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(g) => g,
