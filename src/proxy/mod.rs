@@ -1,7 +1,8 @@
 //! Forwarding to an upstream over a pooled client (HTTP/1.1, or HTTP/2 when the upstream is
 //! configured for it; plain or TLS by rustls with the system's or a configured CA bundle): the
 //! target URI, the header rules in [`headers`], and the connect and response-header timeouts
-//! that turn a dead or slow upstream into 502/504. `Upgrade` requests (WebSocket) are relayed
+//! that turn a dead or slow upstream into 502/504, and the cap on its connections (503 when
+//! they are all in use, `pool.rs`). `Upgrade` requests (WebSocket) are relayed
 //! after authentication: once the upstream answers 101, the two connections are spliced.
 //!
 //! Bodies stream both ways; nothing here waits for them. A request body is the client's own
