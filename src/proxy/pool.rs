@@ -39,6 +39,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -144,6 +145,22 @@ impl ConnectionCap {
     #[cfg(test)]
     fn in_use(&self) -> usize {
         self.max - self.permits.available_permits()
+    }
+}
+
+/// Counts a request in [`Pool::waiting`] until it has its connection, or was refused or dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -273,6 +290,9 @@ pub struct Pool<B> {
     idle: Mutex<Vec<Idle<B>>>,
     /// Told when a connection comes back to `idle`, for requests waiting for a permit.
     returned: Notify,
+    /// Requests waiting for a permit: only then does a returned connection tell `returned`
+    /// (whose `notify_waiters` takes a lock, on every request otherwise).
+    waiting: AtomicUsize,
     cap: Arc<ConnectionCap>,
     /// The HTTP/2 connection and when a request last took it; the lock is held while one is
     /// being opened.
@@ -344,6 +364,7 @@ where
             h2,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            waiting: AtomicUsize::new(0),
             cap,
             shared: tokio::sync::Mutex::new(None),
         });
@@ -437,6 +458,8 @@ where
         let started = tokio::time::Instant::now();
         let deadline = started + self.settings.connect_timeout;
         let mut shed = false;
+        // Counted before looking at `idle` (under its lock), so a `put` after the look sees it.
+        let _waiting = Waiting::new(&self.waiting);
         let slot = loop {
             // Registered before looking, so a connection returned in between is not missed.
             let returned = self.returned.notified();
@@ -492,8 +515,10 @@ where
                 since: Instant::now(),
             });
             drop(idle);
-            // Every waiter looks; one takes it, the others wait on.
-            self.returned.notify_waiters();
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                // Every waiter looks; one takes it, the others wait on.
+                self.returned.notify_waiters();
+            }
         }
     }
 
