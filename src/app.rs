@@ -102,8 +102,32 @@ pub async fn run(
     // thread's scheduler, so a request never waits on another thread.
     let threads = proxy_threads(config);
     let per_thread = config_per_thread(config, threads);
+    // `max_connections` is for the whole process: every thread's pool draws on one cap.
+    let caps = crate::proxy::connection_caps(config, &metrics);
+    for (name, upstream) in &config.upstreams {
+        // Each thread keeps its own HTTP/2 connection: the threads past the cap would have none.
+        if upstream.http2 && upstream.max_connections < threads {
+            tracing::warn!(
+                upstream = %name,
+                max_connections = upstream.max_connections,
+                threads,
+                "an http2 upstream's max_connections is below the proxy threads, each of which \
+                 keeps a connection of its own: requests on the others will be answered 503 \
+                 UPSTREAM_BUSY"
+            );
+        }
+    }
     let gateways = match (0..threads)
-        .map(|_| Gateway::new(&per_thread, verifier.clone(), &metrics, usage.clone()).map(Arc::new))
+        .map(|_| {
+            Gateway::new(
+                &per_thread,
+                verifier.clone(),
+                &metrics,
+                usage.clone(),
+                &caps,
+            )
+            .map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(g) => g,

@@ -262,6 +262,12 @@ pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 /// Streams per HTTP/2 client connection: 1000 x `max_connections` is already more than any
 /// gateway should hold in peeks and upstream connections.
 pub const MAX_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Connections keygate may have open to one upstream (`upstreams.NAME.max_connections`): as
+/// with `proxy.max_connections`, past any usual file-descriptor limit, and a typo is refused.
+pub const MAX_UPSTREAM_CONNECTIONS: usize = 100_000;
+/// Its default: far above what a healthy upstream needs, far below the descriptors a process
+/// usually has.
+const DEFAULT_UPSTREAM_CONNECTIONS: usize = 1024;
 /// Where `redis_url` points when neither it nor `redis_cluster_nodes` is set.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_REDIS_NAMESPACE: &str = "kg";
@@ -310,6 +316,8 @@ struct RawUpstream {
     pool_idle_timeout: Duration,
     #[serde(deserialize_with = "strict::int")]
     pool_max_idle_per_host: usize,
+    #[serde(deserialize_with = "strict::int")]
+    max_connections: usize,
     /// PEM CA bundle for an https upstream; absent: the system's roots.
     ca_file: Option<String>,
     /// Speak HTTP/2 to the upstream (h2c with prior knowledge for http://, ALPN for https://).
@@ -327,6 +335,7 @@ impl Default for RawUpstream {
             body_idle_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            max_connections: DEFAULT_UPSTREAM_CONNECTIONS,
             ca_file: None,
             http2: false,
         }
@@ -608,6 +617,9 @@ pub struct UpstreamConfig {
     pub body_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// The most connections open to this upstream at once, over every proxy thread, idle ones
+    /// included; a request that finds none free within `connect_timeout` is answered 503.
+    pub max_connections: usize,
     /// Trust anchors for an https upstream (configured bundle or system roots); `None` for http.
     pub tls_roots: Option<Arc<rustls::RootCertStore>>,
     pub http2: bool,
@@ -1147,6 +1159,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be more than zero",
             );
         }
+        if !(1..=MAX_UPSTREAM_CONNECTIONS).contains(&u.max_connections) {
+            p.add(
+                format!("upstreams.{name}.max_connections"),
+                format!("must be between 1 and {MAX_UPSTREAM_CONNECTIONS}"),
+            );
+        }
         if u.response_timeout.is_zero() {
             p.add(
                 format!("upstreams.{name}.response_timeout"),
@@ -1185,6 +1203,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 body_idle_timeout: u.body_idle_timeout,
                 pool_idle_timeout: u.pool_idle_timeout,
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
+                max_connections: u.max_connections,
                 tls_roots,
                 http2: u.http2,
             },
@@ -2148,6 +2167,41 @@ mod tests {
                 panic!("max_connections = {bad} accepted")
             };
             assert_eq!(problems[0].field, "proxy.max_connections", "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_max_connections_has_a_default_and_is_bounded() {
+        let with = |n: &str| {
+            from_toml(&GOOD.replacen(
+                "[upstreams.api]",
+                &format!("[upstreams.api]\nmax_connections = {n}"),
+                1,
+            ))
+        };
+        let default = from_toml(GOOD).unwrap();
+        assert_eq!(default.upstreams["api"].max_connections, 1024);
+        assert_eq!(with("1").unwrap().upstreams["api"].max_connections, 1);
+        assert_eq!(
+            with("100000").unwrap().upstreams["api"].max_connections,
+            MAX_UPSTREAM_CONNECTIONS
+        );
+        assert_eq!(with("\"64\"").unwrap().upstreams["api"].max_connections, 64);
+        for bad in ["0", "100001", "3000000000000000000"] {
+            let Err(ConfigError::Invalid(problems)) = with(bad) else {
+                panic!("max_connections = {bad} accepted")
+            };
+            assert_eq!(
+                problems[0].field, "upstreams.api.max_connections",
+                "{problems:?}"
+            );
+        }
+        for bad in ["-1", "2.5", "1e3", "true", "\"many\""] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Load(_)) && err.to_string().contains("max_connections"),
+                "max_connections = {bad}: {err}"
+            );
         }
     }
 

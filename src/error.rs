@@ -52,6 +52,10 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// Every connection the upstream's `max_connections` allows was in use, and none came free
+    /// within its `connect_timeout`.
+    #[error("the upstream's connection limit is reached")]
+    UpstreamBusy,
 }
 
 impl From<PeekError> for GatewayError {
@@ -350,6 +354,15 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             None,
             Outcome::UpstreamError,
         ),
+        // 503 with Retry-After: keygate is fine and the upstream may be too; it is only busy
+        // (the connection cap protects keygate's file descriptors, for every other upstream).
+        GatewayError::UpstreamBusy => a(
+            S::SERVICE_UNAVAILABLE,
+            "UPSTREAM_BUSY",
+            "every connection keygate may open to the upstream service is in use; retry shortly",
+            None,
+            Outcome::UpstreamError,
+        ),
     }
 }
 
@@ -473,6 +486,7 @@ mod tests {
                 None,
             ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
+            (GatewayError::UpstreamBusy, 503, "UPSTREAM_BUSY", None),
             (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),
             (
                 BodyError::Malformed("a multipart part is truncated").into(),

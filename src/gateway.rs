@@ -16,7 +16,7 @@ use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::proxy::tunnel::KeyEnds;
-use crate::proxy::{ClientBody, ForwardBody, Upstream, UpstreamBody, headers};
+use crate::proxy::{ClientBody, ConnectionCaps, ForwardBody, Upstream, UpstreamBody, headers};
 use crate::request_id;
 use crate::request_path;
 use crate::route::{self, Route, RouteTable};
@@ -172,13 +172,19 @@ impl Gateway {
         verifier: Arc<Verifier>,
         metrics: &Metrics,
         usage: Option<Arc<UsageRecorder>>,
+        caps: &ConnectionCaps,
     ) -> Result<Self, String> {
         let metrics = metrics.request_series().map_err(|e| e.to_string())?;
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
         let upstreams = config
             .upstreams
             .iter()
-            .map(|(name, cfg)| Upstream::new(name, cfg))
+            .map(|(name, cfg)| {
+                let cap = caps
+                    .get(name)
+                    .ok_or_else(|| format!("upstream {name}: no connection cap"))?;
+                Upstream::new(name, cfg, cap.clone())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let routes = RouteTable::new(&config.routes, &config.auth.sources, |name| {
             upstream_names

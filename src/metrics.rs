@@ -10,8 +10,8 @@ use prometheus::proto::{
     Counter, Gauge, Histogram as ProtoHistogram, Metric, MetricFamily, MetricType,
 };
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -282,6 +282,9 @@ pub struct Metrics {
     /// Every [`RequestSeries`] copy's vectors; the first, made at start-up, stays at zero.
     request_series: Arc<Mutex<Vec<SeriesVecs>>>,
     pub open_connections: IntGauge,
+    /// Connections open (or being opened) to each upstream, over every proxy thread: one
+    /// process-wide gauge per upstream, moved only when a connection opens or closes.
+    upstream_connections: IntGaugeVec,
     store_ops: IntCounterVec,
     store_errors: IntCounterVec,
     store_duration: HistogramVec,
@@ -306,6 +309,14 @@ impl Metrics {
         let request_series = Arc::new(Mutex::new(vec![first.clone()]));
         let open_connections =
             IntGauge::new("keygate_open_connections", "Open client connections")?;
+        let upstream_connections = IntGaugeVec::new(
+            Opts::new(
+                "keygate_upstream_connections",
+                "Connections open or being opened to the upstream, idle ones included; at most \
+                 its max_connections",
+            ),
+            &["upstream"],
+        )?;
         let store_ops = IntCounterVec::new(
             Opts::new("keygate_store_operations_total", "Key store operations"),
             &["operation"],
@@ -358,6 +369,7 @@ impl Metrics {
             copies: request_series.clone(),
         }))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(upstream_connections.clone()))?;
         registry.register(Box::new(store_ops.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(store_duration.clone()))?;
@@ -377,6 +389,7 @@ impl Metrics {
             route_names: route_names.to_vec(),
             request_series,
             open_connections,
+            upstream_connections,
             store_ops,
             store_errors,
             store_duration,
@@ -403,6 +416,11 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .push(vecs.clone());
         Ok(vecs.series(&self.route_names))
+    }
+
+    /// The upstream's open-connections gauge; its series exists (at zero) once asked for.
+    pub fn upstream_connections(&self, upstream: &str) -> IntGauge {
+        self.upstream_connections.with_label_values(&[upstream])
     }
 
     pub fn observe_store(&self, operation: &'static str, elapsed: Duration, failed: bool) {
@@ -597,6 +615,22 @@ mod tests {
         }
         assert!(text.contains("keygate_store_errors_total{operation=\"find_by_hash\"} 1"));
         assert!(text.contains("keygate_build_info{version="));
+    }
+
+    #[test]
+    fn upstream_connections_is_one_gauge_per_upstream() {
+        let m = Metrics::new(&["api".into()]).unwrap();
+        let open = m.upstream_connections("api");
+        m.upstream_connections("billing");
+        open.inc();
+        open.inc();
+        m.upstream_connections("api").dec();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains("keygate_upstream_connections{upstream=\"api\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("keygate_upstream_connections{upstream=\"billing\"} 0"));
     }
 
     /// The value of the series whose line starts with `series` in the text format.

@@ -1,7 +1,8 @@
 //! Forwarding to an upstream over a pooled client (HTTP/1.1, or HTTP/2 when the upstream is
 //! configured for it; plain or TLS by rustls with the system's or a configured CA bundle): the
 //! target URI, the header rules in [`headers`], and the connect and response-header timeouts
-//! that turn a dead or slow upstream into 502/504. `Upgrade` requests (WebSocket) are relayed
+//! that turn a dead or slow upstream into 502/504, and the cap on its connections (503 when
+//! they are all in use, `pool.rs`). `Upgrade` requests (WebSocket) are relayed
 //! after authentication: once the upstream answers 101, the two connections are spliced.
 //!
 //! Bodies stream both ways; nothing here waits for them. A request body is the client's own
@@ -18,6 +19,7 @@ use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
 use crate::idle::{BodyStalled, IdleTimeout, Peer};
+use crate::metrics::Metrics;
 use crate::window_watch::{SendWatch, StreamSend};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
@@ -25,6 +27,7 @@ use http::{HeaderName, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+pub use pool::ConnectionCap;
 use pool::{Pool, PoolSettings};
 pub use read_ahead::ReadAheadBody;
 use std::pin::Pin;
@@ -302,8 +305,24 @@ pub struct Upstream {
     pool: Arc<Pool<ForwardBody>>,
 }
 
+/// Each upstream's [`ConnectionCap`] by name, made once and shared by every proxy thread's
+/// gateway: `max_connections` is for the whole process.
+pub type ConnectionCaps = std::collections::BTreeMap<String, Arc<ConnectionCap>>;
+
+pub fn connection_caps(config: &crate::config::Config, metrics: &Metrics) -> ConnectionCaps {
+    config
+        .upstreams
+        .iter()
+        .map(|(name, cfg)| {
+            let open = metrics.upstream_connections(name);
+            (name.clone(), ConnectionCap::new(cfg.max_connections, open))
+        })
+        .collect()
+}
+
 impl Upstream {
-    pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Self, String> {
+    /// `cap`: the upstream's, from [`connection_caps`].
+    pub fn new(name: &str, cfg: &UpstreamConfig, cap: Arc<ConnectionCap>) -> Result<Self, String> {
         let roots = cfg
             .tls_roots
             .as_deref()
@@ -338,6 +357,7 @@ impl Upstream {
                 send_timeout: cfg.body_idle_timeout,
                 connect_timeout: cfg.connect_timeout,
             },
+            cap,
         );
         Ok(Self {
             name: name.to_owned(),
@@ -560,6 +580,10 @@ impl Upstream {
         client_body: Option<&ClientBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         answered.map_err(|e| {
+            if let pool::PoolError::Busy { .. } = e {
+                tracing::warn!(upstream = %self.name, error = %e, "upstream connection limit reached");
+                return GatewayError::UpstreamBusy;
+            }
             if client_body.is_some_and(|b| b.error().is_some()) {
                 tracing::debug!(upstream = %self.name, error = %e, "upstream request failed on the client's body");
             } else {

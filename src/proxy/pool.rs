@@ -16,8 +16,16 @@
 //! - an HTTP/2 upstream gets one connection, shared by every request and opened by one of them
 //!   while the others wait; a new one when it closes.
 //!
-//! And one thing it did not have: a connection whose writes the upstream stops taking fails
-//! after the upstream's `body_idle_timeout` ([`WriteStall`]) instead of standing still.
+//! And what it did not have:
+//! - a connection whose writes the upstream stops taking fails after the upstream's
+//!   `body_idle_timeout` ([`WriteStall`]) instead of standing still;
+//! - a cap on the connections open to the upstream (`max_connections`, [`ConnectionCap`]),
+//!   shared by every proxy thread's pool: each connection, idle or in use, HTTP/1.1 or the
+//!   HTTP/2 one, holds a permit from when it starts connecting until its socket is dropped. A
+//!   request that finds no idle connection and no permit waits for whichever comes first,
+//!   within the upstream's `connect_timeout`, then fails ([`PoolError::Busy`], 503): without
+//!   it, many slow requests at once opened a connection each, until keygate ran out of file
+//!   descriptors for everything else.
 
 use super::BoxError;
 use crate::idle::{CutOff, Peer, WriteStall};
@@ -29,9 +37,14 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::{Arc, Mutex, PoisonError};
+use prometheus::IntGauge;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -45,12 +58,175 @@ pub enum PoolError {
     Handshake(hyper::Error),
     #[error("the upstream exchange failed: {0}")]
     Exchange(hyper::Error),
+    #[error("all {max} connections the upstream may have were in use for {waited:?}")]
+    Busy { max: usize, waited: Duration },
 }
 
 impl PoolError {
     /// The upstream could not be reached at all (as opposed to failing mid-exchange).
     pub fn is_connect(&self) -> bool {
         matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
+    }
+}
+
+/// The connections one upstream may have open (`max_connections`), shared by every proxy
+/// thread's pool for it: a permit per connection, from when it starts connecting until its
+/// socket is dropped ([`Held`]).
+pub struct ConnectionCap {
+    permits: Arc<Semaphore>,
+    max: usize,
+    /// `keygate_upstream_connections{upstream}`: the permits taken.
+    open: IntGauge,
+    /// The pools drawing on these permits, so that a request waiting for one can close
+    /// another's idle connection: with a pool per proxy thread, a quiet thread's idle
+    /// connections would otherwise hold permits that a busy thread's requests wait for.
+    pools: Mutex<Vec<Weak<dyn ShedIdle>>>,
+}
+
+impl ConnectionCap {
+    pub fn new(max: usize, open: IntGauge) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            open,
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.open.inc();
+        Slot {
+            _permit: permit,
+            open: self.open.clone(),
+        }
+    }
+
+    fn try_slot(&self) -> Option<Slot> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
+    /// Waits for a permit; never fails (the semaphore is never closed).
+    async fn next_slot(&self) -> Slot {
+        let permit = self.permits.clone().acquire_owned().await;
+        self.slot(permit.expect("the connection semaphore is never closed"))
+    }
+
+    fn busy(&self, waited: Duration) -> PoolError {
+        PoolError::Busy {
+            max: self.max,
+            waited,
+        }
+    }
+
+    fn register(&self, pool: Weak<dyn ShedIdle>) {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(pool);
+    }
+
+    /// Closes the oldest idle connection of the first pool that has one; its permit comes free
+    /// once the connection's task has dropped the socket.
+    fn shed_idle(&self) {
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for pool in pools {
+            if pool.shed_oldest() {
+                return;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+}
+
+/// Counts a request in [`Pool::waiting`] until it has its connection, or was refused or dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A pool whose idle connections may be closed for another pool's waiting request.
+trait ShedIdle: Send + Sync {
+    /// Whether there was one to close.
+    fn shed_oldest(&self) -> bool;
+}
+
+/// One connection's permit, counted in the gauge while held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A connection's socket with its permit: whoever owns the socket (the connection's task, or
+/// an upgrade's tunnel after a 101) holds the permit, so it comes free exactly when the
+/// connection is closed.
+struct Held<I> {
+    io: I,
+    _slot: Slot,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Held<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Held<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -96,7 +272,8 @@ pub struct PoolSettings {
     /// TCP connect and TLS handshake together. The connector bounds the TCP connect only; an
     /// upstream that accepts and then never finishes the handshake (a process that stopped
     /// calling accept(), its backlog still taking connects) would hold a request with a body
-    /// for ever: `response_timeout` starts only once the body is sent.
+    /// for ever: `response_timeout` starts only once the body is sent. Also the longest a
+    /// request waits for a connection when `max_connections` are all in use.
     pub connect_timeout: Duration,
 }
 
@@ -111,6 +288,12 @@ pub struct Pool<B> {
     h2: http2::Builder<TokioExecutor>,
     /// HTTP/1.1 connections ready for a request, the most recently returned last.
     idle: Mutex<Vec<Idle<B>>>,
+    /// Told when a connection comes back to `idle`, for requests waiting for a permit.
+    returned: Notify,
+    /// Requests waiting for a permit: only then does a returned connection tell `returned`
+    /// (whose `notify_waiters` takes a lock, on every request otherwise).
+    waiting: AtomicUsize,
+    cap: Arc<ConnectionCap>,
     /// The HTTP/2 connection and when a request last took it; the lock is held while one is
     /// being opened.
     shared: tokio::sync::Mutex<Option<(SharedH2<B>, Instant)>>,
@@ -163,20 +346,31 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn new(connector: Connector, origin: Uri, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(
+        connector: Connector,
+        origin: Uri,
+        settings: PoolSettings,
+        cap: Arc<ConnectionCap>,
+    ) -> Arc<Self> {
         let mut h1 = http1::Builder::new();
         h1.max_buf_size(settings.max_buf_size.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new());
-        Arc::new(Self {
+        let pool = Arc::new(Self {
             connector,
             origin,
             settings,
             h1,
             h2,
             idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            cap,
             shared: tokio::sync::Mutex::new(None),
-        })
+        });
+        let weak: Weak<dyn ShedIdle> = Arc::downgrade(&pool) as Weak<Self>;
+        pool.cap.register(weak);
+        pool
     }
 
     /// Sends `req` (its URI origin-form for HTTP/1.1, absolute for HTTP/2) and waits for the
@@ -199,7 +393,7 @@ where
             // as it is created and moved.
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
-                None => (Box::pin(self.connect_h1()).await?, false),
+                None => Box::pin(self.checkout_or_connect()).await?,
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
@@ -257,6 +451,43 @@ where
         None
     }
 
+    /// An idle connection or a new one, whichever a request may have first: a new one needs a
+    /// permit, and without one the request waits for a permit or a returned connection, for
+    /// at most `connect_timeout`. `true` with an idle one.
+    async fn checkout_or_connect(&self) -> Result<(http1::SendRequest<B>, bool), PoolError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.settings.connect_timeout;
+        let mut shed = false;
+        // Counted before looking at `idle` (under its lock), so a `put` after the look sees it.
+        let _waiting = Waiting::new(&self.waiting);
+        let slot = loop {
+            // Registered before looking, so a connection returned in between is not missed.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Ok((conn, true));
+            }
+            if let Some(slot) = self.cap.try_slot() {
+                break slot;
+            }
+            if !shed {
+                // This pool has no idle connection (it was just looked at); another thread's
+                // may, holding a permit no request there is using.
+                self.cap.shed_idle();
+                shed = true;
+            }
+            tokio::select! {
+                slot = self.cap.next_slot() => break slot,
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(self.cap.busy(started.elapsed()));
+                }
+            }
+        };
+        Ok((self.connect_h1(slot).await?, false))
+    }
+
     /// Back to the pool once its response has been read; at once when it already has.
     fn recycle(self: &Arc<Self>, mut conn: http1::SendRequest<B>) {
         if self.settings.max_idle == 0 {
@@ -283,11 +514,16 @@ where
                 conn,
                 since: Instant::now(),
             });
+            drop(idle);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                // Every waiter looks; one takes it, the others wait on.
+                self.returned.notify_waiters();
+            }
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<B>, PoolError> {
-        let io = self.connect_io().await?;
+    async fn connect_h1(&self, slot: Slot) -> Result<http1::SendRequest<B>, PoolError> {
+        let io = self.connect_io(slot).await?;
         let (mut conn, driver) = self.h1.handshake(io).await.map_err(PoolError::Handshake)?;
         tokio::spawn(async move {
             if let Err(e) = driver.with_upgrades().await {
@@ -312,15 +548,25 @@ where
             return Ok((h2.clone(), true));
         }
         *shared = None;
+        let slot = match self.cap.try_slot() {
+            Some(slot) => slot,
+            None => {
+                let limit = self.settings.connect_timeout;
+                self.cap.shed_idle();
+                tokio::time::timeout(limit, self.cap.next_slot())
+                    .await
+                    .map_err(|_| self.cap.busy(limit))?
+            }
+        };
         // Boxed, as in `send_h1`.
-        let conn = Box::pin(self.connect_h2()).await?;
+        let conn = Box::pin(self.connect_h2(slot)).await?;
         *shared = Some((conn.clone(), Instant::now()));
         Ok((conn, false))
     }
 
-    async fn connect_h2(&self) -> Result<SharedH2<B>, PoolError> {
+    async fn connect_h2(&self, slot: Slot) -> Result<SharedH2<B>, PoolError> {
         let severance = Arc::new(Severance::default());
-        let io = Severable::new(self.connect_io().await?, severance.clone());
+        let io = Severable::new(self.connect_io(slot).await?, severance.clone());
         let (mut conn, driver) = self.h2.handshake(io).await.map_err(PoolError::Handshake)?;
         let sends = Arc::new(StreamSends::default());
         let watched = sends.clone();
@@ -349,8 +595,9 @@ where
         Ok(SharedH2 { conn, sends })
     }
 
-    /// TCP (and TLS for https) to the origin, within the connect timeout.
-    async fn connect_io(&self) -> Result<WriteStall<Io>, PoolError> {
+    /// TCP (and TLS for https) to the origin, within the connect timeout, holding `slot` for
+    /// as long as the socket is open.
+    async fn connect_io(&self, slot: Slot) -> Result<WriteStall<Held<Io>>, PoolError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -363,7 +610,7 @@ where
             })?
             .map_err(PoolError::Connect)?;
         Ok(WriteStall::new(
-            io,
+            Held { io, _slot: slot },
             self.settings.send_timeout,
             Peer::Upstream,
         ))
@@ -375,6 +622,20 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+impl<B: Send> ShedIdle for Pool<B> {
+    fn shed_oldest(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.is_empty() {
+            return false;
+        }
+        let oldest = idle.remove(0);
+        drop(idle);
+        // Its task sees the request side gone and drops the socket, and with it the permit.
+        drop(oldest);
+        true
     }
 }
 
@@ -401,17 +662,43 @@ mod tests {
 
     /// A real HTTP/1.1 upstream on loopback (GET only, a 2-byte answer); counts connections.
     async fn upstream(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (addr, counts) = counted_upstream(answer).await;
+        (addr, counts.accepted.clone())
+    }
+
+    /// Connections an upstream accepted, has open, and had open at most at once.
+    #[derive(Default)]
+    struct Counts {
+        accepted: Arc<AtomicUsize>,
+        open: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    /// Ends with the connection's task: it was closed.
+    struct OpenGuard(Arc<Counts>);
+
+    impl Drop for OpenGuard {
+        fn drop(&mut self) {
+            self.0.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn counted_upstream(answer: Answer) -> (SocketAddr, Arc<Counts>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let counts = Arc::new(Counts::default());
+        let count = counts.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
-                count.fetch_add(1, Ordering::SeqCst);
+                count.accepted.fetch_add(1, Ordering::SeqCst);
+                let now = count.open.fetch_add(1, Ordering::SeqCst) + 1;
+                count.peak.fetch_max(now, Ordering::SeqCst);
+                let guard = OpenGuard(count.clone());
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let mut have = Vec::new();
                     let mut buf = [0u8; 4096];
                     loop {
@@ -441,7 +728,7 @@ mod tests {
                 });
             }
         });
-        (addr, accepted)
+        (addr, counts)
     }
 
     fn pool(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Arc<Pool<Empty<Bytes>>> {
@@ -454,6 +741,29 @@ mod tests {
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Arc<Pool<Empty<Bytes>>> {
+        let cap = ConnectionCap::new(1024, gauge());
+        capped_pool(
+            addr,
+            http2,
+            max_idle,
+            idle_timeout,
+            cap,
+            Duration::from_secs(2),
+        )
+    }
+
+    fn gauge() -> IntGauge {
+        IntGauge::new("test_upstream_connections", "test").unwrap()
+    }
+
+    fn capped_pool(
+        addr: SocketAddr,
+        http2: bool,
+        max_idle: usize,
+        idle_timeout: Duration,
+        cap: Arc<ConnectionCap>,
+        connect_timeout: Duration,
+    ) -> Arc<Pool<Empty<Bytes>>> {
         let connector = connector(rustls::RootCertStore::empty(), None, http2).unwrap();
         let origin = format!("http://{addr}/").parse().unwrap();
         Pool::new(
@@ -465,8 +775,9 @@ mod tests {
                 idle_timeout,
                 max_buf_size: 64 * 1024,
                 send_timeout: Duration::from_secs(60),
-                connect_timeout: Duration::from_secs(2),
+                connect_timeout,
             },
+            cap,
         )
     }
 
@@ -628,5 +939,162 @@ mod tests {
         let req = Request::get("/x").body(Empty::new()).unwrap();
         let err = pool.send(req).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
+    }
+
+    /// The cap's permits in use once closes in flight have landed.
+    async fn settled_in_use(cap: &ConnectionCap, want: usize) -> usize {
+        for _ in 0..200 {
+            if cap.in_use() == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cap.in_use()
+    }
+
+    #[tokio::test]
+    async fn the_cap_bounds_connections_and_a_waiter_takes_a_returned_one() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(200))).await;
+        let cap = ConnectionCap::new(2, gauge());
+        let pool = capped_pool(addr, false, 8, LONG, cap.clone(), Duration::from_secs(5));
+        let started = Instant::now();
+        let (a, b, c) = tokio::join!(get(&pool, addr), get(&pool, addr), get(&pool, addr));
+        assert_eq!(
+            (&a[..], &b[..], &c[..]),
+            (&b"ok"[..], &b"ok"[..], &b"ok"[..])
+        );
+        assert_eq!(counts.peak.load(Ordering::SeqCst), 2, "at most 2 at once");
+        // The third waited for one of the first two to come back, and reused it.
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert_eq!(cap.in_use(), 2, "idle connections keep their permits");
+        assert_eq!(cap.open.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_takes_the_permit_of_a_connection_that_closed() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(200))).await;
+        let cap = ConnectionCap::new(2, gauge());
+        // Nothing kept idle: each connection closes after its response.
+        let pool = capped_pool(addr, false, 0, LONG, cap.clone(), Duration::from_secs(5));
+        let (a, b, c) = tokio::join!(get(&pool, addr), get(&pool, addr), get(&pool, addr));
+        assert_eq!(
+            (&a[..], &b[..], &c[..]),
+            (&b"ok"[..], &b"ok"[..], &b"ok"[..])
+        );
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(counts.peak.load(Ordering::SeqCst), 2, "at most 2 at once");
+        assert_eq!(settled_in_use(&cap, 0).await, 0);
+        assert_eq!(cap.open.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_no_permit_within_the_connect_timeout_is_refused_busy() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(1500))).await;
+        let cap = ConnectionCap::new(2, gauge());
+        let pool = capped_pool(addr, false, 8, LONG, cap, Duration::from_millis(200));
+        let busy = {
+            let pool = pool.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let started = Instant::now();
+                let req = Request::get("/x").body(Empty::new()).unwrap();
+                (pool.send(req).await, started.elapsed())
+            }
+        };
+        let (a, b, (refused, waited)) = tokio::join!(get(&pool, addr), get(&pool, addr), busy);
+        assert_eq!((&a[..], &b[..]), (&b"ok"[..], &b"ok"[..]));
+        let err = refused.unwrap_err();
+        assert!(matches!(err, PoolError::Busy { max: 2, .. }), "{err}");
+        assert!(!err.is_connect());
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_millis(1200), "{waited:?}");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_expired_idle_connection_gives_its_permit_back() {
+        let (addr, counts) = counted_upstream(Answer::KeepOpen).await;
+        let cap = ConnectionCap::new(1, gauge());
+        let pool = capped_pool(
+            addr,
+            false,
+            8,
+            Duration::from_millis(50),
+            cap.clone(),
+            Duration::from_secs(2),
+        );
+        get(&pool, addr).await;
+        assert_eq!(settled_idle(&pool, 1).await, 1);
+        assert_eq!(cap.in_use(), 1);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // The expired one is closed; its permit lets the new one open.
+        let started = Instant::now();
+        get(&pool, addr).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(settled_in_use(&cap, 1).await, 1);
+        assert_eq!(cap.open.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_gives_its_permit_back() {
+        let (addr, counts) = counted_upstream(Answer::HangUp(Duration::from_millis(20))).await;
+        let cap = ConnectionCap::new(1, gauge());
+        let pool = capped_pool(
+            addr,
+            false,
+            8,
+            LONG,
+            cap.clone(),
+            Duration::from_millis(300),
+        );
+        get(&pool, addr).await;
+        // Still pooled (idle), but closed by the upstream: the permit is free.
+        assert_eq!(settled_in_use(&cap, 0).await, 0);
+        assert_eq!(pool.idle_count(), 1);
+        get(&pool, addr).await;
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(counts.peak.load(Ordering::SeqCst), 1);
+    }
+
+    /// Two proxy threads' pools on one cap: one's idle connection is closed for the other's
+    /// request rather than holding the only permit.
+    #[tokio::test]
+    async fn a_waiter_closes_another_pools_idle_connection() {
+        let (addr, counts) = counted_upstream(Answer::KeepOpen).await;
+        let cap = ConnectionCap::new(1, gauge());
+        let first = capped_pool(addr, false, 8, LONG, cap.clone(), Duration::from_secs(2));
+        let second = capped_pool(addr, false, 8, LONG, cap.clone(), Duration::from_secs(2));
+        get(&first, addr).await;
+        assert_eq!(settled_idle(&first, 1).await, 1);
+        get(&second, addr).await;
+        assert_eq!(first.idle_count(), 0);
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(counts.peak.load(Ordering::SeqCst), 1);
+        assert_eq!(settled_in_use(&cap, 1).await, 1);
+    }
+
+    #[tokio::test]
+    async fn the_shared_http2_connection_takes_one_permit() {
+        let (addr, accepted) = h2_upstream().await;
+        let cap = ConnectionCap::new(1, gauge());
+        let pool = capped_pool(addr, true, 8, LONG, cap.clone(), Duration::from_millis(300));
+        let get = || async {
+            let req = Request::get(format!("http://{addr}/x"))
+                .version(http::Version::HTTP_2)
+                .body(Empty::new())
+                .unwrap();
+            let resp = pool.send(req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        };
+        let (a, b, c) = tokio::join!(get(), get(), get());
+        assert_eq!(
+            (&a[..], &b[..], &c[..]),
+            (&b"h2"[..], &b"h2"[..], &b"h2"[..])
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(cap.in_use(), 1);
+        assert_eq!(cap.open.get(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! Limits on what clients can make keygate hold: HTTP/2 streams per client connection.
+//! Limits on what clients can make keygate hold: HTTP/2 streams per client connection, and
+//! connections to one upstream.
 
 use crate::support::gateway::Gateway;
 use crate::support::upstream;
@@ -136,4 +137,69 @@ async fn http2_clients_get_the_configured_max_concurrent_streams_and_no_more() {
     }
     answered.sort_unstable();
     assert_eq!(answered, [1, 3]);
+}
+
+/// Many requests at once to a slow upstream (streams of one HTTP/2 client connection, the
+/// reported attack) open no more than the upstream's `max_connections`: a request that finds
+/// none free within `connect_timeout` is answered 503 `UPSTREAM_BUSY`, and once they are free
+/// again requests go through.
+#[tokio::test]
+async fn connections_to_one_upstream_stay_within_its_max_connections() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, open) = upstream::delayed_counting(Duration::from_millis(1500)).await;
+    let config = format!(
+        "[proxy]\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\nmax_connections = 2\nconnect_timeout = \"300ms\"\n\
+         [[routes]]\npath_prefix = \"/public\"\nupstream = \"up\"\npublic = true\n",
+        dir.path().join("keys.db").display()
+    );
+    let gw = Gateway::start(&config);
+    let client = crate::support::h2_client();
+    let send = |i: usize| {
+        let request = client.get(gw.url(&format!("/public/{i}"))).send();
+        async move {
+            let r = request.await.unwrap();
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                retry_after,
+                body["error"]["code"].as_str().map(str::to_owned),
+            )
+        }
+    };
+    let answers = futures_util::future::join_all((0..6).map(send)).await;
+    let ok = answers.iter().filter(|(status, ..)| *status == 200).count();
+    let busy: Vec<_> = answers
+        .iter()
+        .filter(|(status, ..)| *status != 200)
+        .collect();
+    assert!(
+        open.peak.load(Ordering::SeqCst) <= 2,
+        "the upstream had {} connections at once: {answers:?}",
+        open.peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(ok, 2, "{answers:?}");
+    for answer in &busy {
+        assert_eq!(
+            *answer,
+            &(503, Some("1".to_owned()), Some("UPSTREAM_BUSY".to_owned())),
+            "{answers:?}"
+        );
+    }
+    let metrics = gw.metrics().await;
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_upstream_connections{upstream=\"up\"} "))
+        .unwrap_or_else(|| panic!("no upstream connections gauge: {metrics}"));
+    assert!(gauge == "1" || gauge == "2", "{gauge}");
+    // Free again: the idle connections are reused (or one is closed for a new one).
+    let (status, ..) = send(6).await;
+    assert_eq!(status, 200);
+    assert!(open.peak.load(Ordering::SeqCst) <= 2);
 }

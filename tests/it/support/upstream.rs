@@ -56,6 +56,51 @@ pub async fn delayed(delay: std::time::Duration) -> SocketAddr {
     addr
 }
 
+/// Connections an upstream has open now, and the most it had open at once.
+#[derive(Default)]
+pub struct OpenConnections {
+    pub now: std::sync::atomic::AtomicUsize,
+    pub peak: std::sync::atomic::AtomicUsize,
+    pub accepted: std::sync::atomic::AtomicUsize,
+}
+
+/// As [`delayed`], counting the connections it has open at once.
+pub async fn delayed_counting(
+    delay: std::time::Duration,
+) -> (SocketAddr, std::sync::Arc<OpenConnections>) {
+    use hyper::service::service_fn;
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind delayed");
+    let addr = listener.local_addr().expect("addr");
+    let open = std::sync::Arc::new(OpenConnections::default());
+    let counts = open.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counts.accepted.fetch_add(1, Ordering::SeqCst);
+            let now = counts.now.fetch_add(1, Ordering::SeqCst) + 1;
+            counts.peak.fetch_max(now, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"done")),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+                counts.now.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
 /// Answers every request with a chunked body (no `Content-Length`) fed by a channel: the
 /// response head and `first` go out at once, the rest of `then` only after `release` is
 /// notified, so a test can tell a stream forwarded as it comes from one held back.
