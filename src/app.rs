@@ -4,6 +4,7 @@
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
 use crate::config::{Config, RedisTarget, StoreConfig};
+use crate::credential::budget::PeekBudget;
 use crate::gateway::Gateway;
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
@@ -102,8 +103,22 @@ pub async fn run(
     // thread's scheduler, so a request never waits on another thread.
     let threads = proxy_threads(config);
     let per_thread = config_per_thread(config, threads);
+    // One budget for the process: it bounds what every thread's peeks hold together.
+    let peek_budget = PeekBudget::new(
+        config.proxy.max_peek_total_bytes,
+        Some(metrics.peek_held_bytes.clone()),
+    );
     let gateways = match (0..threads)
-        .map(|_| Gateway::new(&per_thread, verifier.clone(), &metrics, usage.clone()).map(Arc::new))
+        .map(|_| {
+            Gateway::new(
+                &per_thread,
+                verifier.clone(),
+                &metrics,
+                usage.clone(),
+                peek_budget.clone(),
+            )
+            .map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(g) => g,

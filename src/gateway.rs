@@ -12,6 +12,7 @@ use crate::auth::verify::{Verifier, VerifyError};
 use crate::client_ip::{self, canonical};
 use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
+use crate::credential::budget::PeekBudget;
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
 use crate::metrics::{Metrics, RequestSeries};
@@ -64,6 +65,8 @@ pub struct Gateway {
     metrics: RequestSeries,
     /// `None` when usage records are disabled.
     usage: Option<Arc<UsageRecorder>>,
+    /// `proxy.max_peek_total_bytes`, shared by every proxy thread's gateway.
+    peek_budget: Arc<PeekBudget>,
     /// Set once this gateway's listener gave up draining: a request still unanswered then is
     /// dropped by keygate, not by its client.
     drain_expired: AtomicBool,
@@ -172,6 +175,7 @@ impl Gateway {
         verifier: Arc<Verifier>,
         metrics: &Metrics,
         usage: Option<Arc<UsageRecorder>>,
+        peek_budget: Arc<PeekBudget>,
     ) -> Result<Self, String> {
         let metrics = metrics.request_series().map_err(|e| e.to_string())?;
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
@@ -214,6 +218,7 @@ impl Gateway {
             deny_ips,
             metrics,
             usage,
+            peek_budget,
             drain_expired: AtomicBool::new(false),
         })
     }
@@ -479,7 +484,14 @@ impl Gateway {
         }
         // Boxed: the peek's future is large, and inline it would be copied on every request,
         // header-key ones included.
-        let peeked = Box::pin(body_key::peek(&route.body, after, &parts.headers, incoming)).await?;
+        let peeked = Box::pin(body_key::peek(
+            &route.body,
+            after,
+            &parts.headers,
+            incoming,
+            &self.peek_budget,
+        ))
+        .await?;
         let body = ForwardBody::from(peeked.body);
         if let Some(k) = peeked.key {
             if let Some(query) = parts.uri.query()

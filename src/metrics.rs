@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 11] = [
+pub const OUTCOMES: [Outcome; 12] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -29,6 +29,7 @@ pub const OUTCOMES: [Outcome; 11] = [
     Outcome::UpstreamError,
     Outcome::ClientClosed,
     Outcome::DrainCutOff,
+    Outcome::Overloaded,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -71,6 +72,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::UpstreamError => 8,
         Outcome::ClientClosed => 9,
         Outcome::DrainCutOff => 10,
+        Outcome::Overloaded => 11,
     }
 }
 
@@ -282,6 +284,8 @@ pub struct Metrics {
     /// Every [`RequestSeries`] copy's vectors; the first, made at start-up, stays at zero.
     request_series: Arc<Mutex<Vec<SeriesVecs>>>,
     pub open_connections: IntGauge,
+    /// Request body bytes held by key peeks (`proxy.max_peek_total_bytes` bounds it).
+    pub peek_held_bytes: IntGauge,
     store_ops: IntCounterVec,
     store_errors: IntCounterVec,
     store_duration: HistogramVec,
@@ -306,6 +310,11 @@ impl Metrics {
         let request_series = Arc::new(Mutex::new(vec![first.clone()]));
         let open_connections =
             IntGauge::new("keygate_open_connections", "Open client connections")?;
+        let peek_held_bytes = IntGauge::new(
+            "keygate_peek_held_bytes",
+            "Request body bytes held by API key peeks (read to find a key in the body, not yet \
+             forwarded); proxy.max_peek_total_bytes bounds it",
+        )?;
         let store_ops = IntCounterVec::new(
             Opts::new("keygate_store_operations_total", "Key store operations"),
             &["operation"],
@@ -358,6 +367,7 @@ impl Metrics {
             copies: request_series.clone(),
         }))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(peek_held_bytes.clone()))?;
         registry.register(Box::new(store_ops.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(store_duration.clone()))?;
@@ -377,6 +387,7 @@ impl Metrics {
             route_names: route_names.to_vec(),
             request_series,
             open_connections,
+            peek_held_bytes,
             store_ops,
             store_errors,
             store_duration,
