@@ -658,9 +658,9 @@ pub const DEFAULT_FORM_FIELD: &str = "clientKey";
 pub const DEFAULT_MAX_PEEK_BYTES: usize = 64 * 1024;
 /// `proxy.max_peek_total_bytes`' default. Without it, peeks could hold `max_connections` (10,000)
 /// × `max_concurrent_streams` (100) × `max_peek_bytes` (64 KiB): 64 GB. 64 MiB is 1,024 peeks of
-/// the default 64 KiB held at once, all of them slow (a key field usually arrives in the first
-/// packet and its peek holds a few hundred bytes for well under a millisecond), and a sum a
-/// small container can spare; it is also at least the largest `max_peek_bytes` allowed
+/// the default 64 KiB held at once, all of them slow (a key field usually arrives with the
+/// first bytes of the body, and its peek holds them only until the key is verified), and a
+/// sum a small container can spare; it is also at least the largest `max_peek_bytes` allowed
 /// ([`MAX_MAX_PEEK_BYTES`]), so the default fits every route.
 pub const DEFAULT_MAX_PEEK_TOTAL_BYTES: usize = 64 * 1024 * 1024;
 /// Large enough for any sensible form prelude, small enough that a request's peek buffer
