@@ -4,8 +4,7 @@
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
 use crate::config::{Config, RedisTarget, StoreConfig};
-use crate::credential::budget::PeekBudget;
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -103,11 +102,9 @@ pub async fn run(
     // thread's scheduler, so a request never waits on another thread.
     let threads = proxy_threads(config);
     let per_thread = config_per_thread(config, threads);
-    // One budget for the process: it bounds what every thread's peeks hold together.
-    let peek_budget = PeekBudget::new(
-        config.proxy.max_peek_total_bytes,
-        Some(metrics.peek_held_bytes.clone()),
-    );
+    // One peek budget and one failure log per upstream for the process: they bound what
+    // every thread's peeks hold together, and what every thread's upstream failures log.
+    let shared = gateway::Shared::new(config, Some(metrics.peek_held_bytes.clone()));
     let gateways = match (0..threads)
         .map(|_| {
             Gateway::new(
@@ -115,7 +112,7 @@ pub async fn run(
                 verifier.clone(),
                 &metrics,
                 usage.clone(),
-                peek_budget.clone(),
+                &shared,
             )
             .map(Arc::new)
         })

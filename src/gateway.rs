@@ -15,6 +15,7 @@ use crate::credential::body::{self as body_key, BodyError};
 use crate::credential::budget::PeekBudget;
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
+use crate::log_every::LogEvery;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::proxy::tunnel::KeyEnds;
 use crate::proxy::{ClientBody, ForwardBody, Upstream, UpstreamBody, headers};
@@ -32,6 +33,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use prometheus::Histogram;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -70,6 +72,27 @@ pub struct Gateway {
     /// Set once this gateway's listener gave up draining: a request still unanswered then is
     /// dropped by keygate, not by its client.
     drain_expired: AtomicBool,
+}
+
+/// What every proxy thread's [`Gateway`] shares: the body peek budget, and each upstream's
+/// failure-log spacing, so that the bounds hold for the process, not per thread.
+pub struct Shared {
+    pub peek_budget: Arc<PeekBudget>,
+    pub upstream_logs: BTreeMap<String, Arc<LogEvery>>,
+}
+
+impl Shared {
+    /// `peek_gauge`: `keygate_peek_held_bytes`, when there are metrics.
+    pub fn new(config: &Config, peek_gauge: Option<prometheus::IntGauge>) -> Self {
+        Self {
+            peek_budget: PeekBudget::new(config.proxy.max_peek_total_bytes, peek_gauge),
+            upstream_logs: config
+                .upstreams
+                .keys()
+                .map(|name| (name.clone(), Arc::default()))
+                .collect(),
+        }
+    }
 }
 
 /// The client end of one connection, worked out when it opens rather than on every request:
@@ -175,14 +198,17 @@ impl Gateway {
         verifier: Arc<Verifier>,
         metrics: &Metrics,
         usage: Option<Arc<UsageRecorder>>,
-        peek_budget: Arc<PeekBudget>,
+        shared: &Shared,
     ) -> Result<Self, String> {
         let metrics = metrics.request_series().map_err(|e| e.to_string())?;
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
         let upstreams = config
             .upstreams
             .iter()
-            .map(|(name, cfg)| Upstream::new(name, cfg))
+            .map(|(name, cfg)| {
+                let log = shared.upstream_logs.get(name).cloned().unwrap_or_default();
+                Upstream::new(name, cfg, log)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let routes = RouteTable::new(&config.routes, &config.auth.sources, |name| {
             upstream_names
@@ -218,7 +244,7 @@ impl Gateway {
             deny_ips,
             metrics,
             usage,
-            peek_budget,
+            peek_budget: shared.peek_budget.clone(),
             drain_expired: AtomicBool::new(false),
         })
     }
