@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use keygate::config::{BodyKeyConfig, KeySource};
 use keygate::credential::body::peek;
+use keygate::credential::budget::PeekBudget;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -103,13 +104,15 @@ fn bench(c: &mut Criterion) {
                 } else {
                     ("key_after_part", &large_cfg)
                 };
+                let budget = PeekBudget::unlimited();
                 group.throughput(Throughput::Bytes(body.len() as u64));
                 group.bench_with_input(
                     BenchmarkId::new(format!("{kind}_{size_name}"), place),
                     &body,
                     |b, body| {
                         b.to_async(&rt).iter(|| async {
-                            let p = peek(cfg, &sources, &headers, Frames::new(body))
+                            // Charged as in the gateway (the count, not a limit).
+                            let p = peek(cfg, &sources, &headers, Frames::new(body), &budget)
                                 .await
                                 .unwrap();
                             assert!(p.key.is_some());

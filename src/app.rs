@@ -4,7 +4,7 @@
 use crate::admin::AdminApi;
 use crate::auth::verify::{Verifier, follow_changes};
 use crate::config::{Config, RedisTarget, StoreConfig};
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::keys::{KeyRules, KeyService};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -117,6 +117,9 @@ pub async fn run(
             );
         }
     }
+    // One peek budget and one failure log per upstream for the process: they bound what
+    // every thread's peeks hold together, and what every thread's upstream failures log.
+    let shared = gateway::Shared::new(config, Some(metrics.peek_held_bytes.clone()), caps);
     let gateways = match (0..threads)
         .map(|_| {
             Gateway::new(
@@ -124,7 +127,7 @@ pub async fn run(
                 verifier.clone(),
                 &metrics,
                 usage.clone(),
-                &caps,
+                &shared,
             )
             .map(Arc::new)
         })

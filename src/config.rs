@@ -48,6 +48,8 @@ struct RawProxy {
     max_headers: usize,
     #[serde(deserialize_with = "strict::int")]
     max_concurrent_streams: u32,
+    #[serde(deserialize_with = "strict::int")]
+    max_peek_total_bytes: usize,
     #[serde(with = "duration")]
     header_read_timeout: Duration,
     #[serde(with = "duration")]
@@ -84,6 +86,7 @@ impl Default for RawProxy {
             // Envoy's default; nginx's http2_max_concurrent_streams is 128. (hyper's own, 200,
             // let one connection hold 200 body peeks or upstream connections at once.)
             max_concurrent_streams: 100,
+            max_peek_total_bytes: DEFAULT_MAX_PEEK_TOTAL_BYTES,
             header_read_timeout: Duration::from_secs(10),
             // nginx's keepalive_timeout, which it applies to HTTP/2 connections too.
             idle_timeout: Duration::from_secs(75),
@@ -403,6 +406,10 @@ pub struct ProxyConfig {
     /// Most streams (requests) one HTTP/2 client connection may have open at once, announced
     /// in SETTINGS_MAX_CONCURRENT_STREAMS; each can hold a body peek or an upstream connection.
     pub max_concurrent_streams: u32,
+    /// The most request body bytes all key peeks together may hold at once, across every
+    /// connection and proxy thread; a peek that would take them over is refused with 503
+    /// `GATEWAY_BUSY`. At least every body-reading route's `max_peek_bytes`.
+    pub max_peek_total_bytes: usize,
     pub header_read_timeout: Duration,
     /// How long an HTTP/2 client connection may go without a new request before it is closed
     /// gracefully (GOAWAY; streams in flight finish).
@@ -661,6 +668,13 @@ pub struct BodyKeyConfig {
 
 pub const DEFAULT_FORM_FIELD: &str = "clientKey";
 pub const DEFAULT_MAX_PEEK_BYTES: usize = 64 * 1024;
+/// `proxy.max_peek_total_bytes`' default. Without it, peeks could hold `max_connections` (10,000)
+/// × `max_concurrent_streams` (100) × `max_peek_bytes` (64 KiB): 64 GB. 64 MiB is 1,024 peeks of
+/// the default 64 KiB held at once, all of them slow (a key field usually arrives with the
+/// first bytes of the body, and its peek holds them only until the key is verified), and a
+/// sum a small container can spare; it is also at least the largest `max_peek_bytes` allowed
+/// ([`MAX_MAX_PEEK_BYTES`]), so the default fits every route.
+pub const DEFAULT_MAX_PEEK_TOTAL_BYTES: usize = 64 * 1024 * 1024;
 /// Large enough for any sensible form prelude, small enough that a request's peek buffer
 /// cannot become a memory problem.
 pub const MAX_MAX_PEEK_BYTES: usize = 16 * 1024 * 1024;
@@ -904,6 +918,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         max_header_bytes: raw.proxy.max_header_bytes,
         max_headers: raw.proxy.max_headers,
         max_concurrent_streams: raw.proxy.max_concurrent_streams,
+        max_peek_total_bytes: raw.proxy.max_peek_total_bytes,
         header_read_timeout: raw.proxy.header_read_timeout,
         idle_timeout: raw.proxy.idle_timeout,
         drain_timeout: raw.proxy.drain_timeout,
@@ -940,6 +955,12 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         p.add(
             "proxy.max_concurrent_streams",
             format!("must be from 1 to {MAX_MAX_CONCURRENT_STREAMS}"),
+        );
+    }
+    if proxy.max_peek_total_bytes < MIN_MAX_PEEK_BYTES {
+        p.add(
+            "proxy.max_peek_total_bytes",
+            format!("must be at least {MIN_MAX_PEEK_BYTES}"),
         );
     }
     if proxy.header_read_timeout.is_zero() {
@@ -1297,6 +1318,27 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 keep_credential: r.keep_credential,
             };
             let body = check_body_keys(&mut p, &at, &raw_body, effective);
+            // One peek of the route must fit in the budget all peeks share, or every request
+            // whose key is in its body would be refused.
+            if effective.iter().any(|s| s.is_body())
+                && body.max_peek_bytes > proxy.max_peek_total_bytes
+                && proxy.max_peek_total_bytes >= MIN_MAX_PEEK_BYTES
+            {
+                p.add(
+                    "proxy.max_peek_total_bytes",
+                    format!(
+                        "{} is less than {} ({}{}): a body peek of that route could never fit",
+                        proxy.max_peek_total_bytes,
+                        at("max_peek_bytes"),
+                        body.max_peek_bytes,
+                        if r.max_peek_bytes.is_none() {
+                            ", the default"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
             (sources, body)
         };
         if r.max_body_bytes == Some(0) {
@@ -2149,6 +2191,50 @@ mod tests {
                 "max_concurrent_streams = {bad} accepted"
             );
         }
+    }
+
+    #[test]
+    fn max_peek_total_bytes_defaults_to_64_mib_and_holds_every_body_route_peek() {
+        assert_eq!(
+            from_toml(GOOD).unwrap().proxy.max_peek_total_bytes,
+            64 * 1024 * 1024
+        );
+        let with = |total: usize, peek: Option<usize>| {
+            let peek = peek.map_or(String::new(), |n| format!("max_peek_bytes = {n}\n"));
+            from_toml(&format!(
+                "{}\n[[routes]]\nname = \"form\"\npath_prefix = \"/f\"\nupstream = \"api\"\n\
+                 sources = [\"form\"]\n{peek}",
+                GOOD.replacen(
+                    "[proxy]",
+                    &format!("[proxy]\nmax_peek_total_bytes = {total}"),
+                    1
+                )
+            ))
+        };
+        assert_eq!(with(65536, None).unwrap().proxy.max_peek_total_bytes, 65536);
+        assert!(with(4096, Some(4096)).is_ok());
+        for (total, peek, shown) in [
+            (65535, None, "(65536, the default)"),
+            (4096, Some(8192), "(8192)"),
+        ] {
+            let Err(ConfigError::Invalid(problems)) = with(total, peek) else {
+                panic!("max_peek_total_bytes = {total} accepted")
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].field, "proxy.max_peek_total_bytes");
+            let reason = &problems[0].reason;
+            assert!(reason.contains(".max_peek_bytes "), "{reason}");
+            assert!(reason.contains(shown), "{reason}");
+        }
+        // Routes that read no body need no room.
+        let c = from_toml(&GOOD.replacen("[proxy]", "[proxy]\nmax_peek_total_bytes = 1024", 1));
+        assert_eq!(c.unwrap().proxy.max_peek_total_bytes, 1024);
+        let Err(ConfigError::Invalid(problems)) =
+            from_toml(&GOOD.replacen("[proxy]", "[proxy]\nmax_peek_total_bytes = 1023", 1))
+        else {
+            panic!("max_peek_total_bytes = 1023 accepted")
+        };
+        assert_eq!(problems[0].field, "proxy.max_peek_total_bytes");
     }
 
     /// `3000000000000000000` passed the check and panicked in `Semaphore::new`.

@@ -48,6 +48,10 @@ pub enum GatewayError {
     /// trailers over the limits, the client gone mid-body): its fault, not the upstream's.
     #[error("the request body broke off on its way upstream")]
     BodyBroken,
+    /// The body bytes held by key peeks across the process are at `proxy.max_peek_total_bytes`:
+    /// this request's peek would take them over.
+    #[error("too many request bodies are being read for their API key")]
+    PeekBudgetExhausted,
     #[error("the upstream cannot be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -63,6 +67,7 @@ impl From<PeekError> for GatewayError {
         match e {
             PeekError::Credential(c) => GatewayError::Credential(c),
             PeekError::Body(b) => GatewayError::Body(b),
+            PeekError::Busy => GatewayError::PeekBudgetExhausted,
         }
     }
 }
@@ -82,6 +87,9 @@ pub enum Outcome {
     /// record).
     InternalError,
     UpstreamError,
+    /// Refused because keygate is at a process-wide limit (`proxy.max_peek_total_bytes`); the
+    /// client may retry.
+    Overloaded,
     /// The client closed its connection before the answer was ready (nginx's 499).
     ClientClosed,
     /// Keygate closed the connection before the answer was ready: the drain timeout ran out
@@ -101,6 +109,7 @@ impl Outcome {
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::InternalError => "internal_error",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::Overloaded => "overloaded",
             Outcome::ClientClosed => "client_closed",
             Outcome::DrainCutOff => "drain_cut_off",
         }
@@ -340,6 +349,16 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             None,
             Outcome::BadRequest,
         ),
+        // 503 (with `Retry-After: 1`): the request is fine and a retry soon is likely to pass.
+        // No challenge: the key was not looked at.
+        GatewayError::PeekBudgetExhausted => a(
+            S::SERVICE_UNAVAILABLE,
+            "GATEWAY_BUSY",
+            "the gateway is reading as many request bodies for their API key as it may; retry \
+             shortly, or send the key in a header",
+            None,
+            Outcome::Overloaded,
+        ),
         GatewayError::UpstreamUnavailable => a(
             S::BAD_GATEWAY,
             "UPSTREAM_UNAVAILABLE",
@@ -487,6 +506,7 @@ mod tests {
             ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
             (GatewayError::UpstreamBusy, 503, "UPSTREAM_BUSY", None),
+            (PeekError::Busy.into(), 503, "GATEWAY_BUSY", None),
             (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),
             (
                 BodyError::Malformed("a multipart part is truncated").into(),
@@ -573,5 +593,11 @@ mod tests {
         let a = classify(&VerifyError::StoreUnavailable.into(), false);
         let r = render(&a, "keygate", "req-1", &[]);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let a = classify(&PeekError::Busy.into(), false);
+        assert_eq!(a.outcome.as_str(), "overloaded");
+        let r = render(&a, "keygate", "req-1", &[]);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

@@ -12,8 +12,10 @@ use crate::auth::verify::{Verifier, VerifyError};
 use crate::client_ip::{self, canonical};
 use crate::config::{Config, ProxyConfig};
 use crate::credential::body::{self as body_key, BodyError};
+use crate::credential::budget::PeekBudget;
 use crate::credential::{self, CredentialError, SourceNames};
 use crate::error::{self, GatewayError, Outcome};
+use crate::log_every::LogEvery;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::proxy::tunnel::KeyEnds;
 use crate::proxy::{ClientBody, ConnectionCaps, ForwardBody, Upstream, UpstreamBody, headers};
@@ -31,6 +33,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use prometheus::Histogram;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -64,9 +67,40 @@ pub struct Gateway {
     metrics: RequestSeries,
     /// `None` when usage records are disabled.
     usage: Option<Arc<UsageRecorder>>,
+    /// `proxy.max_peek_total_bytes`, shared by every proxy thread's gateway.
+    peek_budget: Arc<PeekBudget>,
     /// Set once this gateway's listener gave up draining: a request still unanswered then is
     /// dropped by keygate, not by its client.
     drain_expired: AtomicBool,
+}
+
+/// What every proxy thread's [`Gateway`] shares: the body peek budget, each upstream's
+/// connection cap and failure-log spacing, so that the bounds hold for the process, not per
+/// thread.
+pub struct Shared {
+    pub peek_budget: Arc<PeekBudget>,
+    pub caps: ConnectionCaps,
+    pub upstream_logs: BTreeMap<String, Arc<LogEvery>>,
+}
+
+impl Shared {
+    /// `peek_gauge`: `keygate_peek_held_bytes`, when there are metrics; `caps`: from
+    /// [`crate::proxy::connection_caps`].
+    pub fn new(
+        config: &Config,
+        peek_gauge: Option<prometheus::IntGauge>,
+        caps: ConnectionCaps,
+    ) -> Self {
+        Self {
+            peek_budget: PeekBudget::new(config.proxy.max_peek_total_bytes, peek_gauge),
+            caps,
+            upstream_logs: config
+                .upstreams
+                .keys()
+                .map(|name| (name.clone(), Arc::default()))
+                .collect(),
+        }
+    }
 }
 
 /// The client end of one connection, worked out when it opens rather than on every request:
@@ -172,7 +206,7 @@ impl Gateway {
         verifier: Arc<Verifier>,
         metrics: &Metrics,
         usage: Option<Arc<UsageRecorder>>,
-        caps: &ConnectionCaps,
+        shared: &Shared,
     ) -> Result<Self, String> {
         let metrics = metrics.request_series().map_err(|e| e.to_string())?;
         let upstream_names: Vec<&String> = config.upstreams.keys().collect();
@@ -180,10 +214,12 @@ impl Gateway {
             .upstreams
             .iter()
             .map(|(name, cfg)| {
-                let cap = caps
+                let cap = shared
+                    .caps
                     .get(name)
                     .ok_or_else(|| format!("upstream {name}: no connection cap"))?;
-                Upstream::new(name, cfg, cap.clone())
+                let log = shared.upstream_logs.get(name).cloned().unwrap_or_default();
+                Upstream::new(name, cfg, cap.clone(), log)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let routes = RouteTable::new(&config.routes, &config.auth.sources, |name| {
@@ -220,6 +256,7 @@ impl Gateway {
             deny_ips,
             metrics,
             usage,
+            peek_budget: shared.peek_budget.clone(),
             drain_expired: AtomicBool::new(false),
         })
     }
@@ -488,7 +525,14 @@ impl Gateway {
         }
         // Boxed: the peek's future is large, and inline it would be copied on every request,
         // header-key ones included.
-        let peeked = Box::pin(body_key::peek(&route.body, after, &parts.headers, incoming)).await?;
+        let peeked = Box::pin(body_key::peek(
+            &route.body,
+            after,
+            &parts.headers,
+            incoming,
+            &self.peek_budget,
+        ))
+        .await?;
         let body = ForwardBody::from(peeked.body);
         if let Some(k) = peeked.key {
             if let Some(query) = parts.uri.query()

@@ -13,7 +13,7 @@
 //!
 //! Around them: [`config`] (raw TOML → checked values), [`store`] (Redis and embedded),
 //! [`keys`] (key lifecycle operations shared by the CLI and, later, the admin API),
-//! [`app`] (wiring), [`idle`] (cutting off peers that stop moving), [`dev`] (the echo upstream), [`telemetry`] (logs), [`striped`] (counters
+//! [`app`] (wiring), [`idle`] (cutting off peers that stop moving), [`dev`] (the echo upstream), [`telemetry`] (logs), [`log_every`] (log lines a flood of failures would repeat, spaced out), [`striped`] (counters
 //! many threads add to), [`memory`] (the process's huge pages).
 
 pub mod admin;
@@ -27,6 +27,7 @@ pub mod error;
 pub mod gateway;
 pub mod idle;
 pub mod keys;
+pub mod log_every;
 pub mod memory;
 pub mod metrics;
 pub mod proxy;

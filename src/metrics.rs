@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 11] = [
+pub const OUTCOMES: [Outcome; 12] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -29,6 +29,7 @@ pub const OUTCOMES: [Outcome; 11] = [
     Outcome::UpstreamError,
     Outcome::ClientClosed,
     Outcome::DrainCutOff,
+    Outcome::Overloaded,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -71,6 +72,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::UpstreamError => 8,
         Outcome::ClientClosed => 9,
         Outcome::DrainCutOff => 10,
+        Outcome::Overloaded => 11,
     }
 }
 
@@ -285,6 +287,8 @@ pub struct Metrics {
     /// Connections open (or being opened) to each upstream, over every proxy thread: one
     /// process-wide gauge per upstream, moved only when a connection opens or closes.
     upstream_connections: IntGaugeVec,
+    /// Request body bytes held by key peeks (`proxy.max_peek_total_bytes` bounds it).
+    pub peek_held_bytes: IntGauge,
     store_ops: IntCounterVec,
     store_errors: IntCounterVec,
     store_duration: HistogramVec,
@@ -316,6 +320,11 @@ impl Metrics {
                  its max_connections",
             ),
             &["upstream"],
+        )?;
+        let peek_held_bytes = IntGauge::new(
+            "keygate_peek_held_bytes",
+            "Request body bytes held by API key peeks (read to find a key in the body, not yet \
+             forwarded); proxy.max_peek_total_bytes bounds it",
         )?;
         let store_ops = IntCounterVec::new(
             Opts::new("keygate_store_operations_total", "Key store operations"),
@@ -370,6 +379,7 @@ impl Metrics {
         }))?;
         registry.register(Box::new(open_connections.clone()))?;
         registry.register(Box::new(upstream_connections.clone()))?;
+        registry.register(Box::new(peek_held_bytes.clone()))?;
         registry.register(Box::new(store_ops.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(store_duration.clone()))?;
@@ -390,6 +400,7 @@ impl Metrics {
             request_series,
             open_connections,
             upstream_connections,
+            peek_held_bytes,
             store_ops,
             store_errors,
             store_duration,

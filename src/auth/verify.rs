@@ -15,6 +15,7 @@
 use super::key::{KeyFormatError, KeyHash, KeyPrefix, check_format};
 use super::verified::VerifiedKey;
 use crate::config::CacheConfig;
+use crate::log_every::LogEvery;
 use crate::store::{Change, KeyStore, StoreError};
 use crate::striped::StripedCounter;
 use chrono::{DateTime, Utc};
@@ -135,34 +136,6 @@ struct Known {
     load_seq: u64,
 }
 
-/// A log line at most every [`STORE_BACKOFF`], saying how many it left out before it.
-#[derive(Default)]
-struct LogEvery {
-    /// Milliseconds since the verifier's epoch when the last line went out, plus one (0: none).
-    last_ms: AtomicI64,
-    left_out: AtomicU64,
-}
-
-impl LogEvery {
-    /// `Some(lines left out since the last)` when a line is due at `now_ms`; `None` counts
-    /// this one as left out.
-    fn due(&self, now_ms: i64) -> Option<u64> {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let every = STORE_BACKOFF.as_millis() as i64;
-        let due = last == 0 || now_ms + 1 - last >= every;
-        if due
-            && self
-                .last_ms
-                .compare_exchange(last, now_ms + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.left_out.swap(0, Ordering::Relaxed));
-        }
-        self.left_out.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 pub struct Verifier {
     prefix: KeyPrefix,
     store: Arc<dyn KeyStore>,
@@ -185,7 +158,7 @@ pub struct Verifier {
     loads: AtomicU64,
     /// This verifier's name in the per-thread caches.
     id: u64,
-    /// Spaces out the warnings of failed lookups.
+    /// Spaces out the warnings of failed lookups: one every [`STORE_BACKOFF`].
     failure_log: LogEvery,
     /// Spaces out the errors of unreadable records: one client can present one such key
     /// as often as it likes.
@@ -388,7 +361,7 @@ impl Verifier {
             // copy either: the store did answer, and what it holds now cannot be checked.
             Err(LoadError::Store(err @ StoreError::Corrupt(_))) => {
                 self.stats.unreadable_records.add(1);
-                if let Some(unlogged) = self.unreadable_log.due(self.now_ms()) {
+                if let Some(unlogged) = self.unreadable_log.due(self.now_ms(), STORE_BACKOFF) {
                     tracing::error!(error = %err, unlogged, "a key's stored record is unreadable");
                 }
                 Err(VerifyError::RecordUnreadable)
@@ -397,7 +370,7 @@ impl Verifier {
                 self.stats.store_errors.add(1);
                 // One line a second at most: a whole cluster down fails a lookup per group of
                 // slots, up to a thousand a second (`keygate_store_errors_total` counts them all).
-                if let Some(unlogged) = self.failure_log.due(self.now_ms()) {
+                if let Some(unlogged) = self.failure_log.due(self.now_ms(), STORE_BACKOFF) {
                     tracing::warn!(error = %err, unlogged, "key store lookup failed");
                 }
                 // The back-off was entered in the key's lock.
@@ -581,12 +554,12 @@ mod tests {
     #[test]
     fn failed_lookups_are_logged_once_a_second_with_the_count_left_out() {
         let log = LogEvery::default();
-        assert_eq!(log.due(0), Some(0));
-        assert_eq!(log.due(10), None);
-        assert_eq!(log.due(999), None);
-        assert_eq!(log.due(1000), Some(2));
-        assert_eq!(log.due(1500), None);
-        assert_eq!(log.due(2000), Some(1));
+        assert_eq!(log.due(0, STORE_BACKOFF), Some(0));
+        assert_eq!(log.due(10, STORE_BACKOFF), None);
+        assert_eq!(log.due(999, STORE_BACKOFF), None);
+        assert_eq!(log.due(1000, STORE_BACKOFF), Some(2));
+        assert_eq!(log.due(1500, STORE_BACKOFF), None);
+        assert_eq!(log.due(2000, STORE_BACKOFF), Some(1));
     }
     use crate::auth::key::{NewKey, SlotTag, new_key_id};
     use crate::auth::record::{KeyRecord, sample_record};

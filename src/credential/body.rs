@@ -10,8 +10,13 @@
 //! size and however it is cut: frames under [`COPY_BELOW`] (the small chunks of a chunked body)
 //! are copied together into blocks, so they cost neither a slot each nor the network read they
 //! were sliced from; larger frames are kept as read.
+//!
+//! Every byte kept is charged to the process-wide [`PeekBudget`] (`proxy.max_peek_total_bytes`)
+//! until the replay hands it upstream or is dropped; a peek whose next frame does not fit is
+//! refused ([`PeekError::Busy`]).
 
 use super::CredentialError;
+use super::budget::{Charge, PeekBudget};
 use super::form::{self, BodyKind, Progress, UrlencodedScanner};
 use super::multipart::MultipartScanner;
 use crate::config::{BodyKeyConfig, KeySource};
@@ -22,6 +27,7 @@ use http_body_util::BodyExt;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// The body could not be used to find a key.
@@ -57,6 +63,9 @@ pub enum PeekError {
     Credential(#[from] CredentialError),
     #[error(transparent)]
     Body(#[from] BodyError),
+    /// The bytes the peek would keep do not fit in the process-wide peek budget.
+    #[error("the body peek budget is exhausted")]
+    Busy,
 }
 
 /// A key found in the body.
@@ -80,12 +89,14 @@ pub struct Peeked<B> {
 }
 
 /// Looks for the key in `body` as `sources` (the route's body sources) and `headers` allow.
-/// A body that no enabled source reads is not touched.
+/// A body that no enabled source reads is not touched. The bytes kept are charged to `budget`
+/// for as long as the returned replay holds them.
 pub async fn peek<B>(
     cfg: &BodyKeyConfig,
     sources: &[KeySource],
     headers: &HeaderMap,
     body: B,
+    budget: &Arc<PeekBudget>,
 ) -> Result<Peeked<B>, PeekError>
 where
     B: Body<Data = Bytes> + Unpin + Send,
@@ -125,7 +136,7 @@ where
     // to know there is no other.
     let strip_whole = cfg.strip_form_field && kind == BodyKind::Urlencoded;
     let want_all = strip_whole || exact.is_some_and(|n| n <= limit as u64);
-    let mut tap = Tap::new(body, limit);
+    let mut tap = Tap::new(body, limit, Charge::new(budget));
     let found = match tokio::time::timeout(
         cfg.peek_timeout,
         find(&mut tap, &kind, &cfg.fields, want_all),
@@ -135,6 +146,10 @@ where
         Ok(found) => found,
         Err(_) => return Err(BodyError::Timeout.into()),
     };
+    // Refused whatever was found: the bytes read so far are dropped with the tap.
+    if tap.exhausted {
+        return Err(PeekError::Busy);
+    }
     // A failed read may have ended the stream early: never forward a cut body as whole.
     if tap.failed {
         return Err(BodyError::Unreadable.into());
@@ -206,8 +221,14 @@ where
             Ok(found.map(|v| (v, None)))
         }
         BodyKind::Json => {
+            // A copy of what is kept, charged as well while it lives.
             let mut whole = BytesMut::new();
+            let mut copy = tap.kept.charge.sibling();
             while let Some(chunk) = tap.next_chunk().await {
+                if copy.add(chunk.len()).is_err() {
+                    tap.exhausted = true;
+                    return Ok(None);
+                }
                 whole.extend_from_slice(&chunk);
             }
             if !tap.ended {
@@ -231,14 +252,30 @@ const BLOCK: usize = 16 * 1024;
 /// bytes and their order are kept: frames of [`COPY_BELOW`] or more as read, smaller ones
 /// copied together into blocks of [`BLOCK`] bytes (the very first frame is kept as read, so a
 /// body of one small frame is not copied). Pieces: at most one per 8 KiB kept, plus two.
-#[derive(Default)]
 struct Kept {
     pieces: VecDeque<Bytes>,
     /// Small frames copied after `pieces`; its spare room is the rest of the current block.
     tail: BytesMut,
+    /// The bytes kept, charged to the peek budget.
+    charge: Charge,
 }
 
 impl Kept {
+    fn new(charge: Charge) -> Self {
+        Self {
+            pieces: VecDeque::new(),
+            tail: BytesMut::new(),
+            charge,
+        }
+    }
+
+    /// Keeps `data` when the budget has room for it.
+    fn keep(&mut self, data: Bytes) -> Result<(), super::budget::Exhausted> {
+        self.charge.add(data.len())?;
+        self.push(data);
+        Ok(())
+    }
+
     fn push(&mut self, data: Bytes) {
         if data.len() >= COPY_BELOW {
             self.seal();
@@ -284,9 +321,9 @@ impl Kept {
         }
     }
 
-    fn into_pieces(mut self) -> VecDeque<Bytes> {
+    fn into_pieces(mut self) -> (VecDeque<Bytes>, Charge) {
         self.seal();
-        self.pieces
+        (self.pieces, self.charge)
     }
 }
 
@@ -305,28 +342,31 @@ struct Tap<B> {
     /// The body's real end was read.
     ended: bool,
     failed: bool,
+    /// A frame did not fit in the peek budget; nothing more is read.
+    exhausted: bool,
 }
 
 impl<B> Tap<B>
 where
     B: Body<Data = Bytes> + Unpin + Send,
 {
-    fn new(body: B, limit: usize) -> Self {
+    fn new(body: B, limit: usize, charge: Charge) -> Self {
         Self {
             body,
-            kept: Kept::default(),
+            kept: Kept::new(charge),
             trailers: None,
             fed: 0,
             limit,
             limit_hit: false,
             ended: false,
             failed: false,
+            exhausted: false,
         }
     }
 
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
-            if self.ended || self.failed || self.limit_hit {
+            if self.ended || self.failed || self.limit_hit || self.exhausted {
                 return None;
             }
             let frame = match self.body.frame().await {
@@ -352,7 +392,10 @@ where
             if data.is_empty() {
                 continue;
             }
-            self.kept.push(data.clone());
+            if self.kept.keep(data.clone()).is_err() {
+                self.exhausted = true;
+                return None;
+            }
             let room = self.limit - self.fed;
             if data.len() > room {
                 self.limit_hit = true;
@@ -368,8 +411,10 @@ where
     }
 
     fn into_replay(self) -> Replay<B> {
+        let (prefix, charge) = self.kept.into_pieces();
         Replay {
-            prefix: self.kept.into_pieces(),
+            prefix,
+            charge,
             trailers: self.trailers,
             rest: if self.ended { None } else { Some(self.body) },
         }
@@ -379,6 +424,9 @@ where
 /// The bytes read during the peek, then the rest of the client's body, unchanged.
 pub struct Replay<B> {
     prefix: VecDeque<Bytes>,
+    /// The prefix's bytes against the peek budget: given back as they are handed on, the rest
+    /// when the replay is dropped.
+    charge: Charge,
     /// Trailers seen during the peek (the body had ended then).
     trailers: Option<HeaderMap>,
     /// `None` once the client's body has ended.
@@ -389,6 +437,7 @@ impl<B: Body<Data = Bytes> + Unpin> Replay<B> {
     pub fn untouched(body: B) -> Self {
         Self {
             prefix: VecDeque::new(),
+            charge: Charge::default(),
             trailers: None,
             rest: Some(body),
         }
@@ -402,6 +451,7 @@ impl<B: Body<Data = Bytes> + Unpin> Replay<B> {
                 prefix,
                 trailers: None,
                 rest: Some(body),
+                ..
             } if prefix.is_empty() => Ok(body),
             other => Err(Box::new(other)),
         }
@@ -448,6 +498,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         if let Some(data) = this.prefix.pop_front() {
+            if this.prefix.is_empty() {
+                // All of it (a stripped field leaves the charge above the prefix).
+                this.charge.release(usize::MAX);
+            } else {
+                this.charge.release(data.len());
+            }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(rest) = this.rest.as_mut() {
@@ -618,6 +674,7 @@ mod tests {
                 &[KeySource::Form, KeySource::Json],
                 &headers(ct),
                 client,
+                &PeekBudget::unlimited(),
             )
             .await?;
             let forwarded = collect(p.body).await;
@@ -631,9 +688,15 @@ mod tests {
         let body = multipart(&[("clientKey", b"kg_1"), ("page", b"2"), ("file", &big)]);
         let client = Client::new(&body, 8192, true);
         rt().block_on(async {
-            let p = peek(&cfg(65536), &[KeySource::Form], &headers(MP), client)
-                .await
-                .unwrap();
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers(MP),
+                client,
+                &PeekBudget::unlimited(),
+            )
+            .await
+            .unwrap();
             assert_eq!(p.key.as_ref().unwrap().value, "kg_1");
             assert_eq!(p.key.as_ref().unwrap().source, KeySource::Form);
             assert!(
@@ -745,6 +808,7 @@ mod tests {
                 &[KeySource::Form],
                 &headers("application/x-www-form-urlencoded"),
                 Client::new(&body, 1, false),
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -766,6 +830,7 @@ mod tests {
                 &[KeySource::Form],
                 &h,
                 Client::new(&body, 1, false),
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -789,6 +854,7 @@ mod tests {
                 &[KeySource::Form],
                 &headers("application/x-www-form-urlencoded"),
                 Client::cut(&body, &sizes, false),
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -810,6 +876,7 @@ mod tests {
                 &[KeySource::Form],
                 &h,
                 Client::new(body, 4, true),
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -830,6 +897,7 @@ mod tests {
                 &[KeySource::Form],
                 &headers("application/json"),
                 Client::new(b"{\"clientKey\":\"k\"}", 3, true),
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -896,6 +964,7 @@ mod tests {
                 &[KeySource::Form],
                 &headers("application/x-www-form-urlencoded"),
                 body,
+                &PeekBudget::unlimited(),
             )
             .await
             .unwrap();
@@ -992,6 +1061,7 @@ mod tests {
                     &[KeySource::Form],
                     &h,
                     Client::cut(&body, &sizes, exact),
+                    &PeekBudget::unlimited(),
                 )
                 .await
                 .unwrap();
@@ -1001,5 +1071,108 @@ mod tests {
             });
             prop_assert_eq!(fwd, stripped);
         }
+    }
+
+    const FORM: &str = "application/x-www-form-urlencoded";
+
+    #[test]
+    fn the_bytes_kept_are_charged_until_the_replay_hands_them_on() {
+        rt().block_on(async {
+            let budget = PeekBudget::new(1 << 20, None);
+            let body = b"a=1&clientKey=kg_1&b=2".to_vec();
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers(FORM),
+                Client::new(&body, 5, false),
+                &budget,
+            )
+            .await
+            .unwrap();
+            assert_eq!(p.key.unwrap().value, "kg_1");
+            assert_eq!(budget.held() as u64, p.body.prefix_len());
+            assert!(budget.held() > 0);
+            assert_eq!(collect(p.body).await, body);
+            assert_eq!(budget.held(), 0);
+        });
+    }
+
+    #[test]
+    fn a_peek_over_the_budget_is_refused_as_busy_and_gives_back_what_it_read() {
+        rt().block_on(async {
+            let budget = PeekBudget::new(4096, None);
+            let mut other = Charge::new(&budget);
+            other.add(4000).unwrap();
+            let mut body = b"pad=".to_vec();
+            body.extend(std::iter::repeat_n(b'x', 300));
+            body.extend_from_slice(b"&clientKey=kg_1");
+            let err = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers(FORM),
+                Client::new(&body, 50, false),
+                &budget,
+            )
+            .await
+            .err();
+            assert_eq!(err, Some(PeekError::Busy));
+            assert_eq!(budget.held(), 4000);
+            drop(other);
+            // With room again, the same request passes.
+            let p = peek(
+                &cfg(65536),
+                &[KeySource::Form],
+                &headers(FORM),
+                Client::new(&body, 50, false),
+                &budget,
+            )
+            .await
+            .unwrap();
+            assert_eq!(p.key.unwrap().value, "kg_1");
+        });
+    }
+
+    #[test]
+    fn a_json_peek_charges_its_copy_too() {
+        rt().block_on(async {
+            let body = br#"{"clientKey":"kg_1","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+            // Room for the body once, not for the body and its copy.
+            let budget = PeekBudget::new(body.len() + body.len() / 2, None);
+            let err = peek(
+                &cfg(65536),
+                &[KeySource::Json],
+                &headers("application/json"),
+                Client::new(body, 10, true),
+                &budget,
+            )
+            .await
+            .err();
+            assert_eq!(err, Some(PeekError::Busy));
+            assert_eq!(budget.held(), 0);
+        });
+    }
+
+    #[test]
+    fn a_peek_dropped_midway_gives_back_its_bytes() {
+        rt().block_on(async {
+            let budget = PeekBudget::new(1 << 20, None);
+            // The key never comes: the peek waits on the stalled client.
+            let mut client = Client::new(b"pad=xxxxxxxxxx&more=yyyy", 4, false);
+            client.then = Then::Stall;
+            let headers = headers(FORM);
+            let cfg = BodyKeyConfig {
+                peek_timeout: Duration::from_secs(60),
+                ..cfg(65536)
+            };
+            let sources = [KeySource::Form];
+            let fut = peek(&cfg, &sources, &headers, client, &budget);
+            let mut fut = Box::pin(fut);
+            let waited = tokio::time::timeout(Duration::from_millis(50), fut.as_mut()).await;
+            assert!(waited.is_err(), "still waiting for the key");
+            assert!(budget.held() > 0);
+            // The client went away: hyper drops the request's future.
+            drop(fut);
+            assert_eq!(budget.held(), 0);
+        });
     }
 }

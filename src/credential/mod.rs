@@ -4,6 +4,7 @@
 //! forwarding. Nothing here checks the key itself.
 
 pub mod body;
+pub mod budget;
 pub mod form;
 pub mod multipart;
 

@@ -649,6 +649,7 @@ mod tests {
             Err(PeekError::Credential(CredentialError::Ambiguous(_))) => Outcome::Ambiguous,
             Err(PeekError::Credential(_)) => Outcome::BadKey,
             Err(PeekError::Body(_)) => Outcome::Malformed,
+            Err(PeekError::Busy) => unreachable!("the scanner has no budget"),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::config::UpstreamConfig;
 use crate::credential::body::Replay;
 use crate::error::GatewayError;
 use crate::idle::{BodyStalled, IdleTimeout, Peer};
+use crate::log_every::LogEvery;
 use crate::metrics::Metrics;
 use crate::window_watch::{SendWatch, StreamSend};
 use bytes::Bytes;
@@ -303,6 +304,9 @@ pub struct Upstream {
     /// The `Host` an HTTP/1.1 upstream gets; `None` for HTTP/2.
     host: Option<http::HeaderValue>,
     pool: Arc<Pool<ForwardBody>>,
+    /// Spaces out the warnings of failed exchanges ([`FAILURE_LOG_EVERY`]); shared by this
+    /// upstream's copies on every proxy thread.
+    failure_log: Arc<LogEvery>,
 }
 
 /// Each upstream's [`ConnectionCap`] by name, made once and shared by every proxy thread's
@@ -320,9 +324,20 @@ pub fn connection_caps(config: &crate::config::Config, metrics: &Metrics) -> Con
         .collect()
 }
 
+/// At most one warning of a failed exchange per upstream this often, with the count of those
+/// left out: an upstream down under load fails every request, and a line each would flood the
+/// logs (`keygate_requests_total{outcome="upstream_error"}` counts them all).
+pub const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+
 impl Upstream {
-    /// `cap`: the upstream's, from [`connection_caps`].
-    pub fn new(name: &str, cfg: &UpstreamConfig, cap: Arc<ConnectionCap>) -> Result<Self, String> {
+    /// `cap`: the upstream's, from [`connection_caps`]; `failure_log`: this upstream's, the
+    /// same for its copies on every proxy thread.
+    pub fn new(
+        name: &str,
+        cfg: &UpstreamConfig,
+        cap: Arc<ConnectionCap>,
+        failure_log: Arc<LogEvery>,
+    ) -> Result<Self, String> {
         let roots = cfg
             .tls_roots
             .as_deref()
@@ -373,7 +388,14 @@ impl Upstream {
                 host_header(&cfg.url)
             },
             pool,
+            failure_log,
         })
+    }
+
+    /// Whether a failed exchange's warning is due now ([`FAILURE_LOG_EVERY`]): `Some(how many
+    /// were left out since the last one)`.
+    fn failure_logged(&self) -> Option<u64> {
+        self.failure_log.due_now(FAILURE_LOG_EVERY)
     }
 
     /// The URI the upstream sees: its base path, then the request's path and query unchanged
@@ -417,7 +439,9 @@ impl Upstream {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
             // on, the 101 would leave the client with no answer at all.
-            tracing::warn!(upstream = %self.name, "upstream switched protocols unasked");
+            if let Some(unlogged) = self.failure_logged() {
+                tracing::warn!(upstream = %self.name, unlogged, "upstream switched protocols unasked");
+            }
             return Err(GatewayError::UpstreamUnavailable);
         }
         self.for_the_client(resp, stream).await
@@ -481,12 +505,16 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let (mut parts, body) = resp.into_parts();
         if headers::remove_upstream_framing(&mut parts.headers) == headers::TransferCoding::Other {
-            tracing::warn!(upstream = %self.name, "upstream response has a transfer coding other than chunked");
+            if let Some(unlogged) = self.failure_logged() {
+                tracing::warn!(upstream = %self.name, unlogged, "upstream response has a transfer coding other than chunked");
+            }
             return Err(GatewayError::UpstreamUnavailable);
         }
         let body = ReadAheadBody::read_ahead(body).await;
         if body.failed_before_any_frame() {
-            tracing::warn!(upstream = %self.name, status = parts.status.as_u16(), "upstream response body failed before any data");
+            if let Some(unlogged) = self.failure_logged() {
+                tracing::warn!(upstream = %self.name, unlogged, status = parts.status.as_u16(), "upstream response body failed before any data");
+            }
             return Err(GatewayError::UpstreamUnavailable);
         }
         Ok(Response::from_parts(
@@ -566,7 +594,9 @@ impl Upstream {
         let answered = tokio::time::timeout(self.response_timeout, sent)
             .await
             .map_err(|_| {
-                tracing::warn!(upstream = %self.name, "upstream response timed out");
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, "upstream response timed out");
+                }
                 GatewayError::UpstreamTimeout
             })?;
         self.answered(answered, client_body)
@@ -587,7 +617,9 @@ impl Upstream {
             if client_body.is_some_and(|b| b.error().is_some()) {
                 tracing::debug!(upstream = %self.name, error = %e, "upstream request failed on the client's body");
             } else {
-                tracing::warn!(upstream = %self.name, error = %e, connect = e.is_connect(), "upstream request failed");
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, error = %e, connect = e.is_connect(), "upstream request failed");
+                }
             }
             GatewayError::UpstreamUnavailable
         })

@@ -106,10 +106,10 @@ impl ConnectionCap {
         Some(self.slot(permit))
     }
 
-    /// Waits for a permit; never fails (the semaphore is never closed).
-    async fn next_slot(&self) -> Slot {
-        let permit = self.permits.clone().acquire_owned().await;
-        self.slot(permit.expect("the connection semaphore is never closed"))
+    /// Waits for a permit. `None` only if the semaphore were closed, which nothing does.
+    async fn next_slot(&self) -> Option<Slot> {
+        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        Some(self.slot(permit))
     }
 
     fn busy(&self, waited: Duration) -> PoolError {
@@ -478,7 +478,10 @@ where
                 shed = true;
             }
             tokio::select! {
-                slot = self.cap.next_slot() => break slot,
+                slot = self.cap.next_slot() => match slot {
+                    Some(slot) => break slot,
+                    None => return Err(self.cap.busy(started.elapsed())),
+                },
                 () = &mut returned => {}
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(self.cap.busy(started.elapsed()));
@@ -555,7 +558,9 @@ where
                 self.cap.shed_idle();
                 tokio::time::timeout(limit, self.cap.next_slot())
                     .await
-                    .map_err(|_| self.cap.busy(limit))?
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| self.cap.busy(limit))?
             }
         };
         // Boxed, as in `send_h1`.

@@ -1,9 +1,12 @@
-//! Limits on what clients can make keygate hold: HTTP/2 streams per client connection, and
-//! connections to one upstream.
+//! Limits on what clients can make keygate hold: HTTP/2 streams per client connection,
+//! connections to one upstream, and the body bytes all key peeks hold together.
 
 use crate::support::gateway::Gateway;
-use crate::support::upstream;
+use crate::support::{client, create_key, eventually, upstream};
+use keygate::store::KeyStore;
+use keygate::store::embedded::EmbeddedStore;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -202,4 +205,119 @@ async fn connections_to_one_upstream_stay_within_its_max_connections() {
     let (status, ..) = send(6).await;
     assert_eq!(status, 200);
     assert!(open.peak.load(Ordering::SeqCst) <= 2);
+}
+
+/// The value of the unlabelled series `name` in a scrape.
+fn gauge(scrape: &str, name: &str) -> Option<u64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `proxy.max_peek_total_bytes` bounds the body bytes every key peek holds together: slow form
+/// uploads that fill it make the next body-key request get 503 `GATEWAY_BUSY` with
+/// `Retry-After`, while a request with its key in a header passes, body or not; once the slow
+/// uploads are gone the budget is whole again and body keys pass.
+#[tokio::test]
+async fn body_peeks_share_one_byte_budget_that_header_keys_do_not_touch() {
+    const UPLOADS: usize = 4;
+    const HELD_EACH: usize = 2048;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let echo = upstream::echo().await;
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    drop(store);
+    let gw = Gateway::start(&format!(
+        r#"
+        [proxy]
+        max_peek_total_bytes = {total}
+        [store]
+        kind = "embedded"
+        path = "{db}"
+        [upstreams.echo]
+        url = "http://{echo}"
+        [[routes]]
+        name = "form"
+        path_prefix = "/form"
+        upstream = "echo"
+        sources = ["bearer", "form"]
+        max_peek_bytes = 4096
+        peek_timeout = "30s"
+        "#,
+        total = UPLOADS * HELD_EACH,
+        db = db.display()
+    ));
+    let form = |body: String| {
+        client()
+            .post(gw.url("/form"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+    };
+    let key_in_body = format!("clientKey={key}&a=1");
+    let ok = form(key_in_body.clone()).send().await.unwrap();
+    assert_eq!(ok.status(), 200, "{:?}", ok.text().await);
+    let held = || async { gauge(&gw.metrics().await, "keygate_peek_held_bytes") };
+    assert!(
+        eventually(Duration::from_secs(5), || async { held().await == Some(0) }).await,
+        "a forwarded peek gives its bytes back: {:?}",
+        held().await
+    );
+
+    // Slow uploads: the start of a long form without the key, then nothing; each peek holds
+    // what it read while it waits for the key.
+    let mut uploads = Vec::new();
+    for _ in 0..UPLOADS {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let mut head = b"POST /form HTTP/1.1\r\nHost: x\r\n\
+                         Content-Type: application/x-www-form-urlencoded\r\n\
+                         Content-Length: 100000\r\n\r\npad="
+            .to_vec();
+        head.extend(std::iter::repeat_n(b'x', HELD_EACH - 4));
+        s.write_all(&head).await.unwrap();
+        uploads.push(s);
+    }
+    let full = Some((UPLOADS * HELD_EACH) as u64);
+    assert!(
+        eventually(Duration::from_secs(5), || async { held().await == full }).await,
+        "the slow uploads fill the budget: {:?}",
+        held().await
+    );
+
+    let busy = form(key_in_body.clone()).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let answer: serde_json::Value = busy.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "GATEWAY_BUSY", "{answer}");
+    // The key in a header: no peek, no budget, with a form body or none.
+    let header_key = form("a=1&b=2".into())
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header_key.status(), 200);
+    let get = client()
+        .get(gw.url("/form"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let scrape = gw.metrics().await;
+    let overloaded = scrape.lines().find(|l| {
+        l.starts_with("keygate_requests_total{")
+            && l.contains("outcome=\"overloaded\"")
+            && l.contains("route=\"form\"")
+    });
+    assert_eq!(overloaded.and_then(|l| l.rsplit(' ').next()), Some("1"));
+
+    // The clients give up: their peeks fail, and the bytes go back.
+    drop(uploads);
+    assert!(
+        eventually(Duration::from_secs(5), || async { held().await == Some(0) }).await,
+        "closed uploads give their bytes back: {:?}",
+        held().await
+    );
+    let again = form(key_in_body).send().await.unwrap();
+    assert_eq!(again.status(), 200, "{:?}", again.text().await);
 }

@@ -2690,3 +2690,53 @@ async fn a_request_cut_off_by_the_drain_is_logged_as_such() {
         lines[0]
     );
 }
+
+/// An upstream that is down fails every request; its warning is logged once a second at most,
+/// the next line saying how many were left out, not once per request.
+#[tokio::test]
+async fn upstream_failures_are_logged_once_a_second_with_the_count_left_out() {
+    const BURST: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keygate.log");
+    let down = upstream::closed();
+    let gw = Gateway::start_logging_to(
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n[upstreams.down]\n\
+             url = \"http://{down}\"\n[[routes]]\n\
+             name = \"down\"\npath_prefix = \"/\"\nupstream = \"down\"\npublic = true\n",
+            dir.path().join("keys.db").display()
+        ),
+        &log,
+    );
+    let get = || async { client().get(gw.url("/x")).send().await.unwrap().status() };
+    let statuses = futures_util::future::join_all((0..BURST).map(|_| get())).await;
+    assert!(statuses.iter().all(|s| *s == 502), "{statuses:?}");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let warnings = || {
+        read()
+            .lines()
+            .filter(|l| l.contains("upstream request failed"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // Every request's access line is out, so every warning that was due is too.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read().matches("status=502").count() == BURST
+        })
+        .await,
+        "{}",
+        read()
+    );
+    assert_eq!(warnings().len(), 1, "{:?}", warnings());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get().await, 502);
+    assert!(
+        eventually(Duration::from_secs(5), || async { warnings().len() == 2 }).await,
+        "{:?}",
+        warnings()
+    );
+    let left_out = format!("unlogged={}", BURST - 1);
+    assert!(warnings()[1].contains(&left_out), "{:?}", warnings());
+}
