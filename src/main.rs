@@ -190,6 +190,9 @@ fn main() -> ExitCode {
     let log_writer = serve_config
         .as_ref()
         .map(|(cfg, _)| keygate::telemetry::init_logging(&cfg.log));
+    if matches!(cli.command, Command::Keys { .. } | Command::Teams { .. }) {
+        keygate::telemetry::init_cli_logging();
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => match serve_config {
@@ -297,6 +300,8 @@ async fn serve(
         cfg.admin.listen = listen;
     }
     let mut bootstrap = bootstrap_token(&cfg)?;
+    // A token from the environment is the operator's secret: dev mode prints only one it made.
+    let token_from_env = bootstrap.is_some();
     if args.dev && bootstrap.is_none() && cfg.admin.enabled {
         bootstrap = Some(
             keygate::auth::key::NewKey::generate(
@@ -418,8 +423,18 @@ async fn serve(
         && let (Some((_, admin_addr)), Some(token)) = (&admin_listener, &bootstrap)
     {
         let admin_scheme = scheme(&admin_tls);
-        println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
-        println!("  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys");
+        if token_from_env {
+            let var = &cfg.admin.bootstrap_token_env;
+            println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: ${var}");
+            println!(
+                "  curl -H \"Authorization: Bearer ${var}\" {admin_scheme}://{admin_addr}/v1/keys"
+            );
+        } else {
+            println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
+            println!(
+                "  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys"
+            );
+        }
         println!();
     }
 

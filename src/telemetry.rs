@@ -46,6 +46,20 @@ pub fn init_logging(cfg: &LogConfig) -> WorkerGuard {
     guard
 }
 
+/// For the `keys` and `teams` commands: warnings and errors on stderr, beside what the command
+/// prints. Without it a change made but not audited (its audit event refused by the store)
+/// said so nowhere, and the command still succeeded. `RUST_LOG` may ask for more.
+pub fn init_cli_logging() {
+    let filter = rust_log("warn")
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// `RUST_LOG`, checked as `log.level` is (`config::log_filter`). One that does not pass is not
 /// fatal, but said on stderr, before any log line: it used to be ignored without a word, so
 /// an operator who set it wondered why the logs did not change.

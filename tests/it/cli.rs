@@ -434,3 +434,50 @@ async fn dev_mode_prints_a_working_key_and_curl_line() {
     let _ = child.wait();
     let _ = spawn_and_read_addr; // shared helper, used by other tests
 }
+
+/// Review: `serve --dev` printed the bootstrap token from the environment, an operator's
+/// secret, on stdout. It prints the variable's name instead; a token it made itself it shows.
+#[test]
+fn dev_mode_does_not_print_a_token_from_the_environment() {
+    const TOKEN: &str = "my-real-production-admin-token-1234";
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("KEYGATE_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        let done = line.contains("admin API:");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(
+        text.contains("bootstrap token: $KEYGATE_ADMIN_TOKEN"),
+        "{text}"
+    );
+    assert!(!text.contains(TOKEN), "{text}");
+}

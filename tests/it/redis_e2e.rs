@@ -728,6 +728,49 @@ async fn a_refused_redis_login_is_named_and_fails_fast() {
     );
 }
 
+/// Review: a change the `keys` command made but could not audit (its Redis user may not
+/// XADD) said so nowhere, its error logged to no subscriber. It is on stderr now; the change
+/// stands and the key is printed, so the command still succeeds (a retry would make another).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_says_when_a_change_could_not_be_audited() {
+    let redis = RedisServer::start();
+    redis_cli(
+        &redis,
+        &[
+            "ACL",
+            "SETUSER",
+            "noaudit",
+            "on",
+            ">noaudit-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-xadd",
+        ],
+    );
+    let url = format!("redis://noaudit:noaudit-pw@127.0.0.1:{}/", redis.port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, config_at(&url, "kgnoaudit", "").await).unwrap();
+    let out = std::process::Command::new(crate::support::gateway::BIN)
+        .args(["keys", "--config"])
+        .arg(&path)
+        .args(["create", "--name", "unaudited"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("kg_"),
+        "{out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("audit event could not be stored"),
+        "{stderr}"
+    );
+}
+
 /// A gateway whose Redis user may not SUBSCRIBE (an ACL, a Redis proxy without pub/sub) has no
 /// change feed. Then nothing it caches is fresh: a disabled key is refused at once, not once
 /// the cache's TTL has passed (review: accepted for the whole 30 s TTL).
