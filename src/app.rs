@@ -229,6 +229,7 @@ pub async fn run(
         let _ = drained_tx.send(true);
     };
 
+    let admin_stop = drained_rx.clone();
     let admin = async {
         let Some(listener) = listeners.admin else {
             return;
@@ -269,7 +270,9 @@ pub async fn run(
                     }
                 }
             },
-            stopped(stop_rx.clone()),
+            // Open through the proxy's drain: probes get 503 "shutting down" rather than a
+            // refused connection, and /metrics can still be scraped while requests finish.
+            stopped(admin_stop),
         )
         .await;
     };

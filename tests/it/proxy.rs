@@ -2691,6 +2691,58 @@ async fn a_request_cut_off_by_the_drain_is_logged_as_such() {
     );
 }
 
+/// While the proxy drains, the admin listener stays open: `/readyz` answers 503 "shutting
+/// down" (it was a refused connection, which docs/deploy.md did not say) and `/metrics` can
+/// still be scraped. It closes once the proxy has drained.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_answers_not_ready_through_the_drain() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let silent = upstream::silent().await;
+    let mut gw = Gateway::start(&format!(
+        "[proxy]\ndrain_timeout = \"3s\"\n[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.silent]\nurl = \"http://{silent}\"\nresponse_timeout = \"60s\"\n\
+         [[routes]]\nname = \"hangs\"\npath_prefix = \"/\"\nupstream = \"silent\"\n\
+         public = true\n",
+        dir.path().join("keys.db").display()
+    ));
+    assert_eq!(
+        client()
+            .get(gw.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let waiting = eventually(Duration::from_secs(5), || async {
+        gw.metrics()
+            .await
+            .contains("\nkeygate_in_flight_requests 1\n")
+    })
+    .await;
+    assert!(waiting, "the request never showed as in flight");
+    let readyz = gw.admin_url("/readyz");
+    let metrics = gw.admin_url("/metrics");
+    let exited = tokio::task::spawn_blocking(move || gw.terminate());
+    let unready = eventually(Duration::from_secs(2), || async {
+        match client().get(&readyz).send().await {
+            Ok(r) if r.status() == 503 => r.text().await.unwrap().contains("shutting down"),
+            _ => false,
+        }
+    })
+    .await;
+    assert!(unready, "/readyz did not answer 503 during the drain");
+    let scraped = client().get(&metrics).send().await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(exited.await.unwrap().success());
+    drop(conn);
+}
+
 /// An upstream that is down fails every request; its warning is logged once a second at most,
 /// the next line saying how many were left out, not once per request.
 #[tokio::test]
