@@ -34,6 +34,10 @@ K8S = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "keygate.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
+DOCS = ROOT / "docs" / "deploy.md"
+# The Secret the kustomizations reference but never create (a Secret in them would be applied
+# with values everyone knows, over the one the user made): docs/deploy.md has it created first.
+SECRET_EXAMPLE = K8S / "secret.example.yaml"
 
 # The oldest Kubernetes the manifests support (native sidecars: 1.29; the preStop sleep action
 # they use: 1.30) and the newest one kubernetes-validate ships schemas for.
@@ -271,7 +275,8 @@ def expand_env(container: dict, objects: dict, where: str) -> dict[str, str]:
             obj = objects.get((kind, ref["name"]))
             if obj is None:
                 if not ref.get("optional"):
-                    problem(where, f"env {name}: {kind} {ref['name']!r} is not in the manifests")
+                    problem(where, f"env {name}: {kind} {ref['name']!r} is not in the manifests"
+                                   + (f" nor in {rel(SECRET_EXAMPLE)}" if kind == "Secret" else ""))
                 continue
             values = dict(obj.get("data") or {})
             if kind == "Secret":
@@ -303,6 +308,13 @@ def addr_port(addr: str) -> int:
     return int(addr.rsplit(":", 1)[1])
 
 
+def autoscalers(wl: dict, objects: dict) -> list[dict]:
+    """The HorizontalPodAutoscalers that scale this workload."""
+    return [h for (kind, _), h in objects.items() if kind == "HorizontalPodAutoscaler"
+            and h["spec"]["scaleTargetRef"].get("kind") == wl["kind"]
+            and h["spec"]["scaleTargetRef"].get("name") == wl["metadata"]["name"]]
+
+
 def check_keygate_pod(where: str, wl: dict, objects: dict, shape: str, out: Path,
                       counter: list[int]) -> None:
     """The rules of docs/deploy.md for a workload running keygate (standalone or sidecar)."""
@@ -319,7 +331,8 @@ def check_keygate_pod(where: str, wl: dict, objects: dict, shape: str, out: Path
         if not [x for x, sc in containers if not sc]:
             problem(where, "a sidecar example needs the app as a regular container")
     elif shape == "standalone":
-        if (wl["spec"].get("replicas") or 1) < 2:
+        # With an HPA, its minReplicas is the floor (check_references); without, replicas.
+        if not autoscalers(wl, objects) and (wl["spec"].get("replicas") or 1) < 2:
             problem(where, "at least 2 replicas")
 
     # The configuration it reads: a ConfigMap mounted at /etc/keygate, file from --config.
@@ -438,11 +451,12 @@ def check_workload_common(where: str, wl: dict) -> None:
         problem(where, "Pod securityContext.seccompProfile.type: RuntimeDefault")
 
 
-def check_references(name: str, docs: list[tuple[str, dict]]) -> None:
-    """Within one kustomization's output: Services, NetworkPolicies, PDBs, HPAs and
-    ServiceMonitors point at something that exists; ConfigMaps and Secrets referenced by
-    volumes exist."""
-    objects = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+def check_references(name: str, docs: list[tuple[str, dict]], external: dict) -> None:
+    """Within one kustomization's output (plus `external`, the objects the user creates
+    first): Services, NetworkPolicies, PDBs, HPAs and ServiceMonitors point at something that
+    exists; ConfigMaps and Secrets referenced by volumes and env exist."""
+    objects = dict(external)
+    objects.update({(d["kind"], d["metadata"]["name"]): d for _, d in docs})
     workloads = [(w, d) for w, d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
 
     def pods_selected(selector: dict | None) -> list[tuple[str, dict]]:
@@ -491,6 +505,10 @@ def check_references(name: str, docs: list[tuple[str, dict]]) -> None:
             else:
                 if d["spec"].get("minReplicas", 1) < 2:
                     problem(where, "minReplicas at least 2")
+                if "replicas" in target["spec"]:
+                    problem(where, f"{ref['kind']} {ref['name']} sets spec.replicas: every "
+                                   f"kubectl apply would reset the count this HPA chose; leave "
+                                   f"it out (minReplicas is the floor)")
                 for m in d["spec"].get("metrics") or []:
                     r = (m.get("resource") or {}).get("name")
                     if m.get("type") == "Resource" and r:
@@ -575,12 +593,75 @@ def mini_kustomize(directory: Path) -> list[dict]:
     return docs
 
 
+def secret_stand_ins() -> tuple[dict, list[tuple[str, dict]]]:
+    """The Secret of secret.example.yaml as the user creates it (docs/deploy.md: kubectl create
+    secret with `openssl rand -hex` values), for the checks that read its keys: (objects by
+    (kind, name), the example's documents for the schema check). The example's own values must
+    be empty: a value there would be one more token everyone knows."""
+    import copy
+    import secrets
+
+    where = rel(SECRET_EXAMPLE)
+    docs = load_docs(SECRET_EXAMPLE) if SECRET_EXAMPLE.exists() else []
+    if not docs:
+        problem(where, "missing: it shows the Secret the kustomizations expect")
+    objects, out = {}, []
+    for d in docs:
+        w = f"{where}: {d.get('kind')}/{d.get('metadata', {}).get('name')}"
+        out.append((w, d))
+        if d.get("kind") != "Secret":
+            problem(w, "only Secrets belong in it")
+            continue
+        if d.get("data") or any(v for v in (d.get("stringData") or {}).values()):
+            problem(w, "its values must be left empty (the user makes random ones)")
+        if not d.get("stringData"):
+            problem(w, "list its keys under stringData")
+        stand_in = copy.deepcopy(d)
+        stand_in["stringData"] = {k: secrets.token_hex(32) for k in d.get("stringData") or {}}
+        objects[("Secret", d["metadata"]["name"])] = stand_in
+    check_docs_create_secrets(objects)
+    return objects, out
+
+
+def check_docs_create_secrets(secrets_: dict) -> None:
+    """docs/deploy.md: each section that runs `kubectl -n NS apply -k deploy/kubernetes/X`
+    creates the Secrets first, in that namespace, with every key of the example (the
+    kustomizations do not create them)."""
+    where = rel(DOCS)
+    text = re.sub(r"\\\n\s*", " ", DOCS.read_text())  # join continued command lines
+    applies = 0
+    for section in re.split(r"^## ", text, flags=re.M):
+        for m in re.finditer(r"kubectl\s+(?:-n\s+(\S+)\s+)?apply\s+-k\s+deploy/kubernetes/(\w+)",
+                             section):
+            ns, target = m.group(1), m.group(2)
+            if target == "redis":
+                continue
+            applies += 1
+            before = section[:m.start()]
+            for (_, name), secret in secrets_.items():
+                made = [c for c in re.finditer(
+                    rf"kubectl\s+(?:-n\s+(\S+)\s+)?create\s+secret\s+generic\s+{re.escape(name)}\b([^\n]*)",
+                    before) if c.group(1) == ns]
+                if not made:
+                    problem(where, f"`{m.group(0)}` is not preceded by a `kubectl -n {ns} create "
+                                   f"secret generic {name}` in its section")
+                    continue
+                keys = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", made[-1].group(2)))
+                if keys != set(secret.get("stringData") or {}):
+                    problem(where, f"`kubectl -n {ns} create secret generic {name}` creates "
+                                   f"{sorted(keys)}, the manifests read "
+                                   f"{sorted(secret.get('stringData') or {})}")
+    if not applies:
+        problem(where, "no `kubectl -n NS apply -k deploy/kubernetes/...` found")
+
+
 def check_kubernetes(work: Path) -> None:
     out = work / "configs"
     out.mkdir(parents=True, exist_ok=True)
     counter = [0]
     probe_paths: set[str] = set()
-    files = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    files = sorted(p for p in K8S.rglob("*.yaml")
+                   if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml"))
     rendered = sorted(work.glob("rendered-*.yaml"))
     # Each kustomization's output (rendered by `kubectl kustomize` in check.sh) is what
     # `kubectl apply -k` sends; every file must be part of one.
@@ -598,6 +679,10 @@ def check_kubernetes(work: Path) -> None:
     for f in files:
         if f.resolve() not in included:
             problem(rel(f), "is in no kustomization.yaml")
+    for f in sorted(K8S.rglob("*.example.yaml")):
+        if f.resolve() in included:
+            problem(rel(f), "an example, for reference only: it must be in no kustomization.yaml")
+    external, example_docs = secret_stand_ins()
 
     sets: list[tuple[str, list[tuple[str, dict]]]] = []
     if rendered:
@@ -618,12 +703,18 @@ def check_kubernetes(work: Path) -> None:
             sets.append((name, [(f"{name}: {d.get('kind')}/{d.get('metadata', {}).get('name')}", d)
                                 for d in mini_kustomize(k.parent)]))
 
-    all_docs = [x for _, docs in sets for x in docs]
+    all_docs = [x for _, docs in sets for x in docs] + example_docs
     guarded("schemas", validate_schemas, all_docs)
     for name, docs in sets:
-        guarded(f"kustomize {name}", check_references, name, docs)
+        for where, d in docs:
+            if d.get("kind") == "Secret":
+                problem(where, "a Secret in a kustomization is applied with values everyone "
+                               "knows, over the one the user created: leave it out (docs/deploy.md "
+                               f"has it created first; {rel(SECRET_EXAMPLE)} shows it)")
+        guarded(f"kustomize {name}", check_references, name, docs, external)
         guarded(f"kustomize {name}", check_admin_port_is_internal, name, docs)
-        objects = {(d.get("kind"), d.get("metadata", {}).get("name")): d for _, d in docs}
+        objects = dict(external)
+        objects.update({(d.get("kind"), d.get("metadata", {}).get("name")): d for _, d in docs})
         running_keygate = 0
         for where, d in docs:
             if d.get("kind") not in ("Deployment", "StatefulSet", "DaemonSet"):
@@ -647,7 +738,7 @@ def check_kubernetes(work: Path) -> None:
             problem(f"kustomize {name}", "no workload runs keygate")
         kinds = {d["kind"] for _, d in docs}
         if name == "standalone":
-            for k in ("Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
+            for k in ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget",
                       "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"):
                 if k not in kinds:
                     problem(f"kustomize {name}", f"has no {k}")
