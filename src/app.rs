@@ -358,11 +358,10 @@ async fn serve_proxy(
             }
         },
         shutdown,
+        move || cut_off.drain_expired(),
     );
     tokio::select! {
-        expired = serving => if expired {
-            cut_off.drain_expired();
-        },
+        _ = serving => {}
         () = timer_floor() => {}
     }
 }

@@ -480,16 +480,29 @@ impl Upstream {
         let name = self.name.clone();
         let idle = self.body_idle_timeout;
         tokio::spawn(async move {
-            // The client connection's slot and counts stay taken while the tunnel runs.
-            let _hold = hold;
-            match (client_side.await, upstream_side.await) {
-                (Ok(client), Ok(upstream)) => {
-                    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    tunnel::splice(client, upstream, idle, key_ends).await;
+            let relay = async {
+                match (client_side.await, upstream_side.await) {
+                    (Ok(client), Ok(upstream)) => {
+                        let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                        tunnel::splice(client, upstream, idle, key_ends).await;
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::debug!(upstream = %name, error = %e, "upgrade did not complete");
+                    }
                 }
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::debug!(upstream = %name, error = %e, "upgrade did not complete");
+            };
+            // The client connection's slot and counts stay taken while the tunnel runs, and
+            // it ends with the listener's drain time.
+            match hold {
+                Some(hold) => {
+                    tokio::select! {
+                        () = relay => {}
+                        () = hold.cut_off() => {
+                            tracing::debug!(upstream = %name, "tunnel closed: the drain time ran out");
+                        }
+                    }
                 }
+                None => relay.await,
             }
         });
         Ok(resp.map(|body| self.watched(ReadAheadBody::Streaming(body), None)))

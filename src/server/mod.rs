@@ -18,10 +18,10 @@ pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use crate::idle::{CutOff, Peer, WriteStall};
 use crate::window_watch::{Sends, StreamSend, StreamSends};
-use connection::{Builders, HttpConnection};
+use connection::{Builders, HttpConnection, StreamExecutor};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 
 /// How often an HTTP/2 connection with no frames from the client is pinged, and how long the
 /// answer may take before the connection is closed.
@@ -123,13 +124,13 @@ pub async fn serve<M, H, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_shared(listener, None, opts, tls, make_handler, shutdown).await;
+    serve_shared(listener, None, opts, tls, make_handler, shutdown, || {}).await;
 }
 
 /// [`serve`] for one of several threads accepting from the same socket: `member` (from
 /// [`spread::members`]) evens their connections out. `true` when the drain timeout ran out
-/// with connections still open: their tasks are left to the runtime, which drops them (and
-/// the requests they serve) when it is dropped.
+/// with connections still open: `drain_expired` is called, then their tasks, their HTTP/2
+/// streams and their tunnels are ended (the requests they serve dropped).
 pub async fn serve_shared<M, H, B>(
     listener: TcpListener,
     mut member: Option<spread::Member>,
@@ -137,6 +138,7 @@ pub async fn serve_shared<M, H, B>(
     tls: Option<TlsAcceptor>,
     make_handler: M,
     shutdown: impl Future<Output = ()>,
+    drain_expired: impl FnOnce(),
 ) -> bool
 where
     M: Fn(SocketAddr) -> H,
@@ -155,7 +157,9 @@ where
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192))
         .max_headers(opts.max_headers);
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // `true` once the drain time has run out: what is still running then is ended.
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let mut http2 = hyper::server::conn::http2::Builder::new(StreamExecutor::new(cut_rx.clone()));
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
@@ -176,7 +180,10 @@ where
         .unwrap_or_else(|| Arc::new(Semaphore::new(opts.max_connections)));
     tokio::pin!(shutdown);
 
-    // Starts serving one connection: accepted here, or handed over by another thread.
+    // The connections' tasks, aborted when the drain time runs out (the runtime may live on
+    // for the last usage flush, and would otherwise go on serving them).
+    let mut tasks = JoinSet::new();
+    // Serves one connection: accepted here, or handed over by another thread.
     let start = |stream: TcpStream,
                  peer: SocketAddr,
                  permit: OwnedSemaphorePermit,
@@ -196,38 +203,35 @@ where
                     _open: opts.open_connections.as_ref().map(OpenConnection::new),
                     _assigned: assigned,
                     _draining: holds_tx.clone(),
+                    cut: cut_rx.clone(),
                 }),
             },
         };
-        match &tls {
-            None => {
-                tokio::spawn(conn.serve(stream, handler, ConnectionInfo::default()));
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let mut closing = closing_rx.clone();
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(acceptor.handshake_timeout(), acceptor.accept(stream));
-                    let (stream, info) = tokio::select! {
-                        r = handshake => match r {
-                            Ok(Ok(done)) => done,
-                            Ok(Err(e)) => {
-                                // Scanners, plaintext HTTP, untrusted client certificates:
-                                // routine on a public port, so debug, not warn.
-                                tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        },
-                        _ = closing.wait_for(|c| *c) => return,
-                    };
-                    conn.serve(stream, handler, info).await;
-                });
-            }
+        let tls = tls.clone();
+        let mut closing = closing_rx.clone();
+        async move {
+            let Some(acceptor) = tls else {
+                return conn.serve(stream, handler, ConnectionInfo::default()).await;
+            };
+            let handshake =
+                tokio::time::timeout(acceptor.handshake_timeout(), acceptor.accept(stream));
+            let (stream, info) = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(e)) => {
+                        // Scanners, plaintext HTTP, untrusted client certificates:
+                        // routine on a public port, so debug, not warn.
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = closing.wait_for(|c| *c) => return,
+            };
+            conn.serve(stream, handler, info).await;
         }
     };
 
@@ -258,7 +262,9 @@ where
             },
             () = &mut shutdown => break,
         };
-        start(stream, peer, permit, assigned);
+        tasks.spawn(start(stream, peer, permit, assigned));
+        // Finished connections' entries go here, without a wake-up of their own.
+        while tasks.try_join_next().is_some() {}
     }
 
     // A thread may have handed this one a connection after it stopped accepting: serve those
@@ -266,7 +272,9 @@ where
     if let Some(m) = member.as_mut() {
         for h in m.close() {
             match TcpStream::from_std(h.stream) {
-                Ok(stream) => start(stream, h.peer, h.permit, Some(h.assigned)),
+                Ok(stream) => {
+                    tasks.spawn(start(stream, h.peer, h.permit, Some(h.assigned)));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot take over a connection from another thread")
                 }
@@ -286,6 +294,10 @@ where
         }
         () = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
+            // Told first, so that what is dropped now is logged as cut off by the drain.
+            drain_expired();
+            let _ = cut_tx.send(true);
+            tasks.abort_all();
             true
         }
     }
@@ -328,6 +340,16 @@ struct Held {
     _assigned: Option<spread::Assigned>,
     /// Keeps the listener's drain waiting for this connection (or its tunnel).
     _draining: mpsc::Sender<std::convert::Infallible>,
+    /// `true` once the listener's drain time has run out.
+    cut: watch::Receiver<bool>,
+}
+
+impl ConnectionHold {
+    /// Resolves when the listener's drain time runs out: a tunnel, which outlives the
+    /// connection's task, ends then too.
+    pub async fn cut_off(&self) {
+        connection::cut_off(self._held.cut.clone()).await;
+    }
 }
 
 /// A connection slot, then a connection; `None` after an accept error (backed off).

@@ -2691,6 +2691,79 @@ async fn a_request_cut_off_by_the_drain_is_logged_as_such() {
     );
 }
 
+/// Review: a request still under way when the drain time ran out went on, and was answered,
+/// for as long as the last usage flush kept the process up (up to 5 s more with the store
+/// failing it). The drain's end now ends the connections' tasks at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_time_ends_requests_even_while_the_last_flush_waits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let slow = upstream::delayed(Duration::from_secs(3)).await;
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    let mut gw = Gateway::start(&format!(
+        "[proxy]\ndrain_timeout = \"500ms\"\n[usage]\nflush_interval = \"60s\"\n\
+         [store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.slow]\nurl = \"http://{slow}\"\n\
+         [[routes]]\nname = \"slow\"\npath_prefix = \"/\"\nupstream = \"slow\"\n",
+        db.display()
+    ));
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(
+        format!("GET /wait HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    // And one over HTTP/2, whose streams run apart from their connection's task.
+    let h2 = {
+        let (url, key) = (gw.url("/wait"), key.clone());
+        tokio::spawn(async move {
+            let r = h2_client().get(url).bearer_auth(key).send().await;
+            r.map(|r| r.status().as_u16())
+        })
+    };
+    let waiting = eventually(Duration::from_secs(5), || async {
+        gw.metrics()
+            .await
+            .contains("\nkeygate_in_flight_requests 2\n")
+    })
+    .await;
+    assert!(waiting, "the requests never showed as in flight");
+    // Another process holds the database's write lock: the last usage flush (this request's
+    // count) waits and retries for up to 5 s.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let started = std::time::Instant::now();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(gw.pid().to_string())
+        .status();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let closed_after = started.elapsed();
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(
+        !String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "answered after the drain time: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "closed after {closed_after:?}"
+    );
+    let h2 = tokio::time::timeout(Duration::from_secs(2), h2).await;
+    assert!(
+        matches!(h2, Ok(Ok(Err(_)))),
+        "the HTTP/2 request was not ended: {h2:?}"
+    );
+    drop(lock);
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// While the proxy drains, the admin listener stays open: `/readyz` answers 503 "shutting
 /// down" (it was a refused connection, which docs/deploy.md did not say) and `/metrics` can
 /// still be scraped. It closes once the proxy has drained.
