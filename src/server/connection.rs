@@ -14,7 +14,7 @@ use super::read_ahead::{Protocol, ReadAhead};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -25,47 +25,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// hyper's two connection builders, configured once per listener.
 pub struct Builders {
     pub http1: http1::Builder,
-    pub http2: http2::Builder<StreamExecutor>,
-}
-
-/// Runs what an HTTP/2 connection spawns apart from itself (each stream's request), and ends
-/// it when the listener's drain time runs out: aborting the connection's task does not reach
-/// those, and a request still being checked would otherwise be forwarded after the cut-off.
-#[derive(Clone)]
-pub struct StreamExecutor {
-    cut: tokio::sync::watch::Receiver<bool>,
-}
-
-impl StreamExecutor {
-    /// `cut`: `true` once the drain time has run out.
-    pub fn new(cut: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { cut }
-    }
-}
-
-impl<F> hyper::rt::Executor<F> for StreamExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        let cut = self.cut.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                biased;
-                _ = fut => {}
-                () = cut_off(cut) => {}
-            }
-        });
-    }
-}
-
-/// Resolves once `cut` says `true`; never, if its sender is gone without saying so (the
-/// listener drained in time).
-pub async fn cut_off(mut cut: tokio::sync::watch::Receiver<bool>) {
-    if cut.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
-    }
+    pub http2: http2::Builder<TokioExecutor>,
 }
 
 pin_project_lite::pin_project! {
@@ -97,7 +57,7 @@ pin_project_lite::pin_project! {
         },
         Http2 {
             #[pin]
-            conn: http2::Connection<TokioIo<ReadAhead<I>>, S, StreamExecutor>,
+            conn: http2::Connection<TokioIo<ReadAhead<I>>, S, TokioExecutor>,
         },
         /// Shut down before it said anything.
         Closed,

@@ -18,10 +18,10 @@ pub use tls::{ConnectionInfo, TlsAcceptor};
 
 use crate::idle::{CutOff, Peer, WriteStall};
 use crate::window_watch::{Sends, StreamSend, StreamSends};
-use connection::{Builders, HttpConnection, StreamExecutor};
+use connection::{Builders, HttpConnection};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -129,8 +129,8 @@ pub async fn serve<M, H, B>(
 
 /// [`serve`] for one of several threads accepting from the same socket: `member` (from
 /// [`spread::members`]) evens their connections out. `true` when the drain timeout ran out
-/// with connections still open: `drain_expired` is called, then their tasks, their HTTP/2
-/// streams and their tunnels are ended (the requests they serve dropped).
+/// with connections still open: `drain_expired` is called, then their tasks (HTTP/2 streams
+/// with them) and their tunnels are ended, the requests they serve dropped.
 pub async fn serve_shared<M, H, B>(
     listener: TcpListener,
     mut member: Option<spread::Member>,
@@ -157,9 +157,10 @@ where
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192))
         .max_headers(opts.max_headers);
-    // `true` once the drain time has run out: what is still running then is ended.
+    // `true` once the drain time has run out: tunnels still open then are ended. (An HTTP/2
+    // stream's task ends with its connection's: hyper drops a request whose stream is reset.)
     let (cut_tx, cut_rx) = watch::channel(false);
-    let mut http2 = hyper::server::conn::http2::Builder::new(StreamExecutor::new(cut_rx.clone()));
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
@@ -348,7 +349,11 @@ impl ConnectionHold {
     /// Resolves when the listener's drain time runs out: a tunnel, which outlives the
     /// connection's task, ends then too.
     pub async fn cut_off(&self) {
-        connection::cut_off(self._held.cut.clone()).await;
+        let mut cut = self._held.cut.clone();
+        // A sender gone without saying so: the listener drained in time, nothing is cut.
+        if cut.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -219,7 +219,8 @@ mod tests {
                             let stopped = async move {
                                 let _ = stop.wait_for(|s| *s).await;
                             };
-                            serve_shared(l, Some(member), opts, None, service, stopped).await;
+                            serve_shared(l, Some(member), opts, None, service, stopped, || {})
+                                .await;
                         });
                     })
                     .unwrap()

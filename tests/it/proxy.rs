@@ -2702,13 +2702,17 @@ async fn the_drain_time_ends_requests_even_while_the_last_flush_waits() {
     let slow = upstream::delayed(Duration::from_secs(3)).await;
     let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
     let (key, _) = create_key(&store, |_| {}).await;
-    let mut gw = Gateway::start(&format!(
-        "[proxy]\ndrain_timeout = \"500ms\"\n[usage]\nflush_interval = \"60s\"\n\
+    let log = dir.path().join("keygate.log");
+    let mut gw = Gateway::start_logging_to(
+        &format!(
+            "[proxy]\ndrain_timeout = \"500ms\"\n[usage]\nflush_interval = \"60s\"\n\
          [store]\nkind = \"embedded\"\npath = \"{}\"\n\
          [upstreams.slow]\nurl = \"http://{slow}\"\n\
          [[routes]]\nname = \"slow\"\npath_prefix = \"/\"\nupstream = \"slow\"\n",
-        db.display()
-    ));
+            db.display()
+        ),
+        &log,
+    );
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     conn.write_all(
         format!("GET /wait HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes(),
@@ -2762,6 +2766,16 @@ async fn the_drain_time_ends_requests_even_while_the_last_flush_waits() {
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // Both were ended by keygate at the drain's end, neither forwarded an answer later.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("keygate::access") && l.contains("route=\"slow\""))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in lines {
+        assert!(line.contains("status=444"), "{line}");
+    }
 }
 
 /// While the proxy drains, the admin listener stays open: `/readyz` answers 503 "shutting

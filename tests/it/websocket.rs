@@ -256,3 +256,44 @@ async fn a_tunnel_ends_with_its_key_or_when_idle() {
     assert!(closed, "a disabled key's tunnel stayed open");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// A tunnel still open when the drain time runs out is closed then, even while the last usage
+/// flush (here held up by another process's lock on the database) keeps the process up: it
+/// went on relaying for as long.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_time_closes_a_tunnel_even_while_the_last_flush_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let upstream = ws_echo().await;
+    let mut gw = Gateway::start(&format!(
+        "[proxy]\ndrain_timeout = \"500ms\"\n[usage]\nflush_interval = \"60s\"\n[store]\n\
+         kind = \"embedded\"\npath = \"{}\"\n[upstreams.ws]\nurl = \"http://{upstream}\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"ws\"\n",
+        db.display()
+    ));
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    let mut ws = open_tunnel(gw.addr, &key).await;
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(gw.pid().to_string())
+        .status();
+    // Past the drain time, well before the flush gives up (5 s).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let relayed = async {
+        ws.send(Message::text("late")).await.ok()?;
+        ws.next().await?.ok()?.into_text().ok()
+    };
+    let relayed = tokio::time::timeout(std::time::Duration::from_secs(2), relayed).await;
+    assert!(
+        !matches!(&relayed, Ok(Some(text)) if text.as_str() == "late"),
+        "the tunnel still relayed after the drain time: {relayed:?}"
+    );
+    drop(lock);
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
