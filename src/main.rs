@@ -513,6 +513,18 @@ fn start_tls(
         .map_err(|e| format!("{}: {e}", e.field().path_in(&format!("{listener}.tls"))))
 }
 
+/// A token copied from an example rather than made: the deploy manifests once shipped
+/// `replace-me-with-a-long-random-token`, which every cluster that applied them as they were
+/// still has.
+fn is_placeholder(token: &str) -> bool {
+    let folded: String = token
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    ["replaceme", "changeme"].iter().any(|p| folded.contains(p))
+}
+
 /// The bootstrap admin token from the environment variable named by `admin.bootstrap_token_env`.
 /// Refused (without printing it) when no request could present it: the admin API trims the
 /// token it is given, and a header cannot carry control characters or non-ASCII text, so a
@@ -531,6 +543,11 @@ fn bootstrap_token(cfg: &Config) -> Result<Option<String>, String> {
         Ok(t) if t.len() < keygate::admin::auth::MIN_BOOTSTRAP_LEN => Err(format!(
             "{name}: the bootstrap admin token must be at least {} characters",
             keygate::admin::auth::MIN_BOOTSTRAP_LEN
+        )),
+        Ok(t) if is_placeholder(&t) => Err(format!(
+            "{name}: the bootstrap admin token is a placeholder (it says replace-me or \
+             change-me), known to anyone who read the example it came from; use a random one: \
+             openssl rand -hex 32"
         )),
         Ok(t) => Ok(Some(t)),
         Err(std::env::VarError::NotPresent) => Ok(None),

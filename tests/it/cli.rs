@@ -101,6 +101,10 @@ fn serve_refuses_a_bootstrap_token_no_request_can_present() {
         format!("{TOKEN}\t"),
         format!("bootstrap\u{1}{TOKEN}"),
         format!("bootstrap-ä-{TOKEN}"),
+        // The old manifests' placeholder, and the like.
+        format!("replace-me-with-{TOKEN}"),
+        format!("{TOKEN}-CHANGEME"),
+        format!("Change_Me_{TOKEN}"),
     ] {
         let mut child = Command::new(BIN)
             .args([
