@@ -823,3 +823,84 @@ async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
         .await
     );
 }
+
+/// Review: one key's usage hash with a `count` that is not an integer (a foreign writer's) made
+/// the usage script fail on every flush. Redis keeps what a script wrote before its error, so
+/// the keys ahead of the bad one in that call were counted again on every flush (1 → 2 → 4 → 5
+/// after one request), the keys behind it never, and the chunk was kept and sent again for
+/// good as "store unavailable". Now an unreadable `count` or `last_ms` is overwritten with the
+/// flush's own, a usage name of another type is skipped, and every other key is counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys() {
+    use keygate::auth::key::SlotTag;
+    use keygate::usage::UsageRecorder;
+
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "poison").await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(create_key(&store, |_| {}).await.1.api_key_id);
+    }
+    let usage_name = |id: &str| {
+        let tag = SlotTag::of_key_id(id).unwrap();
+        format!("poison:usage:{{{tag}}}:{id}")
+    };
+    // A count that is not an integer, a time that is not one, and a name holding a string.
+    let (bad_count, bad_time, wrong_type) = (&ids[2], &ids[4], &ids[6]);
+    redis_cli(
+        &redis,
+        &["HSET", &usage_name(bad_count), "count", "notanumber"],
+    );
+    redis_cli(
+        &redis,
+        &[
+            "HSET",
+            &usage_name(bad_time),
+            "count",
+            "5",
+            "last_ms",
+            "soon",
+        ],
+    );
+    redis_cli(&redis, &["SET", &usage_name(wrong_type), "foreign"]);
+
+    let recorder = UsageRecorder::default();
+    let now = chrono::Utc::now();
+    // Key i gets i + 1 requests, then one more after the first flush.
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..=i {
+            recorder.record(id, now);
+        }
+    }
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+
+    let readable: Vec<String> = ids.iter().filter(|id| *id != wrong_type).cloned().collect();
+    let usage = store.usage(&readable).await.unwrap();
+    for (id, u) in readable.iter().zip(&usage) {
+        let i = ids.iter().position(|x| x == id).unwrap() as u64;
+        let want = match id {
+            // Overwritten by the first flush's count, then counted on.
+            id if id == bad_count => i + 1 + 1,
+            // Its integer count kept and added to; its time overwritten.
+            id if id == bad_time => 5 + i + 1 + 1,
+            _ => i + 1 + 1,
+        };
+        assert_eq!(u.request_count, want, "key {i}: {usage:?}");
+        assert_eq!(
+            u.last_used_time.map(|t| t.timestamp_millis()),
+            Some(now.timestamp_millis()),
+            "key {i}"
+        );
+    }
+    // Left as the foreign writer made it.
+    assert_eq!(
+        redis_cli(&redis, &["GET", &usage_name(wrong_type)]).trim(),
+        "foreign"
+    );
+}
