@@ -880,24 +880,44 @@ async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys()
     recorder.flush(&*store).await;
     recorder.flush(&*store).await;
 
-    let readable: Vec<String> = ids.iter().filter(|id| *id != wrong_type).cloned().collect();
-    let usage = store.usage(&readable).await.unwrap();
-    for (id, u) in readable.iter().zip(&usage) {
-        let i = ids.iter().position(|x| x == id).unwrap() as u64;
-        let want = match id {
-            // Overwritten by the first flush's count, then counted on.
-            id if id == bad_count => i + 1 + 1,
-            // Its integer count kept and added to; its time overwritten.
-            id if id == bad_time => 5 + i + 1 + 1,
-            _ => i + 1 + 1,
-        };
-        assert_eq!(u.request_count, want, "key {i}: {usage:?}");
-        assert_eq!(
-            u.last_used_time.map(|t| t.timestamp_millis()),
-            Some(now.timestamp_millis()),
-            "key {i}"
-        );
-    }
+    // The other keys first: each counted once per request, not again on every flush.
+    let poisoned = [bad_count, bad_time, wrong_type];
+    let clean: Vec<String> = ids
+        .iter()
+        .filter(|id| !poisoned.contains(id))
+        .cloned()
+        .collect();
+    let usage = store.usage(&clean).await.unwrap();
+    let counts: Vec<(usize, u64)> = clean
+        .iter()
+        .zip(&usage)
+        .map(|(id, u)| (ids.iter().position(|x| x == id).unwrap(), u.request_count))
+        .collect();
+    let want: Vec<(usize, u64)> = counts.iter().map(|&(i, _)| (i, i as u64 + 2)).collect();
+    assert_eq!(counts, want, "(key, count)");
+    assert!(
+        usage
+            .iter()
+            .all(|u| u.last_used_time.map(|t| t.timestamp_millis()) == Some(now.timestamp_millis())),
+        "{usage:?}"
+    );
+    // The bad count was overwritten by the first flush's (3), then counted on; the bad time's
+    // integer count was kept and added to (5 + 5 + 1), its time overwritten.
+    let usage = store
+        .usage(&[bad_count.clone(), bad_time.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.iter().map(|u| u.request_count).collect::<Vec<_>>(),
+        [2 + 2, 5 + 4 + 2],
+        "{usage:?}"
+    );
+    assert!(
+        usage
+            .iter()
+            .all(|u| u.last_used_time.map(|t| t.timestamp_millis()) == Some(now.timestamp_millis())),
+        "{usage:?}"
+    );
     // Left as the foreign writer made it.
     assert_eq!(
         redis_cli(&redis, &["GET", &usage_name(wrong_type)]).trim(),
