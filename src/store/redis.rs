@@ -147,14 +147,18 @@ return 'ok'
 /// One key's unreadable record never fails the call: a script that errors half-way keeps the
 /// writes it made before (Redis does not roll a script back), so the flush would be kept and
 /// sent again, counting the keys before the bad one once more on every flush and the keys
-/// after it never. Instead, per key: a `count` that is not an integer (HINCRBY refuses it) is
-/// overwritten with this delta, and a `last_ms` that is not an integer with this time (usage is
-/// a counter of ours, so an unreadable value is repaired rather than kept unreadable for good);
-/// a usage name holding another type than a hash, or an integer count that HINCRBY still
-/// refuses (the sum would overflow), is left as it is and the key skipped. A key's first write
-/// is its HINCRBY, which writes nothing when it fails, and nothing after it can fail: a key is
-/// counted whole or not written at all. The Rust side logs both kinds (see `record_usage`).
-/// Returns `{repaired, skipped}`: the 1-based positions of those keys in this call.
+/// after it never. Each key's fields are read and checked before it is written (HMGET by
+/// `redis.pcall`, the one command that can fail on the data: on a name of another type). Then:
+/// a `count` that is not an integer is overwritten with this delta, and a `last_ms` that is not
+/// an integer with this time (usage is a counter of ours: an unreadable value is repaired
+/// rather than kept unreadable for good); a usage name holding another type than a hash, or a
+/// count whose sum could pass 9.2e18 (HINCRBY refuses a sum past 2^63 - 1 ≈ 9.22e18; Lua's
+/// numbers are doubles, hence the margin), is left as it is and the key skipped. The writes themselves go
+/// by `redis.call`: what fails them is the store's state (out of memory, a read-only replica),
+/// which Redis reports at a script's first write, before it wrote anything, and which must fail
+/// the call so the flush keeps its counts. A key is so counted whole or not written at all.
+/// Returns `{repaired, skipped}`: the 1-based positions of those keys in this call, which
+/// `record_usage` logs.
 const USAGE_LUA: &str = r"
 local repaired, skipped = {}, {}
 local function is_int(v)
@@ -163,28 +167,33 @@ end
 for i = 1, #KEYS, 2 do
   local n = (i + 1) / 2
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    local fixed, skip = false, false
-    local r = redis.pcall('HINCRBY', KEYS[i], 'count', ARGV[i])
-    if type(r) == 'table' and r['err'] then
-      if redis.call('TYPE', KEYS[i])['ok'] ~= 'hash' then
-        skip = true
-      elseif is_int(redis.call('HGET', KEYS[i], 'count') or '0') then
-        skip = true
-      else
-        redis.call('HSET', KEYS[i], 'count', ARGV[i])
+    local old = redis.pcall('HMGET', KEYS[i], 'count', 'last_ms')
+    if old['err'] then
+      skipped[#skipped + 1] = n
+    else
+      local count, last = old[1], old[2]
+      local fixed, skip = false, false
+      if count and not is_int(count) then
         fixed = true
+      elseif count and math.abs(tonumber(count)) > 9.2e18 - tonumber(ARGV[i]) then
+        skip = true
+        skipped[#skipped + 1] = n
+      end
+      if not skip then
+        if fixed then
+          redis.call('HSET', KEYS[i], 'count', ARGV[i])
+        else
+          redis.call('HINCRBY', KEYS[i], 'count', ARGV[i])
+        end
+        if last and not is_int(last) then
+          redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
+          fixed = true
+        elseif tonumber(ARGV[i + 1]) > tonumber(last or '0') then
+          redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
+        end
+        if fixed then repaired[#repaired + 1] = n end
       end
     end
-    if not skip then
-      local old = redis.call('HGET', KEYS[i], 'last_ms')
-      if old and not is_int(old) then
-        fixed = true
-        redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
-      elseif tonumber(ARGV[i + 1]) > tonumber(old or '0') then
-        redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
-      end
-    end
-    if skip then skipped[#skipped + 1] = n elseif fixed then repaired[#repaired + 1] = n end
   end
 end
 return {repaired, skipped}

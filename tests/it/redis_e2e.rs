@@ -846,7 +846,9 @@ async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys()
         format!("poison:usage:{{{tag}}}:{id}")
     };
     // A count that is not an integer, a time that is not one, and a name holding a string.
-    let (bad_count, bad_time, wrong_type) = (&ids[2], &ids[4], &ids[6]);
+    let (bad_count, bad_time, wrong_type, at_limit) = (&ids[2], &ids[4], &ids[6], &ids[7]);
+    let limit = "9223372036854775000";
+    redis_cli(&redis, &["HSET", &usage_name(at_limit), "count", limit]);
     redis_cli(
         &redis,
         &["HSET", &usage_name(bad_count), "count", "notanumber"],
@@ -881,7 +883,7 @@ async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys()
     recorder.flush(&*store).await;
 
     // The other keys first: each counted once per request, not again on every flush.
-    let poisoned = [bad_count, bad_time, wrong_type];
+    let poisoned = [bad_count, bad_time, wrong_type, at_limit];
     let clean: Vec<String> = ids
         .iter()
         .filter(|id| !poisoned.contains(id))
@@ -918,9 +920,59 @@ async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys()
             .all(|u| u.last_used_time.map(|t| t.timestamp_millis()) == Some(now.timestamp_millis())),
         "{usage:?}"
     );
-    // Left as the foreign writer made it.
+    // Left as they were: not counted.
     assert_eq!(
         redis_cli(&redis, &["GET", &usage_name(wrong_type)]).trim(),
         "foreign"
     );
+    assert_eq!(
+        redis_cli(&redis, &["HGET", &usage_name(at_limit), "count"]).trim(),
+        limit
+    );
+}
+
+/// A usage script that Redis refuses as a store (out of memory here; a read-only replica after
+/// a failover is refused the same way) fails the flush before anything is written: the counts
+/// are kept and, once Redis takes writes again, counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_usage_flush_refused_for_memory_is_kept_and_counted_once() {
+    use keygate::usage::UsageRecorder;
+
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "oom").await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(create_key(&store, |_| {}).await.1.api_key_id);
+    }
+    let recorder = UsageRecorder::default();
+    let now = chrono::Utc::now();
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    recorder.flush(&*store).await;
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "1"]);
+    let refused = store
+        .record_usage(&[keygate::store::UsageDelta {
+            api_key_id: ids[0].clone(),
+            requests: 1,
+            last_used: now,
+        }])
+        .await;
+    assert!(
+        matches!(refused, Err(keygate::store::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    let usage = store.usage(&ids).await.unwrap();
+    assert!(usage.iter().all(|u| u.request_count == 1), "{usage:?}");
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    let usage = store.usage(&ids).await.unwrap();
+    assert!(usage.iter().all(|u| u.request_count == 2), "{usage:?}");
 }
