@@ -2,7 +2,7 @@
 //! memory on the hot path (a sharded map, one short lock, no I/O) and flushed to the store in
 //! batches every `usage.flush_interval`, so no request ever waits on a store write. A flush
 //! that fails for want of a store keeps its counts for the next one (one the store refused is
-//! dropped: see [`UsageRecorder::flush_with`]); at shutdown the last flush is tried again for a
+//! dropped: see `UsageRecorder::flush_with`); at shutdown the last flush is tried again for a
 //! while (see [`UsageRecorder::flush_at_exit`]), then what is left is logged and dropped.
 
 use crate::store::{KeyStore, StoreError, UsageDelta};
