@@ -1,7 +1,8 @@
 //! Usage records: per key, how many requests passed and when the last one did. Counted in
 //! memory on the hot path (a sharded map, one short lock, no I/O) and flushed to the store in
-//! batches every `usage.flush_interval`, so no request ever waits on a store write. A failed
-//! flush keeps its counts for the next one; at shutdown the last flush is tried again for a
+//! batches every `usage.flush_interval`, so no request ever waits on a store write. A flush
+//! that fails for want of a store keeps its counts for the next one (one the store refused is
+//! dropped: see `UsageRecorder::flush_with`); at shutdown the last flush is tried again for a
 //! while (see [`UsageRecorder::flush_at_exit`]), then what is left is logged and dropped.
 
 use crate::store::{KeyStore, StoreError, UsageDelta};
@@ -151,7 +152,7 @@ impl UsageRecorder {
                     keys = dropped.keys,
                     requests = dropped.requests,
                     ?within,
-                    "usage counts dropped at shutdown: the store took none of them in time"
+                    "usage counts dropped at shutdown: the store had not taken them in time"
                 );
                 return dropped;
             }
@@ -182,32 +183,60 @@ impl UsageRecorder {
     /// Sends what was counted in chunks of [`FLUSH_CHUNK`], taking the shards one at a time as
     /// the chunks need them: a flush holds at most a shard and a chunk outside the maps, not a
     /// copy of every key counted (100 000 keys were ~15 MiB more resident while they flushed).
-    /// When a chunk fails, it and what was taken but not sent are kept for the next flush, and
-    /// the shards not yet taken keep counting; the chunks before it were applied and are not
-    /// sent again. A failed chunk may have been applied in part (a timeout does not say), so its
-    /// retry can count up to one chunk twice: counts err high, never lost.
+    /// When a chunk fails for want of a store (`StoreError::Unavailable`: a connection lost, a
+    /// timeout), it and what was taken but not sent are kept for the next flush, and the shards
+    /// not yet taken keep counting; the chunks before it were applied and are not sent again.
+    /// Such a chunk may have been applied in part (a timeout does not say), so its retry can
+    /// count up to one chunk twice: counts err high, by at most a chunk per failed call, never
+    /// lost. A chunk the store answered but refused (any other error: what it holds cannot be
+    /// read) would be refused again on every flush, and may have been applied (a reply that
+    /// did not decode), so it is not kept: it is dropped, logged at `error`, and the flush goes
+    /// on with the next. (The stores themselves repair or skip one key's unreadable usage
+    /// rather than fail its chunk: see `store::redis`'s usage script.)
     async fn flush_with(
         &self,
         mut send: impl AsyncFnMut(&[UsageDelta]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut shards = self.shards.iter();
         let mut pending: Vec<UsageDelta> = Vec::new();
-        loop {
+        let mut refused = Dropped::default();
+        let mut refusal = None;
+        let outcome = loop {
             while pending.len() < FLUSH_CHUNK
                 && let Some(shard) = shards.next()
             {
                 pending.extend(Self::take(shard));
             }
             if pending.is_empty() {
-                return Ok(());
+                break Ok(());
             }
             let chunk = pending.len() - pending.len().min(FLUSH_CHUNK);
-            if let Err(e) = send(&pending[chunk..]).await {
-                self.restore(pending);
-                return Err(e);
+            match send(&pending[chunk..]).await {
+                Ok(()) => {}
+                Err(e @ StoreError::Unavailable(_)) => {
+                    self.restore(pending);
+                    break Err(e);
+                }
+                Err(e) => {
+                    for d in &pending[chunk..] {
+                        refused.keys += 1;
+                        refused.requests = refused.requests.saturating_add(d.requests);
+                    }
+                    refusal = Some(e);
+                }
             }
             pending.truncate(chunk);
+        };
+        if let Some(e) = refusal {
+            tracing::error!(
+                error = %e,
+                keys = refused.keys,
+                requests = refused.requests,
+                "usage counts dropped: the store refused them (sent again, they would be \
+                 refused again, or counted twice)"
+            );
         }
+        outcome
     }
 
     /// Keys with counts not yet flushed.
@@ -336,6 +365,32 @@ mod tests {
         .unwrap();
         assert_eq!(resent, keys - FLUSH_CHUNK * 2);
         assert!(r.drain().is_empty());
+    }
+
+    /// A chunk the store answered but refused (not `Unavailable`) is dropped rather than kept
+    /// and sent again on every flush; the chunks after it are sent, and the flush succeeds.
+    #[tokio::test]
+    async fn a_refused_chunk_is_dropped_and_the_rest_is_sent() {
+        let r = UsageRecorder::default();
+        let now = Utc::now();
+        let keys = FLUSH_CHUNK * 3 + 7;
+        for i in 0..keys {
+            r.record(&format!("apk_{i}"), now);
+        }
+        let (mut calls, mut sent) = (0, 0);
+        r.flush_with(async |chunk| {
+            calls += 1;
+            if calls == 2 {
+                return Err(StoreError::Corrupt("refused".into()));
+            }
+            sent += chunk.len();
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls, 4);
+        assert_eq!(sent, keys - FLUSH_CHUNK);
+        assert_eq!(r.keys_counted(), 0, "nothing kept for the next flush");
     }
 
     /// Review: the last flush at shutdown was one try, so a store down at that moment lost

@@ -799,6 +799,13 @@ async fn poll_changes(conn: Arc<Mutex<Connection>>, mut last: i64, tx: mpsc::Sen
 }
 
 /// Adds usage `rows` (id, requests, last-used ms) in one write transaction.
+///
+/// A row whose values are not integers (a foreign writer's: the table is not STRICT, so its
+/// INTEGER columns keep text, or a float, as given) fails nothing here (SQLite's arithmetic
+/// takes text as 0, and `max` ranks text above any integer), but before it kept the key's usage
+/// unreadable for good: the time stayed text. Such a count or time is overwritten with this
+/// flush's, as on Redis (`store::redis`'s usage script). A count that would pass the largest
+/// integer stays where it is (SQLite would have made it a float).
 fn write_usage(conn: &mut Connection, rows: &[(String, i64, i64)]) -> Result<(), StoreError> {
     let tx = begin(conn)?;
     {
@@ -807,8 +814,12 @@ fn write_usage(conn: &mut Connection, rows: &[(String, i64, i64)]) -> Result<(),
             .prepare_cached(
                 "INSERT INTO usage (key_id, count, last_ms) \
                  SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
-                 ON CONFLICT(key_id) DO UPDATE SET count = count + excluded.count, \
-                 last_ms = max(last_ms, excluded.last_ms)",
+                 ON CONFLICT(key_id) DO UPDATE SET \
+                 count = CASE WHEN typeof(count) <> 'integer' THEN excluded.count \
+                   WHEN count > 9223372036854775807 - excluded.count THEN count \
+                   ELSE count + excluded.count END, \
+                 last_ms = CASE WHEN typeof(last_ms) <> 'integer' THEN excluded.last_ms \
+                   ELSE max(last_ms, excluded.last_ms) END",
             )
             .map_err(db_err)?;
         for (id, n, ms) in rows {
@@ -1119,5 +1130,60 @@ mod tests {
             })
             .await;
         assert!(wrote.is_err(), "the read connection wrote");
+    }
+
+    /// A usage row with values that are not integers (a foreign writer's; SQLite's INTEGER
+    /// column keeps text as text) fails no flush, and the other keys of the batch are counted
+    /// once. Its count and time are overwritten with the flush's, as on Redis, so that reading
+    /// the key's usage works again (the time was kept as text before: `max` ranks text above
+    /// every integer), and a count at the limit of an integer stays there rather than turning
+    /// into a float.
+    #[tokio::test]
+    async fn an_unreadable_usage_row_is_overwritten_and_blocks_no_other_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("k.db")).unwrap();
+        let mut ids = Vec::new();
+        for (i, name) in ["apk_usage_a", "apk_usage_b", "apk_usage_c", "apk_usage_d"]
+            .into_iter()
+            .enumerate()
+        {
+            let record = sample_record(name);
+            let hash = KeyHash::of(&format!("kg_usage_{i}"));
+            store.create(&record, &hash, None).await.unwrap();
+            ids.push(record.api_key_id);
+        }
+        let poison = |id: &str, count: &str, last_ms: &str| {
+            let sql = format!(
+                "INSERT INTO usage (key_id, count, last_ms) VALUES ('{id}', {count}, {last_ms})"
+            );
+            store.write(move |conn| conn.execute(&sql, []).map(drop).map_err(db_err))
+        };
+        poison(&ids[1], "'notanumber'", "'soon'").await.unwrap();
+        poison(&ids[2], "1.5", "2.5").await.unwrap();
+        poison(&ids[3], &i64::MAX.to_string(), "0").await.unwrap();
+        let now = Utc::now();
+        let batch: Vec<UsageDelta> = ids
+            .iter()
+            .map(|id| UsageDelta {
+                api_key_id: id.clone(),
+                requests: 3,
+                last_used: now,
+            })
+            .collect();
+        store.record_usage(&batch).await.unwrap();
+        store.record_usage(&batch).await.unwrap();
+        let usage = store.usage(&ids).await.unwrap();
+        assert_eq!(
+            usage.iter().map(|u| u.request_count).collect::<Vec<_>>(),
+            [6, 6, 6, u64::try_from(i64::MAX).unwrap()],
+            "{usage:?}"
+        );
+        assert!(
+            usage
+                .iter()
+                .all(|u| u.last_used_time.map(|t| t.timestamp_millis())
+                    == Some(now.timestamp_millis())),
+            "{usage:?}"
+        );
     }
 }

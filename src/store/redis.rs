@@ -70,6 +70,7 @@ use crate::auth::key::{DIGEST_HEX_LEN, KeyHash, SlotTag, TAG_LEN};
 use crate::auth::record::KeyRecord;
 use crate::auth::timestamp;
 use crate::auth::verified::VerifiedKey;
+use crate::log_every::LogEvery;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -142,18 +143,60 @@ return 'ok'
 /// Usage, for any number of keys in one call: KEYS = (usage key, id key) per key; ARGV =
 /// (requests, last-used ms) per key, in the same order. Adds to each count and keeps the latest
 /// time, only while the key exists (a late flush must not resurrect a deleted key's usage).
-/// Returns how many keys were counted.
+///
+/// One key's unreadable record never fails the call: a script that errors half-way keeps the
+/// writes it made before (Redis does not roll a script back), so the flush would be kept and
+/// sent again, counting the keys before the bad one once more on every flush and the keys
+/// after it never. Each key's fields are read and checked before it is written (HMGET by
+/// `redis.pcall`, the one command that can fail on the data: on a name of another type). Then:
+/// a `count` that is not an integer is overwritten with this delta, and a `last_ms` that is not
+/// an integer with this time (usage is a counter of ours: an unreadable value is repaired
+/// rather than kept unreadable for good); a usage name holding another type than a hash, or a
+/// count whose sum could pass 9.2e18 (HINCRBY refuses a sum past 2^63 - 1 ≈ 9.22e18; Lua's
+/// numbers are doubles, hence the margin), is left as it is and the key skipped. The writes themselves go
+/// by `redis.call`: what fails them is the store's state (out of memory, a read-only replica),
+/// which Redis reports at a script's first write, before it wrote anything, and which must fail
+/// the call so the flush keeps its counts. A key is so counted whole or not written at all.
+/// Returns `{repaired, skipped}`: the 1-based positions of those keys in this call, which
+/// `record_usage` logs.
 const USAGE_LUA: &str = r"
-local counted = 0
+local repaired, skipped = {}, {}
+local function is_int(v)
+  return v == '0' or string.match(v, '^%-?[1-9]%d*$') ~= nil
+end
 for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'count', ARGV[i])
-    local old = tonumber(redis.call('HGET', KEYS[i], 'last_ms') or '0')
-    if tonumber(ARGV[i + 1]) > old then redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1]) end
-    counted = counted + 1
+    local old = redis.pcall('HMGET', KEYS[i], 'count', 'last_ms')
+    if old['err'] then
+      skipped[#skipped + 1] = n
+    else
+      local count, last = old[1], old[2]
+      local fixed, skip = false, false
+      if count and not is_int(count) then
+        fixed = true
+      elseif count and math.abs(tonumber(count)) > 9.2e18 - tonumber(ARGV[i]) then
+        skip = true
+        skipped[#skipped + 1] = n
+      end
+      if not skip then
+        if fixed then
+          redis.call('HSET', KEYS[i], 'count', ARGV[i])
+        else
+          redis.call('HINCRBY', KEYS[i], 'count', ARGV[i])
+        end
+        if last and not is_int(last) then
+          redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
+          fixed = true
+        elseif tonumber(ARGV[i + 1]) > tonumber(last or '0') then
+          redis.call('HSET', KEYS[i], 'last_ms', ARGV[i + 1])
+        end
+        if fixed then repaired[#repaired + 1] = n end
+      end
+    end
   end
 end
-return counted
+return {repaired, skipped}
 ";
 
 /// Keys per usage script call. One call per key cost ~10 600 instructions per key in keygate
@@ -680,6 +723,9 @@ pub struct RedisStore {
     apply_script: Script,
     member_script: Script,
     usage_script: Script,
+    /// Spaces out the warnings about unreadable usage records (see [`USAGE_LUA`]): a poisoned
+    /// record would otherwise be logged on every flush.
+    usage_log: LogEvery,
     /// [`AUDIT_CAP`], except in tests (see [`RedisStore::with_audit_cap`]).
     audit_cap: usize,
     /// One server: names why connecting fails (see [`ConnectDoctor`]).
@@ -772,6 +818,7 @@ impl RedisStore {
             apply_script: Script::new(APPLY_LUA),
             member_script: Script::new(MEMBER_LUA),
             usage_script: Script::new(USAGE_LUA),
+            usage_log: LogEvery::default(),
             audit_cap: AUDIT_CAP,
             doctor: None,
             feed_check: Arc::new(Notify::new()),
@@ -1670,6 +1717,7 @@ impl KeyStore for RedisStore {
             chunks.extend(group.chunks(USAGE_KEYS_PER_CALL));
         }
         let mut rest = &chunks[..];
+        let mut unreadable = UnreadableUsage::default();
         while !rest.is_empty() {
             let (mut n, mut keys) = (0, 0);
             while n < rest.len() && n < USAGE_CALLS_IN_FLIGHT && keys < USAGE_KEYS_IN_FLIGHT {
@@ -1683,13 +1731,23 @@ impl KeyStore for RedisStore {
             let sent = calls.iter().map(|inv| {
                 let mut conn = self.conn.get();
                 async move {
-                    inv.invoke_async::<Value>(&mut conn)
+                    inv.invoke_async::<(Vec<usize>, Vec<usize>)>(&mut conn)
                         .await
                         .map_err(redis_err)
                 }
             });
-            self.bounded(try_join_all(sent)).await?;
+            let replies = self.bounded(try_join_all(sent)).await?;
+            for (chunk, (repaired, skipped)) in window.iter().zip(replies) {
+                let id = |n: usize| n.checked_sub(1).and_then(|i| chunk.get(i));
+                unreadable
+                    .repaired
+                    .extend(repaired.into_iter().filter_map(id).map(|(_, d)| d));
+                unreadable
+                    .skipped
+                    .extend(skipped.into_iter().filter_map(id).map(|(_, d)| d));
+            }
         }
+        unreadable.log(&self.usage_log);
         Ok(())
     }
 
@@ -1714,6 +1772,51 @@ impl KeyStore for RedisStore {
                 last_used_time: last_ms.and_then(DateTime::from_timestamp_millis),
             })
             .collect())
+    }
+}
+
+/// How often at most the unreadable usage records of a flush are logged.
+const USAGE_UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Key ids named in one such line, at most.
+const USAGE_UNREADABLE_IDS_LOGGED: usize = 10;
+
+/// The keys of one usage flush whose stored usage was unreadable (see [`USAGE_LUA`]).
+#[derive(Default)]
+struct UnreadableUsage<'a> {
+    /// Counted, after their unreadable `count` or `last_ms` was overwritten.
+    repaired: Vec<&'a UsageDelta>,
+    /// Not counted: the usage name holds another type, or the count would overflow.
+    skipped: Vec<&'a UsageDelta>,
+}
+
+impl UnreadableUsage<'_> {
+    /// One `warn` line, at most every [`USAGE_UNREADABLE_LOG_EVERY`], naming the first keys.
+    fn log(&self, every: &LogEvery) {
+        if self.repaired.is_empty() && self.skipped.is_empty() {
+            return;
+        }
+        let Some(unlogged) = every.due_now(USAGE_UNREADABLE_LOG_EVERY) else {
+            return;
+        };
+        let ids = |ds: &[&UsageDelta]| {
+            ds.iter()
+                .take(USAGE_UNREADABLE_IDS_LOGGED)
+                .map(|d| d.api_key_id.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let skipped_requests: u64 = self.skipped.iter().map(|d| d.requests).sum();
+        tracing::warn!(
+            repaired = self.repaired.len(),
+            repaired_keys = %ids(&self.repaired),
+            skipped = self.skipped.len(),
+            skipped_keys = %ids(&self.skipped),
+            skipped_requests,
+            unlogged,
+            "unreadable usage records in redis: a count or time that is not an integer was \
+             overwritten with this flush's; a name of another type, or a count at its limit, \
+             was left as it is and its requests not counted"
+        );
     }
 }
 

@@ -866,3 +866,156 @@ async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
         .await
     );
 }
+
+/// Review: one key's usage hash with a `count` that is not an integer (a foreign writer's) made
+/// the usage script fail on every flush. Redis keeps what a script wrote before its error, so
+/// the keys ahead of the bad one in that call were counted again on every flush (1 → 2 → 4 → 5
+/// after one request), the keys behind it never, and the chunk was kept and sent again for
+/// good as "store unavailable". Now an unreadable `count` or `last_ms` is overwritten with the
+/// flush's own, a usage name of another type is skipped, and every other key is counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_usage_record_neither_blocks_nor_inflates_the_other_keys() {
+    use keygate::auth::key::SlotTag;
+    use keygate::usage::UsageRecorder;
+
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "poison").await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(create_key(&store, |_| {}).await.1.api_key_id);
+    }
+    let usage_name = |id: &str| {
+        let tag = SlotTag::of_key_id(id).unwrap();
+        format!("poison:usage:{{{tag}}}:{id}")
+    };
+    // A count that is not an integer, a time that is not one, and a name holding a string.
+    let (bad_count, bad_time, wrong_type, at_limit) = (&ids[2], &ids[4], &ids[6], &ids[7]);
+    let limit = "9223372036854775000";
+    redis_cli(&redis, &["HSET", &usage_name(at_limit), "count", limit]);
+    redis_cli(
+        &redis,
+        &["HSET", &usage_name(bad_count), "count", "notanumber"],
+    );
+    redis_cli(
+        &redis,
+        &[
+            "HSET",
+            &usage_name(bad_time),
+            "count",
+            "5",
+            "last_ms",
+            "soon",
+        ],
+    );
+    redis_cli(&redis, &["SET", &usage_name(wrong_type), "foreign"]);
+
+    let recorder = UsageRecorder::default();
+    let now = chrono::Utc::now();
+    // Key i gets i + 1 requests, then one more after the first flush.
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..=i {
+            recorder.record(id, now);
+        }
+    }
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+
+    // The other keys first: each counted once per request, not again on every flush.
+    let poisoned = [bad_count, bad_time, wrong_type, at_limit];
+    let clean: Vec<String> = ids
+        .iter()
+        .filter(|id| !poisoned.contains(id))
+        .cloned()
+        .collect();
+    let usage = store.usage(&clean).await.unwrap();
+    let counts: Vec<(usize, u64)> = clean
+        .iter()
+        .zip(&usage)
+        .map(|(id, u)| (ids.iter().position(|x| x == id).unwrap(), u.request_count))
+        .collect();
+    let want: Vec<(usize, u64)> = counts.iter().map(|&(i, _)| (i, i as u64 + 2)).collect();
+    assert_eq!(counts, want, "(key, count)");
+    assert!(
+        usage
+            .iter()
+            .all(|u| u.last_used_time.map(|t| t.timestamp_millis()) == Some(now.timestamp_millis())),
+        "{usage:?}"
+    );
+    // The bad count was overwritten by the first flush's (3), then counted on; the bad time's
+    // integer count was kept and added to (5 + 5 + 1), its time overwritten.
+    let usage = store
+        .usage(&[bad_count.clone(), bad_time.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.iter().map(|u| u.request_count).collect::<Vec<_>>(),
+        [2 + 2, 5 + 4 + 2],
+        "{usage:?}"
+    );
+    assert!(
+        usage
+            .iter()
+            .all(|u| u.last_used_time.map(|t| t.timestamp_millis()) == Some(now.timestamp_millis())),
+        "{usage:?}"
+    );
+    // Left as they were: not counted.
+    assert_eq!(
+        redis_cli(&redis, &["GET", &usage_name(wrong_type)]).trim(),
+        "foreign"
+    );
+    assert_eq!(
+        redis_cli(&redis, &["HGET", &usage_name(at_limit), "count"]).trim(),
+        limit
+    );
+}
+
+/// A usage script that Redis refuses as a store (out of memory here; a read-only replica after
+/// a failover is refused the same way) fails the flush before anything is written: the counts
+/// are kept and, once Redis takes writes again, counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_usage_flush_refused_for_memory_is_kept_and_counted_once() {
+    use keygate::usage::UsageRecorder;
+
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "oom").await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(create_key(&store, |_| {}).await.1.api_key_id);
+    }
+    let recorder = UsageRecorder::default();
+    let now = chrono::Utc::now();
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    recorder.flush(&*store).await;
+    for id in &ids {
+        recorder.record(id, now);
+    }
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "1"]);
+    let refused = store
+        .record_usage(&[keygate::store::UsageDelta {
+            api_key_id: ids[0].clone(),
+            requests: 1,
+            last_used: now,
+        }])
+        .await;
+    assert!(
+        matches!(refused, Err(keygate::store::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    let usage = store.usage(&ids).await.unwrap();
+    assert!(usage.iter().all(|u| u.request_count == 1), "{usage:?}");
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    recorder.flush(&*store).await;
+    recorder.flush(&*store).await;
+    let usage = store.usage(&ids).await.unwrap();
+    assert!(usage.iter().all(|u| u.request_count == 2), "{usage:?}");
+}
