@@ -668,6 +668,10 @@ pub struct BodyKeyConfig {
 
 pub const DEFAULT_FORM_FIELD: &str = "clientKey";
 pub const DEFAULT_MAX_PEEK_BYTES: usize = 64 * 1024;
+/// The largest HTTP/2 DATA frame a client may send keygate (hyper's default
+/// `SETTINGS_MAX_FRAME_SIZE`, which keygate does not raise).
+const MAX_H2_FRAME: usize = 16 * 1024;
+
 /// `proxy.max_peek_total_bytes`' default. Without it, peeks could hold `max_connections` (10,000)
 /// × `max_concurrent_streams` (100) × `max_peek_bytes` (64 KiB): 64 GB. 64 MiB is 1,024 peeks of
 /// the default 64 KiB held at once, all of them slow (a key field usually arrives with the
@@ -1319,20 +1323,35 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             };
             let body = check_body_keys(&mut p, &at, &raw_body, effective);
             // One peek of the route must fit in the budget all peeks share, or every request
-            // whose key is in its body would be refused.
+            // whose key is in its body would be refused. A peek keeps the read that crosses
+            // `max_peek_bytes` whole (one HTTP/1.1 read, at most `max_header_bytes`; one
+            // HTTP/2 DATA frame, at most 16 KiB), and a JSON peek also holds a copy to parse.
+            let peek_holds = (body.max_peek_bytes + proxy.max_header_bytes.max(MAX_H2_FRAME))
+                * if effective.contains(&KeySource::Json) {
+                    2
+                } else {
+                    1
+                };
             if effective.iter().any(|s| s.is_body())
-                && body.max_peek_bytes > proxy.max_peek_total_bytes
+                && peek_holds > proxy.max_peek_total_bytes
                 && proxy.max_peek_total_bytes >= MIN_MAX_PEEK_BYTES
             {
                 p.add(
                     "proxy.max_peek_total_bytes",
                     format!(
-                        "{} is less than {} ({}{}): a body peek of that route could never fit",
+                        "{} is less than the {peek_holds} bytes one body peek of that route may \
+                         hold: {} ({}{}) and the read that crosses it (max_header_bytes or an \
+                         HTTP/2 frame, 16 KiB){}",
                         proxy.max_peek_total_bytes,
                         at("max_peek_bytes"),
                         body.max_peek_bytes,
                         if r.max_peek_bytes.is_none() {
                             ", the default"
+                        } else {
+                            ""
+                        },
+                        if effective.contains(&KeySource::Json) {
+                            ", twice for a JSON source's copy"
                         } else {
                             ""
                         }
@@ -2211,11 +2230,13 @@ mod tests {
                 )
             ))
         };
-        assert_eq!(with(65536, None).unwrap().proxy.max_peek_total_bytes, 65536);
-        assert!(with(4096, Some(4096)).is_ok());
+        // The default peek (64 KiB) and one read at the default max_header_bytes (32 KiB).
+        assert_eq!(with(98304, None).unwrap().proxy.max_peek_total_bytes, 98304);
+        assert!(with(4096 + 32768, Some(4096)).is_ok());
         for (total, peek, shown) in [
-            (65535, None, "(65536, the default)"),
-            (4096, Some(8192), "(8192)"),
+            (98303, None, "(65536, the default)"),
+            (65536, None, "(65536, the default)"),
+            (36863, Some(4096), "(4096)"),
         ] {
             let Err(ConfigError::Invalid(problems)) = with(total, peek) else {
                 panic!("max_peek_total_bytes = {total} accepted")
@@ -2226,6 +2247,23 @@ mod tests {
             assert!(reason.contains(".max_peek_bytes "), "{reason}");
             assert!(reason.contains(shown), "{reason}");
         }
+        // A JSON source parses a copy of what it keeps: twice the room.
+        let json = |total: usize| {
+            from_toml(&format!(
+                "{}\n[[routes]]\nname = \"json\"\npath_prefix = \"/j\"\nupstream = \"api\"\n\
+                 sources = [\"json\"]\n",
+                GOOD.replacen(
+                    "[proxy]",
+                    &format!("[proxy]\nmax_peek_total_bytes = {total}"),
+                    1
+                )
+            ))
+        };
+        assert!(json(196_608).is_ok());
+        let Err(ConfigError::Invalid(problems)) = json(196_607) else {
+            panic!("a JSON route's peek fitted in less than twice its room")
+        };
+        assert!(problems[0].reason.contains("twice"), "{problems:?}");
         // Routes that read no body need no room.
         let c = from_toml(&GOOD.replacen("[proxy]", "[proxy]\nmax_peek_total_bytes = 1024", 1));
         assert_eq!(c.unwrap().proxy.max_peek_total_bytes, 1024);

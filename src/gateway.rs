@@ -355,8 +355,20 @@ impl Gateway {
             .routes
             .find_index(req.method(), host.as_deref(), &path)
             .ok_or(GatewayError::NoRoute)?;
-        if method_override {
-            self.check_method_override(req.headers(), route_index, host.as_deref(), &path)?;
+        // Frameworks decode the name, which may be percent-encoded (`%5Fmethod`): a query with
+        // a `%` is parsed too.
+        let query_override = req
+            .uri()
+            .query()
+            .filter(|q| q.contains("_method") || q.contains('%'));
+        if method_override || query_override.is_some() {
+            self.check_method_override(
+                req.headers(),
+                query_override,
+                route_index,
+                host.as_deref(),
+                &path,
+            )?;
         }
         drop(path);
         trace.route = Some(route_index);
@@ -585,25 +597,40 @@ impl Gateway {
         })
     }
 
-    /// A request that asks for another method (`X-HTTP-Method-Override: DELETE` on a POST)
-    /// runs as that method in Rails, Laravel, Express and others, but was routed by its own:
-    /// it passes only when each method it names goes to the same route, whose scopes it was
-    /// checked against. Frameworks read the name without regard to case, so keygate does.
+    /// A request that asks for another method (`X-HTTP-Method-Override: DELETE` on a POST, or
+    /// `?_method=DELETE`, which Symfony, Laravel and Express's method-override read) runs as
+    /// that method in Rails, Laravel, Express and others, but was routed by its own: it passes
+    /// only when each method it names goes to the same route, whose scopes it was checked
+    /// against. Frameworks read the name without regard to case, so keygate does.
     fn check_method_override(
         &self,
         headers: &http::HeaderMap,
+        query: Option<&str>,
         route_index: usize,
         host: Option<&str>,
         path: &[u8],
     ) -> Result<(), GatewayError> {
+        let same_route = |asked: &[u8]| {
+            let asked = asked.trim_ascii().to_ascii_uppercase();
+            let method =
+                http::Method::from_bytes(&asked).map_err(|_| GatewayError::MethodOverride)?;
+            match self.routes.find_index(&method, host, path) == Some(route_index) {
+                true => Ok(()),
+                false => Err(GatewayError::MethodOverride),
+            }
+        };
         for name in headers::METHOD_OVERRIDES {
             for value in headers.get_all(name) {
-                let asked = value.as_bytes().trim_ascii().to_ascii_uppercase();
-                let method =
-                    http::Method::from_bytes(&asked).map_err(|_| GatewayError::MethodOverride)?;
-                if self.routes.find_index(&method, host, path) != Some(route_index) {
-                    return Err(GatewayError::MethodOverride);
-                }
+                same_route(value.as_bytes())?;
+            }
+        }
+        for (name, value) in query
+            .map(|q| form_urlencoded::parse(q.as_bytes()))
+            .into_iter()
+            .flatten()
+        {
+            if name == "_method" {
+                same_route(value.as_bytes())?;
             }
         }
         Ok(())

@@ -8,7 +8,8 @@
 //! the budget with slow uploads stall everyone else's requests as well. A [`Charge`] gives its
 //! bytes back as the replay hands them upstream, and whatever is left when it is dropped: after
 //! the forward, on any error, or when the request's future is dropped because the client went
-//! away. Header-key requests never peek, and never touch the budget.
+//! away. A request whose key is found in a header the route reads before any body source never
+//! peeks, and never touches the budget.
 
 use prometheus::IntGauge;
 use std::sync::Arc;

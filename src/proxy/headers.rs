@@ -330,6 +330,10 @@ fn is_address_claim(name: &str) -> bool {
             | "cf-connecting-ip"
             | "fastly-client-ip"
             | "x-original-forwarded-for"
+            | "x-originating-ip"
+            | "x-remote-addr"
+            | "x-remote-ip"
+            | "x-host"
             | "front-end-https"
     )
 }
@@ -345,9 +349,10 @@ pub fn remove_from_request_trailers(trailers: &mut HeaderMap, key_header: Option
     let claims: Vec<HeaderName> = trailers
         .keys()
         .filter(|k| {
-            let k = k.as_str();
-            let dashed = k.replace('_', "-");
-            is_claim(&dashed) || matches!(dashed.as_str(), "host" | "cookie")
+            let dashed = k.as_str().replace('_', "-");
+            is_claim(&dashed)
+                || matches!(dashed.as_str(), "host" | "cookie")
+                || key_header.is_some_and(|h| dashed == h.as_str().replace('_', "-"))
         })
         .cloned()
         .collect();
@@ -757,6 +762,14 @@ mod tests {
         remove_from_request_trailers(&mut t, None);
         assert_eq!(t.len(), 1);
         assert!(t.contains_key("x-checksum"));
+        // The configured key header, and its twin.
+        let key = HeaderName::from_static("x-client-key");
+        for name in ["x-client-key", "x_client_key"] {
+            let mut t = HeaderMap::new();
+            t.insert(HeaderName::from_static(name), "kg_forged".parse().unwrap());
+            remove_from_request_trailers(&mut t, Some(&key));
+            assert!(t.is_empty(), "{name} kept");
+        }
     }
 
     #[test]

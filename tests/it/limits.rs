@@ -220,8 +220,10 @@ fn gauge(scrape: &str, name: &str) -> Option<u64> {
 /// uploads are gone the budget is whole again and body keys pass.
 #[tokio::test]
 async fn body_peeks_share_one_byte_budget_that_header_keys_do_not_touch() {
-    const UPLOADS: usize = 4;
-    const HELD_EACH: usize = 2048;
+    // Each upload holds less than the route's max_peek_bytes (4096), all together the budget,
+    // which must have room for one peek and the read that crosses it (4096 + 16 KiB).
+    const UPLOADS: usize = 6;
+    const HELD_EACH: usize = 3584;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("keys.db");
     let echo = upstream::echo().await;
@@ -232,6 +234,7 @@ async fn body_peeks_share_one_byte_budget_that_header_keys_do_not_touch() {
         r#"
         [proxy]
         max_peek_total_bytes = {total}
+        max_header_bytes = 8192
         [store]
         kind = "embedded"
         path = "{db}"

@@ -664,6 +664,28 @@ async fn a_method_override_passes_only_within_its_own_route() {
     .await
     .unwrap();
     assert_eq!(r.status(), 200);
+    // The query's `_method` (Symfony, Laravel, Express's method-override), encoded or not.
+    for query in [
+        "_method=DELETE",
+        "a=1&_method=delete",
+        "%5Fmethod=DELETE",
+        "_%6Dethod=DELETE",
+    ] {
+        let r = client()
+            .get(e.gw.url(&format!("/api/items/1?{query}")))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+    }
+    let r = client()
+        .get(e.gw.url("/api/items/1?_method=GET&q=%20x"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
