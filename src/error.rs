@@ -201,7 +201,7 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
         GatewayError::MethodOverride => a(
             S::BAD_REQUEST,
             "METHOD_OVERRIDE_NOT_ALLOWED",
-            "X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override names a method that is not one, or that another route governs: send the request with that method",
+            "X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override or the _method query parameter names a method that is not one, or that another route governs: send the request with that method",
             None,
             Outcome::BadRequest,
         ),
