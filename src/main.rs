@@ -688,10 +688,11 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             println!("revoked {id}");
         }
         KeysCommand::Rotate { id, grace } => {
+            // The rules are the admin API's, which names its field: here it is `--grace`.
             let (key, _) = service
                 .rotate(&id, grace, &actor, now)
                 .await
-                .map_err(fail)?;
+                .map_err(|e| fail(e).replace("grace_seconds", "--grace"))?;
             println!("{}", key.expose());
             eprintln!(
                 "rotated {id}; the previous value works for {}",
@@ -720,7 +721,7 @@ async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<()
                 .put_member(&team, &user, role, &actor, Utc::now())
                 .await
                 .map_err(fail)?;
-            println!("{} is {:?} of {}", m.user_id, m.role, m.team_id);
+            println!("{} is {} of {}", m.user_id, m.role.as_str(), m.team_id);
         }
         TeamsCommand::RemoveMember { team, user } => {
             let changed = service
@@ -734,7 +735,7 @@ async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<()
         }
         TeamsCommand::Members { team } => {
             for m in service.list_members(&team).await.map_err(fail)? {
-                println!("{:<24} {:?}", m.user_id, m.role);
+                println!("{:<24} {}", m.user_id, m.role.as_str());
             }
         }
     }

@@ -74,6 +74,17 @@ pub enum Role {
     Member,
 }
 
+impl Role {
+    /// As the admin API and `--role` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     pub team_id: String,

@@ -286,7 +286,12 @@ fn key_commands_refuse_an_expiry_or_grace_too_long() {
     let id = note.split_whitespace().nth(1).unwrap().to_owned();
     let out = keys(&["rotate", &id, "--grace", "31d"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 30 days"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most 30 days"), "{err}");
+    assert!(
+        err.contains("--grace") && !err.contains("grace_seconds"),
+        "{err}"
+    );
     let out = keys(&["rotate", &id, "--grace", "30d"]);
     assert!(out.status.success(), "{out:?}");
 }
@@ -339,7 +344,9 @@ fn the_readme_key_commands_work_on_the_dev_config() {
         .expect("the new key's id")
         .to_owned();
     assert!(readme.contains("keygate teams --config $CFG add-member acme u-42"));
-    run(&["teams", "--config", cfg, "add-member", "acme", "u-42"]);
+    let added = run(&["teams", "--config", cfg, "add-member", "acme", "u-42"]);
+    // The role as `--role` and the admin API spell it.
+    assert!(added.contains("u-42 is member of acme"), "{added}");
     run(&[
         "keys", "--config", cfg, "create", "--team", "acme", "--type", "user", "--user", "u-42",
     ]);
