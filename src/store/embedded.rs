@@ -125,6 +125,13 @@ pub struct EmbeddedStore {
     reader: Arc<Mutex<Connection>>,
     /// [`AUDIT_CAP`], except in tests (see [`EmbeddedStore::with_audit_cap`]).
     audit_cap: usize,
+    /// Moved on after every write of this process: its change feeds look at once instead of at
+    /// their next poll, so a key disabled through this process's admin API is refused by
+    /// this process's gateway within milliseconds, not up to [`POLL_EVERY`] later. Other
+    /// processes on the same file still poll.
+    written: tokio::sync::watch::Sender<u64>,
+    /// [`POLL_EVERY`], except in tests (see [`EmbeddedStore::with_poll_every`]).
+    poll_every: Duration,
 }
 
 impl EmbeddedStore {
@@ -167,6 +174,8 @@ impl EmbeddedStore {
             writer: Arc::new(Mutex::new(conn)),
             reader: Arc::new(Mutex::new(reader)),
             audit_cap: AUDIT_CAP,
+            written: tokio::sync::watch::Sender::new(0),
+            poll_every: POLL_EVERY,
         })
     }
 
@@ -179,12 +188,25 @@ impl EmbeddedStore {
         self
     }
 
+    /// Polls for other processes' changes every `every` instead of [`POLL_EVERY`]. For tests
+    /// only: what this process writes must reach its feeds without a poll.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_poll_every(mut self, every: Duration) -> Self {
+        self.poll_every = every;
+        self
+    }
+
     /// Runs `f` on the write connection on the blocking pool.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        run_blocking(self.writer.clone(), f).await
+        let result = run_blocking(self.writer.clone(), f).await;
+        if result.is_ok() {
+            self.written.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        result
     }
 
     /// Runs `f` on the read connection on the blocking pool: `f` must not write (the connection
@@ -478,7 +500,13 @@ impl KeyStore for EmbeddedStore {
             })
             .await?;
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
-        tokio::spawn(poll_changes(self.reader.clone(), start, tx));
+        tokio::spawn(poll_changes(
+            self.reader.clone(),
+            start,
+            tx,
+            self.written.subscribe(),
+            self.poll_every,
+        ));
         Ok(rx)
     }
 
@@ -749,14 +777,23 @@ impl KeyStore for EmbeddedStore {
 /// Forwards new change rows until the receiver goes away or the database fails; returning
 /// drops `tx`, which tells the caller to flush and subscribe again. `conn` is the read
 /// connection.
-async fn poll_changes(conn: Arc<Mutex<Connection>>, mut last: i64, tx: mpsc::Sender<Change>) {
-    let mut tick = tokio::time::interval(POLL_EVERY);
+async fn poll_changes(
+    conn: Arc<Mutex<Connection>>,
+    mut last: i64,
+    tx: mpsc::Sender<Change>,
+    mut written: tokio::sync::watch::Receiver<u64>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             () = tx.closed() => return,
             _ = tick.tick() => {}
+            // This process wrote: look now. (The store, which holds the sender, outlives its
+            // feeds in practice; without it, the ticks go on.)
+            Ok(()) = written.changed() => {}
         }
         let after = last;
         let rows = run_blocking(conn.clone(), move |conn| {
@@ -985,6 +1022,32 @@ mod tests {
             std::thread::sleep(hold);
             other.execute_batch("COMMIT").unwrap();
         })
+    }
+
+    /// What this process writes reaches its own change feeds at once, not at the next poll
+    /// (here an hour away): a key disabled through the admin API was served for up to 200 ms
+    /// more by the same process (the docs' walk-through said "at once").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn this_process_writes_reach_its_feeds_without_a_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("k.db"))
+            .unwrap()
+            .with_poll_every(Duration::from_secs(3600));
+        let mut feed = store.changes().await.unwrap();
+        // The interval's first tick is at once: let that poll pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let hash = KeyHash::of("kg_seen_at_once");
+        store
+            .create(&sample_record("apk_at_once"), &hash, None)
+            .await
+            .unwrap();
+        let change = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("no change within 10 s: the feed waited for its next poll");
+        match change {
+            Some(Change::Keys(hashes)) => assert_eq!(hashes, vec![hash]),
+            other => panic!("{other:?}"),
+        }
     }
 
     async fn store_with_key(path: &Path) -> (Arc<EmbeddedStore>, KeyHash, String) {
