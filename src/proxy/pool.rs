@@ -24,8 +24,10 @@
 //!   HTTP/2 one, holds a permit from when it starts connecting until its socket is dropped. A
 //!   request that finds no idle connection and no permit waits for whichever comes first,
 //!   within the upstream's `connect_timeout`, then fails ([`PoolError::Busy`], 503): without
-//!   it, many slow requests at once opened a connection each, until keygate ran out of file
-//!   descriptors for everything else.
+//!   the cap, many slow requests at once opened a connection each, until keygate ran out of
+//!   file descriptors for everything else. While requests wait, a connection coming back to a
+//!   pool with none waiting of its own is closed, so that its permit goes to one of them
+//!   (another thread's pool would not wake them).
 
 use super::BoxError;
 use crate::idle::{CutOff, Peer, WriteStall};
