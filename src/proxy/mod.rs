@@ -624,7 +624,10 @@ impl Upstream {
     ) -> Result<Response<Incoming>, GatewayError> {
         answered.map_err(|e| {
             if let pool::PoolError::Busy { .. } = e {
-                tracing::warn!(upstream = %self.name, error = %e, "upstream connection limit reached");
+                // Spaced out like the other failures: a burst past the cap is one 503 each.
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, error = %e, "upstream connection limit reached");
+                }
                 return GatewayError::UpstreamBusy;
             }
             if client_body.is_some_and(|b| b.error().is_some()) {

@@ -24,8 +24,10 @@
 //!   HTTP/2 one, holds a permit from when it starts connecting until its socket is dropped. A
 //!   request that finds no idle connection and no permit waits for whichever comes first,
 //!   within the upstream's `connect_timeout`, then fails ([`PoolError::Busy`], 503): without
-//!   it, many slow requests at once opened a connection each, until keygate ran out of file
-//!   descriptors for everything else.
+//!   the cap, many slow requests at once opened a connection each, until keygate ran out of
+//!   file descriptors for everything else. While requests wait, a connection coming back to a
+//!   pool with none waiting of its own is closed, so that its permit goes to one of them
+//!   (another thread's pool would not wake them).
 
 use super::BoxError;
 use crate::idle::{CutOff, Peer, WriteStall};
@@ -81,6 +83,10 @@ pub struct ConnectionCap {
     /// another's idle connection: with a pool per proxy thread, a quiet thread's idle
     /// connections would otherwise hold permits that a busy thread's requests wait for.
     pools: Mutex<Vec<Weak<dyn ShedIdle>>>,
+    /// Requests of any pool waiting for a permit: while there are any, a connection coming
+    /// back to a pool with no waiter of its own is closed instead of kept idle, so that its
+    /// permit goes to one of them (a pool's `returned` wakes only its own).
+    waiting: AtomicUsize,
 }
 
 impl ConnectionCap {
@@ -90,6 +96,7 @@ impl ConnectionCap {
             max,
             open,
             pools: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -414,7 +421,8 @@ where
     }
 
     async fn send_h2(&self, req: Request<B>) -> Result<Response<Incoming>, PoolError> {
-        let (mut h2, reused) = self.shared_h2().await?;
+        let started = tokio::time::Instant::now();
+        let (mut h2, reused) = self.shared_h2(started).await?;
         let req = h2.watched(req);
         match h2.conn.try_send_request(req).await {
             Ok(resp) => Ok(resp),
@@ -422,7 +430,7 @@ where
                 // hyper hands a message back only once the connection is closed (GOAWAY or
                 // gone), so `shared_h2` opens a new one: once.
                 Some(unsent) if reused => {
-                    let (mut h2, _) = self.shared_h2().await?;
+                    let (mut h2, _) = self.shared_h2(started).await?;
                     let req = h2.watched(unsent.map(SendWatch::into_inner));
                     h2.conn
                         .try_send_request(req)
@@ -460,6 +468,7 @@ where
         let mut shed = false;
         // Counted before looking at `idle` (under its lock), so a `put` after the look sees it.
         let _waiting = Waiting::new(&self.waiting);
+        let mut cap_waiting = None;
         let slot = loop {
             // Registered before looking, so a connection returned in between is not missed.
             let returned = self.returned.notified();
@@ -472,6 +481,9 @@ where
                 break slot;
             }
             if !shed {
+                // Counted before shedding: another pool's connection returned before this
+                // is counted is idle there to be shed, one returned after is closed by `put`.
+                cap_waiting = Some(Waiting::new(&self.cap.waiting));
                 // This pool has no idle connection (it was just looked at); another thread's
                 // may, holding a permit no request there is using.
                 self.cap.shed_idle();
@@ -488,6 +500,8 @@ where
                 }
             }
         };
+        // Not waiting any more while it connects: other pools keep what comes back to them.
+        drop(cap_waiting);
         Ok((self.connect_h1(slot).await?, false))
     }
 
@@ -510,9 +524,16 @@ where
         }
     }
 
+    /// Keeps `conn` idle, for this pool's next request (or one waiting now); closes it instead
+    /// when the pool is full, or when only another pool's requests are waiting for a permit:
+    /// dropping the last handle ends the connection's task, which drops the socket and its
+    /// permit, and the semaphore hands that to the next waiter.
     fn put(&self, conn: http1::SendRequest<B>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < self.settings.max_idle {
+        // Read under the lock: a waiter counted on the cap sheds idle connections under it.
+        let others_wait =
+            self.waiting.load(Ordering::SeqCst) == 0 && self.cap.waiting.load(Ordering::SeqCst) > 0;
+        if idle.len() < self.settings.max_idle && !others_wait {
             idle.push(Idle {
                 conn,
                 since: Instant::now(),
@@ -538,29 +559,56 @@ where
     }
 
     /// The shared HTTP/2 connection, opened when there is none (or it closed); `true` when it
-    /// was already open.
-    async fn shared_h2(&self) -> Result<(SharedH2<B>, bool), PoolError> {
-        let mut shared = self.shared.lock().await;
+    /// was already open. Waiting for the lock (another request opening it) and for a permit
+    /// together take at most `connect_timeout` from `started`, when the request came.
+    async fn shared_h2(
+        &self,
+        started: tokio::time::Instant,
+    ) -> Result<(SharedH2<B>, bool), PoolError> {
+        let deadline = started + self.settings.connect_timeout;
+        let Ok(mut shared) = tokio::time::timeout_at(deadline, self.shared.lock()).await else {
+            // Behind a request waiting for a permit, or one still connecting with its permit.
+            return Err(if self.cap.permits.available_permits() == 0 {
+                self.cap.busy(started.elapsed())
+            } else {
+                PoolError::Connect(
+                    format!(
+                        "no HTTP/2 connection within {:?}: another request is still opening it",
+                        self.settings.connect_timeout
+                    )
+                    .into(),
+                )
+            });
+        };
+        let mut slot = None;
         if let Some((h2, last_used)) = shared.as_mut()
             && !h2.conn.is_closed()
-            // Unused for longer than an idle connection may live: a middlebox may have
-            // dropped it without either end knowing, so it is not trusted with requests.
-            && last_used.elapsed() <= self.settings.idle_timeout
         {
-            *last_used = Instant::now();
-            return Ok((h2.clone(), true));
+            if last_used.elapsed() <= self.settings.idle_timeout {
+                *last_used = Instant::now();
+                return Ok((h2.clone(), true));
+            }
+            // Unused for longer than an idle connection may live: a middlebox may have dropped
+            // it without either end knowing, so it is replaced. But it may only look unused,
+            // busy with a long stream (SSE) that holds its permit: with no permit for a new
+            // one, it goes on being used rather than every request waiting for one.
+            slot = self.cap.try_slot();
+            if slot.is_none() && h2.conn.is_ready() {
+                return Ok((h2.clone(), true));
+            }
         }
+        // Dropped first: with no stream open its permit comes free for the new one.
         *shared = None;
-        let slot = match self.cap.try_slot() {
+        let slot = match slot.or_else(|| self.cap.try_slot()) {
             Some(slot) => slot,
             None => {
-                let limit = self.settings.connect_timeout;
+                let _waiting = Waiting::new(&self.cap.waiting);
                 self.cap.shed_idle();
-                tokio::time::timeout(limit, self.cap.next_slot())
+                tokio::time::timeout_at(deadline, self.cap.next_slot())
                     .await
                     .ok()
                     .flatten()
-                    .ok_or_else(|| self.cap.busy(limit))?
+                    .ok_or_else(|| self.cap.busy(started.elapsed()))?
             }
         };
         // Boxed, as in `send_h1`.
@@ -884,7 +932,28 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
     }
 
-    /// A real h2c upstream (hyper's HTTP/2 server); counts connections.
+    /// A response body that ends this long after its head: an event stream (SSE) held open.
+    struct LateBody(Option<Pin<Box<tokio::time::Sleep>>>);
+
+    impl http_body::Body for LateBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            let Some(sleep) = self.0.as_mut() else {
+                return Poll::Ready(None);
+            };
+            std::task::ready!(std::future::Future::poll(sleep.as_mut(), cx));
+            self.0 = None;
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"h2")))))
+        }
+    }
+
+    /// A real h2c upstream (hyper's HTTP/2 server); counts connections. `/sse` answers at once
+    /// and ends its body 1.5 s later.
     async fn h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -893,10 +962,14 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"h2"),
-                    )))
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let after = if req.uri().path() == "/sse" {
+                        Duration::from_millis(1500)
+                    } else {
+                        Duration::ZERO
+                    };
+                    let body = LateBody(Some(Box::pin(tokio::time::sleep(after))));
+                    Ok::<_, std::convert::Infallible>(Response::new(body))
                 });
                 tokio::spawn(
                     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -1101,5 +1174,104 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(cap.in_use(), 1);
         assert_eq!(cap.open.get(), 1);
+    }
+
+    async fn h2_get(
+        pool: &Arc<Pool<Empty<Bytes>>>,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Response<Incoming> {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .version(http::Version::HTTP_2)
+            .body(Empty::new())
+            .unwrap();
+        pool.send(req).await.unwrap()
+    }
+
+    /// Two proxy threads' pools on one cap: a connection coming back to the first while the
+    /// second's request waits is closed rather than kept idle, so its permit goes to that
+    /// request instead of it waiting out the connect timeout.
+    #[tokio::test]
+    async fn a_waiter_gets_the_permit_of_a_connection_another_pool_got_back() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(300))).await;
+        let cap = ConnectionCap::new(1, gauge());
+        let first = capped_pool(addr, false, 8, LONG, cap.clone(), Duration::from_secs(2));
+        let second = capped_pool(addr, false, 8, LONG, cap.clone(), Duration::from_secs(2));
+        let waiter = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            let req = Request::get("/x").body(Empty::new()).unwrap();
+            let answered = second.send(req).await;
+            (answered.map(|_| ()), started.elapsed())
+        };
+        let (a, (b, waited)) = tokio::join!(get(&first, addr), waiter);
+        assert_eq!(a, "ok");
+        b.unwrap();
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
+        assert_eq!(first.idle_count(), 0, "closed for the waiter, not kept");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(counts.peak.load(Ordering::SeqCst), 1);
+    }
+
+    /// HTTP/2 requests queued for the shared connection all give up `connect_timeout` after
+    /// they started, not one `connect_timeout` after another, and say how long they waited.
+    #[tokio::test]
+    async fn queued_http2_requests_wait_for_a_permit_within_one_connect_timeout() {
+        let (addr, accepted) = h2_upstream().await;
+        let cap = ConnectionCap::new(1, gauge());
+        let limit = Duration::from_millis(300);
+        // Another thread's pool holds the only permit with its shared connection.
+        let holder = capped_pool(addr, true, 8, LONG, cap.clone(), limit);
+        h2_get(&holder, addr, "/x").await;
+        let pool = capped_pool(addr, true, 8, LONG, cap.clone(), limit);
+        let refused = || async {
+            let started = Instant::now();
+            let req = Request::get(format!("http://{addr}/x"))
+                .version(http::Version::HTTP_2)
+                .body(Empty::new())
+                .unwrap();
+            let err = pool.send(req).await.unwrap_err();
+            (err, started.elapsed())
+        };
+        let (a, b, c) = tokio::join!(refused(), refused(), refused());
+        for (err, elapsed) in [a, b, c] {
+            let PoolError::Busy { max: 1, waited } = err else {
+                panic!("{err}");
+            };
+            assert!(elapsed >= limit, "{elapsed:?}");
+            assert!(elapsed < limit * 2, "{elapsed:?}");
+            assert!(
+                waited >= limit && waited <= elapsed,
+                "{waited:?} of {elapsed:?}"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A shared HTTP/2 connection busy with a long stream (SSE) past `pool_idle_timeout` is
+    /// kept using while no permit is free for a new one, rather than every request waiting
+    /// for a permit the stream holds.
+    #[tokio::test]
+    async fn a_shared_http2_connection_with_a_long_stream_is_kept_when_no_permit_is_free() {
+        let (addr, accepted) = h2_upstream().await;
+        let cap = ConnectionCap::new(1, gauge());
+        let pool = capped_pool(
+            addr,
+            true,
+            8,
+            Duration::from_millis(100),
+            cap.clone(),
+            Duration::from_millis(300),
+        );
+        let stream = h2_get(&pool, addr, "/sse").await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let started = Instant::now();
+        let resp = h2_get(&pool, addr, "/x").await;
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "h2");
+        assert!(started.elapsed() < Duration::from_millis(200));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let body = stream.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "h2");
+        assert_eq!(cap.in_use(), 1);
     }
 }
