@@ -551,16 +551,6 @@ pub async fn follow_changes(
 mod tests {
     use super::*;
 
-    #[test]
-    fn failed_lookups_are_logged_once_a_second_with_the_count_left_out() {
-        let log = LogEvery::default();
-        assert_eq!(log.due(0, STORE_BACKOFF), Some(0));
-        assert_eq!(log.due(10, STORE_BACKOFF), None);
-        assert_eq!(log.due(999, STORE_BACKOFF), None);
-        assert_eq!(log.due(1000, STORE_BACKOFF), Some(2));
-        assert_eq!(log.due(1500, STORE_BACKOFF), None);
-        assert_eq!(log.due(2000, STORE_BACKOFF), Some(1));
-    }
     use crate::auth::key::{NewKey, SlotTag, new_key_id};
     use crate::auth::record::{KeyRecord, sample_record};
     use crate::store::embedded::EmbeddedStore;

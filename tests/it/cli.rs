@@ -199,14 +199,7 @@ fn an_invalid_rust_log_is_a_warning() {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stderr);
         let mut seen = Vec::new();
         let warned = loop {
             match rx.recv_timeout(std::time::Duration::from_secs(20)) {
@@ -384,14 +377,7 @@ async fn dev_mode_prints_a_working_key_and_curl_line() {
     .stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(stdout);
     let mut addr = None;
     let mut key = None;
     while key.is_none() {
@@ -467,14 +453,7 @@ fn dev_mode_does_not_print_a_token_from_the_environment() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(stdout);
     let mut seen = Vec::new();
     while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
         let done = line.contains("admin API:");
@@ -491,4 +470,18 @@ fn dev_mode_does_not_print_a_token_from_the_environment() {
         "{text}"
     );
     assert!(!text.contains(TOKEN), "{text}");
+}
+
+/// The lines `out` (a child's stdout or stderr) writes, as they come, read by a thread of
+/// their own so the child never blocks on a full pipe.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

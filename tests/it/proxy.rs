@@ -2661,6 +2661,16 @@ async fn sighup_without_tls_neither_stops_nor_disturbs_the_gateway() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Waits (up to 5 s) until `gw` counts `n` requests in flight.
+async fn until_in_flight(gw: &Gateway, n: usize) {
+    let line = format!("\nkeygate_in_flight_requests {n}\n");
+    let waiting = eventually(Duration::from_secs(5), || async {
+        gw.metrics().await.contains(&line)
+    })
+    .await;
+    assert!(waiting, "{n} request(s) never showed as in flight");
+}
+
 /// A request still waiting on its upstream when the drain time runs out is cut by keygate,
 /// not by its client: its access line says so (status 444, outcome `drain_cut_off`), and it
 /// reaches the log. Before, the line came after the log writer had closed, so it was lost
@@ -2686,13 +2696,7 @@ async fn a_request_cut_off_by_the_drain_is_logged_as_such() {
     conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\nX-Request-Id: cut-by-drain\r\n\r\n")
         .await
         .unwrap();
-    let waiting = eventually(Duration::from_secs(5), || async {
-        gw.metrics()
-            .await
-            .contains("\nkeygate_in_flight_requests 1\n")
-    })
-    .await;
-    assert!(waiting, "the request never showed as in flight");
+    until_in_flight(&gw, 1).await;
     let status = tokio::task::spawn_blocking(move || gw.terminate())
         .await
         .unwrap();
@@ -2749,13 +2753,7 @@ async fn the_drain_time_ends_requests_even_while_the_last_flush_waits() {
             r.map(|r| r.status().as_u16())
         })
     };
-    let waiting = eventually(Duration::from_secs(5), || async {
-        gw.metrics()
-            .await
-            .contains("\nkeygate_in_flight_requests 2\n")
-    })
-    .await;
-    assert!(waiting, "the requests never showed as in flight");
+    until_in_flight(&gw, 2).await;
     // Another process holds the database's write lock: the last usage flush (this request's
     // count) waits and retries for up to 5 s.
     let lock = rusqlite::Connection::open(&db).unwrap();
@@ -2828,13 +2826,7 @@ async fn the_admin_listener_answers_not_ready_through_the_drain() {
     conn.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let waiting = eventually(Duration::from_secs(5), || async {
-        gw.metrics()
-            .await
-            .contains("\nkeygate_in_flight_requests 1\n")
-    })
-    .await;
-    assert!(waiting, "the request never showed as in flight");
+    until_in_flight(&gw, 1).await;
     let readyz = gw.admin_url("/readyz");
     let metrics = gw.admin_url("/metrics");
     let exited = tokio::task::spawn_blocking(move || gw.terminate());
