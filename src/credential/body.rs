@@ -1075,20 +1075,28 @@ mod tests {
 
     const FORM: &str = "application/x-www-form-urlencoded";
 
+    /// A peek of `body` (sent `chunk` bytes at a time) on a form route, charged to `budget`.
+    async fn form_peek(
+        body: &[u8],
+        chunk: usize,
+        budget: &Arc<PeekBudget>,
+    ) -> Result<Peeked<Client>, PeekError> {
+        peek(
+            &cfg(65536),
+            &[KeySource::Form],
+            &headers(FORM),
+            Client::new(body, chunk, false),
+            budget,
+        )
+        .await
+    }
+
     #[test]
     fn the_bytes_kept_are_charged_until_the_replay_hands_them_on() {
         rt().block_on(async {
             let budget = PeekBudget::new(1 << 20, None);
             let body = b"a=1&clientKey=kg_1&b=2".to_vec();
-            let p = peek(
-                &cfg(65536),
-                &[KeySource::Form],
-                &headers(FORM),
-                Client::new(&body, 5, false),
-                &budget,
-            )
-            .await
-            .unwrap();
+            let p = form_peek(&body, 5, &budget).await.unwrap();
             assert_eq!(p.key.unwrap().value, "kg_1");
             assert_eq!(budget.held() as u64, p.body.prefix_len());
             assert!(budget.held() > 0);
@@ -1106,28 +1114,12 @@ mod tests {
             let mut body = b"pad=".to_vec();
             body.extend(std::iter::repeat_n(b'x', 300));
             body.extend_from_slice(b"&clientKey=kg_1");
-            let err = peek(
-                &cfg(65536),
-                &[KeySource::Form],
-                &headers(FORM),
-                Client::new(&body, 50, false),
-                &budget,
-            )
-            .await
-            .err();
+            let err = form_peek(&body, 50, &budget).await.err();
             assert_eq!(err, Some(PeekError::Busy));
             assert_eq!(budget.held(), 4000);
             drop(other);
             // With room again, the same request passes.
-            let p = peek(
-                &cfg(65536),
-                &[KeySource::Form],
-                &headers(FORM),
-                Client::new(&body, 50, false),
-                &budget,
-            )
-            .await
-            .unwrap();
+            let p = form_peek(&body, 50, &budget).await.unwrap();
             assert_eq!(p.key.unwrap().value, "kg_1");
         });
     }

@@ -985,11 +985,7 @@ mod tests {
         let (addr, accepted) = h2_upstream().await;
         let pool = pool_for(addr, true, 8, Duration::from_millis(300));
         let get = || async {
-            let req = Request::get(format!("http://{addr}/x"))
-                .version(http::Version::HTTP_2)
-                .body(Empty::new())
-                .unwrap();
-            let resp = pool.send(req).await.unwrap();
+            let resp = h2_get(&pool, addr, "/x").await;
             resp.into_body().collect().await.unwrap().to_bytes()
         };
         let (a, b, c) = tokio::join!(get(), get(), get());
@@ -1159,11 +1155,7 @@ mod tests {
         let cap = ConnectionCap::new(1, gauge());
         let pool = capped_pool(addr, true, 8, LONG, cap.clone(), Duration::from_millis(300));
         let get = || async {
-            let req = Request::get(format!("http://{addr}/x"))
-                .version(http::Version::HTTP_2)
-                .body(Empty::new())
-                .unwrap();
-            let resp = pool.send(req).await.unwrap();
+            let resp = h2_get(&pool, addr, "/x").await;
             resp.into_body().collect().await.unwrap().to_bytes()
         };
         let (a, b, c) = tokio::join!(get(), get(), get());
