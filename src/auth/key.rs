@@ -95,8 +95,10 @@ impl SlotTag {
     /// The tag of a presented key: the characters after the prefix's `_`. `None` when there is
     /// no `_` or they are not base62.
     pub fn of_key(key: &str) -> Option<Self> {
-        let (_, rest) = key.split_once('_')?;
-        Self::from_bytes(rest.as_bytes().get(..TAG_LEN)?)
+        // Bytes: `split_once` costs ~100 instructions more, on every request (callgrind).
+        let key = key.as_bytes();
+        let rest = &key[key.iter().position(|&b| b == b'_')? + 1..];
+        Self::from_bytes(rest.get(..TAG_LEN)?)
     }
 
     /// Four base62 bytes, else `None`.
