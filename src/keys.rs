@@ -20,6 +20,9 @@ pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 86_400);
 /// How often `change` re-reads a key that other writers keep changing before it gives up
 /// (503, retryable): enough for any burst of admin requests on one key.
 const CHANGE_ATTEMPTS: usize = 16;
+/// How often a removed member's `shared` key looks for another owner to go to, when the one
+/// it was given to left too.
+const FALLBACK_ATTEMPTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -488,6 +491,7 @@ impl KeyService {
             now,
         )
         .await;
+        let record = self.kept_with_its_user(record, actor, now).await;
         Ok((key, record))
     }
 
@@ -571,6 +575,29 @@ impl KeyService {
     /// [`Self::change`], made only while `applies` holds for the key as it is read (each
     /// attempt reads it again): `None` when it does not.
     async fn change_if(
+        &self,
+        id: &str,
+        change: KeyChange,
+        actor: &Actor,
+        now: DateTime<Utc>,
+        applies: impl Fn(&KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, KeyError> {
+        // Only a change that lets the key act for its user again (an enable, a new user) can
+        // have raced that user's removal.
+        let joins_user = change.is_enabled == Some(true) || change.behalf_of_user_id.is_some();
+        let changed = self
+            .write_change_if(id, change, actor, now, applies)
+            .await?;
+        match changed {
+            Some(record) if joins_user => {
+                Ok(Some(self.kept_with_its_user(record, actor, now).await))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// [`Self::change_if`] without the membership check after the write.
+    async fn write_change_if(
         &self,
         id: &str,
         change: KeyChange,
@@ -785,6 +812,12 @@ impl KeyService {
     /// Removes a member. Their `user` keys in the team are disabled; `shared` keys that acted
     /// for them fall back to the team's first owner (else admin), or to nobody.
     /// Returns the keys that changed.
+    ///
+    /// The member goes first, so that no key can be made or enabled for them meanwhile
+    /// ([`Self::kept_with_its_user`] covers one whose check came just before), then their
+    /// keys. A failure on the way (the store unreachable) leaves keys acting for someone who
+    /// is no longer a member: the same request again finishes the job, as it looks for such
+    /// keys even when the member is already gone (`MemberNotFound` only when there were none).
     pub async fn remove_member(
         &self,
         team: &str,
@@ -793,54 +826,193 @@ impl KeyService {
         now: DateTime<Utc>,
     ) -> Result<Vec<KeyRecord>, KeyError> {
         let removed = self.store.remove_member(team, user).await?;
-        if removed.is_none() {
+        if removed.is_some() {
+            let event = AuditEvent {
+                event_id: String::new(),
+                time: now,
+                actor: actor.id.clone(),
+                action: AuditAction::MemberRemove,
+                api_key_id: None,
+                team_id: Some(team.to_owned()),
+                user_id: Some(user.to_owned()),
+                client_ip: actor.client_ip.clone(),
+                request_id: actor.request_id.clone(),
+                details: BTreeMap::new(),
+            };
+            self.audit_done(event).await;
+        } else if self.store.get_member(team, user).await?.is_some() {
+            // Added again meanwhile: their keys are theirs again.
             return Err(KeyError::MemberNotFound {
                 team: team.to_owned(),
                 user: user.to_owned(),
             });
         }
-        let event = AuditEvent {
-            event_id: String::new(),
-            time: now,
-            actor: actor.id.clone(),
-            action: AuditAction::MemberRemove,
-            api_key_id: None,
-            team_id: Some(team.to_owned()),
-            user_id: Some(user.to_owned()),
-            client_ip: actor.client_ip.clone(),
-            request_id: actor.request_id.clone(),
-            details: BTreeMap::new(),
-        };
-        self.audit_done(event).await;
 
-        let members = self.store.list_members(team).await?;
-        let fallback = members
-            .iter()
-            .find(|m| m.role == Role::Owner)
-            .or_else(|| members.iter().find(|m| m.role == Role::Admin))
-            .map(|m| m.user_id.clone());
+        let mut fallback = None;
         let mut changed = Vec::new();
+        // Every key is tried: a failure on one leaves the others done, and the error for the
+        // caller to try again.
+        let mut failed = None;
         for (id, key_type) in self.keys_acting_for(team, user).await? {
-            let change = match key_type {
-                KeyType::User => KeyChange {
-                    is_enabled: Some(false),
-                    ..KeyChange::default()
-                },
-                KeyType::Shared => KeyChange {
-                    behalf_of_user_id: Some(fallback.clone()),
-                    ..KeyChange::default()
-                },
-            };
-            // Only while the key is still the user's: a concurrent change may have given it to
-            // someone else, and that change must stand. A key deleted since is passed over.
-            let still_theirs = |k: &KeyRecord| k.behalf_of_user_id.as_deref() == Some(user);
-            match self.change_if(&id, change, actor, now, still_theirs).await {
+            match self
+                .settle_key(&id, key_type, team, user, &mut fallback, actor, now)
+                .await
+            {
                 Ok(Some(record)) => changed.push(record),
-                Ok(None) | Err(KeyError::NotFound) => {}
-                Err(e) => return Err(e),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if removed.is_none() && changed.is_empty() {
+            return Err(KeyError::MemberNotFound {
+                team: team.to_owned(),
+                user: user.to_owned(),
+            });
+        }
         Ok(changed)
+    }
+
+    /// What a member's removal does to one of their keys: a `user` key is disabled, a `shared`
+    /// one goes to `fallback` (the team's first owner, else admin, else nobody; looked up on
+    /// first use and again when the one found is no longer a member). Only while the key is
+    /// still the user's and would change: a concurrent change that gave it to someone else
+    /// stands, and a key deleted since is passed over (`None`).
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_key(
+        &self,
+        id: &str,
+        key_type: KeyType,
+        team: &str,
+        user: &str,
+        fallback: &mut Option<Option<String>>,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, KeyError> {
+        let still_theirs = |k: &KeyRecord| {
+            k.behalf_of_user_id.as_deref() == Some(user)
+                && (k.key_type == KeyType::Shared || k.is_enabled)
+        };
+        if key_type == KeyType::User {
+            let change = KeyChange {
+                is_enabled: Some(false),
+                ..KeyChange::default()
+            };
+            return match self
+                .write_change_if(id, change, actor, now, still_theirs)
+                .await
+            {
+                Err(KeyError::NotFound) => Ok(None),
+                other => other,
+            };
+        }
+        for _ in 0..FALLBACK_ATTEMPTS {
+            let to = match fallback {
+                Some(to) => to.clone(),
+                None => fallback
+                    .insert(self.fallback_user(team, user).await?)
+                    .clone(),
+            };
+            let change = KeyChange {
+                behalf_of_user_id: Some(to),
+                ..KeyChange::default()
+            };
+            match self
+                .write_change_if(id, change, actor, now, still_theirs)
+                .await
+            {
+                Err(KeyError::NotFound) => return Ok(None),
+                // The owner it was to go to was removed meanwhile: another one.
+                Err(KeyError::UserInvalid(_)) => *fallback = None,
+                other => return other,
+            }
+        }
+        *fallback = Some(None);
+        let change = KeyChange {
+            behalf_of_user_id: Some(None),
+            ..KeyChange::default()
+        };
+        match self
+            .write_change_if(id, change, actor, now, still_theirs)
+            .await
+        {
+            Err(KeyError::NotFound) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// Who a removed member's `shared` keys act for next: the team's first owner, else its
+    /// first admin, else nobody; never `removed` (who may be back in the list by now).
+    async fn fallback_user(&self, team: &str, removed: &str) -> Result<Option<String>, KeyError> {
+        let members = self.store.list_members(team).await?;
+        let first = |role: Role| {
+            members
+                .iter()
+                .find(|m| m.role == role && m.user_id != removed)
+        };
+        Ok(first(Role::Owner)
+            .or_else(|| first(Role::Admin))
+            .map(|m| m.user_id.clone()))
+    }
+
+    /// `record`, just written acting for its user (created, enabled, given to them), as it
+    /// stands once that user's membership is checked again: the user may have been removed
+    /// between the check before the write and the write, and the removal's pass over the
+    /// team's keys may have gone by before the write landed. The key is then settled as the
+    /// removal would have (`settle_key`), the same outcome as the write coming first. Checked
+    /// a few times, as the user it is settled to may be leaving too. A failure here leaves the
+    /// written record (logged): the write stands, and a retried removal finds the key.
+    async fn kept_with_its_user(
+        &self,
+        mut record: KeyRecord,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> KeyRecord {
+        for _ in 0..FALLBACK_ATTEMPTS {
+            let (Some(team), Some(user)) = (&record.team_id, &record.behalf_of_user_id) else {
+                return record;
+            };
+            if record.key_type == KeyType::User && !record.is_enabled {
+                return record;
+            }
+            let (team, user) = (team.clone(), user.clone());
+            let settled = match self.store.get_member(&team, &user).await {
+                Ok(Some(_)) => return record,
+                Ok(None) => {
+                    let id = record.api_key_id.clone();
+                    let mut fallback = None;
+                    self.settle_key(
+                        &id,
+                        record.key_type,
+                        &team,
+                        &user,
+                        &mut fallback,
+                        actor,
+                        now,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match settled {
+                Ok(Some(next)) => record = next,
+                Ok(None) => return record,
+                Err(e) => {
+                    tracing::warn!(
+                        api_key_id = %record.api_key_id,
+                        error = %e,
+                        "could not check that a key's user is still a member; a retried \
+                         member removal finds the key"
+                    );
+                    return record;
+                }
+            }
+        }
+        record
     }
 
     /// The ids and types of `team`'s keys that act for `user`, all read before any is changed.

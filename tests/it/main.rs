@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod form;
 mod limits;
+mod member_removal;
 mod proxy;
 mod redis_e2e;
 mod store_conformance;
