@@ -40,6 +40,11 @@ pub enum KeyError {
     MemberNotFound { team: String, user: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// The key's authority-relevant fields ([`same_authority`]) are no longer those of the
+    /// record the caller's right to act was checked against: acting anyway could hand out or
+    /// enable powers the caller was never checked for.
+    #[error("the key changed while this request was being checked; read it again and retry")]
+    ChangedMeanwhile,
     #[error(transparent)]
     Store(StoreError),
 }
@@ -180,6 +185,19 @@ fn dedup_scopes(scopes: Vec<String>) -> Result<Vec<String>, KeyError> {
         }
     }
     Ok(out)
+}
+
+/// Whether `a` and `b` grant the same and stand the same in their team: every field an admin's
+/// right to change, rotate or reveal a key is judged on (its team, type, the user it acts for,
+/// its scopes, addresses and expiry). Names, metadata, `is_enabled` and times may differ.
+pub fn same_authority(a: &KeyRecord, b: &KeyRecord) -> bool {
+    a.api_key_id == b.api_key_id
+        && a.team_id == b.team_id
+        && a.key_type == b.key_type
+        && a.behalf_of_user_id == b.behalf_of_user_id
+        && a.scope_names == b.scope_names
+        && a.allow_ips == b.allow_ips
+        && a.expires_time == b.expires_time
 }
 
 /// Sets `slot` to `value` and names it in `fields`, when that changes it.
@@ -572,6 +590,29 @@ impl KeyService {
             .ok_or(KeyError::NotFound)
     }
 
+    /// [`Self::change`] on behalf of a caller whose right to make it was judged on `checked`
+    /// (`None`: the operator, who may change any key): made only while the key's authority
+    /// ([`same_authority`]) is still `checked`'s, else `ChangedMeanwhile` and nothing written.
+    /// Without it, a concurrent writer could widen the key between the check and the write,
+    /// and the change (an enable) would apply to a key the caller could not have changed.
+    pub async fn change_checked(
+        &self,
+        id: &str,
+        change: KeyChange,
+        checked: Option<&KeyRecord>,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, KeyError> {
+        let Some(checked) = checked else {
+            return self.change(id, change, actor, now).await;
+        };
+        self.change_if(id, change, actor, now, |current| {
+            same_authority(current, checked)
+        })
+        .await?
+        .ok_or(KeyError::ChangedMeanwhile)
+    }
+
     /// [`Self::change`], made only while `applies` holds for the key as it is read (each
     /// attempt reads it again): `None` when it does not.
     async fn change_if(
@@ -744,10 +785,16 @@ impl KeyService {
         Ok(())
     }
 
+    /// Gives the key a new value. `checked`: the record the caller's right to hold the key's
+    /// value was judged on (`None`: the operator, who may rotate any key); the rotation is made
+    /// only while the key's authority ([`same_authority`]) is still `checked`'s, else
+    /// `ChangedMeanwhile` and nothing written. The store rotates only the very record read
+    /// here (`Conflict` otherwise), so a change landing in between is read again and checked.
     pub async fn rotate(
         &self,
         id: &str,
         grace: Duration,
+        checked: Option<&KeyRecord>,
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(NewKey, KeyRecord), KeyError> {
@@ -760,18 +807,33 @@ impl KeyService {
         // The new key stays in the key's slot, next to its id entry; an id without a tag cannot
         // name a stored key.
         let tag = SlotTag::of_key_id(id).ok_or(KeyError::NotFound)?;
-        // A removed member's `user` key gets no new value, as it could not be made for them.
-        self.check_user_key(&self.get(id).await?).await?;
         let key = NewKey::generate(&self.prefix, tag);
-        let record = self
-            .store
-            .rotate(id, &key.hash(), &key.key_start(), grace, now)
-            .await?;
-        self.remember_for_reveal(id, &key);
-        let details = BTreeMap::from([("grace_seconds".to_owned(), grace.as_secs().to_string())]);
-        self.audit(actor, AuditAction::Rotate, Some(&record), details, now)
-            .await;
-        Ok((key, record))
+        for _ in 0..CHANGE_ATTEMPTS {
+            let current = self.get(id).await?;
+            if checked.is_some_and(|checked| !same_authority(&current, checked)) {
+                return Err(KeyError::ChangedMeanwhile);
+            }
+            // A removed member's `user` key gets no new value, as it could not be made for them.
+            self.check_user_key(&current).await?;
+            let record = match self
+                .store
+                .rotate(&current, &key.hash(), &key.key_start(), grace, now)
+                .await
+            {
+                Ok(record) => record,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.remember_for_reveal(id, &key);
+            let details =
+                BTreeMap::from([("grace_seconds".to_owned(), grace.as_secs().to_string())]);
+            self.audit(actor, AuditAction::Rotate, Some(&record), details, now)
+                .await;
+            return Ok((key, record));
+        }
+        Err(KeyError::Store(StoreError::Unavailable(format!(
+            "key {id} kept changing under concurrent writers"
+        ))))
     }
 
     pub async fn put_member(
@@ -1091,5 +1153,167 @@ impl KeyService {
         page: Page,
     ) -> Result<(Vec<AuditEvent>, u64), KeyError> {
         Ok(self.store.list_audit(filter, page).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    const TEAM_ADMIN_HOLDS: &str = "orders:read";
+    const STRONGER: &str = "api_keys_read";
+
+    /// A key service over an embedded store in `dir`, and a team key holding what a team admin
+    /// holds too.
+    async fn service_and_key(dir: &tempfile::TempDir) -> (KeyService, KeyRecord) {
+        let store = EmbeddedStore::open(&dir.path().join("keys.db")).unwrap();
+        let svc = KeyService::new(
+            Arc::new(store),
+            KeyPrefix::default(),
+            KeyRules::permissive(),
+        );
+        let mut req = CreateKey::new(KeyType::Shared);
+        req.team_id = Some("team-a".into());
+        req.scope_names = vec![TEAM_ADMIN_HOLDS.into()];
+        req.is_enabled = false;
+        let (_, record) = svc.create(req, &Actor::cli(), Utc::now()).await.unwrap();
+        (svc, record)
+    }
+
+    /// Another writer (the operator, on another replica) widens the key after the caller's
+    /// right to act on it was checked: returns the record as checked.
+    async fn widened_after_check(svc: &KeyService, id: &str) -> KeyRecord {
+        let checked = svc.get(id).await.unwrap();
+        let widen = KeyChange {
+            scope_names: Some(vec![TEAM_ADMIN_HOLDS.into(), STRONGER.into()]),
+            ..KeyChange::default()
+        };
+        svc.change(id, widen, &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+        checked
+    }
+
+    #[tokio::test]
+    async fn a_change_checked_against_a_since_widened_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, key) = service_and_key(&dir).await;
+        let id = key.api_key_id.as_str();
+        let checked = widened_after_check(&svc, id).await;
+        let stored = svc.get(id).await.unwrap();
+
+        let enable = KeyChange {
+            is_enabled: Some(true),
+            ..KeyChange::default()
+        };
+        let refused = svc
+            .change_checked(
+                id,
+                enable.clone(),
+                Some(&checked),
+                &Actor::cli(),
+                Utc::now(),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(KeyError::ChangedMeanwhile)),
+            "{refused:?}"
+        );
+        assert_eq!(svc.get(id).await.unwrap(), stored, "written all the same");
+
+        // Checked against what the key now is, it applies; the operator's (`None`) always does.
+        let enabled = svc
+            .change_checked(id, enable, Some(&stored), &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+        assert!(enabled.is_enabled);
+        let disable = KeyChange {
+            is_enabled: Some(false),
+            ..KeyChange::default()
+        };
+        let disabled = svc
+            .change_checked(id, disable, None, &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+        assert!(!disabled.is_enabled);
+    }
+
+    #[tokio::test]
+    async fn a_rotation_checked_against_a_since_widened_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, key) = service_and_key(&dir).await;
+        let id = key.api_key_id.as_str();
+        let checked = widened_after_check(&svc, id).await;
+        let stored = svc.get(id).await.unwrap();
+
+        let refused = svc
+            .rotate(
+                id,
+                Duration::ZERO,
+                Some(&checked),
+                &Actor::cli(),
+                Utc::now(),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(KeyError::ChangedMeanwhile)),
+            "{refused:?}"
+        );
+        assert_eq!(svc.get(id).await.unwrap(), stored, "rotated all the same");
+        let rotations = svc
+            .audit_log(
+                &AuditFilter {
+                    api_key_id: Some(id.to_owned()),
+                    ..AuditFilter::default()
+                },
+                Page {
+                    page: 1,
+                    per_page: 100,
+                },
+            )
+            .await
+            .unwrap()
+            .0
+            .into_iter()
+            .filter(|e| e.action == AuditAction::Rotate)
+            .count();
+        assert_eq!(rotations, 0);
+
+        // Checked against what the key now is, it rotates; so does the operator (`None`).
+        let (value, rotated) = svc
+            .rotate(id, Duration::ZERO, Some(&stored), &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(rotated.key_start, value.key_start());
+        svc.rotate(id, Duration::ZERO, None, &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn same_authority_ignores_what_grants_nothing() {
+        let a = crate::auth::record::sample_record("apk_1");
+        let mut b = a.clone();
+        b.name = "renamed".into();
+        b.is_enabled = !a.is_enabled;
+        b.metadata.insert("k".into(), "v".into());
+        b.updated_time = a.updated_time + chrono::Duration::seconds(1);
+        assert!(same_authority(&a, &b));
+        let widenings: [fn(&mut KeyRecord); 5] = [
+            |r| r.scope_names.push(STRONGER.into()),
+            |r| r.allow_ips.clear(),
+            |r| r.expires_time = None,
+            |r| r.behalf_of_user_id = Some("owner".into()),
+            |r| r.team_id = Some("elsewhere".into()),
+        ];
+        for widen in widenings {
+            let mut c = a.clone();
+            c.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
+            c.expires_time = Some(a.created_time + chrono::Duration::days(1));
+            let before = c.clone();
+            widen(&mut c);
+            assert!(!same_authority(&before, &c), "{c:?}");
+        }
     }
 }

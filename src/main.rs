@@ -689,8 +689,9 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
         }
         KeysCommand::Rotate { id, grace } => {
             // The rules are the admin API's, which names its field: here it is `--grace`.
+            // The CLI is the operator's, who may rotate any key: nothing to re-check.
             let (key, _) = service
-                .rotate(&id, grace, &actor, now)
+                .rotate(&id, grace, None, &actor, now)
                 .await
                 .map_err(|e| fail(e).replace("grace_seconds", "--grace"))?;
             println!("{}", key.expose());

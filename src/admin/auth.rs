@@ -15,6 +15,7 @@
 use super::error::AdminError;
 use crate::auth::policy::{self, PolicyRefusal};
 use crate::auth::record::KeyRecord;
+use crate::auth::verified::VerifiedKey;
 use crate::auth::verify::{Verifier, VerifyError};
 use crate::store::Role;
 use chrono::{DateTime, Utc};
@@ -250,11 +251,7 @@ pub async fn authenticate(
         VerifyError::RecordUnreadable => AdminError::KeyRecordUnreadable,
         VerifyError::Malformed(_) | VerifyError::Unknown => AdminError::InvalidCredential,
     })?;
-    policy::authorize(&key, &[required_scope.to_owned()], client_ip, now).map_err(|e| match e {
-        PolicyRefusal::Disabled | PolicyRefusal::Expired => AdminError::InvalidCredential,
-        PolicyRefusal::IpNotAllowed => AdminError::AddressNotAllowed,
-        PolicyRefusal::ScopeMissing => AdminError::InsufficientScope(required_scope),
-    })?;
+    authorize(&key, client_ip, required_scope, now)?;
     Ok(Admin {
         actor_id: key.api_key_id.to_string(),
         team: key.team_id.as_deref().map(str::to_owned),
@@ -265,6 +262,33 @@ pub async fn authenticate(
         }),
         record: None,
     })
+}
+
+/// The rules any key must pass (enabled, not expired, `client_ip` inside its `allow_ips`,
+/// `required_scope` held), as admin answers.
+fn authorize(
+    key: &VerifiedKey,
+    client_ip: IpAddr,
+    required_scope: &'static str,
+    now: DateTime<Utc>,
+) -> Result<(), AdminError> {
+    policy::authorize(key, &[required_scope.to_owned()], client_ip, now).map_err(|e| match e {
+        PolicyRefusal::Disabled | PolicyRefusal::Expired => AdminError::InvalidCredential,
+        PolicyRefusal::IpNotAllowed => AdminError::AddressNotAllowed,
+        PolicyRefusal::ScopeMissing => AdminError::InsufficientScope(required_scope),
+    })
+}
+
+/// [`authenticate`]'s rules applied to the admin key's stored record, rather than the copy the
+/// verifier cached: one function for both, so a write is refused for whatever (and with the
+/// same answer as) a fresh authentication would refuse it for.
+pub fn authorize_stored(
+    record: &KeyRecord,
+    client_ip: IpAddr,
+    required_scope: &'static str,
+    now: DateTime<Utc>,
+) -> Result<(), AdminError> {
+    authorize(&VerifiedKey::from(record), client_ip, required_scope, now)
 }
 
 #[cfg(test)]

@@ -82,6 +82,7 @@ impl AdminError {
                 KeyError::UserInvalid(_) => (S::BAD_REQUEST, "API_KEY_USER_INVALID"),
                 KeyError::MemberNotFound { .. } => (S::NOT_FOUND, "MEMBER_NOT_FOUND"),
                 KeyError::Invalid { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
+                KeyError::ChangedMeanwhile => (S::CONFLICT, "API_KEY_CHANGED"),
                 KeyError::Store(StoreError::Unavailable(_) | StoreError::Conflict) => {
                     (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE")
                 }
@@ -152,6 +153,7 @@ mod tests {
             ),
             (AdminError::bad("name", "too long"), 400, "INVALID_REQUEST"),
             (AdminError::TeamNotFound("t".into()), 404, "TEAM_NOT_FOUND"),
+            (KeyError::ChangedMeanwhile.into(), 409, "API_KEY_CHANGED"),
         ];
         for (e, status, code) in cases {
             let (s, c) = e.status_and_code();

@@ -296,7 +296,7 @@ impl AdminApi {
         )
         .await?;
         if required == SCOPE_KEYS_WRITE {
-            actor = self.as_stored(actor, now).await?;
+            actor = self.as_stored(actor, client_ip, now).await?;
         }
         let body = self.read_body(req).await?;
         let ctx = Ctx {
@@ -425,9 +425,16 @@ impl AdminApi {
     }
 
     /// A change is checked against the admin key's record in the store, not the verifier's
-    /// cached copy: a key disabled, deleted or narrowed a moment ago (on this gateway or
-    /// another) changes nothing. Reads keep the cache's propagation window.
-    async fn as_stored(&self, mut admin: Admin, now: DateTime<Utc>) -> Result<Admin, AdminError> {
+    /// cached copy: a key disabled, deleted or narrowed (scopes, `allow_ips`) a moment ago (on
+    /// this gateway or another) changes nothing. The stored record passes the very rules
+    /// `authenticate` applied to the cached one, with the same answers. Reads keep the cache's
+    /// propagation window.
+    async fn as_stored(
+        &self,
+        mut admin: Admin,
+        client_ip: IpAddr,
+        now: DateTime<Utc>,
+    ) -> Result<Admin, AdminError> {
         if admin.is_bootstrap() {
             return Ok(admin);
         }
@@ -436,12 +443,7 @@ impl AdminApi {
             Err(crate::keys::KeyError::NotFound) => return Err(AdminError::InvalidCredential),
             Err(e) => return Err(e.into()),
         };
-        if !record.is_enabled || record.expires_time.is_some_and(|at| at <= now) {
-            return Err(AdminError::InvalidCredential);
-        }
-        if !record.scope_names.iter().any(|s| s == SCOPE_KEYS_WRITE) {
-            return Err(AdminError::InsufficientScope(SCOPE_KEYS_WRITE));
-        }
+        auth::authorize_stored(&record, client_ip, SCOPE_KEYS_WRITE, now)?;
         admin.team = record.team_id.clone();
         admin.held = record.team_id.is_some().then(|| auth::Held::of(&record));
         admin.record = Some(record);
@@ -520,6 +522,18 @@ impl AdminApi {
             ctx.admin()?.may_hand_out(&record)?;
         }
         Ok(record)
+    }
+
+    /// What a change or rotation must still find the key to be (`KeyService::change_checked`,
+    /// `KeyService::rotate`): the record `key_to_change` judged a team's admin on. `None` for
+    /// the operator, whom no record can refuse: its change needs no such guard, and merges
+    /// with concurrent ones as before.
+    fn checked_against<'r>(
+        &self,
+        checked: &'r KeyRecord,
+        ctx: &Ctx<'_>,
+    ) -> Result<Option<&'r KeyRecord>, AdminError> {
+        Ok(ctx.admin()?.team.is_some().then_some(checked))
     }
 
     fn visible_team(&self, team: &str, ctx: &Ctx<'_>) -> Result<(), AdminError> {
@@ -655,7 +669,7 @@ impl AdminApi {
         } else {
             json::parse_body(&ctx.body)?
         };
-        self.key_to_change(id, ctx, body.only_disables()).await?;
+        let checked = self.key_to_change(id, ctx, body.only_disables()).await?;
         let admin = ctx.admin()?;
         admin.may_grant(body.scope_names.iter().flatten())?;
         let allow_ips = body.allow_ips.map(|l| parse_allow_ips(&l)).transpose()?;
@@ -682,7 +696,13 @@ impl AdminApi {
         };
         let record = self
             .service
-            .change(id, change, &ctx.audit_actor()?, ctx.now)
+            .change_checked(
+                id,
+                change,
+                self.checked_against(&checked, ctx)?,
+                &ctx.audit_actor()?,
+                ctx.now,
+            )
             .await?;
         Ok(Reply::ok(json::key_with_usage(
             &record,
@@ -707,7 +727,7 @@ impl AdminApi {
             json::parse_body(&ctx.body)?
         };
         // The new value is the key's power: only for an admin who could grant all of it.
-        self.key_to_change(id, ctx, false).await?;
+        let checked = self.key_to_change(id, ctx, false).await?;
         // Read before the rotation: its answer holds the only copy of the new value, so
         // nothing may fail after it.
         let usage = self.service.usage(id).await?;
@@ -716,6 +736,7 @@ impl AdminApi {
             .rotate(
                 id,
                 Duration::from_secs(body.grace_seconds),
+                self.checked_against(&checked, ctx)?,
                 &ctx.audit_actor()?,
                 ctx.now,
             )

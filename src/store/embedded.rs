@@ -369,13 +369,14 @@ impl KeyStore for EmbeddedStore {
 
     async fn rotate(
         &self,
-        id: &str,
+        expected: &KeyRecord,
         new_hash: &KeyHash,
         new_key_start: &str,
         grace: Duration,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, StoreError> {
-        let id = id.to_owned();
+        let expected = expected.clone();
+        let id = expected.api_key_id.clone();
         let new_hash = *new_hash;
         let new_key_start = new_key_start.to_owned();
         let now_ms = now.timestamp_millis();
@@ -391,6 +392,10 @@ impl KeyStore for EmbeddedStore {
                 .map_err(db_err)?
                 .ok_or(StoreError::NotFound)?;
             let mut record: KeyRecord = decode(&json)?;
+            // Checked inside the transaction, before anything is written: see the trait.
+            if record != expected {
+                return Err(StoreError::Conflict);
+            }
             record.key_start = new_key_start;
             record.updated_time = now;
             let mut announce = hashes_of(&tx, &id)?;

@@ -97,7 +97,7 @@ impl KeyStore for MeteredStore {
 
     async fn rotate(
         &self,
-        id: &str,
+        expected: &KeyRecord,
         new_hash: &KeyHash,
         new_key_start: &str,
         grace: Duration,
@@ -105,7 +105,8 @@ impl KeyStore for MeteredStore {
     ) -> Result<KeyRecord, StoreError> {
         self.timed(
             "rotate",
-            self.inner.rotate(id, new_hash, new_key_start, grace, now),
+            self.inner
+                .rotate(expected, new_hash, new_key_start, grace, now),
         )
         .await
     }

@@ -218,11 +218,16 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `rotate` changes it.
     async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError>;
 
-    /// Gives the key a new hash. The previous current hash keeps working until `now + grace`
-    /// (not at all when `grace` is zero), then stops by itself. Returns the updated record.
+    /// Gives the key `expected.api_key_id` a new hash (`NotFound` if there is none). The
+    /// previous current hash keeps working until `now + grace` (not at all when `grace` is
+    /// zero), then stops by itself. Returns the updated record. Atomically and only if the
+    /// stored record still equals `expected` (else `Conflict`, nothing written): the new value
+    /// carries the record's powers, so whoever was allowed to rotate was allowed for
+    /// `expected`, and must not be handed a value for a record another writer has since
+    /// widened.
     async fn rotate(
         &self,
-        id: &str,
+        expected: &KeyRecord,
         new_hash: &KeyHash,
         new_key_start: &str,
         grace: Duration,

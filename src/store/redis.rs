@@ -1479,7 +1479,7 @@ impl KeyStore for RedisStore {
 
     async fn rotate(
         &self,
-        id: &str,
+        expected: &KeyRecord,
         new_hash: &KeyHash,
         new_key_start: &str,
         grace: Duration,
@@ -1490,6 +1490,7 @@ impl KeyStore for RedisStore {
         // Nothing older than the new key outlives now + grace: a zero-grace rotation (a leaked
         // key) also ends the grace of earlier rotations, and no rotation extends one.
         let deadline = now_ms.saturating_add(grace_ms);
+        let id = expected.api_key_id.as_str();
         self.bounded(self.modify(id, |current| {
             // The new hash entry is written with the id entry, so it must be in the id's slot
             // (checked once the key is known to exist: an unknown id is NotFound).
@@ -1498,6 +1499,11 @@ impl KeyStore for RedisStore {
                     "new key hash slot tag {} differs from key id {id}'s",
                     new_hash.tag()
                 )));
+            }
+            // As in `update`: the script compares the raw text `modify` read, so this decoded
+            // comparison holds until the write lands.
+            if current.record != *expected {
+                return Err(StoreError::Conflict);
             }
             let mut record = current.record;
             record.key_start = new_key_start.to_owned();

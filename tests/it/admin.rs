@@ -1278,6 +1278,52 @@ async fn admin_key_changes_take_effect_on_its_next_write() {
     assert_eq!(r.status, 401, "{}", r.body);
 }
 
+/// The address rule too is checked against the admin key's stored record on a write: narrowed
+/// elsewhere (another replica's PATCH that this gateway has not heard of yet), a write from
+/// outside the new `allow_ips` gets what a fresh request would get, 403
+/// `API_KEY_IP_NOT_ALLOWED`, while the cached copy still allows the address. The record is
+/// changed in the file directly, announcing nothing: as of this gateway's cache, the change has
+/// not arrived, whatever the timing.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_key_narrowed_elsewhere_is_refused_from_outside_its_addresses() {
+    let e = start("embedded", "").await;
+    let (admin_id, admin) = e
+        .create(json!({"key_type": "shared", "allow_ips": ["127.0.0.0/8"],
+            "scope_names": ["api_keys_read", "api_keys_write"]}))
+        .await;
+    let mint = json!({"key_type": "shared"});
+    // Used once: now in the verifier's cache.
+    let r = e.call(&admin, "POST", "/v1/keys", Some(mint.clone())).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let Backing::Embedded(dir) = &e._backing else {
+        unreachable!()
+    };
+    let db = rusqlite::Connection::open(dir.path().join("k.db")).unwrap();
+    let stored: String = db
+        .query_row("SELECT record FROM keys WHERE id = ?1", [&admin_id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut record: Value = serde_json::from_str(&stored).unwrap();
+    record["allow_ips"] = json!(["10.9.9.9/32"]);
+    db.execute(
+        "UPDATE keys SET record = ?2 WHERE id = ?1",
+        [&admin_id, &record.to_string()],
+    )
+    .unwrap();
+
+    let r = e.call(&admin, "POST", "/v1/keys", Some(mint.clone())).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "API_KEY_IP_NOT_ALLOWED");
+    let r = e.admin("GET", "/v1/keys?per_page=100", None).await;
+    assert_eq!(
+        r.body["meta"]["total"], 2,
+        "a key made all the same: {}",
+        r.body
+    );
+}
+
 /// The ways round the rules a review found: each is closed.
 #[tokio::test(flavor = "multi_thread")]
 async fn team_admin_keys_cannot_raise_themselves() {

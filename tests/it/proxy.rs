@@ -1001,6 +1001,7 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_only() {
         .rotate(
             &record.api_key_id,
             Duration::from_secs(1),
+            None,
             &cli(),
             chrono::Utc::now(),
         )

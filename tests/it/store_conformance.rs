@@ -165,6 +165,7 @@ conformance!(
     concurrent_rotations_leave_one_hash,
     change_feed_reports_every_write,
     update_of_a_stale_copy_is_refused,
+    rotate_of_a_stale_copy_is_refused,
     concurrent_changes_never_undo_a_disable,
     updates_racing_a_delete_leave_nothing_listed,
     reveal_after_another_process_rotated_is_null,
@@ -321,7 +322,7 @@ async fn rotate_with_grace(h: Harness) {
     let (k1, k2, k3, k4) = (new_hash(&r), new_hash(&r), new_hash(&r), new_hash(&r));
     s.create(&r, &k1, None).await.unwrap();
 
-    let rotated = s.rotate(&id, &k2, "kg_second", MINUTE, now).await.unwrap();
+    let rotated = s.rotate(&r, &k2, "kg_second", MINUTE, now).await.unwrap();
     assert_eq!(rotated.key_start, "kg_second");
     assert_eq!(rotated.updated_time, now);
     assert_eq!(rotated.name, r.name);
@@ -349,7 +350,8 @@ async fn rotate_with_grace(h: Harness) {
     assert_eq!(find(s, &k1, now + secs(61)).await, None);
 
     // A later rotation with a longer grace never extends an earlier one...
-    s.rotate(&id, &k3, "kg_third", HOUR, now + secs(10))
+    let third = s
+        .rotate(&updated, &k3, "kg_third", HOUR, now + secs(10))
         .await
         .unwrap();
     assert!(find(s, &k1, now + secs(59)).await.is_some());
@@ -357,7 +359,7 @@ async fn rotate_with_grace(h: Harness) {
     assert!(find(s, &k2, now + secs(3000)).await.is_some());
     // ...and a zero-grace rotation (a leaked key) ends every grace at once.
     let last = s
-        .rotate(&id, &k4, "kg_fourth", Duration::ZERO, now + secs(20))
+        .rotate(&third, &k4, "kg_fourth", Duration::ZERO, now + secs(20))
         .await
         .unwrap();
     for old in [&k1, &k2, &k3] {
@@ -370,7 +372,7 @@ async fn rotate_with_grace(h: Harness) {
     short.expires_time = Some(now + secs(30));
     let (s1, s2) = (new_hash(&short), new_hash(&short));
     s.create(&short, &s1, None).await.unwrap();
-    s.rotate(&short.api_key_id, &s2, "kg_short", MINUTE, now)
+    s.rotate(&short, &s2, "kg_short", MINUTE, now)
         .await
         .unwrap();
     let seen = find(s, &s1, now).await.unwrap();
@@ -378,7 +380,10 @@ async fn rotate_with_grace(h: Harness) {
 
     assert_not_found(
         s.rotate(
-            "apk_doesnotexist",
+            &KeyRecord {
+                api_key_id: "apk_doesnotexist".into(),
+                ..r.clone()
+            },
             &new_hash(&r),
             "kg_x",
             Duration::ZERO,
@@ -395,7 +400,7 @@ async fn rotate_with_zero_grace(h: Harness) {
     let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
     let rotated = s
-        .rotate(&r.api_key_id, &new, "kg_new1234", Duration::ZERO, now)
+        .rotate(&r, &new, "kg_new1234", Duration::ZERO, now)
         .await
         .unwrap();
     assert_eq!(find(s, &old, now).await, None);
@@ -497,7 +502,7 @@ async fn update_of_a_stale_copy_is_refused(h: Harness) {
     // would write that copy's other fields back: refused, nothing written.
     let stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
     s.rotate(
-        &r.api_key_id,
+        &stale_copy,
         &new_hash(&r),
         "kg_rotated",
         Duration::ZERO,
@@ -524,6 +529,43 @@ async fn update_of_a_stale_copy_is_refused(h: Harness) {
     let stored = s.get(&r.api_key_id).await.unwrap().unwrap();
     assert_eq!(stored.name, "renamed");
     assert_eq!(stored.key_start, "kg_rotated");
+}
+
+/// A rotation computed from a copy read before another writer widened the key (the scope a
+/// team admin lacks): refused, nothing written, so the caller reads the key again and its right
+/// to the new value is judged on what the key now holds.
+async fn rotate_of_a_stale_copy_is_refused(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(Some("team-a"), now);
+    let old = new_hash(&r);
+    s.create(&r, &old, None).await.unwrap();
+    let stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
+    let mut widened = stale_copy.clone();
+    widened.scope_names.push("api_keys_read".into());
+    s.update(&stale_copy, &widened).await.unwrap();
+
+    let new = new_hash(&r);
+    assert!(matches!(
+        s.rotate(&stale_copy, &new, "kg_stale", MINUTE, now).await,
+        Err(StoreError::Conflict)
+    ));
+    // No new hash, the record as the other writer left it, and the old hash still the current
+    // one (no grace deadline set on it).
+    assert_eq!(find(s, &new, now).await, None);
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(widened.clone()));
+    assert_eq!(
+        find(s, &old, now + secs(86_400)).await,
+        Some(widened.clone())
+    );
+
+    // From the current copy it applies.
+    let rotated = s
+        .rotate(&widened, &new, "kg_fresh", MINUTE, now)
+        .await
+        .unwrap();
+    assert_eq!(rotated.key_start, "kg_fresh");
+    assert_eq!(find(s, &new, now).await, Some(rotated));
 }
 
 /// The reviewer's race: renames from two "replicas" racing one disable. Each change re-reads
@@ -646,7 +688,10 @@ async fn reveal_after_another_process_rotated_is_null(h: Harness) {
         assert_eq!(shown.as_deref().map(String::as_str), Some(key.expose()));
         assert_eq!(reveals(&id).await, 1);
 
-        let (rotated, _) = there.rotate(&id, grace, &actor, Utc::now()).await.unwrap();
+        let (rotated, _) = there
+            .rotate(&id, grace, None, &actor, Utc::now())
+            .await
+            .unwrap();
         let stored = h.store.get(&id).await.unwrap().unwrap();
         assert_eq!(
             here.reveal(&stored, &actor, Utc::now()).await.unwrap(),
@@ -669,9 +714,10 @@ async fn delete_removes_every_hash(h: Harness) {
     let id = r.api_key_id.clone();
     let keys = [new_hash(&r), new_hash(&r), new_hash(&r)];
     s.create(&r, &keys[0], None).await.unwrap();
+    let mut current = r.clone();
     for (i, k) in keys[1..].iter().enumerate() {
         let start = format!("kg_rot{i}");
-        s.rotate(&id, k, &start, HOUR, now).await.unwrap();
+        current = s.rotate(&current, k, &start, HOUR, now).await.unwrap();
     }
     for k in &keys {
         assert!(find(s, k, now).await.is_some());
@@ -821,7 +867,19 @@ async fn concurrent_rotations_leave_one_hash(h: Harness) {
             let (store, id, hash) = (stores[i % 2].clone(), r.api_key_id.clone(), *hash);
             tokio::spawn(async move {
                 let start = format!("kg_race{i}");
-                store.rotate(&id, &hash, &start, Duration::ZERO, now).await
+                // Each rotates the record it read, and reads again when another got there
+                // first, as `KeyService::rotate` does.
+                for _ in 0..100 {
+                    let current = store.get(&id).await?.ok_or(StoreError::NotFound)?;
+                    match store
+                        .rotate(&current, &hash, &start, Duration::ZERO, now)
+                        .await
+                    {
+                        Err(StoreError::Conflict) => continue,
+                        other => return other,
+                    }
+                }
+                Err(StoreError::Conflict)
             })
         })
         .collect();
@@ -1292,7 +1350,7 @@ async fn change_feed_reports_every_write(h: Harness) {
     expect_change(&mut feed, &[k1]).await;
 
     writer
-        .rotate(&r.api_key_id, &k2, "kg_rotated", MINUTE, now)
+        .rotate(&r, &k2, "kg_rotated", MINUTE, now)
         .await
         .unwrap();
     expect_change(&mut feed, &[k1, k2]).await;
@@ -1343,7 +1401,10 @@ async fn changes_stand_when_their_audit_event_cannot_be_stored(
     );
 
     let now = Utc::now();
-    let (new_key, _) = svc.rotate(&id, Duration::ZERO, &actor, now).await.unwrap();
+    let (new_key, _) = svc
+        .rotate(&id, Duration::ZERO, None, &actor, now)
+        .await
+        .unwrap();
     let found = h.store.find_by_hash(&new_key.hash(), now).await.unwrap();
     assert_eq!(found.map(|r| r.api_key_id), Some(id.clone()));
     let disable = KeyChange {
@@ -1481,7 +1542,7 @@ async fn redis_grace_expires_by_itself() {
     let r = record(None, t0);
     let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
-    s.rotate(&r.api_key_id, &new, "kg_new", Duration::from_secs(1), t0)
+    s.rotate(&r, &new, "kg_new", Duration::from_secs(1), t0)
         .await
         .unwrap();
     assert!(find(s, &old, t0).await.is_some());
@@ -1507,9 +1568,7 @@ async fn redis_layout_is_as_documented() {
     let r = record(Some("team-a"), now);
     let (old, new) = (new_hash(&r), new_hash(&r));
     s.create(&r, &old, None).await.unwrap();
-    s.rotate(&r.api_key_id, &new, "kg_new", MINUTE, now)
-        .await
-        .unwrap();
+    s.rotate(&r, &new, "kg_new", MINUTE, now).await.unwrap();
 
     let get = |raw: &mut ::redis::Connection, key: String| -> serde_json::Value {
         let text: String = ::redis::cmd("GET").arg(key).query(raw).unwrap();
