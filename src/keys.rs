@@ -549,7 +549,10 @@ impl KeyService {
     }
 
     /// Whether `value` is `record`'s current key: its hint matches, and the store still leads
-    /// from its hash to this key (the hint alone has only three random characters).
+    /// from its hash to this key (the hint alone has only three random characters) as
+    /// `record` has it, which the caller's right to see the value was judged on. A key
+    /// widened since (a scope the caller could not grant) is not shown; nor is a value
+    /// another rotation put in its grace period (the store clips its expiry to the grace).
     async fn is_current(
         &self,
         record: &KeyRecord,
@@ -560,7 +563,7 @@ impl KeyService {
             return Ok(false);
         }
         let found = self.store.find_by_hash(&KeyHash::of(value), now).await?;
-        Ok(found.is_some_and(|r| r.api_key_id == record.api_key_id))
+        Ok(found.is_some_and(|r| same_authority(&r, record)))
     }
 
     pub async fn list(
@@ -1237,6 +1240,29 @@ mod tests {
             .await
             .unwrap();
         assert!(!disabled.is_enabled);
+    }
+
+    #[tokio::test]
+    async fn a_value_is_not_revealed_for_a_key_widened_since_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("keys.db")).unwrap();
+        let rules = KeyRules {
+            reveal_window: Duration::from_secs(60),
+            ..KeyRules::permissive()
+        };
+        let svc = KeyService::new(Arc::new(store), KeyPrefix::default(), rules);
+        let mut req = CreateKey::new(KeyType::Shared);
+        req.team_id = Some("team-a".into());
+        req.scope_names = vec![TEAM_ADMIN_HOLDS.into()];
+        let (key, record) = svc.create(req, &Actor::cli(), Utc::now()).await.unwrap();
+        let id = record.api_key_id.as_str();
+        let checked = widened_after_check(&svc, id).await;
+
+        let shown = svc.reveal(&checked, &Actor::cli(), Utc::now()).await.unwrap();
+        assert_eq!(shown, None, "a value for more than was checked");
+        let now_is = svc.get(id).await.unwrap();
+        let shown = svc.reveal(&now_is, &Actor::cli(), Utc::now()).await.unwrap();
+        assert_eq!(shown.as_deref().map(String::as_str), Some(key.expose()));
     }
 
     #[tokio::test]

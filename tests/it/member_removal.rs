@@ -104,14 +104,14 @@ impl KeyStore for Trapped {
     }
     async fn rotate(
         &self,
-        id: &str,
+        expected: &KeyRecord,
         new_hash: &KeyHash,
         new_key_start: &str,
         grace: Duration,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, StoreError> {
         self.inner
-            .rotate(id, new_hash, new_key_start, grace, now)
+            .rotate(expected, new_hash, new_key_start, grace, now)
             .await
     }
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
