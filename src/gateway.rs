@@ -281,253 +281,228 @@ impl Gateway {
         &self.verifier
     }
 
-    /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice in its future (as passed,
-    /// and as the body's locals), and the request is ~260 bytes copied with every move of it.
-    pub fn handle<'g>(
-        &'g self,
-        req: Request<Incoming>,
-        peer: &'g Peer,
-        mut context: RequestContext,
-    ) -> impl Future<Output = Response<ResponseBody>> + 'g {
-        let mut request = InFlight::start(self, peer, &req);
-        async move {
-            let result = self
-                .authorize_and_forward(req, peer, &request.id, &mut request.trace, &mut context)
-                .await;
-            let route = request.trace.route.and_then(|i| self.routes.get(i));
-            let (mut resp, outcome, code) = match result {
-                Ok(resp) => (resp.map(Either::Left), Outcome::Forwarded, ""),
-                Err(err) => {
-                    let answer = error::classify(&err, self.reveal_refusal_reason);
-                    let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
-                    let id = request.id.to_str().unwrap_or("");
-                    let resp = error::render(&answer, &self.realm, id, scopes)
-                        .map(|body| Either::Right(SendWatch::new(body, context.stream)));
-                    if answer.outcome != Outcome::Forwarded {
-                        tracing::debug!(request_id = id, reason = %err, "request refused");
-                    }
-                    (resp, answer.outcome, answer.code)
-                }
-            };
-            resp.headers_mut()
-                .insert(request_id::HEADER.clone(), request.id.clone());
-            request.finish(resp.status().as_u16(), outcome, code);
-            resp
-        }
-    }
-
-    /// Written in blocks: a local borrowed across an `await` stays in this future (as large as
-    /// it was) until its scope ends, even once moved from, and a local kept across two awaits
-    /// takes room at all of them; the whole future is copied each time the request's future
-    /// moves (into hyper's dispatcher, or the task of an HTTP/2 stream).
-    async fn authorize_and_forward(
+    pub async fn handle(
         &self,
         req: Request<Incoming>,
+        peer: &Peer,
+        mut context: RequestContext,
+    ) -> Response<ResponseBody> {
+        let mut request = InFlight::start(self, peer, &req);
+        let result = self
+            .authorize_and_forward(req, peer, &request.id, &mut request.trace, &mut context)
+            .await;
+        let route = request.trace.route.and_then(|i| self.routes.get(i));
+        let (mut resp, outcome, code) = match result {
+            Ok(resp) => (resp.map(Either::Left), Outcome::Forwarded, ""),
+            Err(err) => {
+                let answer = error::classify(&err, self.reveal_refusal_reason);
+                let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
+                let id = request.id.to_str().unwrap_or("");
+                let resp = error::render(&answer, &self.realm, id, scopes)
+                    .map(|body| Either::Right(SendWatch::new(body, context.stream)));
+                if answer.outcome != Outcome::Forwarded {
+                    tracing::debug!(request_id = id, reason = %err, "request refused");
+                }
+                (resp, answer.outcome, answer.code)
+            }
+        };
+        resp.headers_mut()
+            .insert(request_id::HEADER.clone(), request.id.clone());
+        request.finish(resp.status().as_u16(), outcome, code);
+        resp
+    }
+
+    async fn authorize_and_forward(
+        &self,
+        mut req: Request<Incoming>,
         peer: &Peer,
         request_id: &HeaderValue,
         trace: &mut Trace,
         context: &mut RequestContext,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        // The request is borrowed in this block only.
-        let (mut parts, incoming, route, client_ip, host) = {
-            let mut req = req;
-            let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
-            trace.client_ip = Some(client_ip);
-            self.check_network(client_ip)?;
-            if req.method() == http::Method::CONNECT {
-                return Err(GatewayError::ConnectNotSupported);
-            }
-            // Over HTTP/2 only the header list's bytes are bounded (`max_header_bytes`);
-            // hyper's count limit is HTTP/1.1's.
-            if req.version() == http::Version::HTTP_2 && req.headers().len() > self.max_headers {
-                // Browsers send each cookie as a field of its own over HTTP/2; over HTTP/1.1
-                // they are one line, and count as one here too.
-                let cookies = req.headers().get_all(http::header::COOKIE).iter().count();
-                if req.headers().len() - cookies.saturating_sub(1) > self.max_headers {
-                    return Err(GatewayError::TooManyHeaders);
-                }
-            }
-            // Refused before the key is looked for (a body source would read the coded bytes)
-            // or counted as used; only a request with a body can have a transfer coding.
-            if !http_body::Body::is_end_stream(req.body())
-                && headers::has_unsupported_transfer_coding(req.headers())
-            {
-                return Err(GatewayError::TransferCodingNotSupported);
-            }
-
-            // On every route, public ones included.
-            let method_override =
-                headers::remove_client_claims(req.headers_mut(), &self.names.header);
-            let host = route::request_host(&req)?;
-            let path = request_path::routing_path(req.uri().path())?;
-            if self.routes.ignores_path_case() {
-                request_path::check_case_folding(&path)?;
-            }
-            let route_index = self
-                .routes
-                .find_index(req.method(), host.as_deref(), &path)
-                .ok_or(GatewayError::NoRoute)?;
-            // Frameworks decode the name, which may be percent-encoded (`%5Fmethod`): a query
-            // with a `%` is parsed too.
-            let query_override = req
-                .uri()
-                .query()
-                .filter(|q| q.contains("_method") || q.contains('%'));
-            if method_override || query_override.is_some() {
-                self.check_method_override(
-                    req.headers(),
-                    query_override,
-                    route_index,
-                    host.as_deref(),
-                    &path,
-                )?;
-            }
-            trace.route = Some(route_index);
-            let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
-            let (parts, incoming) = req.into_parts();
-            (parts, incoming, route, client_ip, host)
-        };
-
-        // Read here: the block below takes what it uses, and `context` is still needed after it.
-        let may_tunnel = context.hold.is_some();
-        let proto = context.connection.scheme();
-        // A future of its own: what it keeps across its awaits (the request's head, the key
-        // found) is gone from this one before the upstream is awaited on.
-        let (req, client_body, tunnel_key, upstream, upgrade) = async move {
-            // Room for what is added below (forwarding, request id, identity) in one
-            // allocation, instead of the map doubling twice on the way.
-            parts.headers.reserve(ADDED_HEADERS);
-            let mut verified = None;
-            // A request that may become a tunnel keeps its key's hash, to end the tunnel when
-            // the key stops being valid.
-            let mut tunnel_key = None;
-            let body = if route.public {
-                ForwardBody::Direct(incoming)
-            } else {
-                // Taken apart at once: kept whole, `found` would stay in this future beside its
-                // fields.
-                let Found {
-                    key: presented,
-                    mut body,
-                    field,
-                } = self.find_key(route, &parts, incoming).await?;
-                // After the key is found: a body source may have waited up to `peek_timeout`
-                // for it, and a key that expired meanwhile must not pass on the time it arrived
-                // at.
-                let now = chrono::Utc::now();
-                let key = self.verifier.verify(&presented, now).await?;
-                trace.key = Some(key.clone());
-                policy::authorize(&key, &route.scopes, client_ip, now)?;
-                if may_tunnel {
-                    tunnel_key = Some(KeyHash::of(&presented));
-                }
-                if let Some(usage) = &self.usage {
-                    usage.record(&key.api_key_id, now);
-                }
-                if !route.keep_credential {
-                    credential::strip(
-                        &route.sources,
-                        &self.names,
-                        &mut parts.headers,
-                        &mut parts.uri,
-                    );
-                    if let (true, Some(range), ForwardBody::Replay(replay)) =
-                        (route.body.strip_form_field, field, &mut body)
-                    {
-                        body_key::strip_field(replay, &mut parts.headers, range);
-                    }
-                }
-                verified = Some(key);
-                body
-            };
-            // Not with `Expect: 100-continue`: the first poll of the body sends the client its
-            // `100 Continue`, which waits until the upstream has been reached.
-            let body = if parts.headers.contains_key(http::header::EXPECT) {
-                body
-            } else {
-                body.read_ahead().await
-            };
-            let upstream = self
-                .upstreams
-                .get(route.upstream)
-                .ok_or(GatewayError::UpstreamUnavailable)?;
-            if let Some(limit) = route.max_body_bytes {
-                let declared = parts
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                // A chunked body read ahead whole knows its size too: refused before the
-                // upstream is asked.
-                if declared.is_some_and(|n| n > limit)
-                    || http_body::Body::size_hint(&body).lower() > limit
-                {
-                    return Err(GatewayError::BodyTooLarge);
-                }
-            }
-            // A body still to come may outgrow the route's limit or stall; either fails the
-            // exchange, and is then answered as the client's fault. The response timeout
-            // counts from its end.
-            let client_body = (!http_body::Body::is_end_stream(&body))
-                .then(|| Arc::new(ClientBody::new(self.names.header.clone())));
-            let body = match &client_body {
-                None => body,
-                Some(state) => {
-                    let body = match route.max_body_bytes {
-                        Some(limit) => body.limit(limit, state.clone()),
-                        None => body,
-                    };
-                    body.watch(upstream.body_idle_timeout, state.clone())
-                }
-            };
-
-            let mut req = Request::from_parts(parts, body);
-            let upgrade = headers::upgrade_protocol(&req);
-            let from_http2 = req.version() == http::Version::HTTP_2;
-            let h = req.headers_mut();
-            // `TE` is hop-by-hop, but an HTTP/2 upstream may get `te: trailers` (gRPC asks for
-            // it).
-            let te_trailers = upstream.http2 && headers::accepts_trailers(h);
-            if headers::remove_hop_by_hop_and_claims(h, !peer.trusted)
-                == headers::TransferCoding::Other
-            {
-                return Err(GatewayError::TransferCodingNotSupported);
-            }
-            if te_trailers {
-                h.insert(http::header::TE, HeaderValue::from_static("trailers"));
-            }
-            if from_http2 {
-                headers::join_cookies(h);
-            }
-            let upgrade = match upgrade {
-                Some(protocol) => {
-                    headers::restore_upgrade(h, protocol);
-                    true
-                }
-                None => false,
-            };
-            // Only now: a client's `Connection` may name any header, ours included, and what it
-            // names is removed above.
-            if let Some(key) = &verified {
-                headers::set_identity(h, &key.identity);
-            }
-            headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
-            h.insert(request_id::HEADER.clone(), request_id.clone());
-            Ok::<_, GatewayError>((req, client_body, tunnel_key, upstream, upgrade))
+        let client_ip = client_ip::client_ip(peer.ip, req.headers(), &self.trusted_proxies);
+        trace.client_ip = Some(client_ip);
+        self.check_network(client_ip)?;
+        if req.method() == http::Method::CONNECT {
+            return Err(GatewayError::ConnectNotSupported);
         }
-        .await?;
-        let sent = Instant::now();
-        let result = if upgrade {
-            let hold = context.hold.take();
-            let key_ends =
-                tunnel_key.map(|hash| self.key_ends(hash, route.scopes.clone(), client_ip));
-            // Boxed: the upgrade's future is ~1 KB and rare; inline it would be part of (and
-            // moved with) every request's future.
-            Box::pin(upstream.send_upgrade(req, client_body.as_deref(), hold, key_ends)).await
+        // Over HTTP/2 only the header list's bytes are bounded (`max_header_bytes`); hyper's
+        // count limit is HTTP/1.1's.
+        if req.version() == http::Version::HTTP_2 && req.headers().len() > self.max_headers {
+            // Browsers send each cookie as a field of its own over HTTP/2; over HTTP/1.1 they
+            // are one line, and count as one here too.
+            let cookies = req.headers().get_all(http::header::COOKIE).iter().count();
+            if req.headers().len() - cookies.saturating_sub(1) > self.max_headers {
+                return Err(GatewayError::TooManyHeaders);
+            }
+        }
+        // Refused before the key is looked for (a body source would read the coded bytes) or
+        // counted as used; only a request with a body can have a transfer coding.
+        if !http_body::Body::is_end_stream(req.body())
+            && headers::has_unsupported_transfer_coding(req.headers())
+        {
+            return Err(GatewayError::TransferCodingNotSupported);
+        }
+
+        // On every route, public ones included.
+        let method_override = headers::remove_client_claims(req.headers_mut(), &self.names.header);
+        let host = route::request_host(&req)?;
+        let path = request_path::routing_path(req.uri().path())?;
+        if self.routes.ignores_path_case() {
+            request_path::check_case_folding(&path)?;
+        }
+        let route_index = self
+            .routes
+            .find_index(req.method(), host.as_deref(), &path)
+            .ok_or(GatewayError::NoRoute)?;
+        // Frameworks decode the name, which may be percent-encoded (`%5Fmethod`): a query with
+        // a `%` is parsed too.
+        let query_override = req
+            .uri()
+            .query()
+            .filter(|q| q.contains("_method") || q.contains('%'));
+        if method_override || query_override.is_some() {
+            self.check_method_override(
+                req.headers(),
+                query_override,
+                route_index,
+                host.as_deref(),
+                &path,
+            )?;
+        }
+        drop(path);
+        trace.route = Some(route_index);
+        let route = self.routes.get(route_index).ok_or(GatewayError::NoRoute)?;
+
+        let (mut parts, incoming) = req.into_parts();
+        // Room for what is added below (forwarding, request id, identity) in one allocation,
+        // instead of the map doubling twice on the way.
+        parts.headers.reserve(ADDED_HEADERS);
+        let mut verified = None;
+        // A request that may become a tunnel keeps its key's hash, to end the tunnel when
+        // the key stops being valid.
+        let mut tunnel_key = None;
+        let body = if route.public {
+            ForwardBody::Direct(incoming)
         } else {
-            upstream
-                .send(req, client_body.as_deref(), &mut context.stream)
-                .await
+            // Taken apart at once: kept whole, `found` would stay in this future beside its
+            // fields.
+            let Found {
+                key: presented,
+                mut body,
+                field,
+            } = self.find_key(route, &parts, incoming).await?;
+            // After the key is found: a body source may have waited up to `peek_timeout` for
+            // it, and a key that expired meanwhile must not pass on the time it arrived at.
+            let now = chrono::Utc::now();
+            let key = self.verifier.verify(&presented, now).await?;
+            trace.key = Some(key.clone());
+            policy::authorize(&key, &route.scopes, client_ip, now)?;
+            if context.hold.is_some() {
+                tunnel_key = Some(KeyHash::of(&presented));
+            }
+            if let Some(usage) = &self.usage {
+                usage.record(&key.api_key_id, now);
+            }
+            if !route.keep_credential {
+                credential::strip(
+                    &route.sources,
+                    &self.names,
+                    &mut parts.headers,
+                    &mut parts.uri,
+                );
+                if let (true, Some(range), ForwardBody::Replay(replay)) =
+                    (route.body.strip_form_field, field, &mut body)
+                {
+                    body_key::strip_field(replay, &mut parts.headers, range);
+                }
+            }
+            verified = Some(key);
+            body
+        };
+        // Not with `Expect: 100-continue`: the first poll of the body sends the client its
+        // `100 Continue`, which waits until the upstream has been reached.
+        let body = if parts.headers.contains_key(http::header::EXPECT) {
+            body
+        } else {
+            body.read_ahead().await
+        };
+        let upstream = self
+            .upstreams
+            .get(route.upstream)
+            .ok_or(GatewayError::UpstreamUnavailable)?;
+        if let Some(limit) = route.max_body_bytes {
+            let declared = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            // A chunked body read ahead whole knows its size too: refused before the upstream
+            // is asked.
+            if declared.is_some_and(|n| n > limit)
+                || http_body::Body::size_hint(&body).lower() > limit
+            {
+                return Err(GatewayError::BodyTooLarge);
+            }
+        }
+        // A body still to come may outgrow the route's limit or stall; either fails the
+        // exchange, and is then answered as the client's fault. The response timeout counts
+        // from its end.
+        let client_body = (!http_body::Body::is_end_stream(&body))
+            .then(|| Arc::new(ClientBody::new(self.names.header.clone())));
+        let body = match &client_body {
+            None => body,
+            Some(state) => {
+                let body = match route.max_body_bytes {
+                    Some(limit) => body.limit(limit, state.clone()),
+                    None => body,
+                };
+                body.watch(upstream.body_idle_timeout, state.clone())
+            }
+        };
+        let mut req = Request::from_parts(parts, body);
+
+        let proto = context.connection.scheme();
+        let upgrade = headers::upgrade_protocol(&req);
+        let from_http2 = req.version() == http::Version::HTTP_2;
+        let h = req.headers_mut();
+        // `TE` is hop-by-hop, but an HTTP/2 upstream may get `te: trailers` (gRPC asks for it).
+        let te_trailers = upstream.http2 && headers::accepts_trailers(h);
+        if headers::remove_hop_by_hop_and_claims(h, !peer.trusted) == headers::TransferCoding::Other
+        {
+            return Err(GatewayError::TransferCodingNotSupported);
+        }
+        if te_trailers {
+            h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        if from_http2 {
+            headers::join_cookies(h);
+        }
+        if let Some(protocol) = &upgrade {
+            headers::restore_upgrade(h, protocol.clone());
+        }
+        // Only now: a client's `Connection` may name any header, ours included, and what it
+        // names is removed above.
+        if let Some(key) = &verified {
+            headers::set_identity(h, &key.identity);
+        }
+        headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
+        h.insert(request_id::HEADER.clone(), request_id.clone());
+        let sent = Instant::now();
+        let result = match upgrade {
+            None => {
+                upstream
+                    .send(req, client_body.as_deref(), &mut context.stream)
+                    .await
+            }
+            Some(_) => {
+                let hold = context.hold.take();
+                let key_ends =
+                    tunnel_key.map(|hash| self.key_ends(hash, route.scopes.clone(), client_ip));
+                // Boxed: the upgrade's future is ~1 KB and rare; inline it would be part of
+                // (and moved with) every request's future.
+                Box::pin(upstream.send_upgrade(req, client_body.as_deref(), hold, key_ends)).await
+            }
         };
         if let Some(h) = self.upstream_duration.get(route.upstream) {
             h.observe(sent.elapsed().as_secs_f64());
