@@ -385,16 +385,21 @@ impl Gateway {
         let body = if route.public {
             ForwardBody::Direct(incoming)
         } else {
-            let found = self.find_key(route, &parts, incoming).await?;
+            // Taken apart at once: kept whole, `found` would stay in this future beside its
+            // fields.
+            let Found {
+                key: presented,
+                mut body,
+                field,
+            } = self.find_key(route, &parts, incoming).await?;
             // After the key is found: a body source may have waited up to `peek_timeout` for
             // it, and a key that expired meanwhile must not pass on the time it arrived at.
             let now = chrono::Utc::now();
-            let (field, mut body) = (found.field, found.body);
-            let key = self.verifier.verify(&found.key, now).await?;
+            let key = self.verifier.verify(&presented, now).await?;
             trace.key = Some(key.clone());
             policy::authorize(&key, &route.scopes, client_ip, now)?;
             if context.hold.is_some() {
-                tunnel_key = Some(KeyHash::of(&found.key));
+                tunnel_key = Some(KeyHash::of(&presented));
             }
             if let Some(usage) = &self.usage {
                 usage.record(&key.api_key_id, now);
@@ -494,9 +499,9 @@ impl Gateway {
                 let hold = context.hold.take();
                 let key_ends =
                     tunnel_key.map(|hash| self.key_ends(hash, route.scopes.clone(), client_ip));
-                upstream
-                    .send_upgrade(req, client_body.as_deref(), hold, key_ends)
-                    .await
+                // Boxed: the upgrade's future is ~1 KB and rare; inline it would be part of
+                // (and moved with) every request's future.
+                Box::pin(upstream.send_upgrade(req, client_body.as_deref(), hold, key_ends)).await
             }
         };
         if let Some(h) = self.upstream_duration.get(route.upstream) {

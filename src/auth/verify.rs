@@ -209,8 +209,29 @@ impl Verifier {
         // entry. Strings of any other length cannot be keys, and are refused below before they
         // cost a hash (a long one would cost a long one).
         let hash = (presented.len() == self.prefix.key_len()).then(|| KeyHash::of(presented));
+        // Read before any cache: see `cached`.
+        let generation = self.generation.load(Ordering::Acquire);
         if let Some(hash) = &hash
-            && let Some(record) = self.cached(hash).await
+            && let Some(record) = self.cached_here(hash, generation)
+        {
+            return Ok(record);
+        }
+        // Boxed: the shared cache's and the store's lookups make a future of ~1 KB, and
+        // inline it would be part of every request's future (moved with it), this thread's
+        // hits included.
+        Box::pin(self.verify_not_here(presented, hash, generation, now)).await
+    }
+
+    /// [`Self::verify`] past this thread's copy.
+    async fn verify_not_here(
+        &self,
+        presented: &str,
+        hash: Option<KeyHash>,
+        generation: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<VerifiedKey>, VerifyError> {
+        if let Some(hash) = &hash
+            && let Some(record) = self.cached_shared(hash, generation).await
         {
             return Ok(record);
         }
@@ -237,18 +258,28 @@ impl Verifier {
         // Read before any cache: a change applied after this makes what is read below stale,
         // and the per-thread copy is kept under this generation only.
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some(record) = self.local_hit(hash, generation) {
-            self.stats.cache_hits.add(1);
+        if let Some(record) = self.cached_here(hash, generation) {
             return Some(record);
         }
-        if let Some(known) = self.known.get(hash).await
-            && self.is_fresh(&known)
-        {
-            self.stats.cache_hits.add(1);
-            self.keep_local(*hash, generation, &known);
-            return Some(known.record);
+        self.cached_shared(hash, generation).await
+    }
+
+    /// This thread's fresh copy (`generation`: read before any cache, see `cached`).
+    fn cached_here(&self, hash: &KeyHash, generation: u64) -> Option<Arc<VerifiedKey>> {
+        let record = self.local_hit(hash, generation)?;
+        self.stats.cache_hits.add(1);
+        Some(record)
+    }
+
+    /// The shared cache's fresh record, copied to this thread under `generation`.
+    async fn cached_shared(&self, hash: &KeyHash, generation: u64) -> Option<Arc<VerifiedKey>> {
+        let known = self.known.get(hash).await?;
+        if !self.is_fresh(&known) {
+            return None;
         }
-        None
+        self.stats.cache_hits.add(1);
+        self.keep_local(*hash, generation, &known);
+        Some(known.record)
     }
 
     /// A key whose format is known good and that has no fresh cached record.

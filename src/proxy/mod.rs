@@ -134,17 +134,23 @@ impl From<Replay<Incoming>> for ForwardBody {
 impl ForwardBody {
     /// The client's own stream, read ahead when its length is unknown, so a chunked body that
     /// is all here goes upstream with the request head in one write ([`read_ahead`]).
-    pub async fn read_ahead(self) -> Self {
-        match self {
-            ForwardBody::Direct(body)
-                if !body.is_end_stream() && body.size_hint().exact().is_none() =>
-            {
-                match ReadAheadBody::read_ahead(body).await {
-                    ReadAheadBody::Streaming(body) => ForwardBody::Direct(body),
-                    ReadAheadBody::ReadAhead(ahead) => ForwardBody::ReadAhead(ahead),
+    ///
+    /// Not an `async fn`, which would keep `self` twice in its future, part of every request's.
+    // The `async fn` clippy asks for is the larger future (see above).
+    #[allow(clippy::manual_async_fn)]
+    pub fn read_ahead(self) -> impl Future<Output = Self> {
+        async move {
+            match self {
+                ForwardBody::Direct(body)
+                    if !body.is_end_stream() && body.size_hint().exact().is_none() =>
+                {
+                    match ReadAheadBody::read_ahead(body).await {
+                        ReadAheadBody::Streaming(body) => ForwardBody::Direct(body),
+                        ReadAheadBody::ReadAhead(ahead) => ForwardBody::ReadAhead(ahead),
+                    }
                 }
+                other => other,
             }
-            other => other,
         }
     }
 
@@ -429,13 +435,27 @@ impl Upstream {
     /// body still to come (see [`ForwardBody::watch`]).
     /// `stream`: an HTTP/2 client's stream, whose window the response will wait on; taken
     /// for the upstream's response, left for keygate's own answer when the exchange fails.
-    pub async fn send(
-        &self,
+    ///
+    /// Not an `async fn`: rustc keeps an `async fn`'s arguments in its future for as long as it
+    /// runs, and this one is part of every request's future (copied with it); the request
+    /// goes into the exchange's future at once.
+    pub fn send<'a>(
+        &'a self,
         req: Request<ForwardBody>,
-        client_body: Option<&ClientBody>,
-        stream: &mut Option<Arc<StreamSend>>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let resp = self.exchange(req, client_body).await?;
+        client_body: Option<&'a ClientBody>,
+        stream: &'a mut Option<Arc<StreamSend>>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, GatewayError>> + 'a {
+        let exchange = self.exchange(req, client_body);
+        async move {
+            // Checked by value: borrowed here, the response would stay in this future beside
+            // the one `for_the_client` holds.
+            let resp = self.asked_for(exchange.await?)?;
+            self.for_the_client(resp, stream).await
+        }
+    }
+
+    /// A response to a request that named no protocol to switch to.
+    fn asked_for(&self, resp: Response<Incoming>) -> Result<Response<Incoming>, GatewayError> {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             // Switching to a protocol the request did not name breaks RFC 9110 (15.2.2); passed
             // on, the 101 would leave the client with no answer at all.
@@ -444,7 +464,7 @@ impl Upstream {
             }
             return Err(GatewayError::UpstreamUnavailable);
         }
-        self.for_the_client(resp, stream).await
+        Ok(resp)
     }
 
     /// Forwards an `Upgrade` request (the `Connection`/`Upgrade` headers already restored by the
@@ -511,29 +531,35 @@ impl Upstream {
     /// An upstream response as it goes back: without hop-by-hop headers (and a `Content-Length`
     /// beside a `Transfer-Encoding`), its body read ahead when its length is unknown. A body
     /// that failed before its first byte makes the exchange a failed one (502).
-    async fn for_the_client(
-        &self,
+    ///
+    /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice in its future, and this
+    /// one is part of every request's future (copied with it).
+    fn for_the_client<'a>(
+        &'a self,
         resp: Response<Incoming>,
-        stream: &mut Option<Arc<StreamSend>>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        stream: &'a mut Option<Arc<StreamSend>>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, GatewayError>> + 'a {
         let (mut parts, body) = resp.into_parts();
-        if headers::remove_upstream_framing(&mut parts.headers) == headers::TransferCoding::Other {
-            if let Some(unlogged) = self.failure_logged() {
-                tracing::warn!(upstream = %self.name, unlogged, "upstream response has a transfer coding other than chunked");
+        let framing = headers::remove_upstream_framing(&mut parts.headers);
+        async move {
+            if framing == headers::TransferCoding::Other {
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, "upstream response has a transfer coding other than chunked");
+                }
+                return Err(GatewayError::UpstreamUnavailable);
             }
-            return Err(GatewayError::UpstreamUnavailable);
-        }
-        let body = ReadAheadBody::read_ahead(body).await;
-        if body.failed_before_any_frame() {
-            if let Some(unlogged) = self.failure_logged() {
-                tracing::warn!(upstream = %self.name, unlogged, status = parts.status.as_u16(), "upstream response body failed before any data");
+            let body = ReadAheadBody::read_ahead(body).await;
+            if body.failed_before_any_frame() {
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, status = parts.status.as_u16(), "upstream response body failed before any data");
+                }
+                return Err(GatewayError::UpstreamUnavailable);
             }
-            return Err(GatewayError::UpstreamUnavailable);
+            Ok(Response::from_parts(
+                parts,
+                self.watched(body, stream.take()),
+            ))
         }
-        Ok(Response::from_parts(
-            parts,
-            self.watched(body, stream.take()),
-        ))
     }
 
     fn watched(
@@ -547,11 +573,50 @@ impl Upstream {
         )
     }
 
-    async fn exchange(
+    /// Not an `async fn`, for the same reason as `send`: the request is prepared and handed
+    /// to the pool's future before this one is made.
+    fn exchange<'a>(
+        &'a self,
+        req: Request<ForwardBody>,
+        client_body: Option<&'a ClientBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, GatewayError>> + 'a {
+        // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
+        // future (the timeout, this one, the gateway's, the connection's slot), each copied as
+        // it is created: ~11 KiB of copying per request, against one allocation.
+        let sent = self
+            .for_upstream(req)
+            .map(|req| Box::pin(self.pool.send(req)));
+        async move {
+            let mut sent = sent?;
+            // The response timeout counts from the end of the request: while a body is still
+            // going up, the client's pace and the upstream's reading are bounded by the body and
+            // write watches instead, so a long upload at a steady pace is not taken for a slow
+            // upstream.
+            if let Some(body) = client_body {
+                tokio::select! {
+                    biased;
+                    answered = &mut sent => return self.answered(answered, client_body),
+                    () = body.all_sent() => {}
+                }
+            }
+            let answered = tokio::time::timeout(self.response_timeout, sent)
+                .await
+                .map_err(|_| {
+                    if let Some(unlogged) = self.failure_logged() {
+                        tracing::warn!(upstream = %self.name, unlogged, "upstream response timed out");
+                    }
+                    GatewayError::UpstreamTimeout
+                })?;
+            self.answered(answered, client_body)
+        }
+    }
+
+    /// The request as the upstream gets it: its URI, version and `Host`, and a length or
+    /// chunked coding where hyper's client would otherwise lose the body or send no length.
+    fn for_upstream(
         &self,
         mut req: Request<ForwardBody>,
-        client_body: Option<&ClientBody>,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Request<ForwardBody>, GatewayError> {
         *req.uri_mut() = self.target(std::mem::take(req.uri_mut()))?;
         // The client's HTTP version does not carry over: the upstream gets HTTP/1.1 (or HTTP/2
         // when configured), with Host set from the target URI.
@@ -590,29 +655,7 @@ impl Upstream {
                 );
             }
         }
-        // Boxed: the pool's future is ~1.8 KiB, and inline it would be part of every enclosing
-        // future (the timeout, this one, the gateway's, the connection's slot), each copied as
-        // it is created: ~11 KiB of copying per request, against one allocation.
-        let mut sent = Box::pin(self.pool.send(req));
-        // The response timeout counts from the end of the request: while a body is still going
-        // up, the client's pace and the upstream's reading are bounded by the body and write
-        // watches instead, so a long upload at a steady pace is not taken for a slow upstream.
-        if let Some(body) = client_body {
-            tokio::select! {
-                biased;
-                answered = &mut sent => return self.answered(answered, client_body),
-                () = body.all_sent() => {}
-            }
-        }
-        let answered = tokio::time::timeout(self.response_timeout, sent)
-            .await
-            .map_err(|_| {
-                if let Some(unlogged) = self.failure_logged() {
-                    tracing::warn!(upstream = %self.name, unlogged, "upstream response timed out");
-                }
-                GatewayError::UpstreamTimeout
-            })?;
-        self.answered(answered, client_body)
+        Ok(req)
     }
 
     /// The exchange's outcome as the gateway answers it (a failure the client's body caused is
