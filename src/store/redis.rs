@@ -124,19 +124,24 @@ fn pubsub_ping_timeout(op_timeout: Duration) -> Duration {
 
 /// Create: KEYS = id key, hash key, [team key], all in the key's slot; ARGV = id JSON, hash
 /// JSON, id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
+///
+/// The change is published before anything is written: Redis does not roll a script back, and
+/// a user who may not PUBLISH (an ACL without `@pubsub`) had the key written, then the script
+/// failed, the caller told to retry a create that had happened (review). Published first, such
+/// a failure writes nothing; and no subscriber reads the message before the script has ended.
 const CREATE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 'exists'
 end
+if KEYS[3] and ARGV[4] ~= '' and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[4]) then
+  return 'limit'
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 if KEYS[3] then
-  if ARGV[4] ~= '' and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[4]) then
-    return 'limit'
-  end
   redis.call('SADD', KEYS[3], ARGV[3])
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 'ok'
 ";
 
@@ -231,7 +236,9 @@ const USAGE_CALLS_IN_FLIGHT: usize = 16;
 
 /// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
 /// ARGV[3] the message; then one (op, a, b) triple per key, in KEYS order. Ops are validated
-/// before anything is written, because a Lua error half-way would not roll back.
+/// and the change published before anything is written, because a Lua error half-way would
+/// not roll back (see `CREATE_LUA`: a user who may not PUBLISH had disables written and
+/// answered 503, and other gateways kept the key cached as enabled).
 /// Returns 1 when applied, 0 when the id key changed meanwhile.
 const APPLY_LUA: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -239,6 +246,7 @@ local known = {set=true, del=true, sadd=true, srem=true}
 for i = 1, #KEYS do
   if not known[ARGV[4 + 3 * (i - 1)]] then return redis.error_reply('keygate: bad op') end
 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 for i, key in ipairs(KEYS) do
   local j = 4 + 3 * (i - 1)
   local op, a, b = ARGV[j], ARGV[j + 1], ARGV[j + 2]
@@ -249,7 +257,6 @@ for i, key in ipairs(KEYS) do
   elseif op == 'srem' then redis.call('SREM', key, a)
   end
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
@@ -1405,10 +1412,24 @@ impl KeyStore for RedisStore {
             .arg(id)
             .clone();
         let mut conn = self.conn.get();
+        let unindex = redis::cmd("ZREM").arg(self.names.all()).arg(id).clone();
         let outcome: String = self
             .bounded(async {
                 self.query::<Value>(&index).await?;
-                inv.invoke_async(&mut conn).await.map_err(redis_err)
+                match inv.invoke_async(&mut conn).await {
+                    Ok(outcome) => Ok(outcome),
+                    // Redis answered with an error (a command the user may not run, out of
+                    // memory): the script stopped before its first write, so nothing is stored
+                    // for this id and the index entry goes too. A timeout says nothing of what
+                    // ran: the entry stays, and listing skips it if there is no record.
+                    Err(e) if e.code().is_some() => {
+                        if let Err(drop) = self.query::<Value>(&unindex).await {
+                            tracing::warn!(error = %drop, "could not drop a refused key from the listing index");
+                        }
+                        Err(redis_err(e))
+                    }
+                    Err(e) => Err(redis_err(e)),
+                }
             })
             .await?;
         match (outcome.as_str(), team_limit) {
@@ -1416,7 +1437,6 @@ impl KeyStore for RedisStore {
             ("limit", Some(limit)) => {
                 // Nothing was written for this id: take it out of the index again (if that
                 // fails, listing skips it).
-                let unindex = redis::cmd("ZREM").arg(self.names.all()).arg(id).clone();
                 if let Err(e) = self.bounded(self.query::<Value>(&unindex)).await {
                     tracing::warn!(error = %e, "could not drop a refused key from the listing index");
                 }

@@ -1019,3 +1019,64 @@ async fn a_usage_flush_refused_for_memory_is_kept_and_counted_once() {
     let usage = store.usage(&ids).await.unwrap();
     assert!(usage.iter().all(|u| u.request_count == 2), "{usage:?}");
 }
+
+/// Review: with a Redis user that may not PUBLISH (`-@pubsub`, which docs/deploy.md's "a user
+/// without SUBSCRIBE is correct" invites), a create and a disable were written, then their
+/// script failed at its PUBLISH: the caller was told to retry (503) a change that had
+/// happened, no audit event was written, and other gateways kept the key cached as it was for
+/// the whole TTL. The scripts publish before they write now: such a change writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_that_cannot_be_published_is_not_written() {
+    let redis = RedisServer::start();
+    redis_cli(
+        &redis,
+        &[
+            "ACL",
+            "SETUSER",
+            "nopub",
+            "on",
+            ">nopub-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-publish",
+        ],
+    );
+    let full = redis_store(&redis, "kgnopub").await;
+    let url = format!("redis://nopub:nopub-pw@127.0.0.1:{}/", redis.port());
+    let nopub: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect(&url, "kgnopub", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+
+    let mut req = keygate::keys::CreateKey::new(keygate::auth::record::KeyType::Shared);
+    req.team_id = Some("team1".into());
+    let refused = service(&nopub)
+        .create(req, &cli(), chrono::Utc::now())
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let listed = |store: Arc<dyn KeyStore>| async move {
+        let filter = keygate::store::KeyFilter::default();
+        let page = keygate::store::Page {
+            page: 1,
+            per_page: 100,
+        };
+        store.list(&filter, page).await.unwrap().1
+    };
+    assert_eq!(
+        listed(full.clone()).await,
+        0,
+        "the refused create was indexed"
+    );
+    let stored = redis_cli(&redis, &["--scan", "--pattern", "kgnopub:*"]);
+    assert_eq!(stored.trim(), "", "the refused create was written");
+
+    let (_, record) = create_key(&full, |_| {}).await;
+    let refused = service(&nopub)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let stored = service(&full).get(&record.api_key_id).await.unwrap();
+    assert!(stored.is_enabled, "the refused disable was written");
+}
