@@ -455,28 +455,29 @@ impl KeyStore for EmbeddedStore {
         page: Page,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let team = filter.team_id.clone();
-        let rows: Vec<String> = self
+        let rows: Vec<(String, String)> = self
             .read(move |conn| {
                 let mut stmt = conn
                     .prepare_cached(
-                        "SELECT record FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
+                        "SELECT id, record FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
                          ORDER BY created_ms, id",
                     )
                     .map_err(db_err)?;
                 let rows = stmt
-                    .query_map([team], |r| r.get(0))
+                    .query_map([team], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db_err)?
-                    .collect::<Result<Vec<String>, _>>()
+                    .collect::<Result<Vec<(String, String)>, _>>()
                     .map_err(db_err)?;
                 Ok(rows)
             })
             .await?;
         // The other filters apply to the decoded record, exactly as the Redis store does.
         let mut matched = Vec::new();
-        for json in &rows {
-            let record: KeyRecord = decode(json)?;
-            if filter.matches(&record) {
-                matched.push(record);
+        for (id, json) in &rows {
+            match decode::<KeyRecord>(json) {
+                Ok(record) if filter.matches(&record) => matched.push(record),
+                Ok(_) => {}
+                Err(e) => super::unreadable_left_out(id, &e),
             }
         }
         let total = matched.len() as u64;

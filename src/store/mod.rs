@@ -39,6 +39,13 @@ pub enum StoreError {
     Conflict,
 }
 
+/// One unreadable record (a foreign writer, a hand edit) is left out of a listing, logged,
+/// rather than failing it: it failed every listing of the store (500), so no other key could
+/// be listed, nor a removed member's keys found (review).
+pub(crate) fn unreadable_left_out(id: &str, error: &StoreError) {
+    tracing::warn!(api_key_id = %id, %error, "a stored key record cannot be read; left out of the listing");
+}
+
 /// Filters for listing keys; `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct KeyFilter {

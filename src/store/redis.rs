@@ -1103,10 +1103,10 @@ impl RedisStore {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LIST_CHUNK) {
             // An id that cannot be ours has no record: skip it like a deleted one.
-            let keys: Vec<String> = chunk
+            let (ids, keys): (Vec<&String>, Vec<String>) = chunk
                 .iter()
-                .filter_map(|id| Some(self.names.id(id_tag(id)?, id)))
-                .collect();
+                .filter_map(|id| Some((id, self.names.id(id_tag(id)?, id))))
+                .unzip();
             if keys.is_empty() {
                 continue;
             }
@@ -1114,8 +1114,12 @@ impl RedisStore {
             let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&keys)).await?;
             // An id whose key is missing was deleted between the two reads, or the index still
             // lists a key whose deletion did not reach it (module doc): skip it.
-            for raw in values.into_iter().flatten() {
-                out.push(decode::<StoredId>(&raw)?.record);
+            for (id, raw) in ids.into_iter().zip(values) {
+                let Some(raw) = raw else { continue };
+                match decode::<StoredId>(&raw) {
+                    Ok(stored) => out.push(stored.record),
+                    Err(e) => super::unreadable_left_out(id, &e),
+                }
             }
         }
         Ok(out)

@@ -1080,3 +1080,27 @@ async fn a_change_that_cannot_be_published_is_not_written() {
     let stored = service(&full).get(&record.api_key_id).await.unwrap();
     assert!(stored.is_enabled, "the refused disable was written");
 }
+
+/// Review: one id record that does not decode (a hand edit) failed every listing with 500,
+/// so no key could be listed. It is left out (and logged); the others are listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_leaves_out_an_unreadable_record() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "kglist").await;
+    let (_, bad) = create_key(&store, |_| {}).await;
+    let (_, good) = create_key(&store, |_| {}).await;
+    let names = redis_cli(&redis, &["--scan", "--pattern", "kglist:k:*"]);
+    let name = names
+        .lines()
+        .find(|n| n.ends_with(bad.api_key_id.as_str()))
+        .expect("the bad key's id entry");
+    redis_cli(&redis, &["SET", name, "{\"record\":"]);
+    let filter = keygate::store::KeyFilter::default();
+    let page = keygate::store::Page {
+        page: 1,
+        per_page: 100,
+    };
+    let (listed, _) = store.list(&filter, page).await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|k| k.api_key_id.as_str()).collect();
+    assert_eq!(ids, [good.api_key_id.as_str()]);
+}
