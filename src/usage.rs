@@ -213,7 +213,9 @@ impl UsageRecorder {
             let chunk = pending.len() - pending.len().min(FLUSH_CHUNK);
             match send(&pending[chunk..]).await {
                 Ok(()) => {}
-                Err(e @ StoreError::Unavailable(_)) => {
+                // A denied command (an ACL being fixed) is kept as an outage is: the counts
+                // go through once it is granted.
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Denied(_))) => {
                     self.restore(pending);
                     break Err(e);
                 }

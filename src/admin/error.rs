@@ -86,6 +86,9 @@ impl AdminError {
                 KeyError::Store(StoreError::Unavailable(_) | StoreError::Conflict) => {
                     (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE")
                 }
+                KeyError::Store(StoreError::Denied(_)) => {
+                    (S::INTERNAL_SERVER_ERROR, "STORE_PERMISSION_DENIED")
+                }
                 KeyError::Store(
                     StoreError::NotFound
                     | StoreError::LimitExceeded { .. }
@@ -100,6 +103,11 @@ impl AdminError {
         match self {
             AdminError::Key(KeyError::Store(StoreError::Unavailable(_) | StoreError::Conflict)) => {
                 "the key store is unavailable; retry shortly".into()
+            }
+            AdminError::Key(KeyError::Store(StoreError::Denied(_))) => {
+                "the key store's user may not run a command keygate needs; nothing was changed \
+                 (the log names the command)"
+                    .into()
             }
             AdminError::Key(KeyError::Store(_)) => {
                 "the key could not be updated because of an internal error; retry".into()
@@ -154,6 +162,11 @@ mod tests {
             (AdminError::bad("name", "too long"), 400, "INVALID_REQUEST"),
             (AdminError::TeamNotFound("t".into()), 404, "TEAM_NOT_FOUND"),
             (KeyError::ChangedMeanwhile.into(), 409, "API_KEY_CHANGED"),
+            (
+                KeyError::Store(StoreError::Denied("NOPERM publish".into())).into(),
+                500,
+                "STORE_PERMISSION_DENIED",
+            ),
         ];
         for (e, status, code) in cases {
             let (s, c) = e.status_and_code();

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// A conditional write found the record changed since the caller read it: read again.
     #[error("the key changed since it was read")]
     Conflict,
+    /// The store refused the command itself (a Redis ACL without it): its configuration,
+    /// not an outage, and trying again changes nothing until an operator grants it.
+    #[error("the store's user may not run a command keygate needs: {0}")]
+    Denied(String),
 }
 
 /// One unreadable record (a foreign writer, a hand edit) is left out of a listing, logged,

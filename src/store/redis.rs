@@ -1959,6 +1959,11 @@ fn redis_err(e: RedisError) -> StoreError {
         }
         // A value of another type at one of our names: that name is broken, Redis is not.
         _ if e.code() == Some("WRONGTYPE") => StoreError::Corrupt(format!("redis: {e}")),
+        // An ACL without the command: NOPERM, or, for a command a script ran, a plain ERR
+        // saying so (Redis 7).
+        _ if e.code() == Some("NOPERM") || e.to_string().contains("can't run this command") => {
+            StoreError::Denied(format!("redis: {e}"))
+        }
         _ => unavailable(e),
     }
 }
