@@ -97,6 +97,14 @@ impl<'de> Deserialize<'de> for VerifiedKey {
             &s.scope_names,
             s.key_type,
         );
+        // A value the admin API would never have stored (a hand edit: `"acme\r\n"`) cannot go
+        // out as its header: the key would reach the upstream without its team or user, as if
+        // it had none (review). Such a record is unreadable, never a pass.
+        if !identity.is_whole() {
+            return Err(serde::de::Error::custom(
+                "an identity value (id, team, user or scopes) cannot be sent as a header",
+            ));
+        }
         Ok(Self {
             api_key_id: s.api_key_id,
             team_id: s.team_id,
@@ -221,6 +229,23 @@ mod tests {
         }
         let ok = format!("{{\"name\":\"a\",{full}}}");
         assert!(serde_json::from_str::<VerifiedKey>(&ok).is_ok());
+    }
+
+    /// Review: a hand-edited `team_id` of `"acme\r\n"` passed, and the upstream got no
+    /// `X-Keygate-Team-Id` at all. Such a record does not decode: 500, never a pass.
+    #[test]
+    fn a_record_whose_identity_cannot_be_a_header_does_not_decode() {
+        for field in ["team_id", "behalf_of_user_id"] {
+            let mut r = serde_json::to_value(sample_record("apk_1")).unwrap();
+            r[field] = serde_json::json!("acme\r\n");
+            let read = serde_json::from_value::<VerifiedKey>(r);
+            assert!(read.is_err(), "{field}");
+        }
+        let mut r = serde_json::to_value(sample_record("apk_1")).unwrap();
+        r["scope_names"] = serde_json::json!(["read", "wr\u{7f}ite"]);
+        assert!(serde_json::from_value::<VerifiedKey>(r).is_err());
+        let fine = serde_json::to_value(sample_record("apk_1")).unwrap();
+        assert!(serde_json::from_value::<VerifiedKey>(fine).is_ok());
     }
 
     #[test]

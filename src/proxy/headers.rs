@@ -443,6 +443,8 @@ pub struct IdentityHeaders {
     /// Key id, team id, user id, scopes: in the order of `IDENTITY_VALUED`.
     values: [Option<HeaderValue>; 4],
     key_type: &'static str,
+    /// Whether every value the key has became a header value (see [`Self::is_whole`]).
+    whole: bool,
 }
 
 static IDENTITY_VALUED: [&HeaderName; 4] = [&KEY_ID, &TEAM_ID, &USER_ID, &SCOPES];
@@ -484,16 +486,27 @@ impl IdentityHeaders {
         }
         let joined = joined.freeze();
         let mut at = 0;
+        let mut whole = true;
         let values = texts.map(|text| {
             let text = text?;
             let value = joined.slice(at..at + text.len());
             at += text.len();
-            HeaderValue::from_maybe_shared(value).ok()
+            let value = HeaderValue::from_maybe_shared(value).ok();
+            whole &= value.is_some();
+            value
         });
         Self {
             values,
             key_type: key_type.as_str(),
+            whole,
         }
+    }
+
+    /// Whether each of the key's values can be sent: a value with a control character (which
+    /// the admin API refuses) is left out of the forwarded request, and the key would look to
+    /// the upstream as if it had no team or user.
+    pub fn is_whole(&self) -> bool {
+        self.whole
     }
 }
 
