@@ -1258,10 +1258,16 @@ mod tests {
         let id = record.api_key_id.as_str();
         let checked = widened_after_check(&svc, id).await;
 
-        let shown = svc.reveal(&checked, &Actor::cli(), Utc::now()).await.unwrap();
+        let shown = svc
+            .reveal(&checked, &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
         assert_eq!(shown, None, "a value for more than was checked");
         let now_is = svc.get(id).await.unwrap();
-        let shown = svc.reveal(&now_is, &Actor::cli(), Utc::now()).await.unwrap();
+        let shown = svc
+            .reveal(&now_is, &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
         assert_eq!(shown.as_deref().map(String::as_str), Some(key.expose()));
     }
 
