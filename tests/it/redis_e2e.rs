@@ -182,6 +182,55 @@ async fn redis_outage_serves_cached_keys_refuses_uncached_with_503_and_recovers(
     assert!(eventually(RECOVERY, || async { status(&gw, &seen).await == 401 }).await);
 }
 
+/// Review: with Redis paused (SIGSTOP), a cached key's next request after every 1 s back-off
+/// waited for the store's timeout before its stale copy answered it (a sequential prober saw
+/// a 0.5 s stall about every 1.5 s). Only the lookup that meets the failure waits now; after
+/// it the copy answers at once while the store is probed in the background.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_redis_stalls_a_cached_key_once_not_once_a_back_off() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "kgstall").await;
+    // A long store timeout, so that a request that waited for it is told apart from one that
+    // did not by far more than a loaded machine's delays.
+    let timeout = Duration::from_secs(2);
+    let cfg = config_for(&redis, "kgstall", "ttl = \"1s\"\nstale_for = \"1m\"")
+        .await
+        .replace("timeout = \"300ms\"", "timeout = \"2s\"");
+    let gw = Gateway::start(&cfg);
+    let (key, record) = create_key(&store, |_| {}).await;
+    assert_eq!(status(&gw, &key).await, 200);
+    // Cached once the creation's change has landed (see the outage test above).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status(&gw, &key).await, 200);
+
+    let paused = redis.pause();
+    // Sequential requests for three of the store's timeouts: past the fresh TTL, and the
+    // change feed lost, each must be answered from the copy; one waits for the timeout.
+    let started = std::time::Instant::now();
+    let mut slow = Vec::new();
+    while started.elapsed() < timeout * 3 {
+        let sent = std::time::Instant::now();
+        assert_eq!(status(&gw, &key).await, 200);
+        let took = sent.elapsed();
+        if took >= timeout / 2 {
+            slow.push((sent - started, took));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        slow.len() <= 1,
+        "requests that waited (sent at, took): {slow:?}"
+    );
+    drop(paused);
+
+    // Back: a key disabled now is refused.
+    service(&store)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(eventually(RECOVERY, || async { status(&gw, &key).await == 401 }).await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_manages_keys_in_redis() {
     let redis = RedisServer::start();

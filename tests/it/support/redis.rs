@@ -57,6 +57,14 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP), as a hung Redis: its connections stay open and nothing
+    /// answers. It resumes (SIGCONT) when the guard is dropped, a failing test's included.
+    pub fn pause(&self) -> Paused {
+        let pid = self.child.as_ref().expect("a running server").id();
+        signal(pid, "-STOP");
+        Paused { pid }
+    }
+
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
@@ -74,6 +82,28 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A server frozen by [`RedisServer::pause`] until this is dropped.
+pub struct Paused {
+    pid: u32,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal(self.pid, "-CONT");
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        sent || std::thread::panicking(),
+        "kill {signal} {pid} failed"
+    );
 }
 
 fn free_port() -> u16 {
