@@ -774,8 +774,40 @@ impl KeyService {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<(), KeyError> {
-        let record = self.get(id).await?;
-        self.store.delete(id).await?;
+        self.revoke_checked(id, None, actor, now).await
+    }
+
+    /// Deletes the key. `checked`: the record the caller's right to delete it was judged on
+    /// (`None`: the operator); the key is deleted only while its authority
+    /// ([`same_authority`]) is still `checked`'s, else `ChangedMeanwhile` and nothing removed
+    /// (a key moved to an owner meanwhile is not a member's admin key's to delete).
+    pub async fn revoke_checked(
+        &self,
+        id: &str,
+        checked: Option<&KeyRecord>,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
+        let mut deleted = None;
+        for _ in 0..CHANGE_ATTEMPTS {
+            let current = self.get(id).await?;
+            if checked.is_some_and(|checked| !same_authority(&current, checked)) {
+                return Err(KeyError::ChangedMeanwhile);
+            }
+            match self.store.delete_if(&current).await {
+                Ok(()) => {
+                    deleted = Some(current);
+                    break;
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(record) = deleted else {
+            return Err(KeyError::Store(StoreError::Unavailable(format!(
+                "key {id} kept changing under concurrent writers"
+            ))));
+        };
         self.reveal.invalidate(id);
         self.audit(
             actor,
@@ -1240,6 +1272,26 @@ mod tests {
             .await
             .unwrap();
         assert!(!disabled.is_enabled);
+    }
+
+    #[tokio::test]
+    async fn a_delete_checked_against_a_since_widened_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, key) = service_and_key(&dir).await;
+        let id = key.api_key_id.as_str();
+        let checked = widened_after_check(&svc, id).await;
+        let refused = svc
+            .revoke_checked(id, Some(&checked), &Actor::cli(), Utc::now())
+            .await;
+        assert!(
+            matches!(refused, Err(KeyError::ChangedMeanwhile)),
+            "{refused:?}"
+        );
+        let now_is = svc.get(id).await.unwrap();
+        svc.revoke_checked(id, Some(&now_is), &Actor::cli(), Utc::now())
+            .await
+            .unwrap();
+        assert!(matches!(svc.get(id).await, Err(KeyError::NotFound)));
     }
 
     #[tokio::test]

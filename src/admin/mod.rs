@@ -713,9 +713,14 @@ impl AdminApi {
     }
 
     async fn delete_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
-        self.key_to_change(id, ctx, true).await?;
+        let checked = self.key_to_change(id, ctx, true).await?;
         self.service
-            .revoke(id, &ctx.audit_actor()?, ctx.now)
+            .revoke_checked(
+                id,
+                self.checked_against(&checked, ctx)?,
+                &ctx.audit_actor()?,
+                ctx.now,
+            )
             .await?;
         Ok(Reply::ok(json!({"api_key_id": id, "deleted": true})))
     }

@@ -135,6 +135,41 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Removes `id` for good; with `expected`, only while its record still equals it.
+    async fn delete_where(
+        &self,
+        id: String,
+        expected: Option<KeyRecord>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = begin(conn)?;
+            if let Some(expected) = &expected {
+                let json: Option<String> = tx
+                    .query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?;
+                let current: KeyRecord = decode(&json.ok_or(StoreError::NotFound)?)?;
+                if current != *expected {
+                    return Err(StoreError::Conflict);
+                }
+            }
+            let hashes = hashes_of(&tx, &id)?;
+            let n = tx
+                .execute("DELETE FROM keys WHERE id = ?1", [&id])
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.execute("DELETE FROM hashes WHERE key_id = ?1", [&id])
+                .map_err(db_err)?;
+            tx.execute("DELETE FROM usage WHERE key_id = ?1", [&id])
+                .map_err(db_err)?;
+            log_change(&tx, &hashes)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
     /// Opens (creating if absent) the database at `path` and its schema. Blocking, but brief:
     /// meant for start-up.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -429,24 +464,12 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
-        let id = id.to_owned();
-        self.write(move |conn| {
-            let tx = begin(conn)?;
-            let hashes = hashes_of(&tx, &id)?;
-            let n = tx
-                .execute("DELETE FROM keys WHERE id = ?1", [&id])
-                .map_err(db_err)?;
-            if n == 0 {
-                return Err(StoreError::NotFound);
-            }
-            tx.execute("DELETE FROM hashes WHERE key_id = ?1", [&id])
-                .map_err(db_err)?;
-            tx.execute("DELETE FROM usage WHERE key_id = ?1", [&id])
-                .map_err(db_err)?;
-            log_change(&tx, &hashes)?;
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.delete_where(id.to_owned(), None).await
+    }
+
+    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
+        self.delete_where(expected.api_key_id.clone(), Some(expected.clone()))
+            .await
     }
 
     async fn list(

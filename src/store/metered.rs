@@ -115,6 +115,10 @@ impl KeyStore for MeteredStore {
         self.timed("delete", self.inner.delete(id)).await
     }
 
+    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
+        self.timed("delete", self.inner.delete_if(expected)).await
+    }
+
     async fn list(
         &self,
         filter: &KeyFilter,

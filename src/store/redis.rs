@@ -1045,6 +1045,32 @@ impl RedisStore {
         )))
     }
 
+    /// Removes `id` for good; with `expected`, only while its record still equals it.
+    async fn delete_where(&self, id: &str, expected: Option<&KeyRecord>) -> Result<(), StoreError> {
+        self.bounded(self.modify(id, |current| {
+            if expected.is_some_and(|e| *e != current.record) {
+                return Err(StoreError::Conflict);
+            }
+            let tag = id_tag(id).ok_or(StoreError::NotFound)?;
+            let mut writes = Writes::new(self.names.id(tag, id), Op::Del);
+            for h in &current.hashes {
+                writes.push(self.names.hash_hex(&h.hash)?, Op::Del);
+            }
+            if let Some(t) = &current.record.team_id {
+                self.team_write(&mut writes, id, t, false)?;
+            }
+            writes.push(self.names.usage(tag, id), Op::Del);
+            // Removed after the key is gone: a crash in between leaves an index entry without
+            // a record, which listing skips.
+            writes
+                .after
+                .push(redis::cmd("ZREM").arg(self.names.all()).arg(id).clone());
+            let announce = current.hashes.into_iter().map(|h| h.hash).collect();
+            Ok((writes, announce, ()))
+        }))
+        .await
+    }
+
     /// Writes that leave `id` holding `record` reached by `hashes` (those with a deadline expire
     /// by themselves when it passes, counted from `now_ms`), and remove the `gone` hashes.
     fn state_writes(
@@ -1552,25 +1578,12 @@ impl KeyStore for RedisStore {
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
-        self.bounded(self.modify(id, |current| {
-            let tag = id_tag(id).ok_or(StoreError::NotFound)?;
-            let mut writes = Writes::new(self.names.id(tag, id), Op::Del);
-            for h in &current.hashes {
-                writes.push(self.names.hash_hex(&h.hash)?, Op::Del);
-            }
-            if let Some(t) = &current.record.team_id {
-                self.team_write(&mut writes, id, t, false)?;
-            }
-            writes.push(self.names.usage(tag, id), Op::Del);
-            // Removed after the key is gone: a crash in between leaves an index entry without
-            // a record, which listing skips.
-            writes
-                .after
-                .push(redis::cmd("ZREM").arg(self.names.all()).arg(id).clone());
-            let announce = current.hashes.into_iter().map(|h| h.hash).collect();
-            Ok((writes, announce, ()))
-        }))
-        .await
+        self.delete_where(id, None).await
+    }
+
+    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
+        self.delete_where(&expected.api_key_id, Some(expected))
+            .await
     }
 
     async fn list(

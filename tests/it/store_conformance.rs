@@ -166,6 +166,7 @@ conformance!(
     change_feed_reports_every_write,
     update_of_a_stale_copy_is_refused,
     rotate_of_a_stale_copy_is_refused,
+    delete_of_a_stale_copy_is_refused,
     concurrent_changes_never_undo_a_disable,
     updates_racing_a_delete_leave_nothing_listed,
     reveal_after_another_process_rotated_is_null,
@@ -566,6 +567,35 @@ async fn rotate_of_a_stale_copy_is_refused(h: Harness) {
         .unwrap();
     assert_eq!(rotated.key_start, "kg_fresh");
     assert_eq!(find(s, &new, now).await, Some(rotated));
+}
+
+/// A delete judged on a copy another writer has since changed (a key moved to an owner, a
+/// scope added) removes nothing: the caller must read the key again.
+async fn delete_of_a_stale_copy_is_refused(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(Some("team-a"), now);
+    let hash = new_hash(&r);
+    s.create(&r, &hash, None).await.unwrap();
+    let stale_copy = s.get(&r.api_key_id).await.unwrap().unwrap();
+    let mut widened = stale_copy.clone();
+    widened.scope_names.push("api_keys_read".into());
+    s.update(&stale_copy, &widened).await.unwrap();
+
+    assert!(matches!(
+        s.delete_if(&stale_copy).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(widened.clone()));
+    assert_eq!(find(s, &hash, now).await, Some(widened.clone()));
+
+    s.delete_if(&widened).await.unwrap();
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
+    assert_eq!(find(s, &hash, now).await, None);
+    assert!(matches!(
+        s.delete_if(&widened).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 /// The reviewer's race: renames from two "replicas" racing one disable. Each change re-reads
