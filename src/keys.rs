@@ -200,6 +200,14 @@ pub fn same_authority(a: &KeyRecord, b: &KeyRecord) -> bool {
         && a.expires_time == b.expires_time
 }
 
+/// A compare-and-set write that lost `CHANGE_ATTEMPTS` rounds to other writers: answered as
+/// the store being unavailable (503, retry).
+fn kept_changing(id: &str) -> KeyError {
+    KeyError::Store(StoreError::Unavailable(format!(
+        "key {id} kept changing under concurrent writers"
+    )))
+}
+
 /// Sets `slot` to `value` and names it in `fields`, when that changes it.
 fn set<T: PartialEq>(slot: &mut T, value: T, name: &'static str, fields: &mut Vec<&'static str>) {
     if *slot != value {
@@ -684,9 +692,7 @@ impl KeyService {
             }
             return Ok(Some(record));
         }
-        Err(KeyError::Store(StoreError::Unavailable(format!(
-            "key {id} kept changing under concurrent writers"
-        ))))
+        Err(kept_changing(id))
     }
 
     /// `record` with `change` applied and checked, the names of the fields whose value it
@@ -804,9 +810,7 @@ impl KeyService {
             }
         }
         let Some(record) = deleted else {
-            return Err(KeyError::Store(StoreError::Unavailable(format!(
-                "key {id} kept changing under concurrent writers"
-            ))));
+            return Err(kept_changing(id));
         };
         self.reveal.invalidate(id);
         self.audit(
@@ -866,9 +870,7 @@ impl KeyService {
                 .await;
             return Ok((key, record));
         }
-        Err(KeyError::Store(StoreError::Unavailable(format!(
-            "key {id} kept changing under concurrent writers"
-        ))))
+        Err(kept_changing(id))
     }
 
     pub async fn put_member(
