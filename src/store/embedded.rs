@@ -41,6 +41,7 @@ use super::{
     Role, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::KeyHash;
+use crate::auth::verified::VerifiedKey;
 use crate::auth::record::KeyRecord;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -268,13 +269,14 @@ async fn run_blocking<T: Send + 'static>(
     .map_err(|e| StoreError::Unavailable(format!("sqlite task failed: {e}")))?
 }
 
-#[async_trait]
-impl KeyStore for EmbeddedStore {
-    async fn find_by_hash(
+impl EmbeddedStore {
+    /// The record `hash` reaches, decoded as `T`, with the end of its rotation grace if it has
+    /// one; `None` for an unknown hash or one past its grace.
+    async fn hash_row<T: DeserializeOwned>(
         &self,
         hash: &KeyHash,
         now: DateTime<Utc>,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<(T, Option<i64>)>, StoreError> {
         let hash = *hash;
         let now_ms = now.timestamp_millis();
         let row: Option<(String, Option<i64>)> = self
@@ -294,15 +296,47 @@ impl KeyStore for EmbeddedStore {
             // Past its grace: refused here; a later write deletes the row (no write on the
             // hot path, which would queue behind other writers).
             Some((_, Some(until))) if now_ms >= until => Ok(None),
-            Some((json, until)) => {
-                let mut record = decode(&json)?;
-                if let Some(until) = until {
-                    expire_at_grace_end(&mut record, until);
-                }
-                Ok(Some(record))
-            }
+            Some((json, until)) => Ok(Some((decode(&json)?, until))),
             None => Ok(None),
         }
+    }
+}
+
+#[async_trait]
+impl KeyStore for EmbeddedStore {
+    async fn find_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self
+            .hash_row::<KeyRecord>(hash, now)
+            .await?
+            .map(|(mut record, grace_until)| {
+                if let Some(until) = grace_until {
+                    expire_at_grace_end(&mut record, until);
+                }
+                record
+            }))
+    }
+
+    /// Decoded straight into what the verifier keeps, as the Redis store does: the same
+    /// checks (an identity value that cannot be a header makes the record unreadable), and
+    /// no full record built only to be cut down.
+    async fn find_verified_by_hash(
+        &self,
+        hash: &KeyHash,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerifiedKey>, StoreError> {
+        Ok(self
+            .hash_row::<VerifiedKey>(hash, now)
+            .await?
+            .map(|(mut key, grace_until)| {
+                if let Some(until) = grace_until {
+                    key.expire_at_grace_end(until);
+                }
+                key
+            }))
     }
 
     async fn create(
@@ -1276,6 +1310,32 @@ mod tests {
                 .all(|u| u.last_used_time.map(|t| t.timestamp_millis())
                     == Some(now.timestamp_millis())),
             "{usage:?}"
+        );
+    }
+
+    /// Review: the Redis store refused a record whose team, user, id or scopes cannot be sent
+    /// as a header, the embedded store passed it and the upstream got no `X-Keygate-Team-Id`.
+    /// Both decode the verifier's copy the same way now.
+    #[tokio::test]
+    async fn a_record_whose_identity_cannot_be_a_header_does_not_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("k.db")).unwrap();
+        let mut record = sample_record("apk_identity");
+        record.team_id = Some("acme".into());
+        let hash = KeyHash::of("kg_identity");
+        store.create(&record, &hash, None).await.unwrap();
+        let now = Utc::now();
+        assert!(store.find_verified_by_hash(&hash, now).await.unwrap().is_some());
+
+        let sql = "UPDATE keys SET record = json_set(record, '$.team_id', 'acme' || char(13, 10))";
+        store
+            .write(move |conn| conn.execute(sql, []).map(drop).map_err(db_err))
+            .await
+            .unwrap();
+        let err = store.find_verified_by_hash(&hash, now).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("cannot be sent as a header")),
+            "{err:?}"
         );
     }
 }
