@@ -10,7 +10,9 @@
 //! response body from the upstream is wrapped in a [`SendWatch`] that notes when it hands hyper
 //! a frame and when it is asked for the next, and the connection's task looks over its streams
 //! ([`StreamSends`]). hyper offers no way to reset one stream from outside, so a stream held
-//! for `send_timeout` closes the connection, as a client that stops reading does over HTTP/1.1.
+//! for `send_timeout` closes the connection, as a client that stops reading does over HTTP/1.1:
+//! gracefully first (GOAWAY), so the connection's other streams have one more `send_timeout`
+//! to finish and the client learns which requests were not processed; then at once.
 //! Responses keygate makes itself (errors, the admin API's pages) are watched the same way:
 //! small as they are, a client that grants no window holds them, its stream, and so the
 //! connection (even a graceful close waits for it) for good.

@@ -37,6 +37,9 @@ use tokio::task::JoinSet;
 /// answer may take before the connection is closed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per HTTP/2 stream: 64 KiB, the most a stream holds beyond its upstream connection's
+/// buffers; a response still streams at full speed through it (the upstream side refills it).
+const H2_MAX_SEND_BUF_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -166,6 +169,11 @@ where
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
         // hyper's default is 200: each stream may hold a body peek or an upstream connection.
         .max_concurrent_streams(opts.max_concurrent_streams)
+        // What one stream's response may queue beyond what the client has read. hyper's
+        // default, ~400 KiB, let a client that grants a large window and reads nothing hold
+        // that much per stream for `send_timeout` (review: 10 connections of 100 streams, 477
+        // MB). The upstream side's buffers are capped the same (`UPSTREAM_MAX_BUF_BYTES`).
+        .max_send_buf_size(H2_MAX_SEND_BUF_BYTES)
         // A peer that stops answering pings (gone, or never reading) is let go.
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
@@ -427,6 +435,8 @@ impl Conn {
         let mut sends_at = Some(now + self.send_timeout);
         let mut requests_at_check = 0;
         let mut finishing = false;
+        // When a stalled stream's connection, closing gracefully, is cut off.
+        let mut stall_cut_at = None;
         let ended = loop {
             let wake_at = [idle_at.filter(|_| !finishing), sends_at]
                 .into_iter()
@@ -443,16 +453,31 @@ impl Conn {
                     if sends_at.is_some_and(|at| at <= now) {
                         match sends.look_over(self.send_timeout) {
                             Sends::MovingUntil(next) => sends_at = Some(next),
-                            Sends::Stalled => {
-                                CutOff::ClientNotReading.add();
-                                tracing::debug!(
-                                    peer = %self.peer,
-                                    timeout = ?self.send_timeout,
-                                    "an HTTP/2 client gave no window for a response for the \
-                                     send timeout; closing"
-                                );
-                                return;
-                            }
+                            // The stalled stream cannot be reset alone (see `window_watch`):
+                            // the connection is closed, gracefully first, so that its other
+                            // streams finish and the client learns (GOAWAY) which requests
+                            // were not processed, rather than losing them all to a reset.
+                            Sends::Stalled => match stall_cut_at {
+                                None => {
+                                    CutOff::ClientNotReading.add();
+                                    tracing::debug!(
+                                        peer = %self.peer,
+                                        timeout = ?self.send_timeout,
+                                        "an HTTP/2 client gave no window for a response for the \
+                                         send timeout; closing the connection, its other \
+                                         streams have one more send timeout to finish"
+                                    );
+                                    if !finishing {
+                                        conn.as_mut().graceful_shutdown();
+                                        finishing = true;
+                                    }
+                                    let cut_at = now + self.send_timeout;
+                                    stall_cut_at = Some(cut_at);
+                                    sends_at = Some(cut_at);
+                                }
+                                Some(cut_at) if now < cut_at => sends_at = Some(cut_at),
+                                Some(_) => return,
+                            },
                         }
                     }
                     if finishing || idle_at.is_none_or(|at| at > now) {

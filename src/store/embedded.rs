@@ -41,8 +41,8 @@ use super::{
     Role, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::KeyHash;
-use crate::auth::verified::VerifiedKey;
 use crate::auth::record::KeyRecord;
+use crate::auth::verified::VerifiedKey;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
@@ -1325,7 +1325,13 @@ mod tests {
         let hash = KeyHash::of("kg_identity");
         store.create(&record, &hash, None).await.unwrap();
         let now = Utc::now();
-        assert!(store.find_verified_by_hash(&hash, now).await.unwrap().is_some());
+        assert!(
+            store
+                .find_verified_by_hash(&hash, now)
+                .await
+                .unwrap()
+                .is_some()
+        );
 
         let sql = "UPDATE keys SET record = json_set(record, '$.team_id', 'acme' || char(13, 10))";
         store

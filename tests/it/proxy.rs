@@ -1673,6 +1673,50 @@ async fn an_http2_client_that_withholds_its_window_is_cut_off_after_the_send_tim
     assert_cut_off(&gw, "client_not_reading").await;
 }
 
+/// Review: one stalled stream closed its whole connection at once, with no GOAWAY, cutting the
+/// connection's healthy streams (a browser with a paused download lost every other request on
+/// it). The connection now closes gracefully first: a request in flight on another stream is
+/// answered in full, and only then, or a send timeout later, is the connection cut.
+#[tokio::test]
+async fn a_stalled_http2_stream_leaves_the_other_streams_of_its_connection_time_to_finish() {
+    const LEN: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let up = upstream::large_and_held(LEN, release.clone()).await;
+    let gw = gateway_with_short_send_timeout(&dir, up);
+    let client = h2_client();
+    // One connection: the held request is sent once the stalled one has its answer.
+    let stalled = client
+        .get(format!("http://{}/large", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.version(), reqwest::Version::HTTP_2);
+    let held = tokio::spawn(client.get(format!("http://{}/held", gw.addr)).send());
+    // The stalled stream is found (its window spent, nothing read)...
+    assert_cut_off(&gw, "client_not_reading").await;
+    // ...and the held request, already in flight, is still answered in full.
+    release.notify_one();
+    let answered = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held request was not answered")
+        .unwrap()
+        .expect("the held request failed: its stream was cut with the stalled one");
+    assert_eq!(answered.status(), 200);
+    assert_eq!(answered.text().await.unwrap(), "released");
+    // The stalled stream, still not read a send timeout later, is cut all the same. (Read
+    // sooner, it would have gone on: a stream that moves again may finish while the connection
+    // closes.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let body = tokio::time::timeout(Duration::from_secs(10), stalled.bytes())
+        .await
+        .expect("the stalled stream was still open: the connection was never cut");
+    assert!(
+        body.as_ref().map_or(true, |b| b.len() < LEN),
+        "the whole response arrived"
+    );
+}
+
 /// A response of one small frame waits for window too: a client that grants none (its initial
 /// stream window 0), or one byte (hyper hands h2 the last frame once the stream has any window
 /// and drops the body), is cut off all the same, not left holding the stream and its

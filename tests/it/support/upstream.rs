@@ -233,6 +233,45 @@ pub async fn raw(response: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// Answers each request on a path starting with `/held` with 200 `released` once `release`
+/// is notified, and any other with a body of `len` zero bytes at once.
+pub async fn large_and_held(
+    len: usize,
+    release: std::sync::Arc<tokio::sync::Notify>,
+) -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind held");
+    let addr = listener.local_addr().expect("addr");
+    let body = bytes::Bytes::from(vec![0u8; len]);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (body, release) = (body.clone(), release.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (body, release) = (body.clone(), release.clone());
+                    async move {
+                        let body = if req.uri().path().starts_with("/held") {
+                            release.notified().await;
+                            bytes::Bytes::from_static(b"released")
+                        } else {
+                            body
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Answers every request with a body of `len` zero bytes (with its `Content-Length`).
 pub async fn large(len: usize) -> SocketAddr {
     use hyper::service::service_fn;
