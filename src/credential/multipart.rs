@@ -425,6 +425,17 @@ pub fn form_data_disposition(value: &[u8]) -> Result<Disposition<'_>, PeekError>
         ParamError::Twice => malformed("a multipart Content-Disposition has more than one name"),
         ParamError::Invalid => malformed("a multipart Content-Disposition is malformed"),
     };
+    // PHP reads `name=` in any `;`-separated piece, the first included: a part whose type is
+    // missing or not a token (`name="clientKey"`, `name="clientKey";form-data`) is a key field
+    // to PHP, and would be none here (review).
+    let kind = trim_end(trim_start(
+        &value[..memchr::memchr(b';', value).unwrap_or(value.len())],
+    ));
+    if kind.is_empty() || !kind.iter().all(|&b| is_tchar(b)) {
+        return Err(malformed(
+            "a multipart Content-Disposition does not start with its type (form-data)",
+        ));
+    }
     let mut disposition = Disposition {
         name: None,
         file: false,
@@ -536,10 +547,7 @@ impl<'v> Params<'v> {
             if let Some(quoted) = after_eq.strip_prefix(b"\"") {
                 // Only these decide what keygate reads; a `filename="C:\path"` (old browsers
                 // send one) is framing only, its text unused.
-                let strict = [&b"name"[..], b"boundary", b"charset"]
-                    .iter()
-                    .any(|n| name.eq_ignore_ascii_case(n));
-                let (quoted_text, after) = match quoted_string(quoted, strict) {
+                let (quoted_text, after) = match quoted_string(quoted, is_strict(name)) {
                     Ok(q) => q,
                     Err(e) => return Some(Err(e)),
                 };
@@ -555,6 +563,12 @@ impl<'v> Params<'v> {
                 if memchr::memchr3(b' ', b'\t', b'"', token).is_some() || token.starts_with(b"'") {
                     return Some(Err(ParamError::Invalid));
                 }
+                // The values that decide what keygate reads must be tokens (RFC 9110 §5.6.2)
+                // when unquoted: PHP ends an unquoted boundary at a `,`, so `boundary=B,C`
+                // framed the body on `--B` there and on `--B,C` here (review).
+                if is_strict(name) && !token.iter().all(|&b| is_tchar(b)) {
+                    return Some(Err(ParamError::Invalid));
+                }
                 text = Cow::Borrowed(token);
                 rest = &after_eq[end..];
             }
@@ -564,6 +578,19 @@ impl<'v> Params<'v> {
         self.rest = rest;
         Some(Ok((name, text)))
     }
+}
+
+/// Whether a parameter's value decides what keygate reads (the others, `filename` above all,
+/// are framing only): its quoting and characters are held to the strictest reading.
+fn is_strict(name: &[u8]) -> bool {
+    [&b"name"[..], b"boundary", b"charset"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// RFC 9110 §5.6.2 `tchar`: the bytes of a token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A quoted string's text (after its opening quote), escapes undone, and what follows its
@@ -1046,6 +1073,28 @@ mod tests {
         assert!(name("form-data; Name*1=a").is_err());
         assert_eq!(name("form-data; names=a").unwrap(), None);
         assert_eq!(name("form-data;; name=a;").unwrap().as_deref(), Some("a"));
+        // Review: PHP reads `name=` in the first piece too, and these were second key fields
+        // there that no key field here.
+        for no_type in [
+            "name=\"clientKey\"",
+            " name=\"clientKey\"",
+            "name=clientKey",
+            "name=\"clientKey\";form-data",
+            "; name=\"clientKey\"",
+            "form data; name=a",
+            "\"form-data\"; name=a",
+        ] {
+            assert!(name(no_type).is_err(), "{no_type:?}");
+        }
+        assert_eq!(name("Form-Data ; name=a").unwrap().as_deref(), Some("a"));
+        assert_eq!(name("attachment; name=a").unwrap().as_deref(), Some("a"));
+        // An unquoted name is a token; quoted, it may be anything.
+        assert!(name("form-data; name=client,Key").is_err());
+        assert!(name("form-data; name=a(b)").is_err());
+        assert_eq!(
+            name("form-data; name=\"a,b\"").unwrap().as_deref(),
+            Some("a,b")
+        );
         let file = |v: &str| form_data_disposition(v.as_bytes()).unwrap().file;
         assert!(file("form-data; name=a; filename=\"\""));
         assert!(file("form-data; FILENAME*=UTF-8''x; name=a"));
@@ -1076,9 +1125,15 @@ mod tests {
             "multipart/form-data; xboundary=AAA; boundary=BBB",
             "multipart/form-data; boundary=BBB; x-Boundary=AAA",
             "multipart/form-data; charset=\"boundary=AAA\"; boundary=BBB",
+            // Review: PHP ends an unquoted boundary at a `,` (frames on `--B`).
+            "multipart/form-data; boundary=B,C",
+            "multipart/form-data; boundary=a:b",
+            "multipart/form-data; boundary=a/b",
+            "multipart/form-data; boundary=a=b",
         ] {
             assert!(content_type_boundary(bad).is_err(), "{bad}");
         }
+        assert_eq!(ok("multipart/form-data; boundary=\"B,C\""), "B,C");
         let long = format!("multipart/form-data; boundary={}", "x".repeat(71));
         assert!(content_type_boundary(&long).is_err());
         let longest = format!("multipart/form-data; boundary={}", "x".repeat(70));
