@@ -1,7 +1,7 @@
 //! Where key records live. One small trait, two implementations that pass the same
 //! conformance suite (`tests/it/store_conformance.rs`):
 //! - [`redis::RedisStore`]: production, shared by every gateway replica; the hot path is one
-//!   `GET` by hash; every change is published so all replicas drop their cached copy.
+//!   capped read (`GETRANGE`) by hash; every change is published so all replicas drop their cached copy.
 //! - [`embedded::EmbeddedStore`]: the default, a SQLite file on local disk (WAL mode), usable
 //!   by `keygate serve` and the `keygate keys` CLI at the same time; changes reach other
 //!   processes through a change table that the gateway polls.
@@ -245,7 +245,11 @@ pub trait KeyStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, StoreError>;
 
-    /// Removes the key and all its hashes for good (`NotFound` if there is none).
+    /// Removes the key and all its hashes for good (`NotFound` if there is none), also when its
+    /// record cannot be read (`get` answers `Corrupt`): such a key must still be revocable, and
+    /// on Redis its hash entries may hold an intact copy that keeps authenticating it. (The
+    /// Redis store then finds them by the key's slot tag, a scan; the embedded store by its
+    /// `hashes` table.)
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
 
     /// [`Self::delete`], only while the stored record still equals `expected` (else

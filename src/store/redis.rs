@@ -5,7 +5,8 @@
 //! [`SlotTag`], which the presented key, its [`KeyHash`] and its id all carry, so on a cluster
 //! every entry of one key, and for team keys every entry of the team, lands in one hash slot):
 //! - `{ns}:h:{<tag>}:<sha256 hex>` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path
-//!   is one `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so
+//!   is one `GETRANGE` of this key, capped at [`RECORD_CAP`] (a longer value is unreadable and
+//!   never fetched whole). Hashes rotated out with a grace period carry a `PX` expiry so
 //!   Redis drops them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`]
 //!   refuses them at `now` even before Redis has expired them (and, before that, answers with
 //!   `expires_time` clipped to it, so cached copies stop at the end of the grace too).
@@ -38,8 +39,14 @@
 //! no listing shows. Likewise, a key moved to another team by `update` stays in its creation
 //! slot, so its new team's SET is updated by a separate command after the script (joining
 //! first, then leaving: a crash leaves it listed in both teams, and listing filters on the
-//! record's team). Commands that span slots otherwise: `MGET` while listing (the cluster
-//! client splits it by slot), and usage, sent as one command per key rather than a pipeline.
+//! record's team). Commands that span slots otherwise: listing, which reads each id record by
+//! a capped `GETRANGE` of its own (the cluster client routes each), and usage, sent as one
+//! command per key rather than a pipeline.
+//!
+//! A key whose id record cannot be read (it does not decode, or is longer than [`RECORD_CAP`])
+//! cannot say which hash entries are its own, while they may hold an intact copy that keeps
+//! authenticating it. An unconditional delete finds them by the key's slot tag instead (a
+//! `SCAN` on the node owning the slot): see [`RedisStore::purge`] for how and at what cost.
 //!
 //! Writes run as Lua scripts, which Redis executes atomically (like MULTI/EXEC, all or nothing
 //! as far as other clients can see), because each write needs a check before it writes:
@@ -479,7 +486,7 @@ fn id_tag(id: &str) -> Option<SlotTag> {
 }
 
 /// One connection handle for every deployment: [`ConnectionManager`] (one server; reconnects by
-/// itself) or [`ClusterConnection`] (Redis Cluster; follows MOVED/ASK, splits multi-slot MGET).
+/// itself) or [`ClusterConnection`] (Redis Cluster; follows MOVED/ASK, routes each command by its key's slot).
 /// Both are cheap clones over one multiplexed connection (per node), so the store clones one per
 /// call. Scripts and commands run unchanged on either: every multi-key command and script touches
 /// a single slot.
@@ -2355,6 +2362,44 @@ mod tests {
                 "{ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn a_value_longer_than_the_cap_is_unreadable_and_names_its_key() {
+        let id = crate::auth::key::new_key_id(SlotTag::random());
+        let start = format!("{{\"valid_until\":null,\"record\":{{\"api_key_id\":\"{id}\",");
+        let mut long = start.clone().into_bytes();
+        long.resize(RECORD_CAP + 1, b' ');
+        match within_cap(long.clone()) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains(&id), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        long.truncate(RECORD_CAP);
+        assert!(within_cap(long).is_ok());
+        assert!(matches!(
+            within_cap(vec![0xff]),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A value cut short by the cap still names its key; a made-up id does not count.
+        assert_eq!(entry_key_id(start.as_bytes()), Some(id.clone()));
+        assert_eq!(prefix_key_id(br#"{"record":{"api_key_id":"apk_", "#), None);
+        assert_eq!(prefix_key_id(br#"{"record":{"api_key_id":"apk_"#), None);
+        assert_eq!(entry_key_id(b"not json"), None);
+    }
+
+    #[test]
+    fn an_entry_above_the_cap_is_not_written() {
+        assert!(encode_capped(&"x".repeat(RECORD_CAP - 2)).is_ok());
+        assert!(matches!(
+            encode_capped(&"x".repeat(RECORD_CAP - 1)),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_namespace_is_matched_literally_by_scan() {
+        assert_eq!(glob_escape("kg"), "kg");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
     }
 
     #[test]
