@@ -311,5 +311,20 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError>;
 }
 
+/// The most keygate reads of one stored record (Redis: a hash entry or an id record; SQLite:
+/// a `keys.record`): a value longer than this is unreadable (`StoreError::Corrupt`), like one
+/// that does not decode, and is never fetched whole. A hand-corrupted 40 MB value at a Redis
+/// hash entry was fetched with `GET` on every request that presented its key (76 ms each; the
+/// gateway's memory 18 → 226 MiB: review).
+///
+/// Why 256 KiB: a typical record is under 2 KiB, but the limits the key service enforces allow
+/// far more in the worst case (50 metadata entries of 100 + 500 characters, a 2000-character
+/// description, 100 scopes and 100 networks; up to 6 bytes a character once JSON-escaped:
+/// ~210 KB), and a cap below what the API accepts would make a valid key unreadable. A Redis id
+/// record adds ~95 bytes per hash still in its rotation grace. Writes refuse a value above the
+/// cap, so keygate never writes what it would refuse to read. A 40 MB value now costs at most
+/// this much per request that presents its key.
+pub const RECORD_CAP: usize = 256 * 1024;
+
 /// How many audit events a store keeps.
 pub const AUDIT_CAP: usize = 100_000;

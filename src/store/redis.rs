@@ -71,7 +71,7 @@
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    StoreError, Usage, UsageDelta,
+    RECORD_CAP, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::{DIGEST_HEX_LEN, KeyHash, SlotTag, TAG_LEN};
 use crate::auth::record::KeyRecord;
@@ -107,19 +107,6 @@ const CAS_ATTEMPTS: usize = 16;
 /// Values read at once while listing, or while finding an unreadable key's hash entries (one
 /// `GETRANGE` each, pipelined): at most this many times [`RECORD_CAP`] in memory at once.
 const READS_IN_FLIGHT: usize = 64;
-/// The most keygate reads of one stored record (a hash entry or an id record): a value longer
-/// than this is unreadable, like one that does not decode, and is never fetched whole. A
-/// hand-corrupted 40 MB value at a hash entry was fetched with `GET` on every request that
-/// presented its key (76 ms each; the gateway's memory 18 → 226 MiB: review).
-///
-/// Why 256 KiB: a typical record is under 2 KiB, but the limits the key service enforces allow
-/// far more in the worst case (50 metadata entries of 100 + 500 characters, a 2000-character
-/// description, 100 scopes and 100 networks; up to 6 bytes a character once JSON-escaped:
-/// ~210 KB), and a cap below what the API accepts would make a valid key unreadable. An id
-/// record adds ~95 bytes per hash still in its rotation grace. Writes refuse an entry above the
-/// cap (see [`encode_capped`]), so keygate never writes what it would refuse to read. Reads of a
-/// 40 MB value now cost at most this much, once per request that presents the key.
-pub const RECORD_CAP: usize = 256 * 1024;
 /// Names asked for per `SCAN` call when a key's entries are found by their slot tag (see
 /// [`RedisStore::purge`]).
 const SCAN_COUNT: usize = 1000;

@@ -16,10 +16,10 @@ use keygate::auth::record::{KeyRecord, KeyType};
 use keygate::auth::verified::VerifiedKey;
 use keygate::keys::{Actor, CreateKey, KeyChange, KeyRules, KeyService};
 use keygate::store::embedded::EmbeddedStore;
-use keygate::store::redis::{RECORD_CAP, RedisStore};
+use keygate::store::redis::RedisStore;
 use keygate::store::{
     AuditAction, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    Role, StoreError,
+    RECORD_CAP, Role, StoreError,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
