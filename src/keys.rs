@@ -811,6 +811,14 @@ impl KeyService {
                     break;
                 }
                 Err(StoreError::Conflict) => continue,
+                // The record reads but what the store keeps beside it does not (a hash that
+                // cannot be one): the operator's delete needs neither (see `revoke_unreadable`).
+                Err(StoreError::Corrupt(why)) if checked.is_none() => {
+                    tracing::warn!(api_key_id = %id, unreadable = %why, "deleting a key whose stored entry cannot be read");
+                    self.store.delete(id).await?;
+                    deleted = Some(current);
+                    break;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -1698,6 +1698,39 @@ async fn oversized_records_are_refused_unread(h: Harness) {
     assert_eq!(find(s, &good_hash, now).await, Some(good));
 }
 
+/// An id record that decodes but names a hash that cannot be one (a hand edit) failed every
+/// delete; the operator's delete (the key service's, unconditional in the store) removes the
+/// key and its working hash entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_a_key_listing_a_broken_hash_can_be_deleted() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let s = &h.store;
+    let now = Utc::now();
+    let r = record(None, now);
+    let hash = new_hash(&r);
+    s.create(&r, &hash, None).await.unwrap();
+    let tag = SlotTag::of_key_id(&r.api_key_id).unwrap();
+    let name = format!("{ns}:k:{{{tag}}}:{}", r.api_key_id);
+    let stored: String = ::redis::cmd("GET")
+        .arg(&name)
+        .query(&mut raw_conn(server))
+        .unwrap();
+    let broken = stored.replace(&hash.to_hex(), "zz");
+    assert_ne!(broken, stored);
+    h.set_raw(&name, broken.as_bytes());
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(r.clone()));
+    assert!(matches!(s.delete_if(&r).await, Err(StoreError::Corrupt(_))));
+    crate::support::service(s)
+        .revoke(&r.api_key_id, &crate::support::cli(), now)
+        .await
+        .unwrap();
+    assert_eq!(find(&**s, &hash, now).await, None);
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_oversized_records_are_refused_unread() {
     oversized_records_are_refused_unread(Harness::redis().await).await;
