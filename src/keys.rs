@@ -796,7 +796,12 @@ impl KeyService {
     ) -> Result<(), KeyError> {
         let mut deleted = None;
         for _ in 0..CHANGE_ATTEMPTS {
-            let current = self.get(id).await?;
+            let current = match self.get(id).await {
+                Err(KeyError::Store(StoreError::Corrupt(why))) if checked.is_none() => {
+                    return self.revoke_unreadable(id, &why, actor, now).await;
+                }
+                read => read?,
+            };
             if checked.is_some_and(|checked| !same_authority(&current, checked)) {
                 return Err(KeyError::ChangedMeanwhile);
             }
@@ -806,6 +811,14 @@ impl KeyService {
                     break;
                 }
                 Err(StoreError::Conflict) => continue,
+                // The record reads but what the store keeps beside it does not (a hash that
+                // cannot be one): the operator's delete needs neither (see `revoke_unreadable`).
+                Err(StoreError::Corrupt(why)) if checked.is_none() => {
+                    tracing::warn!(api_key_id = %id, unreadable = %why, "deleting a key whose stored entry cannot be read");
+                    self.store.delete(id).await?;
+                    deleted = Some(current);
+                    break;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -821,6 +834,28 @@ impl KeyService {
             now,
         )
         .await;
+        Ok(())
+    }
+
+    /// The operator's delete of a key whose stored record cannot be read (a hand edit, a
+    /// foreign writer): nothing readable says whose key it is, so only the operator may, and
+    /// the store removes it unconditionally ([`KeyStore::delete`] finds its hashes without the
+    /// record). On Redis its hash entries may hold an intact copy that still authenticates it,
+    /// so this is how such a key is revoked. Audited with the id alone (team and user unknown).
+    async fn revoke_unreadable(
+        &self,
+        id: &str,
+        why: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
+        tracing::warn!(api_key_id = %id, unreadable = %why, "deleting a key whose stored record cannot be read");
+        self.store.delete(id).await?;
+        self.reveal.invalidate(id);
+        let details = BTreeMap::from([("record".to_owned(), "unreadable".to_owned())]);
+        let mut event = Self::event(actor, AuditAction::Delete, None, details, now);
+        event.api_key_id = Some(id.to_owned());
+        self.audit_done(event).await;
         Ok(())
     }
 

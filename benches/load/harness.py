@@ -281,9 +281,10 @@ def redis_cli(*args, stdin=None):
 
 
 def redis_get_calls():
+    """Key lookups Redis has served: GET before the record cap, GETRANGE (a capped read) since;
+    both counted, so that runs of either build compare."""
     out = redis_cli("INFO", "commandstats").stdout.decode()
-    m = re.search(r"cmdstat_get:calls=(\d+)", out)
-    return int(m.group(1)) if m else 0
+    return sum(int(m.group(1)) for m in re.finditer(r"cmdstat_(?:get|getrange):calls=(\d+)", out))
 
 
 # ---------------------------------------------------------------- keys

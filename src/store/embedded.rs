@@ -38,7 +38,7 @@
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    Role, StoreError, Usage, UsageDelta,
+    RECORD_CAP, Role, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::KeyHash;
 use crate::auth::record::KeyRecord;
@@ -70,6 +70,22 @@ pub const CHANGE_RETENTION: Duration = Duration::from_secs(600);
 const FEED_CAPACITY: usize = 256;
 /// Rows forwarded per poll; the rest come on the next one.
 const POLL_BATCH: i64 = 1000;
+
+/// `SELECT <this> FROM keys`: the record column, or NULL when it is longer than
+/// [`RECORD_CAP`] bytes (the number is the cap; a test checks it), so that keygate never
+/// receives an oversized value (`octet_length`: SQLite 3.43 or later; the bundled one is
+/// newer). Read through [`within_cap`].
+macro_rules! capped_record {
+    ($column:literal) => {
+        concat!(
+            "CASE WHEN octet_length(",
+            $column,
+            ") <= 262144 THEN ",
+            $column,
+            " END"
+        )
+    };
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -145,11 +161,19 @@ impl EmbeddedStore {
         self.write(move |conn| {
             let tx = begin(conn)?;
             if let Some(expected) = &expected {
-                let json: Option<String> = tx
-                    .query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
+                let json: Option<Option<String>> = tx
+                    .query_row(
+                        concat!(
+                            "SELECT ",
+                            capped_record!("record"),
+                            " FROM keys WHERE id = ?1"
+                        ),
+                        [&id],
+                        |r| r.get(0),
+                    )
                     .optional()
                     .map_err(db_err)?;
-                let current: KeyRecord = decode(&json.ok_or(StoreError::NotFound)?)?;
+                let current: KeyRecord = decode(&within_cap(json.ok_or(StoreError::NotFound)?)?)?;
                 if current != *expected {
                     return Err(StoreError::Conflict);
                 }
@@ -279,13 +303,15 @@ impl EmbeddedStore {
     ) -> Result<Option<(T, Option<i64>)>, StoreError> {
         let hash = *hash;
         let now_ms = now.timestamp_millis();
-        let row: Option<(String, Option<i64>)> = self
+        let row: Option<(Option<String>, Option<i64>)> = self
             .read(move |conn| {
                 let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT k.record, h.valid_until_ms FROM hashes h \
-                         JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1",
-                    )
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        capped_record!("k.record"),
+                        ", h.valid_until_ms FROM hashes h \
+                         JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1"
+                    ))
                     .map_err(db_err)?;
                 stmt.query_row([&hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
@@ -296,7 +322,7 @@ impl EmbeddedStore {
             // Past its grace: refused here; a later write deletes the row (no write on the
             // hot path, which would queue behind other writers).
             Some((_, Some(until))) if now_ms >= until => Ok(None),
-            Some((json, until)) => Ok(Some((decode(&json)?, until))),
+            Some((json, until)) => Ok(Some((decode(&within_cap(json)?)?, until))),
             None => Ok(None),
         }
     }
@@ -345,7 +371,7 @@ impl KeyStore for EmbeddedStore {
         hash: &KeyHash,
         team_limit: Option<u32>,
     ) -> Result<(), StoreError> {
-        let json = encode(record)?;
+        let json = encode_capped(record)?;
         let id = record.api_key_id.clone();
         let team = record.team_id.clone();
         let created_ms = record.created_time.timestamp_millis();
@@ -383,14 +409,22 @@ impl KeyStore for EmbeddedStore {
 
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_owned();
-        let json: Option<String> = self
+        let json: Option<Option<String>> = self
             .read(move |conn| {
-                conn.query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
-                    .optional()
-                    .map_err(db_err)
+                conn.query_row(
+                    concat!(
+                        "SELECT ",
+                        capped_record!("record"),
+                        " FROM keys WHERE id = ?1"
+                    ),
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)
             })
             .await?;
-        json.as_deref().map(decode).transpose()
+        json.map(|json| decode(&within_cap(json)?)).transpose()
     }
 
     async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
@@ -403,21 +437,27 @@ impl KeyStore for EmbeddedStore {
             let tx = begin(conn)?;
             // `key_start` belongs to rotation: an update computed from a copy read before a
             // rotation must not bring the old hint back.
-            let current: Option<String> = tx
-                .query_row("SELECT record FROM keys WHERE id = ?1", params![id], |r| {
-                    r.get(0)
-                })
+            let current: Option<Option<String>> = tx
+                .query_row(
+                    concat!(
+                        "SELECT ",
+                        capped_record!("record"),
+                        " FROM keys WHERE id = ?1"
+                    ),
+                    params![id],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(db_err)?;
             let Some(current) = current else {
                 return Err(StoreError::NotFound);
             };
-            let current: KeyRecord = decode(&current)?;
+            let current: KeyRecord = decode(&within_cap(current)?)?;
             if current != expected {
                 return Err(StoreError::Conflict);
             }
             record.key_start = current.key_start;
-            let json = encode(&record)?;
+            let json = encode_capped(&record)?;
             let n = tx
                 .execute(
                     "UPDATE keys SET team_id = ?2, created_ms = ?3, record = ?4 WHERE id = ?1",
@@ -455,12 +495,20 @@ impl KeyStore for EmbeddedStore {
         let deadline = now_ms.saturating_add(grace_ms);
         self.write(move |conn| {
             let tx = begin(conn)?;
-            let json: String = tx
-                .query_row("SELECT record FROM keys WHERE id = ?1", [&id], |r| r.get(0))
+            let json: Option<String> = tx
+                .query_row(
+                    concat!(
+                        "SELECT ",
+                        capped_record!("record"),
+                        " FROM keys WHERE id = ?1"
+                    ),
+                    [&id],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(db_err)?
                 .ok_or(StoreError::NotFound)?;
-            let mut record: KeyRecord = decode(&json)?;
+            let mut record: KeyRecord = decode(&within_cap(json)?)?;
             // Checked inside the transaction, before anything is written: see the trait.
             if record != expected {
                 return Err(StoreError::Conflict);
@@ -486,7 +534,7 @@ impl KeyStore for EmbeddedStore {
             .map_err(db_err)?;
             tx.execute(
                 "UPDATE keys SET record = ?2 WHERE id = ?1",
-                params![id, encode(&record)?],
+                params![id, encode_capped(&record)?],
             )
             .map_err(db_err)?;
             announce.push(new_hash.to_hex());
@@ -512,29 +560,31 @@ impl KeyStore for EmbeddedStore {
         page: Page,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let team = filter.team_id.clone();
-        let rows: Vec<(String, String)> = self
+        let rows: Vec<(String, Option<String>)> = self
             .read(move |conn| {
                 let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT id, record FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
-                         ORDER BY created_ms, id",
-                    )
+                    .prepare_cached(concat!(
+                        "SELECT id, ",
+                        capped_record!("record"),
+                        " FROM keys WHERE ?1 IS NULL OR team_id = ?1 \
+                         ORDER BY created_ms, id"
+                    ))
                     .map_err(db_err)?;
                 let rows = stmt
                     .query_map([team], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db_err)?
-                    .collect::<Result<Vec<(String, String)>, _>>()
+                    .collect::<Result<Vec<(String, Option<String>)>, _>>()
                     .map_err(db_err)?;
                 Ok(rows)
             })
             .await?;
         // The other filters apply to the decoded record, exactly as the Redis store does.
         let mut matched = Vec::new();
-        for (id, json) in &rows {
-            match decode::<KeyRecord>(json) {
+        for (id, json) in rows {
+            match within_cap(json).and_then(|json| decode::<KeyRecord>(&json)) {
                 Ok(record) if filter.matches(&record) => matched.push(record),
                 Ok(_) => {}
-                Err(e) => super::unreadable_left_out(id, &e),
+                Err(e) => super::unreadable_left_out(&id, &e),
             }
         }
         let total = matched.len() as u64;
@@ -1053,6 +1103,23 @@ fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
 }
 
+/// A record read through [`capped_record`]: NULL means longer than [`RECORD_CAP`].
+fn within_cap(json: Option<String>) -> Result<String, StoreError> {
+    json.ok_or_else(|| StoreError::Corrupt(format!("stored record longer than {RECORD_CAP} bytes")))
+}
+
+/// Encodes a record, refusing one longer than [`RECORD_CAP`]: keygate would refuse to read it.
+fn encode_capped(record: &KeyRecord) -> Result<String, StoreError> {
+    let json = encode(record)?;
+    if json.len() > RECORD_CAP {
+        return Err(StoreError::Corrupt(format!(
+            "a record of {} bytes would be longer than {RECORD_CAP}, which keygate reads",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
 fn decode<T: DeserializeOwned>(json: &str) -> Result<T, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
 }
@@ -1075,6 +1142,38 @@ fn db_err(e: rusqlite::Error) -> StoreError {
 mod tests {
     use super::*;
     use crate::auth::record::sample_record;
+
+    #[test]
+    fn the_record_read_is_capped_at_the_cap() {
+        assert!(capped_record!("record").contains(&format!("<= {RECORD_CAP} ")));
+    }
+
+    /// A record longer than [`RECORD_CAP`] (valid JSON, padded: only its size is wrong) is
+    /// unreadable like one that does not decode, everywhere it is read, and still deletable.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_oversized_record_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let (store, hash, id) = store_with_key(&path).await;
+        let db = Connection::open(&path).unwrap();
+        db.execute(
+            "UPDATE keys SET record = record || ?1 WHERE id = ?2",
+            params![" ".repeat(RECORD_CAP), id],
+        )
+        .unwrap();
+        let now = Utc::now();
+        let unreadable = |r: Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        assert!(unreadable(store.find_by_hash(&hash, now).await.map(drop)));
+        assert!(unreadable(store.get(&id).await.map(drop)));
+        let page = Page {
+            page: 1,
+            per_page: 10,
+        };
+        let (listed, _) = store.list(&KeyFilter::default(), page).await.unwrap();
+        assert!(listed.is_empty());
+        store.delete(&id).await.unwrap();
+        assert_eq!(store.find_by_hash(&hash, now).await.unwrap(), None);
+    }
 
     /// Another process's write transaction (a CLI write, a `sqlite3` shell, a backup) on the
     /// file at `path`, committed after `hold`.

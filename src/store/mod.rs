@@ -1,7 +1,7 @@
 //! Where key records live. One small trait, two implementations that pass the same
 //! conformance suite (`tests/it/store_conformance.rs`):
 //! - [`redis::RedisStore`]: production, shared by every gateway replica; the hot path is one
-//!   `GET` by hash; every change is published so all replicas drop their cached copy.
+//!   capped read (`GETRANGE`) by hash; every change is published so all replicas drop their cached copy.
 //! - [`embedded::EmbeddedStore`]: the default, a SQLite file on local disk (WAL mode), usable
 //!   by `keygate serve` and the `keygate keys` CLI at the same time; changes reach other
 //!   processes through a change table that the gateway polls.
@@ -245,7 +245,11 @@ pub trait KeyStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, StoreError>;
 
-    /// Removes the key and all its hashes for good (`NotFound` if there is none).
+    /// Removes the key and all its hashes for good (`NotFound` if there is none), also when its
+    /// record cannot be read (`get` answers `Corrupt`): such a key must still be revocable, and
+    /// on Redis its hash entries may hold an intact copy that keeps authenticating it. (The
+    /// Redis store then finds them by the key's slot tag, a scan; the embedded store by its
+    /// `hashes` table.)
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
 
     /// [`Self::delete`], only while the stored record still equals `expected` (else
@@ -306,6 +310,21 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Usage for each id, in the same order (zero/`None` for keys never used).
     async fn usage(&self, ids: &[String]) -> Result<Vec<Usage>, StoreError>;
 }
+
+/// The most keygate reads of one stored record (Redis: a hash entry or an id record; SQLite:
+/// a `keys.record`): a value longer than this is unreadable (`StoreError::Corrupt`), like one
+/// that does not decode, and is never fetched whole. A hand-corrupted 40 MB value at a Redis
+/// hash entry was fetched with `GET` on every request that presented its key (76 ms each; the
+/// gateway's memory 18 → 226 MiB: review).
+///
+/// Why 256 KiB: a typical record is under 2 KiB, but the limits the key service enforces allow
+/// far more in the worst case (50 metadata entries of 100 + 500 characters, a 2000-character
+/// description, 100 scopes and 100 networks; up to 6 bytes a character once JSON-escaped:
+/// ~210 KB), and a cap below what the API accepts would make a valid key unreadable. A Redis id
+/// record adds ~95 bytes per hash still in its rotation grace. Writes refuse a value above the
+/// cap, so keygate never writes what it would refuse to read. A 40 MB value now costs at most
+/// this much per request that presents its key.
+pub const RECORD_CAP: usize = 256 * 1024;
 
 /// How many audit events a store keeps.
 pub const AUDIT_CAP: usize = 100_000;

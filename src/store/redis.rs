@@ -5,7 +5,8 @@
 //! [`SlotTag`], which the presented key, its [`KeyHash`] and its id all carry, so on a cluster
 //! every entry of one key, and for team keys every entry of the team, lands in one hash slot):
 //! - `{ns}:h:{<tag>}:<sha256 hex>` → `{"valid_until": <ms>|null, "record": {...}}`. The hot path
-//!   is one `GET` of this key. Hashes rotated out with a grace period carry a `PX` expiry so
+//!   is one `GETRANGE` of this key, capped at [`RECORD_CAP`] (a longer value is unreadable and
+//!   never fetched whole). Hashes rotated out with a grace period carry a `PX` expiry so
 //!   Redis drops them by itself, and their `valid_until` so that [`KeyStore::find_by_hash`]
 //!   refuses them at `now` even before Redis has expired them (and, before that, answers with
 //!   `expires_time` clipped to it, so cached copies stop at the end of the grace too).
@@ -38,8 +39,14 @@
 //! no listing shows. Likewise, a key moved to another team by `update` stays in its creation
 //! slot, so its new team's SET is updated by a separate command after the script (joining
 //! first, then leaving: a crash leaves it listed in both teams, and listing filters on the
-//! record's team). Commands that span slots otherwise: `MGET` while listing (the cluster
-//! client splits it by slot), and usage, sent as one command per key rather than a pipeline.
+//! record's team). Commands that span slots otherwise: listing, which reads each id record by
+//! a capped `GETRANGE` of its own (the cluster client routes each), and usage, sent as one
+//! command per key rather than a pipeline.
+//!
+//! A key whose id record cannot be read (it does not decode, or is longer than [`RECORD_CAP`])
+//! cannot say which hash entries are its own, while they may hold an intact copy that keeps
+//! authenticating it. An unconditional delete finds them by the key's slot tag instead (a
+//! `SCAN` on the node owning the slot): see [`RedisStore::purge`] for how and at what cost.
 //!
 //! Writes run as Lua scripts, which Redis executes atomically (like MULTI/EXEC, all or nothing
 //! as far as other clients can see), because each write needs a check before it writes:
@@ -64,7 +71,7 @@
 
 use super::{
     AUDIT_CAP, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    StoreError, Usage, UsageDelta,
+    RECORD_CAP, StoreError, Usage, UsageDelta,
 };
 use crate::auth::key::{DIGEST_HEX_LEN, KeyHash, SlotTag, TAG_LEN};
 use crate::auth::record::KeyRecord;
@@ -78,14 +85,14 @@ use futures_util::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
     RedisFuture, Script, Value,
 };
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -97,8 +104,12 @@ use tokio::sync::{Notify, mpsc};
 /// between. Each lost round is another writer's win, so N concurrent writers on one key all
 /// finish within N tries; more than this means something is hammering one key.
 const CAS_ATTEMPTS: usize = 16;
-/// Ids fetched per `MGET` while listing.
-const LIST_CHUNK: usize = 500;
+/// Values read at once while listing, or while finding an unreadable key's hash entries (one
+/// `GETRANGE` each, pipelined): at most this many times [`RECORD_CAP`] in memory at once.
+const READS_IN_FLIGHT: usize = 64;
+/// Names asked for per `SCAN` call when a key's entries are found by their slot tag (see
+/// [`RedisStore::purge`]).
+const SCAN_COUNT: usize = 1000;
 const FEED_CAPACITY: usize = 256;
 /// Stream entries read per `XREVRANGE` while listing the audit log: a full scan of a capped log
 /// is about a hundred round trips, none of them a huge reply.
@@ -274,6 +285,61 @@ end
 return 1
 ";
 
+/// A key's id record, read through [`RECORD_CAP`]: KEYS[1] is the id key; ARGV[1] the cap.
+/// Returns nil when there is none, else at most cap + 1 bytes of it. A script, not a bare
+/// `GETRANGE` (which answers `""` for a missing name): an id record emptied by hand must read as
+/// unreadable, not as no key, or the key could not be deleted while its hash entries work.
+const READ_ID_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('GETRANGE', KEYS[1], 0, ARGV[1])
+";
+
+/// What the purge of an unreadable key compares, in Lua: the SHA-1 of the id record (however
+/// large, as it is never sent to keygate), `type:<type>` for a name of another type, `false`
+/// for none.
+macro_rules! digest_lua {
+    () => {
+        r"
+local function digest(key)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' then return false end
+  if t ~= 'string' then return 'type:' .. t end
+  return redis.sha1hex(redis.call('GET', key))
+end
+"
+    };
+}
+
+/// The digest (see [`digest_lua`]) of KEYS[1].
+const DIGEST_LUA: &str = concat!(digest_lua!(), "return digest(KEYS[1])\n");
+
+/// Purge of a key whose id record cannot be read (see [`RedisStore::purge`]): KEYS[1] is the id
+/// key, which must still have the digest ARGV[1]; ARGV[2] is the channel, ARGV[3] the message,
+/// ARGV[4] the key id, ARGV[5] how many KEYS after the first to delete (its hash entries and
+/// usage); the KEYS after those are team sets to remove the id from. All in the id's slot.
+/// Returns 1 when applied, 0 when the id key is gone, -1 when it changed meanwhile. Published
+/// first, like every write (see [`CREATE_LUA`]).
+const PURGE_LUA: &str = concat!(
+    digest_lua!(),
+    r"
+local d = digest(KEYS[1])
+if not d then return 0 end
+if d ~= ARGV[1] then return -1 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+local dels = tonumber(ARGV[5])
+for i = 1, 1 + dels do redis.call('DEL', KEYS[i]) end
+for i = 2 + dels, #KEYS do redis.call('SREM', KEYS[i], ARGV[4]) end
+return 1
+"
+);
+
+/// What [`RedisStore::purge`] found with a key's slot tag: its hash entries (the name, and the
+/// hash to announce where the name holds a valid one), and the team SETs of that tag.
+struct TagEntries {
+    hashes: Vec<(String, Option<String>)>,
+    teams: Vec<String>,
+}
+
 /// Value of `{ns}:h:{hash}`.
 #[derive(Serialize, Deserialize)]
 struct HashEntry<R> {
@@ -407,7 +473,7 @@ fn id_tag(id: &str) -> Option<SlotTag> {
 }
 
 /// One connection handle for every deployment: [`ConnectionManager`] (one server; reconnects by
-/// itself) or [`ClusterConnection`] (Redis Cluster; follows MOVED/ASK, splits multi-slot MGET).
+/// itself) or [`ClusterConnection`] (Redis Cluster; follows MOVED/ASK, routes each command by its key's slot).
 /// Both are cheap clones over one multiplexed connection (per node), so the store clones one per
 /// call. Scripts and commands run unchanged on either: every multi-key command and script touches
 /// a single slot.
@@ -730,6 +796,9 @@ pub struct RedisStore {
     apply_script: Script,
     member_script: Script,
     usage_script: Script,
+    read_id_script: Script,
+    digest_script: Script,
+    purge_script: Script,
     /// Spaces out the warnings about unreadable usage records (see [`USAGE_LUA`]): a poisoned
     /// record would otherwise be logged on every flush.
     usage_log: LogEvery,
@@ -825,6 +894,9 @@ impl RedisStore {
             apply_script: Script::new(APPLY_LUA),
             member_script: Script::new(MEMBER_LUA),
             usage_script: Script::new(USAGE_LUA),
+            read_id_script: Script::new(READ_ID_LUA),
+            digest_script: Script::new(DIGEST_LUA),
+            purge_script: Script::new(PURGE_LUA),
             usage_log: LogEvery::default(),
             audit_cap: AUDIT_CAP,
             doctor: None,
@@ -902,10 +974,14 @@ impl RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<(R, Option<i64>)>, StoreError> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.names.hash(hash));
-        let raw: Option<String> = self.lookup(&get).await?;
-        let Some(raw) = raw else { return Ok(None) };
+        // As cheap as the `GET` it replaces: one command, one round trip, a reply as long.
+        let raw: Vec<u8> = self.lookup(&capped_get(&self.names.hash(hash))).await?;
+        // `GETRANGE` answers a missing name with `""`, which no record is: an entry emptied by
+        // hand is no key (refused, 401) rather than an unreadable one.
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let raw = within_cap(raw)?;
         let entry: HashEntry<R> = decode(&raw).map_err(|e| match (e, stored_key_id(&raw)) {
             (StoreError::Corrupt(why), Some(id)) => StoreError::Corrupt(format!("key {id}: {why}")),
             (e, _) => e,
@@ -949,7 +1025,7 @@ impl RedisStore {
             match cmd.query_async(&mut conn).await {
                 // redis-rs answers a command on a dropped connection (a Redis restart, an idle
                 // timeout: these connections idle while the cache answers) with the error and
-                // reconnects behind it. A GET is safe to send again, and one failed lookup per
+                // reconnects behind it. A read is safe to send again, and one failed lookup per
                 // thread would start the verifier's 1 s store backoff once per thread in turn:
                 // seconds of 503s for uncached keys.
                 Err(e) if e.is_unrecoverable_error() => cmd.query_async(&mut conn).await,
@@ -981,10 +1057,14 @@ impl RedisStore {
         let Some(tag) = id_tag(id) else {
             return Ok(None);
         };
-        let raw: Option<String> = self
-            .query(redis::cmd("GET").arg(self.names.id(tag, id)))
-            .await?;
+        let mut read = self.read_id_script.prepare_invoke();
+        read.key(self.names.id(tag, id)).arg(RECORD_CAP);
+        let raw: Option<Vec<u8>> = read
+            .invoke_async(&mut self.conn.get())
+            .await
+            .map_err(redis_err)?;
         let Some(raw) = raw else { return Ok(None) };
+        let raw = within_cap(raw)?;
         let entry = decode(&raw)?;
         Ok(Some((raw, entry)))
     }
@@ -1045,8 +1125,17 @@ impl RedisStore {
         )))
     }
 
-    /// Removes `id` for good; with `expected`, only while its record still equals it.
+    /// Removes `id` for good; with `expected`, only while its record still equals it. Without,
+    /// also when the id record cannot be read (see [`Self::purge`]).
     async fn delete_where(&self, id: &str, expected: Option<&KeyRecord>) -> Result<(), StoreError> {
+        match self.delete_read(id, expected).await {
+            Err(StoreError::Corrupt(why)) if expected.is_none() => self.purge(id, &why).await,
+            other => other,
+        }
+    }
+
+    /// [`Self::delete_where`] of a key whose id record reads: the hashes it lists.
+    async fn delete_read(&self, id: &str, expected: Option<&KeyRecord>) -> Result<(), StoreError> {
         self.bounded(self.modify(id, |current| {
             if expected.is_some_and(|e| *e != current.record) {
                 return Err(StoreError::Conflict);
@@ -1071,6 +1160,165 @@ impl RedisStore {
         .await
     }
 
+    /// Deletes a key whose id record cannot be read (it does not decode, is too large, or names
+    /// a hash that cannot be one), which therefore cannot say which hash entries are its own,
+    /// while those entries may hold an intact copy that keeps authenticating the key. They are
+    /// found by their slot tag instead: every entry of a key carries its id's tag, so a `SCAN`
+    /// for `{ns}:*:{<tag>}:*` on the node owning that slot finds them, and each hash entry
+    /// whose record names this id (read through the cap; see [`entry_key_id`]) is deleted.
+    /// The key's team is unreadable too, so the id is removed from every team SET with its
+    /// tag (a team's keys share its tag). An entry that names no id, or another, is left: it
+    /// cannot authenticate this key.
+    ///
+    /// One compare-and-set script then deletes the id record, those entries and the usage, and
+    /// publishes their hashes, only while the id record is what was examined (its SHA-1,
+    /// computed in Redis, so an oversized value is never sent here): a rotation after a hand
+    /// repair, in between, would otherwise leave a hash entry behind. The listing index entry
+    /// goes after it, as in [`Self::delete_read`].
+    ///
+    /// Cost: a `SCAN` walks the node's whole keyspace (`MATCH` filters after reading), so on
+    /// one server with N names, about N / [`SCAN_COUNT`] round trips, each bounded by the
+    /// operation timeout: about a second per million names. Only the repair of a broken record
+    /// pays it; every other delete reads the id record as before.
+    async fn purge(&self, id: &str, why: &str) -> Result<(), StoreError> {
+        let tag = id_tag(id).ok_or(StoreError::NotFound)?;
+        let id_key = self.names.id(tag, id);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut probe = self.digest_script.prepare_invoke();
+            probe.key(&id_key);
+            let mut conn = self.conn.get();
+            let digest: Option<String> = self
+                .bounded(async { probe.invoke_async(&mut conn).await.map_err(redis_err) })
+                .await?;
+            let Some(digest) = digest else {
+                return Err(StoreError::NotFound);
+            };
+            let found = self.entries_of(tag, id).await?;
+            let mut purge = self.purge_script.prepare_invoke();
+            purge.key(&id_key);
+            for name in found.hashes.iter().map(|(name, _)| name) {
+                purge.key(name);
+            }
+            purge.key(self.names.usage(tag, id));
+            for name in &found.teams {
+                purge.key(name);
+            }
+            let hexes: Vec<&str> = found
+                .hashes
+                .iter()
+                .filter_map(|(_, h)| h.as_deref())
+                .collect();
+            purge
+                .arg(&digest)
+                .arg(self.names.channel())
+                .arg(hexes.join(" "))
+                .arg(id)
+                .arg(found.hashes.len() + 1);
+            let mut conn = self.conn.get();
+            let applied: i64 = self
+                .bounded(async { purge.invoke_async(&mut conn).await.map_err(redis_err) })
+                .await?;
+            match applied {
+                1 => {
+                    tracing::warn!(
+                        api_key_id = %id,
+                        hash_entries = found.hashes.len(),
+                        unreadable = %why,
+                        "a key whose record cannot be read was deleted, its hash entries found by its slot tag"
+                    );
+                    let unindex = redis::cmd("ZREM").arg(self.names.all()).arg(id).clone();
+                    if let Err(e) = self.bounded(self.query::<Value>(&unindex)).await {
+                        tracing::warn!(error = %e, "redis index update after a write failed");
+                    }
+                    return Ok(());
+                }
+                0 => return Err(StoreError::NotFound),
+                _ => continue,
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "key {id} kept changing under concurrent writers"
+        )))
+    }
+
+    /// The hash entries whose record names `id`, and the team SETs, among the names with `tag`.
+    async fn entries_of(&self, tag: SlotTag, id: &str) -> Result<TagEntries, StoreError> {
+        let ns = &self.names.ns;
+        let (hash_prefix, team_prefix) = (
+            format!("{ns}:h:{{{tag}}}:"),
+            format!("{ns}:team:{{{tag}}}:"),
+        );
+        let pattern = format!("{}:*:{{{tag}}}:*", glob_escape(ns));
+        let names = self.scan_slot(tag, &pattern).await?;
+        let teams = names
+            .iter()
+            .filter(|n| n.starts_with(&team_prefix))
+            .cloned()
+            .collect();
+        let candidates: Vec<(String, String)> = names
+            .iter()
+            .filter(|n| n.starts_with(&hash_prefix))
+            .map(|n| (n.clone(), n.clone()))
+            .collect();
+        let tag_hex = hex::encode(tag.as_str());
+        let hashes = self
+            .bounded(async {
+                let mut reads = self.read_capped(candidates);
+                let mut hashes = Vec::new();
+                while let Some((name, raw)) = reads.next().await {
+                    // An entry that cannot be read (another type) is not this key's to judge.
+                    let Ok(raw) = raw else { continue };
+                    if entry_key_id(&raw).as_deref() != Some(id) {
+                        continue;
+                    }
+                    let digest = &name[hash_prefix.len()..];
+                    let hex = KeyHash::from_hex(&format!("{tag_hex}{digest}")).map(|h| h.to_hex());
+                    hashes.push((name, hex));
+                }
+                Ok(hashes)
+            })
+            .await?;
+        Ok(TagEntries { hashes, teams })
+    }
+
+    /// Every name matching `pattern` on the node that owns `tag`'s slot (on one server: the
+    /// server), by `SCAN`, each call within the operation timeout.
+    async fn scan_slot(&self, tag: SlotTag, pattern: &str) -> Result<BTreeSet<String>, StoreError> {
+        let mut names = BTreeSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .clone();
+            let reply = self.bounded(self.on_slot_node(tag, scan)).await?;
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
+                .map_err(|e| StoreError::Corrupt(format!("redis: bad SCAN reply: {e}")))?;
+            // A name that is not text is none of ours.
+            names.extend(batch.into_iter().filter_map(|n| String::from_utf8(n).ok()));
+            if next == 0 {
+                return Ok(names);
+            }
+            cursor = next;
+        }
+    }
+
+    /// `cmd`, which names no key, on the node owning `tag`'s slot: the cluster client would
+    /// send it to any node.
+    async fn on_slot_node(&self, tag: SlotTag, cmd: Cmd) -> Result<Value, StoreError> {
+        match self.conn.get() {
+            Conn::Single(mut c) => cmd.query_async(&mut c).await.map_err(redis_err),
+            Conn::Cluster(mut c) => {
+                let slot = Route::new(cluster_slot(tag), SlotAddr::Master);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(slot));
+                c.route_command(cmd, route).await.map_err(redis_err)
+            }
+        }
+    }
+
     /// Writes that leave `id` holding `record` reached by `hashes` (those with a deadline expire
     /// by themselves when it passes, counted from `now_ms`), and remove the `gone` hashes.
     fn state_writes(
@@ -1082,11 +1330,11 @@ impl RedisStore {
         now_ms: i64,
     ) -> Result<Writes, StoreError> {
         let tag = id_tag(id).ok_or(StoreError::NotFound)?;
-        let by_id = encode(&IdEntry { record, hashes })?;
+        let by_id = encode_capped(&IdEntry { record, hashes })?;
         let mut writes = Writes::new(self.names.id(tag, id), Op::Set(by_id, None));
         for h in hashes {
             let valid_until = h.valid_until;
-            let json = encode(&HashEntry {
+            let json = encode_capped(&HashEntry {
                 valid_until,
                 record,
             })?;
@@ -1126,29 +1374,42 @@ impl RedisStore {
     }
 
     async fn fetch_records(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
+        // An id that cannot be ours has no record: skip it like a deleted one.
+        let keyed: Vec<(String, String)> = ids
+            .iter()
+            .filter_map(|id| Some((id.clone(), self.names.id(id_tag(id)?, id))))
+            .collect();
+        let mut reads = self.read_capped(keyed);
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(LIST_CHUNK) {
-            // An id that cannot be ours has no record: skip it like a deleted one.
-            let (ids, keys): (Vec<&String>, Vec<String>) = chunk
-                .iter()
-                .filter_map(|id| Some((id, self.names.id(id_tag(id)?, id))))
-                .unzip();
-            if keys.is_empty() {
+        while let Some((id, raw)) = reads.next().await {
+            // An id whose key is missing (`""`) was deleted between the two reads, or the index
+            // still lists a key whose deletion did not reach it (module doc): skip it.
+            let raw = raw?;
+            if raw.is_empty() {
                 continue;
             }
-            // On a cluster the client splits this MGET by slot and reassembles it in order.
-            let values: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(&keys)).await?;
-            // An id whose key is missing was deleted between the two reads, or the index still
-            // lists a key whose deletion did not reach it (module doc): skip it.
-            for (id, raw) in ids.into_iter().zip(values) {
-                let Some(raw) = raw else { continue };
-                match decode::<StoredId>(&raw) {
-                    Ok(stored) => out.push(stored.record),
-                    Err(e) => super::unreadable_left_out(id, &e),
-                }
+            match within_cap(raw).and_then(|raw| decode::<StoredId>(&raw)) {
+                Ok(stored) => out.push(stored.record),
+                Err(e) => super::unreadable_left_out(&id, &e),
             }
         }
         Ok(out)
+    }
+
+    /// Each name's value read through the cap (`GETRANGE`), with what it came with, in order.
+    /// One command per name rather than an `MGET`, which cannot be capped: [`READS_IN_FLIGHT`]
+    /// at a time on the multiplexed connection, which pipelines them (a round trip per that
+    /// many, about; on a cluster each goes to its slot's node). A caller that uses each value
+    /// as it arrives so holds at most that many values of [`RECORD_CAP`] at once.
+    fn read_capped<T: Send + 'static>(
+        &self,
+        names: Vec<(T, String)>,
+    ) -> impl futures_util::Stream<Item = (T, Result<Vec<u8>, StoreError>)> + Send + '_ {
+        futures_util::stream::iter(names)
+            .map(move |(with, name)| async move {
+                (with, self.query::<Vec<u8>>(&capped_get(&name)).await)
+            })
+            .buffered(READS_IN_FLIGHT)
     }
 
     async fn list_inner(
@@ -1416,8 +1677,8 @@ impl KeyStore for RedisStore {
             hash: hex.clone(),
             valid_until,
         }];
-        let id_json = encode(&IdEntry { record, hashes })?;
-        let hash_json = encode(&HashEntry {
+        let id_json = encode_capped(&IdEntry { record, hashes })?;
+        let hash_json = encode_capped(&HashEntry {
             valid_until,
             record,
         })?;
@@ -1952,6 +2213,71 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("bad stored value: {e}")))
 }
 
+/// `GETRANGE name 0 RECORD_CAP`: a value of at most [`RECORD_CAP`] bytes whole, of a longer one
+/// the first `RECORD_CAP + 1` bytes, which say it is too long; `""` for no value.
+fn capped_get(name: &str) -> Cmd {
+    let mut cmd = redis::cmd("GETRANGE");
+    cmd.arg(name).arg(0).arg(RECORD_CAP);
+    cmd
+}
+
+/// A stored value read by [`capped_get`] as text; unreadable (`Corrupt`) when it is longer
+/// than [`RECORD_CAP`] (naming the key when its start does) or is not UTF-8.
+fn within_cap(raw: Vec<u8>) -> Result<String, StoreError> {
+    if raw.len() > RECORD_CAP {
+        let key = prefix_key_id(&raw).map_or_else(String::new, |id| format!("key {id}: "));
+        return Err(StoreError::Corrupt(format!(
+            "{key}stored value longer than {RECORD_CAP} bytes"
+        )));
+    }
+    String::from_utf8(raw)
+        .map_err(|e| StoreError::Corrupt(format!("stored value is not UTF-8: {e}")))
+}
+
+/// Encodes an entry, refusing one longer than [`RECORD_CAP`]: keygate would refuse to read it.
+fn encode_capped<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    let json = encode(value)?;
+    if json.len() > RECORD_CAP {
+        return Err(StoreError::Corrupt(format!(
+            "an entry of {} bytes would be longer than {RECORD_CAP}, which keygate reads",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
+/// The key id a stored entry (read through the cap, so maybe cut short) names: from the whole
+/// JSON when it parses, else from its start (a record's first field is its id).
+fn entry_key_id(raw: &[u8]) -> Option<String> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(stored_key_id)
+        .or_else(|| prefix_key_id(raw))
+}
+
+/// The first `"api_key_id":"<id>"` of a value that may be cut short, when `<id>` can be one
+/// of ours.
+fn prefix_key_id(raw: &[u8]) -> Option<String> {
+    const FIELD: &[u8] = b"\"api_key_id\":\"";
+    let start = memchr::memmem::find(raw, FIELD)? + FIELD.len();
+    let rest = raw.get(start..)?;
+    let id = std::str::from_utf8(&rest[..memchr::memchr(b'"', rest)?]).ok()?;
+    let ours = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (ours && id_tag(id).is_some()).then(|| id.to_owned())
+}
+
+/// `text` as a `SCAN` pattern that matches it literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The key id in a stored entry that does not decode as a whole, so that the operator learns
 /// which key to fix.
 fn stored_key_id(raw: &str) -> Option<String> {
@@ -2023,6 +2349,44 @@ mod tests {
                 "{ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn a_value_longer_than_the_cap_is_unreadable_and_names_its_key() {
+        let id = crate::auth::key::new_key_id(SlotTag::random());
+        let start = format!("{{\"valid_until\":null,\"record\":{{\"api_key_id\":\"{id}\",");
+        let mut long = start.clone().into_bytes();
+        long.resize(RECORD_CAP + 1, b' ');
+        match within_cap(long.clone()) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains(&id), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        long.truncate(RECORD_CAP);
+        assert!(within_cap(long).is_ok());
+        assert!(matches!(
+            within_cap(vec![0xff]),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A value cut short by the cap still names its key; a made-up id does not count.
+        assert_eq!(entry_key_id(start.as_bytes()), Some(id.clone()));
+        assert_eq!(prefix_key_id(br#"{"record":{"api_key_id":"apk_", "#), None);
+        assert_eq!(prefix_key_id(br#"{"record":{"api_key_id":"apk_"#), None);
+        assert_eq!(entry_key_id(b"not json"), None);
+    }
+
+    #[test]
+    fn an_entry_above_the_cap_is_not_written() {
+        assert!(encode_capped(&"x".repeat(RECORD_CAP - 2)).is_ok());
+        assert!(matches!(
+            encode_capped(&"x".repeat(RECORD_CAP - 1)),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_namespace_is_matched_literally_by_scan() {
+        assert_eq!(glob_escape("kg"), "kg");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
     }
 
     #[test]

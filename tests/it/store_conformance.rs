@@ -19,7 +19,7 @@ use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
     AuditAction, AuditEvent, AuditFilter, Change, ChangeFeed, KeyFilter, KeyStore, Member, Page,
-    Role, StoreError,
+    RECORD_CAP, Role, StoreError,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -180,6 +180,7 @@ conformance!(
     audit_pages_and_totals,
     audit_pages_across_a_long_log,
     audit_is_capped,
+    delete_of_an_unreadable_record_removes_every_hash,
 );
 
 /// The hash of a new key for `r`: in `r`'s slot, as the key service mints them (the Redis
@@ -1553,6 +1554,191 @@ async fn redis_changes_stand_when_their_audit_event_cannot_be_stored() {
             .unwrap();
     })
     .await;
+}
+
+impl Harness {
+    /// Overwrites what the store holds for `id`'s record with `value`, by hand (a foreign
+    /// writer, a hand edit): the SQLite row, or the Redis id record `{ns}:k:{<tag>}:<id>`.
+    fn overwrite_id_record(&self, id: &str, value: &[u8]) {
+        match &self.backing {
+            Backing::Embedded(dir) => {
+                let db = rusqlite::Connection::open(dir.path().join("keys.db")).unwrap();
+                let text = String::from_utf8_lossy(value).into_owned();
+                db.execute("UPDATE keys SET record = ?1 WHERE id = ?2", [&text, id])
+                    .unwrap();
+            }
+            _ => {
+                let tag = SlotTag::of_key_id(id).unwrap();
+                self.set_raw(&format!("{}:k:{{{tag}}}:{id}", self.ns()), value);
+            }
+        }
+    }
+
+    /// Overwrites the Redis hash entry of `hash` with `value`.
+    fn overwrite_hash_entry(&self, hash: &KeyHash, value: &[u8]) {
+        let name = format!("{}:h:{{{}}}:{}", self.ns(), hash.tag(), hash.digest_hex());
+        self.set_raw(&name, value);
+    }
+
+    fn ns(&self) -> &str {
+        match &self.backing {
+            Backing::Redis { ns, .. } | Backing::Cluster { ns, .. } => ns,
+            Backing::Embedded(_) => unreachable!("no Redis names in the embedded store"),
+        }
+    }
+
+    /// `SET name value` on the Redis server or cluster behind the store; the name must exist.
+    fn set_raw(&self, name: &str, value: &[u8]) {
+        let set = ::redis::cmd("SET").arg(name).arg(value).arg("XX").clone();
+        let done: Option<String> = match &self.backing {
+            Backing::Redis { server, .. } => set.query(&mut raw_conn(server)).unwrap(),
+            Backing::Cluster { cluster, .. } => {
+                let client = ::redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+                set.query(&mut client.get_connection().unwrap()).unwrap()
+            }
+            Backing::Embedded(_) => unreachable!("no Redis names in the embedded store"),
+        };
+        assert_eq!(done.as_deref(), Some("OK"), "{name} is not stored");
+    }
+}
+
+/// Review: a key whose id record no longer decodes (a hand edit) could not be deleted (the
+/// delete read the record first and failed), while its hash entries, intact, kept
+/// authenticating it. Deleting it now removes every hash of the key, announces them, frees its
+/// place in its team, and leaves the other keys of the team (which share its slot tag) alone.
+async fn delete_of_an_unreadable_record_removes_every_hash(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    let r = record(Some("team-u"), now);
+    let other = record(Some("team-u"), now);
+    let id = r.api_key_id.clone();
+    let (old, new, other_hash) = (new_hash(&r), new_hash(&r), new_hash(&other));
+    s.create(&r, &old, None).await.unwrap();
+    s.create(&other, &other_hash, None).await.unwrap();
+    s.rotate(&r, &new, "kg_rot", HOUR, now).await.unwrap();
+    h.overwrite_id_record(&id, b"{\"record\":");
+    assert!(matches!(s.get(&id).await, Err(StoreError::Corrupt(_))));
+    let mut feed = s.changes().await.unwrap();
+    s.delete(&id).await.unwrap();
+    expect_change(&mut feed, &[old, new]).await;
+    for k in [&old, &new] {
+        assert_eq!(find(s, k, now).await, None);
+    }
+    assert_eq!(s.get(&id).await.unwrap(), None);
+    assert_not_found(s.delete(&id).await);
+    assert_eq!(find(s, &other_hash, now).await, Some(other.clone()));
+    assert_eq!(s.get(&other.api_key_id).await.unwrap(), Some(other.clone()));
+    // The team holds one key again: a limit of 2 lets one more in.
+    let third = record(Some("team-u"), now);
+    s.create(&third, &new_hash(&third), Some(2)).await.unwrap();
+    let listed = s.list(&team("team-u"), page(1, 10)).await.unwrap();
+    assert_eq!(listed.1, 2, "{listed:?}");
+}
+
+/// What Redis has sent to its clients so far (`INFO stats`).
+fn net_output_bytes(server: &RedisServer) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut raw_conn(server))
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A value far above any record's size (and [`RECORD_CAP`]).
+const HUGE: usize = 4 << 20;
+
+/// Review: a hand-corrupted 40 MB value at a hash entry was fetched whole on every request that
+/// presented its key (76 ms each; the gateway's memory 18 → 226 MiB). An oversized hash entry
+/// or id record is now unreadable like one that does not decode, and read only up to the cap:
+/// the lookup, `get`, a listing and a delete all take far less from Redis than the value.
+async fn oversized_records_are_refused_unread(h: Harness) {
+    let s = &*h.store;
+    let now = Utc::now();
+    let (r, good) = (record(None, now), record(None, now));
+    let (hash, good_hash) = (new_hash(&r), new_hash(&good));
+    s.create(&r, &hash, None).await.unwrap();
+    s.create(&good, &good_hash, None).await.unwrap();
+    let before = match &h.backing {
+        Backing::Redis { server, .. } => Some(net_output_bytes(server)),
+        _ => None,
+    };
+    // Starts like the record it replaces, so that only its size is wrong.
+    let mut huge =
+        serde_json::to_vec(&serde_json::json!({"valid_until": null, "record": r})).unwrap();
+    huge.resize(HUGE, b' ');
+    h.overwrite_hash_entry(&hash, &huge);
+    for _ in 0..3 {
+        let found = s.find_by_hash(&hash, now).await;
+        assert!(matches!(found, Err(StoreError::Corrupt(_))), "{found:?}");
+        let found = s.find_verified_by_hash(&hash, now).await;
+        assert!(matches!(found, Err(StoreError::Corrupt(_))), "{found:?}");
+    }
+    assert_eq!(find(s, &good_hash, now).await, Some(good.clone()));
+    h.overwrite_id_record(&r.api_key_id, &huge);
+    assert!(matches!(
+        s.get(&r.api_key_id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let (listed, _) = s.list(&all_filter(), page(1, 10)).await.unwrap();
+    assert_eq!(listed, std::slice::from_ref(&good));
+    // Eight reads (six lookups, `get`, the listing's), each at most the cap and a little.
+    if let (Some(before), Backing::Redis { server, .. }) = (before, &h.backing) {
+        let sent = net_output_bytes(server) - before;
+        let most = 8 * (RECORD_CAP as u64 + 4096);
+        assert!(sent < most, "redis sent {sent} bytes, more than {most}");
+    }
+    s.delete(&r.api_key_id).await.unwrap();
+    assert_eq!(s.find_by_hash(&hash, now).await.unwrap(), None);
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
+    assert_eq!(find(s, &good_hash, now).await, Some(good));
+}
+
+/// An id record that decodes but names a hash that cannot be one (a hand edit) failed every
+/// delete; the operator's delete (the key service's, unconditional in the store) removes the
+/// key and its working hash entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_a_key_listing_a_broken_hash_can_be_deleted() {
+    let h = Harness::redis().await;
+    let Backing::Redis { server, ns } = &h.backing else {
+        unreachable!()
+    };
+    let s = &h.store;
+    let now = Utc::now();
+    let r = record(None, now);
+    let hash = new_hash(&r);
+    s.create(&r, &hash, None).await.unwrap();
+    let tag = SlotTag::of_key_id(&r.api_key_id).unwrap();
+    let name = format!("{ns}:k:{{{tag}}}:{}", r.api_key_id);
+    let stored: String = ::redis::cmd("GET")
+        .arg(&name)
+        .query(&mut raw_conn(server))
+        .unwrap();
+    let broken = stored.replace(&hash.to_hex(), "zz");
+    assert_ne!(broken, stored);
+    h.set_raw(&name, broken.as_bytes());
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), Some(r.clone()));
+    assert!(matches!(s.delete_if(&r).await, Err(StoreError::Corrupt(_))));
+    crate::support::service(s)
+        .revoke(&r.api_key_id, &crate::support::cli(), now)
+        .await
+        .unwrap();
+    assert_eq!(find(&**s, &hash, now).await, None);
+    assert_eq!(s.get(&r.api_key_id).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_oversized_records_are_refused_unread() {
+    oversized_records_are_refused_unread(Harness::redis().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_oversized_records_are_refused_unread() {
+    oversized_records_are_refused_unread(Harness::cluster().await).await;
 }
 
 // ---- Redis only: real time, layout and outages ----
