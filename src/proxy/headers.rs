@@ -353,11 +353,23 @@ fn is_address_claim(name: &str) -> bool {
     )
 }
 
+/// Removes the hop-by-hop fields from trailers, either way: an intermediary must (RFC 9113
+/// §8.2.2), an HTTP/2 peer resets the stream over one (review: an upstream's `Keep-Alive`
+/// trailer cost an HTTP/2 client the whole response), and an HTTP/2 upstream never answered a
+/// request whose trailers had one (504 after the response timeout). Trailers are rare: a
+/// removal per name costs nothing that matters.
+pub fn remove_hop_by_hop_from_trailers(trailers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        trailers.remove(name);
+    }
+}
+
 /// Removes from a client's request trailers every field that claims what keygate sets or
 /// removes in the head: identity, forwarding, the request id, credentials, `Host`. Upstream
 /// frameworks may merge trailers into the headers. `key_header`: the configured key header,
 /// when it is not `X-API-Key`.
 pub fn remove_from_request_trailers(trailers: &mut HeaderMap, key_header: Option<&HeaderName>) {
+    remove_hop_by_hop_from_trailers(trailers);
     if let Some(name) = key_header {
         trailers.remove(name);
     }
@@ -909,6 +921,12 @@ mod tests {
             "host",
             "x-checksum",
             "grpc-status",
+            // Hop-by-hop: an HTTP/2 hop resets the stream over one.
+            "connection",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+            "upgrade",
         ] {
             t.insert(HeaderName::from_static(name), "v".parse().unwrap());
         }

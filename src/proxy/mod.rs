@@ -260,9 +260,15 @@ impl ForwardBody {
                     Poll::Ready(Some(Err(e))) if !e.is::<BodyLimitExceeded>() => {
                         w.state.set_fault(ClientBody::UNREADABLE);
                     }
-                    // hyper stops asking once a body of known length says it has ended.
+                    // hyper stops asking once a body of known length says it has ended, and
+                    // after trailers, always the last frame (review: a chunked body with
+                    // trailers never counted as sent, and no response timeout ran).
                     Poll::Ready(None) => w.state.mark_sent(),
-                    Poll::Ready(Some(Ok(_))) if w.inner.is_end_stream() => w.state.mark_sent(),
+                    Poll::Ready(Some(Ok(frame)))
+                        if frame.is_trailers() || w.inner.is_end_stream() =>
+                    {
+                        w.state.mark_sent()
+                    }
                     _ => {}
                 }
                 polled

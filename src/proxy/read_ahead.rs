@@ -193,10 +193,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.get_mut() {
+        let mut polled = match self.get_mut() {
             ReadAheadBody::Streaming(body) => Pin::new(body).poll_frame(cx),
             ReadAheadBody::ReadAhead(ahead) => Pin::new(ahead.as_mut()).poll_frame(cx),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            crate::proxy::headers::remove_hop_by_hop_from_trailers(trailers);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

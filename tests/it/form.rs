@@ -999,3 +999,67 @@ async fn dev_mode_accepts_curl_form_keys_out_of_the_box() {
     );
     assert_received(&r.json, &sent);
 }
+
+/// Review: a chunked body read to its end for its key (the key field last) reached the upstream
+/// with a `Content-Length` and without its trailers; and a request with trailers never counted
+/// as sent, so the response timeout never ran (a 502 after the upstream's 40 s, not a 504). The
+/// upstream here reads the whole request, trailers included, and never answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_key_request_keeps_its_trailers_and_its_response_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read until the request is whole: its trailer section ends with an empty line.
+        while !String::from_utf8_lossy(&seen).contains("\r\n0\r\nx-sig: abc\r\n\r\n") {
+            let Ok(n) = conn.read(&mut buf).await else {
+                break;
+            };
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let _ = seen_tx.send(String::from_utf8_lossy(&seen).into_owned());
+        // Holds the connection, never answering.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(conn);
+    });
+    let store: Arc<dyn KeyStore> = Arc::new(EmbeddedStore::open(&db).unwrap());
+    let (key, _) = create_key(&store, |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"\n\
+         [upstreams.up]\nurl = \"http://{up}\"\nresponse_timeout = \"1s\"\n\
+         [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\nsources = [\"form\"]\n",
+        db.display()
+    ));
+    let body = format!("page=2&clientKey={key}");
+    let request = format!(
+        "POST /t HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Trailer: x-sig\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         {:x}\r\n{body}\r\n0\r\nx-sig: abc\r\n\r\n",
+        body.len()
+    );
+    let started = Instant::now();
+    let (status, _) = raw_exchange(gw.addr, request.as_bytes()).await;
+    assert!(status.contains(" 504 "), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the response timeout did not run: {:?}",
+        started.elapsed()
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx)
+        .await
+        .expect("the upstream never got the whole request")
+        .unwrap();
+    assert!(seen.contains("x-sig: abc"), "the trailer was lost: {seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("content-length"),
+        "sent with a length, which cannot carry trailers: {seen}"
+    );
+}
