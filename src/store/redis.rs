@@ -99,6 +99,9 @@ use tokio::sync::{Notify, mpsc};
 const CAS_ATTEMPTS: usize = 16;
 /// Ids fetched per `MGET` while listing.
 const LIST_CHUNK: usize = 500;
+
+/// The start-up check of the Redis user's permissions ([`KeyStore::check_access`]).
+mod acl;
 const FEED_CAPACITY: usize = 256;
 /// Stream entries read per `XREVRANGE` while listing the audit log: a full scan of a capped log
 /// is about a hundred round trips, none of them a huge reply.
@@ -1611,7 +1614,8 @@ impl KeyStore for RedisStore {
             let attempt = self
                 .bounded(async move {
                     let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-                    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+                    // `redis_err`: a user that may not SUBSCRIBE is told apart (`Denied`).
+                    pubsub.subscribe(&channel).await.map_err(redis_err)?;
                     Ok(pubsub.split())
                 })
                 .await;
@@ -1815,6 +1819,12 @@ impl KeyStore for RedisStore {
                 last_used_time: last_ms.and_then(DateTime::from_timestamp_millis),
             })
             .collect())
+    }
+
+    /// Probes every command keygate sends (see `acl`): on the server, or on every configured
+    /// cluster node.
+    async fn check_access(&self) -> Result<(), StoreError> {
+        self.probe_access().await
     }
 }
 
