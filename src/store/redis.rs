@@ -99,9 +99,6 @@ use tokio::sync::{Notify, mpsc};
 const CAS_ATTEMPTS: usize = 16;
 /// Ids fetched per `MGET` while listing.
 const LIST_CHUNK: usize = 500;
-
-/// The start-up check of the Redis user's permissions ([`KeyStore::check_access`]).
-mod acl;
 const FEED_CAPACITY: usize = 256;
 /// Stream entries read per `XREVRANGE` while listing the audit log: a full scan of a capped log
 /// is about a hundred round trips, none of them a huge reply.
@@ -1827,6 +1824,9 @@ impl KeyStore for RedisStore {
         self.probe_access().await
     }
 }
+
+/// The start-up check of the Redis user's permissions ([`KeyStore::check_access`]).
+mod acl;
 
 /// How often at most the unreadable usage records of a flush are logged.
 const USAGE_UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
