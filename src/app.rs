@@ -43,6 +43,66 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, StoreErr
     })
 }
 
+/// How often the permission check is made again while the store does not answer it.
+const ACCESS_RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Checks, before serving, that the store lets keygate run everything it needs
+/// ([`KeyStore::check_access`]; for Redis, the user's ACL). A refusal is a start-up error
+/// naming what is refused: a missing permission stops a rollout at its first replica, where it
+/// used to start, report ready, and fail the first admin write or lose the change feed.
+///
+/// A store that does not answer is not a refusal: start-up goes on, as it always has while
+/// the store is down, and the check is made again every second until the store answers it.
+/// A refusal found then comes out of the returned [`LateRefusal`], and the caller stops the
+/// gateway: the outcome does not depend on whether Redis was up a moment earlier or later.
+pub async fn check_store_access(store: &Arc<dyn KeyStore>) -> Result<LateRefusal, String> {
+    match store.check_access().await {
+        Ok(()) => Ok(LateRefusal(None)),
+        Err(StoreError::Denied(why)) => Err(why),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot check the key store's permissions yet; checking again until it answers"
+            );
+            let (tx, rx) = oneshot::channel();
+            let store = store.clone();
+            tokio::spawn(async move {
+                while !tx.is_closed() {
+                    tokio::time::sleep(ACCESS_RECHECK_EVERY).await;
+                    match store.check_access().await {
+                        Ok(()) => {
+                            tracing::info!("the key store grants every command keygate needs");
+                            return;
+                        }
+                        Err(StoreError::Denied(why)) => {
+                            let _ = tx.send(why);
+                            return;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+            Ok(LateRefusal(Some(rx)))
+        }
+    }
+}
+
+/// A refusal found by the permission check made after start-up (see [`check_store_access`]).
+pub struct LateRefusal(Option<oneshot::Receiver<String>>);
+
+impl LateRefusal {
+    /// The refusal, once found; never resolves when there is none.
+    pub async fn found(self) -> String {
+        match self.0 {
+            Some(rx) => match rx.await {
+                Ok(why) => why,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// The sockets `run` serves; bound by the caller so it can print the addresses first.
 pub struct Listeners {
     pub proxy: TcpListener,

@@ -351,6 +351,10 @@ async fn serve(
     let store = keygate::app::open_store(&cfg.store)
         .await
         .map_err(|e| format!("cannot open the key store: {e}"))?;
+    // Before the ports are announced: a refusal stops start-up (see `check_store_access`).
+    let late_refusal = keygate::app::check_store_access(&store)
+        .await
+        .map_err(|why| format!("cannot start: {why}"))?;
     let listener = TcpListener::bind(cfg.proxy.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.proxy.listen))?;
@@ -444,14 +448,33 @@ async fn serve(
         proxy_tls,
         admin_tls,
     };
+    // A refusal found once a store that was down at start-up answers stops the gateway as it
+    // would have stopped start-up, draining first.
+    let refused = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let refused = refused.clone();
+        async move {
+            tokio::select! {
+                () = keygate::app::shutdown_signal() => {}
+                why = late_refusal.found() => {
+                    tracing::error!(%why, "stopping: the key store refuses what keygate needs");
+                    let _ = refused.set(why);
+                }
+            }
+        }
+    };
     keygate::app::run(
         &cfg,
         store,
         listeners,
         bootstrap.map(String::into_bytes),
-        keygate::app::shutdown_signal(),
+        shutdown,
     )
-    .await
+    .await?;
+    match refused.get() {
+        Some(why) => Err(format!("stopped: {why}")),
+        None => Ok(()),
+    }
 }
 
 /// Which store this gateway uses, so that a replica on an embedded store of its own (a Redis

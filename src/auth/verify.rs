@@ -681,6 +681,9 @@ pub async fn follow_changes(
     mut first: Option<crate::store::ChangeFeed>,
 ) {
     let mut delay = Duration::from_millis(100);
+    // A refusal is logged once per streak: it lasts until an operator changes the ACL, and the
+    // feed is tried again every 2 s meanwhile.
+    let mut refusal_logged = false;
     loop {
         // A feed opened before serving began has missed nothing: nothing was cached before it.
         // (Flushing for it anyway raced the first requests: proxy threads serve while this
@@ -698,12 +701,23 @@ pub async fn follow_changes(
                     verifier.feed_connected();
                 }
                 delay = Duration::from_millis(100);
+                refusal_logged = false;
                 tracing::debug!("subscribed to key changes");
                 while let Some(change) = feed.recv().await {
                     verifier.apply(&change).await;
                 }
                 tracing::warn!("key change feed lost; cache flushed, resubscribing");
                 verifier.feed_lost();
+            }
+            Err(e @ crate::store::StoreError::Denied(_)) => {
+                if !refusal_logged {
+                    tracing::error!(
+                        error = %e,
+                        "the key store refuses the change feed; every request asks the store \
+                         until it is granted (docs/deploy.md)"
+                    );
+                    refusal_logged = true;
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot subscribe to key changes yet");

@@ -131,6 +131,11 @@ impl KeyStore for MeteredStore {
         self.timed("ping", self.inner.ping()).await
     }
 
+    /// Not timed: a start-up check, not an operation of the gateway's.
+    async fn check_access(&self) -> Result<(), StoreError> {
+        self.inner.check_access().await
+    }
+
     async fn changes(&self) -> Result<ChangeFeed, StoreError> {
         self.timed("subscribe", self.inner.changes()).await
     }

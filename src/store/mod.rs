@@ -273,6 +273,14 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Cheap reachability check for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Whether the store lets keygate run everything it will ask of it (a Redis user's ACL may
+    /// not): `Denied` naming what is refused, `Unavailable` when the store cannot tell now (it
+    /// is not a refusal). Checked at start-up, so that a missing permission stops a rollout
+    /// rather than failing the first write. A store without access rules has nothing to check.
+    async fn check_access(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Subscribes to changes made by any process using the same store.
     async fn changes(&self) -> Result<ChangeFeed, StoreError>;
 

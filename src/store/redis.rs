@@ -1872,7 +1872,8 @@ impl KeyStore for RedisStore {
             let attempt = self
                 .bounded(async move {
                     let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
-                    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+                    // `redis_err`: a user that may not SUBSCRIBE is told apart (`Denied`).
+                    pubsub.subscribe(&channel).await.map_err(redis_err)?;
                     Ok(pubsub.split())
                 })
                 .await;
@@ -2077,7 +2078,16 @@ impl KeyStore for RedisStore {
             })
             .collect())
     }
+
+    /// Probes every command keygate sends (see `acl`): on the server, or on every configured
+    /// cluster node.
+    async fn check_access(&self) -> Result<(), StoreError> {
+        self.probe_access().await
+    }
 }
+
+/// The start-up check of the Redis user's permissions ([`KeyStore::check_access`]).
+mod acl;
 
 /// How often at most the unreadable usage records of a flush are logged.
 const USAGE_UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);

@@ -824,28 +824,55 @@ async fn the_cli_says_when_a_change_could_not_be_audited() {
     );
 }
 
-/// A gateway whose Redis user may not SUBSCRIBE (an ACL, a Redis proxy without pub/sub) has no
-/// change feed. Then nothing it caches is fresh: a disabled key is refused at once, not once
-/// the cache's TTL has passed (review: accepted for the whole 30 s TTL).
+/// A gateway whose Redis user may no longer SUBSCRIBE (its ACL changed while it runs; a user
+/// without it from the start no longer starts) has no change feed. Then nothing it caches is
+/// fresh: a disabled key is refused at once, not once the cache's TTL has passed (review:
+/// accepted for the whole 30 s TTL).
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_change_feed_a_disabled_key_is_refused_at_once() {
     let redis = RedisServer::start();
-    redis_cli(
-        &redis,
-        &[
-            "ACL",
-            "SETUSER",
-            "nosub",
-            "on",
-            ">nosub-pw",
-            "~*",
-            "resetchannels",
-            "+@all",
-        ],
-    );
+    let user = |channels: &str| {
+        redis_cli(
+            &redis,
+            &[
+                "ACL",
+                "SETUSER",
+                "nosub",
+                "on",
+                ">nosub-pw",
+                "~*",
+                channels,
+                "+@all",
+            ],
+        )
+    };
+    user("&*");
     let store = redis_store(&redis, "kgnofeed").await;
     let url = format!("redis://nosub:nosub-pw@127.0.0.1:{}/", redis.port());
-    let gw = Gateway::start(&config_at(&url, "kgnofeed", "ttl = \"10m\"").await);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keygate.log");
+    let gw = Gateway::start_logging_to(&config_at(&url, "kgnofeed", "ttl = \"10m\"").await, &log);
+    assert_eq!(gw.metric("keygate_change_feed_up").await, "1");
+    // Redis drops the user's subscribed connections that lose their channel; resubscribing
+    // is refused from then on.
+    user("resetchannels");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.metric("keygate_change_feed_up").await == "0"
+        })
+        .await,
+        "the feed is still up"
+    );
+    // Said as a refusal, once, not as an outage.
+    let said = || std::fs::read_to_string(&log).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            said().contains("refuses the change feed")
+        })
+        .await,
+        "{}",
+        said()
+    );
     let (key, record) = create_key(&store, |_| {}).await;
     assert_eq!(status(&gw, &key).await, 200);
     assert_eq!(status(&gw, &key).await, 200);
@@ -875,9 +902,10 @@ async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
     let gw = Gateway::start(&config_at(&relay.url(), "deadfeed", "ttl = \"10m\"").await);
     assert_eq!(status(&gw, &key).await, 200);
     assert_eq!(status(&gw, &key).await, 200);
+    // The start-up permission check's SUBSCRIBE (its connection closed since), and the feed.
     assert_eq!(
         relay.subscribers(),
-        1,
+        2,
         "the gateway subscribes before it serves"
     );
     relay.hang_subscribers();
@@ -896,7 +924,7 @@ async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
     // The gateway subscribed again, on a new connection, and changes reach it through that.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            relay.subscribers() == 2
+            relay.subscribers() == 3
         })
         .await,
         "no new subscription"
@@ -1165,4 +1193,368 @@ async fn a_listing_leaves_out_an_unreadable_record() {
     let (listed, _) = store.list(&filter, page).await.unwrap();
     let ids: Vec<&str> = listed.iter().map(|k| k.api_key_id.as_str()).collect();
     assert_eq!(ids, [good.api_key_id.as_str()]);
+}
+
+/// The `ACL SETUSER keygate …` lines of docs/deploy.md, each as its arguments: the first for
+/// one server, the second what Redis Cluster adds.
+fn documented_acl() -> Vec<Vec<String>> {
+    let docs = include_str!("../../docs/deploy.md");
+    let lines: Vec<Vec<String>> = docs
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("ACL SETUSER keygate "))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "docs/deploy.md: {lines:?}");
+    lines
+}
+
+/// Runs `redis-cli` on `port` with `args`; it must succeed and answer OK.
+fn acl_setuser(port: u16, args: &[String]) {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim() == "OK",
+        "{args:?}: {out:?}"
+    );
+}
+
+/// Runs `keygate serve` on `config` until it exits, at most 20 s (then it is killed and the
+/// test fails: it accepted the store): its exit status and what it wrote to stderr.
+fn serve_until_exit(config: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(crate::support::gateway::BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("keygate started: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Review: a Redis user missing a command keygate needs started, reported ready, and failed
+/// the first admin write (500 STORE_PERMISSION_DENIED), or lost the change feed, the audit log
+/// or the usage counts, saying nothing at start-up. Start-up now tries every command and
+/// stops, naming what is refused, the name it was tried on and the user, and pointing at the
+/// list in docs/deploy.md. Each case lacks one thing: a command, a key pattern, a channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_user_missing_a_permission_stops_start_up_naming_it() {
+    let redis = RedisServer::start();
+    let all_keys = "~kg:*";
+    // (user, its rules after `on >pw`, what the message must say)
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "nopub",
+            &[all_keys, "&*", "+@all", "-publish"],
+            "PUBLISH on kg:changes",
+        ),
+        (
+            "noevalsha",
+            &[all_keys, "&*", "+@all", "-evalsha"],
+            "EVALSHA",
+        ),
+        (
+            "noload",
+            &[all_keys, "&*", "+@all", "-script|load"],
+            "SCRIPT LOAD",
+        ),
+        (
+            "noxadd",
+            &[all_keys, "&*", "+@all", "-xadd"],
+            "XADD on kg:audit",
+        ),
+        (
+            "nohincrby",
+            &[all_keys, "&*", "+@all", "-hincrby"],
+            "HINCRBY on kg:usage:",
+        ),
+        (
+            "nosub",
+            &[all_keys, "&*", "+@all", "-subscribe"],
+            "SUBSCRIBE on kg:changes",
+        ),
+        ("noping", &[all_keys, "&*", "+@all", "-ping"], "PING"),
+        (
+            "nosadd",
+            &[all_keys, "&*", "+@all", "-sadd"],
+            "SADD on kg:team:",
+        ),
+        (
+            "noaudit",
+            &[
+                "~kg:h:*",
+                "~kg:k:*",
+                "~kg:team:*",
+                "~kg:members:*",
+                "~kg:usage:*",
+                "~kg:all",
+                "&*",
+                "+@all",
+            ],
+            "XADD on kg:audit",
+        ),
+        (
+            "readusage",
+            &[
+                "~kg:h:*",
+                "~kg:k:*",
+                "~kg:team:*",
+                "~kg:members:*",
+                "%R~kg:usage:*",
+                "~kg:all",
+                "~kg:audit",
+                "&*",
+                "+@all",
+            ],
+            "HINCRBY on kg:usage:",
+        ),
+        (
+            "otherchannel",
+            &[all_keys, "&other", "+@all"],
+            "PUBLISH on kg:changes",
+        ),
+    ];
+    for (user, rules, expected) in cases {
+        let mut args: Vec<String> = ["ACL", "SETUSER", user, "on", ">pw"]
+            .iter()
+            .chain(rules.iter())
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.retain(|a| !a.is_empty());
+        acl_setuser(redis.port(), &args);
+        let url = format!("redis://{user}:pw@127.0.0.1:{}/", redis.port());
+        let (status, stderr) = serve_until_exit(&config_at(&url, "kg", "").await);
+        assert!(!status.success(), "{user}: {status:?}");
+        for said in [
+            *expected,
+            &format!("\"{user}\""),
+            "docs/deploy.md",
+            "cannot start",
+        ] {
+            assert!(stderr.contains(said), "{user}: no {said:?} in {stderr}");
+        }
+    }
+    // Nothing the probes tried was left behind.
+    assert_eq!(
+        redis_cli(&redis, &["--scan", "--pattern", "kg:*"]).trim(),
+        ""
+    );
+}
+
+/// A user granted exactly what docs/deploy.md lists starts, and every store operation works
+/// with it: the list is complete, and the start-up check asks for nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_user_with_the_documented_permissions_starts_and_works() {
+    let redis = RedisServer::start();
+    acl_setuser(redis.port(), &documented_acl()[0]);
+    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/", redis.port());
+    let gw = Gateway::start(&config_at(&url, "kg", "ttl = \"10m\"").await);
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect(&url, "kg", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    store.check_access().await.unwrap();
+    every_store_operation_works(&store, &gw).await;
+    // Nothing the probes tried was left behind but what the operations made.
+    let names = redis_cli(&redis, &["--scan", "--pattern", "kg:*permission*"]);
+    assert_eq!(names.trim(), "");
+}
+
+/// Creates, uses, disables, rotates, lists, audits and deletes a key, and adds and removes a
+/// team member, through `store` (and the gateway `gw` for the key's requests and its feed).
+async fn every_store_operation_works(store: &Arc<dyn KeyStore>, gw: &Gateway) {
+    let now = chrono::Utc::now;
+    let (key, record) = create_key(store, |_| {}).await;
+    let id = record.api_key_id.clone();
+    assert_eq!(status(gw, &key).await, 200);
+    assert_eq!(gw.metric("keygate_change_feed_up").await, "1");
+    let svc = service(store);
+    svc.set_enabled(&id, false, &cli(), now()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(gw, &key).await == 401
+        })
+        .await
+    );
+    svc.set_enabled(&id, true, &cli(), now()).await.unwrap();
+    let (rotated, _) = svc
+        .rotate(&id, Duration::from_secs(60), None, &cli(), now())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            status(gw, rotated.expose()).await == 200
+        })
+        .await
+    );
+    let delta = keygate::store::UsageDelta {
+        api_key_id: id.clone(),
+        requests: 3,
+        last_used: now(),
+    };
+    store.record_usage(&[delta]).await.unwrap();
+    // With the gateway's own flushes of the requests above.
+    assert!(svc.usage(&id).await.unwrap().request_count >= 3);
+    let page = keygate::store::Page {
+        page: 1,
+        per_page: 10,
+    };
+    let team = keygate::store::KeyFilter {
+        team_id: Some("team1".into()),
+        ..Default::default()
+    };
+    assert_eq!(svc.list(&team, page).await.unwrap().1, 1);
+    assert_eq!(svc.list(&Default::default(), page).await.unwrap().1, 1);
+    let member = keygate::store::Role::Member;
+    svc.put_member("team1", "u1", member, &cli(), now())
+        .await
+        .unwrap();
+    assert_eq!(svc.list_members("team1").await.unwrap().len(), 1);
+    svc.remove_member("team1", "u1", &cli(), now())
+        .await
+        .unwrap();
+    svc.revoke(&id, &cli(), now()).await.unwrap();
+    let (events, _) = svc.audit_log(&Default::default(), page).await.unwrap();
+    assert!(events.len() >= 6, "changes were not audited: {events:?}");
+}
+
+/// Review: an unreachable Redis at start-up must not read as a missing permission. keygate
+/// starts as before; once Redis answers, the check is made, and a refusal found then stops the
+/// gateway as it would have stopped start-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_found_once_redis_answers_stops_the_gateway() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let url = format!("redis://late:pw@127.0.0.1:{}/", redis.port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("keygate.log");
+    let mut gw = Gateway::start_logging_to(&config_at(&url, "kg", "").await, &log);
+    let ready = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "redis is down");
+    // Up again, first without the user (a refused login is no answer either), then with a
+    // user that may not PUBLISH.
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(gw.exited().is_none(), "a refused login stopped keygate");
+    acl_setuser(
+        redis.port(),
+        &[
+            "ACL", "SETUSER", "late", "on", ">pw", "~kg:*", "&*", "+@all", "-publish",
+        ]
+        .map(str::to_owned),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = gw.exited() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "keygate still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("PUBLISH on kg:changes"), "{logged}");
+    assert!(logged.contains("docs/deploy.md"), "{logged}");
+}
+
+/// On Redis Cluster every configured node is checked (access lists are per node): a user
+/// granted what docs/deploy.md lists for a cluster starts and works; a node whose user lacks
+/// a command stops start-up, naming it; so does a user without the cluster client's commands.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_permissions_are_checked_on_every_node() {
+    let cluster = RedisCluster::start();
+    let ports: Vec<u16> = cluster
+        .urls()
+        .iter()
+        .map(|u| {
+            u.trim_end_matches('/')
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let documented = documented_acl();
+    for port in &ports {
+        acl_setuser(*port, &documented[0]);
+        acl_setuser(*port, &documented[1]);
+    }
+    let with_user = |user: &str, pw: &str| -> Vec<String> {
+        cluster
+            .urls()
+            .iter()
+            .map(|u| u.replacen("redis://", &format!("redis://{user}:{pw}@"), 1))
+            .collect()
+    };
+    // One node's user may not PUBLISH; the others may.
+    let nopub = [
+        "ACL", "SETUSER", "nopub", "on", ">pw", "~kg:*", "&*", "+@all",
+    ];
+    for (i, port) in ports.iter().enumerate() {
+        let mut args: Vec<String> = nopub.map(str::to_owned).to_vec();
+        if i == 2 {
+            args.push("-publish".into());
+        }
+        acl_setuser(*port, &args);
+    }
+    let (status, stderr) =
+        serve_until_exit(&cluster_config(&with_user("nopub", "pw"), "kg", "500ms", "").await);
+    assert!(
+        !status.success() && stderr.contains("PUBLISH on kg:changes"),
+        "{stderr}"
+    );
+    // Everything but slot discovery.
+    let noslots = [
+        "ACL",
+        "SETUSER",
+        "noslots",
+        "on",
+        ">pw",
+        "~kg:*",
+        "&*",
+        "+@all",
+        "-cluster|slots",
+    ];
+    for port in &ports {
+        acl_setuser(*port, &noslots.map(str::to_owned));
+    }
+    let (status, stderr) =
+        serve_until_exit(&cluster_config(&with_user("noslots", "pw"), "kg", "500ms", "").await);
+    assert!(
+        !status.success() && stderr.contains("CLUSTER SLOTS"),
+        "{stderr}"
+    );
+
+    let nodes = with_user("keygate", "CHANGE-ME");
+    let gw = Gateway::start(&cluster_config(&nodes, "kg", "500ms", "ttl = \"10m\"").await);
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::connect_cluster(&nodes, "kg", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    every_store_operation_works(&store, &gw).await;
 }
