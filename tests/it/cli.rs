@@ -558,7 +558,8 @@ fn check_config_refuses_a_route_that_can_never_match() {
 /// can be.
 #[test]
 fn check_config_refuses_settings_that_cannot_work() {
-    let cases: [(String, &[(&str, &str)], &str); 6] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(String, Env, &str); 6] = [
         (
             ONE_ROUTE.replace("127.0.0.1:9", "127.0.0.1:80800"),
             &[],
