@@ -309,7 +309,8 @@ fn serve_checks(cfg: &Config, dev: bool) -> Result<ServeChecks, String> {
     if !dev && cfg.admin.enabled && bootstrap.is_none() {
         warnings.push(format!(
             "{} (admin.bootstrap_token_env) is not set: the admin API has no bootstrap token \
-             and takes only admin keys (keygate keys create --type admin)",
+             and takes only keys with the api_keys_read/api_keys_write scopes (keygate keys \
+             create --scopes api_keys_write)",
             cfg.admin.bootstrap_token_env
         ));
     }
