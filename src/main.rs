@@ -15,7 +15,9 @@ use tokio::net::TcpListener;
 
 /// `println!` for what a command prints. A reader that went away (`keygate check-config
 /// f.toml | true`) ends the command quietly, its work done: `println!` panicked, exit 101 with
-/// a backtrace. Not the default SIGPIPE action instead: the store's sockets would get it too.
+/// a backtrace. Not SIGPIPE's default action instead: it would end the process on any closed
+/// pipe or socket it writes, a Redis unix socket included (std sends on TCP with
+/// `MSG_NOSIGNAL`, but writes unix sockets plainly).
 macro_rules! say {
     () => {
         print_line(format_args!(""), OnClosed::Exit)
