@@ -876,16 +876,29 @@ fn check_redis_url(p: &mut Problems, field: &str, url: &str, unix_ok: bool) {
             field,
             "must start with redis:// (cluster nodes are reached over TCP)",
         );
-    } else if let Err(e) = redis::Client::open(url) {
+    } else {
         // Parsed as the store will parse it, so that `check-config` catches what `serve`
         // would fail on. Never the URL itself in the message: it may hold a password
         // (redis-rs's errors do not echo it).
-        p.add(
-            field,
-            format!(
-                "is not a usable Redis URL ({e}); expected redis://[[user]:password@]host[:port][/db]"
+        match redis::Client::open(url) {
+            Err(e) => p.add(
+                field,
+                format!(
+                    "is not a usable Redis URL ({e}); expected \
+                     redis://[[user]:password@]host[:port][/db]"
+                ),
             ),
-        );
+            // Every connection would send SELECT, which a cluster node refuses: the store
+            // would answer 503 for as long as it ran.
+            Ok(client) if !unix_ok && client.get_connection_info().redis_settings().db() != 0 => {
+                p.add(
+                    field,
+                    "names a database other than 0, and Redis Cluster has only database 0: \
+                     remove the /db from the URL",
+                );
+            }
+            Ok(_) => {}
+        }
     }
 }
 
@@ -991,6 +1004,11 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         p.add(
             "auth.header_name",
             "must not be Authorization (use the \"bearer\" source for it)",
+        );
+    } else if let Some(reason) = crate::proxy::headers::not_a_key_header(header_name.as_str()) {
+        p.add(
+            "auth.header_name",
+            format!("must not be {}: {reason}", header_name.as_str()),
         );
     }
     // A control character would make every challenge an invalid header value, and 401s
@@ -1157,6 +1175,9 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             {
                 if uri.query().is_some() {
                     p.add(&field, "must not have a query string");
+                }
+                if let Some(reason) = uri.authority().and_then(upstream_authority_problem) {
+                    p.add(&field, reason);
                 }
                 // Never sent upstream, so refused rather than ignored; not echoed either.
                 if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
@@ -1395,27 +1416,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             );
         }
     }
-    if proxy.case_insensitive_paths {
-        // Prefixes equal but for case would both match the same requests: the one first in
-        // the table would take them all and leave the other's rules dead.
-        for (i, r) in routes.iter().enumerate() {
-            let same = |o: &RouteConfig| {
-                o.path_prefix.eq_ignore_ascii_case(&r.path_prefix)
-                    && o.host == r.host
-                    && o.methods == r.methods
-            };
-            if let Some(other) = routes[..i].iter().position(same) {
-                p.add(
-                    format!("routes[{i}].path_prefix"),
-                    format!(
-                        "{:?} is routes[{other}]'s prefix but for case, which \
-                         proxy.case_insensitive_paths ignores",
-                        r.path_prefix
-                    ),
-                );
-            }
-        }
-    }
+    check_unreachable_routes(&mut p, &routes, proxy.case_insensitive_paths);
 
     let admin = AdminConfig {
         enabled: raw.admin.enabled,
@@ -1436,6 +1437,14 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                  ports of their own",
                 admin.listen, proxy.listen
             ),
+        );
+    }
+    // No variable can have such a name: the token was never read, and nothing said so.
+    if admin.bootstrap_token_env.is_empty() || admin.bootstrap_token_env.contains(['=', '\0']) {
+        p.add(
+            "admin.bootstrap_token_env",
+            "must name an environment variable (not empty, without = or NUL), e.g. \
+             KEYGATE_ADMIN_TOKEN",
         );
     }
     if admin.max_body_bytes < 1024 {
@@ -1471,6 +1480,101 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     }
 }
 
+/// Refuses each route no request can reach, naming the routes that take its requests: the
+/// rules of one that never matches (its scopes, its key) were never enforced. Routes are tried
+/// as [`crate::route::RouteTable`] tries them: by rank (prefix length, with a host before
+/// without, with methods before without), the file's order among routes of one rank. Two
+/// routes of one rank match the same requests only with the same prefix (but for ASCII case
+/// where `ignore_case`) and host, and of those the first takes each method it serves, but
+/// `HEAD`, which goes to the first that lists `HEAD` itself, else the first that lists `GET`.
+/// A route without methods takes every method, and is reached only by being the first such.
+fn check_unreachable_routes(p: &mut Problems, routes: &[RouteConfig], ignore_case: bool) {
+    let same_requests = |a: &RouteConfig, b: &RouteConfig| {
+        let prefix = if ignore_case {
+            a.path_prefix.eq_ignore_ascii_case(&b.path_prefix)
+        } else {
+            a.path_prefix == b.path_prefix
+        };
+        prefix && a.host == b.host && a.methods.is_empty() == b.methods.is_empty()
+    };
+    let lists = |r: &RouteConfig, m: &Method| r.methods.contains(m);
+    for (j, route) in routes.iter().enumerate() {
+        let earlier: Vec<usize> = (0..j)
+            .filter(|&i| same_requests(&routes[i], route))
+            .collect();
+        if earlier.is_empty() {
+            continue;
+        }
+        // The earlier routes that take each request this one would serve.
+        let mut takers: Vec<usize> = Vec::new();
+        if route.methods.is_empty() {
+            takers.push(earlier[0]);
+        } else {
+            let mut methods: Vec<&Method> = route.methods.iter().collect();
+            if route.methods.contains(&Method::GET) && !route.methods.contains(&Method::HEAD) {
+                methods.push(&Method::HEAD);
+            }
+            for m in methods {
+                let taker = if *m == Method::HEAD {
+                    // The first route of the group listing HEAD; else the first listing GET.
+                    let group = || earlier.iter().copied().chain([j]);
+                    group()
+                        .find(|&i| lists(&routes[i], &Method::HEAD))
+                        .or_else(|| group().find(|&i| lists(&routes[i], &Method::GET)))
+                        .filter(|&i| i != j)
+                } else {
+                    earlier.iter().copied().find(|&i| lists(&routes[i], m))
+                };
+                match taker {
+                    Some(i) => takers.push(i),
+                    // This route takes some requests: it can be reached.
+                    None => {
+                        takers.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if takers.is_empty() {
+            continue;
+        }
+        takers.sort_unstable();
+        takers.dedup();
+        let names: Vec<String> = takers
+            .iter()
+            .map(|&i| format!("routes[{i}] ({:?})", routes[i].name))
+            .collect();
+        let case = if takers
+            .iter()
+            .any(|&i| routes[i].path_prefix != route.path_prefix)
+        {
+            " (equal but for case, which proxy.case_insensitive_paths ignores)"
+        } else {
+            ""
+        };
+        let methods = if route.methods.is_empty() {
+            "every method".to_owned()
+        } else {
+            let listed: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+            format!("its methods ({})", listed.join(", "))
+        };
+        p.add(
+            format!("routes[{j}]"),
+            format!(
+                "route {:?} can never match: {} {} the same path_prefix {:?}{case} and host, \
+                 and come{} first for {methods}, so its rules (scopes, public, key sources) \
+                 would never apply; remove it, or give the routes different prefixes, hosts or \
+                 methods",
+                route.name,
+                names.join(" and "),
+                if names.len() == 1 { "has" } else { "have" },
+                route.path_prefix,
+                if names.len() == 1 { "s" } else { "" },
+            ),
+        );
+    }
+}
+
 /// A logging filter (`log.level`, `RUST_LOG`), checked and with each comma-separated
 /// directive trimmed: `EnvFilter` slices a directive with spaces around it wrongly (`info `
 /// became a target named "info "). Each directive without `=` or `[` must be a level name
@@ -1483,6 +1587,13 @@ pub fn log_filter(filter: &str) -> Result<String, String> {
         .map(str::trim)
         .filter(|d| !d.is_empty())
         .collect();
+    // `EnvFilter` reads no directive as `error`: every other line, the access log's included,
+    // went without a word.
+    if directives.is_empty() {
+        return Err(
+            "is empty: name a level (trace, debug, info, warn, error or off), e.g. info".into(),
+        );
+    }
     for directive in &directives {
         if directive.contains(['=', '[']) {
             continue;
@@ -1501,6 +1612,37 @@ pub fn log_filter(filter: &str) -> Result<String, String> {
     match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(_) => Ok(filter),
         Err(_) => Err("is not a valid level or filter (e.g. info, keygate=debug)".to_owned()),
+    }
+}
+
+/// What is wrong with an upstream URL's `host[:port]`, where `http::Uri` let it pass: an empty
+/// host (`http://:8080`) or a port that is not one (`:80800` was read as no port, and traffic
+/// went to port 80; `:0` cannot be connected to).
+fn upstream_authority_problem(authority: &http::uri::Authority) -> Option<&'static str> {
+    // Without userinfo (refused on its own): the part after the last `@`.
+    let host_port = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, hp)| hp);
+    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, after)) => (ip, after.strip_prefix(':')),
+            None => (rest, None),
+        }
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Some("has no host (expected http(s)://host:port)");
+    }
+    match port.map(str::parse::<u16>) {
+        None => None,
+        Some(Ok(0)) => Some("port 0 cannot be connected to"),
+        Some(Ok(_)) => None,
+        Some(Err(_)) => Some("the port must be a number from 1 to 65535"),
     }
 }
 
@@ -1725,11 +1867,13 @@ fn upstream_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String
 }
 
 /// Whether two listeners would take the same port: the same address, or one on every address
-/// (`0.0.0.0`, `::`). Port 0 asks for a free port, so never clashes.
-fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+/// (`0.0.0.0`, `::`). Port 0 asks for a free port, so never clashes. An IPv4-mapped IPv6
+/// address (`[::ffff:127.0.0.1]`) is the IPv4 address it maps.
+pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() != 0
         && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (ip_a == ip_b || ip_a.is_unspecified() || ip_b.is_unspecified())
 }
 
 fn parse_socket_addr(p: &mut Problems, field: &str, s: &str) -> SocketAddr {
@@ -2024,6 +2168,9 @@ mod tests {
         for (proxy, admin) in [
             ("127.0.0.1:8080", "127.0.0.1:8080"),
             ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+            ("[::ffff:0.0.0.0]:8080", "127.0.0.1:8080"),
         ] {
             let toml = format!("[proxy]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n");
             let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
@@ -2052,6 +2199,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// No variable has such a name: the token was never read and serve started without one.
+    #[test]
+    fn the_bootstrap_token_variable_is_a_variable_name() {
+        for name in ["", "A=B", "A\\u0000B", "="] {
+            let toml = format!("{GOOD}\n[admin]\nbootstrap_token_env = \"{name}\"\n");
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("bootstrap_token_env = {name:?} accepted")
+            };
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.field == "admin.bootstrap_token_env"),
+                "{name:?}: {problems:?}"
+            );
+        }
+        let toml = format!("{GOOD}\n[admin]\nbootstrap_token_env = \"MY_TOKEN\"\n");
+        assert_eq!(
+            from_toml(&toml).unwrap().admin.bootstrap_token_env,
+            "MY_TOKEN"
+        );
     }
 
     #[test]
@@ -2128,9 +2297,176 @@ mod tests {
             panic!("expected a problem")
         };
         assert!(
-            problems.iter().any(|p| p.reason.contains("but for case")),
+            problems
+                .iter()
+                .any(|p| p.field == "routes[2]" && p.reason.contains("but for case")),
             "{problems:?}"
         );
+    }
+
+    /// Review: `/admin` public, then `/admin` with scopes: the second never matched, and every
+    /// request reached the upstream unauthenticated.
+    #[test]
+    fn a_route_that_can_never_match_is_refused_naming_both() {
+        let with = |routes: &str| {
+            format!("{GOOD}\n{routes}").replace("path_prefix = \"/\"", "path_prefix = \"/x\"")
+        };
+        let route = |name: &str, extra: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\npath_prefix = \"/admin\"\nupstream = \"api\"\n{extra}\n"
+            )
+        };
+        let refused = [
+            // The review's case.
+            (route("open", "public = true") + &route("locked", "scopes = [\"admin\"]")),
+            // Methods compared as sets, case aside.
+            (route("a", "methods = [\"GET\", \"POST\"]")
+                + &route("b", "methods = [\"post\", \"get\"]")),
+            // Every method of the later one taken, by one or by several.
+            (route("a", "methods = [\"GET\", \"POST\"]") + &route("b", "methods = [\"GET\"]")),
+            (route("a", "methods = [\"GET\"]")
+                + &route("b", "methods = [\"POST\"]")
+                + &route("c", "methods = [\"POST\", \"GET\"]")),
+            // HEAD goes with GET where no route of the rank lists it.
+            (route("a", "methods = [\"GET\"]")
+                + &route("b", "methods = [\"HEAD\", \"GET\"]")
+                + &route("c", "methods = [\"HEAD\"]")),
+            // Same host.
+            (route("a", "host = \"api.example\"")
+                + &route("b", "host = \"API.example\"\nscopes = [\"s\"]")),
+        ];
+        for routes in refused {
+            let Err(ConfigError::Invalid(problems)) = from_toml(&with(&routes)) else {
+                panic!("accepted:\n{routes}")
+            };
+            let p = problems
+                .iter()
+                .find(|p| p.reason.contains("can never match"))
+                .unwrap_or_else(|| panic!("{routes}: {problems:?}"));
+            assert!(p.field.starts_with("routes["), "{p}");
+            assert_eq!(p.reason.matches("routes[").count(), {
+                let n = p.reason.matches(" and routes[").count();
+                n + 1
+            });
+        }
+        let first = from_toml(&with(
+            &(route("open", "public = true") + &route("locked", "scopes = [\"admin\"]")),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            first.contains("routes[2]")
+                && first.contains("\"locked\"")
+                && first.contains("routes[1] (\"open\")"),
+            "{first}"
+        );
+        let accepted = [
+            (route("a", "methods = [\"GET\"]") + &route("b", "methods = [\"POST\"]")),
+            (route("a", "methods = [\"GET\"]") + &route("b", "")),
+            (route("a", "") + &route("b", "methods = [\"GET\"]")),
+            (route("a", "methods = [\"GET\"]") + &route("b", "methods = [\"HEAD\"]")),
+            (route("a", "methods = [\"GET\"]") + &route("b", "methods = [\"GET\", \"HEAD\"]")),
+            (route("a", "") + &route("b", "host = \"api.example\"")),
+            (route("a", "host = \"a.example\"") + &route("b", "host = \"b.example\"")),
+        ];
+        for routes in accepted {
+            let c = from_toml(&with(&routes));
+            assert!(c.is_ok(), "{routes}: {:?}", c.err());
+        }
+    }
+
+    /// The check refuses exactly the routes `RouteTable` never returns: every set of up to three
+    /// routes over two spellings of a prefix, a host or none, and a few method lists, against
+    /// every request that could reach one of them.
+    #[test]
+    fn the_unreachable_route_check_agrees_with_the_route_table() {
+        let method_sets: [&[Method]; 6] = [
+            &[],
+            &[Method::GET],
+            &[Method::HEAD],
+            &[Method::POST],
+            &[Method::GET, Method::HEAD],
+            &[Method::POST, Method::GET],
+        ];
+        let mut universe = Vec::new();
+        for prefix in ["/a", "/A"] {
+            for host in [None, Some("h")] {
+                for methods in method_sets {
+                    universe.push((prefix, host, methods));
+                }
+            }
+        }
+        let route =
+            |i: usize, (prefix, host, methods): (&str, Option<&str>, &[Method])| RouteConfig {
+                name: format!("r{i}"),
+                path_prefix: prefix.into(),
+                methods: methods.to_vec(),
+                host: host.map(Into::into),
+                upstream: "u".into(),
+                public: false,
+                scopes: vec![],
+                keep_credential: false,
+                sources: None,
+                body: BodyKeyConfig::default(),
+                max_body_bytes: None,
+            };
+        let requests: Vec<(Method, Option<&str>, &str)> = [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::from_bytes(b"get").unwrap(),
+        ]
+        .into_iter()
+        .flat_map(|m| {
+            [None, Some("h"), Some("x")]
+                .into_iter()
+                .flat_map(move |h| ["/a", "/A"].map(|p| (m.clone(), h, p)))
+        })
+        .collect();
+        let n = universe.len();
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        for a in 0..n {
+            for b in 0..n {
+                sets.push(vec![a, b]);
+                for c in 0..n {
+                    sets.push(vec![a, b, c]);
+                }
+            }
+        }
+        for ignore_case in [false, true] {
+            for set in &sets {
+                let routes: Vec<RouteConfig> = set
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &u)| route(i, universe[u]))
+                    .collect();
+                let table = crate::route::RouteTable::new(&routes, &[KeySource::Bearer], |_| 0)
+                    .ignoring_path_case(ignore_case);
+                let reached: std::collections::HashSet<String> = requests
+                    .iter()
+                    .filter_map(|(m, h, p)| table.find(m, *h, p.as_bytes()))
+                    .map(|r| r.name.clone())
+                    .collect();
+                let mut p = Problems(Vec::new());
+                check_unreachable_routes(&mut p, &routes, ignore_case);
+                let refused: std::collections::HashSet<String> =
+                    p.0.iter()
+                        .map(|p| p.field.replace("routes[", "r").replace(']', ""))
+                        .collect();
+                let unreached: std::collections::HashSet<String> = routes
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .filter(|n| !reached.contains(n))
+                    .collect();
+                assert_eq!(
+                    refused,
+                    unreached,
+                    "ignore_case {ignore_case}: {:?}",
+                    set.iter().map(|&u| universe[u]).collect::<Vec<_>>()
+                );
+            }
+        }
     }
 
     #[test]
@@ -2413,6 +2749,11 @@ mod tests {
             "info,warning",
             "keygate",
             "keygate=loud",
+            // Nothing at all read as `error`: the access log and every warning went silent.
+            "",
+            " ",
+            ",",
+            " , ",
         ] {
             let Err(ConfigError::Invalid(problems)) =
                 from_toml(&format!("[log]\nlevel = \"{bad}\""))
@@ -2583,6 +2924,56 @@ mod tests {
 
     /// A control character in the realm made every challenge an invalid header value, so
     /// 401s went out without WWW-Authenticate.
+    /// A key header keygate strips, sets or reads for something else found no key, ever.
+    #[test]
+    fn the_key_header_is_not_one_keygate_uses() {
+        for name in [
+            "x-keygate-key-id",
+            "X-Keygate-Scopes",
+            "x_keygate_team_id",
+            "host",
+            "cookie",
+            "content-type",
+            "content-length",
+            "connection",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-real-ip",
+            "true-client-ip",
+            "x-http-method-override",
+            "x-original-url",
+            "x-request-id",
+            "authorization",
+        ] {
+            let toml = format!("{GOOD}\n[auth]\nheader_name = \"{name}\"\n");
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("header_name = {name} accepted")
+            };
+            assert!(
+                problems.iter().any(|p| p.field == "auth.header_name"),
+                "{name}: {problems:?}"
+            );
+        }
+        for name in [
+            "x-api-key",
+            "X-Client-Key",
+            "api_key",
+            "apikey",
+            "x-keygate",
+        ] {
+            let toml = format!("{GOOD}\n[auth]\nheader_name = \"{name}\"\n");
+            let c = from_toml(&toml);
+            assert!(c.is_ok(), "{name}: {:?}", c.err());
+        }
+    }
+
     #[test]
     fn the_realm_must_fit_in_a_header() {
         for bad in ["a\\nb", "a\\tb", "a\\u007fb", "a\\\"b", "a\\\\b"] {
@@ -2618,6 +3009,40 @@ mod tests {
             panic!("a bad URL accepted")
         };
         assert!(!problems[0].to_string().contains("hunter2"), "{problems:?}");
+    }
+
+    /// `http://127.0.0.1:80800` passed and its traffic went to port 80; `http://:8080` (no host)
+    /// passed too.
+    #[test]
+    fn upstream_urls_need_a_host_and_a_real_port() {
+        for url in [
+            "http://127.0.0.1:80800",
+            "http://127.0.0.1:65536",
+            "http://127.0.0.1:0",
+            "http://api:",
+            "http://:8080",
+            "https://:443",
+            "http://[::1]:99999",
+        ] {
+            let toml = GOOD.replace("http://127.0.0.1:9000", url);
+            let Err(ConfigError::Invalid(problems)) = from_toml(&toml) else {
+                panic!("{url} accepted")
+            };
+            assert!(
+                problems.iter().any(|p| p.field == "upstreams.api.url"),
+                "{url}: {problems:?}"
+            );
+        }
+        for url in [
+            "http://127.0.0.1:65535",
+            "http://127.0.0.1:1",
+            "http://api",
+            "http://[::1]:8080",
+            "http://[::1]",
+        ] {
+            let toml = GOOD.replace("http://127.0.0.1:9000", url);
+            assert!(from_toml(&toml).is_ok(), "{url} refused");
+        }
     }
 
     /// config-rs rounded a float into an integer field (`team_key_limit = -1.0` became 0, no
@@ -2838,6 +3263,41 @@ mod tests {
         let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["store.redis_cluster_nodes"]);
         assert!(!problems[0].to_string().contains("one@"));
+    }
+
+    /// A cluster node with a database (`/3`) passed, and every connection's SELECT was then
+    /// refused by the cluster: 503 for as long as the gateway ran.
+    #[test]
+    fn a_cluster_node_names_no_database_but_0() {
+        let store = |lines: &str| from_toml(&format!("{GOOD}\n[store]\nkind = \"redis\"\n{lines}"));
+        for nodes in [
+            r#"["redis://127.0.0.1:27379/3"]"#,
+            r#"["redis://a:6379", "redis://:pw@b:6379/1"]"#,
+        ] {
+            let Err(ConfigError::Invalid(problems)) =
+                store(&format!("redis_cluster_nodes = {nodes}"))
+            else {
+                panic!("{nodes} accepted")
+            };
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.field.starts_with("store.redis_cluster_nodes[")
+                        && p.reason.contains("only database 0")),
+                "{nodes}: {problems:?}"
+            );
+        }
+        for nodes in [
+            r#"["redis://127.0.0.1:27379"]"#,
+            r#"["redis://127.0.0.1:27379/0", "redis://b:6379/"]"#,
+        ] {
+            assert!(
+                store(&format!("redis_cluster_nodes = {nodes}")).is_ok(),
+                "{nodes}"
+            );
+        }
+        // One server may use any database.
+        assert!(store("redis_url = \"redis://127.0.0.1:6379/3\"").is_ok());
     }
 
     #[test]

@@ -13,6 +13,55 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// `println!` for what a command prints. A reader that went away (`keygate check-config
+/// f.toml | true`) ends the command quietly, its work done: `println!` panicked, exit 101 with
+/// a backtrace. Not SIGPIPE's default action instead: it would end the process on any closed
+/// pipe or socket it writes, a Redis unix socket included (std sends on TCP with
+/// `MSG_NOSIGNAL`, but writes unix sockets plainly).
+macro_rules! say {
+    () => {
+        print_line(format_args!(""), OnClosed::Exit)
+    };
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*), OnClosed::Exit)
+    };
+}
+
+/// `println!` for a server's start lines (`serve`, `echo`): a reader that went away stops
+/// nothing, the server goes on (its logs are on stderr).
+macro_rules! announce {
+    () => {
+        print_line(format_args!(""), OnClosed::Continue)
+    };
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*), OnClosed::Continue)
+    };
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum OnClosed {
+    Exit,
+    Continue,
+}
+
+fn print_line(line: std::fmt::Arguments<'_>, on_closed: OnClosed) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(_) if on_closed == OnClosed::Continue => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("keygate: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "keygate", version, about = "API-key authentication gateway")]
 struct Cli {
@@ -220,9 +269,14 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
     config::load(path).map_err(|e| e.to_string())
 }
 
+/// Refuses what `serve` refuses (without `--dev`): `serve_checks` is the same call.
 fn check_config(file: &std::path::Path) -> Result<(), String> {
     let cfg = load_config(Some(file))?;
-    println!(
+    let checked = serve_checks(&cfg, false)?;
+    for warning in &checked.warnings {
+        eprintln!("keygate: warning: {warning}");
+    }
+    say!(
         "{}: ok ({} route(s), {} upstream(s), {} store)",
         file.display(),
         cfg.routes.len(),
@@ -232,6 +286,83 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
             StoreConfig::Redis { .. } => "redis",
         }
     );
+    Ok(())
+}
+
+/// What `serve` needs of a configuration beyond [`config::load`]'s checks.
+struct ServeChecks {
+    /// The bootstrap admin token, from `admin.bootstrap_token_env`.
+    bootstrap: Option<String>,
+    /// What serving can go on with but the operator should hear of.
+    warnings: Vec<String>,
+}
+
+/// The checks `serve` makes before it opens anything, and `check-config` makes too, so that
+/// it never says ok to what `serve` refuses: routes (`--dev` brings its own) and the bootstrap
+/// token. `dev`: `serve --dev`.
+fn serve_checks(cfg: &Config, dev: bool) -> Result<ServeChecks, String> {
+    if !dev && cfg.routes.is_empty() {
+        return Err(
+            "no routes configured: pass --config FILE (examples in config/) or try --dev".into(),
+        );
+    }
+    let bootstrap = bootstrap_token(cfg)?;
+    let mut warnings = Vec::new();
+    if !dev && cfg.admin.enabled && bootstrap.is_none() {
+        warnings.push(format!(
+            "{} (admin.bootstrap_token_env) is not set: the admin API has no bootstrap token \
+             and takes only keys with the api_keys_read/api_keys_write scopes (keygate keys \
+             create --scopes api_keys_write)",
+            cfg.admin.bootstrap_token_env
+        ));
+    }
+    Ok(ServeChecks {
+        bootstrap,
+        warnings,
+    })
+}
+
+/// `--listen` and `--admin-listen`, checked as the file's settings are: an address clash is an
+/// error naming both (it used to surface only as a failed bind), and `--admin-listen` with the
+/// admin API disabled is refused rather than ignored.
+fn listen_overrides(
+    cfg: &mut Config,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> Result<(), String> {
+    if admin_listen.is_some() && !cfg.admin.enabled {
+        return Err(
+            "--admin-listen: the admin API is disabled (admin.enabled = false); enable it or \
+             leave --admin-listen out"
+                .into(),
+        );
+    }
+    if let Some(listen) = listen {
+        cfg.proxy.listen = listen;
+    }
+    if let Some(listen) = admin_listen {
+        cfg.admin.listen = listen;
+    }
+    if (listen.is_some() || admin_listen.is_some())
+        && cfg.admin.enabled
+        && config::same_port(cfg.proxy.listen, cfg.admin.listen)
+    {
+        let name = |flag: bool, arg: &str, field: &str| {
+            if flag {
+                arg.to_owned()
+            } else {
+                field.to_owned()
+            }
+        };
+        return Err(format!(
+            "{} ({}) clashes with {} ({}): the proxy and the admin listener need ports of \
+             their own",
+            name(admin_listen.is_some(), "--admin-listen", "admin.listen"),
+            cfg.admin.listen,
+            name(listen.is_some(), "--listen", "proxy.listen"),
+            cfg.proxy.listen,
+        ));
+    }
     Ok(())
 }
 
@@ -293,13 +424,12 @@ async fn serve(
     mut cfg: Config,
     huge_pages: std::io::Result<()>,
 ) -> Result<(), String> {
-    if let Some(listen) = args.listen {
-        cfg.proxy.listen = listen;
+    listen_overrides(&mut cfg, args.listen, args.admin_listen)?;
+    let checked = serve_checks(&cfg, args.dev)?;
+    for warning in &checked.warnings {
+        tracing::warn!("{warning}");
     }
-    if let Some(listen) = args.admin_listen {
-        cfg.admin.listen = listen;
-    }
-    let mut bootstrap = bootstrap_token(&cfg)?;
+    let mut bootstrap = checked.bootstrap;
     // A token from the environment is the operator's secret: dev mode prints only one it made.
     let token_from_env = bootstrap.is_some();
     if args.dev && bootstrap.is_none() && cfg.admin.enabled {
@@ -341,10 +471,6 @@ async fn serve(
             cfg = with_echo_route(&cfg, echo_addr)?;
             dev_banner = Some(format!("echo upstream on http://{echo_addr}"));
         }
-    } else if cfg.routes.is_empty() {
-        return Err(
-            "no routes configured: pass --config FILE (examples in config/) or try --dev".into(),
-        );
     }
 
     log_store(&cfg.store);
@@ -373,8 +499,8 @@ async fn serve(
         if tls.is_some() { "https" } else { "http" }
     };
     let proxy_scheme = scheme(&proxy_tls);
-    // Tools and tests read these lines to learn the ports when `listen` used port 0.
-    println!("keygate: proxy listening on {proxy_scheme}://{addr}");
+    // Both bound before either line: a tool that saw the proxy's line took the gateway for up
+    // while the admin port could still fail to bind.
     let admin_listener = if cfg.admin.enabled {
         let l = TcpListener::bind(cfg.admin.listen)
             .await
@@ -382,14 +508,18 @@ async fn serve(
         let admin_addr = l
             .local_addr()
             .map_err(|e| format!("cannot read the admin address: {e}"))?;
-        println!(
-            "keygate: admin listening on {}://{admin_addr}",
-            scheme(&admin_tls)
-        );
         Some((l, admin_addr))
     } else {
         None
     };
+    // Tools and tests read these lines to learn the ports when `listen` used port 0.
+    announce!("keygate: proxy listening on {proxy_scheme}://{addr}");
+    if let Some((_, admin_addr)) = &admin_listener {
+        announce!(
+            "keygate: admin listening on {}://{admin_addr}",
+            scheme(&admin_tls)
+        );
+    }
 
     if args.dev {
         let service = KeyService::new(
@@ -407,20 +537,20 @@ async fn serve(
             .create(req, &Actor::cli(), Utc::now())
             .await
             .map_err(|e| format!("cannot create the dev key: {e}"))?;
-        println!();
-        println!("keygate dev mode: temporary store, deleted on exit. Do not use in production.");
+        announce!();
+        announce!("keygate dev mode: temporary store, deleted on exit. Do not use in production.");
         if let Some(b) = &dev_banner {
-            println!("  upstream: {b}");
+            announce!("  upstream: {b}");
         }
-        println!("  key id:   {}", record.api_key_id);
-        println!("  API key:  {}   (shown once)", key.expose());
-        println!();
-        println!(
+        announce!("  key id:   {}", record.api_key_id);
+        announce!("  API key:  {}   (shown once)", key.expose());
+        announce!();
+        announce!(
             "  curl -H 'Authorization: Bearer {}' {proxy_scheme}://{addr}/hello",
             key.expose()
         );
-        println!("  curl -i {proxy_scheme}://{addr}/hello        # no key: 401");
-        println!();
+        announce!("  curl -i {proxy_scheme}://{addr}/hello        # no key: 401");
+        announce!();
     }
 
     if args.dev
@@ -429,17 +559,17 @@ async fn serve(
         let admin_scheme = scheme(&admin_tls);
         if token_from_env {
             let var = &cfg.admin.bootstrap_token_env;
-            println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: ${var}");
-            println!(
+            announce!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: ${var}");
+            announce!(
                 "  curl -H \"Authorization: Bearer ${var}\" {admin_scheme}://{admin_addr}/v1/keys"
             );
         } else {
-            println!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
-            println!(
+            announce!("  admin API: {admin_scheme}://{admin_addr}   bootstrap token: {token}");
+            announce!(
                 "  curl -H 'Authorization: Bearer {token}' {admin_scheme}://{admin_addr}/v1/keys"
             );
         }
-        println!();
+        announce!();
     }
 
     let listeners = keygate::app::Listeners {
@@ -641,7 +771,7 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 req.expires_time = Some(until);
             }
             let (key, record) = service.create(req, &actor, now).await.map_err(fail)?;
-            println!("{}", key.expose());
+            say!("{}", key.expose());
             eprintln!(
                 "created {} ({}); the key above is shown only once",
                 record.api_key_id, record.name
@@ -654,9 +784,14 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             };
             let mut page = 1;
             if !json {
-                println!(
+                say!(
                     "{:<26} {:<12} {:<8} {:<8} {:<12} {:<20} NAME",
-                    "ID", "TEAM", "TYPE", "ENABLED", "KEY START", "SCOPES"
+                    "ID",
+                    "TEAM",
+                    "TYPE",
+                    "ENABLED",
+                    "KEY START",
+                    "SCOPES"
                 );
             }
             loop {
@@ -672,9 +807,9 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                     .map_err(fail)?;
                 for r in &records {
                     if json {
-                        println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+                        say!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
                     } else {
-                        println!(
+                        say!(
                             "{:<26} {:<12} {:<8} {:<8} {:<12} {:<20} {}",
                             r.api_key_id,
                             r.team_id.as_deref().unwrap_or("-"),
@@ -697,18 +832,18 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 .set_enabled(&id, false, &actor, now)
                 .await
                 .map_err(fail)?;
-            println!("disabled {id}");
+            say!("disabled {id}");
         }
         KeysCommand::Enable { id } => {
             service
                 .set_enabled(&id, true, &actor, now)
                 .await
                 .map_err(fail)?;
-            println!("enabled {id}");
+            say!("enabled {id}");
         }
         KeysCommand::Revoke { id } => {
             service.revoke(&id, &actor, now).await.map_err(fail)?;
-            println!("revoked {id}");
+            say!("revoked {id}");
         }
         KeysCommand::Rotate { id, grace } => {
             // The rules are the admin API's, which names its field: here it is `--grace`.
@@ -717,7 +852,7 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 .rotate(&id, grace, None, &actor, now)
                 .await
                 .map_err(|e| fail(e).replace("grace_seconds", "--grace"))?;
-            println!("{}", key.expose());
+            say!("{}", key.expose());
             eprintln!(
                 "rotated {id}; the previous value works for {}",
                 humantime::format_duration(grace)
@@ -745,21 +880,21 @@ async fn teams(config_path: Option<PathBuf>, command: TeamsCommand) -> Result<()
                 .put_member(&team, &user, role, &actor, Utc::now())
                 .await
                 .map_err(fail)?;
-            println!("{} is {} of {}", m.user_id, m.role.as_str(), m.team_id);
+            say!("{} is {} of {}", m.user_id, m.role.as_str(), m.team_id);
         }
         TeamsCommand::RemoveMember { team, user } => {
             let changed = service
                 .remove_member(&team, &user, &actor, Utc::now())
                 .await
                 .map_err(fail)?;
-            println!(
+            say!(
                 "removed {user} from {team}; {} key(s) changed",
                 changed.len()
             );
         }
         TeamsCommand::Members { team } => {
             for m in service.list_members(&team).await.map_err(fail)? {
-                println!("{:<24} {}", m.user_id, m.role.as_str());
+                say!("{:<24} {}", m.user_id, m.role.as_str());
             }
         }
     }
@@ -771,7 +906,7 @@ async fn echo(listen: SocketAddr) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = keygate::dev::spawn_echo(listener).map_err(|e| e.to_string())?;
-    println!("keygate: echo listening on http://{addr}");
+    announce!("keygate: echo listening on http://{addr}");
     keygate::app::shutdown_signal().await;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Logging set-up. Logs go to stderr (stdout carries the start-up lines tools read); the
-//! filter comes from `log.level`, or `RUST_LOG` when set. Access lines use the target
+//! filter comes from `log.level`, or `RUST_LOG` when set and not empty. Access lines use the target
 //! `keygate::access`, so they can be turned off alone (`info,keygate::access=off`).
 //!
 //! Lines are formatted on the thread that logs them and written by a thread of their own:
@@ -66,6 +66,9 @@ pub fn init_cli_logging() {
 fn rust_log(level: &str) -> Option<String> {
     let reason = match std::env::var("RUST_LOG") {
         Err(std::env::VarError::NotPresent) => return None,
+        // Set but empty (`RUST_LOG=` in a unit file or a manifest): as if unset. Taken as a
+        // filter it turned off every line below error, the access log's included.
+        Ok(value) if value.trim().is_empty() => return None,
         Err(std::env::VarError::NotUnicode(_)) => "not valid UTF-8".to_owned(),
         Ok(value) => match crate::config::log_filter(&value) {
             Ok(filter) => return Some(filter),

@@ -312,6 +312,45 @@ fn is_claim_when_dashed(name: &str, key_header: &HeaderName) -> bool {
     is_claim(&dashed) || dashed == key_header.as_str().replace('_', "-")
 }
 
+/// Why `name` (a header name, lowercase) cannot be the header keys are read from
+/// (`auth.header_name`): keygate removes, sets or reads it for something else, so no key would
+/// be found in it, or one would be taken from a header the client does not mean as a key.
+/// `None` when it can. A name with `_` is judged as the `-` name CGI, WSGI, Rack and PHP read
+/// it as. `Authorization` is refused by the configuration on its own (the `bearer` source).
+pub fn not_a_key_header(name: &str) -> Option<&'static str> {
+    let dashed = name.replace('_', "-");
+    let name = dashed.as_str();
+    if name.starts_with(IDENTITY_PREFIX) {
+        Some("x-keygate-* headers are keygate's: it removes the client's from every request")
+    } else if hop_by_hop_index(name).is_some() {
+        Some(
+            "is a hop-by-hop header: it is for one connection only, and proxies on the way \
+             remove or rewrite it",
+        )
+    } else if name.starts_with("x-forwarded-")
+        || matches!(name, "forwarded" | "x-real-ip")
+        || is_address_claim(name)
+    {
+        Some("is a forwarding header, which keygate sets or removes")
+    } else if METHOD_OVERRIDES.contains(&name) || matches!(name, "x-original-url" | "x-rewrite-url")
+    {
+        Some("keygate removes or checks it: it changes the method or path upstreams serve")
+    } else if name == request_id_name() {
+        Some("keygate sets it on every request it forwards, and logs it")
+    } else if matches!(
+        name,
+        "host" | "cookie" | "content-type" | "content-length" | "expect"
+    ) {
+        Some("HTTP itself uses it (routing, cookies, the body): it cannot carry a key")
+    } else {
+        None
+    }
+}
+
+fn request_id_name() -> &'static str {
+    crate::request_id::HEADER.as_str()
+}
+
 /// keygate's own and the forwarding headers, the credential headers, and what upstreams take
 /// for the path, the method or the client's address. `name` is lowercase, with `-`.
 fn is_claim(name: &str) -> bool {

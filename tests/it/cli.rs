@@ -485,3 +485,281 @@ fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiv
     });
     rx
 }
+
+/// `check-config` on `toml` (written to a file) with `env` set and `KEYGATE_ADMIN_TOKEN` unset
+/// unless `env` sets it.
+fn check_config_text(toml: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config")
+        .arg(&path)
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+const ONE_ROUTE: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+    [upstreams.api]\nurl = \"http://127.0.0.1:9\"\n\
+    [[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstream = \"api\"\n";
+
+/// Review: `check-config` said ok to what `serve` then refused: no routes, and a bootstrap
+/// token no request can present (too short, a placeholder, a trailing newline).
+#[test]
+fn check_config_refuses_what_serve_refuses() {
+    let token = "a-bootstrap-token-of-enough-length";
+    let out = check_config_text(ONE_ROUTE, &[("KEYGATE_ADMIN_TOKEN", token)]);
+    assert!(out.status.success(), "{out:?}");
+    let no_routes = "[proxy]\nlisten = \"127.0.0.1:0\"\n";
+    let out = check_config_text(no_routes, &[]);
+    assert!(!out.status.success(), "no routes accepted: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no routes"),
+        "{out:?}"
+    );
+    for bad in [
+        "short".to_owned(),
+        format!("{token}\n"),
+        format!("replace-me-{token}"),
+    ] {
+        let out = check_config_text(ONE_ROUTE, &[("KEYGATE_ADMIN_TOKEN", &bad)]);
+        assert!(!out.status.success(), "{bad:?} accepted: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("KEYGATE_ADMIN_TOKEN"), "{err}");
+        assert!(!err.contains(token), "the token is printed: {err}");
+    }
+}
+
+/// Review: two routes of one prefix, host and methods passed; the second never matched, so an
+/// unauthenticated request reached the upstream its scopes were to guard.
+#[test]
+fn check_config_refuses_a_route_that_can_never_match() {
+    let toml = format!(
+        "{ONE_ROUTE}[[routes]]\nname = \"open\"\npath_prefix = \"/admin\"\nupstream = \"api\"\n\
+         public = true\n[[routes]]\nname = \"locked\"\npath_prefix = \"/admin\"\n\
+         upstream = \"api\"\nscopes = [\"admin\"]\n"
+    );
+    let out = check_config_text(&toml, &[]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[2]") && err.contains("\"locked\"") && err.contains("\"open\""),
+        "{err}"
+    );
+}
+
+/// Review: settings that passed and then broke serving: an upstream port out of range (its
+/// traffic went to port 80), a cluster node with a database (503 for ever), an empty
+/// `log.level` (no access log), a key header keygate strips, a bootstrap variable no variable
+/// can be.
+#[test]
+fn check_config_refuses_settings_that_cannot_work() {
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(String, Env, &str); 6] = [
+        (
+            ONE_ROUTE.replace("127.0.0.1:9", "127.0.0.1:80800"),
+            &[],
+            "upstreams.api.url",
+        ),
+        (
+            ONE_ROUTE.replace("127.0.0.1:9", ":8080"),
+            &[],
+            "upstreams.api.url",
+        ),
+        (
+            format!(
+                "{ONE_ROUTE}[store]\nkind = \"redis\"\n\
+                 redis_cluster_nodes = [\"redis://127.0.0.1:27379/3\"]\n"
+            ),
+            &[],
+            "only database 0",
+        ),
+        (
+            ONE_ROUTE.to_owned(),
+            &[("KEYGATE__LOG__LEVEL", "")],
+            "log.level",
+        ),
+        (
+            format!("{ONE_ROUTE}[auth]\nheader_name = \"x-keygate-key-id\"\n"),
+            &[],
+            "auth.header_name",
+        ),
+        (
+            ONE_ROUTE.replace("[admin]\n", "[admin]\nbootstrap_token_env = \"A=B\"\n"),
+            &[],
+            "admin.bootstrap_token_env",
+        ),
+    ];
+    for (toml, env, expected) in cases {
+        let out = check_config_text(&toml, env);
+        assert!(!out.status.success(), "accepted: {toml} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{expected} not in {err}");
+    }
+}
+
+/// A bootstrap variable that is not set is said (serving goes on: admin keys still work).
+#[test]
+fn an_unset_bootstrap_variable_is_a_warning() {
+    let out = check_config_text(ONE_ROUTE, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("KEYGATE_ADMIN_TOKEN"),
+        "{err}"
+    );
+}
+
+/// Review: `RUST_LOG=` (set, empty) turned off every line below error, the access log's too.
+/// It is taken as unset: `log.level` applies.
+#[test]
+fn an_empty_rust_log_is_as_if_unset() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "")
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .env_remove("KEYGATE__LOG__LEVEL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let info = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(line) if line.contains("INFO") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(info, "no info line with RUST_LOG empty: {seen:?}");
+    assert!(!seen.iter().any(|l| l.contains("RUST_LOG")), "{seen:?}");
+}
+
+/// Review: `--listen`/`--admin-listen` were applied after the clash check (a clash failed at
+/// bind), an IPv4-mapped address did not clash with its IPv4 one, and `--admin-listen` with
+/// the admin API disabled was ignored.
+#[test]
+fn listen_flags_are_checked_as_the_file_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, ONE_ROUTE).unwrap();
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env_remove("KEYGATE_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env("KEYGATE__STORE__PATH", dir.path().join("k.db"));
+        let mut child = cmd.spawn().unwrap();
+        let rx = lines_of(child.stderr.take().unwrap());
+        // The old gateway served on: it is stopped after a while, and fails the test.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let err: Vec<String> = rx.iter().collect();
+        (status, err.join("\n"))
+    };
+    // A port nothing may listen on without privileges: refused before any bind is tried.
+    for (proxy, admin) in [
+        ("127.0.0.1:1", "127.0.0.1:1"),
+        ("[::ffff:127.0.0.1]:1", "127.0.0.1:1"),
+    ] {
+        let (status, err) = serve(&["--listen", proxy, "--admin-listen", admin], &[]);
+        assert!(!status.success());
+        assert!(
+            err.contains("clashes") && err.contains("--admin-listen") && err.contains("--listen"),
+            "{proxy} {admin}: {err}"
+        );
+    }
+    let (status, err) = serve(
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("KEYGATE__ADMIN__ENABLED", "false")],
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("--admin-listen") && err.contains("disabled"),
+        "{err}"
+    );
+}
+
+/// Review: "proxy listening" was printed before the admin port was bound, so a tool reading it
+/// took a gateway that then failed to start for up.
+#[test]
+fn no_listening_line_before_both_ports_are_bound() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(
+        &path,
+        ONE_ROUTE.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .env("KEYGATE__STORE__PATH", dir.path().join("k.db"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin.listen"),
+        "{out:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "{out:?}"
+    );
+    drop(taken);
+}
+
+/// Review: every command panicked (exit 101, a backtrace) when its stdout was a pipe no one
+/// reads (`keygate check-config f.toml | true`). It ends quietly.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["check-config", "config/dev.toml"])
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
