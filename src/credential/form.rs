@@ -158,9 +158,40 @@ fn lookalike(name: &[u8], fields: &[String], truncated: bool) -> bool {
         .map_or(&[][..], |i| &name[i..]);
     let rack_end = rack.iter().position(|&c| c == b'[' || c == b']');
     let rack_open = truncated && rack_end.is_none();
+    // Django strips a multipart part's name (Python's `str.strip`: whitespace at either end,
+    // Unicode's or, decoded as Latin-1, NBSP and NEL).
+    let django = django_stripped(name, truncated);
     matches(&base, php_open)
         || matches(&rack[..rack_end.unwrap_or(rack.len())], rack_open)
+        || (django.len() != name.len() && matches(django, truncated))
+        || std::str::from_utf8(name).is_ok_and(|n| {
+            let n = if truncated {
+                n.trim_start_matches(is_python_space)
+            } else {
+                n.trim_matches(is_python_space)
+            };
+            n.len() != name.len() && matches(n.as_bytes(), truncated)
+        })
         || (!truncated && fields.iter().any(|f| same_without_case(name, f)))
+}
+
+/// What Python's `str.isspace` holds for a character: Unicode's white space and the four
+/// separators `\x1c`–`\x1f`.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
+}
+
+/// `name` without the bytes Python strips from it decoded as Latin-1, at the start (and, when
+/// the whole name is known, at the end).
+fn django_stripped(name: &[u8], truncated: bool) -> &[u8] {
+    let space = |b: &u8| matches!(b, b'\t'..=b'\r' | 0x1c..=0x20 | 0x85 | 0xa0);
+    let start = name.iter().position(|b| !space(b)).unwrap_or(name.len());
+    let name = &name[start..];
+    if truncated {
+        return name;
+    }
+    let end = name.iter().rposition(|b| !space(b)).map_or(0, |i| i + 1);
+    &name[..end]
 }
 
 /// ASP.NET's form and query collections, like Go's encoding/json, match names without case:
@@ -943,6 +974,19 @@ mod tests {
         );
         assert!(!is_lookalike(b"clientKey_", &fields()));
         assert!(is_lookalike(b"  clientKey[a][b]", &fields()));
+        // Django strips a multipart part's name: whitespace at either end, Python's.
+        for name in [
+            &b"clientKey "[..],
+            b"\tclientKey",
+            b"clientKey\t",
+            b"clientKey\x0c",
+            b"clientKey\x1f",
+            b"\xa0clientKey",
+            "clientKey\u{3000}".as_bytes(),
+        ] {
+            assert!(is_lookalike(name, &fields()), "{name:?}");
+        }
+        assert!(!is_lookalike(b"client Key", &fields()));
 
         // Unicode spaces are part of the value (the upstream keeps them), ASCII ones are not.
         assert_eq!(key_of("clientKey=+A%09").unwrap().as_deref(), Some("A"));

@@ -164,7 +164,17 @@ impl<'f> MultipartScanner<'f> {
                 // between pieces (`dlen - 1` bytes) always includes the two bytes before a
                 // match that begins in it.
                 let dash_boundary = &self.delimiter[2..];
-                match self.finder.find(data) {
+                let found = self.finder.find(data);
+                let skipped = match found {
+                    Some(i) => &data[..i],
+                    None => &data[..data.len().saturating_sub(dlen - 1)],
+                };
+                // Django reads a part in the preamble (`Content-Disposition: …` before the
+                // first boundary): only the line breaks and spaces a client may send pass.
+                if !skipped.iter().all(|b| b" \t\r\n".contains(b)) {
+                    return Err(malformed("the multipart body has a preamble"));
+                }
+                match found {
                     Some(i) if i >= 2 && &data[i - 2..i] == b"\r\n" => {
                         self.state = State::AfterBoundary;
                         Ok(Some(i + dash_boundary.len()))
@@ -172,7 +182,7 @@ impl<'f> MultipartScanner<'f> {
                     Some(_) => Err(malformed(
                         "the multipart boundary appears in the preamble without a CRLF before it",
                     )),
-                    None => Ok(nonzero(data.len().saturating_sub(dlen - 1))),
+                    None => Ok(nonzero(skipped.len())),
                 }
             }
             State::AfterBoundary => {
@@ -195,9 +205,14 @@ impl<'f> MultipartScanner<'f> {
                     .iter()
                     .position(|&b| b != b' ' && b != b'\t')
                     .unwrap_or(data.len());
+                // Rack 2 does not see a padded delimiter (`--B \r\n`): to it the part before
+                // runs on. RFC 2046 allows the padding, no client sends it.
+                if padding > 0 {
+                    return Err(malformed("a multipart boundary line has trailing spaces"));
+                }
                 let rest = &data[padding..];
                 if rest.len() < 2 {
-                    return Ok(nonzero(padding));
+                    return Ok(None);
                 }
                 if !rest.starts_with(b"\r\n") {
                     return Err(malformed(
@@ -218,10 +233,11 @@ impl<'f> MultipartScanner<'f> {
                 if data.len() < 2 {
                     return Ok(None);
                 }
-                // A part without headers: its content starts after the empty line.
+                // A part without headers: Werkzeug and Rack skip the empty line and read the
+                // content's first lines as the part's headers. RFC 7578 requires a
+                // Content-Disposition in every part.
                 if data.starts_with(b"\r\n") {
-                    self.state = State::ContentStart(None);
-                    return Ok(Some(2));
+                    return Err(malformed("a multipart part has no headers"));
                 }
                 let from = scanned.saturating_sub(3);
                 let Some(end) = memmem::find(&data[from..], b"\r\n\r\n").map(|i| from + i + 4)
@@ -316,6 +332,22 @@ impl<'f> MultipartScanner<'f> {
 
     /// Whether a part (its header block, ending with the empty line) is one of our fields.
     fn part_is_ours(&self, block: &[u8]) -> Result<bool, PeekError> {
+        // httparse ends a line at a bare LF; Django and Starlette keep it inside the header's
+        // value, and take a `name` after it there.
+        if has_bare_line_break(block) {
+            return Err(malformed(
+                "a multipart part's headers have a line break that is not CRLF",
+            ));
+        }
+        // Rack 2 (Rails up to 7.0) takes the name from `Content-Disposition:[^:]*;\s*name=`
+        // anywhere in the block: in another header, in another parameter's quoted value, or
+        // the last of several. A block is read only when it has exactly one such `name`, the
+        // one parsed below, with no `:` before it in its header's value.
+        if names_in_block(block) > 1 {
+            return Err(malformed(
+                "a multipart part's headers name it more than once",
+            ));
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_PART_HEADERS];
         let parsed = match httparse::parse_headers(block, &mut headers) {
             // httparse also ends a block at a bare-LF empty line (`\n\n`), before the CRLF
@@ -329,8 +361,10 @@ impl<'f> MultipartScanner<'f> {
         let mut dispositions = parsed
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"));
+        // Every part must have a name (RFC 7578): Rack files a nameless one under its
+        // `Content-ID`, its filename or its content type, one of which may be a key field.
         let Some(disposition) = dispositions.next() else {
-            return Ok(false);
+            return Err(malformed("a multipart part has no Content-Disposition"));
         };
         // Parsers disagree on which of two wins; the upstream might read the other one.
         if dispositions.next().is_some() {
@@ -338,7 +372,16 @@ impl<'f> MultipartScanner<'f> {
                 "a multipart part has more than one Content-Disposition header",
             ));
         }
-        let disposition = form_data_disposition(disposition.value)?;
+        let raw = disposition.value;
+        let disposition = form_data_disposition(raw)?;
+        if disposition.name.is_none() {
+            return Err(malformed("a multipart part has no name"));
+        }
+        if names_in_block(raw) != 1 || raw[..name_param_at(raw)].contains(&b':') {
+            return Err(malformed(
+                "a multipart part's Content-Disposition is read differently by some parsers",
+            ));
+        }
         let ours = disposition
             .name
             .as_ref()
@@ -356,8 +399,73 @@ impl<'f> MultipartScanner<'f> {
         if ours && disposition.file {
             return Err(malformed("the API key field is a file part"));
         }
+        if ours && !is_plain_text_part(parsed) {
+            return Err(malformed(
+                "the API key part has a Content-Type or Content-Transfer-Encoding other than \
+                 plain UTF-8 text",
+            ));
+        }
         Ok(ours)
     }
+}
+
+/// Whether `block` has a CR not followed by LF, or an LF not preceded by CR.
+fn has_bare_line_break(block: &[u8]) -> bool {
+    block.iter().enumerate().any(|(i, &b)| match b {
+        b'\r' => block.get(i + 1) != Some(&b'\n'),
+        b'\n' => i == 0 || block[i - 1] != b'\r',
+        _ => false,
+    })
+}
+
+/// How many times `;`, optional whitespace, then `name=` (any case) appears in `bytes`: what
+/// Rack 2's `Content-Disposition:[^:]*;\s*name=` can take a part's name from.
+fn names_in_block(bytes: &[u8]) -> usize {
+    name_params(bytes).count()
+}
+
+/// Where the first `;…name=` of a Content-Disposition value starts (its length when none).
+fn name_param_at(value: &[u8]) -> usize {
+    name_params(value).next().unwrap_or(value.len())
+}
+
+fn name_params(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    memchr::memchr_iter(b';', bytes).filter(move |&i| {
+        let rest = &bytes[i + 1..];
+        let spaces = rest
+            .iter()
+            .take_while(|b| b" \t\r\n\x0b\x0c".contains(b))
+            .count();
+        rest.get(spaces..spaces + 5)
+            .is_some_and(|n| n.eq_ignore_ascii_case(b"name="))
+    })
+}
+
+/// Whether a key part's own headers leave its value plain text: some parsers decode a part's
+/// charset or transfer encoding (busboy, Django), or file a part with a non-text type as an
+/// upload (busboy), and the upstream would read another value, or none.
+fn is_plain_text_part(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().all(|h| {
+        if h.name.eq_ignore_ascii_case("content-transfer-encoding") {
+            let v = h.value.trim_ascii();
+            [&b"7bit"[..], b"8bit", b"binary"]
+                .iter()
+                .any(|e| v.eq_ignore_ascii_case(e))
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            let mime =
+                h.value[..memchr::memchr(b';', h.value).unwrap_or(h.value.len())].trim_ascii();
+            mime.eq_ignore_ascii_case(b"text/plain")
+                && match header_param(h.value, b"charset") {
+                    Ok(None) => true,
+                    Ok(Some(c)) => [&b"utf-8"[..], b"utf8", b"us-ascii"]
+                        .iter()
+                        .any(|e| c.eq_ignore_ascii_case(e)),
+                    Err(_) => false,
+                }
+        } else {
+            true
+        }
+    })
 }
 
 fn nonzero(n: usize) -> Option<usize> {
@@ -814,9 +922,9 @@ mod tests {
 
     #[test]
     fn parts_are_framed_as_rfc_2046_says() {
-        // A preamble, transport padding after the boundaries, a part without headers, header
-        // names in any case, an epilogue of line breaks and spaces.
-        let b = b"preamble text\r\n--XyZ \t\r\n\r\nno headers\r\n--XyZ\r\ncontent-disposition: form-data; name=clientKey\r\nContent-Type: text/plain\r\n\r\nkg_2\r\n--XyZ--\r\n \t\r\n";
+        // A preamble of line breaks and spaces, header names in any case, an epilogue of line
+        // breaks and spaces.
+        let b = b" \r\n\r\n--XyZ\r\nContent-Disposition: form-data; name=page\r\n\r\n2\r\n--XyZ\r\ncontent-disposition: form-data; name=clientKey\r\nContent-Type: text/plain; charset=UTF-8\r\n\r\nkg_2\r\n--XyZ--\r\n \t\r\n";
         for split in [1, 4, 1000] {
             assert_eq!(scan(b, "XyZ", split, true), Outcome::Key("kg_2".into()));
         }
@@ -847,6 +955,60 @@ mod tests {
     #[test]
     fn bodies_parsers_disagree_on_are_refused() {
         let cases: &[(&str, &[u8])] = &[
+            // A differential review against Django, Werkzeug, Starlette, busboy, Rack 2.2 and
+            // PHP: each of these passed with the key A, and some parser read B.
+            (
+                "a preamble holding a part (Django reads it)",
+                b"Content-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--",
+            ),
+            (
+                "transport padding (Rack does not see the delimiter)",
+                b"--XyZ \r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--",
+            ),
+            (
+                "a part without headers whose content looks like headers (Werkzeug, Rack: B)",
+                b"--XyZ\r\n\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nB\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--",
+            ),
+            (
+                "a bare LF inside a part's headers (Django, Starlette: the last name)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data; name=\"x\"\nX: ; name=\"clientKey\"\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a name inside another parameter's quoted value (Rack: the last)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data; name=\"x\"; foo=\"a; name=clientKey\"\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a name in another header (Rack)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nX-Content-Disposition: x; name=clientKey\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a part without a name, its Content-ID a key field (Rack)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data\r\nContent-ID: clientKey\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a part without a name, its filename a key field (Rack)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data; filename=\"clientKey\"\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a colon before the name (Rack reads no name there, and files it by filename)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Disposition: form-data; filename=\"a:b\"; name=\"x\"\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "a part without Content-Disposition",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ\r\nContent-Type: text/plain\r\n\r\nB\r\n--XyZ--",
+            ),
+            (
+                "the key part in UTF-16 (busboy decodes it)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\nContent-Type: text/plain; charset=utf-16\r\n\r\nA\r\n--XyZ--",
+            ),
+            (
+                "the key part typed as binary (busboy files it as an upload)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\nContent-Type: application/octet-stream\r\n\r\nA\r\n--XyZ--",
+            ),
+            (
+                "the key part in base64 (Django decodes it)",
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\nContent-Transfer-Encoding: base64\r\n\r\nA\r\n--XyZ--",
+            ),
             (
                 "a form framed by bare LFs in the preamble, a CRLF one after it (Werkzeug: B)",
                 b"P\n--XyZ\nContent-Disposition: form-data; name=\"clientKey\"\n\nB\n--XyZ--\n\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n--XyZ--\r\n",
@@ -917,7 +1079,10 @@ mod tests {
                 for want_all in [true, false] {
                     // Without `want_all` reading stops once the key's field is closed: what
                     // follows it is not looked at (the body is larger than the peek limit).
-                    if !want_all && what.starts_with("a part after the close") {
+                    let key_first = body.starts_with(
+                        b"--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\n\r\nA\r\n",
+                    );
+                    if !want_all && (what.starts_with("a part after the close") || key_first) {
                         continue;
                     }
                     assert_eq!(
@@ -1163,9 +1328,9 @@ mod tests {
         fn agrees_with_multer(
             boundary in "[A-Za-z0-9_-]{1,40}",
             parts in proptest::collection::vec(
-                (disposition(), "[a-z0-9 \r\n]{0,120}", "[ \t]{0,2}", any::<bool>()), 0..6),
+                (disposition(), "[a-z0-9 \r\n]{0,120}", Just(""), any::<bool>()), 0..6),
             key in "[A-Za-z0-9_]{0,24}",
-            preamble in proptest::option::of("[a-z ]{0,20}"),
+            preamble in proptest::option::of("[ \r\n]{0,20}"),
             epilogue in "[a-z\r\n]{0,10}",
             cut in proptest::option::of(any::<prop::sample::Index>()),
             split in 1usize..60,
@@ -1179,7 +1344,7 @@ mod tests {
             for (disposition, value, padding, content_type) in &parts {
                 b.extend_from_slice(format!("--{boundary}{padding}\r\nContent-Disposition: {disposition}\r\n").as_bytes());
                 if *content_type {
-                    b.extend_from_slice(b"content-type: application/octet-stream\r\n");
+                    b.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
                 }
                 b.extend_from_slice(b"\r\n");
                 if disposition.contains("name=\"clientKey\"") || disposition.ends_with("name=clientKey") {
