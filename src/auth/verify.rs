@@ -688,7 +688,7 @@ impl Verifier {
     }
 
     /// Asks the store for `hash` in a task of its own, to learn whether `domain`, failing, answers
-    /// again (`claimed`: the back-off renewed for it, see `Turn::Probe`): answered, it is asked
+    /// again (`claimed`: the probe this call claimed, see `Turn::Probe`): answered, it is asked
     /// again by the next call, whose load reads the key's state now (a key disabled meanwhile
     /// is refused from then on); failed, its back-off starts over. The answer itself is not
     /// cached: that needs the key's lock and the checks of `load`, and the next load costs one
