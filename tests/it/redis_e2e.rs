@@ -948,6 +948,59 @@ async fn a_silently_dead_change_feed_is_noticed_within_a_second() {
     );
 }
 
+/// Review repro: a change the gateway missed while its change feed was down (here: the feed's
+/// connection hung, the disable's message lost in it) never reached its cache, and once the
+/// feed was back the copy loaded before the gap answered a later outage: a Redis stall let
+/// the disabled key through. A copy loaded before the feed reconnected answers no outage until
+/// it is loaded again; one loaded since does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_missed_in_a_gap_in_the_feed_does_not_come_back_in_an_outage() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let store = redis_store(&redis, "gapfeed").await;
+    let (missed, record) = create_key(&store, |_| {}).await;
+    let (reloaded, _) = create_key(&store, |_| {}).await;
+    let gw = Gateway::start(
+        &config_at(
+            &relay.url(),
+            "gapfeed",
+            "ttl = \"10m\"\nstale_for = \"10m\"",
+        )
+        .await,
+    );
+    for key in [&missed, &reloaded] {
+        assert_eq!(status(&gw, key).await, 200);
+        assert_eq!(status(&gw, key).await, 200);
+    }
+    relay.hang_subscribers();
+    service(&store)
+        .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
+        .await
+        .unwrap();
+    // The gateway notices the loss and subscribes again; `missed` is not asked for meanwhile.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            relay.subscribers() == 2 && gw.metric("keygate_change_feed_up").await == "1"
+        })
+        .await,
+        "no new subscription"
+    );
+    // Asked since the feed is back: loaded again, a copy fit for the outage.
+    assert_eq!(status(&gw, &reloaded).await, 200);
+    assert_eq!(status(&gw, &reloaded).await, 200);
+
+    let paused = redis.pause();
+    assert_eq!(
+        status(&gw, &missed).await,
+        503,
+        "the copy from before the gap answered the outage"
+    );
+    assert_eq!(status(&gw, &reloaded).await, 200);
+    assert_eq!(status(&gw, &missed).await, 503);
+    drop(paused);
+    assert!(eventually(RECOVERY, || async { status(&gw, &missed).await == 401 }).await);
+}
+
 /// Review: one key's usage hash with a `count` that is not an integer (a foreign writer's) made
 /// the usage script fail on every flush. Redis keeps what a script wrote before its error, so
 /// the keys ahead of the bad one in that call were counted again on every flush (1 → 2 → 4 → 5
