@@ -629,10 +629,28 @@ async fn malformed_bodies_are_400_and_never_pass() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(code(&v), "API_KEY_AMBIGUOUS", "{v}");
 
-    // What RFC 2046 allows is read: a preamble, padding after a boundary, a part without
-    // headers, a token name in other case, an epilogue of line breaks.
+    // What RFC 2046 allows but some framework reads as another key is refused (a differential
+    // review): a preamble with text, padding after a boundary, a part without headers.
+    for framed in [
+        format!(
+            "preamble\r\n--b5\r\ncontent-disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b5--"
+        ),
+        format!("--b5 \t\r\ncontent-disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b5--"),
+        format!(
+            "--b5\r\n\r\nno headers\r\n--b5\r\ncontent-disposition: form-data; name=clientKey\r\n\r\n{k}\r\n--b5--"
+        ),
+    ] {
+        let (s, v) = post(
+            "multipart/form-data; boundary=b5".into(),
+            framed.into_bytes(),
+        )
+        .await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(code(&v), "BODY_MALFORMED", "{v}");
+    }
+    // Read: a preamble of line breaks, a token name in other case, an epilogue of line breaks.
     let framed = format!(
-        "preamble\r\n--b5 \t\r\n\r\nno headers\r\n--b5\r\ncontent-disposition: form-data; NAME=clientKey\r\n\r\n{k}\r\n--b5--\r\n\r\n"
+        "\r\n--b5\r\ncontent-disposition: form-data; NAME=clientKey\r\n\r\n{k}\r\n--b5--\r\n\r\n"
     )
     .into_bytes();
     let (s, v) = post("multipart/form-data; boundary=b5".into(), framed.clone()).await;

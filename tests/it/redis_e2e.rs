@@ -972,15 +972,17 @@ async fn a_change_missed_in_a_gap_in_the_feed_does_not_come_back_in_an_outage() 
         assert_eq!(status(&gw, key).await, 200);
         assert_eq!(status(&gw, key).await, 200);
     }
+    assert_eq!(relay.subscribers(), 2, "the start-up check's and the feed's");
     relay.hang_subscribers();
     service(&store)
         .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
         .await
         .unwrap();
     // The gateway notices the loss and subscribes again; `missed` is not asked for meanwhile.
+    // (The start-up permission check's SUBSCRIBE, closed since, was the first subscriber.)
     assert!(
         eventually(Duration::from_secs(5), || async {
-            relay.subscribers() == 2 && gw.metric("keygate_change_feed_up").await == "1"
+            relay.subscribers() == 3 && gw.metric("keygate_change_feed_up").await == "1"
         })
         .await,
         "no new subscription"
