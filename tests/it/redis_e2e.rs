@@ -972,7 +972,11 @@ async fn a_change_missed_in_a_gap_in_the_feed_does_not_come_back_in_an_outage() 
         assert_eq!(status(&gw, key).await, 200);
         assert_eq!(status(&gw, key).await, 200);
     }
-    assert_eq!(relay.subscribers(), 2, "the start-up check's and the feed's");
+    assert_eq!(
+        relay.subscribers(),
+        2,
+        "the start-up check's and the feed's"
+    );
     relay.hang_subscribers();
     service(&store)
         .set_enabled(&record.api_key_id, false, &cli(), chrono::Utc::now())
