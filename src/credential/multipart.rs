@@ -377,7 +377,9 @@ impl<'f> MultipartScanner<'f> {
         if disposition.name.is_none() {
             return Err(malformed("a multipart part has no name"));
         }
-        if names_in_block(raw) != 1 || raw[..name_param_at(raw)].contains(&b':') {
+        // The block has one `;name=` at most (above): it must be this header's.
+        let name_at = name_param_at(raw);
+        if name_at == raw.len() || raw[..name_at].contains(&b':') {
             return Err(malformed(
                 "a multipart part's Content-Disposition is read differently by some parsers",
             ));
