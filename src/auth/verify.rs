@@ -115,6 +115,19 @@ struct StoreHealth {
     ///   (`wait_for_probe`) instead of being refused (a review saw 15 of 16 uncached valid keys
     ///   get 503 after Redis had long recovered: the only call that asked was the claimer).
     failed_until_ms: Box<[AtomicI64]>,
+    /// Per failure domain: the `feed_epoch` from which cached copies may answer while the
+    /// domain cannot (`Verifier::outage_copy`): 1 until a change feed connects after a gap.
+    /// A copy loaded before a gap in the feed may have missed a change made in the gap (a key
+    /// disabled, deleted), so once the domain has answered since (`answered`), it answers no
+    /// later outage until loaded again (review: a disabled key came back in an outage).
+    verified_since: Box<[AtomicU64]>,
+    /// Per failure domain: the epoch of the feed connected last, made `verified_since` by the
+    /// domain's next answered lookup. Not at once: a feed can subscribe while the data cannot
+    /// be read (a Redis still loading its dataset answers SUBSCRIBE and refuses GET; a cluster's
+    /// feed moves to another node when its node fails), and the copies are then what keeps
+    /// the keys served (review: every cached key got 503 through a failover once the feed had
+    /// moved).
+    pending_since: Box<[AtomicU64]>,
     /// Woken when a domain's state is settled: a lookup failed or a probe was answered.
     settled: tokio::sync::Notify,
     /// Spaces out the warnings of failed lookups: one every [`STORE_BACKOFF`].
@@ -158,6 +171,10 @@ impl StoreHealth {
     /// recorded since (a newer one than the lookup knew of) is kept: the store answered
     /// before it failed.
     fn answered(&self, domain: usize, seen: i64) {
+        self.verified_since[domain].fetch_max(
+            self.pending_since[domain].load(Ordering::Acquire),
+            Ordering::AcqRel,
+        );
         if seen != 0
             && self.failed_until_ms[domain]
                 .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
@@ -286,11 +303,6 @@ pub struct Verifier {
     /// copies serve only outages. Moved by two (parity kept) to make every entry stale at once
     /// (`forget_unchecked`).
     feed_epoch: AtomicU64,
-    /// The `feed_epoch` of the change feed connected last (1 until one is): only an entry
-    /// loaded in it or since may answer while the store cannot (`outage_copy`). Older ones
-    /// were loaded before a gap in the feed, in which a change (a key disabled or deleted)
-    /// may have been missed: this gateway never heard of it, so no outage may bring it back.
-    verified_since: AtomicU64,
     /// Which failure domains of the store are failing; shared with the background probes.
     health: Arc<StoreHealth>,
     /// Bumped by every applied change and every connected or lost feed, before the caches are
@@ -319,6 +331,12 @@ impl Verifier {
             failed_until_ms: (0..store.failure_domains().max(1))
                 .map(|_| AtomicI64::new(0))
                 .collect(),
+            verified_since: (0..store.failure_domains().max(1))
+                .map(|_| AtomicU64::new(1))
+                .collect(),
+            pending_since: (0..store.failure_domains().max(1))
+                .map(|_| AtomicU64::new(1))
+                .collect(),
             settled: tokio::sync::Notify::new(),
             failure_log: LogEvery::default(),
         });
@@ -335,7 +353,6 @@ impl Verifier {
                 .build_with_hasher(CacheHasher::default()),
             ttl_ms: i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX),
             feed_epoch: AtomicU64::new(1),
-            verified_since: AtomicU64::new(1),
             health,
             changes: AtomicU64::new(0),
             generation: AtomicU64::new(0),
@@ -664,13 +681,16 @@ impl Verifier {
         self.now_ms() < known.fresh_until_ms && known.feed_epoch == epoch && epoch.is_multiple_of(2)
     }
 
-    /// The cached copy of `hash` if it may answer while the store cannot: loaded since the
-    /// change feed last connected (`verified_since`), fresh or not. One loaded before a gap
-    /// in the feed is not, until it is loaded again: a change made in the gap never reached
-    /// it (review: a key disabled while the feed reconnected was accepted in a later outage).
+    /// The cached copy of `hash` if it may answer while the store cannot, fresh or not: one
+    /// loaded before a gap in the change feed does not once its failure domain has answered
+    /// a lookup since the feed connected again (`StoreHealth::verified_since`), until it is
+    /// loaded again: a change made in the gap never reached it (review: a key disabled while
+    /// the feed reconnected was accepted in a later outage).
     async fn outage_copy(&self, hash: &KeyHash) -> Option<Known> {
         let known = self.known.get(hash).await?;
-        (known.feed_epoch >= self.verified_since.load(Ordering::Acquire)).then_some(known)
+        let health = &*self.health;
+        let domain = self.store.failure_domain(hash) % health.verified_since.len();
+        (known.feed_epoch >= health.verified_since[domain].load(Ordering::Acquire)).then_some(known)
     }
 
     async fn stale_or_unavailable(&self, hash: &KeyHash) -> Result<Arc<VerifiedKey>, VerifyError> {
@@ -745,7 +765,8 @@ impl Verifier {
 
     /// A change feed is connected: from now on every change reaches this cache, and entries
     /// may be fresh. Whatever changed before is unknown: entries from before are stale, unfit
-    /// for outages too (`outage_copy`) until loaded again, and the negative cache is emptied.
+    /// for outages too once their failure domain answers (`outage_copy`) until loaded again,
+    /// and the negative cache is emptied.
     /// `changes` and the generation move as in `apply`.
     pub fn feed_connected(&self) {
         self.next_feed_epoch(0);
@@ -776,9 +797,12 @@ impl Verifier {
                 epoch + 1
             };
             if parity == 0 {
-                // Before the epoch moves: a copy loaded under the one ending never answers
-                // an outage once this feed is connected (the reverse order had a window).
-                self.verified_since.fetch_max(next, Ordering::AcqRel);
+                // Before the epoch moves: a copy loaded under the one ending never answers an
+                // outage once this feed is connected and its domain has answered (the reverse
+                // order had a window).
+                for pending in &self.health.pending_since {
+                    pending.fetch_max(next, Ordering::AcqRel);
+                }
             }
             match self.feed_epoch.compare_exchange_weak(
                 epoch,
@@ -797,8 +821,9 @@ impl Verifier {
     /// The store answered for every failure domain (one server's change feed subscribed): a
     /// back-off or probe under way there is over. Without this the "store failing" state
     /// outlasted Redis's recovery (copies answered, uncached keys were refused, until a
-    /// lookup's turn came), and, since a connected feed leaves the copies from before it unfit
-    /// for outages, every key would be refused for the rest of the back-off.
+    /// lookup's turn came). It says nothing of whether keys can be read (a Redis loading its
+    /// dataset takes SUBSCRIBE and refuses GET), so the copies from before the feed stay fit
+    /// for outages until a lookup is answered (`StoreHealth::pending_since`).
     pub fn store_answered(&self) {
         self.health.all_answered();
     }
@@ -1581,6 +1606,32 @@ mod tests {
         v.feed_connected();
         v.store_answered();
         assert!(!v.verify(&missed, Utc::now()).await.unwrap().is_enabled);
+    }
+
+    /// Review: the feed subscribing again while the keys could not be read (a Redis loading its
+    /// dataset takes SUBSCRIBE and refuses GET; a cluster's feed moves to a live node while
+    /// the failed one holds the keys) made every copy from before unfit for the outage: every
+    /// cached key got 503 until the store was back. The copies stay fit until the store has
+    /// answered a lookup since the feed connected.
+    #[tokio::test]
+    async fn a_feed_back_before_the_keys_are_readable_leaves_the_copies_for_the_outage() {
+        let (v, store, key, _dir) =
+            flaky_with_one_key(Duration::from_secs(3600), Duration::from_millis(20)).await;
+        assert!(v.verify(&key, Utc::now()).await.is_ok());
+        store.down.store(true, Ordering::SeqCst);
+        v.feed_lost();
+        // The feed subscribes again; lookups still fail.
+        v.feed_connected();
+        v.store_answered();
+        for round in ["the lookup that fails", "in the back-off", "a probe's turn"] {
+            if round == "a probe's turn" {
+                tokio::time::sleep(STORE_BACKOFF + Duration::from_millis(50)).await;
+            }
+            assert!(
+                v.verify(&key, Utc::now()).await.is_ok(),
+                "{round}: the copy did not answer the outage"
+            );
+        }
     }
 
     /// Review: one change while loads were in flight set off a chain of thrown-away loads: a
