@@ -420,10 +420,25 @@ fn has_bare_line_break(block: &[u8]) -> bool {
     })
 }
 
-/// How many times `;`, optional whitespace, then `name=` (any case) appears in `bytes`: what
-/// Rack 2's `Content-Disposition:[^:]*;\s*name=` can take a part's name from.
-fn names_in_block(bytes: &[u8]) -> usize {
-    name_params(bytes).count()
+/// How many names Rack 2's `Content-Disposition:[^:]*;\s*name=` (any case) could take from
+/// a part's header block: each `;`, optional whitespace, `name=` between a
+/// `content-disposition:` anywhere (inside another header's name or value too) and the next
+/// `:`. (Not one in a `Content-Type` after it, `application/pdf; name="x.pdf"`, as JavaMail
+/// writes: the regular expression cannot cross that header's colon.)
+fn names_in_block(block: &[u8]) -> usize {
+    const DISPOSITION: &[u8] = b"content-disposition";
+    let mut count = 0;
+    let mut colons = memchr::memchr_iter(b':', block).peekable();
+    while let Some(colon) = colons.next() {
+        let named = colon
+            .checked_sub(DISPOSITION.len())
+            .is_some_and(|at| block[at..colon].eq_ignore_ascii_case(DISPOSITION));
+        if named {
+            let end = colons.peek().copied().unwrap_or(block.len());
+            count += name_params(&block[colon + 1..end]).count();
+        }
+    }
+    count
 }
 
 /// Where the first `;…name=` of a Content-Disposition value starts (its length when none).
@@ -459,9 +474,21 @@ fn is_plain_text_part(headers: &[httparse::Header<'_>]) -> bool {
             mime.eq_ignore_ascii_case(b"text/plain")
                 && match header_param(h.value, b"charset") {
                     Ok(None) => true,
-                    Ok(Some(c)) => [&b"utf-8"[..], b"utf8", b"us-ascii"]
-                        .iter()
-                        .any(|e| c.eq_ignore_ascii_case(e)),
+                    // Charsets that read ASCII as ASCII, which a key is (a value that is
+                    // not fails as a key): Apache HttpClient writes ISO-8859-1 by default.
+                    Ok(Some(c)) => [
+                        &b"utf-8"[..],
+                        b"utf8",
+                        b"us-ascii",
+                        b"ascii",
+                        b"iso-8859-1",
+                        b"latin1",
+                        b"iso-8859-15",
+                        b"windows-1252",
+                        b"cp1252",
+                    ]
+                    .iter()
+                    .any(|e| c.eq_ignore_ascii_case(e)),
                     Err(_) => false,
                 }
         } else {
@@ -948,6 +975,17 @@ mod tests {
         let mut scanner = MultipartScanner::new("XyZ", &fields, false);
         assert_eq!(scanner.feed(&b[..end_of_key]).unwrap(), Progress::NeedMore);
         assert_eq!(scanner.into_found(), None);
+    }
+
+    /// What real clients write, which the refusals above must let through (review): Apache
+    /// HttpClient's text part (ISO-8859-1, 8bit), a JavaMail-style file part with a `name` in
+    /// its `Content-Type`, OkHttp's per-part `Content-Length`.
+    #[test]
+    fn real_clients_parts_are_read() {
+        let b = b"--XyZ\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"x.pdf\"\r\nContent-Type: application/pdf; name=\"x.pdf\"\r\nContent-Transfer-Encoding: binary\r\n\r\n%PDF\r\n--XyZ\r\nContent-Disposition: form-data; name=\"clientKey\"\r\nContent-Type: text/plain; charset=ISO-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\nkg_6\r\n--XyZ\r\nContent-Disposition: form-data; name=\"n\"\r\nContent-Length: 1\r\n\r\n1\r\n--XyZ--\r\n";
+        for split in [1, 5, 4096] {
+            assert_eq!(scan(b, "XyZ", split, true), Outcome::Key("kg_6".into()));
+        }
     }
 
     #[test]

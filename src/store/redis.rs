@@ -1384,7 +1384,15 @@ impl RedisStore {
         while let Some((id, raw)) = reads.next().await {
             // An id whose key is missing (`""`) was deleted between the two reads, or the index
             // still lists a key whose deletion did not reach it (module doc): skip it.
-            let raw = raw?;
+            // A value of another type there (WRONGTYPE) is one broken record, as an
+            // undecodable one is; anything else (the store failing) fails the listing.
+            let raw = match raw {
+                Err(e @ StoreError::Corrupt(_)) => {
+                    super::unreadable_left_out(&id, &e);
+                    continue;
+                }
+                other => other?,
+            };
             if raw.is_empty() {
                 continue;
             }

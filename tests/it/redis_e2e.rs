@@ -1237,13 +1237,21 @@ async fn a_listing_leaves_out_an_unreadable_record() {
     let redis = RedisServer::start();
     let store = redis_store(&redis, "kglist").await;
     let (_, bad) = create_key(&store, |_| {}).await;
+    let (_, other_type) = create_key(&store, |_| {}).await;
     let (_, good) = create_key(&store, |_| {}).await;
     let names = redis_cli(&redis, &["--scan", "--pattern", "kglist:k:*"]);
-    let name = names
-        .lines()
-        .find(|n| n.ends_with(bad.api_key_id.as_str()))
-        .expect("the bad key's id entry");
-    redis_cli(&redis, &["SET", name, "{\"record\":"]);
+    let name_of = |id: &str| {
+        names
+            .lines()
+            .find(|n| n.ends_with(id))
+            .expect("the key's id entry")
+            .to_owned()
+    };
+    redis_cli(&redis, &["SET", &name_of(&bad.api_key_id), "{\"record\":"]);
+    // Review: a value of another type (WRONGTYPE) failed the whole listing.
+    let name = name_of(&other_type.api_key_id);
+    redis_cli(&redis, &["DEL", &name]);
+    redis_cli(&redis, &["HSET", &name, "f", "v"]);
     let filter = keygate::store::KeyFilter::default();
     let page = keygate::store::Page {
         page: 1,
