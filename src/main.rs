@@ -42,6 +42,9 @@ macro_rules! announce {
 enum OnClosed {
     Exit,
     Continue,
+    /// The line is a key shown only once: a reader that went away never saw it, and the
+    /// command fails saying so (review: `keys create | …` exited 0 with the value lost).
+    Fail,
 }
 
 fn print_line(line: std::fmt::Arguments<'_>, on_closed: OnClosed) {
@@ -54,6 +57,13 @@ fn print_line(line: std::fmt::Arguments<'_>, on_closed: OnClosed) {
     match written {
         Ok(()) => {}
         Err(_) if on_closed == OnClosed::Continue => {}
+        Err(e) if on_closed == OnClosed::Fail => {
+            eprintln!(
+                "keygate: the key could not be written to stdout ({e}), and it is shown only \
+                 once: rotate the key to get a value"
+            );
+            std::process::exit(1);
+        }
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => {
             eprintln!("keygate: cannot write to stdout: {e}");
@@ -771,7 +781,7 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 req.expires_time = Some(until);
             }
             let (key, record) = service.create(req, &actor, now).await.map_err(fail)?;
-            say!("{}", key.expose());
+            print_line(format_args!("{}", key.expose()), OnClosed::Fail);
             eprintln!(
                 "created {} ({}); the key above is shown only once",
                 record.api_key_id, record.name
@@ -852,7 +862,7 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
                 .rotate(&id, grace, None, &actor, now)
                 .await
                 .map_err(|e| fail(e).replace("grace_seconds", "--grace"))?;
-            say!("{}", key.expose());
+            print_line(format_args!("{}", key.expose()), OnClosed::Fail);
             eprintln!(
                 "rotated {id}; the previous value works for {}",
                 humantime::format_duration(grace)

@@ -762,4 +762,30 @@ fn a_closed_stdout_is_no_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // Review: a key shown only once, to a reader that went away, was lost with exit 0.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n",
+            dir.path().join("keys.db").display()
+        ),
+    )
+    .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["keys", "--config"])
+        .arg(&path)
+        .args(["create", "--name", "piped"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("rotate the key"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
