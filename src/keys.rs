@@ -363,16 +363,22 @@ impl KeyService {
     }
 
     /// A team or user id: part of store key names (no braces or slashes) and of identity
-    /// headers (no control characters).
+    /// headers (no control characters). Nor white space at either end, or invisible
+    /// characters: HTTP drops the spaces around a header value, so `" alice"` reached the
+    /// upstream as `alice`, and a team's admin could mint a key in an owner's name (review);
+    /// a zero-width or direction character makes the same kind of twin to the eye.
     fn check_id(field: &'static str, v: &str) -> Result<(), KeyError> {
         if v.is_empty()
             || v.len() > 100
             || v.contains(['{', '}', '/'])
-            || v.chars().any(char::is_control)
+            || v.starts_with(char::is_whitespace)
+            || v.ends_with(char::is_whitespace)
+            || v.chars().any(|c| c.is_control() || is_invisible(c))
         {
             return Err(KeyError::Invalid {
                 field,
-                reason: "must be 1-100 characters, without braces, slashes or control characters"
+                reason: "must be 1-100 characters, without braces, slashes, control or \
+                         invisible characters, or white space at either end"
                     .into(),
             });
         }
@@ -1228,6 +1234,14 @@ impl KeyService {
     }
 }
 
+/// Characters that show as nothing: the soft hyphen, zero-width ones, the direction marks
+/// and overrides, word joiners, the byte-order mark.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1410,6 +1424,30 @@ mod tests {
         svc.rotate(id, Duration::ZERO, None, &Actor::cli(), Utc::now())
             .await
             .unwrap();
+    }
+
+    /// Review: `" alice"` reached the upstream as `alice` (HTTP drops the spaces around a
+    /// header value): a team's admin made a member `" alice"` and a key in the owner's name.
+    #[test]
+    fn ids_with_space_at_an_end_or_invisible_characters_are_refused() {
+        for bad in [
+            " alice",
+            "alice ",
+            "\talice",
+            "alice\u{a0}",
+            "al\u{200b}ice",
+            "\u{feff}alice",
+            "ali\u{202e}ce",
+            "",
+            "a/b",
+            "a{b}",
+            "a\nb",
+        ] {
+            assert!(KeyService::check_id("user_id", bad).is_err(), "{bad:?}");
+        }
+        for good in ["alice", "alice smith", "u-42", "bob@example.com", "zoë"] {
+            assert!(KeyService::check_id("user_id", good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

@@ -283,7 +283,11 @@ impl AdminApi {
         }
 
         let query = json::Query::parse(req.uri().query())?;
-        let required = if method == Method::GET || method == Method::HEAD {
+        // Revealing a key's value hands out a credential, as creating one does: a read-only
+        // key could otherwise take the value of a write-capable one and write with it
+        // (review).
+        let reveals = query.bool("show_key_value")? == Some(true);
+        let required = if (method == Method::GET || method == Method::HEAD) && !reveals {
             SCOPE_KEYS_READ
         } else {
             SCOPE_KEYS_WRITE
@@ -644,15 +648,21 @@ impl AdminApi {
 
     async fn get_key(&self, id: &str, ctx: &Ctx<'_>) -> Result<Reply, AdminError> {
         let record = self.visible_key(id, ctx).await?;
-        // A HEAD shows nothing, so it reveals nothing (and writes no reveal to the audit).
-        let value = if ctx.query.bool("show_key_value")? == Some(true) && *ctx.method == Method::GET
-        {
+        let value = if ctx.query.bool("show_key_value")? == Some(true) {
+            // Checked for a HEAD too, whose status must be the GET's (review: 200 where the
+            // GET was refused).
             ctx.admin()?.may_hand_out(&record)?;
             self.may_act_for(record.behalf_of_user_id.as_deref(), ctx)
                 .await?;
-            self.service
-                .reveal(&record, &ctx.audit_actor()?, ctx.now)
-                .await?
+            // A HEAD shows nothing, so it reveals nothing (and writes no reveal to the audit).
+            match *ctx.method == Method::GET {
+                true => {
+                    self.service
+                        .reveal(&record, &ctx.audit_actor()?, ctx.now)
+                        .await?
+                }
+                false => None,
+            }
         } else {
             None
         };

@@ -196,8 +196,13 @@ mod tests {
         fn decoding_a_stored_record_directly_equals_decoding_it_whole(record in any_record()) {
             let json = serde_json::to_string(&record).unwrap();
             let whole: KeyRecord = serde_json::from_str(&json).unwrap();
-            let direct: VerifiedKey = serde_json::from_str(&json).unwrap();
-            prop_assert_eq!(direct, VerifiedKey::from(&whole));
+            let direct = serde_json::from_str::<VerifiedKey>(&json);
+            // One whose identity cannot go out as headers does not decode (see below).
+            if crate::proxy::headers::IdentityHeaders::of(&whole).is_whole() {
+                prop_assert_eq!(direct.unwrap(), VerifiedKey::from(&whole));
+            } else {
+                prop_assert!(direct.is_err());
+            }
         }
     }
 
@@ -236,10 +241,14 @@ mod tests {
     #[test]
     fn a_record_whose_identity_cannot_be_a_header_does_not_decode() {
         for field in ["team_id", "behalf_of_user_id"] {
-            let mut r = serde_json::to_value(sample_record("apk_1")).unwrap();
-            r[field] = serde_json::json!("acme\r\n");
-            let read = serde_json::from_value::<VerifiedKey>(r);
-            assert!(read.is_err(), "{field}");
+            // A space or tab at either end too: HTTP drops it, and `" alice"` is `alice` to
+            // the upstream (review).
+            for value in ["acme\r\n", " alice", "alice\t"] {
+                let mut r = serde_json::to_value(sample_record("apk_1")).unwrap();
+                r[field] = serde_json::json!(value);
+                let read = serde_json::from_value::<VerifiedKey>(r);
+                assert!(read.is_err(), "{field}: {value:?}");
+            }
         }
         let mut r = serde_json::to_value(sample_record("apk_1")).unwrap();
         r["scope_names"] = serde_json::json!(["read", "wr\u{7f}ite"]);

@@ -542,7 +542,12 @@ impl IdentityHeaders {
             let text = text?;
             let value = joined.slice(at..at + text.len());
             at += text.len();
-            let value = HeaderValue::from_maybe_shared(value).ok();
+            // HTTP drops spaces and tabs around a value: `" alice"` would reach the upstream
+            // as `alice`, another user (a record stored before the admin API refused it).
+            let padded = text.starts_with([' ', '\t']) || text.ends_with([' ', '\t']);
+            let value = HeaderValue::from_maybe_shared(value)
+                .ok()
+                .filter(|_| !padded);
             whole &= value.is_some();
             value
         });

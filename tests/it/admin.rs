@@ -996,6 +996,25 @@ async fn admin_keys_need_scopes_and_obey_key_rules(backing: &str) {
         .await;
     assert_eq!(r.status, 201);
     assert_eq!(r.body["data"]["created_by"], writer_id.as_str());
+    // Review: a reader revealed the writer's value (inside its reveal window) and wrote with
+    // it. A value is a credential: revealing one takes the write scope, for HEAD too.
+    let reveal = format!("/v1/keys/{writer_id}?show_key_value=true");
+    let r = e.call(&reader, "GET", &reveal, None).await;
+    assert_eq!(r.status, 403);
+    let head = client()
+        .head(e.gw.admin_url(&reveal))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 403);
+    let r = e
+        .call(&reader, "GET", &format!("/v1/keys/{writer_id}"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let r = e.call(&writer, "GET", &reveal, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["data"]["key_value"], writer.as_str());
 
     // Same rules as any key: address and enabled.
     let (_, fenced) = e
