@@ -39,6 +39,7 @@ use std::time::Duration;
 
 /// The body sent upstream. An enum rather than a boxed body, so requests whose key is in a
 /// header (the hot path) forward the client's stream with no allocation.
+#[derive(Default)]
 pub enum ForwardBody {
     Direct(Incoming),
     /// Boxed: only body-key requests pay for it, and it keeps the common variant small.
@@ -50,6 +51,9 @@ pub enum ForwardBody {
     /// The upstream's `body_idle_timeout`: the stream fails once the client keeps it waiting
     /// that long.
     Watched(Box<WatchedBody>),
+    /// No body: a request the pool sends again (`pool::Resend`).
+    #[default]
+    Empty,
 }
 
 /// The upstream's answer to a client's body: the body it was sent.
@@ -231,6 +235,7 @@ impl ForwardBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ForwardBody::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ForwardBody::Empty => Poll::Ready(None),
             ForwardBody::Replay(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
             ForwardBody::ReadAhead(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
             ForwardBody::Limited(l) => {
@@ -279,6 +284,7 @@ impl ForwardBody {
     fn is_end_stream_inner(&self) -> bool {
         match self {
             ForwardBody::Direct(b) => b.is_end_stream(),
+            ForwardBody::Empty => true,
             ForwardBody::Replay(b) => b.is_end_stream(),
             ForwardBody::ReadAhead(b) => b.is_end_stream(),
             ForwardBody::Limited(l) => l.inner.is_end_stream(),
@@ -295,6 +301,7 @@ impl ForwardBody {
     fn size_hint_inner(&self) -> SizeHint {
         match self {
             ForwardBody::Direct(b) => b.size_hint(),
+            ForwardBody::Empty => SizeHint::with_exact(0),
             ForwardBody::Replay(b) => b.size_hint(),
             ForwardBody::ReadAhead(b) => b.size_hint(),
             ForwardBody::Limited(l) => l.inner.size_hint(),

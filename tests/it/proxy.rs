@@ -2941,3 +2941,69 @@ async fn upstream_failures_are_logged_once_a_second_with_the_count_left_out() {
     let left_out = format!("unlogged={}", BURST - 1);
     assert!(warnings()[1].contains(&left_out), "{:?}", warnings());
 }
+
+/// An upstream that answers the first request on each connection (keep-alive), and the second
+/// as an upstream whose keep-alive timeout ran out as it came: `close` closes without a word,
+/// `408` sends its idle-timeout 408 and closes.
+async fn closes_on_its_second_request(mode: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                for n in 0.. {
+                    let mut seen = Vec::new();
+                    // The head (the tests' requests have no body, or a small one in the head's
+                    // read).
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => seen.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    if n == 0 {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                        continue;
+                    }
+                    if mode == "408" {
+                        let _ = conn
+                            .write_all(
+                                b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Review: a request written on a pooled connection just as the upstream closed it (its
+/// keep-alive timeout) was answered 502, or with the 408 the upstream sent as it closed. An
+/// idempotent request without a body is sent once more on a new connection; a POST is not.
+#[tokio::test]
+async fn an_idempotent_request_meeting_a_closing_keep_alive_connection_is_sent_again() {
+    for mode in ["close", "408"] {
+        let dir = tempfile::tempdir().unwrap();
+        let up = closes_on_its_second_request(mode).await;
+        let gw = public_gateway_with(&dir, up, "");
+        let c = client();
+        let get = || c.get(gw.url("/x")).send();
+        assert_eq!(get().await.unwrap().status(), 200, "{mode}");
+        // Idle long enough to be at risk of the race.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = get().await.unwrap();
+        assert_eq!(r.status(), 200, "{mode}: the GET was not sent again");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // A POST is the client's to retry.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c.post(gw.url("/x")).body("a=1").send().await.unwrap();
+        assert_ne!(r.status(), 200, "{mode}: the POST was sent again");
+    }
+}
