@@ -248,6 +248,23 @@ pub fn upgrade_protocol<B>(req: &http::Request<B>) -> Option<HeaderValue> {
     (!h2c).then(|| protocol.clone())
 }
 
+/// Whether a 101's `Upgrade` (`switched`) names protocols, each one the request's `Upgrade`
+/// (`asked`) named: the names compared without case, a version (`/13`) part of the name.
+pub fn switches_to_asked(asked: Option<&HeaderValue>, switched: Option<&HeaderValue>) -> bool {
+    let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(|t| t.trim_ascii().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let (Some(asked), Some(switched)) = (asked, switched) else {
+        return false;
+    };
+    let (asked, switched) = (tokens(asked), tokens(switched));
+    !switched.is_empty() && switched.iter().all(|t| asked.contains(t))
+}
+
 /// Puts back the two headers an upgrade needs after the hop-by-hop removal.
 pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
@@ -949,6 +966,27 @@ mod tests {
         join_cookies(&mut h);
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn a_switch_must_be_to_what_was_asked() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert!(switches_to_asked(
+            Some(&v("websocket")),
+            Some(&v("WebSocket"))
+        ));
+        assert!(switches_to_asked(
+            Some(&v("foo/2, websocket")),
+            Some(&v("websocket"))
+        ));
+        assert!(!switches_to_asked(Some(&v("websocket")), Some(&v("h2c"))));
+        assert!(!switches_to_asked(Some(&v("websocket")), None));
+        assert!(!switches_to_asked(Some(&v("websocket")), Some(&v(" , "))));
+        assert!(!switches_to_asked(None, Some(&v("websocket"))));
+        assert!(!switches_to_asked(
+            Some(&v("websocket")),
+            Some(&v("websocket, h2c"))
+        ));
     }
 
     #[test]

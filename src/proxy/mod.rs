@@ -495,12 +495,22 @@ impl Upstream {
             return Err(GatewayError::UpstreamUnavailable);
         }
         let client_side = hyper::upgrade::on(&mut req);
+        let asked = req.headers().get(http::header::UPGRADE).cloned();
         let mut resp = self.exchange(req, client_body).await?;
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             // Upgrades are HTTP/1.1's: no stream to watch.
             return self.for_the_client(resp, &mut None).await;
         }
         let upgrade = resp.headers().get(http::header::UPGRADE).cloned();
+        // A 101 names the protocol it switches to, one the client asked for (RFC 9110 §7.8).
+        // Spliced as it came, a switch to h2c would carry every later request past keygate
+        // (review: relayed and spliced with `Upgrade: h2c`, and with no `Upgrade` at all).
+        if !headers::switches_to_asked(asked.as_ref(), upgrade.as_ref()) {
+            if let Some(unlogged) = self.failure_logged() {
+                tracing::warn!(upstream = %self.name, unlogged, "upstream switched to a protocol the client did not ask for");
+            }
+            return Err(GatewayError::UpstreamUnavailable);
+        }
         headers::remove_hop_by_hop(resp.headers_mut());
         if let Some(protocol) = upgrade {
             resp.headers_mut().insert(http::header::UPGRADE, protocol);

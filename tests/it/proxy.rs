@@ -3007,3 +3007,24 @@ async fn an_idempotent_request_meeting_a_closing_keep_alive_connection_is_sent_a
         assert_ne!(r.status(), 200, "{mode}: the POST was sent again");
     }
 }
+
+/// Review: a 101 switching to a protocol the client did not ask for (h2c: every later request
+/// on the spliced connection would pass keygate unseen), or naming none, was relayed and
+/// spliced. It is a 502 now.
+#[tokio::test]
+async fn a_switch_to_a_protocol_not_asked_for_is_refused() {
+    for answer in [
+        &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nRAW"[..],
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\nRAW",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let up = upstream::raw(answer).await;
+        let gw = public_gateway_with(&dir, up, "");
+        let request =
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let (status, body) = raw_exchange(gw.addr, request).await;
+        assert!(status.contains(" 502 "), "{status}");
+        assert!(!body.contains("RAW"), "{body}");
+    }
+}
