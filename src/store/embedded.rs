@@ -335,15 +335,9 @@ impl KeyStore for EmbeddedStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self
-            .hash_row::<KeyRecord>(hash, now)
-            .await?
-            .map(|(mut record, grace_until)| {
-                if let Some(until) = grace_until {
-                    expire_at_grace_end(&mut record, until);
-                }
-                record
-            }))
+        Ok(super::at_grace_end(
+            self.hash_row::<KeyRecord>(hash, now).await?,
+        ))
     }
 
     /// Decoded straight into what the verifier keeps, as the Redis store does: the same
@@ -354,15 +348,9 @@ impl KeyStore for EmbeddedStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<VerifiedKey>, StoreError> {
-        Ok(self
-            .hash_row::<VerifiedKey>(hash, now)
-            .await?
-            .map(|(mut key, grace_until)| {
-                if let Some(until) = grace_until {
-                    key.expire_at_grace_end(until);
-                }
-                key
-            }))
+        Ok(super::at_grace_end(
+            self.hash_row::<VerifiedKey>(hash, now).await?,
+        ))
     }
 
     async fn create(
@@ -1018,17 +1006,6 @@ fn log_change(tx: &Transaction<'_>, hashes: &[String]) -> Result<(), StoreError>
     )
     .map_err(db_err)?;
     Ok(())
-}
-
-/// A hash in its rotation grace yields the record with `expires_time` no later than the end of
-/// the grace, so that a gateway which caches the answer (and its stale copy for outages) still
-/// refuses the old key on time: nothing needs to be published when a grace ends.
-fn expire_at_grace_end(record: &mut KeyRecord, until_ms: i64) {
-    let end = DateTime::<Utc>::from_timestamp_millis(until_ms);
-    record.expires_time = match (record.expires_time, end) {
-        (Some(own), Some(end)) => Some(own.min(end)),
-        (own, end) => own.or(end),
-    };
 }
 
 /// `*` → everything; otherwise hex hashes. Anything unreadable also means everything: dropping

@@ -175,6 +175,37 @@ pub enum Change {
 /// assume it missed changes (flush its cache) and ask for a new feed.
 pub type ChangeFeed = mpsc::Receiver<Change>;
 
+/// What a hash lookup decodes (the whole record, or the verifier's copy): either is clipped to
+/// the end of the hash's rotation grace.
+pub trait GraceEnd {
+    fn expire_at_grace_end(&mut self, until_ms: i64);
+}
+
+impl GraceEnd for KeyRecord {
+    fn expire_at_grace_end(&mut self, until_ms: i64) {
+        self.expires_time = crate::auth::timestamp::earlier_expiry(self.expires_time, until_ms);
+    }
+}
+
+impl GraceEnd for VerifiedKey {
+    fn expire_at_grace_end(&mut self, until_ms: i64) {
+        VerifiedKey::expire_at_grace_end(self, until_ms);
+    }
+}
+
+/// A hash lookup's answer, with the end of the hash's rotation grace when it has one: a hash
+/// in its grace yields the record with `expires_time` no later than the end of the grace, so
+/// that a gateway which caches the answer (and its stale copy for outages) still refuses the
+/// old key on time: nothing needs to be published when a grace ends.
+pub fn at_grace_end<T: GraceEnd>(found: Option<(T, Option<i64>)>) -> Option<T> {
+    found.map(|(mut found, grace_until)| {
+        if let Some(until) = grace_until {
+            found.expire_at_grace_end(until);
+        }
+        found
+    })
+}
+
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// The hot path: the record that `hash` belongs to, if `hash` is the key's current hash or

@@ -75,7 +75,6 @@ use super::{
 };
 use crate::auth::key::{DIGEST_HEX_LEN, KeyHash, SlotTag, TAG_LEN};
 use crate::auth::record::KeyRecord;
-use crate::auth::timestamp;
 use crate::auth::verified::VerifiedKey;
 use crate::log_every::LogEvery;
 use async_trait::async_trait;
@@ -1611,15 +1610,9 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self
-            .hash_entry::<KeyRecord>(hash, now)
-            .await?
-            .map(|(mut record, grace_until)| {
-                if let Some(until) = grace_until {
-                    expire_at_grace_end(&mut record, until);
-                }
-                record
-            }))
+        Ok(super::at_grace_end(
+            self.hash_entry::<KeyRecord>(hash, now).await?,
+        ))
     }
 
     async fn find_verified_by_hash(
@@ -1627,15 +1620,9 @@ impl KeyStore for RedisStore {
         hash: &KeyHash,
         now: DateTime<Utc>,
     ) -> Result<Option<VerifiedKey>, StoreError> {
-        Ok(self
-            .hash_entry::<VerifiedKey>(hash, now)
-            .await?
-            .map(|(mut key, grace_until)| {
-                if let Some(until) = grace_until {
-                    key.expire_at_grace_end(until);
-                }
-                key
-            }))
+        Ok(super::at_grace_end(
+            self.hash_entry::<VerifiedKey>(hash, now).await?,
+        ))
     }
 
     fn failure_domains(&self) -> usize {
@@ -2208,13 +2195,6 @@ fn parse_change(payload: &[u8]) -> Option<Change> {
     }
     let hashes: Option<Vec<KeyHash>> = text.split_whitespace().map(KeyHash::from_hex).collect();
     Some(hashes.map_or(Change::All, Change::Keys))
-}
-
-/// A hash in its rotation grace yields the record with `expires_time` no later than the end of
-/// the grace, so that a gateway which caches the answer (and its stale copy for outages) still
-/// refuses the old key on time: nothing needs to be published when a grace ends.
-fn expire_at_grace_end(record: &mut KeyRecord, until_ms: i64) {
-    record.expires_time = timestamp::earlier_expiry(record.expires_time, until_ms);
 }
 
 /// 1-based page → (items to skip, items to take).
