@@ -94,7 +94,7 @@ pub enum Peer {
 /// Exchanges and connections cut off, by [`CutOff`] (`keygate_cut_off_total`). Process-wide
 /// atomics rather than a metrics handle in every wrapper: counted only when something is cut
 /// off, and read at scrape time.
-static CUT_OFFS: [AtomicU64; CutOff::ALL.len()] = [const { AtomicU64::new(0) }; 6];
+static CUT_OFFS: [AtomicU64; CutOff::ALL.len()] = [const { AtomicU64::new(0) }; CutOff::ALL.len()];
 
 /// Why something was cut off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,16 +107,19 @@ pub enum CutOff {
     TunnelIdle,
     /// An upgraded connection's key stopped being valid (disabled, revoked, expired).
     TunnelKeyInvalid,
+    /// An HTTP/2 client reset most of its streams before their answers (rapid reset).
+    ClientResetFlood,
 }
 
 impl CutOff {
-    pub const ALL: [CutOff; 6] = [
+    pub const ALL: [CutOff; 7] = [
         CutOff::ClientBodyStalled,
         CutOff::UpstreamBodyStalled,
         CutOff::ClientNotReading,
         CutOff::UpstreamNotReading,
         CutOff::TunnelIdle,
         CutOff::TunnelKeyInvalid,
+        CutOff::ClientResetFlood,
     ];
 
     fn of_body(sender: Peer) -> Self {
@@ -142,6 +145,7 @@ impl CutOff {
             CutOff::UpstreamNotReading => "upstream_not_reading",
             CutOff::TunnelIdle => "tunnel_idle",
             CutOff::TunnelKeyInvalid => "tunnel_key_invalid",
+            CutOff::ClientResetFlood => "client_reset_flood",
         }
     }
 

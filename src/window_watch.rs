@@ -38,6 +38,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Live streams that make the registry look for dead ones: below it, registering never scans.
@@ -47,7 +48,24 @@ const PRUNE_FLOOR: usize = 64;
 pub struct StreamSends {
     epoch: Instant,
     streams: Mutex<Streams>,
+    /// Streams registered so far.
+    opened: AtomicU64,
+    /// Streams the client reset before they were answered, within [`PREMATURE_LIFETIME`].
+    premature: AtomicU64,
+    /// Woken when `premature` reaches half of `opened` (past [`RESET_FLOOR`]).
+    reset_flood: Notify,
 }
+
+/// A stream the client resets before its answer, this soon after opening it, cost the client
+/// nothing while keygate (and the upstream) went to work on it: HTTP/2's "rapid reset"
+/// (CVE-2023-44487). Envoy's default, which a client that cancels after waiting a while stays
+/// clear of.
+const PREMATURE_LIFETIME: Duration = Duration::from_secs(1);
+
+/// Streams a connection opens before its resets are judged: Envoy's
+/// `premature_reset_total_stream_count`. A connection with at least this many streams, half of
+/// them reset prematurely, is closed.
+const RESET_FLOOR: u64 = 500;
 
 struct Streams {
     /// A stream's entry dies with its response body; dead entries go at the next look-over or
@@ -73,15 +91,21 @@ impl Default for StreamSends {
                 sends: Vec::new(),
                 prune_at: PRUNE_FLOOR,
             }),
+            opened: AtomicU64::new(0),
+            premature: AtomicU64::new(0),
+            reset_flood: Notify::new(),
         }
     }
 }
 
 impl StreamSends {
     /// A new stream's response, to be watched until its body is dropped.
-    pub fn register(&self) -> Arc<StreamSend> {
+    pub fn register(self: &Arc<Self>) -> Arc<StreamSend> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let send = Arc::new(StreamSend {
-            epoch: self.epoch,
+            opened_at: self.epoch.elapsed(),
+            sends: self.clone(),
+            answered: AtomicBool::new(false),
             held_since: AtomicU64::new(NOT_HELD),
         });
         let mut streams = self.lock();
@@ -122,6 +146,21 @@ impl StreamSends {
         }
     }
 
+    /// Ends once the client has reset at least half of the connection's streams before their
+    /// answers, soon after opening them, over at least [`RESET_FLOOR`] streams; again at each
+    /// such reset after that.
+    pub async fn reset_flood(&self) {
+        self.reset_flood.notified().await;
+    }
+
+    fn reset_prematurely(&self) {
+        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        let opened = self.opened.load(Ordering::Relaxed);
+        if opened >= RESET_FLOOR && premature.saturating_mul(2) >= opened {
+            self.reset_flood.notify_one();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
         // The lists are whole after any panic (push and retain), so a poisoned lock is usable.
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
@@ -132,10 +171,25 @@ const NOT_HELD: u64 = 0;
 
 /// One stream's response: since when hyper has held a frame without asking for the next.
 pub struct StreamSend {
-    epoch: Instant,
-    /// Nanoseconds after `epoch`, plus one; [`NOT_HELD`] while hyper is asking or the body is
-    /// done.
+    /// After the connection's epoch.
+    opened_at: Duration,
+    sends: Arc<StreamSends>,
+    /// Set once the stream's response exists (its body is watched); hyper drops a stream's
+    /// request future, and with it this entry, when the client resets the stream first.
+    answered: AtomicBool,
+    /// Nanoseconds after the epoch, plus one; [`NOT_HELD`] while hyper is asking or the body
+    /// is done.
     held_since: AtomicU64,
+}
+
+impl Drop for StreamSend {
+    fn drop(&mut self) {
+        if !self.answered.load(Ordering::Relaxed)
+            && self.sends.epoch.elapsed().saturating_sub(self.opened_at) < PREMATURE_LIFETIME
+        {
+            self.sends.reset_prematurely();
+        }
+    }
 }
 
 impl StreamSend {
@@ -144,14 +198,14 @@ impl StreamSend {
     }
 
     fn handed_a_frame(&self) {
-        let since = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        let since = u64::try_from(self.sends.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
         self.held_since.store(since + 1, Ordering::Relaxed);
     }
 
     fn held_since(&self) -> Option<Instant> {
         match self.held_since.load(Ordering::Relaxed) {
             NOT_HELD => None,
-            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+            n => Some(self.sends.epoch + Duration::from_nanos(n - 1)),
         }
     }
 }
@@ -186,6 +240,9 @@ pin_project! {
 
 impl<B> SendWatch<B> {
     pub fn new(inner: B, send: Option<Arc<StreamSend>>) -> Self {
+        if let Some(send) = &send {
+            send.answered.store(true, Ordering::Relaxed);
+        }
         Self {
             inner,
             send,
@@ -359,7 +416,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_frame_hyper_holds_for_the_limit_is_a_stall() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let mut body = SendWatch::new(two_frames(), Some(sends.register()));
         body.frame().await.unwrap().unwrap();
         let started = Instant::now();
@@ -372,7 +429,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn asking_for_the_next_frame_ends_the_wait() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let mut body = SendWatch::new(two_frames(), Some(sends.register()));
         body.frame().await.unwrap().unwrap();
         tokio::time::advance(LIMIT - Duration::from_secs(1)).await;
@@ -388,7 +445,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_last_frame_waits_until_the_body_is_dropped() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let mut whole = SendWatch::new(
             http_body_util::Full::new(Bytes::from_static(b"whole")),
             Some(sends.register()),
@@ -411,9 +468,54 @@ mod tests {
         assert!(now > started);
     }
 
+    /// Whether `reset_flood` has been woken (without waiting).
+    fn flooded(sends: &StreamSends) -> bool {
+        use std::future::Future;
+        let notified = sends.reset_flood();
+        let mut notified = std::pin::pin!(notified);
+        notified
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+            .is_ready()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_of_500_streams_dropped_unanswered_at_once_is_a_reset_flood() {
+        let sends = Arc::new(StreamSends::default());
+        // Answered streams, and streams dropped unanswered after waiting a second: not resets
+        // that cost the client nothing.
+        for _ in 0..200 {
+            drop(SendWatch::new(two_frames(), Some(sends.register())));
+        }
+        let waited: Vec<_> = (0..100).map(|_| sends.register()).collect();
+        tokio::time::advance(PREMATURE_LIFETIME).await;
+        drop(waited);
+        assert!(!flooded(&sends));
+        // 300 streams so far; 299 reset at once make 599, 299 of them premature.
+        for _ in 0..299 {
+            drop(sends.register());
+        }
+        assert!(!flooded(&sends), "under half");
+        drop(sends.register());
+        assert!(flooded(&sends), "300 of 600");
+        // Each further one wakes it again.
+        assert!(!flooded(&sends));
+        drop(sends.register());
+        assert!(flooded(&sends));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resets_on_a_young_connection_are_not_judged() {
+        let sends = Arc::new(StreamSends::default());
+        for _ in 0..RESET_FLOOR - 1 {
+            drop(sends.register());
+        }
+        assert!(!flooded(&sends), "499 streams, all reset");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn dead_entries_do_not_pile_up_between_look_overs() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let live: Vec<_> = (0..10).map(|_| sends.register()).collect();
         for _ in 0..10_000 {
             drop(sends.register());
@@ -425,7 +527,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_large_frame_is_handed_over_in_pieces_each_awaited() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let whole = Bytes::from((0..40_000u32).map(|i| i as u8).collect::<Vec<_>>());
         let mut body = SendWatch::new(
             http_body_util::Full::new(whole.clone()),
@@ -455,7 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_body_known_to_end_keeps_its_last_byte_back() {
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let mut sized = SendWatch::new(
             http_body_util::Full::new(Bytes::from_static(b"whole")),
             Some(sends.register()),
@@ -486,7 +588,7 @@ mod tests {
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
         let frames = [Frame::data(Bytes::new()), Frame::trailers(trailers.clone())]
             .map(Ok::<_, std::convert::Infallible>);
-        let sends = StreamSends::default();
+        let sends = Arc::new(StreamSends::default());
         let mut body = SendWatch::new(
             http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
             Some(sends.register()),

@@ -437,8 +437,10 @@ impl Conn {
         let mut finishing = false;
         // When a stalled stream's connection, closing gracefully, is cut off.
         let mut stall_cut_at = None;
+        // When a connection closing for a flood of stream resets is cut off.
+        let mut reset_cut_at = None;
         let ended = loop {
-            let wake_at = [idle_at.filter(|_| !finishing), sends_at]
+            let wake_at = [idle_at.filter(|_| !finishing), sends_at, reset_cut_at]
                 .into_iter()
                 .flatten()
                 .min();
@@ -448,8 +450,35 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     finishing = true;
                 }
+                // Rapid reset: closed gracefully, as a stall is, so that the streams the client
+                // did not reset finish; a client that goes on resetting meanwhile (it may
+                // never answer the ping that ends a graceful close) is cut off at once.
+                () = sends.reset_flood() => {
+                    if reset_cut_at.is_some() {
+                        tracing::debug!(
+                            peer = %self.peer,
+                            "an HTTP/2 client went on resetting streams while its connection \
+                             closed; cut off"
+                        );
+                        return;
+                    }
+                    CutOff::ClientResetFlood.add();
+                    tracing::debug!(
+                        peer = %self.peer,
+                        "an HTTP/2 client reset half of its streams or more before their \
+                         answers; closing the connection"
+                    );
+                    if !finishing {
+                        conn.as_mut().graceful_shutdown();
+                        finishing = true;
+                    }
+                    reset_cut_at = Some(tokio::time::Instant::now() + self.send_timeout);
+                }
                 () = sleep_until_some(wake_at), if wake_at.is_some() => {
                     let now = tokio::time::Instant::now();
+                    if reset_cut_at.is_some_and(|at| at <= now) {
+                        return;
+                    }
                     if sends_at.is_some_and(|at| at <= now) {
                         match sends.look_over(self.send_timeout) {
                             Sends::MovingUntil(next) => sends_at = Some(next),

@@ -142,6 +142,115 @@ async fn http2_clients_get_the_configured_max_concurrent_streams_and_no_more() {
     assert_eq!(answered, [1, 3]);
 }
 
+const GOAWAY: u8 = 0x7;
+const CANCEL: u32 = 0x8;
+
+/// The `keygate_cut_off_total` series for `reason` in a scrape.
+fn cut_offs(scrape: &str, reason: &str) -> Option<u64> {
+    let series = format!("keygate_cut_off_total{{reason=\"{reason}\"}} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams and resets them before
+/// their answers makes keygate and the upstream work while it holds nothing. Once half of at
+/// least 500 streams were reset that way the connection gets a GOAWAY, and a client that goes
+/// on resetting is cut off; the streams are reset after keygate took them (hyper's own limit
+/// covers streams reset before that).
+#[tokio::test]
+async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::delayed(Duration::from_secs(2)).await;
+    let gw = Gateway::start(&config(&dir, up, ""));
+    let (s, _) = handshake(gw.addr).await;
+    let (mut reader, mut writer) = s.into_split();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        loop {
+            if reader.read_exact(&mut head).await.is_err() {
+                let _ = seen_tx.send(None);
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if reader.read_exact(&mut payload).await.is_err() {
+                let _ = seen_tx.send(None);
+                return;
+            }
+            if head[3] == GOAWAY {
+                let _ = seen_tx.send(Some(GOAWAY));
+            }
+        }
+    });
+    let authority = gw.addr.to_string();
+    let mut opened = 0u32;
+    let mut goaway_after = None;
+    let mut closed_after = None;
+    'batches: for batch in 0..40u32 {
+        let streams: Vec<u32> = (0..50).map(|i| 1 + 2 * (batch * 50 + i)).collect();
+        let heads: Vec<u8> = streams
+            .iter()
+            .flat_map(|&id| get(id, &authority, "/public/slow"))
+            .collect();
+        if writer.write_all(&heads).await.is_err() {
+            closed_after.get_or_insert(opened);
+            break;
+        }
+        opened += 50;
+        // Long enough for keygate to take the streams and ask the upstream.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let resets: Vec<u8> = streams
+            .iter()
+            .flat_map(|&id| frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()))
+            .collect();
+        let _ = writer.write_all(&resets).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        while let Ok(event) = seen.try_recv() {
+            match event {
+                Some(_) => {
+                    goaway_after.get_or_insert(opened);
+                }
+                None => {
+                    closed_after.get_or_insert(opened);
+                    break 'batches;
+                }
+            }
+        }
+    }
+    let goaway_after = goaway_after.expect("a GOAWAY");
+    assert!(
+        (500..=600).contains(&goaway_after),
+        "GOAWAY after {goaway_after} streams"
+    );
+    let closed_after = closed_after.expect("the connection cut off");
+    assert!(
+        closed_after <= goaway_after + 100,
+        "cut off after {closed_after} streams, GOAWAY after {goaway_after}"
+    );
+    assert_eq!(cut_offs(&gw.metrics().await, "client_reset_flood"), Some(1));
+}
+
+/// Streams answered in full are not resets, however many: a busy connection stays open.
+#[tokio::test]
+async fn an_http2_connection_with_many_answered_streams_is_not_taken_for_a_reset_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream::delayed(Duration::ZERO).await;
+    let gw = Gateway::start(&config(&dir, up, ""));
+    let client = crate::support::h2_client();
+    for round in 0..12 {
+        let answers = futures_util::future::join_all(
+            (0..50).map(|i| client.get(gw.url(&format!("/public/{round}/{i}"))).send()),
+        )
+        .await;
+        for answer in answers {
+            assert_eq!(answer.unwrap().status(), 200);
+        }
+    }
+    assert_eq!(cut_offs(&gw.metrics().await, "client_reset_flood"), Some(0));
+}
+
 /// Many requests at once to a slow upstream (streams of one HTTP/2 client connection, the
 /// reported attack) open no more than the upstream's `max_connections`: a request that finds
 /// none free within `connect_timeout` is answered 503 `UPSTREAM_BUSY`, and once they are free
