@@ -1087,6 +1087,9 @@ mod tests {
         async fn delete(&self, id: &str) -> Result<(), StoreError> {
             self.inner.delete(id).await
         }
+        async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
+            self.inner.delete_if(expected).await
+        }
         async fn list(
             &self,
             filter: &KeyFilter,

@@ -284,15 +284,9 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
 
     /// [`Self::delete`], only while the stored record still equals `expected` (else
-    /// `Conflict`, nothing removed), like [`Self::update`]. The stores override it to check and
-    /// remove atomically; this default reads and then deletes, for stores used in tests.
-    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
-        match self.get(&expected.api_key_id).await? {
-            Some(current) if current == *expected => self.delete(&expected.api_key_id).await,
-            Some(_) => Err(StoreError::Conflict),
-            None => Err(StoreError::NotFound),
-        }
-    }
+    /// `Conflict`, nothing removed), like [`Self::update`], checked and removed atomically. No
+    /// default: one that read and then deleted would let a change made in between be lost.
+    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError>;
 
     /// Records matching `filter`, oldest first, one page of them, and the total that matched.
     async fn list(

@@ -117,6 +117,9 @@ impl KeyStore for Trapped {
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.inner.delete(id).await
     }
+    async fn delete_if(&self, expected: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.delete_if(expected).await
+    }
     async fn list(
         &self,
         filter: &KeyFilter,
