@@ -240,8 +240,7 @@ impl<'f> MultipartScanner<'f> {
                     return Err(malformed("a multipart part has no headers"));
                 }
                 let from = scanned.saturating_sub(3);
-                let Some(end) = memmem::find(&data[from..], b"\r\n\r\n").map(|i| from + i + 4)
-                else {
+                let Some(end) = header_block_end(data, from) else {
                     if data.len() > MAX_PART_HEADER_BYTES {
                         return Err(malformed("a multipart part's headers are too long"));
                     }
@@ -409,6 +408,16 @@ impl<'f> MultipartScanner<'f> {
         }
         Ok(ours)
     }
+}
+
+/// Where the first `\r\n\r\n` that lies in `data[from..]` ends. (`memmem::find` built a
+/// searcher for it on every call: ~400 instructions per part, callgrind.)
+fn header_block_end(data: &[u8], from: usize) -> Option<usize> {
+    let tail = data.get(from..)?;
+    memchr::memchr_iter(b'\n', tail)
+        .map(|i| from + i)
+        .find(|&i| i >= from + 3 && data[i - 3..=i] == *b"\r\n\r\n")
+        .map(|i| i + 1)
 }
 
 /// Whether `block` has a CR not followed by LF, or an LF not preceded by CR. (By line, not by
@@ -1452,6 +1461,20 @@ mod tests {
             } else {
                 prop_assert_eq!(ours, theirs);
             }
+        }
+
+        #[test]
+        fn header_block_ends_are_found_as_memmem_finds_them(
+            data in proptest::collection::vec(prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b'a'), Just(b':')
+            ], 0..40),
+            from in 0usize..44,
+        ) {
+            let expected = data
+                .get(from..)
+                .and_then(|tail| memmem::find(tail, b"\r\n\r\n"))
+                .map(|i| from + i + 4);
+            prop_assert_eq!(header_block_end(&data, from), expected);
         }
 
         #[test]
