@@ -216,16 +216,41 @@ fn set<T: PartialEq>(slot: &mut T, value: T, name: &'static str, fields: &mut Ve
     }
 }
 
-/// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
+/// Parses a key's `allow_ips` entries (the admin API): IPv4 or IPv6 addresses or CIDR blocks,
+/// as `config::parse_cidr` reads them, but stricter than the configuration: an entry with host
+/// bits set (`10.1.2.3/8`) is refused, naming the network and the host it may have meant,
+/// instead of silently becoming `10.0.0.0/8`; and an entry given twice (as parsed: `10.0.0.1`
+/// and `10.0.0.1/32` are one) is refused rather than stored twice.
 pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
     if list.len() > MAX_ALLOW_IPS {
         return Err(KeyError::AllowIpInvalid(format!(
             "at most {MAX_ALLOW_IPS} entries"
         )));
     }
-    list.iter()
-        .map(|s| crate::config::parse_cidr(s).map_err(KeyError::AllowIpInvalid))
-        .collect()
+    let mut out: Vec<IpNet> = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let net = crate::config::parse_cidr(s)
+            .map_err(|e| KeyError::AllowIpInvalid(format!("allow_ips[{i}]: {e}")))?;
+        if let Ok(given) = s.trim().parse::<IpNet>()
+            && given.trunc() != given
+        {
+            let host = crate::config::ipv4_mapped_as_ipv4(IpNet::from(given.addr()));
+            return Err(KeyError::AllowIpInvalid(format!(
+                "allow_ips[{i}]: {:?} has host bits set: give the network {net} or the host \
+                 {host}",
+                s.trim()
+            )));
+        }
+        if let Some(j) = out.iter().position(|n| *n == net) {
+            return Err(KeyError::AllowIpInvalid(format!(
+                "allow_ips[{i}]: {:?} is listed twice (the same as allow_ips[{j}], {:?})",
+                s.trim(),
+                list[j].trim()
+            )));
+        }
+        out.push(net);
+    }
+    Ok(out)
 }
 
 pub struct KeyService {
@@ -1428,6 +1453,48 @@ mod tests {
 
     /// Review: `" alice"` reached the upstream as `alice` (HTTP drops the spaces around a
     /// header value): a team's admin made a member `" alice"` and a key in the owner's name.
+    /// `10.1.2.3/8` was once stored as `10.0.0.0/8`, and repeats were stored twice.
+    #[test]
+    fn allow_ips_refuse_host_bits_and_repeats() {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let err = |l: &[&str]| match parse_allow_ips(&list(l)) {
+            Err(KeyError::AllowIpInvalid(m)) => m,
+            other => panic!("{l:?}: {other:?}"),
+        };
+        let m = err(&["10.1.2.3/8"]);
+        assert!(
+            m.contains("allow_ips[0]")
+                && m.contains("\"10.1.2.3/8\"")
+                && m.contains("10.0.0.0/8")
+                && m.contains("10.1.2.3/32"),
+            "{m}"
+        );
+        let m = err(&["2001:db8::1/32"]);
+        assert!(
+            m.contains("2001:db8::/32") && m.contains("2001:db8::1/128"),
+            "{m}"
+        );
+        let m = err(&["10.0.0.1", "192.0.2.0/24", "10.0.0.1/32"]);
+        assert!(
+            m.contains("allow_ips[2]")
+                && m.contains("\"10.0.0.1/32\"")
+                && m.contains("allow_ips[0]"),
+            "{m}"
+        );
+        let m = err(&["::ffff:10.0.0.1", "10.0.0.1"]);
+        assert!(m.contains("allow_ips[1]"), "{m}");
+        assert!(err(&["nope"]).contains("allow_ips[0]"));
+        let ok = parse_allow_ips(&list(&[
+            "10.0.0.0/8",
+            "10.1.2.3",
+            " 2001:db8::/32 ",
+            "10.1.2.3/31",
+        ]));
+        assert!(ok.is_err(), "10.1.2.3/31 has a host bit set");
+        let ok = parse_allow_ips(&list(&["10.0.0.0/8", "10.1.2.3", " 2001:db8::/32 "])).unwrap();
+        assert_eq!(ok.len(), 3);
+    }
+
     #[test]
     fn ids_with_space_at_an_end_or_invisible_characters_are_refused() {
         for bad in [
