@@ -315,10 +315,10 @@ impl KeyService {
                 reason: format!("at most {max} characters"),
             });
         }
-        if value.chars().any(char::is_control) {
+        if value.chars().any(is_unsafe_in_text) {
             return Err(KeyError::Invalid {
                 field,
-                reason: "must not contain control characters".into(),
+                reason: "must not contain control characters (bidirectional ones included)".into(),
             });
         }
         Ok(())
@@ -346,10 +346,12 @@ impl KeyService {
                     ),
                 });
             }
-            if k.chars().chain(v.chars()).any(char::is_control) {
+            if k.chars().chain(v.chars()).any(is_unsafe_in_text) {
                 return Err(KeyError::Invalid {
                     field: "metadata",
-                    reason: "keys and values must not contain control characters".into(),
+                    reason: "keys and values must not contain control characters \
+                             (bidirectional ones included)"
+                        .into(),
                 });
             }
         }
@@ -1262,9 +1264,22 @@ impl KeyService {
 /// Characters that show as nothing: the soft hyphen, zero-width ones, the direction marks
 /// and overrides, word joiners, the byte-order mark.
 fn is_invisible(c: char) -> bool {
-    matches!(c,
+    is_bidi_control(c)
+        || matches!(c,
         '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// The bidirectional controls: the marks (LRM, RLM, ALM), embeddings and overrides, isolates.
+/// In a name they reorder what is shown around them (a "Trojan Source" twin of another name).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// What free text (`name`, `description`, `metadata`) may not hold: control characters, which
+/// could forge lines in anything that prints it, and the bidirectional controls.
+fn is_unsafe_in_text(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
 }
 
 #[cfg(test)]
@@ -1493,6 +1508,27 @@ mod tests {
         assert!(ok.is_err(), "10.1.2.3/31 has a host bit set");
         let ok = parse_allow_ips(&list(&["10.0.0.0/8", "10.1.2.3", " 2001:db8::/32 "])).unwrap();
         assert_eq!(ok.len(), 3);
+    }
+
+    /// A bidirectional control in a name once passed: it is no `char::is_control`.
+    #[test]
+    fn free_text_refuses_bidi_controls() {
+        for c in [
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{061c}',
+        ] {
+            let text = format!("invoice{c}fdp.exe");
+            for field in ["name", "description"] {
+                let e = KeyService::check_text(field, &text, 200).unwrap_err();
+                assert!(
+                    matches!(&e, KeyError::Invalid { field: f, .. } if *f == field),
+                    "{c:?}: {e:?}"
+                );
+            }
+            let m = BTreeMap::from([("k".to_owned(), text.clone())]);
+            assert!(KeyService::check_metadata(&m).is_err(), "{c:?}");
+            assert!(KeyService::check_id("team_id", &text).is_err(), "{c:?}");
+        }
+        KeyService::check_text("name", "ünïcödé name ✓ עברית", 200).unwrap();
     }
 
     #[test]
