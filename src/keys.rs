@@ -523,7 +523,8 @@ impl KeyService {
                 .name
                 .unwrap_or_else(|| format!("API key {}", now.format("%Y-%m-%d %H:%M:%S"))),
             api_key_id: new_key_id(tag),
-            description: req.description,
+            // `""` is stored as no description, which is shown as `""` too.
+            description: req.description.filter(|d| !d.is_empty()),
             key_type: req.key_type,
             team_id: req.team_id,
             created_by: Some(actor.id.clone()),
@@ -745,7 +746,12 @@ impl KeyService {
             if let Some(d) = &d {
                 Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
             }
-            set(&mut record.description, d, "description", &mut fields);
+            // `""` is no description, as a key without one is shown: a client giving back the
+            // `""` it read changes nothing (it once wrote the record and an audit event).
+            let d = d.filter(|d| !d.is_empty());
+            if record.description.as_deref().unwrap_or("") != d.as_deref().unwrap_or("") {
+                set(&mut record.description, d, "description", &mut fields);
+            }
         }
         if let Some(scopes) = change.scope_names {
             let scopes = dedup_scopes(scopes)?;

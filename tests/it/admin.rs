@@ -181,6 +181,7 @@ on_both_stores!(
     removing_a_member_disables_user_keys_and_moves_shared_ones,
     audit_records_every_action_with_actor_and_request,
     the_operator_deletes_a_key_whose_record_is_unreadable,
+    a_patch_repeating_every_field_writes_nothing,
 );
 
 async fn create_use_disable_enable_rotate_delete(backing: &str) {
@@ -2094,4 +2095,61 @@ async fn usage_is_counted_and_flushed_in_batches() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
     assert_eq!(&r.body["data"]["last_used_time"], last_used);
+}
+
+/// A PATCH giving every field as it stands (as a GET shows it) changes nothing: no write, no
+/// audit event, the same `updated_time`; one changed field among them still writes.
+async fn a_patch_repeating_every_field_writes_nothing(backing: &str) {
+    let e = start(backing, "").await;
+    e.admin(
+        "PUT",
+        "/v1/teams/acme/members/alice",
+        Some(json!({"role": "member"})),
+    )
+    .await;
+    let (id, _) = e
+        .create(
+            json!({"key_type": "shared", "name": "n", "description": "d",
+                       "team_id": "acme", "behalf_of_user_id": "alice",
+                       "scope_names": ["orders:read", "orders:write"],
+                       "allow_ips": ["127.0.0.1", "10.0.0.0/8", "2001:db8::/32"],
+                       "expires_at": "2099-01-02T03:04:05.123456789Z",
+                       "metadata": {"env": "prod", "owner": "ops"}}),
+        )
+        .await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let same = json!({
+        "name": before["name"], "description": before["description"],
+        "scope_names": before["scope_names"], "allow_ips": before["allow_ips"],
+        "is_enabled": before["is_enabled"], "behalf_of_user_id": before["behalf_of_user_id"],
+        "expires_at": before["expires_time"], "metadata": before["metadata"],
+    });
+    let r = e.admin("PATCH", &path, Some(same.clone())).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"], before);
+    assert_eq!(e.admin("GET", &path, None).await.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let mut one = same;
+    one["metadata"]["env"] = json!("staging");
+    let r = e.admin("PATCH", &path, Some(one)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.body["data"]["updated_time"], before["updated_time"]);
+    assert_eq!(r.body["data"]["metadata"]["env"], "staging");
+    assert_eq!(e.audit_actions(&id).await, ["create", "update"]);
+
+    // A key without a description shows `""`: given back, it is the description as it stands.
+    let (id, _) = e.create(json!({"key_type": "shared"})).await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    assert_eq!(before["description"], "");
+    let same = json!({"name": before["name"], "description": "", "scope_names": [],
+                      "allow_ips": [], "metadata": {}, "expires_at": null,
+                      "behalf_of_user_id": null, "is_enabled": true});
+    let r = e.admin("PATCH", &path, Some(same)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
 }
