@@ -365,10 +365,8 @@ impl AdminApi {
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return Err(AdminError::BodyTooLarge(self.max_body_bytes));
         }
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+        check_content_encoding(req.headers())?;
+        let content_type = check_content_type(req.headers());
         // An admin client may hold its connection no longer than this: without it a body
         // trickled a byte at a time would never end.
         let collect = Limited::new(req.into_body(), self.max_body_bytes).collect();
@@ -385,11 +383,8 @@ impl AdminApi {
                 }
             })?
             .to_bytes();
-        if !collected.is_empty()
-            && let Some(ct) = content_type
-            && !(ct.starts_with("application/json") || ct.contains("+json"))
-        {
-            return Err(AdminError::UnsupportedMediaType);
+        if !collected.is_empty() {
+            content_type?;
         }
         Ok(collected)
     }
@@ -850,6 +845,63 @@ impl AdminApi {
     }
 }
 
+/// A body's `Content-Type`: exactly one header, `application/json` (any case), and no
+/// parameter but `charset=utf-8` (any case, quoted or not). Anything else is named in the 415:
+/// `text/plain+json` and the like were once taken for JSON, a second header ignored, a
+/// `charset=latin1` body read as UTF-8.
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), AdminError> {
+    let refuse = |why: String| Err(AdminError::UnsupportedMediaType(why));
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return match headers.get_all(header::CONTENT_TYPE).iter().count() {
+            0 => refuse("a body needs a Content-Type header".into()),
+            n => refuse(format!("{n} Content-Type headers; send exactly one")),
+        };
+    };
+    let Ok(value) = value.to_str() else {
+        return refuse("the Content-Type is not ASCII text".into());
+    };
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json") {
+        return refuse(format!("media type {media:?} is not application/json"));
+    }
+    for param in parts {
+        let param = param.trim();
+        let (name, val) = param.split_once('=').unwrap_or((param, ""));
+        let (name, val) = (name.trim(), val.trim());
+        if !name.eq_ignore_ascii_case("charset") {
+            return refuse(format!(
+                "parameter {param:?} is not allowed; only charset=utf-8 is"
+            ));
+        }
+        let unquoted = val
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(val);
+        if !unquoted.eq_ignore_ascii_case("utf-8") {
+            return refuse(format!("charset {val:?} is not utf-8"));
+        }
+    }
+    Ok(())
+}
+
+/// A body must come as sent: keygate decodes no `Content-Encoding`, and reading a gzipped
+/// body as JSON would only fail less clearly. `identity` (any case) is accepted.
+fn check_content_encoding(headers: &http::HeaderMap) -> Result<(), AdminError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("\u{fffd}");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("identity") {
+                return Err(AdminError::UnsupportedMediaType(format!(
+                    "Content-Encoding {coding:?} is not supported; send the body as is"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn only_get(method: &Method) -> Result<(), AdminError> {
     if method == Method::GET || method == Method::HEAD {
         Ok(())
@@ -880,4 +932,71 @@ fn envelope(status: StatusCode, body: Value) -> AdminResponse {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    /// `text/plain+json`, two Content-Types and `charset=latin1` were once taken for JSON.
+    #[test]
+    fn content_type_is_exactly_application_json_in_utf8() {
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/json; charset=\"utf-8\"",
+        ] {
+            check_content_type(&headers(&[("content-type", ok)]))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, names) in [
+            ("text/plain+json", "text/plain+json"),
+            ("application/vnd.api+json", "vnd.api+json"),
+            ("application/jsonx", "application/jsonx"),
+            ("text/plain", "text/plain"),
+            ("application/json; charset=latin1", "latin1"),
+            ("application/json; charset=utf-16", "utf-16"),
+            ("application/json; boundary=x", "boundary"),
+            ("application/json; charset", "charset"),
+            ("", "\"\""),
+        ] {
+            let e = check_content_type(&headers(&[("content-type", bad)])).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::UnsupportedMediaType(m) if m.contains(names)),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.status_and_code().0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        let two = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "application/json"),
+        ]);
+        let e = check_content_type(&two).unwrap_err();
+        assert!(e.to_string().contains("2 Content-Type headers"), "{e}");
+        let e = check_content_type(&headers(&[])).unwrap_err();
+        assert!(e.to_string().contains("needs a Content-Type"), "{e}");
+    }
+
+    #[test]
+    fn content_encoding_other_than_identity_is_refused() {
+        check_content_encoding(&headers(&[])).unwrap();
+        check_content_encoding(&headers(&[("content-encoding", "Identity")])).unwrap();
+        for bad in ["gzip", "identity, br", "deflate"] {
+            let e = check_content_encoding(&headers(&[("content-encoding", bad)])).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::UnsupportedMediaType(m) if m.contains("Content-Encoding")),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -2097,6 +2097,65 @@ async fn usage_is_counted_and_flushed_in_batches() {
     assert_eq!(&r.body["data"]["last_used_time"], last_used);
 }
 
+/// The body's media type was once judged loosely: anything starting `application/json` or
+/// containing `+json`, one of two headers, any charset, and any `Content-Encoding`.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_type_must_be_one_application_json_in_utf8_without_encoding() {
+    let e = start("embedded", "").await;
+    let body = r#"{"key_type":"shared"}"#;
+    let send = |headers: Vec<(&'static str, &'static str)>| {
+        let e = &e;
+        async move {
+            let mut req = client().post(e.gw.admin_url("/v1/keys")).bearer_auth(TOKEN);
+            for (k, v) in &headers {
+                req = req.header(*k, *v);
+            }
+            let r = req.body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    for (headers, names) in [
+        (vec![("content-type", "text/plain+json")], "text/plain+json"),
+        (
+            vec![("content-type", "application/merge-patch+json")],
+            "merge-patch",
+        ),
+        (
+            vec![("content-type", "application/json; charset=iso-8859-1")],
+            "iso-8859-1",
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("content-type", "application/json"),
+            ],
+            "2 Content-Type headers",
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "gzip",
+        ),
+    ] {
+        let (status, b) = send(headers.clone()).await;
+        assert_eq!(status, 415, "{headers:?} → {b}");
+        assert_eq!(b["error"]["code"], "UNSUPPORTED_MEDIA_TYPE");
+        let msg = b["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(names), "{headers:?}: {msg:?}");
+    }
+    for ok in [
+        "application/json",
+        "Application/JSON; Charset=\"UTF-8\"",
+        "application/json;charset=utf-8",
+    ] {
+        let (status, b) = send(vec![("content-type", ok), ("content-encoding", "identity")]).await;
+        assert_eq!(status, 201, "{ok} → {b}");
+    }
+}
+
 /// A PATCH giving every field as it stands (as a GET shows it) changes nothing: no write, no
 /// audit event, the same `updated_time`; one changed field among them still writes.
 async fn a_patch_repeating_every_field_writes_nothing(backing: &str) {
