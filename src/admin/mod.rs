@@ -276,17 +276,28 @@ impl AdminApi {
                 only_get(&method)?;
                 return self.readyz().await;
             }
+            // `handle` answers GET and HEAD; `/metrics/` and the like are no endpoint.
+            ["metrics"] => {
+                only_get(&method)?;
+                return Err(AdminError::NoEndpoint);
+            }
             _ => {}
         }
         if !matches!(segs.first(), Some(&"v1")) {
             return Err(AdminError::NoEndpoint);
         }
 
-        let query = json::Query::parse(req.uri().query())?;
+        // The query is judged only once the caller is authenticated: an unauthenticated one
+        // learns nothing about its validation (review), only 401. It is read first all the
+        // same, to know whether the request reveals a value; a query that does not parse
+        // reveals nothing, and is refused after authentication.
+        let query = json::Query::parse(req.uri().query());
         // Revealing a key's value hands out a credential, as creating one does: a read-only
         // key could otherwise take the value of a write-capable one and write with it
         // (review).
-        let reveals = query.bool("show_key_value")? == Some(true);
+        let reveals = query
+            .as_ref()
+            .is_ok_and(|q| q.bool("show_key_value").ok().flatten() == Some(true));
         let required = if (method == Method::GET || method == Method::HEAD) && !reveals {
             SCOPE_KEYS_READ
         } else {
@@ -304,6 +315,8 @@ impl AdminApi {
         if required == SCOPE_KEYS_WRITE {
             actor = self.as_stored(actor, client_ip, now).await?;
         }
+        let query = query?;
+        query.bool("show_key_value")?;
         let body = self.read_body(req).await?;
         let ctx = Ctx {
             method: &method,

@@ -2097,6 +2097,28 @@ async fn usage_is_counted_and_flushed_in_batches() {
     assert_eq!(&r.body["data"]["last_used_time"], last_used);
 }
 
+/// `/metrics` with another method than GET or HEAD was once 404: it is 405 with `Allow`, as
+/// every other path answers a method it does not take.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_answers_other_methods_with_405() {
+    let e = start("embedded", "").await;
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let r = client()
+            .request(method.parse().unwrap(), e.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD", "{method}");
+    }
+    let r = client()
+        .head(e.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// The body's media type was once judged loosely: anything starting `application/json` or
 /// containing `+json`, one of two headers, any charset, and any `Content-Encoding`.
 #[tokio::test(flavor = "multi_thread")]
@@ -2153,6 +2175,28 @@ async fn content_type_must_be_one_application_json_in_utf8_without_encoding() {
     ] {
         let (status, b) = send(vec![("content-type", ok), ("content-encoding", "identity")]).await;
         assert_eq!(status, 201, "{ok} → {b}");
+    }
+}
+
+/// The query was once validated before the credential: an unauthenticated client got 400s
+/// describing it. Whatever the query, no credential is 401 and a wrong one 401 too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unauthenticated_request_gets_401_whatever_its_query() {
+    let e = start("embedded", "").await;
+    for path in [
+        "/v1/keys?page=0",
+        "/v1/keys?page=1&page=2",
+        "/v1/keys?per_page=5&perPage=6",
+        "/v1/keys?is_enabled=maybe",
+        "/v1/keys/apk_x?show_key_value=yes",
+        "/v1/audit?since=yesterday",
+    ] {
+        for token in ["", "wrong-token-0123456789"] {
+            let r = e.call(token, "GET", path, None).await;
+            assert_eq!(r.status, 401, "{path} with {token:?} → {}", r.body);
+        }
+        let r = e.admin("GET", path, None).await;
+        assert_eq!(r.status, 400, "{path} → {}", r.body);
     }
 }
 
