@@ -65,7 +65,11 @@ pub struct Actor {
     /// Admin key id, `bootstrap` or `cli`.
     pub id: String,
     pub client_ip: Option<String>,
+    /// An id keygate made itself for the request: never the client's, which an admin could
+    /// choose to match another entry's.
     pub request_id: Option<String>,
+    /// The `X-Request-Id` the client sent (when it looked like an id), kept apart.
+    pub client_request_id: Option<String>,
 }
 
 impl Actor {
@@ -74,6 +78,7 @@ impl Actor {
             id: "cli".into(),
             client_ip: None,
             request_id: None,
+            client_request_id: None,
         }
     }
 }
@@ -441,6 +446,7 @@ impl KeyService {
             user_id: key.and_then(|k| k.behalf_of_user_id.clone()),
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
+            client_request_id: actor.client_request_id.clone(),
             details,
         }
     }
@@ -976,6 +982,7 @@ impl KeyService {
             user_id: Some(user.to_owned()),
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
+            client_request_id: actor.client_request_id.clone(),
             details: BTreeMap::from([("role".to_owned(), format!("{role:?}").to_lowercase())]),
         };
         self.audit_done(event).await;
@@ -1010,6 +1017,7 @@ impl KeyService {
                 user_id: Some(user.to_owned()),
                 client_ip: actor.client_ip.clone(),
                 request_id: actor.request_id.clone(),
+                client_request_id: actor.client_request_id.clone(),
                 details: BTreeMap::new(),
             };
             self.audit_done(event).await;

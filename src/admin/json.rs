@@ -327,6 +327,7 @@ pub fn audit_event(e: &AuditEvent) -> Value {
         "user_id": e.user_id,
         "client_ip": e.client_ip,
         "request_id": e.request_id,
+        "client_request_id": e.client_request_id,
         "details": e.details,
     })
 }

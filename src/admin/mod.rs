@@ -83,8 +83,35 @@ struct Ctx<'a> {
     body: Bytes,
     actor: Option<Admin>,
     client_ip: IpAddr,
-    request_id: &'a str,
+    ids: &'a RequestIds,
     now: DateTime<Utc>,
+}
+
+/// A request's ids: `echoed` is the client's `X-Request-Id` when it sent a well-formed one
+/// (answered and logged, so traces join up), else `made`; `made` is keygate's own, and the
+/// only one the audit log records as the request id: a client-chosen id there would let an
+/// admin forge a correlation with other entries. The client's goes in `client_request_id`.
+struct RequestIds {
+    echoed: HeaderValue,
+    made: String,
+    from_client: Option<String>,
+}
+
+impl RequestIds {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let made = request_id::make();
+        let from_client = request_id::from_client(headers);
+        let text = |v: &HeaderValue| v.to_str().unwrap_or("").to_owned();
+        Self {
+            made: text(&made),
+            from_client: from_client.as_ref().map(text),
+            echoed: from_client.unwrap_or(made),
+        }
+    }
+
+    fn echoed_text(&self) -> &str {
+        self.from_client.as_deref().unwrap_or(&self.made)
+    }
 }
 
 impl Ctx<'_> {
@@ -96,7 +123,8 @@ impl Ctx<'_> {
         Ok(Actor {
             id: self.admin()?.actor_id.clone(),
             client_ip: Some(self.client_ip.to_string()),
-            request_id: Some(self.request_id.to_owned()),
+            request_id: Some(self.ids.made.clone()),
+            client_request_id: self.ids.from_client.clone(),
         })
     }
 
@@ -170,8 +198,9 @@ impl AdminApi {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> AdminResponse {
-        let request_id = request_id::take_or_make(req.headers());
-        let id = request_id.to_str().unwrap_or("").to_owned();
+        let ids = RequestIds::of(req.headers());
+        let id = ids.echoed_text().to_owned();
+        let request_id = ids.echoed.clone();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         if path == "/metrics" && (method == Method::GET || method == Method::HEAD) {
@@ -180,7 +209,7 @@ impl AdminApi {
                 .insert(request_id::HEADER.clone(), request_id);
             return without_body_for_head(&method, resp);
         }
-        let result = self.dispatch(req, peer, &id).await;
+        let result = self.dispatch(req, peer, &ids).await;
         let mut resp = match result {
             Ok(reply) => {
                 let mut meta = reply.meta.unwrap_or_default();
@@ -237,6 +266,7 @@ impl AdminApi {
         tracing::info!(
             target: "keygate::admin",
             request_id = %id,
+            audit_request_id = %ids.made,
             method = %method,
             path = %path,
             status = resp.status().as_u16(),
@@ -249,7 +279,7 @@ impl AdminApi {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        request_id: &str,
+        ids: &RequestIds,
     ) -> Result<Reply, AdminError> {
         let peer_ip = canonical(peer.ip());
         let client_ip = client_ip(peer_ip, req.headers(), &self.trusted_proxies);
@@ -324,7 +354,7 @@ impl AdminApi {
             body,
             actor: Some(actor),
             client_ip,
-            request_id,
+            ids,
             now,
         };
         self.route(&segs[1..], &ctx).await

@@ -2200,6 +2200,43 @@ async fn an_unauthenticated_request_gets_401_whatever_its_query() {
     }
 }
 
+/// The client's `X-Request-Id` was once the audit entry's request id, so an admin could make
+/// an entry claim another's correlation. It is echoed and kept as `client_request_id`; the
+/// entry's `request_id` is one keygate made.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_records_its_own_request_id_and_the_clients_apart() {
+    let e = start("embedded", "").await;
+    let (id, _) = e.create(json!({"key_type": "shared"})).await;
+    let forged = "forged-id-of-another-entry";
+    let r = client()
+        .patch(e.gw.admin_url(&format!("/v1/keys/{id}")))
+        .bearer_auth(TOKEN)
+        .header("x-request-id", forged)
+        .json(&json!({"name": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], forged);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["meta"]["request_id"], forged);
+
+    let r = e
+        .admin("GET", &format!("/v1/audit?api_key_id={id}"), None)
+        .await;
+    let update = &r.body["data"][0];
+    assert_eq!(update["action"], "update", "{}", r.body);
+    assert_eq!(update["client_request_id"], forged, "{update}");
+    let own = update["request_id"].as_str().unwrap();
+    assert_ne!(own, forged);
+    assert_eq!(own.len(), 32, "{own}");
+    // Without a client id, the entry's is the one answered, and there is no client one.
+    let create = &r.body["data"][1];
+    assert_eq!(create["action"], "create", "{}", r.body);
+    assert!(create["client_request_id"].is_null(), "{create}");
+    assert_eq!(create["request_id"].as_str().unwrap().len(), 32);
+}
+
 /// A PATCH giving every field as it stands (as a GET shows it) changes nothing: no write, no
 /// audit event, the same `updated_time`; one changed field among them still writes.
 async fn a_patch_repeating_every_field_writes_nothing(backing: &str) {
