@@ -65,7 +65,11 @@ pub struct Actor {
     /// Admin key id, `bootstrap` or `cli`.
     pub id: String,
     pub client_ip: Option<String>,
+    /// An id keygate made itself for the request: never the client's, which an admin could
+    /// choose to match another entry's.
     pub request_id: Option<String>,
+    /// The `X-Request-Id` the client sent (when it looked like an id), kept apart.
+    pub client_request_id: Option<String>,
 }
 
 impl Actor {
@@ -74,6 +78,7 @@ impl Actor {
             id: "cli".into(),
             client_ip: None,
             request_id: None,
+            client_request_id: None,
         }
     }
 }
@@ -216,16 +221,41 @@ fn set<T: PartialEq>(slot: &mut T, value: T, name: &'static str, fields: &mut Ve
     }
 }
 
-/// Parses `allow_ips` entries: IPv4 or IPv6 addresses or CIDR blocks.
+/// Parses a key's `allow_ips` entries (the admin API): IPv4 or IPv6 addresses or CIDR blocks,
+/// as `config::parse_cidr` reads them, but stricter than the configuration: an entry with host
+/// bits set (`10.1.2.3/8`) is refused, naming the network and the host it may have meant,
+/// instead of silently becoming `10.0.0.0/8`; and an entry given twice (as parsed: `10.0.0.1`
+/// and `10.0.0.1/32` are one) is refused rather than stored twice.
 pub fn parse_allow_ips(list: &[String]) -> Result<Vec<IpNet>, KeyError> {
     if list.len() > MAX_ALLOW_IPS {
         return Err(KeyError::AllowIpInvalid(format!(
             "at most {MAX_ALLOW_IPS} entries"
         )));
     }
-    list.iter()
-        .map(|s| crate::config::parse_cidr(s).map_err(KeyError::AllowIpInvalid))
-        .collect()
+    let mut out: Vec<IpNet> = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let net = crate::config::parse_cidr(s)
+            .map_err(|e| KeyError::AllowIpInvalid(format!("allow_ips[{i}]: {e}")))?;
+        if let Ok(given) = s.trim().parse::<IpNet>()
+            && given.trunc() != given
+        {
+            let host = crate::config::ipv4_mapped_as_ipv4(IpNet::from(given.addr()));
+            return Err(KeyError::AllowIpInvalid(format!(
+                "allow_ips[{i}]: {:?} has host bits set: give the network {net} or the host \
+                 {host}",
+                s.trim()
+            )));
+        }
+        if let Some(j) = out.iter().position(|n| *n == net) {
+            return Err(KeyError::AllowIpInvalid(format!(
+                "allow_ips[{i}]: {:?} is listed twice (the same as allow_ips[{j}], {:?})",
+                s.trim(),
+                list[j].trim()
+            )));
+        }
+        out.push(net);
+    }
+    Ok(out)
 }
 
 pub struct KeyService {
@@ -290,10 +320,10 @@ impl KeyService {
                 reason: format!("at most {max} characters"),
             });
         }
-        if value.chars().any(char::is_control) {
+        if value.chars().any(is_unsafe_in_text) {
             return Err(KeyError::Invalid {
                 field,
-                reason: "must not contain control characters".into(),
+                reason: "must not contain control characters (bidirectional ones included)".into(),
             });
         }
         Ok(())
@@ -321,10 +351,12 @@ impl KeyService {
                     ),
                 });
             }
-            if k.chars().chain(v.chars()).any(char::is_control) {
+            if k.chars().chain(v.chars()).any(is_unsafe_in_text) {
                 return Err(KeyError::Invalid {
                     field: "metadata",
-                    reason: "keys and values must not contain control characters".into(),
+                    reason: "keys and values must not contain control characters \
+                             (bidirectional ones included)"
+                        .into(),
                 });
             }
         }
@@ -414,6 +446,7 @@ impl KeyService {
             user_id: key.and_then(|k| k.behalf_of_user_id.clone()),
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
+            client_request_id: actor.client_request_id.clone(),
             details,
         }
     }
@@ -496,7 +529,8 @@ impl KeyService {
                 .name
                 .unwrap_or_else(|| format!("API key {}", now.format("%Y-%m-%d %H:%M:%S"))),
             api_key_id: new_key_id(tag),
-            description: req.description,
+            // `""` is stored as no description, which is shown as `""` too.
+            description: req.description.filter(|d| !d.is_empty()),
             key_type: req.key_type,
             team_id: req.team_id,
             created_by: Some(actor.id.clone()),
@@ -718,7 +752,12 @@ impl KeyService {
             if let Some(d) = &d {
                 Self::check_text("description", d, MAX_DESCRIPTION_LEN)?;
             }
-            set(&mut record.description, d, "description", &mut fields);
+            // `""` is no description, as a key without one is shown: a client giving back the
+            // `""` it read changes nothing (it once wrote the record and an audit event).
+            let d = d.filter(|d| !d.is_empty());
+            if record.description.as_deref().unwrap_or("") != d.as_deref().unwrap_or("") {
+                set(&mut record.description, d, "description", &mut fields);
+            }
         }
         if let Some(scopes) = change.scope_names {
             let scopes = dedup_scopes(scopes)?;
@@ -943,6 +982,7 @@ impl KeyService {
             user_id: Some(user.to_owned()),
             client_ip: actor.client_ip.clone(),
             request_id: actor.request_id.clone(),
+            client_request_id: actor.client_request_id.clone(),
             details: BTreeMap::from([("role".to_owned(), format!("{role:?}").to_lowercase())]),
         };
         self.audit_done(event).await;
@@ -977,6 +1017,7 @@ impl KeyService {
                 user_id: Some(user.to_owned()),
                 client_ip: actor.client_ip.clone(),
                 request_id: actor.request_id.clone(),
+                client_request_id: actor.client_request_id.clone(),
                 details: BTreeMap::new(),
             };
             self.audit_done(event).await;
@@ -1237,9 +1278,22 @@ impl KeyService {
 /// Characters that show as nothing: the soft hyphen, zero-width ones, the direction marks
 /// and overrides, word joiners, the byte-order mark.
 fn is_invisible(c: char) -> bool {
-    matches!(c,
+    is_bidi_control(c)
+        || matches!(c,
         '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// The bidirectional controls: the marks (LRM, RLM, ALM), embeddings and overrides, isolates.
+/// In a name they reorder what is shown around them (a "Trojan Source" twin of another name).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// What free text (`name`, `description`, `metadata`) may not hold: control characters, which
+/// could forge lines in anything that prints it, and the bidirectional controls.
+fn is_unsafe_in_text(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
 }
 
 #[cfg(test)]
@@ -1428,6 +1482,69 @@ mod tests {
 
     /// Review: `" alice"` reached the upstream as `alice` (HTTP drops the spaces around a
     /// header value): a team's admin made a member `" alice"` and a key in the owner's name.
+    /// `10.1.2.3/8` was once stored as `10.0.0.0/8`, and repeats were stored twice.
+    #[test]
+    fn allow_ips_refuse_host_bits_and_repeats() {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let err = |l: &[&str]| match parse_allow_ips(&list(l)) {
+            Err(KeyError::AllowIpInvalid(m)) => m,
+            other => panic!("{l:?}: {other:?}"),
+        };
+        let m = err(&["10.1.2.3/8"]);
+        assert!(
+            m.contains("allow_ips[0]")
+                && m.contains("\"10.1.2.3/8\"")
+                && m.contains("10.0.0.0/8")
+                && m.contains("10.1.2.3/32"),
+            "{m}"
+        );
+        let m = err(&["2001:db8::1/32"]);
+        assert!(
+            m.contains("2001:db8::/32") && m.contains("2001:db8::1/128"),
+            "{m}"
+        );
+        let m = err(&["10.0.0.1", "192.0.2.0/24", "10.0.0.1/32"]);
+        assert!(
+            m.contains("allow_ips[2]")
+                && m.contains("\"10.0.0.1/32\"")
+                && m.contains("allow_ips[0]"),
+            "{m}"
+        );
+        let m = err(&["::ffff:10.0.0.1", "10.0.0.1"]);
+        assert!(m.contains("allow_ips[1]"), "{m}");
+        assert!(err(&["nope"]).contains("allow_ips[0]"));
+        let ok = parse_allow_ips(&list(&[
+            "10.0.0.0/8",
+            "10.1.2.3",
+            " 2001:db8::/32 ",
+            "10.1.2.3/31",
+        ]));
+        assert!(ok.is_err(), "10.1.2.3/31 has a host bit set");
+        let ok = parse_allow_ips(&list(&["10.0.0.0/8", "10.1.2.3", " 2001:db8::/32 "])).unwrap();
+        assert_eq!(ok.len(), 3);
+    }
+
+    /// A bidirectional control in a name once passed: it is no `char::is_control`.
+    #[test]
+    fn free_text_refuses_bidi_controls() {
+        for c in [
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{061c}',
+        ] {
+            let text = format!("invoice{c}fdp.exe");
+            for field in ["name", "description"] {
+                let e = KeyService::check_text(field, &text, 200).unwrap_err();
+                assert!(
+                    matches!(&e, KeyError::Invalid { field: f, .. } if *f == field),
+                    "{c:?}: {e:?}"
+                );
+            }
+            let m = BTreeMap::from([("k".to_owned(), text.clone())]);
+            assert!(KeyService::check_metadata(&m).is_err(), "{c:?}");
+            assert!(KeyService::check_id("team_id", &text).is_err(), "{c:?}");
+        }
+        KeyService::check_text("name", "ünïcödé name ✓ עברית", 200).unwrap();
+    }
+
     #[test]
     fn ids_with_space_at_an_end_or_invisible_characters_are_refused() {
         for bad in [

@@ -9,16 +9,22 @@ pub static HEADER: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_LEN: usize = 128;
 
 pub fn take_or_make(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&HEADER) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= MAX_LEN
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-        {
-            return v.clone();
-        }
-    }
+    from_client(headers).unwrap_or_else(make)
+}
+
+/// The client's `X-Request-Id`, when it looks like an id.
+pub fn from_client(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(&HEADER)?;
+    let b = v.as_bytes();
+    (!b.is_empty()
+        && b.len() <= MAX_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':')))
+    .then(|| v.clone())
+}
+
+/// A fresh random id: 32 hex characters.
+pub fn make() -> HeaderValue {
     let n: u128 = rand::rng().random();
     // 32 hex characters, always a valid header value; written without `format!`, which costs
     // several times more on every request.

@@ -34,8 +34,9 @@ pub enum AdminError {
     BodyTooLarge(usize),
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
-    #[error("the request body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
+    /// What was wrong with the `Content-Type` or `Content-Encoding`.
+    #[error("the request body must be JSON (Content-Type: application/json): {0}")]
+    UnsupportedMediaType(String),
     #[error("the key store is unavailable; retry shortly")]
     StoreUnavailable,
     #[error("the admin key's stored record cannot be read")]
@@ -69,7 +70,7 @@ impl AdminError {
             AdminError::BadRequest { .. } => (S::BAD_REQUEST, "INVALID_REQUEST"),
             AdminError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE"),
             AdminError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "BODY_TIMEOUT"),
-            AdminError::UnsupportedMediaType => {
+            AdminError::UnsupportedMediaType(_) => {
                 (S::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
             }
             AdminError::StoreUnavailable => (S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),

@@ -7,7 +7,7 @@ use crate::auth::record::{KeyRecord, KeyType};
 use crate::store::{AuditEvent, Member, Role};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -105,6 +105,41 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// `metadata`: a string map in which a key given twice is refused, naming it. Read into a
+/// map as it comes, the last one would silently win (serde's derive refuses a repeated
+/// struct field, but a map takes what it is given). `null` reads as absent.
+fn unique_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    Option::<UniqueMap>::deserialize(d).map(|m| m.map(|m| m.0))
+}
+
+struct UniqueMap(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for UniqueMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UniqueMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if out.contains_key(&k) {
+                        return Err(de::Error::custom(format!("key {k:?} is given twice")));
+                    }
+                    let v = map.next_value::<String>()?;
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// `expires_in`: seconds as an integer, or a duration like `"30d"` / `"12h 30m"`.
 fn duration_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     struct V;
@@ -155,7 +190,7 @@ pub struct CreateBody {
     pub expires_in: Option<Duration>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_map")]
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
@@ -176,7 +211,7 @@ pub struct PatchBody {
     pub behalf_of_user_id: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     pub expires_at: Option<Option<DateTime<Utc>>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_map")]
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
@@ -292,6 +327,7 @@ pub fn audit_event(e: &AuditEvent) -> Value {
         "user_id": e.user_id,
         "client_ip": e.client_ip,
         "request_id": e.request_id,
+        "client_request_id": e.client_request_id,
         "details": e.details,
     })
 }
@@ -323,7 +359,20 @@ impl Query {
         }
     }
 
+    /// The first of `names` given (a parameter and its aliases, `per_page` and `perPage`); more
+    /// than one of them is refused, as one parameter given twice is.
     pub fn u32_in(&self, names: &[&str], default: u32, max: u32) -> Result<u32, AdminError> {
+        let given: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| self.0.contains_key(*n))
+            .collect();
+        if let [first, second, ..] = given.as_slice() {
+            return Err(AdminError::bad(
+                *second,
+                format!("give {first} or {second}, not both"),
+            ));
+        }
         for name in names {
             if let Some(v) = self.str(name) {
                 return match v.parse::<u32>() {
@@ -433,6 +482,44 @@ mod tests {
         assert!(Query::parse(Some("page=1&page=2")).is_err());
         let q = Query::parse(Some("page=0")).unwrap();
         assert!(q.u32_in(&["page"], 1, 1000).is_err());
+    }
+
+    /// `per_page=5&perPage=50` once took `per_page` and ignored the other.
+    #[test]
+    fn a_parameter_and_its_alias_together_are_refused() {
+        let q = Query::parse(Some("per_page=5&perPage=50")).unwrap();
+        let e = q.u32_in(&["per_page", "perPage"], 20, 100).unwrap_err();
+        assert!(
+            matches!(&e, AdminError::BadRequest { field, message }
+                if field == "perPage" && message.contains("per_page")),
+            "{e:?}"
+        );
+        let q = Query::parse(Some("per_page=5")).unwrap();
+        assert_eq!(q.u32_in(&["per_page", "perPage"], 20, 100).unwrap(), 5);
+    }
+
+    /// `{"metadata":{"a":"1","a":"2"}}` once stored `a: 2`.
+    #[test]
+    fn metadata_refuses_a_key_given_twice() {
+        let named_twice = |e: AdminError| {
+            assert!(
+                matches!(&e, AdminError::BadRequest { field, message }
+                    if field.starts_with("metadata") && message.contains("\"a\"")),
+                "{e:?}"
+            );
+        };
+        named_twice(
+            parse_body::<CreateBody>(
+                br#"{"key_type":"shared","metadata":{"a":"1","b":"2","a":"3"}}"#,
+            )
+            .unwrap_err(),
+        );
+        named_twice(parse_body::<PatchBody>(br#"{"metadata":{"a":"1","a":"1"}}"#).unwrap_err());
+        let p: PatchBody = parse_body(br#"{"metadata":null}"#).unwrap();
+        assert_eq!(p.metadata, None);
+        let p: PatchBody = parse_body(br#"{"metadata":{"a":"1","b":"2"}}"#).unwrap();
+        assert_eq!(p.metadata.unwrap().len(), 2);
+        assert!(parse_body::<PatchBody>(br#"{"metadata":{"a":1}}"#).is_err());
     }
 
     proptest! {

@@ -83,8 +83,35 @@ struct Ctx<'a> {
     body: Bytes,
     actor: Option<Admin>,
     client_ip: IpAddr,
-    request_id: &'a str,
+    ids: &'a RequestIds,
     now: DateTime<Utc>,
+}
+
+/// A request's ids: `echoed` is the client's `X-Request-Id` when it sent a well-formed one
+/// (answered and logged, so traces join up), else `made`; `made` is keygate's own, and the
+/// only one the audit log records as the request id: a client-chosen id there would let an
+/// admin forge a correlation with other entries. The client's goes in `client_request_id`.
+struct RequestIds {
+    echoed: HeaderValue,
+    made: String,
+    from_client: Option<String>,
+}
+
+impl RequestIds {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let made = request_id::make();
+        let from_client = request_id::from_client(headers);
+        let text = |v: &HeaderValue| v.to_str().unwrap_or("").to_owned();
+        Self {
+            made: text(&made),
+            from_client: from_client.as_ref().map(text),
+            echoed: from_client.unwrap_or(made),
+        }
+    }
+
+    fn echoed_text(&self) -> &str {
+        self.from_client.as_deref().unwrap_or(&self.made)
+    }
 }
 
 impl Ctx<'_> {
@@ -96,7 +123,8 @@ impl Ctx<'_> {
         Ok(Actor {
             id: self.admin()?.actor_id.clone(),
             client_ip: Some(self.client_ip.to_string()),
-            request_id: Some(self.request_id.to_owned()),
+            request_id: Some(self.ids.made.clone()),
+            client_request_id: self.ids.from_client.clone(),
         })
     }
 
@@ -170,8 +198,9 @@ impl AdminApi {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> AdminResponse {
-        let request_id = request_id::take_or_make(req.headers());
-        let id = request_id.to_str().unwrap_or("").to_owned();
+        let ids = RequestIds::of(req.headers());
+        let id = ids.echoed_text().to_owned();
+        let request_id = ids.echoed.clone();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         if path == "/metrics" && (method == Method::GET || method == Method::HEAD) {
@@ -180,7 +209,7 @@ impl AdminApi {
                 .insert(request_id::HEADER.clone(), request_id);
             return without_body_for_head(&method, resp);
         }
-        let result = self.dispatch(req, peer, &id).await;
+        let result = self.dispatch(req, peer, &ids).await;
         let mut resp = match result {
             Ok(reply) => {
                 let mut meta = reply.meta.unwrap_or_default();
@@ -237,6 +266,7 @@ impl AdminApi {
         tracing::info!(
             target: "keygate::admin",
             request_id = %id,
+            audit_request_id = %ids.made,
             method = %method,
             path = %path,
             status = resp.status().as_u16(),
@@ -249,7 +279,7 @@ impl AdminApi {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        request_id: &str,
+        ids: &RequestIds,
     ) -> Result<Reply, AdminError> {
         let peer_ip = canonical(peer.ip());
         let client_ip = client_ip(peer_ip, req.headers(), &self.trusted_proxies);
@@ -276,17 +306,28 @@ impl AdminApi {
                 only_get(&method)?;
                 return self.readyz().await;
             }
+            // `handle` answers GET and HEAD; `/metrics/` and the like are no endpoint.
+            ["metrics"] => {
+                only_get(&method)?;
+                return Err(AdminError::NoEndpoint);
+            }
             _ => {}
         }
         if !matches!(segs.first(), Some(&"v1")) {
             return Err(AdminError::NoEndpoint);
         }
 
-        let query = json::Query::parse(req.uri().query())?;
+        // The query is judged only once the caller is authenticated: an unauthenticated one
+        // learns nothing about its validation (review), only 401. It is read first all the
+        // same, to know whether the request reveals a value; a query that does not parse
+        // reveals nothing, and is refused after authentication.
+        let query = json::Query::parse(req.uri().query());
         // Revealing a key's value hands out a credential, as creating one does: a read-only
         // key could otherwise take the value of a write-capable one and write with it
         // (review).
-        let reveals = query.bool("show_key_value")? == Some(true);
+        let reveals = query
+            .as_ref()
+            .is_ok_and(|q| q.bool("show_key_value").ok().flatten() == Some(true));
         let required = if (method == Method::GET || method == Method::HEAD) && !reveals {
             SCOPE_KEYS_READ
         } else {
@@ -304,6 +345,8 @@ impl AdminApi {
         if required == SCOPE_KEYS_WRITE {
             actor = self.as_stored(actor, client_ip, now).await?;
         }
+        let query = query?;
+        query.bool("show_key_value")?;
         let body = self.read_body(req).await?;
         let ctx = Ctx {
             method: &method,
@@ -311,7 +354,7 @@ impl AdminApi {
             body,
             actor: Some(actor),
             client_ip,
-            request_id,
+            ids,
             now,
         };
         self.route(&segs[1..], &ctx).await
@@ -365,10 +408,8 @@ impl AdminApi {
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return Err(AdminError::BodyTooLarge(self.max_body_bytes));
         }
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+        check_content_encoding(req.headers())?;
+        let content_type = check_content_type(req.headers());
         // An admin client may hold its connection no longer than this: without it a body
         // trickled a byte at a time would never end.
         let collect = Limited::new(req.into_body(), self.max_body_bytes).collect();
@@ -385,11 +426,8 @@ impl AdminApi {
                 }
             })?
             .to_bytes();
-        if !collected.is_empty()
-            && let Some(ct) = content_type
-            && !(ct.starts_with("application/json") || ct.contains("+json"))
-        {
-            return Err(AdminError::UnsupportedMediaType);
+        if !collected.is_empty() {
+            content_type?;
         }
         Ok(collected)
     }
@@ -850,6 +888,63 @@ impl AdminApi {
     }
 }
 
+/// A body's `Content-Type`: exactly one header, `application/json` (any case), and no
+/// parameter but `charset=utf-8` (any case, quoted or not). Anything else is named in the 415:
+/// `text/plain+json` and the like were once taken for JSON, a second header ignored, a
+/// `charset=latin1` body read as UTF-8.
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), AdminError> {
+    let refuse = |why: String| Err(AdminError::UnsupportedMediaType(why));
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return match headers.get_all(header::CONTENT_TYPE).iter().count() {
+            0 => refuse("a body needs a Content-Type header".into()),
+            n => refuse(format!("{n} Content-Type headers; send exactly one")),
+        };
+    };
+    let Ok(value) = value.to_str() else {
+        return refuse("the Content-Type is not ASCII text".into());
+    };
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json") {
+        return refuse(format!("media type {media:?} is not application/json"));
+    }
+    for param in parts {
+        let param = param.trim();
+        let (name, val) = param.split_once('=').unwrap_or((param, ""));
+        let (name, val) = (name.trim(), val.trim());
+        if !name.eq_ignore_ascii_case("charset") {
+            return refuse(format!(
+                "parameter {param:?} is not allowed; only charset=utf-8 is"
+            ));
+        }
+        let unquoted = val
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(val);
+        if !unquoted.eq_ignore_ascii_case("utf-8") {
+            return refuse(format!("charset {val:?} is not utf-8"));
+        }
+    }
+    Ok(())
+}
+
+/// A body must come as sent: keygate decodes no `Content-Encoding`, and reading a gzipped
+/// body as JSON would only fail less clearly. `identity` (any case) is accepted.
+fn check_content_encoding(headers: &http::HeaderMap) -> Result<(), AdminError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("\u{fffd}");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("identity") {
+                return Err(AdminError::UnsupportedMediaType(format!(
+                    "Content-Encoding {coding:?} is not supported; send the body as is"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn only_get(method: &Method) -> Result<(), AdminError> {
     if method == Method::GET || method == Method::HEAD {
         Ok(())
@@ -880,4 +975,71 @@ fn envelope(status: StatusCode, body: Value) -> AdminResponse {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    /// `text/plain+json`, two Content-Types and `charset=latin1` were once taken for JSON.
+    #[test]
+    fn content_type_is_exactly_application_json_in_utf8() {
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/json; charset=\"utf-8\"",
+        ] {
+            check_content_type(&headers(&[("content-type", ok)]))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, names) in [
+            ("text/plain+json", "text/plain+json"),
+            ("application/vnd.api+json", "vnd.api+json"),
+            ("application/jsonx", "application/jsonx"),
+            ("text/plain", "text/plain"),
+            ("application/json; charset=latin1", "latin1"),
+            ("application/json; charset=utf-16", "utf-16"),
+            ("application/json; boundary=x", "boundary"),
+            ("application/json; charset", "charset"),
+            ("", "\"\""),
+        ] {
+            let e = check_content_type(&headers(&[("content-type", bad)])).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::UnsupportedMediaType(m) if m.contains(names)),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.status_and_code().0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        let two = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "application/json"),
+        ]);
+        let e = check_content_type(&two).unwrap_err();
+        assert!(e.to_string().contains("2 Content-Type headers"), "{e}");
+        let e = check_content_type(&headers(&[])).unwrap_err();
+        assert!(e.to_string().contains("needs a Content-Type"), "{e}");
+    }
+
+    #[test]
+    fn content_encoding_other_than_identity_is_refused() {
+        check_content_encoding(&headers(&[])).unwrap();
+        check_content_encoding(&headers(&[("content-encoding", "Identity")])).unwrap();
+        for bad in ["gzip", "identity, br", "deflate"] {
+            let e = check_content_encoding(&headers(&[("content-encoding", bad)])).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::UnsupportedMediaType(m) if m.contains("Content-Encoding")),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

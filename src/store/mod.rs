@@ -133,7 +133,12 @@ pub struct AuditEvent {
     pub team_id: Option<String>,
     pub user_id: Option<String>,
     pub client_ip: Option<String>,
+    /// The id keygate made for the request (never one a client chose).
     pub request_id: Option<String>,
+    /// The `X-Request-Id` the client sent, when it sent a well-formed one: for correlation
+    /// with the client's own logs, not to be trusted. Absent in events written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     /// Small free-form facts (changed field names, grace seconds…), never secrets.
     #[serde(default)]
     pub details: BTreeMap<String, String>,

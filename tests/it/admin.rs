@@ -181,6 +181,7 @@ on_both_stores!(
     removing_a_member_disables_user_keys_and_moves_shared_ones,
     audit_records_every_action_with_actor_and_request,
     the_operator_deletes_a_key_whose_record_is_unreadable,
+    a_patch_repeating_every_field_writes_nothing,
 );
 
 async fn create_use_disable_enable_rotate_delete(backing: &str) {
@@ -2094,4 +2095,201 @@ async fn usage_is_counted_and_flushed_in_batches() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["request_count"], 3, "{}", r.body);
     assert_eq!(&r.body["data"]["last_used_time"], last_used);
+}
+
+/// `/metrics` with another method than GET or HEAD was once 404: it is 405 with `Allow`, as
+/// every other path answers a method it does not take.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_answers_other_methods_with_405() {
+    let e = start("embedded", "").await;
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let r = client()
+            .request(method.parse().unwrap(), e.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD", "{method}");
+    }
+    let r = client()
+        .head(e.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The body's media type was once judged loosely: anything starting `application/json` or
+/// containing `+json`, one of two headers, any charset, and any `Content-Encoding`.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_type_must_be_one_application_json_in_utf8_without_encoding() {
+    let e = start("embedded", "").await;
+    let body = r#"{"key_type":"shared"}"#;
+    let send = |headers: Vec<(&'static str, &'static str)>| {
+        let e = &e;
+        async move {
+            let mut req = client().post(e.gw.admin_url("/v1/keys")).bearer_auth(TOKEN);
+            for (k, v) in &headers {
+                req = req.header(*k, *v);
+            }
+            let r = req.body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    for (headers, names) in [
+        (vec![("content-type", "text/plain+json")], "text/plain+json"),
+        (
+            vec![("content-type", "application/merge-patch+json")],
+            "merge-patch",
+        ),
+        (
+            vec![("content-type", "application/json; charset=iso-8859-1")],
+            "iso-8859-1",
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("content-type", "application/json"),
+            ],
+            "2 Content-Type headers",
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "gzip",
+        ),
+    ] {
+        let (status, b) = send(headers.clone()).await;
+        assert_eq!(status, 415, "{headers:?} → {b}");
+        assert_eq!(b["error"]["code"], "UNSUPPORTED_MEDIA_TYPE");
+        let msg = b["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(names), "{headers:?}: {msg:?}");
+    }
+    for ok in [
+        "application/json",
+        "Application/JSON; Charset=\"UTF-8\"",
+        "application/json;charset=utf-8",
+    ] {
+        let (status, b) = send(vec![("content-type", ok), ("content-encoding", "identity")]).await;
+        assert_eq!(status, 201, "{ok} → {b}");
+    }
+}
+
+/// The query was once validated before the credential: an unauthenticated client got 400s
+/// describing it. Whatever the query, no credential is 401 and a wrong one 401 too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unauthenticated_request_gets_401_whatever_its_query() {
+    let e = start("embedded", "").await;
+    for path in [
+        "/v1/keys?page=0",
+        "/v1/keys?page=1&page=2",
+        "/v1/keys?per_page=5&perPage=6",
+        "/v1/keys?is_enabled=maybe",
+        "/v1/keys/apk_x?show_key_value=yes",
+        "/v1/audit?since=yesterday",
+    ] {
+        for token in ["", "wrong-token-0123456789"] {
+            let r = e.call(token, "GET", path, None).await;
+            assert_eq!(r.status, 401, "{path} with {token:?} → {}", r.body);
+        }
+        let r = e.admin("GET", path, None).await;
+        assert_eq!(r.status, 400, "{path} → {}", r.body);
+    }
+}
+
+/// The client's `X-Request-Id` was once the audit entry's request id, so an admin could make
+/// an entry claim another's correlation. It is echoed and kept as `client_request_id`; the
+/// entry's `request_id` is one keygate made.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_records_its_own_request_id_and_the_clients_apart() {
+    let e = start("embedded", "").await;
+    let (id, _) = e.create(json!({"key_type": "shared"})).await;
+    let forged = "forged-id-of-another-entry";
+    let r = client()
+        .patch(e.gw.admin_url(&format!("/v1/keys/{id}")))
+        .bearer_auth(TOKEN)
+        .header("x-request-id", forged)
+        .json(&json!({"name": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], forged);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["meta"]["request_id"], forged);
+
+    let r = e
+        .admin("GET", &format!("/v1/audit?api_key_id={id}"), None)
+        .await;
+    let update = &r.body["data"][0];
+    assert_eq!(update["action"], "update", "{}", r.body);
+    assert_eq!(update["client_request_id"], forged, "{update}");
+    let own = update["request_id"].as_str().unwrap();
+    assert_ne!(own, forged);
+    assert_eq!(own.len(), 32, "{own}");
+    // Without a client id, the entry's is the one answered, and there is no client one.
+    let create = &r.body["data"][1];
+    assert_eq!(create["action"], "create", "{}", r.body);
+    assert!(create["client_request_id"].is_null(), "{create}");
+    assert_eq!(create["request_id"].as_str().unwrap().len(), 32);
+}
+
+/// A PATCH giving every field as it stands (as a GET shows it) changes nothing: no write, no
+/// audit event, the same `updated_time`; one changed field among them still writes.
+async fn a_patch_repeating_every_field_writes_nothing(backing: &str) {
+    let e = start(backing, "").await;
+    e.admin(
+        "PUT",
+        "/v1/teams/acme/members/alice",
+        Some(json!({"role": "member"})),
+    )
+    .await;
+    let (id, _) = e
+        .create(
+            json!({"key_type": "shared", "name": "n", "description": "d",
+                       "team_id": "acme", "behalf_of_user_id": "alice",
+                       "scope_names": ["orders:read", "orders:write"],
+                       "allow_ips": ["127.0.0.1", "10.0.0.0/8", "2001:db8::/32"],
+                       "expires_at": "2099-01-02T03:04:05.123456789Z",
+                       "metadata": {"env": "prod", "owner": "ops"}}),
+        )
+        .await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let same = json!({
+        "name": before["name"], "description": before["description"],
+        "scope_names": before["scope_names"], "allow_ips": before["allow_ips"],
+        "is_enabled": before["is_enabled"], "behalf_of_user_id": before["behalf_of_user_id"],
+        "expires_at": before["expires_time"], "metadata": before["metadata"],
+    });
+    let r = e.admin("PATCH", &path, Some(same.clone())).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"], before);
+    assert_eq!(e.admin("GET", &path, None).await.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
+
+    let mut one = same;
+    one["metadata"]["env"] = json!("staging");
+    let r = e.admin("PATCH", &path, Some(one)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.body["data"]["updated_time"], before["updated_time"]);
+    assert_eq!(r.body["data"]["metadata"]["env"], "staging");
+    assert_eq!(e.audit_actions(&id).await, ["create", "update"]);
+
+    // A key without a description shows `""`: given back, it is the description as it stands.
+    let (id, _) = e.create(json!({"key_type": "shared"})).await;
+    let path = format!("/v1/keys/{id}");
+    let before = e.admin("GET", &path, None).await.body["data"].clone();
+    assert_eq!(before["description"], "");
+    let same = json!({"name": before["name"], "description": "", "scope_names": [],
+                      "allow_ips": [], "metadata": {}, "expires_at": null,
+                      "behalf_of_user_id": null, "is_enabled": true});
+    let r = e.admin("PATCH", &path, Some(same)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"], before);
+    assert_eq!(e.audit_actions(&id).await, ["create"]);
 }

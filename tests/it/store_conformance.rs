@@ -1086,6 +1086,7 @@ fn event(
         user_id: None,
         client_ip: None,
         request_id: None,
+        client_request_id: None,
         details: BTreeMap::new(),
     }
 }
@@ -1133,6 +1134,7 @@ async fn audit_append_assigns_increasing_ids(h: Harness) {
             e.user_id = Some("user-7".into());
             e.client_ip = Some("203.0.113.9".into());
             e.request_id = Some("req-1".into());
+            e.client_request_id = Some("client-chosen-1".into());
             e.details.insert("fields".into(), "name,scopes".into());
         }
         let stored = stores[i % 2].append_audit(&e).await.unwrap();
@@ -1424,6 +1426,7 @@ async fn changes_stand_when_their_audit_event_cannot_be_stored(
         user_id: None,
         client_ip: None,
         request_id: None,
+        client_request_id: None,
         details: BTreeMap::new(),
     };
     assert!(
