@@ -27,6 +27,7 @@
 //! connection in a task of its own, kept alive by every stream still sending, so ending the
 //! dispatching task does not close it: its I/O is [`Severable`], and a stall severs it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +39,6 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Live streams that make the registry look for dead ones: below it, registering never scans.
@@ -52,8 +52,12 @@ pub struct StreamSends {
     opened: AtomicU64,
     /// Streams the client reset before they were answered, within [`PREMATURE_LIFETIME`].
     premature: AtomicU64,
-    /// Woken when `premature` reaches half of `opened` (past [`RESET_FLOOR`]).
-    reset_flood: Notify,
+    /// Set when `premature` reaches half of `opened` (past [`RESET_FLOOR`]), for the
+    /// connection's task (`flood_waker`). Not a `tokio::sync::Notify`: its every poll takes a
+    /// lock, and the connection's task polls it at each wake, HTTP/1.1's included (~500
+    /// instructions per request, callgrind).
+    flooded: AtomicBool,
+    flood_waker: AtomicWaker,
 }
 
 /// A stream the client resets before its answer, this soon after opening it, cost the client
@@ -93,7 +97,8 @@ impl Default for StreamSends {
             }),
             opened: AtomicU64::new(0),
             premature: AtomicU64::new(0),
-            reset_flood: Notify::new(),
+            flooded: AtomicBool::new(false),
+            flood_waker: AtomicWaker::new(),
         }
     }
 }
@@ -149,15 +154,30 @@ impl StreamSends {
     /// Ends once the client has reset at least half of the connection's streams before their
     /// answers, soon after opening them, over at least [`RESET_FLOOR`] streams; again at each
     /// such reset after that.
-    pub async fn reset_flood(&self) {
-        self.reset_flood.notified().await;
+    pub fn reset_flood(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.take_flood() {
+                return Poll::Ready(());
+            }
+            self.flood_waker.register(cx.waker());
+            if self.take_flood() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    fn take_flood(&self) -> bool {
+        self.flooded.load(Ordering::Acquire) && self.flooded.swap(false, Ordering::AcqRel)
     }
 
     fn reset_prematurely(&self) {
         let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
         let opened = self.opened.load(Ordering::Relaxed);
         if opened >= RESET_FLOOR && premature.saturating_mul(2) >= opened {
-            self.reset_flood.notify_one();
+            self.flooded.store(true, Ordering::Release);
+            self.flood_waker.wake();
         }
     }
 
@@ -470,7 +490,6 @@ mod tests {
 
     /// Whether `reset_flood` has been woken (without waiting).
     fn flooded(sends: &StreamSends) -> bool {
-        use std::future::Future;
         let notified = sends.reset_flood();
         let mut notified = std::pin::pin!(notified);
         notified
