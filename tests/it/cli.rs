@@ -789,3 +789,31 @@ fn a_closed_stdout_is_no_panic() {
     assert!(err.contains("rotate the key"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `trusted_proxies` that take in every address let any client choose its own with
+/// `X-Forwarded-For`, past every IP rule: serving goes on, with a warning naming it.
+#[test]
+fn trusting_every_address_as_a_proxy_is_a_warning() {
+    let with = |proxies: &str| {
+        ONE_ROUTE.replacen(
+            "[proxy]\n",
+            &format!("[proxy]\ntrusted_proxies = [{proxies}]\n"),
+            1,
+        )
+    };
+    for all in ["0.0.0.0/0", "::/0"] {
+        let out = check_config_text(&with(&format!("\"10.0.0.0/8\", \"{all}\"")), &[]);
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("warning") && err.contains("proxy.trusted_proxies") && err.contains(all),
+            "{err}"
+        );
+    }
+    let out = check_config_text(&with("\"10.0.0.0/8\""), &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("trusted_proxies"),
+        "{out:?}"
+    );
+}
