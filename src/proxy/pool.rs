@@ -13,6 +13,10 @@
 //!   end (a task waits for that when the body is still streaming); an upgraded one (101) never;
 //! - at most `pool_max_idle_per_host` idle connections; one idle longer than
 //!   `pool_idle_timeout` is closed instead of used;
+//! - idle connections are closed once idle for `pool_idle_timeout` even when no request comes
+//!   (a sweep, [`Pool::reap`], one task per pool started with its first idle connection, that
+//!   sleeps until the oldest one is due: nothing per request), and one the upstream closed
+//!   is dropped then too (its socket already was, by its task on the upstream's FIN);
 //! - an HTTP/2 upstream gets one connection, shared by every request and opened by one of them
 //!   while the others wait; a new one when it closes.
 //!
@@ -294,7 +298,7 @@ pub struct Pool<B> {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     /// HTTP/1.1 connections ready for a request, the most recently returned last.
-    idle: Mutex<Vec<Idle<B>>>,
+    idle: Mutex<IdleList<B>>,
     /// Told when a connection comes back to `idle`, for requests waiting for a permit.
     returned: Notify,
     /// Requests waiting for a permit: only then does a returned connection tell `returned`
@@ -334,6 +338,14 @@ impl<B> SharedH2<B> {
 struct Idle<B> {
     conn: http1::SendRequest<B>,
     since: Instant,
+}
+
+/// The idle connections, oldest first, and whether the sweep that closes them as they expire
+/// ([`Pool::reap`]) was started: under the lock `put` takes anyway, so starting it once costs
+/// the requests after nothing.
+struct IdleList<B> {
+    conns: Vec<Idle<B>>,
+    reaper: bool,
 }
 
 /// Ends once one of `sends`' streams has waited `limit` for window.
@@ -417,7 +429,10 @@ where
             settings,
             h1,
             h2,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(IdleList {
+                conns: Vec::new(),
+                reaper: false,
+            }),
             returned: Notify::new(),
             waiting: AtomicUsize::new(0),
             cap,
@@ -515,11 +530,11 @@ where
     /// With how long it was idle.
     fn checkout(&self) -> Option<(http1::SendRequest<B>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(entry) = idle.pop() {
+        while let Some(entry) = idle.conns.pop() {
             let idle_for = entry.since.elapsed();
             if idle_for > self.settings.idle_timeout {
                 // The rest were returned earlier still.
-                idle.clear();
+                idle.conns.clear();
                 return None;
             }
             // Not ready: the upstream closed it while it sat idle.
@@ -601,17 +616,28 @@ where
     /// when the pool is full, or when only another pool's requests are waiting for a permit:
     /// dropping the last handle ends the connection's task, which drops the socket and its
     /// permit, and the semaphore hands that to the next waiter.
-    fn put(&self, conn: http1::SendRequest<B>) {
+    fn put(self: &Arc<Self>, conn: http1::SendRequest<B>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Read under the lock: a waiter counted on the cap sheds idle connections under it.
         let others_wait =
             self.waiting.load(Ordering::SeqCst) == 0 && self.cap.waiting.load(Ordering::SeqCst) > 0;
-        if idle.len() < self.settings.max_idle && !others_wait {
-            idle.push(Idle {
+        if idle.conns.len() < self.settings.max_idle && !others_wait {
+            idle.conns.push(Idle {
                 conn,
                 since: Instant::now(),
             });
+            // Once per pool: on the runtime of the proxy thread whose requests use it.
+            let reaper = if idle.reaper {
+                None
+            } else {
+                let runtime = tokio::runtime::Handle::try_current().ok();
+                idle.reaper = runtime.is_some();
+                runtime
+            };
             drop(idle);
+            if let Some(runtime) = reaper {
+                runtime.spawn(Self::reap(Arc::downgrade(self), self.settings.idle_timeout));
+            }
             if self.waiting.load(Ordering::SeqCst) > 0 {
                 // Every waiter looks; one takes it, the others wait on.
                 self.returned.notify_waiters();
@@ -742,11 +768,55 @@ where
         ))
     }
 
+    /// Closes idle connections as they reach `idle_timeout`, whether or not a request comes:
+    /// without it, a thread with no traffic kept them open for ever (and the upstream, its own
+    /// keep-alive timeout never running out, kept a socket for each). Sleeps until the oldest
+    /// is due (`idle_timeout` when there is none: one put meanwhile is due later still), so
+    /// it wakes once per expiry at most, and ends with the pool.
+    async fn reap(pool: Weak<Self>, idle_timeout: Duration) {
+        let mut wait = idle_timeout;
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            wait = pool.close_expired();
+        }
+    }
+
+    /// Drops the idle connections that are due or that the upstream closed; how long until
+    /// the oldest one left is due.
+    fn close_expired(&self) -> Duration {
+        let limit = self.settings.idle_timeout;
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // Oldest first: the due ones are in front.
+        let due = idle
+            .conns
+            .iter()
+            .take_while(|e| e.since.elapsed() >= limit)
+            .count();
+        let mut closed: Vec<Idle<B>> = idle.conns.drain(..due).collect();
+        // Their tasks dropped the sockets already; these are the handles.
+        if idle.conns.iter().any(|e| e.conn.is_closed()) {
+            idle.conns.retain(|e| !e.conn.is_closed());
+        }
+        let wait = idle
+            .conns
+            .first()
+            .map_or(limit, |e| limit.saturating_sub(e.since.elapsed()));
+        drop(idle);
+        // Each connection's task sees its request side gone and closes the socket.
+        closed.clear();
+        // Not a busy loop should a clock read come out equal.
+        wait.max(Duration::from_millis(1))
+    }
+
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .conns
             .len()
     }
 }
@@ -754,10 +824,10 @@ where
 impl<B: Send> ShedIdle for Pool<B> {
     fn shed_oldest(&self) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.is_empty() {
+        if idle.conns.is_empty() {
             return false;
         }
-        let oldest = idle.remove(0);
+        let oldest = idle.conns.remove(0);
         drop(idle);
         // Its task sees the request side gone and drops the socket, and with it the permit.
         drop(oldest);
@@ -1003,6 +1073,68 @@ mod tests {
         get(&pool, addr).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// With no request after it, an idle connection is still closed once `pool_idle_timeout`
+    /// has passed (before the sweep, only the thread's next request closed it).
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout_without_a_request() {
+        let (addr, counts) = counted_upstream(Answer::KeepOpen).await;
+        let cap = ConnectionCap::new(8, gauge());
+        let limit = Duration::from_millis(200);
+        let pool = capped_pool(addr, false, 8, limit, cap.clone(), Duration::from_secs(2));
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(settled_idle(&pool, 1).await, 1);
+        let idle_from = Instant::now();
+        tokio::time::sleep(limit / 2).await;
+        assert_eq!(counts.open.load(Ordering::SeqCst), 1, "closed too early");
+        let mut closed_after = None;
+        for _ in 0..200 {
+            if counts.open.load(Ordering::SeqCst) == 0 {
+                closed_after = Some(idle_from.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closed_after = closed_after.expect("the idle connection was never closed");
+        assert!(closed_after >= limit, "{closed_after:?}");
+        assert!(
+            closed_after < limit + Duration::from_millis(300),
+            "{closed_after:?}"
+        );
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(settled_in_use(&cap, 0).await, 0, "its permit is free");
+        // The pool goes on as before.
+        assert_eq!(get(&pool, addr).await, "ok");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// Connections returned at different times are each closed when their own time is up, and
+    /// one the upstream closed leaves the idle list with the sweep.
+    #[tokio::test]
+    async fn idle_connections_are_swept_each_at_its_own_time() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(50))).await;
+        let cap = ConnectionCap::new(8, gauge());
+        let limit = Duration::from_millis(300);
+        let pool = capped_pool(addr, false, 8, limit, cap, Duration::from_secs(2));
+        let (a, b) = tokio::join!(get(&pool, addr), get(&pool, addr));
+        assert_eq!((&a[..], &b[..]), (&b"ok"[..], &b"ok"[..]));
+        assert_eq!(settled_idle(&pool, 2).await, 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Takes the newer one, and returns it 150 ms after the other.
+        get(&pool, addr).await;
+        assert_eq!(settled_idle(&pool, 2).await, 2);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "the older one is closed, the newer kept"
+        );
+        assert_eq!(counts.open.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(counts.open.load(Ordering::SeqCst), 0);
     }
 
     /// A response body that ends this long after its head: an event stream (SSE) held open.

@@ -3028,3 +3028,43 @@ async fn a_switch_to_a_protocol_not_asked_for_is_refused() {
         assert!(!body.contains("RAW"), "{body}");
     }
 }
+
+/// Review: an idle upstream connection was closed only by its proxy thread's next request, so
+/// with no traffic it stayed open past `pool_idle_timeout` for ever. It is closed about
+/// `pool_idle_timeout` after its last answer now, with no request after it.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_pool_idle_timeout_with_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, mut closed) = upstream::reports_close(false).await;
+    let gw = public_gateway_with(&dir, up, "pool_idle_timeout = \"300ms\"");
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let (after, _) = tokio::time::timeout(Duration::from_secs(3), closed.recv())
+        .await
+        .expect("keygate kept the idle connection open past pool_idle_timeout")
+        .unwrap();
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed too early: {after:?}"
+    );
+    assert!(after < Duration::from_millis(1500), "{after:?}");
+}
+
+/// An upstream that closes an idle connection (its keep-alive timeout) gets keygate's close
+/// at once, long before `pool_idle_timeout`: hyper's connection task reads the FIN and drops
+/// the socket, which is not left in CLOSE_WAIT until the next request.
+#[tokio::test]
+async fn an_upstream_closing_an_idle_connection_gets_keygates_close_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, mut closed) = upstream::reports_close(true).await;
+    let gw = public_gateway_with(&dir, up, "pool_idle_timeout = \"60s\"");
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let (after, _) = tokio::time::timeout(Duration::from_secs(3), closed.recv())
+        .await
+        .expect("keygate left the connection the upstream closed open (CLOSE_WAIT)")
+        .unwrap();
+    assert!(after < Duration::from_millis(500), "{after:?}");
+}
