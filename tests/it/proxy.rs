@@ -901,6 +901,56 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(seen["version"], "HTTP/1.1");
 }
 
+/// Review: `X-Forwarded-Host` lost the client's port (it carried the name routing uses). The
+/// upstream gets the `Host` the client sent, port and case included, and HTTP/2's
+/// `:authority`; a trusted proxy's own is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn x_forwarded_host_is_the_host_the_client_sent_port_included() {
+    // 127.0.0.1 is not trusted here: the client's own X-Forwarded-Host is replaced.
+    let e = env_with("").await;
+    let seen = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 200);
+        let seen: Value = r.json().await.unwrap();
+        seen["headers"]["x-forwarded-host"].clone()
+    };
+    let (status, body) = raw_request(
+        e.gw.addr,
+        "GET /public/x HTTP/1.1\r\nHost: API.example.com:8443\r\nX-Forwarded-Host: evil.example\r\n"
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["headers"]["x-forwarded-host"][0],
+        "API.example.com:8443"
+    );
+    assert_eq!(
+        body["headers"]["x-forwarded-host"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let addr = e.gw.addr.to_string();
+    let h2 = h2_client().get(e.gw.url("/public/x")).send().await.unwrap();
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        seen(h2).await[0],
+        addr.as_str(),
+        ":authority, port included"
+    );
+    // A trusted proxy's X-Forwarded-Host is what its client sent: kept.
+    let e = env().await;
+    let r = client()
+        .get(e.gw.url("/public/x"))
+        .header("x-forwarded-host", "public.example:8443")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen(r).await[0], "public.example:8443");
+}
+
 /// `max_headers` (default 100) holds over HTTP/2 too, where hyper bounds only the header
 /// list's bytes: 150 small fields got through to the upstream before.
 #[tokio::test(flavor = "multi_thread")]
