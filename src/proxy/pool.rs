@@ -73,6 +73,13 @@ impl PoolError {
     pub fn is_connect(&self) -> bool {
         matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
     }
+
+    /// The upstream answered with a response head hyper could not read: over its limits (more
+    /// than 100 fields, `Parse::TooLarge`; larger than the read buffer, the same) or malformed
+    /// (`is_parse`). HTTP/1.1's; an HTTP/2 header list over the limits is a stream error.
+    pub fn is_bad_response(&self) -> bool {
+        matches!(self, PoolError::Exchange(e) if e.is_parse())
+    }
 }
 
 /// The connections one upstream may have open (`max_connections`), shared by every proxy
@@ -1218,6 +1225,50 @@ mod tests {
         let req = Request::get("/x").body(Empty::new()).unwrap();
         let err = pool.send(req).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
+    }
+
+    /// An upstream whose answer is `head` for every request, then closes.
+    async fn answers(head: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&head).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_response_head_over_the_limits_or_malformed_is_a_bad_response() {
+        let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+        // Past the 64 KiB read buffer (a read may overshoot it: by far).
+        let large = format!("x-big: {}\r\n", "a".repeat(1024 * 1024));
+        for head in [
+            format!("HTTP/1.1 200 OK\r\n{many}content-length: 0\r\n\r\n"),
+            format!("HTTP/1.1 200 OK\r\n{large}content-length: 0\r\n\r\n"),
+            "HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        ] {
+            let addr = answers(head.clone().into_bytes()).await;
+            let pool = pool(addr, 8, LONG);
+            let req = Request::get("/x").body(Empty::new()).unwrap();
+            let Err(err) = pool.send(req).await else {
+                panic!("answered: {}", &head[..40]);
+            };
+            assert!(err.is_bad_response(), "{err}");
+            assert!(!err.is_connect(), "{err}");
+        }
+        // A connection closed with no answer is not one.
+        let addr = answers(Vec::new()).await;
+        let pool = pool(addr, 8, LONG);
+        let req = Request::post("/x").body(Empty::new()).unwrap();
+        let err = pool.send(req).await.unwrap_err();
+        assert!(!err.is_bad_response(), "{err}");
     }
 
     /// The cap's permits in use once closes in flight have landed.

@@ -2452,6 +2452,41 @@ async fn an_upstream_body_that_fails_before_any_data_is_a_502() {
     assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE", "{body}");
 }
 
+/// Review: an upstream answer over keygate's header limits (more than 100 fields, or a head
+/// past the 64 KiB read buffer) was answered 502 "cannot be reached" and counted as an outage.
+/// It is 502 `UPSTREAM_BAD_RESPONSE` now, outcome `upstream_bad_response`.
+#[tokio::test]
+async fn an_upstream_response_head_over_the_limits_is_a_502_bad_response() {
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let large = format!("x-big: {}\r\n", "a".repeat(1024 * 1024));
+    for fields in [many, large] {
+        let head = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok");
+        let head: &'static [u8] = Box::leak(head.into_bytes().into_boxed_slice());
+        let dir = tempfile::tempdir().unwrap();
+        let up = upstream::raw(head).await;
+        let gw = public_gateway(&dir, up);
+        let r = client().get(gw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "UPSTREAM_BAD_RESPONSE", "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            "the upstream's response head is too large or malformed"
+        );
+        let metrics = gw.metrics().await;
+        let counted = |outcome: &str| {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("keygate_requests_total{"))
+                .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        assert_eq!(counted("upstream_bad_response"), 1, "{metrics}");
+        assert_eq!(counted("upstream_error"), 0, "{metrics}");
+    }
+}
+
 /// Sends one keep-alive request on `conn` and returns the answer's status line, or `None` if
 /// nothing arrives within `wait`.
 async fn status_line(conn: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
