@@ -1217,6 +1217,15 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be more than zero",
             );
         }
+        // `0s` kept no connection past its response (every one counted as idle too long), so
+        // pooling was off without a word; `pool_max_idle_per_host = 0` says so.
+        if u.pool_idle_timeout.is_zero() {
+            p.add(
+                format!("upstreams.{name}.pool_idle_timeout"),
+                "must be more than zero; to keep no idle connections to the upstream, set \
+                 pool_max_idle_per_host = 0",
+            );
+        }
         if u.body_idle_timeout < MIN_STALL_TIMEOUT {
             p.add(
                 format!("upstreams.{name}.body_idle_timeout"),
@@ -3143,6 +3152,31 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_zero_pool_idle_timeout_is_refused_pointing_at_pool_max_idle_per_host() {
+        let with = |setting: &str| {
+            from_toml(&format!(
+                "[upstreams.up]\nurl = \"http://127.0.0.1:1\"\n{setting}\n\
+                 [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\n"
+            ))
+        };
+        let err = with("pool_idle_timeout = \"0s\"").unwrap_err().to_string();
+        assert!(
+            err.contains("upstreams.up.pool_idle_timeout")
+                && err.contains("more than zero")
+                && err.contains("pool_max_idle_per_host = 0"),
+            "{err}"
+        );
+        // The documented way to keep no idle connections, and a short timeout, pass.
+        let off = with("pool_max_idle_per_host = 0").unwrap();
+        assert_eq!(off.upstreams["up"].pool_max_idle_per_host, 0);
+        let short = with("pool_idle_timeout = \"1ms\"").unwrap();
+        assert_eq!(
+            short.upstreams["up"].pool_idle_timeout,
+            Duration::from_millis(1)
+        );
     }
 
     #[test]

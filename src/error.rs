@@ -56,6 +56,11 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// The upstream answered, but its response head could not be read: over keygate's limits
+    /// (more than 100 header fields, or larger than the read buffer) or malformed. Not that it
+    /// cannot be reached: retrying elsewhere will not help, the upstream's answer must change.
+    #[error("the upstream's response head is too large or malformed")]
+    UpstreamBadResponse,
     /// Every connection the upstream's `max_connections` allows was in use, and none came free
     /// within its `connect_timeout`.
     #[error("the upstream's connection limit is reached")]
@@ -87,6 +92,9 @@ pub enum Outcome {
     /// record).
     InternalError,
     UpstreamError,
+    /// The upstream's response head could not be read (too large or malformed): 502
+    /// `UPSTREAM_BAD_RESPONSE`, apart from `upstream_error` so it is not taken for an outage.
+    UpstreamBadResponse,
     /// Refused because keygate is at a process-wide limit (`proxy.max_peek_total_bytes`); the
     /// client may retry.
     Overloaded,
@@ -109,6 +117,7 @@ impl Outcome {
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::InternalError => "internal_error",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamBadResponse => "upstream_bad_response",
             Outcome::Overloaded => "overloaded",
             Outcome::ClientClosed => "client_closed",
             Outcome::DrainCutOff => "drain_cut_off",
@@ -366,6 +375,13 @@ pub fn classify(err: &GatewayError, reveal_reason: bool) -> Answer {
             None,
             Outcome::UpstreamError,
         ),
+        GatewayError::UpstreamBadResponse => a(
+            S::BAD_GATEWAY,
+            "UPSTREAM_BAD_RESPONSE",
+            "the upstream's response head is too large or malformed",
+            None,
+            Outcome::UpstreamBadResponse,
+        ),
         GatewayError::UpstreamTimeout => a(
             S::GATEWAY_TIMEOUT,
             "UPSTREAM_TIMEOUT",
@@ -505,6 +521,12 @@ mod tests {
                 None,
             ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT", None),
+            (
+                GatewayError::UpstreamBadResponse,
+                502,
+                "UPSTREAM_BAD_RESPONSE",
+                None,
+            ),
             (GatewayError::UpstreamBusy, 503, "UPSTREAM_BUSY", None),
             (PeekError::Busy.into(), 503, "GATEWAY_BUSY", None),
             (GatewayError::NoRoute, 404, "ROUTE_NOT_FOUND", None),

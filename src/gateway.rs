@@ -465,6 +465,9 @@ impl Gateway {
         let proto = context.connection.scheme();
         let upgrade = headers::upgrade_protocol(&req);
         let from_http2 = req.version() == http::Version::HTTP_2;
+        // As the client sent it, port included, before any header is removed: `host` is the
+        // name routing uses (lowercased, no port).
+        let forwarded_host = headers::forwarded_host(&req);
         let h = req.headers_mut();
         // `TE` is hop-by-hop, but an HTTP/2 upstream may get `te: trailers` (gRPC asks for it).
         let te_trailers = upstream.http2 && headers::accepts_trailers(h);
@@ -486,7 +489,7 @@ impl Gateway {
         if let Some(key) = &verified {
             headers::set_identity(h, &key.identity);
         }
-        headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, host.as_deref());
+        headers::set_forwarded(h, &peer.forwarded_for, peer.trusted, proto, forwarded_host);
         h.insert(request_id::HEADER.clone(), request_id.clone());
         let sent = Instant::now();
         let result = match upgrade {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub const OUTCOMES: [Outcome; 12] = [
+pub const OUTCOMES: [Outcome; 13] = [
     Outcome::Forwarded,
     Outcome::NoRoute,
     Outcome::BadRequest,
@@ -30,6 +30,7 @@ pub const OUTCOMES: [Outcome; 12] = [
     Outcome::ClientClosed,
     Outcome::DrainCutOff,
     Outcome::Overloaded,
+    Outcome::UpstreamBadResponse,
 ];
 
 /// The operation names `store::metered::MeteredStore` reports.
@@ -73,6 +74,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::ClientClosed => 9,
         Outcome::DrainCutOff => 10,
         Outcome::Overloaded => 11,
+        Outcome::UpstreamBadResponse => 12,
     }
 }
 

@@ -444,16 +444,36 @@ pub fn remove_from_request_trailers(trailers: &mut HeaderMap, key_header: Option
     }
 }
 
+/// `X-Forwarded-Host`'s value: the authority the client named, as it sent it, port and case
+/// included (an upstream building links needs `api.example.com:8443`, not the name routing
+/// uses, lowercased and without the port): an absolute URI's or HTTP/2's `:authority`, any
+/// `user@` left out, else `Host`. `None` when it named none. Taken before the request's
+/// headers are rewritten; `Host` costs a reference count, not a copy.
+pub fn forwarded_host<B>(req: &http::Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(authority) => {
+            let text = authority.as_str();
+            let host = text.rsplit_once('@').map_or(text, |(_, host)| host);
+            HeaderValue::from_str(host).ok()
+        }
+        None => req
+            .headers()
+            .get(header::HOST)
+            .filter(|v| !v.is_empty())
+            .cloned(),
+    }
+}
+
 /// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the chain is extended; from
 /// anyone else, what the client claimed is replaced, so the upstream can believe it (its
 /// `Forwarded` and `X-Real-IP` go with [`remove_hop_by_hop_and_claims`]).
-/// `peer` is the peer's address as header text.
+/// `peer` is the peer's address as header text; `host`, [`forwarded_host`]'s.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
     peer_is_trusted: bool,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<HeaderValue>,
 ) {
     // An untrusted peer's own list is replaced unread.
     let prior = peer_is_trusted
@@ -474,7 +494,7 @@ pub fn set_forwarded(
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if !(peer_is_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        match host {
             Some(v) => {
                 headers.insert(X_FORWARDED_HOST.clone(), v);
             }
@@ -915,10 +935,10 @@ mod tests {
             &HeaderValue::from_static("203.0.113.1"),
             false,
             "http",
-            Some("api.example"),
+            Some(HeaderValue::from_static("api.example:8443")),
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.1");
-        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h["x-forwarded-host"], "api.example:8443");
         assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "198.51.100.2".parse().unwrap());
@@ -935,6 +955,50 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "198.51.100.2, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-real-ip"], "198.51.100.2");
+        // A trusted proxy's own X-Forwarded-Host is kept; anyone else's is replaced.
+        for (trusted, want) in [(true, "public.example"), (false, "internal:8080")] {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-host", "public.example".parse().unwrap());
+            set_forwarded(
+                &mut h,
+                &HeaderValue::from_static("10.0.0.1"),
+                trusted,
+                "http",
+                Some(HeaderValue::from_static("internal:8080")),
+            );
+            assert_eq!(h["x-forwarded-host"], want);
+        }
+    }
+
+    #[test]
+    fn forwarded_host_is_the_authority_as_the_client_sent_it_port_included() {
+        let host = |req: http::Request<()>| forwarded_host(&req);
+        let with_host = |uri: &str, value: &str| {
+            http::Request::get(uri)
+                .header(header::HOST, value)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            host(with_host("/x", "API.Example.com:8443")).unwrap(),
+            "API.Example.com:8443"
+        );
+        assert_eq!(
+            host(with_host("/x", "api.example.com")).unwrap(),
+            "api.example.com"
+        );
+        assert_eq!(host(with_host("/x", "[::1]:9000")).unwrap(), "[::1]:9000");
+        assert_eq!(host(with_host("/x", "")), None);
+        assert_eq!(host(http::Request::get("/x").body(()).unwrap()), None);
+        // HTTP/2's `:authority` (or an absolute URI) wins over `Host`, without `user@`.
+        assert_eq!(
+            host(with_host("https://api.example.com:8443/x", "other")).unwrap(),
+            "api.example.com:8443"
+        );
+        assert_eq!(
+            host(with_host("http://u:p@api.example.com:81/x", "other")).unwrap(),
+            "api.example.com:81"
+        );
     }
 
     #[test]

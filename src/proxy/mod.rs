@@ -696,6 +696,14 @@ impl Upstream {
                 }
                 return GatewayError::UpstreamBusy;
             }
+            if e.is_bad_response() {
+                // The upstream's fault whatever the client's body did; its own log reason, as it
+                // is not an outage.
+                if let Some(unlogged) = self.failure_logged() {
+                    tracing::warn!(upstream = %self.name, unlogged, error = %e, "upstream response head too large or malformed");
+                }
+                return GatewayError::UpstreamBadResponse;
+            }
             if client_body.is_some_and(|b| b.error().is_some()) {
                 tracing::debug!(upstream = %self.name, error = %e, "upstream request failed on the client's body");
             } else {

@@ -13,6 +13,10 @@
 //!   end (a task waits for that when the body is still streaming); an upgraded one (101) never;
 //! - at most `pool_max_idle_per_host` idle connections; one idle longer than
 //!   `pool_idle_timeout` is closed instead of used;
+//! - idle connections are closed once idle for `pool_idle_timeout` even when no request comes
+//!   (a sweep, [`Pool::reap`], one task per pool started with its first idle connection, that
+//!   sleeps until the oldest one is due: nothing per request), and one the upstream closed
+//!   is dropped then too (its socket already was, by its task on the upstream's FIN);
 //! - an HTTP/2 upstream gets one connection, shared by every request and opened by one of them
 //!   while the others wait; a new one when it closes.
 //!
@@ -68,6 +72,13 @@ impl PoolError {
     /// The upstream could not be reached at all (as opposed to failing mid-exchange).
     pub fn is_connect(&self) -> bool {
         matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
+    }
+
+    /// The upstream answered with a response head hyper could not read: over its limits (more
+    /// than 100 fields, `Parse::TooLarge`; larger than the read buffer, the same) or malformed
+    /// (`is_parse`). HTTP/1.1's; an HTTP/2 header list over the limits is a stream error.
+    pub fn is_bad_response(&self) -> bool {
+        matches!(self, PoolError::Exchange(e) if e.is_parse())
     }
 }
 
@@ -294,7 +305,7 @@ pub struct Pool<B> {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     /// HTTP/1.1 connections ready for a request, the most recently returned last.
-    idle: Mutex<Vec<Idle<B>>>,
+    idle: Mutex<IdleList<B>>,
     /// Told when a connection comes back to `idle`, for requests waiting for a permit.
     returned: Notify,
     /// Requests waiting for a permit: only then does a returned connection tell `returned`
@@ -334,6 +345,14 @@ impl<B> SharedH2<B> {
 struct Idle<B> {
     conn: http1::SendRequest<B>,
     since: Instant,
+}
+
+/// The idle connections, oldest first, and whether the sweep that closes them as they expire
+/// ([`Pool::reap`]) was started: under the lock `put` takes anyway, so starting it once costs
+/// the requests after nothing.
+struct IdleList<B> {
+    conns: Vec<Idle<B>>,
+    reaper: bool,
 }
 
 /// Ends once one of `sends`' streams has waited `limit` for window.
@@ -417,7 +436,10 @@ where
             settings,
             h1,
             h2,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(IdleList {
+                conns: Vec::new(),
+                reaper: false,
+            }),
             returned: Notify::new(),
             waiting: AtomicUsize::new(0),
             cap,
@@ -515,11 +537,11 @@ where
     /// With how long it was idle.
     fn checkout(&self) -> Option<(http1::SendRequest<B>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(entry) = idle.pop() {
+        while let Some(entry) = idle.conns.pop() {
             let idle_for = entry.since.elapsed();
             if idle_for > self.settings.idle_timeout {
                 // The rest were returned earlier still.
-                idle.clear();
+                idle.conns.clear();
                 return None;
             }
             // Not ready: the upstream closed it while it sat idle.
@@ -601,17 +623,28 @@ where
     /// when the pool is full, or when only another pool's requests are waiting for a permit:
     /// dropping the last handle ends the connection's task, which drops the socket and its
     /// permit, and the semaphore hands that to the next waiter.
-    fn put(&self, conn: http1::SendRequest<B>) {
+    fn put(self: &Arc<Self>, conn: http1::SendRequest<B>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Read under the lock: a waiter counted on the cap sheds idle connections under it.
         let others_wait =
             self.waiting.load(Ordering::SeqCst) == 0 && self.cap.waiting.load(Ordering::SeqCst) > 0;
-        if idle.len() < self.settings.max_idle && !others_wait {
-            idle.push(Idle {
+        if idle.conns.len() < self.settings.max_idle && !others_wait {
+            idle.conns.push(Idle {
                 conn,
                 since: Instant::now(),
             });
+            // Once per pool: on the runtime of the proxy thread whose requests use it.
+            let reaper = if idle.reaper {
+                None
+            } else {
+                let runtime = tokio::runtime::Handle::try_current().ok();
+                idle.reaper = runtime.is_some();
+                runtime
+            };
             drop(idle);
+            if let Some(runtime) = reaper {
+                runtime.spawn(Self::reap(Arc::downgrade(self), self.settings.idle_timeout));
+            }
             if self.waiting.load(Ordering::SeqCst) > 0 {
                 // Every waiter looks; one takes it, the others wait on.
                 self.returned.notify_waiters();
@@ -742,11 +775,55 @@ where
         ))
     }
 
+    /// Closes idle connections as they reach `idle_timeout`, whether or not a request comes:
+    /// without it, a thread with no traffic kept them open for ever (and the upstream, its own
+    /// keep-alive timeout never running out, kept a socket for each). Sleeps until the oldest
+    /// is due (`idle_timeout` when there is none: one put meanwhile is due later still), so
+    /// it wakes once per expiry at most, and ends with the pool.
+    async fn reap(pool: Weak<Self>, idle_timeout: Duration) {
+        let mut wait = idle_timeout;
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            wait = pool.close_expired();
+        }
+    }
+
+    /// Drops the idle connections that are due or that the upstream closed; how long until
+    /// the oldest one left is due.
+    fn close_expired(&self) -> Duration {
+        let limit = self.settings.idle_timeout;
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // Oldest first: the due ones are in front.
+        let due = idle
+            .conns
+            .iter()
+            .take_while(|e| e.since.elapsed() >= limit)
+            .count();
+        let mut closed: Vec<Idle<B>> = idle.conns.drain(..due).collect();
+        // Their tasks dropped the sockets already; these are the handles.
+        if idle.conns.iter().any(|e| e.conn.is_closed()) {
+            idle.conns.retain(|e| !e.conn.is_closed());
+        }
+        let wait = idle
+            .conns
+            .first()
+            .map_or(limit, |e| limit.saturating_sub(e.since.elapsed()));
+        drop(idle);
+        // Each connection's task sees its request side gone and closes the socket.
+        closed.clear();
+        // Not a busy loop should a clock read come out equal.
+        wait.max(Duration::from_millis(1))
+    }
+
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .conns
             .len()
     }
 }
@@ -754,10 +831,10 @@ where
 impl<B: Send> ShedIdle for Pool<B> {
     fn shed_oldest(&self) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.is_empty() {
+        if idle.conns.is_empty() {
             return false;
         }
-        let oldest = idle.remove(0);
+        let oldest = idle.conns.remove(0);
         drop(idle);
         // Its task sees the request side gone and drops the socket, and with it the permit.
         drop(oldest);
@@ -1005,6 +1082,73 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
     }
 
+    /// With no request after it, an idle connection is still closed once `pool_idle_timeout`
+    /// has passed (before the sweep, only the thread's next request closed it).
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout_without_a_request() {
+        let (addr, counts) = counted_upstream(Answer::KeepOpen).await;
+        let cap = ConnectionCap::new(8, gauge());
+        let limit = Duration::from_millis(200);
+        let pool = capped_pool(addr, false, 8, limit, cap.clone(), Duration::from_secs(2));
+        get(&pool, addr).await;
+        get(&pool, addr).await;
+        assert_eq!(settled_idle(&pool, 1).await, 1);
+        let idle_from = Instant::now();
+        tokio::time::sleep(limit / 2).await;
+        assert_eq!(counts.open.load(Ordering::SeqCst), 1, "closed too early");
+        let mut closed_after = None;
+        for _ in 0..200 {
+            if counts.open.load(Ordering::SeqCst) == 0 {
+                closed_after = Some(idle_from.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closed_after = closed_after.expect("the idle connection was never closed");
+        // Measured from when the test saw it idle, a little after it was.
+        assert!(
+            closed_after + Duration::from_millis(50) >= limit,
+            "{closed_after:?}"
+        );
+        assert!(
+            closed_after < limit + Duration::from_millis(300),
+            "{closed_after:?}"
+        );
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(settled_in_use(&cap, 0).await, 0, "its permit is free");
+        // The pool goes on as before.
+        assert_eq!(get(&pool, addr).await, "ok");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// Connections returned at different times are each closed when their own time is up, and
+    /// one the upstream closed leaves the idle list with the sweep.
+    #[tokio::test]
+    async fn idle_connections_are_swept_each_at_its_own_time() {
+        let (addr, counts) = counted_upstream(Answer::SlowBody(Duration::from_millis(50))).await;
+        let cap = ConnectionCap::new(8, gauge());
+        let limit = Duration::from_millis(400);
+        let pool = capped_pool(addr, false, 8, limit, cap, Duration::from_secs(2));
+        let (a, b) = tokio::join!(get(&pool, addr), get(&pool, addr));
+        assert_eq!((&a[..], &b[..]), (&b"ok"[..], &b"ok"[..]));
+        assert_eq!(settled_idle(&pool, 2).await, 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Takes the newer one, and returns it 150 ms after the other.
+        get(&pool, addr).await;
+        assert_eq!(settled_idle(&pool, 2).await, 2);
+        // The older one is due ~200 ms after that return, the newer one 400 ms after.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "the older one is closed, the newer kept"
+        );
+        assert_eq!(counts.open.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(counts.open.load(Ordering::SeqCst), 0);
+    }
+
     /// A response body that ends this long after its head: an event stream (SSE) held open.
     struct LateBody(Option<Pin<Box<tokio::time::Sleep>>>);
 
@@ -1086,6 +1230,50 @@ mod tests {
         let req = Request::get("/x").body(Empty::new()).unwrap();
         let err = pool.send(req).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
+    }
+
+    /// An upstream whose answer is `head` for every request, then closes.
+    async fn answers(head: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&head).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_response_head_over_the_limits_or_malformed_is_a_bad_response() {
+        let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+        // Past the 64 KiB read buffer (a read may overshoot it: by far).
+        let large = format!("x-big: {}\r\n", "a".repeat(1024 * 1024));
+        for head in [
+            format!("HTTP/1.1 200 OK\r\n{many}content-length: 0\r\n\r\n"),
+            format!("HTTP/1.1 200 OK\r\n{large}content-length: 0\r\n\r\n"),
+            "HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        ] {
+            let addr = answers(head.clone().into_bytes()).await;
+            let pool = pool(addr, 8, LONG);
+            let req = Request::get("/x").body(Empty::new()).unwrap();
+            let Err(err) = pool.send(req).await else {
+                panic!("answered: {}", &head[..40]);
+            };
+            assert!(err.is_bad_response(), "{err}");
+            assert!(!err.is_connect(), "{err}");
+        }
+        // A connection closed with no answer is not one.
+        let addr = answers(Vec::new()).await;
+        let pool = pool(addr, 8, LONG);
+        let req = Request::post("/x").body(Empty::new()).unwrap();
+        let err = pool.send(req).await.unwrap_err();
+        assert!(!err.is_bad_response(), "{err}");
     }
 
     /// The cap's permits in use once closes in flight have landed.

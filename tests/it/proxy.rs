@@ -901,6 +901,56 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(seen["version"], "HTTP/1.1");
 }
 
+/// Review: `X-Forwarded-Host` lost the client's port (it carried the name routing uses). The
+/// upstream gets the `Host` the client sent, port and case included, and HTTP/2's
+/// `:authority`; a trusted proxy's own is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn x_forwarded_host_is_the_host_the_client_sent_port_included() {
+    // 127.0.0.1 is not trusted here: the client's own X-Forwarded-Host is replaced.
+    let e = env_with("").await;
+    let seen = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 200);
+        let seen: Value = r.json().await.unwrap();
+        seen["headers"]["x-forwarded-host"].clone()
+    };
+    let (status, body) = raw_request(
+        e.gw.addr,
+        "GET /public/x HTTP/1.1\r\nHost: API.example.com:8443\r\nX-Forwarded-Host: evil.example\r\n"
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["headers"]["x-forwarded-host"][0],
+        "API.example.com:8443"
+    );
+    assert_eq!(
+        body["headers"]["x-forwarded-host"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let addr = e.gw.addr.to_string();
+    let h2 = h2_client().get(e.gw.url("/public/x")).send().await.unwrap();
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        seen(h2).await[0],
+        addr.as_str(),
+        ":authority, port included"
+    );
+    // A trusted proxy's X-Forwarded-Host is what its client sent: kept.
+    let e = env().await;
+    let r = client()
+        .get(e.gw.url("/public/x"))
+        .header("x-forwarded-host", "public.example:8443")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen(r).await[0], "public.example:8443");
+}
+
 /// `max_headers` (default 100) holds over HTTP/2 too, where hyper bounds only the header
 /// list's bytes: 150 small fields got through to the upstream before.
 #[tokio::test(flavor = "multi_thread")]
@@ -2402,6 +2452,41 @@ async fn an_upstream_body_that_fails_before_any_data_is_a_502() {
     assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE", "{body}");
 }
 
+/// Review: an upstream answer over keygate's header limits (more than 100 fields, or a head
+/// past the 64 KiB read buffer) was answered 502 "cannot be reached" and counted as an outage.
+/// It is 502 `UPSTREAM_BAD_RESPONSE` now, outcome `upstream_bad_response`.
+#[tokio::test]
+async fn an_upstream_response_head_over_the_limits_is_a_502_bad_response() {
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let large = format!("x-big: {}\r\n", "a".repeat(1024 * 1024));
+    for fields in [many, large] {
+        let head = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok");
+        let head: &'static [u8] = Box::leak(head.into_bytes().into_boxed_slice());
+        let dir = tempfile::tempdir().unwrap();
+        let up = upstream::raw(head).await;
+        let gw = public_gateway(&dir, up);
+        let r = client().get(gw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "UPSTREAM_BAD_RESPONSE", "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            "the upstream's response head is too large or malformed"
+        );
+        let metrics = gw.metrics().await;
+        let counted = |outcome: &str| {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("keygate_requests_total{"))
+                .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        assert_eq!(counted("upstream_bad_response"), 1, "{metrics}");
+        assert_eq!(counted("upstream_error"), 0, "{metrics}");
+    }
+}
+
 /// Sends one keep-alive request on `conn` and returns the answer's status line, or `None` if
 /// nothing arrives within `wait`.
 async fn status_line(conn: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
@@ -3027,4 +3112,44 @@ async fn a_switch_to_a_protocol_not_asked_for_is_refused() {
         assert!(status.contains(" 502 "), "{status}");
         assert!(!body.contains("RAW"), "{body}");
     }
+}
+
+/// Review: an idle upstream connection was closed only by its proxy thread's next request, so
+/// with no traffic it stayed open past `pool_idle_timeout` for ever. It is closed about
+/// `pool_idle_timeout` after its last answer now, with no request after it.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_pool_idle_timeout_with_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, mut closed) = upstream::reports_close(false).await;
+    let gw = public_gateway_with(&dir, up, "pool_idle_timeout = \"300ms\"");
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let (after, _) = tokio::time::timeout(Duration::from_secs(3), closed.recv())
+        .await
+        .expect("keygate kept the idle connection open past pool_idle_timeout")
+        .unwrap();
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed too early: {after:?}"
+    );
+    assert!(after < Duration::from_millis(1500), "{after:?}");
+}
+
+/// An upstream that closes an idle connection (its keep-alive timeout) gets keygate's close
+/// at once, long before `pool_idle_timeout`: hyper's connection task reads the FIN and drops
+/// the socket, which is not left in CLOSE_WAIT until the next request.
+#[tokio::test]
+async fn an_upstream_closing_an_idle_connection_gets_keygates_close_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, mut closed) = upstream::reports_close(true).await;
+    let gw = public_gateway_with(&dir, up, "pool_idle_timeout = \"60s\"");
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let (after, _) = tokio::time::timeout(Duration::from_secs(3), closed.recv())
+        .await
+        .expect("keygate left the connection the upstream closed open (CLOSE_WAIT)")
+        .unwrap();
+    assert!(after < Duration::from_millis(500), "{after:?}");
 }

@@ -201,6 +201,58 @@ pub async fn signals_first_frame(got_first: std::sync::Arc<tokio::sync::Notify>)
     addr
 }
 
+/// Answers every request (bodiless) `200 ok` on a kept-alive connection, and reports for each
+/// connection how long after its last answer keygate closed it (the upstream read its FIN),
+/// and what it received on it. With `hang_up`, it half-closes the connection right after its
+/// first answer (its FIN, as when an upstream's keep-alive timeout runs out) and goes on
+/// reading: a keygate that kept its end open would leave the socket in CLOSE_WAIT, and this
+/// would never report it.
+pub async fn reports_close(
+    hang_up: bool,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(std::time::Duration, String)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut heads = 0;
+                let mut answered = std::time::Instant::now();
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) => break,
+                        Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    received.extend_from_slice(&buf[..n]);
+                    let count = received.windows(4).filter(|w| *w == b"\r\n\r\n").count();
+                    while heads < count {
+                        heads += 1;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        answered = std::time::Instant::now();
+                        if hang_up {
+                            let _ = stream.shutdown().await;
+                        }
+                    }
+                }
+                let text = String::from_utf8_lossy(&received).into_owned();
+                let _ = tx.send((answered.elapsed(), text));
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// Answers every request (bodiless; keep-alive) with `response`, bytes as given: for framing a
 /// well-behaved HTTP library would not produce.
 pub async fn raw(response: &'static [u8]) -> SocketAddr {
