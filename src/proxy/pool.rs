@@ -76,9 +76,17 @@ impl PoolError {
 
     /// The upstream answered with a response head hyper could not read: over its limits (more
     /// than 100 fields, `Parse::TooLarge`; larger than the read buffer, the same) or malformed
-    /// (`is_parse`). HTTP/1.1's; an HTTP/2 header list over the limits is a stream error.
+    /// (`is_parse`). Over HTTP/2 h2 reads the head and resets the stream itself (a header list
+    /// over 16 KiB, a malformed or conflicting `content-length`, a bad pseudo-header): a reset
+    /// or GOAWAY h2 made, not one the upstream sent.
     pub fn is_bad_response(&self) -> bool {
-        matches!(self, PoolError::Exchange(e) if e.is_parse())
+        let PoolError::Exchange(e) = self else {
+            return false;
+        };
+        e.is_parse()
+            || std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .is_some_and(h2::Error::is_library)
     }
 }
 
@@ -1274,6 +1282,52 @@ mod tests {
         let req = Request::post("/x").body(Empty::new()).unwrap();
         let err = pool.send(req).await.unwrap_err();
         assert!(!err.is_bad_response(), "{err}");
+    }
+
+    /// An upstream whose HTTP/2 response head h2 refuses (a header list over hyper's 16 KiB,
+    /// two `content-length`s that differ) answers a bad response, as over HTTP/1.1; one that
+    /// resets the stream itself does not.
+    #[tokio::test]
+    async fn an_http2_response_head_h2_refuses_is_a_bad_response() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut resp = Response::new(Empty::<Bytes>::new());
+                    match req.uri().path() {
+                        "/large" => {
+                            let big = http::HeaderValue::from_str(&"a".repeat(20 * 1024)).unwrap();
+                            resp.headers_mut().insert("x-big", big);
+                        }
+                        "/lengths" => {
+                            let h = resp.headers_mut();
+                            h.append("content-length", http::HeaderValue::from_static("1"));
+                            h.append("content-length", http::HeaderValue::from_static("2"));
+                        }
+                        _ => {}
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), service),
+                );
+            }
+        });
+        let pool = pool_for(addr, true, 8, LONG);
+        for path in ["/large", "/lengths"] {
+            let req = Request::get(format!("http://{addr}{path}"))
+                .version(http::Version::HTTP_2)
+                .body(Empty::new())
+                .unwrap();
+            let Err(err) = pool.send(req).await else {
+                panic!("{path} answered");
+            };
+            assert!(err.is_bad_response(), "{path}: {err}");
+        }
+        // The shared connection still serves.
+        assert_eq!(h2_get(&pool, addr, "/fine").await.status(), 200);
     }
 
     /// The cap's permits in use once closes in flight have landed.

@@ -160,8 +160,32 @@ fn cut_offs(scrape: &str, reason: &str) -> Option<u64> {
 /// covers streams reset before that).
 #[tokio::test]
 async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed() {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let up = upstream::delayed(Duration::from_secs(2)).await;
+    // Counts the requests it gets, and answers none in the test's time.
+    let received = Arc::new(AtomicU32::new(0));
+    let up = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let received = received.clone();
+                let svc = hyper::service::service_fn(move |_req| {
+                    received.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(String::new()))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        addr
+    };
     let gw = Gateway::start(&config(&dir, up, ""));
     let (s, _) = handshake(gw.addr).await;
     let (mut reader, mut writer) = s.into_split();
@@ -180,7 +204,10 @@ async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed(
                 return;
             }
             if head[3] == GOAWAY {
-                let _ = seen_tx.send(Some(GOAWAY));
+                // NO_ERROR: keygate's graceful close (h2's own refusal of streams reset
+                // before they were taken is ENHANCE_YOUR_CALM).
+                let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                let _ = seen_tx.send(Some(code));
             }
         }
     });
@@ -199,8 +226,20 @@ async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed(
             break;
         }
         opened += 50;
-        // Long enough for keygate to take the streams and ask the upstream.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Reset only once keygate has taken the streams and asked the upstream; after its
+        // GOAWAY it takes no more (the resets then meet h2's own limit on streams reset
+        // before they are taken).
+        if goaway_after.is_none() {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while received.load(Ordering::SeqCst) < opened {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .expect("the upstream asked for every stream");
+        } else {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
         let resets: Vec<u8> = streams
             .iter()
             .flat_map(|&id| frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()))
@@ -209,7 +248,10 @@ async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed(
         tokio::time::sleep(Duration::from_millis(10)).await;
         while let Ok(event) = seen.try_recv() {
             match event {
-                Some(_) => {
+                Some(code) => {
+                    if goaway_after.is_none() {
+                        assert_eq!(code, 0, "the first GOAWAY's code, after {opened} streams");
+                    }
                     goaway_after.get_or_insert(opened);
                 }
                 None => {
