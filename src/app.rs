@@ -326,7 +326,9 @@ pub async fn run(
                     let api = api.clone();
                     async move {
                         let resp = api.handle(req, peer).await;
-                        Ok::<_, Infallible>(resp.map(|body| SendWatch::new(body, context.stream)))
+                        Ok::<_, Infallible>(
+                            resp.map(|body| SendWatch::answering_here(body, context.stream)),
+                        )
                     }
                 }
             },

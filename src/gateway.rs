@@ -299,7 +299,7 @@ impl Gateway {
                 let scopes = route.map_or(&[][..], |r| &r.scopes[..]);
                 let id = request.id.to_str().unwrap_or("");
                 let resp = error::render(&answer, &self.realm, id, scopes)
-                    .map(|body| Either::Right(SendWatch::new(body, context.stream)));
+                    .map(|body| Either::Right(SendWatch::answering_here(body, context.stream)));
                 if answer.outcome != Outcome::Forwarded {
                     tracing::debug!(request_id = id, reason = %err, "request refused");
                 }

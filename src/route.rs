@@ -195,6 +195,9 @@ pub fn request_host<B>(req: &http::Request<B>) -> Result<Option<String>, HostErr
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .ok_or(HostError::Invalid)?;
+                if !is_host_and_port(&authority) {
+                    return Err(HostError::Invalid);
+                }
                 authority.host()
             }
         },
@@ -203,6 +206,11 @@ pub fn request_host<B>(req: &http::Request<B>) -> Result<Option<String>, HostErr
         }
         (None, None) => return Ok(None),
     };
+    // RFC 3986 lets a name hold `!$&'()*+,;=` and `%`-escapes; no DNS name does, and parsers
+    // differ on them: `X-Forwarded-Host: b.example,a.example` is `b.example` to Express.
+    if !is_name_or_literal(host) {
+        return Err(HostError::Invalid);
+    }
     let host = host.strip_suffix('.').unwrap_or(host);
     // `a..example` or `example..`: no name has an empty label, and an upstream that mends
     // it would serve another host's routes. (A byte loop: `str::contains` costs ~280
@@ -215,6 +223,42 @@ pub fn request_host<B>(req: &http::Request<B>) -> Result<Option<String>, HostErr
         return Err(HostError::Invalid);
     }
     Ok(Some(host.to_ascii_lowercase()))
+}
+
+/// Whether a `Host` value `Authority` took is a host and at most a port (RFC 9110's
+/// `uri-host [ ":" port ]`): userinfo (`user@host`), which `Authority` allows, would reach the
+/// upstream in `X-Forwarded-Host` (review: `Host: b.example,@a.example` was routed as
+/// `a.example` and forwarded as written), and so would a port that is none.
+fn is_host_and_port(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    if text.contains('@') {
+        return false;
+    }
+    match text.strip_prefix(authority.host()) {
+        Some("") => true,
+        Some(port) => {
+            port.len() <= 6
+                && port.len() >= 2
+                && port[1..].bytes().all(|b| b.is_ascii_digit())
+                && authority.port_u16().is_some()
+        }
+        None => false,
+    }
+}
+
+/// A DNS-like name (letters, digits, `.`, `-`, `_`) or a bracketed IP literal.
+fn is_name_or_literal(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => {
+            !ip.is_empty()
+                && ip
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
+    }
 }
 
 /// The host of a `Host` value that is a plain name or IPv4 address with an optional port
@@ -447,6 +491,48 @@ mod tests {
                 String::from_utf8_lossy(other)
             );
         }
+    }
+
+    /// Review: userinfo in `Host` reached the upstream in `X-Forwarded-Host`, and a name
+    /// with a `,` reads as another host to some frameworks.
+    #[test]
+    fn a_host_header_is_a_name_or_literal_and_a_port_only() {
+        let host = |value: &str| {
+            let req = http::Request::get("/x")
+                .header(http::header::HOST, value)
+                .body(())
+                .unwrap();
+            request_host(&req)
+        };
+        for good in [
+            "api.example.com",
+            "API.example.com:8443",
+            "my_service:8080",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "10.0.0.1",
+        ] {
+            assert!(host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "user@api.example.com",
+            "b.example,@a.example",
+            "b.example,a.example",
+            "a%41.example",
+            "a;b.example",
+            "api.example.com:",
+            "api.example.com:99999",
+            "api.example.com:+80",
+            "[fe80::1%25eth0]",
+        ] {
+            assert!(
+                matches!(host(bad), Err(HostError::Invalid)),
+                "{bad}: {:?}",
+                host(bad)
+            );
+        }
+        let absolute = http::Request::get("http://a,b.example/x").body(()).unwrap();
+        assert!(matches!(request_host(&absolute), Err(HostError::Invalid)));
     }
 
     #[test]

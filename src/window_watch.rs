@@ -270,6 +270,17 @@ impl<B> SendWatch<B> {
         }
     }
 
+    /// [`Self::new`] for an answer keygate makes itself (an error, the admin API's): the
+    /// stream is answered, and left out of the streams the reset-flood rule weighs resets
+    /// against, or a client could dilute resets that cost the upstream work with requests
+    /// keygate refuses at no cost (review: two keyless requests per reset hid any number).
+    pub fn answering_here(inner: B, send: Option<Arc<StreamSend>>) -> Self {
+        if let Some(send) = &send {
+            send.sends.opened.fetch_sub(1, Ordering::Relaxed);
+        }
+        Self::new(inner, send)
+    }
+
     /// The body, no longer watched. Only for a body not yet polled: a piece held back would
     /// be lost.
     pub fn into_inner(self) -> B {
@@ -521,6 +532,23 @@ mod tests {
         assert!(!flooded(&sends));
         drop(sends.register());
         assert!(flooded(&sends));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_keygate_answers_itself_do_not_dilute_resets() {
+        let sends = Arc::new(StreamSends::default());
+        for _ in 0..1000 {
+            drop(SendWatch::answering_here(
+                two_frames(),
+                Some(sends.register()),
+            ));
+        }
+        for _ in 0..499 {
+            drop(sends.register());
+        }
+        assert!(!flooded(&sends), "499 streams weighed");
+        drop(sends.register());
+        assert!(flooded(&sends), "500 of 500 reset");
     }
 
     #[tokio::test(start_paused = true)]
