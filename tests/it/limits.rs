@@ -143,6 +143,7 @@ async fn http2_clients_get_the_configured_max_concurrent_streams_and_no_more() {
 }
 
 const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
 const CANCEL: u32 = 0x8;
 
 /// The `keygate_cut_off_total` series for `reason` in a scrape.
@@ -188,7 +189,12 @@ async fn an_http2_client_that_resets_its_streams_before_their_answers_is_closed(
         addr
     };
     let gw = Gateway::start(&config(&dir, up, ""));
-    let (s, _) = handshake(gw.addr).await;
+    let (mut s, _) = handshake(gw.addr).await;
+    // Window for every answer on the connection: without it the 404s' bodies stop at the
+    // connection's first 64 KiB, their streams stay open, and later ones are refused.
+    s.write_all(&frame(WINDOW_UPDATE, 0, 0, &0x7fff_0000u32.to_be_bytes()))
+        .await
+        .unwrap();
     let (mut reader, mut writer) = s.into_split();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
