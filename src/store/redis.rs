@@ -2024,7 +2024,8 @@ impl KeyStore for RedisStore {
             }
             let mut record = current.record;
             record.key_start = new_key_start.to_owned();
-            record.updated_time = now;
+            // Never backwards (see `KeyService::change_if`).
+            record.updated_time = now.max(record.updated_time);
             let (mut hashes, mut gone) = (Vec::new(), Vec::new());
             for h in current.hashes {
                 let until = h.valid_until.map_or(deadline, |u| u.min(deadline));
