@@ -35,7 +35,9 @@
 //! crash between the two can leave the listing index out of step with the keys. The order is
 //! chosen so that this can only leave an id *without* a record (create adds to the index before
 //! its script, delete removes from it after its script), which [`KeyStore::list`] skips; the
-//! unfiltered total (`ZCARD`) may then count it. The other order could leave a working key that
+//! unfiltered total (`ZCARD`) counts it until an unfiltered listing comes across it, which
+//! drops it once it is old enough not to be a create in progress
+//! ([`RedisStore::drop_dangling`]). The other order could leave a working key that
 //! no listing shows. Likewise, a key moved to another team by `update` stays in its creation
 //! slot, so its new team's SET is updated by a separate command after the script (joining
 //! first, then leaving: a crash leaves it listed in both teams, and listing filters on the
@@ -272,6 +274,10 @@ const USAGE_KEYS_PER_CALL: usize = 16;
 const USAGE_KEYS_IN_FLIGHT: usize = 16;
 /// Redis Cluster's hash slots.
 const CLUSTER_SLOTS: usize = 16384;
+/// How long after its `created_time` a listing index entry without a key record is taken for
+/// one left behind (see [`RedisStore::drop_dangling`]) rather than a create in progress, with
+/// room for clocks that disagree between replicas.
+const DANGLING_AFTER: Duration = Duration::from_secs(300);
 
 /// Slots backed off together when a lookup fails (`KeyStore::failure_domain`): a node owns
 /// ranges of consecutive slots, so a group of 16 lies on one node but at a range's edge, and a
@@ -1557,8 +1563,18 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn fetch_records(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
+    /// The records of `ids` that have one, and the ids that have none (no id record, or an id
+    /// that cannot be ours).
+    async fn fetch_records(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<KeyRecord>, Vec<String>), StoreError> {
         // An id that cannot be ours has no record: skip it like a deleted one.
+        let mut missing: Vec<String> = ids
+            .iter()
+            .filter(|id| id_tag(id).is_none())
+            .cloned()
+            .collect();
         let keyed: Vec<(String, String)> = ids
             .iter()
             .filter_map(|id| Some((id.clone(), self.names.id(id_tag(id)?, id))))
@@ -1578,6 +1594,7 @@ impl RedisStore {
                 other => other?,
             };
             if raw.is_empty() {
+                missing.push(id);
                 continue;
             }
             match within_cap(raw).and_then(|raw| decode::<StoredId>(&raw)) {
@@ -1585,7 +1602,54 @@ impl RedisStore {
                 Err(e) => super::unreadable_left_out(&id, &e),
             }
         }
-        Ok(out)
+        Ok((out, missing))
+    }
+
+    /// Takes out of the listing index `{ns}:all` the ids of `missing` (found there without a
+    /// record) that were indexed (their score: `created_time`) at least [`DANGLING_AFTER`]
+    /// ago and still have no id record: what a crash, a lost answer or a script stopped partway
+    /// left between a write and the index (see the module doc), which the unfiltered total
+    /// (`ZCARD`) counted for good (review: `meta.total` above the keys listed). A younger one
+    /// may be a create between its `ZADD` and its script, and stays. Returns how many were
+    /// taken out; a failure is logged (the listing answers all the same).
+    async fn drop_dangling(&self, scored: &[(String, f64)], missing: &[String]) -> u64 {
+        let cutoff = Utc::now() - chrono::Duration::from_std(DANGLING_AFTER).unwrap_or_default();
+        let cutoff = cutoff.timestamp_millis() as f64;
+        let mut stale = Vec::new();
+        for id in missing {
+            if !scored.iter().any(|(i, score)| i == id && *score < cutoff) {
+                continue;
+            }
+            // Checked again by name: `GETRANGE` answers `""` for an id record emptied by hand
+            // too, which is an unreadable key, not a deleted one, and must stay listed.
+            let exists = match id_tag(id) {
+                Some(tag) => {
+                    let exists = redis::cmd("EXISTS").arg(self.names.id(tag, id)).clone();
+                    match self.query::<i64>(&exists).await {
+                        Ok(n) => n != 0,
+                        Err(_) => true,
+                    }
+                }
+                None => false,
+            };
+            if !exists {
+                stale.push(id.as_str());
+            }
+        }
+        if stale.is_empty() {
+            return 0;
+        }
+        let zrem = redis::cmd("ZREM").arg(self.names.all()).arg(&stale).clone();
+        match self.query::<u64>(&zrem).await {
+            Ok(dropped) => {
+                tracing::info!(ids = ?stale, "listing index entries without a key record were dropped");
+                dropped
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not drop listing index entries without a key record");
+                0
+            }
+        }
     }
 
     /// Each name's value read through the cap (`GETRANGE`), with what it came with, in order.
@@ -1621,9 +1685,17 @@ impl RedisStore {
                 .arg(&all)
                 .arg(skip)
                 .arg(skip + take - 1)
+                .arg("WITHSCORES")
                 .clone();
-            let ids: Vec<String> = self.query(&range).await?;
-            return Ok((self.fetch_records(&ids).await?, total));
+            let scored: Vec<(String, f64)> = self.query(&range).await?;
+            let ids: Vec<String> = scored.iter().map(|(id, _)| id.clone()).collect();
+            let (records, missing) = self.fetch_records(&ids).await?;
+            let dropped = if missing.is_empty() {
+                0
+            } else {
+                self.drop_dangling(&scored, &missing).await
+            };
+            return Ok((records, total.saturating_sub(dropped)));
         }
         let ids: Vec<String> = match &filter.team_id {
             Some(team) => {
@@ -1638,6 +1710,7 @@ impl RedisStore {
         let mut records: Vec<KeyRecord> = self
             .fetch_records(&ids)
             .await?
+            .0
             .into_iter()
             .filter(|r| filter.matches(r))
             .collect();
