@@ -2611,6 +2611,52 @@ fn redis_err(e: RedisError) -> StoreError {
 mod tests {
     use super::*;
 
+    /// Review: a rotation wrote the id record first and deleted the hashes it dropped last, so
+    /// a script stopped partway (a command refused at runtime, on Redis 6 where the scripts
+    /// cannot probe first) left the old key valid for good. The writes now drop first, rewrite
+    /// what stays, then the id record, and write the new hash entry last.
+    #[tokio::test]
+    async fn a_rotations_writes_revoke_before_they_grant() {
+        let store = RedisStore::connect("redis://127.0.0.1:1/", "kg", Duration::from_millis(50))
+            .await
+            .unwrap();
+        let tag = SlotTag::random();
+        let id = crate::auth::key::new_key_id(tag);
+        let key = |n: &str| KeyHash::of(&format!("kg_{tag}{n}"));
+        let (gone, kept, new) = (key("gone"), key("kept"), key("new"));
+        assert_eq!(new.tag(), tag);
+        let record = crate::auth::record::sample_record(&id);
+        let hashes = [
+            HashRef {
+                hash: kept.to_hex(),
+                valid_until: Some(2_000),
+            },
+            HashRef {
+                hash: new.to_hex(),
+                valid_until: None,
+            },
+        ];
+        let writes = store
+            .state_writes(
+                &id,
+                &record,
+                &hashes,
+                &[gone.to_hex()],
+                Some(&new.to_hex()),
+                1_000,
+            )
+            .unwrap();
+        let n = &store.names;
+        assert_eq!(
+            writes.keys,
+            [n.hash(&gone), n.hash(&kept), n.id(tag, &id), n.hash(&new)]
+        );
+        let ops: Vec<&str> = writes.ops.iter().step_by(3).map(String::as_str).collect();
+        assert_eq!(ops, ["del", "set", "set", "set"]);
+        assert_eq!(writes.id_key, n.id(tag, &id));
+        assert!(writes.id_after.is_some());
+    }
+
     #[test]
     fn a_tags_cluster_slot_is_the_one_redis_routes_its_entries_to() {
         for _ in 0..2000 {
