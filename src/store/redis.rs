@@ -1385,10 +1385,45 @@ impl RedisStore {
                 .arg(hexes.join(" "))
                 .arg(id)
                 .arg(found.hashes.len() + 1);
+            if let Some(refused) = self.refused_login() {
+                return Err(refused);
+            }
             let mut conn = self.conn.get();
-            let applied: i64 = self
-                .bounded(async { purge.invoke_async(&mut conn).await.map_err(write_err) })
-                .await?;
+            let started = Instant::now();
+            let sent =
+                tokio::time::timeout(self.op_timeout, purge.invoke_async::<i64>(&mut conn)).await;
+            let lost = match sent {
+                Ok(Ok(applied)) => Ok(applied),
+                Ok(Err(e)) if e.code().is_some() => return Err(write_err(e)),
+                Ok(Err(e)) => Err(redis_err(e)),
+                Err(_) => {
+                    let lost = self.no_answer();
+                    self.conn.replace_if_older_than(started, self.op_timeout);
+                    Err(lost)
+                }
+            };
+            let applied = match lost {
+                Ok(applied) => applied,
+                // The answer was lost: the id record's digest, read back as in `settle`, says
+                // whether the purge ran (it deletes the id record last).
+                Err(lost) => {
+                    let mut read = self.digest_script.prepare_invoke();
+                    read.key(&id_key);
+                    let bound = self.op_timeout.saturating_mul(2);
+                    let now =
+                        tokio::time::timeout(bound, read.invoke_async::<Option<String>>(&mut conn))
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                    let found = match now {
+                        Some(None) => Some(true),
+                        Some(Some(d)) if d == digest => Some(false),
+                        _ => None,
+                    };
+                    self.settled(found, lost)?;
+                    1
+                }
+            };
             match applied {
                 1 => {
                     tracing::warn!(

@@ -1877,10 +1877,21 @@ async fn a_write_whose_answer_is_late_is_read_back_and_audited() {
     };
     let (key, record) = create_key(&store, |_| {}).await;
     let id = record.api_key_id.clone();
+    // Two keys whose id records no longer decode (a hand edit): deleted by a purge.
+    let unreadable = |id: String| {
+        let names = redis_cli(&redis, &["--scan", "--pattern", "kgslow:k:*"]);
+        let name = names.lines().find(|n| n.ends_with(&id)).unwrap().to_owned();
+        redis_cli(&redis, &["SET", &name, "{\"record\":"]);
+    };
+    let (_, broken) = create_key(&store, |_| {}).await;
+    let (_, broken_late) = create_key(&store, |_| {}).await;
+    unreadable(broken.api_key_id.clone());
+    unreadable(broken_late.api_key_id.clone());
     // Redis has the write scripts (the first use of one loads it: a script that Redis does not
     // have yet, answered late, is not applied, and is answered so).
     svc.set_enabled(&id, false, &cli(), now()).await.unwrap();
     svc.set_enabled(&id, true, &cli(), now()).await.unwrap();
+    svc.revoke(&broken.api_key_id, &cli(), now()).await.unwrap();
     // Every answer to a write script (they name the change channel) comes 0.8 s late.
     relay.delay_answers_to(Some((b"kgslow:changes", Duration::from_millis(800))));
 
@@ -1911,11 +1922,18 @@ async fn a_write_whose_answer_is_late_is_read_back_and_audited() {
         page: 1,
         per_page: 100,
     };
-    assert_eq!(direct.list(&Default::default(), page).await.unwrap().1, 2);
+    // Created once (the unreadable key is counted too).
+    assert_eq!(direct.list(&Default::default(), page).await.unwrap().1, 3);
 
     svc.revoke(&new_id, &cli(), now()).await.unwrap();
     assert_eq!(direct.get(&new_id).await.unwrap(), None);
     assert_eq!(audited(AuditAction::Delete, new_id).await, 1);
+
+    // The purge of an unreadable key, answered late.
+    let late_id = broken_late.api_key_id.clone();
+    svc.revoke(&late_id, &cli(), now()).await.unwrap();
+    assert_eq!(direct.get(&late_id).await.unwrap(), None);
+    assert_eq!(audited(AuditAction::Delete, late_id).await, 1);
     assert_eq!(direct.list(&Default::default(), page).await.unwrap().1, 1);
 
     // An answer so late that the read-back, queued behind it, times out too: the outcome is
