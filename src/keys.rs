@@ -710,7 +710,10 @@ impl KeyService {
             if record == current {
                 return Ok(Some(current));
             }
-            record.updated_time = now;
+            // Never before the stored stamp: `now` is this request's start, kept across the
+            // attempts of this loop, and a writer that won one in between may have stamped a
+            // later time (review: `updated_time` went backwards).
+            record.updated_time = now.max(current.updated_time);
             match self.store.update(&current, &record).await {
                 Ok(()) => {}
                 Err(StoreError::Conflict) => continue,
@@ -1377,6 +1380,39 @@ mod tests {
             .await
             .unwrap();
         assert!(!disabled.is_enabled);
+    }
+
+    /// Review: a change stamped `updated_time` with its request's start time, kept across
+    /// compare-and-set retries, so a change that lost a round to a later writer stamped a time
+    /// before that writer's. A request whose time is behind the stored stamp keeps the stamp.
+    #[tokio::test]
+    async fn updated_time_never_goes_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, key) = service_and_key(&dir).await;
+        let id = key.api_key_id.as_str();
+        let later = Utc::now() + chrono::Duration::seconds(60);
+        let enable = KeyChange {
+            is_enabled: Some(true),
+            ..KeyChange::default()
+        };
+        let stamped = svc.change(id, enable, &Actor::cli(), later).await.unwrap();
+        assert_eq!(stamped.updated_time, later);
+        let earlier = later - chrono::Duration::seconds(30);
+        let rename = KeyChange {
+            name: Some("renamed".into()),
+            ..KeyChange::default()
+        };
+        let renamed = svc
+            .change(id, rename, &Actor::cli(), earlier)
+            .await
+            .unwrap();
+        assert_eq!(renamed.updated_time, later);
+        let (_, rotated) = svc
+            .rotate(id, Duration::ZERO, None, &Actor::cli(), earlier)
+            .await
+            .unwrap();
+        assert_eq!(rotated.updated_time, later);
+        assert_eq!(svc.get(id).await.unwrap().updated_time, later);
     }
 
     #[tokio::test]

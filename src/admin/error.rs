@@ -90,6 +90,9 @@ impl AdminError {
                 KeyError::Store(StoreError::Denied(_)) => {
                     (S::INTERNAL_SERVER_ERROR, "STORE_PERMISSION_DENIED")
                 }
+                KeyError::Store(StoreError::Indeterminate(_)) => {
+                    (S::SERVICE_UNAVAILABLE, "STORE_OUTCOME_UNKNOWN")
+                }
                 KeyError::Store(
                     StoreError::NotFound
                     | StoreError::LimitExceeded { .. }
@@ -108,6 +111,12 @@ impl AdminError {
             AdminError::Key(KeyError::Store(StoreError::Denied(_))) => {
                 "the key store's user may not run a command keygate needs; nothing was changed \
                  (the log names the command)"
+                    .into()
+            }
+            AdminError::Key(KeyError::Store(StoreError::Indeterminate(_))) => {
+                "the key store did not confirm whether the change was made: GET the key (or \
+                 list the keys, after a create) to see whether it was before retrying (the log \
+                 says why)"
                     .into()
             }
             AdminError::Key(KeyError::Store(_)) => {
@@ -168,6 +177,11 @@ mod tests {
                 500,
                 "STORE_PERMISSION_DENIED",
             ),
+            (
+                KeyError::Store(StoreError::Indeterminate("no answer".into())).into(),
+                503,
+                "STORE_OUTCOME_UNKNOWN",
+            ),
         ];
         for (e, status, code) in cases {
             let (s, c) = e.status_and_code();
@@ -210,6 +224,17 @@ mod tests {
                 "docs/openapi.yaml lists {code}, never answered"
             );
         }
+    }
+
+    /// Review: a write refused partway, or whose answer was lost, was answered "nothing was
+    /// changed" or "retry shortly" although it had been applied.
+    #[test]
+    fn an_unknown_outcome_is_not_said_to_have_changed_nothing() {
+        let e: AdminError = KeyError::Store(StoreError::Indeterminate("timeout".into())).into();
+        let said = e.public_message();
+        assert!(!said.contains("nothing was changed"), "{said}");
+        assert!(!said.contains("retry shortly"), "{said}");
+        assert!(said.contains("GET the key"), "{said}");
     }
 
     #[test]

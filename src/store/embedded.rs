@@ -502,7 +502,8 @@ impl KeyStore for EmbeddedStore {
                 return Err(StoreError::Conflict);
             }
             record.key_start = new_key_start;
-            record.updated_time = now;
+            // Never backwards (see `KeyService::change_if`).
+            record.updated_time = now.max(record.updated_time);
             let mut announce = hashes_of(&tx, &id)?;
             tx.execute(
                 "UPDATE hashes SET valid_until_ms = MIN(COALESCE(valid_until_ms, ?2), ?2) \

@@ -41,6 +41,13 @@ pub enum StoreError {
     /// not an outage, and trying again changes nothing until an operator grants it.
     #[error("the store's user may not run a command keygate needs: {0}")]
     Denied(String),
+    /// A write was sent and whether the store applied it is unknown: its answer did not come
+    /// (a timeout, a connection lost after sending) and reading the key back did not settle
+    /// it either, or the store stopped the write partway (a command refused that the write's
+    /// own check could not foresee). Not "nothing was changed": the caller must look (GET the
+    /// key) before trying again.
+    #[error("the store did not confirm whether a write was applied: {0}")]
+    Indeterminate(String),
 }
 
 /// One unreadable record (a foreign writer, a hand edit) is left out of a listing, logged,

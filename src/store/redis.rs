@@ -35,7 +35,9 @@
 //! crash between the two can leave the listing index out of step with the keys. The order is
 //! chosen so that this can only leave an id *without* a record (create adds to the index before
 //! its script, delete removes from it after its script), which [`KeyStore::list`] skips; the
-//! unfiltered total (`ZCARD`) may then count it. The other order could leave a working key that
+//! unfiltered total (`ZCARD`) counts it until an unfiltered listing comes across it, which
+//! drops it once it is old enough not to be a create in progress
+//! ([`RedisStore::drop_dangling`]). The other order could leave a working key that
 //! no listing shows. Likewise, a key moved to another team by `update` stays in its creation
 //! slot, so its new team's SET is updated by a separate command after the script (joining
 //! first, then leaving: a crash leaves it listed in both teams, and listing filters on the
@@ -132,6 +134,35 @@ fn pubsub_ping_timeout(op_timeout: Duration) -> Duration {
     op_timeout.min(PUBSUB_PING_TIMEOUT_MAX)
 }
 
+/// Before its first write, every write script asks Redis whether this user may run each
+/// command it is about to run, on the names it will run it on (`redis.acl_check_cmd`, Redis
+/// 7.0+), and stops with nothing written if one is refused: Redis checks the ACL on each
+/// `redis.call` and never rolls a script back, so a command refused partway (an ACL changed
+/// while keygate runs: the start-up check passed) left half-written state (review: a rotation
+/// rewrote the id record but kept the old hash entry valid for good, a delete left the id in its
+/// team's SET). The refusal is a `NOPERM` reply starting with [`PROBE_REFUSED`], which tells it
+/// apart from a command refused partway (on Redis 6, which has no `acl_check_cmd`: the probe is
+/// skipped there). `checks` is a list of `{command, name, args...}`.
+macro_rules! acl_probe_lua {
+    () => {
+        r"
+local function refused(checks)
+  if not redis.acl_check_cmd then return nil end
+  for _, c in ipairs(checks) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM keygate-probe: this user may not run ' .. c[1] .. ' on ' .. tostring(c[2]) .. '; nothing was written')
+    end
+  end
+  return nil
+end
+"
+    };
+}
+
+/// How a write script's own ACL probe (see [`acl_probe_lua`]) starts its refusal, after `NOPERM`:
+/// such a script wrote nothing.
+const PROBE_REFUSED: &str = "keygate-probe:";
+
 /// Create: KEYS = id key, hash key, [team key], all in the key's slot; ARGV = id JSON, hash
 /// JSON, id, limit ('' for none), channel, message. Returns 'ok', 'exists' or 'limit'.
 ///
@@ -139,7 +170,22 @@ fn pubsub_ping_timeout(op_timeout: Duration) -> Duration {
 /// a user who may not PUBLISH (an ACL without `@pubsub`) had the key written, then the script
 /// failed, the caller told to retry a create that had happened (review). Published first, such
 /// a failure writes nothing; and no subscriber reads the message before the script has ended.
-const CREATE_LUA: &str = r"
+/// Every command is probed first (see [`acl_probe_lua`]). Should the script still stop partway
+/// (Redis 6 has no probe), the order leaves nothing that works and cannot be found: the id
+/// record first (what a delete finds every other entry by), then the team SET, and the hash
+/// entry, the one that authenticates, last. A partial create is so a key record that does not
+/// work, which a DELETE removes.
+const CREATE_LUA: &str = concat!(
+    acl_probe_lua!(),
+    r"
+local checks = {{'EXISTS', KEYS[1]}, {'EXISTS', KEYS[2]}, {'PUBLISH', ARGV[5], ARGV[6]},
+  {'SET', KEYS[1], ARGV[1]}, {'SET', KEYS[2], ARGV[2]}}
+if KEYS[3] then
+  checks[#checks + 1] = {'SCARD', KEYS[3]}
+  checks[#checks + 1] = {'SADD', KEYS[3], ARGV[3]}
+end
+local no = refused(checks)
+if no then return no end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 'exists'
 end
@@ -147,13 +193,14 @@ if KEYS[3] and ARGV[4] ~= '' and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[4
   return 'limit'
 end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('SET', KEYS[1], ARGV[1])
 if KEYS[3] then
   redis.call('SADD', KEYS[3], ARGV[3])
 end
-redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 return 'ok'
-";
+"
+);
 
 /// Usage, for any number of keys in one call: KEYS = (usage key, id key) per key; ARGV =
 /// (requests, last-used ms) per key, in the same order. Adds to each count and keeps the latest
@@ -227,6 +274,10 @@ const USAGE_KEYS_PER_CALL: usize = 16;
 const USAGE_KEYS_IN_FLIGHT: usize = 16;
 /// Redis Cluster's hash slots.
 const CLUSTER_SLOTS: usize = 16384;
+/// How long after its `created_time` a listing index entry without a key record is taken for
+/// one left behind (see [`RedisStore::drop_dangling`]) rather than a create in progress, with
+/// room for clocks that disagree between replicas.
+const DANGLING_AFTER: Duration = Duration::from_secs(300);
 
 /// Slots backed off together when a lookup fails (`KeyStore::failure_domain`): a node owns
 /// ranges of consecutive slots, so a group of 16 lies on one node but at a range's edge, and a
@@ -245,20 +296,37 @@ fn cluster_slot(tag: SlotTag) -> u16 {
 const USAGE_CALLS_IN_FLIGHT: usize = 16;
 
 /// Compare-and-set: KEYS[1] is the id key and must still hold ARGV[1]; ARGV[2] is the channel,
-/// ARGV[3] the message; then one (op, a, b) triple per key, in KEYS order. Ops are validated
-/// and the change published before anything is written, because a Lua error half-way would
-/// not roll back (see `CREATE_LUA`: a user who may not PUBLISH had disables written and
-/// answered 503, and other gateways kept the key cached as enabled).
+/// ARGV[3] the message; then one (op, a, b) triple per key after the first, in KEYS order (the
+/// id key may come again among them, to be written where its place in the order says). Ops are
+/// validated, and every command probed (see [`acl_probe_lua`]), and the change published
+/// before anything is written, because a Lua error half-way would not roll back (see
+/// `CREATE_LUA`: a user who may not PUBLISH had disables written and answered 503, and other
+/// gateways kept the key cached as enabled). The writes run in KEYS order, which the caller
+/// chooses so that a script stopped partway anyway leaves more revoked, never less (see
+/// `RedisStore::state_writes`).
 /// Returns 1 when applied, 0 when the id key changed meanwhile.
-const APPLY_LUA: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local known = {set=true, del=true, sadd=true, srem=true}
-for i = 1, #KEYS do
-  if not known[ARGV[4 + 3 * (i - 1)]] then return redis.error_reply('keygate: bad op') end
+const APPLY_LUA: &str = concat!(
+    acl_probe_lua!(),
+    r"
+local known = {set='SET', del='DEL', sadd='SADD', srem='SREM'}
+local checks = {{'GET', KEYS[1]}, {'PUBLISH', ARGV[2], ARGV[3]}}
+for i = 2, #KEYS do
+  local j = 4 + 3 * (i - 2)
+  local cmd = known[ARGV[j]]
+  if not cmd then return redis.error_reply('keygate: bad op') end
+  if cmd == 'SADD' or cmd == 'SREM' or cmd == 'SET' then
+    checks[#checks + 1] = {cmd, KEYS[i], ARGV[j + 1]}
+  else
+    checks[#checks + 1] = {cmd, KEYS[i]}
+  end
 end
+local no = refused(checks)
+if no then return no end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
-for i, key in ipairs(KEYS) do
-  local j = 4 + 3 * (i - 1)
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local j = 4 + 3 * (i - 2)
   local op, a, b = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   if op == 'set' then
     if b == '0' then redis.call('SET', key, a) else redis.call('SET', key, a, 'PX', b) end
@@ -268,7 +336,8 @@ for i, key in ipairs(KEYS) do
   end
 end
 return 1
-";
+"
+);
 
 /// Member compare-and-set: KEYS[1] is the team's member hash; ARGV = user id, the JSON its
 /// field must still hold ('' when absent), the new JSON ('' to remove the member).
@@ -316,18 +385,26 @@ const DIGEST_LUA: &str = concat!(digest_lua!(), "return digest(KEYS[1])\n");
 /// key, which must still have the digest ARGV[1]; ARGV[2] is the channel, ARGV[3] the message,
 /// ARGV[4] the key id, ARGV[5] how many KEYS after the first to delete (its hash entries and
 /// usage); the KEYS after those are team sets to remove the id from. All in the id's slot.
-/// Returns 1 when applied, 0 when the id key is gone, -1 when it changed meanwhile. Published
-/// first, like every write (see [`CREATE_LUA`]).
+/// Returns 1 when applied, 0 when the id key is gone, -1 when it changed meanwhile. Probed and
+/// published first, like every write (see [`CREATE_LUA`]); the id record is deleted last, so
+/// that a purge stopped partway leaves it to find the rest by.
 const PURGE_LUA: &str = concat!(
+    acl_probe_lua!(),
     digest_lua!(),
     r"
+local dels = tonumber(ARGV[5])
+local checks = {{'TYPE', KEYS[1]}, {'GET', KEYS[1]}, {'PUBLISH', ARGV[2], ARGV[3]}}
+for i = 1, 1 + dels do checks[#checks + 1] = {'DEL', KEYS[i]} end
+for i = 2 + dels, #KEYS do checks[#checks + 1] = {'SREM', KEYS[i], ARGV[4]} end
+local no = refused(checks)
+if no then return no end
 local d = digest(KEYS[1])
 if not d then return 0 end
 if d ~= ARGV[1] then return -1 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
-local dels = tonumber(ARGV[5])
-for i = 1, 1 + dels do redis.call('DEL', KEYS[i]) end
+for i = 2, 1 + dels do redis.call('DEL', KEYS[i]) end
 for i = 2 + dels, #KEYS do redis.call('SREM', KEYS[i], ARGV[4]) end
+redis.call('DEL', KEYS[1])
 return 1
 "
 );
@@ -370,25 +447,39 @@ enum Op {
     SRem(String),
 }
 
-/// The keys and ops of one compare-and-set, all in the id's slot; the id key always comes
-/// first. `after`: commands on keys of other slots (the listing index, the set of a team the key
+/// The keys and ops of one compare-and-set, all in the id's slot, run in this order; `id_key`
+/// is the name compared (and written, if at all, by an op of its own, where the order puts it).
+/// `after`: commands on keys of other slots (the listing index, the set of a team the key
 /// moved to or from), sent one by one once the script has applied: see the module doc for what
 /// a crash in between leaves and why that is tolerated.
-#[derive(Default)]
 struct Writes {
+    id_key: String,
+    /// What the id key holds once the script has applied (`None`: it is deleted), by which
+    /// a write whose answer was lost is read back (see [`RedisStore::settle`]).
+    id_after: Option<String>,
     keys: Vec<String>,
     ops: Vec<String>,
     after: Vec<Cmd>,
 }
 
 impl Writes {
-    fn new(id_key: String, op: Op) -> Self {
-        let mut w = Self::default();
-        w.push(id_key, op);
-        w
+    fn new(id_key: String) -> Self {
+        Self {
+            id_key,
+            id_after: None,
+            keys: Vec::new(),
+            ops: Vec::new(),
+            after: Vec::new(),
+        }
     }
 
     fn push(&mut self, key: String, op: Op) {
+        if key == self.id_key {
+            self.id_after = match &op {
+                Op::Set(v, _) => Some(v.clone()),
+                _ => None,
+            };
+        }
         let (name, a, b) = match op {
             Op::Set(v, px) => ("set", v, px.map_or(0, |p| p.max(1)).to_string()),
             Op::Del => ("del", String::new(), String::new()),
@@ -1069,13 +1160,19 @@ impl RedisStore {
     }
 
     /// Applies `writes` if the id key still holds `expected`; false if someone got there first.
+    /// Within the operation timeout; a write whose answer does not come is read back (see
+    /// [`Self::settle`]) rather than reported as failed.
     async fn apply(
         &self,
         expected: &str,
         hashes: &[String],
         writes: Writes,
     ) -> Result<bool, StoreError> {
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
         let mut inv = self.apply_script.prepare_invoke();
+        inv.key(&writes.id_key);
         for k in &writes.keys {
             inv.key(k);
         }
@@ -1085,22 +1182,89 @@ impl RedisStore {
         for a in &writes.ops {
             inv.arg(a);
         }
-        let applied: i64 = inv
-            .invoke_async(&mut self.conn.get())
-            .await
-            .map_err(redis_err)?;
-        if applied != 1 {
+        let mut conn = self.conn.get();
+        let started = Instant::now();
+        let sent = tokio::time::timeout(self.op_timeout, inv.invoke_async::<i64>(&mut conn)).await;
+        let applied = match sent {
+            Ok(Ok(applied)) => applied == 1,
+            // Redis answered, with an error: see `write_err` for what the script left.
+            Ok(Err(e)) if e.code().is_some() => return Err(write_err(e)),
+            Ok(Err(e)) => {
+                let lost = redis_err(e);
+                let found = self.settle(&mut conn, &writes, Some(expected)).await;
+                self.settled(found, lost).map(|()| true)?
+            }
+            Err(_) => {
+                let lost = self.no_answer();
+                let found = self.settle(&mut conn, &writes, Some(expected)).await;
+                self.conn.replace_if_older_than(started, self.op_timeout);
+                self.settled(found, lost).map(|()| true)?
+            }
+        };
+        if !applied {
             return Ok(false);
         }
         // The key's own state is written; what is left are indexes in other slots. A failure
         // here must not report the write as failed (it happened), so it is logged: the listing
         // tolerates what it leaves (see the module doc).
         for cmd in &writes.after {
-            if let Err(e) = self.query::<Value>(cmd).await {
+            if let Err(e) = self.bounded(self.query::<Value>(cmd)).await {
                 tracing::warn!(error = %e, "redis index update after a write failed");
             }
         }
         Ok(true)
+    }
+
+    /// Reads back the id key of a write whose answer was lost (review: a rotation applied but
+    /// answered 503 lost the new key value, a create applied made a key nobody held, and
+    /// neither was audited). On the connection the write went out on, so Redis answers the
+    /// read after the write if the write reached it; within the operation timeout.
+    /// The read waits up to twice the operation timeout (what the connection allows an answer
+    /// anyway): it is answered after the write's own late answer, so a write answered up to
+    /// three operation timeouts late is settled. Admin writes only: no lookup waits on it.
+    /// `Some(true)`: the id key holds what the write leaves (applied); `Some(false)`: it still
+    /// holds `before` (`None`: nothing), so the write did not apply; `None`: unknown (the read
+    /// failed too, or another writer changed the key since).
+    async fn settle(&self, conn: &mut Conn, writes: &Writes, before: Option<&str>) -> Option<bool> {
+        let mut read = self.read_id_script.prepare_invoke();
+        read.key(&writes.id_key).arg(RECORD_CAP);
+        let bound = self.op_timeout.saturating_mul(2);
+        let raw = tokio::time::timeout(bound, read.invoke_async::<Option<Vec<u8>>>(conn))
+            .await
+            .ok()?
+            .ok()?;
+        let now = match raw {
+            Some(raw) => Some(String::from_utf8(raw).ok()?),
+            None => None,
+        };
+        if now.as_deref() == writes.id_after.as_deref() {
+            Some(true)
+        } else if now.as_deref() == before {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// What [`Self::settle`] found, as the write's outcome: `Ok` when applied, else the error
+    /// `lost` that made it read back (not applied), or [`StoreError::Indeterminate`].
+    fn settled(&self, found: Option<bool>, lost: StoreError) -> Result<(), StoreError> {
+        match found {
+            Some(true) => {
+                tracing::info!(error = %lost, "a write's answer was lost; read back, it was applied");
+                Ok(())
+            }
+            Some(false) => Err(lost),
+            None => {
+                tracing::warn!(
+                    error = %lost,
+                    "a write's answer was lost, and reading it back did not tell whether it was applied"
+                );
+                Err(StoreError::Indeterminate(format!(
+                    "{lost}; reading the key back did not tell whether the write was applied"
+                )))
+            }
+        }
     }
 
     /// Read-modify-write loop: `plan` turns the current state into writes (plus the hashes to
@@ -1110,8 +1274,11 @@ impl RedisStore {
         id: &str,
         plan: impl Fn(StoredId) -> Result<(Writes, Vec<String>, T), StoreError>,
     ) -> Result<T, StoreError> {
+        // Each read and each write within the operation timeout, not the loop as a whole: a
+        // write whose answer is late is read back (see `apply`), which a timeout around the
+        // loop would cut short.
         for _ in 0..CAS_ATTEMPTS {
-            let Some((raw, entry)) = self.read_id(id).await? else {
+            let Some((raw, entry)) = self.bounded(self.read_id(id)).await? else {
                 return Err(StoreError::NotFound);
             };
             let (writes, hashes, out) = plan(entry)?;
@@ -1135,12 +1302,16 @@ impl RedisStore {
 
     /// [`Self::delete_where`] of a key whose id record reads: the hashes it lists.
     async fn delete_read(&self, id: &str, expected: Option<&KeyRecord>) -> Result<(), StoreError> {
-        self.bounded(self.modify(id, |current| {
+        self.modify(id, |current| {
             if expected.is_some_and(|e| *e != current.record) {
                 return Err(StoreError::Conflict);
             }
             let tag = id_tag(id).ok_or(StoreError::NotFound)?;
-            let mut writes = Writes::new(self.names.id(tag, id), Op::Del);
+            // The hash entries first, the id record last: a script stopped partway (see
+            // `APPLY_LUA`) leaves a key that no longer authenticates, whose record a retried
+            // DELETE still finds, and with it what is left.
+            let id_key = self.names.id(tag, id);
+            let mut writes = Writes::new(id_key.clone());
             for h in &current.hashes {
                 writes.push(self.names.hash_hex(&h.hash)?, Op::Del);
             }
@@ -1148,6 +1319,7 @@ impl RedisStore {
                 self.team_write(&mut writes, id, t, false)?;
             }
             writes.push(self.names.usage(tag, id), Op::Del);
+            writes.push(id_key, Op::Del);
             // Removed after the key is gone: a crash in between leaves an index entry without
             // a record, which listing skips.
             writes
@@ -1155,7 +1327,7 @@ impl RedisStore {
                 .push(redis::cmd("ZREM").arg(self.names.all()).arg(id).clone());
             let announce = current.hashes.into_iter().map(|h| h.hash).collect();
             Ok((writes, announce, ()))
-        }))
+        })
         .await
     }
 
@@ -1213,10 +1385,45 @@ impl RedisStore {
                 .arg(hexes.join(" "))
                 .arg(id)
                 .arg(found.hashes.len() + 1);
+            if let Some(refused) = self.refused_login() {
+                return Err(refused);
+            }
             let mut conn = self.conn.get();
-            let applied: i64 = self
-                .bounded(async { purge.invoke_async(&mut conn).await.map_err(redis_err) })
-                .await?;
+            let started = Instant::now();
+            let sent =
+                tokio::time::timeout(self.op_timeout, purge.invoke_async::<i64>(&mut conn)).await;
+            let lost = match sent {
+                Ok(Ok(applied)) => Ok(applied),
+                Ok(Err(e)) if e.code().is_some() => return Err(write_err(e)),
+                Ok(Err(e)) => Err(redis_err(e)),
+                Err(_) => {
+                    let lost = self.no_answer();
+                    self.conn.replace_if_older_than(started, self.op_timeout);
+                    Err(lost)
+                }
+            };
+            let applied = match lost {
+                Ok(applied) => applied,
+                // The answer was lost: the id record's digest, read back as in `settle`, says
+                // whether the purge ran (it deletes the id record last).
+                Err(lost) => {
+                    let mut read = self.digest_script.prepare_invoke();
+                    read.key(&id_key);
+                    let bound = self.op_timeout.saturating_mul(2);
+                    let now =
+                        tokio::time::timeout(bound, read.invoke_async::<Option<String>>(&mut conn))
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                    let found = match now {
+                        Some(None) => Some(true),
+                        Some(Some(d)) if d == digest => Some(false),
+                        _ => None,
+                    };
+                    self.settled(found, lost)?;
+                    1
+                }
+            };
             match applied {
                 1 => {
                     tracing::warn!(
@@ -1320,17 +1527,30 @@ impl RedisStore {
 
     /// Writes that leave `id` holding `record` reached by `hashes` (those with a deadline expire
     /// by themselves when it passes, counted from `now_ms`), and remove the `gone` hashes.
+    /// `new`: the hash among `hashes` that has no entry yet (a rotation's).
+    ///
+    /// In the order that leaves more revoked, never less, should the script stop partway (see
+    /// `APPLY_LUA`; review: a rotation wrote the id record first and kept the old hash entry
+    /// valid for good): the `gone` hashes deleted first, then the entries already there
+    /// rewritten (a rotation's grace deadlines), then the id record, which lists every hash
+    /// (so a DELETE finds them all from then on), and the new hash's entry last.
     fn state_writes(
         &self,
         id: &str,
         record: &KeyRecord,
         hashes: &[HashRef],
         gone: &[String],
+        new: Option<&str>,
         now_ms: i64,
     ) -> Result<Writes, StoreError> {
         let tag = id_tag(id).ok_or(StoreError::NotFound)?;
         let by_id = encode_capped(&IdEntry { record, hashes })?;
-        let mut writes = Writes::new(self.names.id(tag, id), Op::Set(by_id, None));
+        let id_key = self.names.id(tag, id);
+        let mut writes = Writes::new(id_key.clone());
+        for hex in gone {
+            writes.push(self.names.hash_hex(hex)?, Op::Del);
+        }
+        let mut new_entry = None;
         for h in hashes {
             let valid_until = h.valid_until;
             let json = encode_capped(&HashEntry {
@@ -1338,10 +1558,16 @@ impl RedisStore {
                 record,
             })?;
             let px = valid_until.map(|until| until - now_ms);
-            writes.push(self.names.hash_hex(&h.hash)?, Op::Set(json, px));
+            let write = (self.names.hash_hex(&h.hash)?, Op::Set(json, px));
+            if new == Some(h.hash.as_str()) {
+                new_entry = Some(write);
+            } else {
+                writes.push(write.0, write.1);
+            }
         }
-        for hex in gone {
-            writes.push(self.names.hash_hex(hex)?, Op::Del);
+        writes.push(id_key, Op::Set(by_id, None));
+        if let Some((name, op)) = new_entry {
+            writes.push(name, op);
         }
         Ok(writes)
     }
@@ -1372,8 +1598,18 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn fetch_records(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
+    /// The records of `ids` that have one, and the ids that have none (no id record, or an id
+    /// that cannot be ours).
+    async fn fetch_records(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<KeyRecord>, Vec<String>), StoreError> {
         // An id that cannot be ours has no record: skip it like a deleted one.
+        let mut missing: Vec<String> = ids
+            .iter()
+            .filter(|id| id_tag(id).is_none())
+            .cloned()
+            .collect();
         let keyed: Vec<(String, String)> = ids
             .iter()
             .filter_map(|id| Some((id.clone(), self.names.id(id_tag(id)?, id))))
@@ -1393,6 +1629,7 @@ impl RedisStore {
                 other => other?,
             };
             if raw.is_empty() {
+                missing.push(id);
                 continue;
             }
             match within_cap(raw).and_then(|raw| decode::<StoredId>(&raw)) {
@@ -1400,7 +1637,54 @@ impl RedisStore {
                 Err(e) => super::unreadable_left_out(&id, &e),
             }
         }
-        Ok(out)
+        Ok((out, missing))
+    }
+
+    /// Takes out of the listing index `{ns}:all` the ids of `missing` (found there without a
+    /// record) that were indexed (their score: `created_time`) at least [`DANGLING_AFTER`]
+    /// ago and still have no id record: what a crash, a lost answer or a script stopped partway
+    /// left between a write and the index (see the module doc), which the unfiltered total
+    /// (`ZCARD`) counted for good (review: `meta.total` above the keys listed). A younger one
+    /// may be a create between its `ZADD` and its script, and stays. Returns how many were
+    /// taken out; a failure is logged (the listing answers all the same).
+    async fn drop_dangling(&self, scored: &[(String, f64)], missing: &[String]) -> u64 {
+        let cutoff = Utc::now() - chrono::Duration::from_std(DANGLING_AFTER).unwrap_or_default();
+        let cutoff = cutoff.timestamp_millis() as f64;
+        let mut stale = Vec::new();
+        for id in missing {
+            if !scored.iter().any(|(i, score)| i == id && *score < cutoff) {
+                continue;
+            }
+            // Checked again by name: `GETRANGE` answers `""` for an id record emptied by hand
+            // too, which is an unreadable key, not a deleted one, and must stay listed.
+            let exists = match id_tag(id) {
+                Some(tag) => {
+                    let exists = redis::cmd("EXISTS").arg(self.names.id(tag, id)).clone();
+                    match self.query::<i64>(&exists).await {
+                        Ok(n) => n != 0,
+                        Err(_) => true,
+                    }
+                }
+                None => false,
+            };
+            if !exists {
+                stale.push(id.as_str());
+            }
+        }
+        if stale.is_empty() {
+            return 0;
+        }
+        let zrem = redis::cmd("ZREM").arg(self.names.all()).arg(&stale).clone();
+        match self.query::<u64>(&zrem).await {
+            Ok(dropped) => {
+                tracing::info!(ids = ?stale, "listing index entries without a key record were dropped");
+                dropped
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not drop listing index entries without a key record");
+                0
+            }
+        }
     }
 
     /// Each name's value read through the cap (`GETRANGE`), with what it came with, in order.
@@ -1436,9 +1720,17 @@ impl RedisStore {
                 .arg(&all)
                 .arg(skip)
                 .arg(skip + take - 1)
+                .arg("WITHSCORES")
                 .clone();
-            let ids: Vec<String> = self.query(&range).await?;
-            return Ok((self.fetch_records(&ids).await?, total));
+            let scored: Vec<(String, f64)> = self.query(&range).await?;
+            let ids: Vec<String> = scored.iter().map(|(id, _)| id.clone()).collect();
+            let (records, missing) = self.fetch_records(&ids).await?;
+            let dropped = if missing.is_empty() {
+                0
+            } else {
+                self.drop_dangling(&scored, &missing).await
+            };
+            return Ok((records, total.saturating_sub(dropped)));
         }
         let ids: Vec<String> = match &filter.team_id {
             Some(team) => {
@@ -1453,6 +1745,7 @@ impl RedisStore {
         let mut records: Vec<KeyRecord> = self
             .fetch_records(&ids)
             .await?
+            .0
             .into_iter()
             .filter(|r| filter.matches(r))
             .collect();
@@ -1682,7 +1975,7 @@ impl KeyStore for RedisStore {
         if let Some(team) = &record.team_id {
             inv.key(self.names.team(team));
         }
-        inv.arg(id_json)
+        inv.arg(&id_json)
             .arg(hash_json)
             .arg(id)
             .arg(team_limit.map(|l| l.to_string()).unwrap_or_default())
@@ -1697,35 +1990,61 @@ impl KeyStore for RedisStore {
             .arg(record.created_time.timestamp_millis())
             .arg(id)
             .clone();
-        let mut conn = self.conn.get();
         let unindex = redis::cmd("ZREM").arg(self.names.all()).arg(id).clone();
-        let outcome: String = self
-            .bounded(async {
-                self.query::<Value>(&index).await?;
-                match inv.invoke_async(&mut conn).await {
-                    Ok(outcome) => Ok(outcome),
-                    // Redis answered with an error (a command the user may not run, out of
-                    // memory): the script stopped before its first write, so nothing is stored
-                    // for this id and the index entry goes too. A timeout says nothing of what
-                    // ran: the entry stays, and listing skips it if there is no record.
-                    Err(e) if e.code().is_some() => {
-                        if let Err(drop) = self.query::<Value>(&unindex).await {
-                            tracing::warn!(error = %drop, "could not drop a refused key from the listing index");
-                        }
-                        Err(redis_err(e))
-                    }
-                    Err(e) => Err(redis_err(e)),
+        let drop_index = || async {
+            if let Err(e) = self.bounded(self.query::<Value>(&unindex)).await {
+                tracing::warn!(error = %e, "could not drop a refused key from the listing index");
+            }
+        };
+        self.bounded(self.query::<Value>(&index)).await?;
+        if let Some(refused) = self.refused_login() {
+            return Err(refused);
+        }
+        let mut conn = self.conn.get();
+        let started = Instant::now();
+        let sent =
+            tokio::time::timeout(self.op_timeout, inv.invoke_async::<String>(&mut conn)).await;
+        let lost = match sent {
+            Ok(Ok(outcome)) => Ok(outcome),
+            // Redis answered with an error. A refusal by the script's ACL probe (or out of
+            // memory, which Redis reports at a script's first write) wrote nothing for this
+            // id, and the index entry goes too; one refused partway leaves a record that does
+            // not authenticate (see `CREATE_LUA`), which stays listed so it can be deleted.
+            Ok(Err(e)) if e.code().is_some() => {
+                let e = write_err(e);
+                if !matches!(e, StoreError::Indeterminate(_)) {
+                    drop_index().await;
                 }
-            })
-            .await?;
+                return Err(e);
+            }
+            Ok(Err(e)) => Err(redis_err(e)),
+            Err(_) => {
+                let lost = self.no_answer();
+                self.conn.replace_if_older_than(started, self.op_timeout);
+                Err(lost)
+            }
+        };
+        let outcome = match lost {
+            Ok(outcome) => outcome,
+            Err(lost) => {
+                // The answer was lost: read the id record back (see `settle`). Applied: the
+                // caller still holds the key's value and answers with it.
+                let mut writes = Writes::new(self.names.id(tag, id));
+                writes.id_after = Some(id_json.clone());
+                let found = self.settle(&mut conn, &writes, None).await;
+                if found == Some(false) {
+                    drop_index().await;
+                }
+                self.settled(found, lost)?;
+                "ok".to_owned()
+            }
+        };
         match (outcome.as_str(), team_limit) {
             ("ok", _) => Ok(()),
             ("limit", Some(limit)) => {
                 // Nothing was written for this id: take it out of the index again (if that
                 // fails, listing skips it).
-                if let Err(e) = self.bounded(self.query::<Value>(&unindex)).await {
-                    tracing::warn!(error = %e, "could not drop a refused key from the listing index");
-                }
+                drop_index().await;
                 Err(StoreError::LimitExceeded { limit })
             }
             // Ids are 95 random bits: a clash means a foreign writer or a bug. The index entry
@@ -1746,7 +2065,7 @@ impl KeyStore for RedisStore {
 
     async fn update(&self, expected: &KeyRecord, record: &KeyRecord) -> Result<(), StoreError> {
         let id = record.api_key_id.as_str();
-        self.bounded(self.modify(id, |current| {
+        self.modify(id, |current| {
             // The script compares the raw text `modify` read, so this decoded comparison holds
             // until the write lands.
             if current.record != *expected {
@@ -1763,7 +2082,7 @@ impl KeyStore for RedisStore {
             let mut record = record.clone();
             record.key_start = current.record.key_start.clone();
             let record = &record;
-            let mut writes = self.state_writes(id, record, &live, &dead, now_ms)?;
+            let mut writes = self.state_writes(id, record, &live, &dead, None, now_ms)?;
             if current.record.team_id != record.team_id {
                 // Joined first, so that a crash in between leaves the key listed in both teams
                 // (listing filters on the record's team) rather than in neither.
@@ -1779,7 +2098,7 @@ impl KeyStore for RedisStore {
             // `ZREM`, leaving an id in the index for good with no record behind it.
             let announce = live.into_iter().map(|h| h.hash).chain(dead).collect();
             Ok((writes, announce, ()))
-        }))
+        })
         .await
     }
 
@@ -1797,7 +2116,7 @@ impl KeyStore for RedisStore {
         // key) also ends the grace of earlier rotations, and no rotation extends one.
         let deadline = now_ms.saturating_add(grace_ms);
         let id = expected.api_key_id.as_str();
-        self.bounded(self.modify(id, |current| {
+        self.modify(id, |current| {
             // The new hash entry is written with the id entry, so it must be in the id's slot
             // (checked once the key is known to exist: an unknown id is NotFound).
             if id_tag(id).is_some_and(|tag| tag != new_hash.tag()) {
@@ -1813,7 +2132,8 @@ impl KeyStore for RedisStore {
             }
             let mut record = current.record;
             record.key_start = new_key_start.to_owned();
-            record.updated_time = now;
+            // Never backwards (see `KeyService::change_if`).
+            record.updated_time = now.max(record.updated_time);
             let (mut hashes, mut gone) = (Vec::new(), Vec::new());
             for h in current.hashes {
                 let until = h.valid_until.map_or(deadline, |u| u.min(deadline));
@@ -1825,11 +2145,14 @@ impl KeyStore for RedisStore {
                 }
             }
             let (hash, valid_until) = (new_hash.to_hex(), None);
-            hashes.push(HashRef { hash, valid_until });
-            let writes = self.state_writes(id, &record, &hashes, &gone, now_ms)?;
+            hashes.push(HashRef {
+                hash: hash.clone(),
+                valid_until,
+            });
+            let writes = self.state_writes(id, &record, &hashes, &gone, Some(&hash), now_ms)?;
             let announce = hashes.into_iter().map(|h| h.hash).chain(gone).collect();
             Ok((writes, announce, record))
-        }))
+        })
         .await
     }
 
@@ -2289,6 +2612,20 @@ fn unavailable(e: RedisError) -> StoreError {
 
 /// Decoding and type errors are about the data; anything else (refused, dropped, timed out,
 /// LOADING, READONLY...) means Redis cannot answer right now.
+/// The error of a write script that Redis answered with an error. A refusal by the script's
+/// own ACL probe (see [`acl_probe_lua`]) wrote nothing: [`StoreError::Denied`]. Any other
+/// refusal came from a `redis.call` partway (Redis 6, which has no probe), after writes that
+/// Redis does not roll back: [`StoreError::Indeterminate`], never "nothing was changed".
+fn write_err(e: RedisError) -> StoreError {
+    match redis_err(e) {
+        StoreError::Denied(why) if !why.contains(PROBE_REFUSED) => {
+            tracing::warn!(error = %why, "a write was refused partway: it may be partly applied");
+            StoreError::Indeterminate(format!("refused partway, may be partly applied: {why}"))
+        }
+        other => other,
+    }
+}
+
 fn redis_err(e: RedisError) -> StoreError {
     match e.kind() {
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
@@ -2308,6 +2645,52 @@ fn redis_err(e: RedisError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review: a rotation wrote the id record first and deleted the hashes it dropped last, so
+    /// a script stopped partway (a command refused at runtime, on Redis 6 where the scripts
+    /// cannot probe first) left the old key valid for good. The writes now drop first, rewrite
+    /// what stays, then the id record, and write the new hash entry last.
+    #[tokio::test]
+    async fn a_rotations_writes_revoke_before_they_grant() {
+        let store = RedisStore::connect("redis://127.0.0.1:1/", "kg", Duration::from_millis(50))
+            .await
+            .unwrap();
+        let tag = SlotTag::random();
+        let id = crate::auth::key::new_key_id(tag);
+        let key = |n: &str| KeyHash::of(&format!("kg_{tag}{n}"));
+        let (gone, kept, new) = (key("gone"), key("kept"), key("new"));
+        assert_eq!(new.tag(), tag);
+        let record = crate::auth::record::sample_record(&id);
+        let hashes = [
+            HashRef {
+                hash: kept.to_hex(),
+                valid_until: Some(2_000),
+            },
+            HashRef {
+                hash: new.to_hex(),
+                valid_until: None,
+            },
+        ];
+        let writes = store
+            .state_writes(
+                &id,
+                &record,
+                &hashes,
+                &[gone.to_hex()],
+                Some(&new.to_hex()),
+                1_000,
+            )
+            .unwrap();
+        let n = &store.names;
+        assert_eq!(
+            writes.keys,
+            [n.hash(&gone), n.hash(&kept), n.id(tag, &id), n.hash(&new)]
+        );
+        let ops: Vec<&str> = writes.ops.iter().step_by(3).map(String::as_str).collect();
+        assert_eq!(ops, ["del", "set", "set", "set"]);
+        assert_eq!(writes.id_key, n.id(tag, &id));
+        assert!(writes.id_after.is_some());
+    }
 
     #[test]
     fn a_tags_cluster_slot_is_the_one_redis_routes_its_entries_to() {

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -19,8 +20,13 @@ pub struct Relay {
     /// Connections on which the client sent `SUBSCRIBE`.
     subscribers: Arc<Mutex<HashSet<u64>>>,
     next: Arc<AtomicU64>,
+    /// While set: (marker, delay): the answer to what a client sends with the marker in it
+    /// (and no `SUBSCRIBE`) is held back this long, and what follows it on that connection.
+    slow: Slow,
     accept: tokio::task::JoinHandle<()>,
 }
+
+type Slow = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
 
 /// What each direction of one connection needs to know.
 #[derive(Clone)]
@@ -30,6 +36,9 @@ struct Conn {
     hung: Arc<Mutex<HashSet<u64>>>,
     /// Set on the client-to-server direction only.
     subscribers: Option<Arc<Mutex<HashSet<u64>>>>,
+    slow: Slow,
+    /// The delay the next answer on this connection is held back, set by the client's side.
+    pending: Arc<Mutex<Option<Duration>>>,
 }
 
 impl Conn {
@@ -51,8 +60,10 @@ impl Relay {
         let hung = Arc::new(Mutex::new(HashSet::new()));
         let subscribers = Arc::new(Mutex::new(HashSet::new()));
         let next = Arc::new(AtomicU64::new(0));
+        let slow: Slow = Arc::new(Mutex::new(None));
         let counter = next.clone();
         let (below, set, subs) = (hung_below.clone(), hung.clone(), subscribers.clone());
+        let slow_conns = slow.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let id = counter.fetch_add(1, Ordering::SeqCst);
@@ -66,6 +77,8 @@ impl Relay {
                     hung_below: below.clone(),
                     hung: set.clone(),
                     subscribers: None,
+                    slow: slow_conns.clone(),
+                    pending: Arc::new(Mutex::new(None)),
                 };
                 let upstream = Conn {
                     subscribers: Some(subs.clone()),
@@ -81,8 +94,16 @@ impl Relay {
             hung,
             subscribers,
             next,
+            slow,
             accept,
         }
+    }
+
+    /// From now on, the answer to anything a client sends with `marker` in it (a write script
+    /// of keygate's names the change channel) is held back `delay` (and, in order, what comes
+    /// after it on that connection); `None` turns that off.
+    pub fn delay_answers_to(&self, slow: Option<(&[u8], Duration)>) {
+        *lock(&self.slow) = slow.map(|(marker, delay)| (marker.to_vec(), delay));
     }
 
     /// How many connections have sent `SUBSCRIBE` so far.
@@ -142,6 +163,22 @@ async fn pipe(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin,
         if conn.is_hung() {
             // Hung: hold both ends open and pass nothing on, ever.
             std::future::pending::<()>().await;
+        }
+        if conn.subscribers.is_some() {
+            let slow = lock(&conn.slow).clone();
+            if let Some((marker, delay)) = slow
+                && buf[..n].windows(marker.len()).any(|w| w == marker)
+                && !buf[..n]
+                    .windows(9)
+                    .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+            {
+                *lock(&conn.pending) = Some(delay);
+            }
+        } else {
+            let pending = lock(&conn.pending).take();
+            if let Some(delay) = pending {
+                tokio::time::sleep(delay).await;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
