@@ -778,10 +778,9 @@ async fn keys(config_path: Option<PathBuf>, command: KeysCommand) -> Result<(), 
             req.name = name;
             req.description = description;
             req.scope_names = scopes.into_iter().filter(|s| !s.is_empty()).collect();
-            req.allow_ips = allow_ip
-                .iter()
-                .map(|s| config::parse_cidr(s).map_err(|e| format!("--allow-ip: {e}")))
-                .collect::<Result<_, _>>()?;
+            // The admin API's rules (host bits refused, repeats kept once), not the config's.
+            req.allow_ips = keygate::keys::parse_allow_ips(&allow_ip)
+                .map_err(|e| format!("--allow-ip: {e}"))?;
             req.behalf_of_user_id = user;
             req.is_enabled = !disabled;
             if let Some(d) = expires_in {
