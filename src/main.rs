@@ -326,14 +326,11 @@ fn serve_checks(cfg: &Config, dev: bool) -> Result<ServeChecks, String> {
             cfg.admin.bootstrap_token_env
         ));
     }
-    if let Some(everyone) = cfg
-        .proxy
-        .trusted_proxies
-        .iter()
-        .find(|n| n.prefix_len() == 0)
-    {
+    // Whole, or in pieces (`0.0.0.0/1` and `128.0.0.0/1`: review).
+    let trusted = ipnet::IpNet::aggregate(&cfg.proxy.trusted_proxies);
+    if let Some(everyone) = trusted.iter().find(|n| n.prefix_len() == 0) {
         warnings.push(format!(
-            "proxy.trusted_proxies holds {everyone}: every client is a trusted proxy, so any \
+            "proxy.trusted_proxies covers {everyone}: every client is a trusted proxy, so any \
              client chooses its own address with X-Forwarded-For, past proxy.allow_ips, \
              proxy.deny_ips and keys' allow_ips; list only your proxies' addresses"
         ));

@@ -795,13 +795,20 @@ where
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            wait = pool.close_expired();
+            match pool.close_expired() {
+                Some(next) => wait = next,
+                // No idle connection left: the next `put` starts another (review: a reaper
+                // that slept `idle_timeout` over an empty list woke forever, 1 ms apart with
+                // a tiny timeout).
+                None => return,
+            }
         }
     }
 
     /// Drops the idle connections that are due or that the upstream closed; how long until
-    /// the oldest one left is due.
-    fn close_expired(&self) -> Duration {
+    /// the oldest one left is due, or `None` when none is left (the reaper is then marked
+    /// gone, under the same lock `put` reads it with).
+    fn close_expired(&self) -> Option<Duration> {
         let limit = self.settings.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Oldest first: the due ones are in front.
@@ -818,12 +825,15 @@ where
         let wait = idle
             .conns
             .first()
-            .map_or(limit, |e| limit.saturating_sub(e.since.elapsed()));
+            .map(|e| limit.saturating_sub(e.since.elapsed()));
+        if wait.is_none() {
+            idle.reaper = false;
+        }
         drop(idle);
         // Each connection's task sees its request side gone and closes the socket.
         closed.clear();
         // Not a busy loop should a clock read come out equal.
-        wait.max(Duration::from_millis(1))
+        wait.map(|w| w.max(Duration::from_millis(1)))
     }
 
     #[cfg(test)]
@@ -1124,9 +1134,24 @@ mod tests {
         );
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(settled_in_use(&cap, 0).await, 0, "its permit is free");
-        // The pool goes on as before.
+        // With nothing idle the reaper is gone, not waking for nothing.
+        assert!(!pool.idle.lock().unwrap().reaper, "the reaper stopped");
+        // The pool goes on as before, and its next idle connection gets a reaper again.
         assert_eq!(get(&pool, addr).await, "ok");
         assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(settled_idle(&pool, 1).await, 1);
+        assert!(pool.idle.lock().unwrap().reaper);
+        for _ in 0..100 {
+            if counts.open.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            counts.open.load(Ordering::SeqCst),
+            0,
+            "closed by the new reaper"
+        );
     }
 
     /// Connections returned at different times are each closed when their own time is up, and

@@ -801,8 +801,13 @@ fn trusting_every_address_as_a_proxy_is_a_warning() {
             1,
         )
     };
-    for all in ["0.0.0.0/0", "::/0"] {
-        let out = check_config_text(&with(&format!("\"10.0.0.0/8\", \"{all}\"")), &[]);
+    for (list, all) in [
+        ("\"10.0.0.0/8\", \"0.0.0.0/0\"", "0.0.0.0/0"),
+        ("\"::/0\"", "::/0"),
+        ("\"0.0.0.0/1\", \"128.0.0.0/1\"", "0.0.0.0/0"),
+        ("\"::/1\", \"8000::/1\"", "::/0"),
+    ] {
+        let out = check_config_text(&with(list), &[]);
         assert!(out.status.success(), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
